@@ -1,0 +1,155 @@
+"""The multi-task MoE: parameter trees, shapes, mixing and task isolation."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dselect_jax import models
+
+X = jax.random.uniform(jax.random.key(0), (3, 36, 36, 1))
+RNGS = {'params': jax.random.key(1), 'gating': jax.random.key(2)}
+
+GATE_CASES = [
+    ('dselect_k', {'k': 2}),
+    ('dselect_k', {'k': 2, 'per_example': True}),
+    ('softmax', {}),
+    ('softmax', {'per_example': True}),
+    ('top_k', {'k': 2}),
+    ('top_k', {'k': 2, 'per_example': True}),
+]
+
+
+def _model(**kwargs):
+  kwargs.setdefault('gate_kwargs', {'k': 2})
+  kwargs['gate_kwargs'] = flax.core.FrozenDict(kwargs['gate_kwargs'])
+  return models.MultiTaskMoE(**kwargs)
+
+
+def test_expert_and_tower_parameter_shapes():
+  model = _model(num_experts=3)
+  shapes = jax.tree.map(lambda s: s.shape,
+                        jax.eval_shape(lambda: model.init(RNGS, X, train=False)))
+  # 36 -conv5-> 32 -pool-> 16 -conv5-> 12 -pool-> 6: 6*6*20 = 720 features.
+  expert = shapes['params']['experts']['expert_2']
+  assert expert == {
+      'Conv_0': {'kernel': (5, 5, 1, 10), 'bias': (10,)},
+      'Conv_1': {'kernel': (5, 5, 10, 20), 'bias': (20,)},
+      'BatchNorm_0': {'scale': (10,), 'bias': (10,)},
+      'BatchNorm_1': {'scale': (20,), 'bias': (20,)},
+      'Dense_0': {'kernel': (720, 50), 'bias': (50,)},
+      'Dense_1': {'kernel': (50, 50), 'bias': (50,)},
+  }
+  assert shapes['batch_stats']['experts']['expert_0']['BatchNorm_1'] == {
+      'mean': (20,), 'var': (20,)}
+  assert shapes['params']['tower_1'] == {
+      'Dense_0': {'kernel': (50, 50), 'bias': (50,)},
+      'Dense_1': {'kernel': (50, 50), 'bias': (50,)},
+      'Dense_2': {'kernel': (50, 10), 'bias': (10,)},
+  }
+  # 8 experts -> 3 bits; k = 2 selectors per task gate.
+  assert shapes['params']['gate_1'] == {'z_logits': (2, 2), 'w_logits': (2,)}
+  assert set(shapes['params']) == {'experts', 'gate_0', 'gate_1', 'tower_0',
+                                   'tower_1'}
+
+
+@pytest.mark.parametrize('gate,gate_kwargs', GATE_CASES)
+def test_output_shapes_for_each_gate(gate, gate_kwargs):
+  model = _model(gate=gate, gate_kwargs=gate_kwargs, num_experts=4)
+  variables = model.init(RNGS, X, train=False)
+  (logits, aux), updates = model.apply(variables, X, train=True,
+                                       mutable=['batch_stats'], rngs=RNGS)
+  assert logits.shape == (2, 3, 10)
+  per_example = gate_kwargs.get('per_example', False)
+  assert aux['expert_weights'].shape == ((2, 3, 4) if per_example else (2, 4))
+  np.testing.assert_allclose(aux['expert_weights'].sum(-1), 1.0, rtol=1e-5)
+  for value in aux['gate'].values():
+    assert value.shape[0] == 2  # One entry per task gate.
+  assert 'batch_stats' in updates
+
+
+def test_perturbing_one_task_gate_leaves_other_task_unchanged():
+  model = _model(num_experts=4)
+  variables = model.init(RNGS, X, train=False)
+  logits, _ = model.apply(variables, X, train=False)
+  params = flax.core.unfreeze(variables['params'])
+  params['gate_1']['z_logits'] = params['gate_1']['z_logits'] + 0.3
+  params['gate_1']['w_logits'] = params['gate_1']['w_logits'] - 1.0
+  perturbed, _ = model.apply({**variables, 'params': params}, X, train=False)
+  np.testing.assert_array_equal(perturbed[0], logits[0])
+  assert np.max(np.abs(perturbed[1] - logits[1])) > 1e-4
+
+
+def test_shared_gate_is_one_gate_for_all_tasks():
+  model = _model(num_experts=4, num_tasks=3, shared_gate=True)
+  variables = model.init(RNGS, X, train=False)
+  assert {'gate_0'} == {n for n in variables['params'] if n.startswith('gate')}
+  _, aux = model.apply(variables, X, train=False)
+  weights = np.asarray(aux['expert_weights'])
+  assert weights.shape == (3, 4)
+  np.testing.assert_array_equal(weights[0], weights[2])
+
+
+def test_saturated_gate_routes_to_the_chosen_expert():
+  # Task 0's selectors both pick expert 2 (bits 10), task 1's pick expert 1 (01).
+  # Then each task's logits are its tower applied to that one expert's output.
+  model = _model(num_experts=4)
+  variables = flax.core.unfreeze(model.init(RNGS, X, train=False))
+  p = variables['params']
+  p['gate_0']['z_logits'] = jnp.array([[1.0, -1.0], [1.0, -1.0]])
+  p['gate_1']['z_logits'] = jnp.array([[-1.0, 1.0], [-1.0, 1.0]])
+  logits, aux = model.apply(variables, X, train=False)
+  np.testing.assert_allclose(aux['expert_weights'],
+                             [[0, 0, 1, 0], [0, 1, 0, 0]], atol=1e-6)
+  expert = models.MultiMNISTExpert()
+  tower = models.MLPTower()
+  for task, chosen in ((0, 2), (1, 1)):
+    features = expert.apply(
+        {'params': p['experts'][f'expert_{chosen}'],
+         'batch_stats': variables['batch_stats']['experts'][f'expert_{chosen}']},
+        X, train=False)
+    want = tower.apply({'params': p[f'tower_{task}']}, features, train=False)
+    np.testing.assert_allclose(logits[task], want, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_train_and_eval_modes():
+  model = _model(num_experts=2)
+  variables = model.init(RNGS, X, train=False)
+  (train_logits, _), updates = model.apply(variables, X, train=True,
+                                           mutable=['batch_stats'])
+  eval_logits, _ = model.apply(variables, X, train=False)
+  assert np.max(np.abs(train_logits - eval_logits)) > 1e-4
+  # One update with momentum 0.9 from mean 0: 0.1 * batch mean of conv output.
+  old = variables['batch_stats']['experts']['expert_0']['BatchNorm_0']['mean']
+  new = updates['batch_stats']['experts']['expert_0']['BatchNorm_0']['mean']
+  np.testing.assert_array_equal(old, 0.0)
+  conv = jax.lax.conv_general_dilated(
+      X, variables['params']['experts']['expert_0']['Conv_0']['kernel'],
+      (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  conv = conv + variables['params']['experts']['expert_0']['Conv_0']['bias']
+  np.testing.assert_allclose(new, 0.1 * conv.mean(axis=(0, 1, 2)), rtol=1e-4,
+                             atol=1e-6)
+
+
+def test_per_example_routing_on_expert_outputs():
+  model = _model(num_experts=4, gate_kwargs={'k': 2, 'per_example': True},
+                 routing_input='experts')
+  shapes = jax.eval_shape(lambda: model.init(RNGS, X, train=False))['params']
+  # Routes on the 50-wide mean expert output instead of the 1296 pixels.
+  assert shapes['gate_0']['z_logits']['kernel'].shape == (50, 4)
+  model = _model(num_experts=4, gate_kwargs={'k': 2, 'per_example': True})
+  shapes = jax.eval_shape(lambda: model.init(RNGS, X, train=False))['params']
+  assert shapes['gate_0']['z_logits']['kernel'].shape == (36 * 36, 4)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(gate='moe'), "unknown gate 'moe'"),
+    (dict(gate_kwargs={'k': 9}), 'k=9'),
+    (dict(gate_kwargs={'k': 2, 'gamma': 0.0}), 'gamma=0.0'),
+    (dict(num_tasks=0), 'num_tasks=0'),
+    (dict(routing_input='pixels'), 'routing_input'),
+])
+def test_bad_model_attributes_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    _model(**kwargs)
