@@ -1,0 +1,75 @@
+"""PNG figures: data samples, expert weights, training curves (matplotlib)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+
+def sample_grid(images: np.ndarray, labels: np.ndarray, title: str, path: str,
+                rows: int = 4, cols: int = 8) -> str:
+  """A grid of composites, each titled with its (task 1, task 2) labels."""
+  fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows + 0.4))
+  for i, ax in enumerate(np.ravel(axes)):
+    ax.axis('off')
+    if i < len(images):
+      ax.imshow(images[i], cmap='gray', vmin=0, vmax=255)
+      ax.set_title(f'{labels[i][0]} | {labels[i][1]}', fontsize=9)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
+
+
+def expert_weights(weights: np.ndarray, path: str,
+                   task_names: Sequence[str] | None = None) -> str:
+  """Bar chart of each task's gate weights over the experts, (T, E)."""
+  weights = np.asarray(weights)
+  num_tasks, num_experts = weights.shape
+  fig, axes = plt.subplots(1, num_tasks, figsize=(4 * num_tasks, 3),
+                           squeeze=False)
+  for t, ax in enumerate(axes[0]):
+    ax.bar(np.arange(num_experts), weights[t])
+    ax.set_xticks(np.arange(num_experts))
+    ax.set_ylim(0, 1)
+    ax.set_xlabel('expert')
+    ax.set_ylabel('weight')
+    ax.set_title(task_names[t] if task_names else f'task {t + 1}')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def training_curves(metrics_file: str, path: str) -> str:
+  """Train loss and validation accuracy per task against the step."""
+  train, valid = [], []
+  with open(metrics_file) as f:
+    for line in f:
+      record = json.loads(line)
+      (valid if record.get('split') == 'validation' else train).append(record)
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+  if train:
+    ax_loss.plot([r['step'] for r in train], [r['loss'] for r in train])
+  ax_loss.set_xlabel('step')
+  ax_loss.set_ylabel('train loss')
+  ax_loss.set_yscale('log')
+  for key in sorted({k for r in valid for k in r if k.startswith('accuracy_')}):
+    ax_acc.plot([r['step'] for r in valid], [r[key] for r in valid],
+                marker='.', label=key.replace('accuracy_', 'task '))
+  ax_acc.set_xlabel('step')
+  ax_acc.set_ylabel('validation accuracy')
+  if valid:
+    ax_acc.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return os.path.abspath(path)

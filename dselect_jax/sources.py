@@ -1,0 +1,267 @@
+"""Raw data files: MNIST and Fashion-MNIST IDX files, and PaddleRec pickles.
+
+NumPy and the standard library only. Every file is checked against its
+published SHA-256 before use; every problem is a :class:`DataError` whose
+one-line message names the file, what is wrong and how to fix it.
+
+Where the IDX files come from, first match wins:
+  1. a directory passed in (the config's ``data.data_dir``);
+  2. the environment variable ``DSELECT_DATA_DIR``;
+  3. ``~/.cache/dselect_jax`` (or ``$XDG_CACHE_HOME/dselect_jax``).
+Each holds ``mnist/`` and ``fashion_mnist/`` with the canonical file names
+(``train-images-idx3-ubyte.gz``...). Files missing from a writable directory
+are downloaded from the public mirrors, checked, and moved into place
+atomically.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from typing import Optional
+
+import numpy as np
+
+ENV_DATA_DIR = 'DSELECT_DATA_DIR'
+
+
+class DataError(Exception):
+  """A missing, damaged or unreadable data file. The message says the fix."""
+
+
+# Published SHA-256 of the canonical .gz files (the same files whose md5s
+# torchvision and the data sets' own pages publish).
+CHECKSUMS = {
+    'mnist': {
+        'train-images-idx3-ubyte.gz':
+            '440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609',
+        'train-labels-idx1-ubyte.gz':
+            '3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c',
+        't10k-images-idx3-ubyte.gz':
+            '8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6',
+        't10k-labels-idx1-ubyte.gz':
+            'f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6',
+    },
+    'fashion_mnist': {
+        'train-images-idx3-ubyte.gz':
+            '3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84',
+        'train-labels-idx1-ubyte.gz':
+            'a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845',
+        't10k-images-idx3-ubyte.gz':
+            '346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073',
+        't10k-labels-idx1-ubyte.gz':
+            '67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5',
+    },
+}
+
+MIRRORS = {
+    'mnist': [
+        'https://ossci-datasets.s3.amazonaws.com/mnist/',
+        'https://storage.googleapis.com/cvdf-datasets/mnist/',
+    ],
+    'fashion_mnist': [
+        'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/',
+    ],
+}
+
+SPLIT_FILES = {
+    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
+}
+SPLIT_SIZES = {'train': 60000, 'test': 10000}
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+
+
+def default_cache_dir() -> str:
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(
+      os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'dselect_jax')
+
+
+def resolve_data_dir(data_dir: Optional[str] = None) -> str:
+  """The folder holding ``mnist/`` and ``fashion_mnist/`` (see module doc)."""
+  return os.path.abspath(os.path.expanduser(
+      data_dir or os.environ.get(ENV_DATA_DIR) or default_cache_dir()))
+
+
+def sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _where_to_put(source: str, folder: str) -> str:
+  return (f'put the four canonical {source} .gz files in {folder} (or set '
+          f'{ENV_DATA_DIR} / data.data_dir to a folder holding {source}/)')
+
+
+def download(url: str, dest: str, expected_sha256: str) -> None:
+  """Downloads ``url`` to ``dest`` atomically, checking its SHA-256."""
+  os.makedirs(os.path.dirname(dest), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), suffix='.part')
+  try:
+    digest = hashlib.sha256()
+    with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url,
+                                                            timeout=60) as r:
+      total = int(r.headers.get('Content-Length') or 0)
+      done = 0
+      while block := r.read(1 << 16):
+        out.write(block)
+        digest.update(block)
+        done += len(block)
+        if total:
+          print(f'\rdownloading {os.path.basename(dest)}: '
+                f'{100 * done // total:3d}% of {total / 1e6:.1f} MB',
+                end='', file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    if digest.hexdigest() != expected_sha256:
+      raise DataError(f'{url}: downloaded file has SHA-256 '
+                      f'{digest.hexdigest()}, expected {expected_sha256}; '
+                      'the mirror served something else, try again later.')
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, dest)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def fetch(source: str, filename: str, data_dir: Optional[str] = None,
+          download_missing: bool = True) -> str:
+  """Path of one checked canonical file, downloading it if it is missing."""
+  if source not in CHECKSUMS:
+    raise DataError(f'Unknown source {source!r}; choose one of '
+                    f'{sorted(CHECKSUMS)}.')
+  folder = os.path.join(resolve_data_dir(data_dir), source)
+  path = os.path.join(folder, filename)
+  expected = CHECKSUMS[source][filename]
+  if not os.path.exists(path):
+    if not download_missing:
+      raise DataError(f'{path}: missing; {_where_to_put(source, folder)}.')
+    errors = []
+    for mirror in MIRRORS[source]:
+      try:
+        download(mirror + filename, path, expected)
+        break
+      except (OSError, urllib.error.URLError, DataError) as e:
+        errors.append(f'{mirror}: {e}')
+    else:
+      raise DataError(f'{path}: missing and could not be downloaded '
+                      f'({"; ".join(errors)}); '
+                      f'{_where_to_put(source, folder)}.')
+  actual = sha256(path)
+  if actual != expected:
+    raise DataError(
+        f'{path}: SHA-256 is {actual}, expected {expected} (truncated or not '
+        f'the canonical file); delete it to download it again, or '
+        f'{_where_to_put(source, folder)}.')
+  return path
+
+
+def read_idx(path: str, magic: int, count: int) -> np.ndarray:
+  """Reads a gzipped IDX file, checking its magic number and count."""
+  try:
+    with gzip.open(path, 'rb') as f:
+      data = f.read()
+  except (OSError, EOFError, zlib.error) as e:
+    raise DataError(f'{path}: not a readable gzip file ({e}); delete it and '
+                    'fetch the canonical file again.') from None
+  header_len = 16 if magic == IMAGE_MAGIC else 8
+  header = np.frombuffer(data[:header_len], '>u4')
+  if len(header) < header_len // 4 or header[0] != magic:
+    found = header[0] if len(header) else 'nothing'
+    raise DataError(f'{path}: IDX magic number is {found}, expected {magic} '
+                    f'({"images" if magic == IMAGE_MAGIC else "labels"}); '
+                    'the file is not what its name says.')
+  if header[1] != count:
+    raise DataError(f'{path}: holds {header[1]} items, expected {count}; '
+                    'use the canonical file.')
+  shape = (count, 28, 28) if magic == IMAGE_MAGIC else (count,)
+  if magic == IMAGE_MAGIC and tuple(header[2:]) != (28, 28):
+    raise DataError(f'{path}: images are {tuple(header[2:])}, expected '
+                    '(28, 28); use the canonical file.')
+  body = np.frombuffer(data, np.uint8, offset=header_len)
+  if body.size != np.prod(shape):
+    raise DataError(f'{path}: {body.size} data bytes, expected '
+                    f'{np.prod(shape)} (truncated); use the canonical file.')
+  return body.reshape(shape)
+
+
+def load_source(source: str, split: str, data_dir: Optional[str] = None,
+                download_missing: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """``(images uint8 (N, 28, 28), labels uint8 (N,))`` of MNIST or
+  Fashion-MNIST's ``'train'`` or ``'test'`` split, checked."""
+  images_file, labels_file = SPLIT_FILES[split]
+  count = SPLIT_SIZES[split]
+  images = read_idx(fetch(source, images_file, data_dir, download_missing),
+                    IMAGE_MAGIC, count)
+  labels = read_idx(fetch(source, labels_file, data_dir, download_missing),
+                    LABEL_MAGIC, count)
+  if labels.max() > 9:
+    raise DataError(f'{source}/{labels_file}: label {labels.max()} outside '
+                    '0..9; use the canonical file.')
+  return images, labels
+
+
+# ---------------------------------------------------------------------------
+# PaddleRec's MultiMNIST pickles.
+# ---------------------------------------------------------------------------
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+  """Admits the three NumPy names a pickled ndarray needs, nothing else.
+
+  A pickle can name any callable and have it called while loading; refusing
+  every other global means a malicious file runs nothing.
+  """
+  _core = getattr(np, '_core', None) or np.core
+  ALLOWED = {
+      ('numpy.core.multiarray', '_reconstruct'): _core.multiarray._reconstruct,
+      ('numpy._core.multiarray', '_reconstruct'): _core.multiarray._reconstruct,
+      ('numpy', 'ndarray'): np.ndarray,
+      ('numpy', 'dtype'): np.dtype,
+  }
+
+  def find_class(self, module, name):
+    try:
+      return self.ALLOWED[(module, name)]
+    except KeyError:
+      raise pickle.UnpicklingError(
+          f'refusing to load {module}.{name}: only NumPy arrays are '
+          'allowed') from None
+
+
+def read_paddlerec_pickle(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """Reads PaddleRec's ``(x uint8 (N, 36, 36), y int (N, 2))`` pickle safely."""
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as e:
+    raise DataError(f'{path}: cannot read ({e.strerror}); give the path of '
+                    "PaddleRec's train.pickle/test.pickle.") from None
+  try:
+    obj = _NumpyOnlyUnpickler(io.BytesIO(data)).load()
+  except pickle.UnpicklingError as e:
+    raise DataError(f'{path}: not a PaddleRec data pickle ({e}); nothing in '
+                    'it was run.') from None
+  except Exception as e:  # Truncated or garbled pickles raise many types.
+    raise DataError(f'{path}: unreadable pickle ({type(e).__name__}: {e}); '
+                    'fetch the file again.') from None
+  if (not isinstance(obj, tuple) or len(obj) != 2 or
+      not all(isinstance(a, np.ndarray) for a in obj)):
+    raise DataError(f'{path}: expected a pickled tuple (x, y) of arrays, got '
+                    f'{type(obj).__name__}.')
+  x, y = obj
+  if x.ndim != 3 or x.shape[1:] != (36, 36) or y.shape != (len(x), 2):
+    raise DataError(f'{path}: expected x (N, 36, 36) and y (N, 2), got '
+                    f'{x.shape} and {y.shape}.')
+  return x.astype(np.uint8), y.astype(np.int32)

@@ -1,0 +1,57 @@
+"""Writes a PNG grid of composites per data set and recipe, to check by eye.
+
+  python scripts/show_data.py --out_dir=results/data_samples
+  python scripts/show_data.py --datasets=multi_mnist --recipes=comet
+  python scripts/show_data.py --paddlerec_pickle=../shared/data/paddlerec_sample/sample_data.pickle
+
+Each image is titled "task-1 label | task-2 label".
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+from dselect_jax import input_pipeline
+from dselect_jax import plots
+from dselect_jax import sources
+
+_OUT_DIR = flags.DEFINE_string('out_dir', 'results/data_samples',
+                               'Where the PNGs go.')
+_DATASETS = flags.DEFINE_list('datasets', sorted(input_pipeline.DATASETS),
+                              'Data sets to show.')
+_RECIPES = flags.DEFINE_list('recipes', list(input_pipeline.RECIPES),
+                             'Recipes to show.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Build seed.')
+_DATA_DIR = flags.DEFINE_string('data_dir', None,
+                                'Raw files folder (default: see sources.py).')
+_PICKLE = flags.DEFINE_string('paddlerec_pickle', None,
+                              'Also show this PaddleRec pickle.')
+
+
+def main(argv):
+  del argv
+  os.makedirs(_OUT_DIR.value, exist_ok=True)
+  try:
+    for dataset in _DATASETS.value:
+      for recipe in _RECIPES.value:
+        split = input_pipeline.load(dataset, recipe, _SEED.value,
+                                    _DATA_DIR.value)['train']
+        path = os.path.join(_OUT_DIR.value, f'{dataset}-{recipe}.png')
+        print(plots.sample_grid(split.images, split.labels,
+                                f'{dataset}, {recipe} recipe (train)', path))
+    split = input_pipeline.load('multi_mnist_sample')['train']
+    print(plots.sample_grid(split.images, split.labels, 'multi_mnist_sample',
+                            os.path.join(_OUT_DIR.value,
+                                         'multi_mnist_sample.png')))
+    if _PICKLE.value:
+      x, y = sources.read_paddlerec_pickle(_PICKLE.value)
+      print(plots.sample_grid(x, y, os.path.basename(_PICKLE.value),
+                              os.path.join(_OUT_DIR.value, 'paddlerec.png')))
+  except sources.DataError as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)

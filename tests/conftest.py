@@ -1,0 +1,35 @@
+"""Shared fixtures. Tests never touch the network: the raw files come from the
+shared data folder beside the checkout (or $DSELECT_DATA_DIR)."""
+
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), 'shared', 'data')
+
+
+@pytest.fixture(scope='session')
+def data_dir():
+  path = os.environ.get('DSELECT_DATA_DIR') or SHARED_DATA
+  if not os.path.isdir(os.path.join(path, 'mnist')):
+    raise RuntimeError(
+        f'The tests read the canonical MNIST files from {path}/mnist; set '
+        'DSELECT_DATA_DIR to a folder holding mnist/ and fashion_mnist/.')
+  return path
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+  """Opening any URL but file:// fails as it would on a machine offline."""
+  import urllib.error  # pylint: disable=g-import-not-at-top
+  import urllib.request  # pylint: disable=g-import-not-at-top
+  real = urllib.request.urlopen
+
+  def guarded(url, *args, **kwargs):
+    target = url if isinstance(url, str) else url.full_url
+    if not target.startswith('file:'):
+      raise urllib.error.URLError(f'network disabled in tests: {target}')
+    return real(url, *args, **kwargs)
+
+  monkeypatch.setattr(urllib.request, 'urlopen', guarded)

@@ -1,0 +1,406 @@
+"""Raw files, the MultiMNIST builders, PaddleRec pickles and batching."""
+
+import gzip
+import hashlib
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+
+from dselect_jax import input_pipeline as ip
+from dselect_jax import sources
+from dselect_jax.sources import DataError
+
+# From the data folder's README (published with the files).
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851,
+                      5949]
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@pytest.fixture(scope='module')
+def mnist(data_dir):
+  return {split: sources.load_source('mnist', split, data_dir, False)
+          for split in ('train', 'test')}
+
+
+@pytest.fixture(scope='module')
+def fashion(data_dir):
+  return {split: sources.load_source('fashion_mnist', split, data_dir, False)
+          for split in ('train', 'test')}
+
+
+@pytest.fixture(scope='module')
+def comet(data_dir):
+  return ip.build('multi_mnist', 'comet', 0, data_dir, download=False)
+
+
+# ----------------------------------------------------------------------------
+# Raw files.
+# ----------------------------------------------------------------------------
+
+
+def test_mnist_files(mnist):
+  images, labels = mnist['train']
+  assert images.shape == (60000, 28, 28) and images.dtype == np.uint8
+  assert labels.shape == (60000,) and labels.dtype == np.uint8
+  assert list(np.bincount(labels)) == MNIST_TRAIN_COUNTS
+  assert list(np.bincount(mnist['test'][1])) == MNIST_TEST_COUNTS
+  assert list(labels[:10]) == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+  assert list(mnist['test'][1][:10]) == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+  assert images.min() == 0 and images.max() == 255
+
+
+def test_fashion_files(fashion):
+  images, labels = fashion['train']
+  assert images.shape == (60000, 28, 28)
+  assert list(np.bincount(labels)) == [6000] * 10
+  assert list(np.bincount(fashion['test'][1])) == [1000] * 10
+  assert list(labels[:10]) == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+
+
+def _copy_mnist(data_dir, tmp_path):
+  dest = tmp_path / 'mnist'
+  shutil.copytree(os.path.join(data_dir, 'mnist'), dest)
+  for f in dest.iterdir():
+    f.chmod(0o644)
+  return dest
+
+
+def test_truncated_file_is_a_clear_error(data_dir, tmp_path):
+  dest = _copy_mnist(data_dir, tmp_path)
+  path = dest / 't10k-labels-idx1-ubyte.gz'
+  path.write_bytes(path.read_bytes()[:1000])
+  with pytest.raises(DataError) as e:
+    sources.load_source('mnist', 'test', str(tmp_path), False)
+  message = str(e.value)
+  assert str(path) in message and 'SHA-256' in message
+  assert 'delete it' in message and '\n' not in message
+
+
+def test_altered_file_is_a_clear_error(data_dir, tmp_path):
+  dest = _copy_mnist(data_dir, tmp_path)
+  path = dest / 'train-labels-idx1-ubyte.gz'
+  data = bytearray(path.read_bytes())
+  data[-20] ^= 0xFF
+  path.write_bytes(bytes(data))
+  with pytest.raises(DataError, match='expected 3552534a'):
+    sources.load_source('mnist', 'train', str(tmp_path), False)
+
+
+def test_missing_file_says_where_to_put_it(tmp_path):
+  with pytest.raises(DataError) as e:
+    sources.load_source('fashion_mnist', 'test', str(tmp_path), False)
+  assert 'missing' in str(e.value)
+  assert str(tmp_path / 'fashion_mnist') in str(e.value)
+  assert 'DSELECT_DATA_DIR' in str(e.value)
+
+
+def test_missing_file_without_network_fails_clearly(tmp_path, monkeypatch):
+  # The autouse no_network fixture makes every mirror fail, as offline.
+  with pytest.raises(DataError, match='could not be downloaded.*put the four'):
+    sources.fetch('mnist', 't10k-labels-idx1-ubyte.gz', str(tmp_path))
+  assert not (tmp_path / 'mnist' / 't10k-labels-idx1-ubyte.gz').exists()
+
+
+def test_download_checks_and_writes_atomically(data_dir, tmp_path):
+  src = os.path.join(data_dir, 'mnist', 't10k-labels-idx1-ubyte.gz')
+  good = sources.CHECKSUMS['mnist']['t10k-labels-idx1-ubyte.gz']
+  dest = tmp_path / 'out' / 'labels.gz'
+  with pytest.raises(DataError, match='downloaded file has SHA-256'):
+    sources.download('file://' + src, str(dest), '0' * 64)
+  assert not dest.exists() and os.listdir(tmp_path / 'out') == []
+  sources.download('file://' + src, str(dest), good)
+  assert hashlib.sha256(dest.read_bytes()).hexdigest() == good
+
+
+def test_resolve_data_dir_order(tmp_path, monkeypatch):
+  monkeypatch.setenv('DSELECT_DATA_DIR', str(tmp_path / 'env'))
+  assert sources.resolve_data_dir(str(tmp_path / 'cfg')) == str(tmp_path /
+                                                                'cfg')
+  assert sources.resolve_data_dir(None) == str(tmp_path / 'env')
+  monkeypatch.delenv('DSELECT_DATA_DIR')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  assert sources.resolve_data_dir(None) == str(tmp_path / 'cache' /
+                                               'dselect_jax')
+
+
+def _write_idx(path, magic, count, body, dims=()):
+  header = np.array([magic, count, *dims], '>u4').tobytes()
+  with gzip.open(path, 'wb') as f:
+    f.write(header + body)
+
+
+@pytest.mark.parametrize('magic,count,body_len,match', [
+    (2049, 5, 5, 'magic number is 2049, expected 2051'),
+    (2051, 4, 5 * 784, 'holds 4 items, expected 5'),
+    (2051, 5, 4 * 784, 'truncated'),
+])
+def test_idx_header_checks(tmp_path, magic, count, body_len, match):
+  path = str(tmp_path / 'x.gz')
+  _write_idx(path, magic, count, bytes(body_len), (28, 28))
+  with pytest.raises(DataError, match=match):
+    sources.read_idx(path, sources.IMAGE_MAGIC, 5)
+
+
+def test_idx_not_gzip(tmp_path):
+  path = tmp_path / 'x.gz'
+  path.write_bytes(b'not gzip at all')
+  with pytest.raises(DataError, match='not a readable gzip file'):
+    sources.read_idx(str(path), sources.LABEL_MAGIC, 5)
+
+
+# ----------------------------------------------------------------------------
+# Composites.
+# ----------------------------------------------------------------------------
+
+
+def _recompose(tl_image, br_image, tl_offset, br_offset):
+  """The documented combination, one image at a time with plain ints."""
+  canvas = np.zeros((36, 36), int)
+  (r1, c1), (r2, c2) = tl_offset, br_offset
+  canvas[r1:r1 + 28, c1:c1 + 28] += tl_image
+  canvas[r2:r2 + 28, c2:c2 + 28] += br_image
+  return np.minimum(canvas, 255)
+
+
+def _check_composites(split, tl_source, br_source, rng, n=300):
+  prov = split.provenance
+  for i in rng.choice(len(split), n, replace=False):
+    tl_i, br_i = prov['top_left_index'][i], prov['bottom_right_index'][i]
+    want = _recompose(tl_source[0][tl_i], br_source[0][br_i],
+                      prov['top_left_offset'][i], prov['bottom_right_offset'][i])
+    np.testing.assert_array_equal(split.images[i], want)
+    assert tuple(split.labels[i]) == (tl_source[1][tl_i], br_source[1][br_i])
+
+
+def test_comet_multi_mnist(comet, mnist):
+  sizes = {name: len(s) for name, s in comet.items()}
+  assert sizes == {'train': 100000, 'validation': 20000, 'test': 20000}
+  rng = np.random.default_rng(0)
+  for name, split in comet.items():
+    assert split.images.dtype == np.uint8 and split.labels.dtype == np.int32
+    assert split.images.shape[1:] == (36, 36) and split.labels.shape[1] == 2
+    # Fixed positions: rows/cols 0..27 and 8..35.
+    assert np.all(split.provenance['top_left_offset'] == 0)
+    assert np.all(split.provenance['bottom_right_offset'] == 8)
+    assert np.all(split.provenance['top_left_index'] !=
+                  split.provenance['bottom_right_index'])
+    source = mnist['test' if name == 'test' else 'train']
+    _check_composites(split, source, source, rng)
+  # Each base image appears exactly twice, partners drawn from its own split.
+  train_bases = np.unique(comet['train'].provenance['top_left_index'])
+  valid_bases = np.unique(comet['validation'].provenance['top_left_index'])
+  assert len(train_bases) == 50000 and len(valid_bases) == 10000
+  assert not set(train_bases) & set(valid_bases)
+  assert set(comet['train'].provenance['bottom_right_index']) <= set(
+      train_bases)
+  assert np.all(np.bincount(comet['train'].provenance['top_left_index'],
+                            minlength=60000)[train_bases] == 2)
+  # Stratified: each digit holds 1/6 of its MNIST train images out (+-1).
+  held = np.bincount(mnist['train'][1][valid_bases], minlength=10)
+  assert np.all(np.abs(held - np.array(MNIST_TRAIN_COUNTS) / 6) <= 1)
+
+
+def test_paretomtl_multi_mnist(data_dir, mnist):
+  splits = ip.build('multi_mnist', 'paretomtl', 0, data_dir, download=False)
+  assert {k: len(v) for k, v in splits.items()} == {
+      'train': 110000, 'validation': 10000, 'test': 20000}
+  rng = np.random.default_rng(1)
+  for name, split in splits.items():
+    tl, br = (split.provenance['top_left_offset'],
+              split.provenance['bottom_right_offset'])
+    # Shifted 0..4 pixels toward each corner from the centred offset 4.
+    assert tl.min() == 0 and tl.max() == 4 and br.min() == 4 and br.max() == 8
+    assert np.all(split.labels[:, 0] != split.labels[:, 1])
+    source = mnist['test' if name == 'test' else 'train']
+    _check_composites(split, source, source, rng, n=200)
+
+
+def test_multi_fashion_mnist(data_dir, mnist, fashion):
+  splits = ip.build('multi_fashion_mnist', 'comet', 3, data_dir,
+                    download=False)
+  _check_composites(splits['test'], mnist['test'], fashion['test'],
+                    np.random.default_rng(2))
+  _check_composites(splits['train'], mnist['train'], fashion['train'],
+                    np.random.default_rng(3))
+
+
+def test_same_seed_same_bytes_other_seed_other_data(comet, data_dir):
+  again = ip.build('multi_mnist', 'comet', 0, data_dir, download=False)
+  other = ip.build('multi_mnist', 'comet', 1, data_dir, download=False)
+  for name in comet:
+    assert comet[name].images.tobytes() == again[name].images.tobytes()
+    np.testing.assert_array_equal(comet[name].labels, again[name].labels)
+    assert not np.array_equal(comet[name].images, other[name].images)
+
+
+def test_cache_loads_instead_of_rebuilding(data_dir, tmp_path, monkeypatch):
+  first = ip.load('multi_fashion', 'comet', 0, data_dir, str(tmp_path),
+                  download=False)
+  assert len(list(tmp_path.glob('multi_fashion-comet-seed0-*.npz'))) == 1
+
+  def no_build(*args, **kwargs):
+    raise AssertionError('rebuilt although cached')
+
+  monkeypatch.setattr(ip, 'build', no_build)
+  second = ip.load('multi_fashion', 'comet', 0, data_dir, str(tmp_path),
+                   download=False)
+  for name in first:
+    np.testing.assert_array_equal(first[name].images, second[name].images)
+    np.testing.assert_array_equal(first[name].provenance['top_left_index'],
+                                  second[name].provenance['top_left_index'])
+
+
+def test_shipped_sample_is_a_subset_of_the_full_set(comet):
+  sample = ip.load('multi_mnist_sample')
+  assert {k: len(v) for k, v in sample.items()} == {
+      'train': 4000, 'validation': 1000, 'test': 1000}
+  for name, split in sample.items():
+    np.testing.assert_array_equal(split.images,
+                                  comet[name].images[:len(split)])
+    np.testing.assert_array_equal(split.labels,
+                                  comet[name].labels[:len(split)])
+
+
+@pytest.mark.parametrize('dataset,recipe,match', [
+    ('multi_digits', 'comet', "Unknown data set 'multi_digits'"),
+    ('multi_mnist', 'sener', "Unknown recipe 'sener'"),
+])
+def test_unknown_names(dataset, recipe, match):
+  with pytest.raises(DataError, match=match):
+    ip.load(dataset, recipe)
+
+
+def test_stratified_split_by_hand():
+  labels = np.array([0] * 6 + [1] * 3 + [2] * 3)
+  keep, held = ip.stratified_split(labels, 4, np.random.default_rng(0))
+  # Shares 2, 1, 1: exact, no remainders.
+  assert list(np.bincount(labels[held], minlength=3)) == [2, 1, 1]
+  assert sorted(np.concatenate([keep, held])) == list(range(12))
+
+
+# ----------------------------------------------------------------------------
+# PaddleRec pickles.
+# ----------------------------------------------------------------------------
+
+
+def test_paddlerec_sample_pickle(data_dir):
+  path = os.path.join(data_dir, 'paddlerec_sample', 'sample_data.pickle')
+  x, y = sources.read_paddlerec_pickle(path)
+  assert x.shape == (32, 36, 36) and x.dtype == np.uint8
+  assert y.shape == (32, 2) and y.dtype == np.int32
+  # Independent check: the file's published checksum, then the stock
+  # (unrestricted) unpickler, which is safe on this one known file.
+  with open(path, 'rb') as f:
+    blob = f.read()
+  assert hashlib.sha256(blob).hexdigest() == (
+      '8a7841101409bb7eb50c81813201c5d8af2f415f471b27b1772cf242b83d5d4e')
+  want_x, want_y = pickle.loads(blob)
+  np.testing.assert_array_equal(x, want_x)
+  np.testing.assert_array_equal(y, want_y)
+
+
+class _Evil:
+  """Unpickling this would create a file, via the builtin open()."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return (open, (self.path, 'w'))
+
+
+def test_malicious_pickle_runs_nothing(tmp_path):
+  marker = tmp_path / 'pwned'
+  evil = tmp_path / 'train.pickle'
+  evil.write_bytes(pickle.dumps((_Evil(str(marker)), np.zeros((1, 2)))))
+  # The payload works with the stock unpickler (proof it is live)...
+  pickle.loads(evil.read_bytes())
+  assert marker.exists()
+  marker.unlink()
+  # ...and ours refuses it without running it.
+  with pytest.raises(DataError, match=r'refusing to load (io|builtins)\.open'):
+    sources.read_paddlerec_pickle(str(evil))
+  assert not marker.exists()
+
+
+def test_paddlerec_dataset_carves_validation(tmp_path, data_dir):
+  src = os.path.join(data_dir, 'paddlerec_sample', 'sample_data.pickle')
+  shutil.copy(src, tmp_path / 'train.pickle')
+  shutil.copy(src, tmp_path / 'test.pickle')
+  splits = ip.load('paddlerec', paddlerec_dir=str(tmp_path))
+  assert {k: len(v) for k, v in splits.items()} == {
+      'train': 26, 'validation': 6, 'test': 32}
+  with pytest.raises(DataError, match='paddlerec_dir'):
+    ip.load('paddlerec')
+
+
+# ----------------------------------------------------------------------------
+# Batching.
+# ----------------------------------------------------------------------------
+
+
+def _toy_split(n):
+  images = (np.arange(n)[:, None, None] * np.ones((1, 36, 36))).astype(
+      np.uint8)
+  labels = np.stack([np.arange(n), np.arange(n)], 1).astype(np.int32)
+  return ip.Split(images, labels)
+
+
+def _ids(batch):
+  return batch['label'][..., 0].ravel().tolist()
+
+
+def test_train_batches_shapes_and_epochs():
+  split = _toy_split(50)
+  it = ip.train_batches(split, 12, 4, seed=7)
+  batch = next(it)
+  assert batch['image'].shape == (4, 3, 36, 36, 1)
+  assert batch['image'].dtype == np.float32 and batch['label'].shape == (4, 3, 2)
+  # Pixels are the id / 255.
+  np.testing.assert_allclose(batch['image'][..., 0, 0, 0],
+                             batch['label'][..., 0] / 255, rtol=1e-6)
+  epoch0 = _ids(batch) + sum((_ids(next(it)) for _ in range(3)), [])
+  # 4 batches of 12 per epoch (2 of 50 dropped), no example twice.
+  assert len(set(epoch0)) == 48
+  epoch1 = sum((_ids(next(it)) for _ in range(4)), [])
+  assert len(set(epoch1)) == 48 and epoch1 != epoch0
+
+
+def test_shuffle_depends_on_seed_and_epoch_only():
+  np.testing.assert_array_equal(ip.epoch_permutation(100, 3, 5),
+                                ip.epoch_permutation(100, 3, 5))
+  assert not np.array_equal(ip.epoch_permutation(100, 3, 5),
+                            ip.epoch_permutation(100, 3, 6))
+  assert not np.array_equal(ip.epoch_permutation(100, 3, 5),
+                            ip.epoch_permutation(100, 4, 5))
+
+
+@pytest.mark.parametrize('start', [0, 1, 4, 7, 9])
+def test_resume_at_any_step_sees_the_same_batches(start):
+  split = _toy_split(50)
+  full = ip.train_batches(split, 12, 2, seed=1)
+  reference = [_ids(next(full)) for _ in range(12)]
+  resumed = ip.train_batches(split, 12, 2, seed=1, start_step=start)
+  assert [_ids(next(resumed)) for _ in range(12 - start)] == reference[start:]
+
+
+def test_eval_batches_pad_and_mask_each_example_once():
+  split = _toy_split(23)
+  batches = list(ip.eval_batches(split, 8, 2))
+  assert len(batches) == 3
+  seen = []
+  for b in batches:
+    assert b['mask'].shape == (2, 4)
+    seen += [i for i, m in zip(_ids(b), b['mask'].ravel()) if m]
+  assert seen == list(range(23))
+  assert batches[-1]['mask'].sum() == 7
+
+
+def test_batch_not_divisible_by_devices():
+  with pytest.raises(ValueError, match='multiple of the 3 local devices'):
+    next(ip.train_batches(_toy_split(50), 10, 3, seed=0))
+  with pytest.raises(ValueError, match='larger than the 50'):
+    next(ip.train_batches(_toy_split(50), 64, 1, seed=0))
