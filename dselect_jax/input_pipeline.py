@@ -358,7 +358,7 @@ def check_batch_size(global_batch: int, num_devices: int) -> int:
   if global_batch < 1 or global_batch % num_devices:
     raise ValueError(
         f'batch_size={global_batch} must be a positive multiple of the '
-        f'{num_devices} local devices; set --config.batch_size to a multiple '
+        f'{num_devices} devices; set --config.batch_size to a multiple '
         f'of {num_devices}.')
   return global_batch // num_devices
 
@@ -368,19 +368,29 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def _local_rows(global_batch, num_devices, process_index, process_count):
+  """(per_device, this process's slice of a global batch)."""
+  per_device = check_batch_size(global_batch, num_devices * process_count)
+  local = per_device * num_devices
+  return per_device, slice(process_index * local, (process_index + 1) * local)
+
+
 def train_batches(split: Split, global_batch: int, num_devices: int,
-                  seed: int, start_step: int = 0) -> Iterator[dict]:
+                  seed: int, start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict]:
   """Endless shuffled batches, from global step ``start_step`` on.
 
   Step s reads batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``
   (a partial last batch is dropped), so a resumed run sees exactly the
-  batches an uninterrupted one would have.
+  batches an uninterrupted one would have. With several processes, each
+  yields its own slice of the same global batch for its local devices.
 
   Yields:
     ``{'image': float32 (devices, per_device, 36, 36, 1),
        'label': int32 (devices, per_device, 2)}``.
   """
-  per_device = check_batch_size(global_batch, num_devices)
+  per_device, local = _local_rows(global_batch, num_devices, process_index,
+                                  process_count)
   steps_per_epoch = len(split) // global_batch
   if steps_per_epoch == 0:
     raise ValueError(f'batch_size={global_batch} is larger than the '
@@ -390,7 +400,8 @@ def train_batches(split: Split, global_batch: int, num_devices: int,
     epoch, index = divmod(step, steps_per_epoch)
     order = epoch_permutation(len(split), seed, epoch)
     while index < steps_per_epoch:
-      rows = np.sort(order[index * global_batch:(index + 1) * global_batch])
+      batch = order[index * global_batch:(index + 1) * global_batch]
+      rows = np.sort(batch[local])
       yield {
           'image': to_model_input(split.images[rows]).reshape(
               num_devices, per_device, CANVAS, CANVAS, 1),
@@ -400,14 +411,16 @@ def train_batches(split: Split, global_batch: int, num_devices: int,
       step += 1
 
 
-def eval_batches(split: Split, global_batch: int,
-                 num_devices: int) -> Iterator[dict]:
+def eval_batches(split: Split, global_batch: int, num_devices: int,
+                 process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
   """Every example exactly once, in order; the last batch padded.
 
   Yields the train batches' keys plus ``mask``: float32 (devices,
   per_device), 1 for real examples and 0 for padding.
   """
-  per_device = check_batch_size(global_batch, num_devices)
+  per_device, local = _local_rows(global_batch, num_devices, process_index,
+                                  process_count)
   for start in range(0, len(split), global_batch):
     images = split.images[start:start + global_batch]
     labels = split.labels[start:start + global_batch]
@@ -419,8 +432,8 @@ def eval_batches(split: Split, global_batch: int,
                                                 images.dtype)])
       labels = np.concatenate([labels, np.zeros((pad, 2), labels.dtype)])
     yield {
-        'image': to_model_input(images).reshape(num_devices, per_device,
-                                                CANVAS, CANVAS, 1),
-        'label': labels.reshape(num_devices, per_device, 2),
-        'mask': mask.reshape(num_devices, per_device),
+        'image': to_model_input(images[local]).reshape(
+            num_devices, per_device, CANVAS, CANVAS, 1),
+        'label': labels[local].reshape(num_devices, per_device, 2),
+        'mask': mask[local].reshape(num_devices, per_device),
     }

@@ -51,11 +51,10 @@ def expert_weights(weights: np.ndarray, path: str,
 
 def training_curves(metrics_file: str, path: str) -> str:
   """Train loss and validation accuracy per task against the step."""
-  train, valid = [], []
   with open(metrics_file) as f:
-    for line in f:
-      record = json.loads(line)
-      (valid if record.get('split') == 'validation' else train).append(record)
+    records = [json.loads(line) for line in f if line.strip()]
+  train = [r for r in records if r.get('split') == 'train']
+  valid = [r for r in records if r.get('split') == 'validation']
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
   if train:
     ax_loss.plot([r['step'] for r in train], [r['loss'] for r in train])

@@ -2,11 +2,19 @@
 shared data folder beside the checkout (or $DSELECT_DATA_DIR)."""
 
 import os
+import sys
 
-import pytest
+# Four fake CPU devices for every test, so the data-parallel paths run; set
+# before JAX initializes its backend. Single-device runs use devices[:1].
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=4')
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), 'shared', 'data')
+# The configs/ folder is imported as a package, as train.py does.
+sys.path.insert(0, REPO)
 
 
 @pytest.fixture(scope='session')

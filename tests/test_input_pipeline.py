@@ -399,8 +399,23 @@ def test_eval_batches_pad_and_mask_each_example_once():
   assert batches[-1]['mask'].sum() == 7
 
 
+def test_processes_split_each_global_batch():
+  split = _toy_split(50)
+  whole = ip.train_batches(split, 12, 2, seed=4)
+  parts = [ip.train_batches(split, 12, 2, seed=4, process_index=p,
+                            process_count=3) for p in range(3)]
+  for _ in range(6):
+    want = sorted(_ids(next(whole)))
+    got = sum((_ids(next(part)) for part in parts), [])
+    assert sorted(got) == want
+  evals = [list(ip.eval_batches(split, 12, 2, p, 3)) for p in range(3)]
+  seen = [i for batches in evals for b in batches
+          for i, m in zip(_ids(b), b['mask'].ravel()) if m]
+  assert sorted(seen) == list(range(50))
+
+
 def test_batch_not_divisible_by_devices():
-  with pytest.raises(ValueError, match='multiple of the 3 local devices'):
+  with pytest.raises(ValueError, match='multiple of the 3 devices'):
     next(ip.train_batches(_toy_split(50), 10, 3, seed=0))
   with pytest.raises(ValueError, match='larger than the 50'):
     next(ip.train_batches(_toy_split(50), 64, 1, seed=0))

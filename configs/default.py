@@ -1,0 +1,98 @@
+"""Defaults shared by every config: the reference recipe's model and optimizer.
+
+Not meant to be run by itself; the data-set configs import it and override a
+few fields. Every field is documented here once.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.data = ml_collections.ConfigDict()
+  # 'multi_mnist', 'multi_fashion', 'multi_fashion_mnist',
+  # 'multi_mnist_sample' (shipped, no download) or 'paddlerec'.
+  config.data.name = 'multi_mnist'
+  # 'comet' (100k/20k/20k, fixed positions) or 'paretomtl' (shifted digits).
+  config.data.recipe = 'comet'
+  # Seed of the pairing and offsets; the data are a function of it.
+  config.data.seed = 0
+  # Folder with mnist/ and fashion_mnist/; '' means $DSELECT_DATA_DIR, else
+  # ~/.cache/dselect_jax (downloaded there when missing).
+  config.data.data_dir = ''
+  # Folder of PaddleRec's train.pickle/test.pickle (data.name='paddlerec').
+  config.data.paddlerec_dir = ''
+  # Download missing raw files from the public mirrors.
+  config.data.download = True
+
+  config.model = ml_collections.ConfigDict()
+  # E, the shared experts (the MultiMNIST CNN of PaddleRec's model).
+  config.model.num_experts = 8
+  # One gate for all tasks (PaddleRec) instead of one gate per task (paper).
+  config.model.shared_gate = False
+  # What a per-example gate routes on: 'input' (pixels) or 'experts' (mean
+  # expert output).
+  config.model.routing_input = 'input'
+
+  config.model.gate = ml_collections.ConfigDict()
+  # 'dselect_k', 'softmax' (MMoE) or 'top_k' (Shazeer et al. 2017).
+  config.model.gate.name = 'dselect_k'
+  # Experts each task ends up with (dselect_k, top_k).
+  config.model.gate.k = 2
+  # Width of DSelect-k's smooth-step region (dselect_k).
+  config.model.gate.gamma = 1.0
+  # Route per example from routing_input instead of one weight vector per task.
+  config.model.gate.per_example = False
+  # Tunable Gaussian noise while training (top_k).
+  config.model.gate.noisy = True
+
+  config.optimizer = ml_collections.ConfigDict()
+  # 'adam', 'adamw' or 'sgd' (with momentum).
+  config.optimizer.name = 'adam'
+  # Peak learning rate.
+  config.optimizer.learning_rate = 1e-3
+  # Decoupled weight decay (adamw only).
+  config.optimizer.weight_decay = 1e-4
+  # Momentum (sgd only).
+  config.optimizer.momentum = 0.9
+  # Clip gradients to this global norm; 0 disables clipping.
+  config.optimizer.grad_clip_norm = 0.0
+
+  config.schedule = ml_collections.ConfigDict()
+  # 'constant' or 'warmup_cosine' (linear warmup, cosine decay to 0).
+  config.schedule.name = 'constant'
+  # Linear warmup steps (warmup_cosine).
+  config.schedule.warmup_steps = 0
+
+  config.loss = ml_collections.ConfigDict()
+  # Weight of DSelect-k's entropy term (Section 4); it is ramped linearly from
+  # 0 at entropy_start_step to this value entropy_ramp_steps later.
+  config.loss.entropy_weight = 0.0
+  config.loss.entropy_start_step = 0
+  config.loss.entropy_ramp_steps = 0
+  # Weight of DSelect-k's reachability term (1 in the original layer; it is 0
+  # anyway when num_experts is a power of two).
+  config.loss.reachability_weight = 1.0
+  # Weights of the top-k gate's importance and load terms.
+  config.loss.importance_weight = 0.0
+  config.loss.load_weight = 0.0
+
+  # Global batch, split over all local devices.
+  config.batch_size = 256
+  # Batch for validation and test (the last one is padded and masked).
+  config.eval_batch_size = 1000
+  # Training length in epochs of the train split; num_train_steps > 0 wins.
+  config.num_epochs = 100
+  config.num_train_steps = -1
+  # Console and metrics-file cadence, in steps.
+  config.log_every_steps = 50
+  # Validation cadence in steps; -1 means once per epoch.
+  config.eval_every_steps = -1
+  # Checkpoint cadence in steps; -1 means at every validation.
+  config.checkpoint_every_steps = -1
+  # Periodic checkpoints kept for resuming (the best one is kept apart).
+  config.max_to_keep = 2
+  # Seed of initialization, shuffling and gate noise.
+  config.seed = 0
+  return config

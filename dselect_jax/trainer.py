@@ -1,0 +1,557 @@
+"""Training and evaluation of the multi-task MoE; the only module that knows
+about pmap, Optax, Orbax and metric files.
+
+Read top to bottom: config -> model and optimizer -> per-device train and eval
+steps -> the loop (resume, train, validate, checkpoint) -> final test.
+
+Data parallelism: ``train_step`` and ``eval_step`` are per-device functions
+that average over the ``'batch'`` axis with ``lax.pmean``/``lax.psum``
+(BatchNorm statistics too, through the model's ``bn_axis_name``), so one step
+over D devices equals one step on the whole batch. They are mapped in
+``_parallel``; moving to ``jax.shard_map`` changes that one function.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Optional
+
+from absl import logging
+import flax
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dselect_jax import checkpointing
+from dselect_jax import input_pipeline
+from dselect_jax import metric_writers
+from dselect_jax import models
+
+AXIS = 'batch'
+GATE_ARGS = {
+    'dselect_k': ('k', 'gamma', 'per_example'),
+    'softmax': ('per_example',),
+    'top_k': ('k', 'per_example', 'noisy'),
+}
+OPTIMIZERS = ('adam', 'adamw', 'sgd')
+SCHEDULES = ('constant', 'warmup_cosine')
+# Aux terms with a loss weight; other aux entries are diagnostics.
+AUX_WEIGHTS = {
+    'entropy': 'entropy_weight',
+    'reachability': 'reachability_weight',
+    'importance': 'importance_weight',
+    'load': 'load_weight',
+}
+
+
+class TrainState(train_state.TrainState):
+  """Params, BatchNorm statistics and optimizer state, with the step."""
+  batch_stats: Any = None
+
+
+class TrainingError(Exception):
+  """Training cannot go on (NaN loss...). The message says why."""
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work. The message names the field and fix."""
+
+
+# ---------------------------------------------------------------------------
+# Config -> model, optimizer, schedules.
+# ---------------------------------------------------------------------------
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int):
+  """Fails early, with the field and the fix, on values that cannot work."""
+  def bad(field, value, why):
+    raise ConfigError(f'config.{field}={value!r}: {why}.')
+
+  gate = config.model.gate
+  if gate.name not in GATE_ARGS:
+    bad('model.gate.name', gate.name, f'choose one of {sorted(GATE_ARGS)}')
+  if config.model.num_experts < 2:
+    bad('model.num_experts', config.model.num_experts, 'must be >= 2')
+  if gate.name != 'softmax' and not 1 <= gate.k <= config.model.num_experts:
+    bad('model.gate.k', gate.k,
+        f'must satisfy 1 <= k <= model.num_experts={config.model.num_experts}')
+  if not gate.gamma > 0:
+    bad('model.gate.gamma', gate.gamma, 'must be > 0')
+  known = sorted(input_pipeline.DATASETS) + list(
+      input_pipeline.SPECIAL_DATASETS)
+  if config.data.name not in known:
+    bad('data.name', config.data.name, f'choose one of {known}')
+  if config.data.recipe not in input_pipeline.RECIPES:
+    bad('data.recipe', config.data.recipe,
+        f'choose one of {list(input_pipeline.RECIPES)}')
+  if config.optimizer.name not in OPTIMIZERS:
+    bad('optimizer.name', config.optimizer.name,
+        f'choose one of {list(OPTIMIZERS)}')
+  if not config.optimizer.learning_rate > 0:
+    bad('optimizer.learning_rate', config.optimizer.learning_rate,
+        'must be > 0')
+  if config.optimizer.grad_clip_norm < 0:
+    bad('optimizer.grad_clip_norm', config.optimizer.grad_clip_norm,
+        'must be >= 0 (0 disables clipping)')
+  if config.schedule.name not in SCHEDULES:
+    bad('schedule.name', config.schedule.name,
+        f'choose one of {list(SCHEDULES)}')
+  for name in ('batch_size', 'eval_batch_size'):
+    value = config[name]
+    if value < 1 or value % num_devices:
+      bad(name, value, f'must be a positive multiple of the {num_devices} '
+          'devices')
+  for field in AUX_WEIGHTS.values():
+    if config.loss[field] < 0:
+      bad(f'loss.{field}', config.loss[field], 'must be >= 0')
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    bad('num_epochs', config.num_epochs,
+        'must be > 0 unless num_train_steps > 0')
+
+
+def create_model(config: ml_collections.ConfigDict,
+                 bn_axis_name: Optional[str] = None) -> models.MultiTaskMoE:
+  """The MultiTaskMoE a config describes (the model never sees the config)."""
+  gate = config.model.gate
+  gate_kwargs = {arg: gate[arg] for arg in GATE_ARGS[gate.name]}
+  return models.MultiTaskMoE(
+      num_tasks=2,
+      num_experts=config.model.num_experts,
+      gate=gate.name,
+      gate_kwargs=flax.core.FrozenDict(gate_kwargs),
+      shared_gate=config.model.shared_gate,
+      routing_input=config.model.routing_input,
+      num_classes=10,
+      bn_axis_name=bn_axis_name)
+
+
+def learning_rate_schedule(config, num_train_steps: int) -> optax.Schedule:
+  lr = config.optimizer.learning_rate
+  if config.schedule.name == 'constant':
+    return optax.constant_schedule(lr)
+  return optax.warmup_cosine_decay_schedule(
+      0.0, lr, config.schedule.warmup_steps,
+      max(num_train_steps, config.schedule.warmup_steps + 1))
+
+
+def create_optimizer(config, num_train_steps: int):
+  schedule = learning_rate_schedule(config, num_train_steps)
+  opt = config.optimizer
+  if opt.name == 'adam':
+    tx = optax.adam(schedule)
+  elif opt.name == 'adamw':
+    tx = optax.adamw(schedule, weight_decay=opt.weight_decay)
+  else:
+    tx = optax.sgd(schedule, momentum=opt.momentum)
+  if opt.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+  return tx
+
+
+def entropy_weight(loss_config, step) -> jax.Array:
+  """The entropy term's weight at ``step``: 0 up to entropy_start_step, then
+  a linear ramp reaching entropy_weight entropy_ramp_steps later (at once
+  when entropy_ramp_steps is 0)."""
+  start, ramp = loss_config.entropy_start_step, loss_config.entropy_ramp_steps
+  if ramp <= 0:
+    frac = (step >= start).astype(jnp.float32) if isinstance(
+        step, jax.Array) else float(step >= start)
+  else:
+    frac = jnp.clip((step - start) / ramp, 0, 1)
+  return loss_config.entropy_weight * frac
+
+
+def aux_weights(loss_config, step) -> dict[str, jax.Array]:
+  weights = {name: loss_config[field] for name, field in AUX_WEIGHTS.items()}
+  weights['entropy'] = entropy_weight(loss_config, step)
+  return weights
+
+
+def initial_state(config, model, tx, rng) -> TrainState:
+  dummy = jnp.zeros((1, 36, 36, 1), jnp.float32)
+  params_rng, gating_rng = jax.random.split(rng)
+  variables = model.init({'params': params_rng, 'gating': gating_rng}, dummy,
+                         train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           batch_stats=variables['batch_stats'], tx=tx)
+
+
+def abstract_state(config, model, tx) -> TrainState:
+  """The state's shapes and dtypes, with no array allocated."""
+  return jax.eval_shape(
+      functools.partial(initial_state, config, model, tx),
+      jax.random.key(0))
+
+
+# ---------------------------------------------------------------------------
+# Per-device steps.
+# ---------------------------------------------------------------------------
+
+
+def task_metrics(logits, labels, mask=None) -> dict[str, jax.Array]:
+  """Per-task sums: cross-entropy, correct predictions, example count.
+
+  logits (T, B, C), labels (B, T), mask (B,) -> each value (T,).
+  """
+  if mask is None:
+    mask = jnp.ones(labels.shape[0], logits.dtype)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                       labels.T)  # (T, B)
+  correct = (jnp.argmax(logits, -1) == labels.T).astype(logits.dtype)
+  return {
+      'ce_sum': jnp.sum(ce * mask, axis=1),
+      'correct': jnp.sum(correct * mask, axis=1),
+      'count': jnp.sum(mask) * jnp.ones(logits.shape[0]),
+  }
+
+
+def gate_summary(expert_weights) -> dict[str, jax.Array]:
+  """Per task: mean weight of each expert and experts with non-zero weight.
+
+  expert_weights (T, E) or (T, B, E) -> weights (T, E), nonzero (T,).
+  """
+  if expert_weights.ndim == 3:
+    nonzero = jnp.mean(jnp.sum(expert_weights > 0, -1), axis=-1)
+    expert_weights = jnp.mean(expert_weights, axis=1)
+  else:
+    nonzero = jnp.sum(expert_weights > 0, -1)
+  return {'expert_weights': expert_weights,
+          'num_nonzero': nonzero.astype(jnp.float32)}
+
+
+def train_step(state: TrainState, batch, rng, *, loss_config):
+  """One optimizer step on this device's shard; averages over AXIS.
+
+  batch: image (b, 36, 36, 1), label (b, T). Returns (state, metrics), the
+  metrics already averaged over devices.
+  """
+  step_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
+                                jax.lax.axis_index(AXIS))
+  weights = aux_weights(loss_config, state.step)
+
+  def loss_fn(params):
+    (logits, aux), updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
+        train=True, mutable=['batch_stats'], rngs={'gating': step_rng})
+    sums = task_metrics(logits, batch['label'])
+    ce = sums['ce_sum'] / sums['count']  # (T,), batch mean per task
+    # Each aux term summed over the gates (G,).
+    terms = {name: jnp.sum(value) for name, value in aux['gate'].items()
+             if name in AUX_WEIGHTS}
+    loss = jnp.sum(ce) + sum(weights[n] * v for n, v in terms.items())
+    return loss, (updates['batch_stats'], ce, sums, terms, aux)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, (batch_stats, ce, sums, terms, aux)), grads = grad_fn(state.params)
+  grads = jax.lax.pmean(grads, AXIS)
+  # BatchNorm already used cross-device statistics (bn_axis_name); this only
+  # removes float noise so every replica holds identical running averages.
+  batch_stats = jax.lax.pmean(batch_stats, AXIS)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+  for t in range(ce.shape[0]):
+    metrics[f'ce_{t + 1}'] = ce[t]
+    metrics[f'accuracy_{t + 1}'] = sums['correct'][t] / sums['count'][t]
+  for name, value in terms.items():
+    metrics[f'aux_{name}'] = value
+    metrics[f'weight_{name}'] = jnp.asarray(weights[name], jnp.float32)
+  gate = gate_summary(aux['expert_weights'])
+  for t in range(ce.shape[0]):
+    metrics[f'num_nonzero_{t + 1}'] = gate['num_nonzero'][t]
+  metrics = jax.lax.pmean(metrics, AXIS)
+  return state, metrics
+
+
+def eval_step(state: TrainState, batch):
+  """Sums over this device's (masked) shard, summed over AXIS."""
+  logits, aux = state.apply_fn(
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      batch['image'], train=False)
+  sums = task_metrics(logits, batch['label'], batch['mask'])
+  weights = aux['expert_weights']
+  if weights.ndim == 3:  # Per-example: sum the masked weights and counts.
+    mask = batch['mask'][None, :, None]
+    sums['weight_sum'] = jnp.sum(weights * mask, axis=1)  # (T, E)
+    sums['nonzero_sum'] = jnp.sum(jnp.sum(weights > 0, -1) * mask[..., 0],
+                                  axis=1)  # (T,)
+  return jax.lax.psum(sums, AXIS), weights
+
+
+def _parallel(fn, **kwargs):
+  """Maps a per-device step over the local devices.
+
+  The one place to change for ``jax.shard_map`` over a ('batch',) mesh.
+  """
+  return jax.pmap(fn, axis_name=AXIS, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation over a whole split.
+# ---------------------------------------------------------------------------
+
+
+def evaluate(p_eval_step, state, split, batch_size: int,
+             num_devices: int) -> dict[str, Any]:
+  """Accuracy and mean cross-entropy per task over every example once, and
+  each task's expert weights (mean over examples for per-example gates)."""
+  totals, static_weights = None, None
+  for batch in input_pipeline.eval_batches(split, batch_size, num_devices,
+                                           jax.process_index(),
+                                           jax.process_count()):
+    sums, weights = p_eval_step(state, batch)
+    sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64), sums)
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    if np.ndim(weights) == 3:  # (devices, T, E): static weights.
+      static_weights = np.asarray(weights[0])
+  count = totals['count']
+  result = {'num_examples': int(count[0])}
+  num_tasks = len(count)
+  for t in range(num_tasks):
+    result[f'accuracy_{t + 1}'] = float(totals['correct'][t] / count[t])
+    result[f'loss_{t + 1}'] = float(totals['ce_sum'][t] / count[t])
+  result['accuracy_mean'] = float(np.mean(
+      [result[f'accuracy_{t + 1}'] for t in range(num_tasks)]))
+  if static_weights is not None:
+    expert_weights = static_weights
+    nonzero = (static_weights > 0).sum(-1)
+  else:
+    expert_weights = totals['weight_sum'] / count[:, None]
+    nonzero = totals['nonzero_sum'] / count
+  result['expert_weights'] = np.asarray(expert_weights).tolist()
+  result['num_nonzero'] = np.asarray(nonzero).tolist()
+  result['selected_experts'] = [
+      [int(e) for e in np.flatnonzero(np.asarray(w) > 0)]
+      for w in expert_weights]
+  return result
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------
+
+
+def load_data(config) -> dict[str, input_pipeline.Split]:
+  return input_pipeline.load(
+      config.data.name, config.data.recipe, config.data.seed,
+      data_dir=config.data.data_dir or None, download=config.data.download,
+      paddlerec_dir=config.data.paddlerec_dir or None)
+
+
+def _cadence(value: int, steps_per_epoch: int) -> int:
+  return steps_per_epoch if value <= 0 else value
+
+
+def _check_finite(metrics_history, first_step, last_step, last_good):
+  losses = [float(m['loss']) for m in metrics_history]
+  if not all(math.isfinite(x) for x in losses):
+    raise TrainingError(
+        f'loss became NaN or Inf between steps {first_step} and {last_step}; '
+        f'stopped without saving. The last good checkpoint is step '
+        f'{last_good}. Lower optimizer.learning_rate or set '
+        'optimizer.grad_clip_norm.')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Trains (resuming from ``workdir`` when it holds checkpoints), then
+  evaluates the best-on-validation checkpoint on the test split.
+
+  Returns the test metrics, also written to ``workdir/test_metrics.json``.
+  """
+  num_devices = jax.local_device_count()
+  validate_config(config, jax.device_count())
+  is_chief = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_chief:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  data = load_data(config)
+  train_split, valid_split, test_split = (data['train'], data['validation'],
+                                          data['test'])
+  steps_per_epoch = len(train_split) // config.batch_size
+  num_train_steps = (config.num_train_steps if config.num_train_steps > 0 else
+                     config.num_epochs * steps_per_epoch)
+  eval_every = _cadence(config.eval_every_steps, steps_per_epoch)
+  ckpt_every = _cadence(config.checkpoint_every_steps, eval_every)
+  logging.info('data %s/%s: %d train, %d validation, %d test; %d steps of '
+               'batch %d on %d devices', config.data.name, config.data.recipe,
+               len(train_split), len(valid_split), len(test_split),
+               num_train_steps, config.batch_size, num_devices)
+
+  model = create_model(config, bn_axis_name=AXIS)
+  tx = create_optimizer(config, num_train_steps)
+  abstract = abstract_state(config, model, tx)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+  logging.info('model: %d parameters', num_params)
+
+  ckpts = checkpointing.Checkpoints(workdir, config.max_to_keep)
+  start_step = ckpts.latest_step()
+  if start_step is None:
+    state = initial_state(config, model, tx, jax.random.key(config.seed))
+    start_step = 0
+  else:
+    state = ckpts.restore(abstract, start_step)
+    logging.info('resumed from step %d', start_step)
+  state = flax.jax_utils.replicate(state)
+  rng = jax.random.key(config.seed + 1)
+
+  p_train_step = _parallel(
+      functools.partial(train_step, loss_config=config.loss),
+      donate_argnums=(0,), in_axes=(0, 0, None))
+  p_eval_step = _parallel(eval_step)
+  writer = metric_writers.MetricWriter(workdir, enabled=is_chief)
+  batches = input_pipeline.train_batches(
+      train_split, config.batch_size, num_devices, config.seed,
+      start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+  history, last_good = [], ckpts.latest_step()
+  interval_start, timer = start_step, time.perf_counter()
+  step = start_step
+  try:
+    for step in range(start_step + 1, num_train_steps + 1):
+      state, metrics = p_train_step(state, next(batches), rng)
+      history.append(metrics)
+      is_last = step == num_train_steps
+      if step % config.log_every_steps == 0 or is_last or step % eval_every == 0:
+        history = [jax.tree.map(lambda x: float(x[0]), m) for m in history]
+        _check_finite(history, interval_start + 1, step, last_good)
+        elapsed = time.perf_counter() - timer
+        steps_per_s = (step - interval_start) / max(elapsed, 1e-9)
+        summary = {k: float(np.mean([m[k] for m in history]))
+                   for k in history[0]}
+        summary['steps_per_second'] = steps_per_s
+        summary['images_per_second'] = steps_per_s * config.batch_size
+        writer.write(step, 'train', summary)
+        eta = (num_train_steps - step) / max(steps_per_s, 1e-9)
+        logging.info(
+            'step %d/%d  loss %.4f  acc %.4f/%.4f  experts %.1f/%.1f  '
+            '%.2f steps/s  %.0f images/s  ETA %s', step, num_train_steps,
+            summary['loss'], summary['accuracy_1'], summary['accuracy_2'],
+            summary['num_nonzero_1'], summary['num_nonzero_2'], steps_per_s,
+            summary['images_per_second'], _format_seconds(eta))
+        history, interval_start, timer = [], step, time.perf_counter()
+      if step % eval_every == 0 or is_last:
+        valid = evaluate(p_eval_step, state, valid_split,
+                         config.eval_batch_size, num_devices)
+        writer.write(step, 'validation', valid)
+        logging.info('validation at step %d: accuracy %.4f / %.4f, experts '
+                     '%s', step, valid['accuracy_1'], valid['accuracy_2'],
+                     valid['selected_experts'])
+        ckpts.save_best(step, flax.jax_utils.unreplicate(state),
+                        valid['accuracy_mean'])
+      if step % ckpt_every == 0 or is_last:
+        ckpts.save(step, flax.jax_utils.unreplicate(state))
+        last_good = step
+  finally:
+    ckpts.wait()
+    writer.flush()
+
+  return final_test(config, workdir, model, tx, data, ckpts, p_eval_step,
+                    num_devices, writer)
+
+
+def final_test(config, workdir, model, tx, data, ckpts, p_eval_step,
+               num_devices, writer):
+  """Evaluates the best-on-validation checkpoint on the test split."""
+  abstract = abstract_state(config, model, tx)
+  step = ckpts.best_step()
+  state = ckpts.restore_best(abstract)
+  result = evaluate(p_eval_step, flax.jax_utils.replicate(state),
+                    data['test'], config.eval_batch_size, num_devices)
+  result['step'] = step
+  result['checkpoint'] = 'best'
+  logging.info('test (best validation checkpoint, step %d): accuracy %.4f / '
+               '%.4f', step, result['accuracy_1'], result['accuracy_2'])
+  writer.write(step, 'test', result)
+  writer.flush()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'test_metrics.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+# ---------------------------------------------------------------------------
+# Evaluating a finished (or running) workdir: eval.py.
+# ---------------------------------------------------------------------------
+
+
+def _listing(workdir: str) -> str:
+  entries = sorted(os.listdir(workdir))
+  return ', '.join(entries) if entries else 'nothing'
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config train.py wrote into ``workdir/config.json``."""
+  if not os.path.isdir(workdir):
+    raise checkpointing.CheckpointError(
+        f'workdir {workdir} does not exist; pass the --workdir given to '
+        'train.py.')
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise checkpointing.CheckpointError(
+        f'{workdir} holds no config.json, so no training run wrote it (it '
+        f'holds: {_listing(workdir)}); run train.py with --workdir={workdir} '
+        'first.')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def evaluate_workdir(workdir: str, step: Optional[int] = None,
+                     best: bool = False) -> dict[str, Any]:
+  """Restores a checkpoint of ``workdir`` and evaluates it on the test split.
+
+  Args:
+    workdir: a train.py workdir.
+    step: a periodic checkpoint's step (``workdir/checkpoints/<step>``).
+    best: the best-on-validation checkpoint. Default when neither is given:
+      the best one if there is one, else the newest periodic one.
+
+  Returns:
+    Test accuracy and loss per task, expert weights and selected experts, and
+    ``step`` / ``checkpoint`` naming what was evaluated.
+  """
+  config = load_workdir_config(workdir)
+  ckpts = checkpointing.Checkpoints(workdir, create=False)
+  if step is None and not best:
+    best = ckpts.best_step() is not None
+  if step is None and not best and ckpts.latest_step() is None:
+    raise checkpointing.CheckpointError(
+        f'{workdir} holds no checkpoint yet (it holds: {_listing(workdir)}); '
+        'train first, or wait for the first checkpoint.')
+  num_devices = jax.local_device_count()
+  if config.eval_batch_size % num_devices:
+    config.eval_batch_size = num_devices * (
+        -(-config.eval_batch_size // num_devices))
+  model = create_model(config, bn_axis_name=AXIS)
+  data = load_data(config)
+  steps_per_epoch = len(data['train']) // config.batch_size
+  num_train_steps = (config.num_train_steps if config.num_train_steps > 0 else
+                     config.num_epochs * steps_per_epoch)
+  tx = create_optimizer(config, num_train_steps)
+  abstract = abstract_state(config, model, tx)
+  if best:
+    state, kind, step = ckpts.restore_best(abstract), 'best', ckpts.best_step()
+  else:
+    step = ckpts.latest_step() if step is None else step
+    state, kind = ckpts.restore(abstract, step), 'periodic'
+  result = evaluate(_parallel(eval_step), flax.jax_utils.replicate(state),
+                    data['test'], config.eval_batch_size, num_devices)
+  result['step'] = int(step)
+  result['checkpoint'] = kind
+  ckpts.close()
+  return result

@@ -1,0 +1,68 @@
+"""Evaluates a train.py workdir's checkpoint on the test split.
+
+  python eval.py --workdir=ckpts            # best-on-validation checkpoint
+  python eval.py --workdir=ckpts --step=3900
+  python eval.py --workdir=ckpts --best
+
+Reads the workdir's config.json; needs no other flag and runs on a CPU for a
+checkpoint made on any device. Prints the results, writes them to
+workdir/eval/test_<checkpoint>_<step>.json, and writes PNGs beside them:
+each task's expert weights and, when the workdir has metrics, training curves.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+from dselect_jax import checkpointing
+from dselect_jax import cli
+from dselect_jax import metric_writers
+from dselect_jax import plots
+from dselect_jax import sources
+from dselect_jax import trainer
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The workdir of train.py.')
+_STEP = flags.DEFINE_integer('step', None, 'Evaluate this periodic checkpoint.')
+_BEST = flags.DEFINE_bool('best', False,
+                          'Evaluate the best-on-validation checkpoint (the '
+                          'default when --step is not given and one exists).')
+flags.mark_flag_as_required('workdir')
+
+
+def main(argv):
+  cli.quiet_orbax()
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}; use --flag=value.')
+  if _STEP.value is not None and _BEST.value:
+    sys.exit('error: give --step=N or --best, not both.')
+  workdir = _WORKDIR.value
+  try:
+    result = trainer.evaluate_workdir(workdir, _STEP.value, _BEST.value)
+  except (checkpointing.CheckpointError, sources.DataError,
+          trainer.ConfigError) as e:
+    sys.exit(f'error: {e}')
+  out_dir = os.path.join(workdir, 'eval')
+  os.makedirs(out_dir, exist_ok=True)
+  stem = os.path.join(out_dir, f'test_{result["checkpoint"]}_{result["step"]}')
+  with open(stem + '.json', 'w') as f:
+    json.dump(result, f, indent=2)
+  figures = [plots.expert_weights(result['expert_weights'],
+                                  stem + '_expert_weights.png')]
+  if metric_writers.read_metrics(workdir):
+    figures.append(plots.training_curves(
+        os.path.join(workdir, metric_writers.METRICS_FILE),
+        os.path.join(out_dir, 'training_curves.png')))
+  print(f'test split, {result["checkpoint"]} checkpoint at step '
+        f'{result["step"]} ({result["num_examples"]} examples):')
+  for t in (1, 2):
+    print(f'  task {t}: accuracy {result[f"accuracy_{t}"]:.6f}  loss '
+          f'{result[f"loss_{t}"]:.6f}  experts {result["selected_experts"][t - 1]}'
+          f'  weights {[round(w, 4) for w in result["expert_weights"][t - 1]]}')
+  print(f'wrote {stem}.json and {", ".join(figures)}')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,285 @@
+"""The training loop: data parallelism, resume, eval, configs and the CLI.
+
+Runs on the 4 fake CPU devices set up in conftest.py.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+from absl import flags
+import flax
+import jax
+import numpy as np
+import pytest
+from ml_collections import config_flags
+
+from configs import multimnist
+from configs import multimnist_sample
+from dselect_jax import checkpointing
+from dselect_jax import input_pipeline
+from dselect_jax import metric_writers
+from dselect_jax import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  """The sample config shrunk to 2 experts, batch 32 and a few steps."""
+  config = multimnist_sample.get_config()
+  config.model.num_experts = 2
+  config.model.gate.k = 1
+  config.batch_size = 32
+  config.eval_batch_size = 200
+  config.num_train_steps = 6
+  config.log_every_steps = 3
+  config.eval_every_steps = 3
+  config.checkpoint_every_steps = 3
+  for key, value in overrides.items():
+    section = config
+    *path, last = key.split('.')
+    for name in path:
+      section = section[name]
+    section[last] = value
+  return config
+
+
+def test_there_are_four_fake_devices():
+  assert jax.local_device_count() == 4
+
+
+@pytest.mark.parametrize('gate,per_example', [('dselect_k', False),
+                                              ('dselect_k', True),
+                                              ('softmax', False)])
+def test_pmap_step_equals_single_device_step(gate, per_example):
+  # SGD, not Adam: the conv biases feed BatchNorm, so their true gradient is
+  # 0 and float noise is all they get; Adam's first step would blow that
+  # noise up to +-learning_rate, SGD keeps it at noise.
+  config = tiny_config(**{'model.gate.name': gate,
+                          'model.gate.per_example': per_example,
+                          'loss.entropy_weight': 0.1,
+                          'optimizer.name': 'sgd',
+                          'optimizer.learning_rate': 0.1})
+  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
+  tx = trainer.create_optimizer(config, 10)
+  state = trainer.initial_state(config, model, tx, jax.random.key(0))
+  split = input_pipeline.load('multi_mnist_sample')['train']
+  batch = next(input_pipeline.train_batches(split, 16, 1, seed=0))
+  rng = jax.random.key(1)
+  step = functools.partial(trainer.train_step, loss_config=config.loss)
+
+  results = []
+  for n in (1, 4):
+    devices = jax.devices()[:n]
+    p_step = jax.pmap(step, axis_name=trainer.AXIS, in_axes=(0, 0, None),
+                      devices=devices)
+    sharded = jax.tree.map(lambda x: x.reshape((n, 16 // n) + x.shape[2:]),
+                           batch)
+    new_state, metrics = p_step(flax.jax_utils.replicate(state, devices),
+                                sharded, rng)
+    # All replicas agree.
+    for leaf in jax.tree.leaves((new_state.params, new_state.batch_stats)):
+      np.testing.assert_array_equal(leaf[0], leaf[-1])
+    results.append(jax.tree.map(lambda x: np.asarray(x[0]),
+                                (new_state.params, new_state.batch_stats,
+                                 new_state.opt_state, metrics)))
+  single, multi = results
+  # Only the summation order differs: float32 rounding.
+  jax.tree.map(
+      functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=1e-6),
+      single, multi)
+  # The step moved the parameters and the BatchNorm statistics.
+  moved = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), single[0],
+                       jax.device_get(state.params))
+  assert max(jax.tree.leaves(moved)) > 1e-4
+  assert np.any(single[1]['experts']['expert_0']['BatchNorm_0']['mean'] != 0)
+
+
+class _Crash(Exception):
+  pass
+
+
+def _crashing_batches(crash_after):
+  real = input_pipeline.train_batches
+
+  def batches(*args, **kwargs):
+    for i, batch in enumerate(real(*args, **kwargs)):
+      if i == crash_after:
+        raise _Crash()
+      yield batch
+
+  return batches
+
+
+def _restore_latest(workdir, config):
+  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
+  tx = trainer.create_optimizer(config, config.num_train_steps)
+  ckpts = checkpointing.Checkpoints(workdir, create=False)
+  return ckpts.latest_step(), ckpts.restore(
+      trainer.abstract_state(config, model, tx))
+
+
+def test_interrupted_run_resumes_to_the_same_state(tmp_path, monkeypatch):
+  config = tiny_config()
+  whole = str(tmp_path / 'whole')
+  trainer.train_and_evaluate(config, whole)
+
+  broken = str(tmp_path / 'broken')
+  with monkeypatch.context() as m:
+    # Dies while fetching the 5th batch: the last checkpoint is step 3.
+    m.setattr(input_pipeline, 'train_batches', _crashing_batches(4))
+    with pytest.raises(_Crash):
+      trainer.train_and_evaluate(config, broken)
+  assert checkpointing.Checkpoints(broken, create=False).latest_step() == 3
+  resumed_result = trainer.train_and_evaluate(config, broken)
+
+  step_a, state_a = _restore_latest(whole, config)
+  step_b, state_b = _restore_latest(broken, config)
+  assert step_a == step_b == 6
+  arrays = lambda s: jax.device_get((s.step, s.params, s.batch_stats,
+                                     s.opt_state))
+  jax.tree.map(np.testing.assert_array_equal, arrays(state_a),
+               arrays(state_b))
+  with open(os.path.join(whole, 'test_metrics.json')) as f:
+    assert json.load(f)['accuracy_1'] == resumed_result['accuracy_1']
+
+
+@pytest.fixture(scope='module')
+def sample_run(tmp_path_factory):
+  """The quick-start config as README runs it (4 epochs of the sample)."""
+  workdir = str(tmp_path_factory.mktemp('sample'))
+  result = trainer.train_and_evaluate(multimnist_sample.get_config(), workdir)
+  return workdir, result
+
+
+def test_sample_config_learns(sample_run):
+  _, result = sample_run
+  assert result['num_examples'] == 1000
+  # Chance is 0.1 per task.
+  assert result['accuracy_1'] > 0.6 and result['accuracy_2'] > 0.5
+
+
+def test_eval_reproduces_the_trainers_test_metrics(sample_run):
+  workdir, result = sample_run
+  evaluated = trainer.evaluate_workdir(workdir)
+  assert evaluated['checkpoint'] == 'best'
+  for key in ('step', 'accuracy_1', 'accuracy_2', 'loss_1', 'loss_2',
+              'expert_weights', 'selected_experts'):
+    assert evaluated[key] == result[key], key
+
+
+def test_eval_cli_writes_results_and_plots(sample_run):
+  workdir, result = sample_run
+  out = subprocess.run(
+      [sys.executable, 'eval.py', f'--workdir={workdir}', '--best'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f'accuracy {result["accuracy_1"]:.6f}' in out.stdout
+  stem = os.path.join(workdir, 'eval', f'test_best_{result["step"]}')
+  with open(stem + '.json') as f:
+    assert json.load(f)['accuracy_2'] == result['accuracy_2']
+  for png in (stem + '_expert_weights.png',
+              os.path.join(workdir, 'eval', 'training_curves.png')):
+    with open(png, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_metrics_file_and_tensorboard(sample_run):
+  workdir, _ = sample_run
+  records = metric_writers.read_metrics(workdir)
+  splits = {r['split'] for r in records}
+  assert splits == {'train', 'validation', 'test'}
+  train = [r for r in records if r['split'] == 'train']
+  for key in ('loss', 'ce_1', 'ce_2', 'aux_entropy', 'aux_reachability',
+              'weight_entropy', 'num_nonzero_1', 'images_per_second'):
+    assert key in train[0], key
+  # The loss is the sum of the task losses plus the weighted aux terms.
+  for r in train:
+    want = (r['ce_1'] + r['ce_2'] + r['weight_entropy'] * r['aux_entropy'] +
+            r['weight_reachability'] * r['aux_reachability'])
+    assert abs(r['loss'] - want) < 1e-4 * max(1, abs(want))
+  valid = [r for r in records if r['split'] == 'validation']
+  assert len(valid[0]['expert_weights']) == 2
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+
+
+def _parse(*args):
+  """Parses train.py-style arguments as absl would, into a config."""
+  argv = ['train.py', f'--config={REPO}/configs/multimnist.py', *args]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, flag_values=values,
+                                  lock_config=True, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def test_config_overrides_reach_the_model():
+  config = _parse('--config.model.gate.k=4', '--config.model.gate.gamma=0.5')
+  model = trainer.create_model(config)
+  assert model.gate_kwargs['k'] == 4 and model.gate_kwargs['gamma'] == 0.5
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), np.zeros((1, 36, 36, 1)),
+                         train=False))
+  # 4 selectors of 3 bits (8 experts) per task gate.
+  assert shapes['params']['gate_0']['z_logits'].shape == (4, 3)
+
+
+def test_mistyped_override_fails(tmp_path):
+  with pytest.raises(AttributeError, match='gamm'):
+    _parse('--config.model.gate.gamm=0.5')
+  out = subprocess.run(
+      [sys.executable, 'train.py', '--config=configs/multimnist_sample.py',
+       f'--workdir={tmp_path}/w', '--config.model.gate.gamm=0.5'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: bad flag:') and 'gamma' in last
+  assert not os.path.exists(tmp_path / 'w')
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('model.gate.k', 0, 'model.gate.k=0'),
+    ('model.gate.k', 9, 'model.gate.k=9'),
+    ('model.gate.gamma', 0.0, 'model.gate.gamma=0.0'),
+    ('model.gate.name', 'moe', "model.gate.name='moe'"),
+    ('data.name', 'cifar', "data.name='cifar'"),
+    ('optimizer.name', 'lamb', "optimizer.name='lamb'"),
+    ('optimizer.learning_rate', 0.0, 'learning_rate=0.0'),
+    ('batch_size', 254, 'multiple of the 4 devices'),
+])
+def test_invalid_config_values(field, value, match):
+  config = multimnist.get_config()
+  section = config
+  *path, last = field.split('.')
+  for name in path:
+    section = section[name]
+  section[last] = value
+  with pytest.raises(trainer.ConfigError, match=match):
+    trainer.validate_config(config, jax.device_count())
+
+
+def test_train_cli_bad_value_is_one_line_without_traceback(tmp_path):
+  out = subprocess.run(
+      [sys.executable, 'train.py', '--config=configs/multimnist_sample.py',
+       f'--workdir={tmp_path}/w', '--config.model.gate.k=0'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert 'Traceback' not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      'error: config.model.gate.k=0: must satisfy 1 <= k <= '
+      'model.num_experts=8.')
+
+
+def test_entropy_weight_schedule_by_hand():
+  config = tiny_config(**{'loss.entropy_weight': 0.2,
+                          'loss.entropy_start_step': 10,
+                          'loss.entropy_ramp_steps': 4})
+  # 0 up to step 10, then 1/4, 2/4, 3/4, 4/4 of 0.2 at steps 11..14.
+  got = [float(trainer.entropy_weight(config.loss, s)) for s in range(8, 16)]
+  np.testing.assert_allclose(got, [0, 0, 0, 0.05, 0.1, 0.15, 0.2, 0.2],
+                             atol=1e-7)
+  config.loss.entropy_ramp_steps = 0  # A step at entropy_start_step.
+  got = [float(trainer.entropy_weight(config.loss, s)) for s in (9, 10, 11)]
+  assert got == [0, 0.2, 0.2]
