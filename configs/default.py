@@ -31,6 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_experts = 8
   # One gate for all tasks (PaddleRec) instead of one gate per task (paper).
   config.model.shared_gate = False
+  # How the experts are computed: 'loop' (one module per expert), or
+  # 'fused_grouped' / 'fused_patches' (all experts in shared ops; the same
+  # function with another parameter layout; see benchmarks/train_speed.py).
+  config.model.expert_impl = 'loop'
   # What a per-example gate routes on: 'input' (pixels) or 'experts' (mean
   # expert output).
   config.model.routing_input = 'input'

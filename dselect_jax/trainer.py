@@ -77,6 +77,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int):
   gate = config.model.gate
   if gate.name not in GATE_ARGS:
     bad('model.gate.name', gate.name, f'choose one of {sorted(GATE_ARGS)}')
+  impl = config.model.get('expert_impl', 'loop')
+  if impl not in models.EXPERT_IMPLS:
+    bad('model.expert_impl', impl, f'choose one of {list(models.EXPERT_IMPLS)}')
   if config.model.num_experts < 2:
     bad('model.num_experts', config.model.num_experts, 'must be >= 2')
   if gate.name != 'softmax' and not 1 <= gate.k <= config.model.num_experts:
@@ -129,6 +132,7 @@ def create_model(config: ml_collections.ConfigDict,
       shared_gate=config.model.shared_gate,
       routing_input=config.model.routing_input,
       num_classes=10,
+      expert_impl=config.model.get('expert_impl', 'loop'),
       bn_axis_name=bn_axis_name)
 
 

@@ -1,5 +1,7 @@
 """The multi-task MoE: parameter trees, shapes, mixing and task isolation."""
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -153,3 +155,84 @@ def test_per_example_routing_on_expert_outputs():
 def test_bad_model_attributes_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
     _model(**kwargs)
+
+
+def _loop_to_fused(variables, impl, num_experts):
+  """Maps E per-expert variables onto the fused layout, by hand."""
+  params = variables['params']
+  stats = variables['batch_stats']
+  experts = [params[f'expert_{e}'] for e in range(num_experts)]
+  cat = lambda leaves: jnp.concatenate(leaves, axis=-1)
+  fused = {
+      'conv1': {'kernel': cat([p['Conv_0']['kernel'] for p in experts]),
+                'bias': cat([p['Conv_0']['bias'] for p in experts])},
+      'dense1_kernel': jnp.stack([p['Dense_0']['kernel'] for p in experts]),
+      'dense1_bias': jnp.stack([p['Dense_0']['bias'] for p in experts]),
+      'dense2_kernel': jnp.stack([p['Dense_1']['kernel'] for p in experts]),
+      'dense2_bias': jnp.stack([p['Dense_1']['bias'] for p in experts]),
+  }
+  for i in (0, 1):
+    fused[f'BatchNorm_{i}'] = {
+        k: cat([p[f'BatchNorm_{i}'][k] for p in experts])
+        for k in ('scale', 'bias')}
+  if impl == 'fused_grouped':
+    fused['conv2'] = {'kernel': cat([p['Conv_1']['kernel'] for p in experts]),
+                      'bias': cat([p['Conv_1']['bias'] for p in experts])}
+  else:
+    # Patch features are ordered (input channel, row, col): HWIO -> I,H,W,O.
+    fused['conv2_kernel'] = jnp.stack([
+        p['Conv_1']['kernel'].transpose(2, 0, 1, 3).reshape(250, 20)
+        for p in experts])
+    fused['conv2_bias'] = jnp.stack([p['Conv_1']['bias'] for p in experts])
+  fused_stats = {
+      f'BatchNorm_{i}': {
+          k: cat([stats[f'expert_{e}'][f'BatchNorm_{i}'][k]
+                  for e in range(num_experts)]) for k in ('mean', 'var')}
+      for i in (0, 1)}
+  return {'params': {'fused': fused}, 'batch_stats': {'fused': fused_stats}}
+
+
+@pytest.mark.parametrize('impl', ['fused_grouped', 'fused_patches'])
+def test_fused_experts_equal_the_loop(impl):
+  num_experts = 3
+  loop = models.ExpertBank(num_experts, impl='loop')
+  variables = loop.init(jax.random.key(4), X, train=False)
+  # Non-trivial BatchNorm parameters and statistics.
+  variables = jax.tree.map(
+      lambda v: v + 0.1 * jax.random.normal(jax.random.key(5), v.shape),
+      variables)
+  variables['batch_stats'] = jax.tree.map(jnp.abs, variables['batch_stats'])
+  fused = models.ExpertBank(num_experts, impl=impl)
+  fused_vars = _loop_to_fused(variables, impl, num_experts)
+  # Same tree as the fused module's own init.
+  assert jax.tree.map(jnp.shape, fused_vars) == jax.tree.map(
+      jnp.shape, fused.init(jax.random.key(0), X, train=False))
+  for train in (False, True):
+    want, want_upd = loop.apply(variables, X, train=train,
+                                mutable=['batch_stats'])
+    got, got_upd = fused.apply(fused_vars, X, train=train,
+                               mutable=['batch_stats'])
+    assert got.shape == (num_experts, 3, 50)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  mapped = _loop_to_fused({**variables, **want_upd}, impl,
+                          num_experts)['batch_stats']
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5,
+                                 atol=1e-6), got_upd['batch_stats'], mapped)
+
+
+def test_fused_impl_needs_the_multimnist_expert():
+  with pytest.raises(ValueError, match='MultiMNISTExpert only'):
+    models.ExpertBank(2, expert=models.MLPTower, impl='fused_grouped')
+  with pytest.raises(ValueError, match="impl='vmap'"):
+    models.ExpertBank(2, impl='vmap')
+
+
+def test_max_pool_2x2_by_hand():
+  x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  # Windows [[0,1],[4,5]] -> 5, [[2,3],[6,7]] -> 7, ... (row-major 4x4).
+  np.testing.assert_array_equal(models.max_pool_2x2(x)[0, ..., 0],
+                                [[5, 7], [13, 15]])
+  y = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  np.testing.assert_array_equal(models.max_pool_2x2(y),
+                                nn.max_pool(y, (2, 2), strides=(2, 2)))

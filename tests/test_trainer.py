@@ -283,3 +283,24 @@ def test_entropy_weight_schedule_by_hand():
   config.loss.entropy_ramp_steps = 0  # A step at entropy_start_step.
   got = [float(trainer.entropy_weight(config.loss, s)) for s in (9, 10, 11)]
   assert got == [0, 0.2, 0.2]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path,
+                                                           monkeypatch):
+  real = input_pipeline.train_batches
+
+  def poisoned(*args, **kwargs):
+    for i, batch in enumerate(real(*args, **kwargs)):
+      if i == 3:  # The 4th step's images are NaN.
+        batch = dict(batch, image=batch['image'] * np.nan)
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, 'train_batches', poisoned)
+  workdir = str(tmp_path / 'w')
+  with pytest.raises(trainer.TrainingError) as e:
+    trainer.train_and_evaluate(tiny_config(), workdir)
+  message = str(e.value)
+  assert 'NaN or Inf between steps 4 and 6' in message
+  assert 'last good checkpoint is step 3' in message
+  ckpts = checkpointing.Checkpoints(workdir, create=False)
+  assert ckpts.all_steps() == [3] and ckpts.latest_step() == 3

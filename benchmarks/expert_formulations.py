@@ -1,0 +1,64 @@
+"""Times formulations of the 8-expert MultiMNIST bank on this machine.
+
+  python benchmarks/expert_formulations.py [--batch=256] [--experts=8]
+
+Forward + backward of sum(experts(x)**2) (BatchNorm in training mode), jitted,
+warm, best of --repeats. Prints images/s and the ratio to the per-expert loop
+(the baseline, run in the same process).
+"""
+
+import functools
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+from dselect_jax import models
+
+_BATCH = flags.DEFINE_integer('batch', 256, 'Images per step.')
+_EXPERTS = flags.DEFINE_integer('experts', 8, 'Experts.')
+_REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed steps.')
+
+
+def bench(impl, batch, experts, repeats):
+  bank = models.ExpertBank(experts, impl=impl)
+  x = jax.random.uniform(jax.random.key(0), (batch, 36, 36, 1))
+  variables = bank.init(jax.random.key(1), x, train=False)
+
+  @jax.jit
+  def step(params, batch_stats, x):
+    def loss(p):
+      out, upd = bank.apply({'params': p, 'batch_stats': batch_stats}, x,
+                            train=True, mutable=['batch_stats'])
+      return jnp.sum(out**2), upd
+    return jax.grad(loss, has_aux=True)(params)
+
+  start = time.perf_counter()
+  jax.block_until_ready(step(variables['params'], variables['batch_stats'], x))
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(step(variables['params'], variables['batch_stats'],
+                               x))
+    times.append(time.perf_counter() - start)
+  return batch / min(times), compile_s
+
+
+def main(argv):
+  del argv
+  print(f'{jax.devices()[0].platform}, batch {_BATCH.value}, '
+        f'{_EXPERTS.value} experts; forward+backward of the expert bank')
+  base = None
+  for impl in models.EXPERT_IMPLS:
+    rate, compile_s = bench(impl, _BATCH.value, _EXPERTS.value,
+                            _REPEATS.value)
+    base = base or rate
+    print(f'{impl:10s} {rate:9.0f} images/s  x{rate / base:5.2f} vs loop  '
+          f'compile {compile_s:5.1f} s')
+
+
+if __name__ == '__main__':
+  app.run(main)

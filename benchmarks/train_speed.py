@@ -1,0 +1,259 @@
+"""Training and eval throughput of the MultiMNIST MoE: ours against PyTorch.
+
+  python benchmarks/train_speed.py                      # table to stdout
+  python benchmarks/train_speed.py --out=results/train_speed.md
+
+The same network on both sides: 8 MultiMNIST experts (conv-BN-ReLU-pool x2,
+Dense 50 x2), two static DSelect-k gates (k = 2), two towers, summed
+cross-entropies, Adam. Each framework runs in its own subprocess (so its peak
+memory is its own), one after the other, on random images; times are warm
+(after compilation), best of --repeats windows of --steps steps.
+
+Ours is the real training step of dselect_jax.trainer (pmap over one device)
+with each expert implementation; PyTorch is eager mode (torch is an optional,
+benchmark-only dependency: pip install torch==2.13.0). Achieved GFLOP/s uses
+2.03 MFLOP per expert per image forward (conv1 0.51, conv2 1.44, dense 0.08)
+and 3x forward for a training step; the machine's rate is a float32 matmul
+measured in the same command.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+_BATCHES = flags.DEFINE_list('batches', ['128', '256', '512'], 'Batch sizes.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Steps per timed window.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows; best is kept.')
+_CHILD = flags.DEFINE_string('child', None, 'Internal: run one framework.')
+_IMPL = flags.DEFINE_string('impl', 'loop', 'Internal: our expert impl.')
+_OUT = flags.DEFINE_string('out', None, 'Also write the table here.')
+
+NUM_EXPERTS = 8
+FWD_FLOP_PER_EXPERT = 2.03e6
+
+
+def _best_rate(run, batch, steps, repeats):
+  best = 0.0
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run(steps)
+    best = max(best, batch * steps / (time.perf_counter() - start))
+  return best
+
+
+def child_jax(batch, steps, repeats, impl):
+  import functools  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from configs import multimnist  # pylint: disable=g-import-not-at-top
+  from dselect_jax import trainer  # pylint: disable=g-import-not-at-top
+
+  config = multimnist.get_config()
+  config.model.expert_impl = impl
+  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
+  tx = trainer.create_optimizer(config, 1000)
+  state = flax.jax_utils.replicate(
+      trainer.initial_state(config, model, tx, jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  batch_data = {
+      'image': rng.random((1, batch, 36, 36, 1), np.float32),
+      'label': rng.integers(0, 10, (1, batch, 2)).astype(np.int32),
+  }
+  eval_data = dict(batch_data, mask=np.ones((1, batch), np.float32))
+  p_train = jax.pmap(functools.partial(trainer.train_step,
+                                       loss_config=config.loss),
+                     axis_name=trainer.AXIS, in_axes=(0, 0, None),
+                     donate_argnums=(0,))
+  p_eval = jax.pmap(trainer.eval_step, axis_name=trainer.AXIS)
+  key = jax.random.key(1)
+  start = time.perf_counter()
+  state, metrics = p_train(state, batch_data, key)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - start
+  holder = {'state': state}
+
+  def train(n):
+    for _ in range(n):
+      holder['state'], m = p_train(holder['state'], batch_data, key)
+    jax.block_until_ready(m)
+
+  def evaluate(n):
+    for _ in range(n):
+      out = p_eval(holder['state'], eval_data)
+    jax.block_until_ready(out)
+
+  evaluate(1)
+  return {'train': _best_rate(train, batch, steps, repeats),
+          'eval': _best_rate(evaluate, batch, steps, repeats),
+          'compile_s': compile_s}
+
+
+def child_torch(batch, steps, repeats):
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+
+  def expert():
+    return nn.Sequential(
+        nn.Conv2d(1, 10, 5), nn.BatchNorm2d(10), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(10, 20, 5), nn.BatchNorm2d(20), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(720, 50), nn.ReLU(), nn.Linear(50, 50),
+        nn.ReLU())
+
+  class DSelectK(nn.Module):
+    """Static DSelect-k gate (the paper's equations)."""
+
+    def __init__(self, num_experts, k, gamma=1.0):
+      super().__init__()
+      m = (num_experts - 1).bit_length()
+      self.gamma = gamma
+      self.z = nn.Parameter(torch.empty(k, m).uniform_(-gamma / 100,
+                                                       gamma / 100))
+      self.w = nn.Parameter(torch.empty(k).uniform_(-0.05, 0.05))
+      codes = [[(i >> (m - 1 - j)) & 1 for j in range(m)]
+               for i in range(num_experts)]
+      self.register_buffer('codes', torch.tensor(codes, dtype=torch.bool))
+
+    def forward(self):
+      g = self.gamma
+      t = self.z
+      s = torch.where(t <= -g / 2, torch.zeros_like(t),
+                      torch.where(t >= g / 2, torch.ones_like(t),
+                                  -2 / g**3 * t**3 + 3 / (2 * g) * t + 0.5))
+      s = s[:, None, :]
+      r = torch.where(self.codes[None], s, 1 - s).prod(-1)  # (K, E)
+      return (torch.softmax(self.w, 0)[:, None] * r).sum(0)  # (E,)
+
+  class Model(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.experts = nn.ModuleList(expert() for _ in range(NUM_EXPERTS))
+      self.gates = nn.ModuleList(DSelectK(NUM_EXPERTS, 2) for _ in range(2))
+      self.towers = nn.ModuleList(
+          nn.Sequential(nn.Linear(50, 50), nn.ReLU(), nn.Linear(50, 50),
+                        nn.ReLU(), nn.Linear(50, 10)) for _ in range(2))
+
+    def forward(self, x):
+      f = torch.stack([e(x) for e in self.experts])  # (E, B, H)
+      return [tower(torch.einsum('e,ebh->bh', gate(), f))
+              for gate, tower in zip(self.gates, self.towers)]
+
+  torch.manual_seed(0)
+  model = Model()
+  opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+  x = torch.rand(batch, 1, 36, 36)
+  y = torch.randint(0, 10, (batch, 2))
+  loss_fn = nn.CrossEntropyLoss()
+
+  def train(n):
+    model.train()
+    for _ in range(n):
+      opt.zero_grad(set_to_none=True)
+      logits = model(x)
+      loss = loss_fn(logits[0], y[:, 0]) + loss_fn(logits[1], y[:, 1])
+      loss.backward()
+      opt.step()
+
+  def evaluate(n):
+    model.eval()
+    with torch.no_grad():
+      for _ in range(n):
+        model(x)
+
+  start = time.perf_counter()
+  train(1)
+  warm_s = time.perf_counter() - start
+  return {'train': _best_rate(train, batch, steps, repeats),
+          'eval': _best_rate(evaluate, batch, steps, repeats),
+          'compile_s': warm_s, 'threads': torch.get_num_threads()}
+
+
+def matmul_gflops():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  n = 2048
+  a = jnp.asarray(np.random.default_rng(0).random((n, n), np.float32))
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(5))
+  return 2 * n**3 / best / 1e9
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def _run_child(name, batch, impl='loop'):
+  cmd = [sys.executable, __file__, f'--child={name}', f'--impl={impl}',
+         f'--batches={batch}', f'--steps={_STEPS.value}',
+         f'--repeats={_REPEATS.value}']
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                       cwd=os.path.dirname(os.path.dirname(
+                           os.path.abspath(__file__))))
+  if out.returncode:
+    return {'error': out.stderr.strip().splitlines()[-1]}
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+    batch = int(_BATCHES.value[0])
+    if _CHILD.value == 'torch':
+      result = child_torch(batch, _STEPS.value, _REPEATS.value)
+    elif _CHILD.value == 'matmul':
+      result = {'gflops': matmul_gflops()}
+    else:
+      result = child_jax(batch, _STEPS.value, _REPEATS.value, _IMPL.value)
+    result['peak_rss_mb'] = resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+    return
+
+  from dselect_jax import models  # pylint: disable=g-import-not-at-top
+  peak = _run_child('matmul', 256)['gflops']
+  lines = [f'# Training throughput, MultiMNIST MoE (8 experts, 2 DSelect-k '
+           f'gates), {os.cpu_count()} CPUs',
+           '', f'float32 matmul (2048^2, XLA): {peak:.0f} GFLOP/s', '',
+           '| batch | implementation | train img/s | x PyTorch | train '
+           'GFLOP/s | % of matmul | eval img/s | x PyTorch | compile s | '
+           'peak RSS MB |', '|' + ' --- |' * 10]
+  for batch in map(int, _BATCHES.value):
+    torch_result = _run_child('torch', batch)
+    rows = [('pytorch eager', torch_result)]
+    rows += [(f'ours: {impl}', _run_child('jax', batch, impl))
+             for impl in models.EXPERT_IMPLS]
+    for name, r in rows:
+      if 'error' in r:
+        lines.append(f'| {batch} | {name} | error: {r["error"]} |')
+        continue
+      flops = r['train'] * 3 * NUM_EXPERTS * FWD_FLOP_PER_EXPERT / 1e9
+      tr = r['train'] / torch_result.get('train', float('nan'))
+      ev = r['eval'] / torch_result.get('eval', float('nan'))
+      lines.append(f'| {batch} | {name} | {r["train"]:.0f} | {tr:.2f} | '
+                   f'{flops:.1f} | {100 * flops / peak:.0f}% | '
+                   f'{r["eval"]:.0f} | {ev:.2f} | {r["compile_s"]:.1f} | '
+                   f'{r["peak_rss_mb"]:.0f} |')
+      print(lines[-1], flush=True)
+  text = '\n'.join(lines) + '\n'
+  print(text)
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      f.write(f'$ python benchmarks/train_speed.py --out={_OUT.value}\n\n')
+      f.write(text)
+
+
+if __name__ == '__main__':
+  app.run(main)
