@@ -49,6 +49,8 @@ def main(argv):
   except (trainer.ConfigError, sources.DataError, checkpointing.CheckpointError,
           trainer.TrainingError) as e:
     sys.exit(f'error: {e}')
+  except trainer.Interrupted as e:
+    sys.exit(f'stopped: {e}')
 
 
 if __name__ == '__main__':

@@ -9,9 +9,12 @@ Both use Orbax's ``CheckpointManager`` with ``ocp.args.StandardSave`` /
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 from typing import Any, Optional
 
+from absl import logging
 import orbax.checkpoint as ocp
 
 BEST_METRIC = 'accuracy_mean'
@@ -19,6 +22,37 @@ BEST_METRIC = 'accuracy_mean'
 
 class CheckpointError(Exception):
   """A checkpoint is missing or does not fit the model. Says what there is."""
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir, held while a training process runs.
+
+  ``flock`` on ``workdir/.lock``: the kernel releases it when the process
+  ends, however it ends, so a killed run never leaves a stale lock.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, '.lock')
+    self._file = open(self.path, 'a+')  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      self._file.seek(0)
+      owner = self._file.read().strip() or 'unknown'
+      self._file.close()
+      raise CheckpointError(
+          f'another training process (pid {owner}) is using workdir '
+          f'{workdir}; wait for it to finish or give another --workdir.'
+      ) from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(str(os.getpid()))
+    self._file.flush()
+
+  def release(self):
+    if not self._file.closed:
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
 
 
 class Checkpoints:
@@ -58,10 +92,47 @@ class Checkpoints:
                          self.latest_step() if step is None else step,
                          'periodic')
 
+  def restore_latest_good(self, abstract_state: Any) -> tuple[int, Any]:
+    """The newest periodic checkpoint that restores, as ``(step, state)``.
+
+    Newer ones that fail (a truncated or missing file) are moved to
+    ``workdir/damaged/<step>`` with a warning naming them, once an older one
+    has restored. When none restores, nothing is moved and the newest one's
+    error is raised: that is a checkpoint that does not fit this config.
+    """
+    steps = sorted(self._latest.all_steps(), reverse=True)
+    failed = []
+    for step in steps:
+      try:
+        state = self._restore(self._latest, abstract_state, step, 'periodic',
+                              strict=True)
+      except Exception as e:  # pylint: disable=broad-except
+        failed.append((step, e))
+        continue
+      for bad_step, error in failed:
+        logging.warning(
+            'periodic checkpoint %d in %s is damaged (%s); moved it to '
+            'damaged/%d and resumed from step %d.', bad_step, self.workdir,
+            ' '.join(str(error).split())[:200], bad_step, step)
+        self._quarantine(bad_step)
+      return step, state
+    step, error = failed[0]
+    raise CheckpointError(
+        f'none of the periodic checkpoints {steps} in {self.workdir} can be '
+        'restored into the model of this config (made with another config, '
+        f'or all damaged); newest, step {step}: '
+        f'{" ".join(str(error).split())[:300]}')
+
+  def _quarantine(self, step: int):
+    dest = os.path.join(self.workdir, 'damaged', str(step))
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    shutil.move(os.path.join(self.workdir, 'checkpoints', str(step)), dest)
+    self._latest.reload()
+
   def restore_best(self, abstract_state: Any) -> Any:
     return self._restore(self._best, abstract_state, self.best_step(), 'best')
 
-  def _restore(self, manager, abstract_state, step, kind):
+  def _restore(self, manager, abstract_state, step, kind, strict=False):
     steps = list(manager.all_steps())
     if step is None or step not in steps:
       raise CheckpointError(
@@ -70,10 +141,13 @@ class Checkpoints:
     try:
       return manager.restore(step,
                              args=ocp.args.StandardRestore(abstract_state))
-    except (ValueError, KeyError, TypeError) as e:
+    except Exception as e:  # pylint: disable=broad-except
+      if strict:
+        raise
       raise CheckpointError(
-          f'{kind} checkpoint {step} in {self.workdir} does not fit the model '
-          f'of this config: {str(e).splitlines()[0][:300]}') from None
+          f'{kind} checkpoint {step} in {self.workdir} cannot be restored into '
+          f'the model of this config (damaged, or made with another config): '
+          f'{" ".join(str(e).split())[:300]}') from None
 
   def wait(self):
     self._latest.wait_until_finished()

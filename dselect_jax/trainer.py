@@ -17,6 +17,8 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -58,6 +60,10 @@ class TrainState(train_state.TrainState):
 
 class TrainingError(Exception):
   """Training cannot go on (NaN loss...). The message says why."""
+
+
+class Interrupted(Exception):
+  """SIGTERM or Ctrl-C: a checkpoint was saved at the current step."""
 
 
 class ConfigError(ValueError):
@@ -374,6 +380,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   validate_config(config, jax.device_count())
   is_chief = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  lock = checkpointing.WorkdirLock(workdir)
+  try:
+    return _train_and_evaluate(config, workdir, num_devices, is_chief)
+  finally:
+    lock.release()
+
+
+class _StopRequest:
+  """Turns SIGTERM and SIGINT into a flag the loop polls between steps."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _train_and_evaluate(config, workdir, num_devices, is_chief):
   if is_chief:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -398,12 +434,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   logging.info('model: %d parameters', num_params)
 
   ckpts = checkpointing.Checkpoints(workdir, config.max_to_keep)
-  start_step = ckpts.latest_step()
-  if start_step is None:
+  if ckpts.latest_step() is None:
     state = initial_state(config, model, tx, jax.random.key(config.seed))
     start_step = 0
   else:
-    state = ckpts.restore(abstract, start_step)
+    start_step, state = ckpts.restore_latest_good(abstract)
     logging.info('resumed from step %d', start_step)
   state = flax.jax_utils.replicate(state)
   rng = jax.random.key(config.seed + 1)
@@ -420,48 +455,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   history, last_good = [], ckpts.latest_step()
   interval_start, timer = start_step, time.perf_counter()
-  step = start_step
   try:
-    for step in range(start_step + 1, num_train_steps + 1):
-      state, metrics = p_train_step(state, next(batches), rng)
-      history.append(metrics)
-      is_last = step == num_train_steps
-      if step % config.log_every_steps == 0 or is_last or step % eval_every == 0:
-        history = [jax.tree.map(lambda x: float(x[0]), m) for m in history]
-        _check_finite(history, interval_start + 1, step, last_good)
-        elapsed = time.perf_counter() - timer
-        steps_per_s = (step - interval_start) / max(elapsed, 1e-9)
-        summary = {k: float(np.mean([m[k] for m in history]))
-                   for k in history[0]}
-        summary['steps_per_second'] = steps_per_s
-        summary['images_per_second'] = steps_per_s * config.batch_size
-        writer.write(step, 'train', summary)
-        eta = (num_train_steps - step) / max(steps_per_s, 1e-9)
-        logging.info(
-            'step %d/%d  loss %.4f  acc %.4f/%.4f  experts %.1f/%.1f  '
-            '%.2f steps/s  %.0f images/s  ETA %s', step, num_train_steps,
-            summary['loss'], summary['accuracy_1'], summary['accuracy_2'],
-            summary['num_nonzero_1'], summary['num_nonzero_2'], steps_per_s,
-            summary['images_per_second'], _format_seconds(eta))
-        history, interval_start, timer = [], step, time.perf_counter()
-      if step % eval_every == 0 or is_last:
-        valid = evaluate(p_eval_step, state, valid_split,
-                         config.eval_batch_size, num_devices)
-        writer.write(step, 'validation', valid)
-        logging.info('validation at step %d: accuracy %.4f / %.4f, experts '
-                     '%s', step, valid['accuracy_1'], valid['accuracy_2'],
-                     valid['selected_experts'])
-        ckpts.save_best(step, flax.jax_utils.unreplicate(state),
-                        valid['accuracy_mean'])
-      if step % ckpt_every == 0 or is_last:
-        ckpts.save(step, flax.jax_utils.unreplicate(state))
-        last_good = step
+    with _StopRequest() as stop:
+      for step in range(start_step + 1, num_train_steps + 1):
+        state, metrics = p_train_step(state, next(batches), rng)
+        history.append(metrics)
+        is_last = step == num_train_steps
+        if (step % config.log_every_steps == 0 or step % eval_every == 0 or
+            is_last or stop.signal):
+          history = [jax.tree.map(lambda x: float(x[0]), m) for m in history]
+          _check_finite(history, interval_start + 1, step, last_good)
+          _log_train(writer, history, step, num_train_steps,
+                     time.perf_counter() - timer, interval_start,
+                     config.batch_size)
+          history, interval_start, timer = [], step, time.perf_counter()
+        if step % eval_every == 0 or is_last:
+          valid = evaluate(p_eval_step, state, valid_split,
+                           config.eval_batch_size, num_devices)
+          writer.write(step, 'validation', valid)
+          logging.info('validation at step %d: accuracy %.4f / %.4f, '
+                       'experts %s', step, valid['accuracy_1'],
+                       valid['accuracy_2'], valid['selected_experts'])
+          ckpts.save_best(step, flax.jax_utils.unreplicate(state),
+                          valid['accuracy_mean'])
+        if step % ckpt_every == 0 or is_last or stop.signal:
+          ckpts.save(step, flax.jax_utils.unreplicate(state))
+          last_good = step
+        if stop.signal and not is_last:
+          ckpts.wait()
+          raise Interrupted(
+              f'{stop.signal} at step {step}: saved a checkpoint there; run '
+              'the same command to resume.')
   finally:
     ckpts.wait()
     writer.flush()
 
   return final_test(config, workdir, model, tx, data, ckpts, p_eval_step,
                     num_devices, writer)
+
+
+def _log_train(writer, history, step, num_train_steps, elapsed,
+               interval_start, batch_size):
+  steps_per_s = (step - interval_start) / max(elapsed, 1e-9)
+  summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+  summary['steps_per_second'] = steps_per_s
+  summary['images_per_second'] = steps_per_s * batch_size
+  writer.write(step, 'train', summary)
+  eta = (num_train_steps - step) / max(steps_per_s, 1e-9)
+  logging.info(
+      'step %d/%d  loss %.4f  acc %.4f/%.4f  experts %.1f/%.1f  %.2f steps/s '
+      ' %.0f images/s  ETA %s', step, num_train_steps, summary['loss'],
+      summary['accuracy_1'], summary['accuracy_2'], summary['num_nonzero_1'],
+      summary['num_nonzero_2'], steps_per_s, summary['images_per_second'],
+      _format_seconds(eta))
 
 
 def final_test(config, workdir, model, tx, data, ckpts, p_eval_step,

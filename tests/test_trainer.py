@@ -26,14 +26,14 @@ from dselect_jax import trainer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
+def tiny_config(num_train_steps=6, **overrides):
   """The sample config shrunk to 2 experts, batch 32 and a few steps."""
   config = multimnist_sample.get_config()
   config.model.num_experts = 2
   config.model.gate.k = 1
   config.batch_size = 32
   config.eval_batch_size = 200
-  config.num_train_steps = 6
+  config.num_train_steps = num_train_steps
   config.log_every_steps = 3
   config.eval_every_steps = 3
   config.checkpoint_every_steps = 3
@@ -304,3 +304,76 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path,
   assert 'last good checkpoint is step 3' in message
   ckpts = checkpointing.Checkpoints(workdir, create=False)
   assert ckpts.all_steps() == [3] and ckpts.latest_step() == 3
+
+
+def test_second_process_on_a_workdir_is_refused(tmp_path):
+  workdir = str(tmp_path / 'w')
+  os.makedirs(workdir)
+  held = checkpointing.WorkdirLock(workdir)
+  try:
+    with pytest.raises(checkpointing.CheckpointError,
+                       match=f'another training process \\(pid {os.getpid()}'):
+      trainer.train_and_evaluate(tiny_config(), workdir)
+  finally:
+    held.release()
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path, monkeypatch):
+  import signal  # pylint: disable=g-import-not-at-top
+  real = input_pipeline.train_batches
+
+  def batches(*args, **kwargs):
+    for i, batch in enumerate(real(*args, **kwargs)):
+      if i == 3:  # While step 4 is about to run.
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  workdir = str(tmp_path / 'w')
+  with monkeypatch.context() as m:
+    m.setattr(input_pipeline, 'train_batches', batches)
+    with pytest.raises(trainer.Interrupted, match='SIGTERM at step 4'):
+      trainer.train_and_evaluate(tiny_config(), workdir)
+  assert checkpointing.Checkpoints(workdir, create=False).all_steps() == [3, 4]
+  # The handler is gone again, and the run resumes from step 4 to the end.
+  assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
+  trainer.train_and_evaluate(tiny_config(), workdir)
+  assert checkpointing.Checkpoints(workdir, create=False).latest_step() == 6
+
+
+def _largest_file(folder):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path,
+                                                              caplog):
+  workdir = str(tmp_path / 'w')
+  trainer.train_and_evaluate(tiny_config(), workdir)  # Checkpoints 3 and 6.
+  victim = _largest_file(os.path.join(workdir, 'checkpoints', '6'))
+  with open(victim, 'r+b') as f:
+    f.truncate(os.path.getsize(victim) // 2)
+  # eval.py names the damaged step.
+  with pytest.raises(checkpointing.CheckpointError,
+                     match='periodic checkpoint 6 .* cannot be restored'):
+    trainer.evaluate_workdir(workdir, step=6)
+  config = tiny_config(num_train_steps=9)
+  with caplog.at_level('WARNING'):
+    trainer.train_and_evaluate(config, workdir)
+  assert 'periodic checkpoint 6' in caplog.text and 'damaged' in caplog.text
+  assert os.path.isdir(os.path.join(workdir, 'damaged', '6'))
+  records = metric_writers.read_metrics(workdir)
+  # The second run restarted after step 3: it logged steps 6 and 9 again.
+  assert [r['step'] for r in records if r['split'] == 'train'][-2:] == [6, 9]
+
+
+def test_checkpoint_of_another_config_is_a_clear_error(tmp_path):
+  workdir = str(tmp_path / 'w')
+  trainer.train_and_evaluate(tiny_config(), workdir)
+  other = tiny_config(**{'model.num_experts': 3})
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"can be restored into the model of this config.*"
+                     r"'expert_2'"):
+    trainer.train_and_evaluate(other, workdir)
+  assert checkpointing.Checkpoints(workdir, create=False).all_steps() == [3, 6]
+  assert not os.path.exists(os.path.join(workdir, 'damaged'))
