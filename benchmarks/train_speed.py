@@ -71,7 +71,8 @@ def child_jax(batch, steps, repeats, impl):
                                        loss_config=config.loss),
                      axis_name=trainer.AXIS, in_axes=(0, 0, None),
                      donate_argnums=(0,))
-  p_eval = jax.pmap(trainer.eval_step, axis_name=trainer.AXIS)
+  p_eval = jax.pmap(functools.partial(trainer.eval_step, model),
+                    axis_name=trainer.AXIS)
   key = jax.random.key(1)
   start = time.perf_counter()
   state, metrics = p_train(state, batch_data, key)

@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 'fused_grouped' / 'fused_patches' (all experts in shared ops; the same
   # function with another parameter layout; see benchmarks/train_speed.py).
   config.model.expert_impl = 'loop'
+  # Evaluate only the experts some static gate still weighs (same logits as
+  # computing all of them; faster once the gates have converged).
+  config.model.sparse_eval = True
   # What a per-example gate routes on: 'input' (pixels) or 'experts' (mean
   # expert output).
   config.model.routing_input = 'input'

@@ -17,6 +17,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dselect_jax import gates as gates_lib
 
@@ -152,8 +153,11 @@ class ExpertBank(nn.Module):
   expert: ModuleFactory = MultiMNISTExpert
   expert_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
   impl: str = 'loop'
+  active: Optional[tuple[int, ...]] = None
 
   def __post_init__(self):
+    if self.active is not None and self.impl != 'loop':
+      raise ValueError('ExpertBank: active experts need impl="loop".')
     if self.impl not in EXPERT_IMPLS:
       raise ValueError(f'ExpertBank: impl must be one of {EXPERT_IMPLS}, got '
                        f'impl={self.impl!r}.')
@@ -169,11 +173,12 @@ class ExpertBank(nn.Module):
       return FusedMultiMNISTExperts(
           self.num_experts, conv2=self.impl.removeprefix('fused_'),
           **self.expert_kwargs, name='fused')(x, train=train)
+    active = range(self.num_experts) if self.active is None else self.active
     outputs = [
         self.expert(**self.expert_kwargs, name=f'expert_{e}')(x, train=train)
-        for e in range(self.num_experts)
+        for e in active
     ]
-    return jnp.stack(outputs)  # (E, B, H)
+    return jnp.stack(outputs)  # (E, B, H), or (len(active), B, H)
 
 
 class MultiTaskMoE(nn.Module):
@@ -196,6 +201,9 @@ class MultiTaskMoE(nn.Module):
     expert, expert_kwargs: the expert module factory and its arguments.
     tower, tower_kwargs: the tower module factory and its arguments (it gets
       ``num_classes`` too).
+    active_experts: compute only these experts (sorted indices), as when
+      every static gate gives the others weight exactly 0: the output is the
+      dense one, for a fraction of the cost. None computes all.
     expert_impl: how ExpertBank computes the experts (``'loop'`` or a
       ``'fused_*'`` implementation; same function, other parameter layout).
     bn_axis_name: passed to the expert when it takes ``bn_axis_name``.
@@ -216,9 +224,13 @@ class MultiTaskMoE(nn.Module):
   tower: ModuleFactory = MLPTower
   tower_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
   expert_impl: str = 'loop'
+  active_experts: Optional[tuple[int, ...]] = None
   bn_axis_name: Optional[str] = None
 
   def __post_init__(self):
+    if self.active_experts is not None and self.per_example:
+      raise ValueError('MultiTaskMoE: active_experts needs static gates; a '
+                       'per-example gate can pick any expert.')
     if self.num_tasks < 1:
       raise ValueError(f'MultiTaskMoE: num_tasks must be >= 1, got '
                        f'num_tasks={self.num_tasks}.')
@@ -244,8 +256,8 @@ class MultiTaskMoE(nn.Module):
       expert_kwargs.setdefault('bn_axis_name', self.bn_axis_name)
     experts = ExpertBank(self.num_experts, self.expert,
                          flax.core.FrozenDict(expert_kwargs),
-                         impl=self.expert_impl,
-                         name='experts')(x, train=train)  # (E, B, H)
+                         impl=self.expert_impl, active=self.active_experts,
+                         name='experts')(x, train=train)  # (E', B, H)
 
     routing = None
     if self.per_example:
@@ -269,6 +281,9 @@ class MultiTaskMoE(nn.Module):
     for t in range(self.num_tasks):
       if self.per_example:
         mixed = jnp.einsum('be,ebh->bh', weights[t], experts)  # (B, H)
+      elif self.active_experts is not None:
+        used = weights[t][jnp.asarray(self.active_experts)]  # (E',)
+        mixed = jnp.einsum('e,ebh->bh', used, experts)  # (B, H)
       else:
         mixed = jnp.einsum('e,ebh->bh', weights[t], experts)  # (B, H)
       tower = self.tower(num_classes=self.num_classes, **self.tower_kwargs,
@@ -280,3 +295,25 @@ class MultiTaskMoE(nn.Module):
         'gate': jax.tree.map(lambda *xs: jnp.stack(xs), *gate_aux),  # (G, ...)
     }
     return jnp.stack(logits), aux  # (T, B, C)
+
+
+def active_experts(expert_weights) -> tuple[int, ...]:
+  """Experts with non-zero weight for some task, from static weights (T, E)."""
+  weights = np.asarray(expert_weights)
+  return tuple(int(e) for e in np.flatnonzero(np.any(weights > 0, axis=0)))
+
+
+def static_expert_weights(model: MultiTaskMoE, params) -> np.ndarray:
+  """Each task's expert weights (T, E) from a static-gated model's params.
+
+  Static gates take no input, so the weights come from the gates' params
+  alone, with no expert computed.
+  """
+  if model.per_example:
+    raise ValueError('static_expert_weights: the gates are per-example.')
+  gate = gates_lib.make_gate(model.gate, model.num_experts,
+                             **model.gate_kwargs)
+  num_gates = 1 if model.shared_gate else model.num_tasks
+  weights = [np.asarray(gate.apply({'params': params[f'gate_{g}']})[0])
+             for g in range(num_gates)]
+  return np.stack(weights * model.num_tasks if model.shared_gate else weights)

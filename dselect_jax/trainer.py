@@ -280,9 +280,9 @@ def train_step(state: TrainState, batch, rng, *, loss_config):
   return state, metrics
 
 
-def eval_step(state: TrainState, batch):
+def eval_step(model: models.MultiTaskMoE, state: TrainState, batch):
   """Sums over this device's (masked) shard, summed over AXIS."""
-  logits, aux = state.apply_fn(
+  logits, aux = model.apply(
       {'params': state.params, 'batch_stats': state.batch_stats},
       batch['image'], train=False)
   sums = task_metrics(logits, batch['label'], batch['mask'])
@@ -308,19 +308,55 @@ def _parallel(fn, **kwargs):
 # ---------------------------------------------------------------------------
 
 
-def evaluate(p_eval_step, state, split, batch_size: int,
-             num_devices: int) -> dict[str, Any]:
-  """Accuracy and mean cross-entropy per task over every example once, and
-  each task's expert weights (mean over examples for per-example gates)."""
-  totals, static_weights = None, None
-  for batch in input_pipeline.eval_batches(split, batch_size, num_devices,
-                                           jax.process_index(),
-                                           jax.process_count()):
-    sums, weights = p_eval_step(state, batch)
-    sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64), sums)
-    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-    if np.ndim(weights) == 3:  # (devices, T, E): static weights.
-      static_weights = np.asarray(weights[0])
+class Evaluator:
+  """Accuracy and mean cross-entropy per task over every example of a split
+  once, and each task's expert weights (mean over examples per-example).
+
+  With ``sparse`` and static gates, only the experts that some task still
+  weighs are computed (``MultiTaskMoE.active_experts``): the others have
+  weight exactly 0, so the logits are the dense ones. Once DSelect-k has
+  converged to k experts per task, evaluation is that much cheaper. One
+  compiled step is kept per set of active experts.
+  """
+
+  def __init__(self, model: models.MultiTaskMoE, num_devices: int,
+               sparse: bool = True):
+    self.model = model
+    self.num_devices = num_devices
+    self.sparse = sparse and not model.per_example
+    self._steps = {}
+
+  def _step(self, active):
+    if active not in self._steps:
+      model = self.model if active is None else self.model.clone(
+          active_experts=active)
+      self._steps[active] = _parallel(functools.partial(eval_step, model))
+    return self._steps[active]
+
+  def active(self, state) -> Optional[tuple[int, ...]]:
+    if not self.sparse:
+      return None
+    params = jax.tree.map(lambda x: x[0], state.params)
+    active = models.active_experts(
+        models.static_expert_weights(self.model, params))
+    return None if len(active) == self.model.num_experts else active
+
+  def __call__(self, state, split, batch_size: int) -> dict[str, Any]:
+    p_eval_step = self._step(self.active(state))
+    totals, static_weights = None, None
+    for batch in input_pipeline.eval_batches(split, batch_size,
+                                             self.num_devices,
+                                             jax.process_index(),
+                                             jax.process_count()):
+      sums, weights = p_eval_step(state, batch)
+      sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64), sums)
+      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+      if np.ndim(weights) == 3:  # (devices, T, E): static weights.
+        static_weights = np.asarray(weights[0])
+    return _summarize(totals, static_weights)
+
+
+def _summarize(totals, static_weights) -> dict[str, Any]:
   count = totals['count']
   result = {'num_examples': int(count[0])}
   num_tasks = len(count)
@@ -446,7 +482,8 @@ def _train_and_evaluate(config, workdir, num_devices, is_chief):
   p_train_step = _parallel(
       functools.partial(train_step, loss_config=config.loss),
       donate_argnums=(0,), in_axes=(0, 0, None))
-  p_eval_step = _parallel(eval_step)
+  evaluator = Evaluator(model, num_devices, config.model.get('sparse_eval',
+                                                             True))
   writer = metric_writers.MetricWriter(workdir, enabled=is_chief)
   batches = input_pipeline.train_batches(
       train_split, config.batch_size, num_devices, config.seed,
@@ -470,8 +507,7 @@ def _train_and_evaluate(config, workdir, num_devices, is_chief):
                      config.batch_size)
           history, interval_start, timer = [], step, time.perf_counter()
         if step % eval_every == 0 or is_last:
-          valid = evaluate(p_eval_step, state, valid_split,
-                           config.eval_batch_size, num_devices)
+          valid = evaluator(state, valid_split, config.eval_batch_size)
           writer.write(step, 'validation', valid)
           logging.info('validation at step %d: accuracy %.4f / %.4f, '
                        'experts %s', step, valid['accuracy_1'],
@@ -490,8 +526,8 @@ def _train_and_evaluate(config, workdir, num_devices, is_chief):
     ckpts.wait()
     writer.flush()
 
-  return final_test(config, workdir, model, tx, data, ckpts, p_eval_step,
-                    num_devices, writer)
+  return final_test(config, workdir, model, tx, data, ckpts, evaluator,
+                    writer)
 
 
 def _log_train(writer, history, step, num_train_steps, elapsed,
@@ -510,14 +546,13 @@ def _log_train(writer, history, step, num_train_steps, elapsed,
       _format_seconds(eta))
 
 
-def final_test(config, workdir, model, tx, data, ckpts, p_eval_step,
-               num_devices, writer):
+def final_test(config, workdir, model, tx, data, ckpts, evaluator, writer):
   """Evaluates the best-on-validation checkpoint on the test split."""
   abstract = abstract_state(config, model, tx)
   step = ckpts.best_step()
   state = ckpts.restore_best(abstract)
-  result = evaluate(p_eval_step, flax.jax_utils.replicate(state),
-                    data['test'], config.eval_batch_size, num_devices)
+  result = evaluator(flax.jax_utils.replicate(state), data['test'],
+                     config.eval_batch_size)
   result['step'] = step
   result['checkpoint'] = 'best'
   logging.info('test (best validation checkpoint, step %d): accuracy %.4f / '
@@ -599,8 +634,10 @@ def evaluate_workdir(workdir: str, step: Optional[int] = None,
   else:
     step = ckpts.latest_step() if step is None else step
     state, kind = ckpts.restore(abstract, step), 'periodic'
-  result = evaluate(_parallel(eval_step), flax.jax_utils.replicate(state),
-                    data['test'], config.eval_batch_size, num_devices)
+  evaluator = Evaluator(model, num_devices,
+                        config.model.get('sparse_eval', True))
+  result = evaluator(flax.jax_utils.replicate(state), data['test'],
+                     config.eval_batch_size)
   result['step'] = int(step)
   result['checkpoint'] = kind
   ckpts.close()

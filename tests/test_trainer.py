@@ -377,3 +377,32 @@ def test_checkpoint_of_another_config_is_a_clear_error(tmp_path):
     trainer.train_and_evaluate(other, workdir)
   assert checkpointing.Checkpoints(workdir, create=False).all_steps() == [3, 6]
   assert not os.path.exists(os.path.join(workdir, 'damaged'))
+
+
+@pytest.mark.parametrize('shared_gate', [True, False])
+def test_sparse_eval_equals_dense_eval(shared_gate):
+  config = tiny_config(**{'model.num_experts': 5, 'model.gate.k': 2,
+                          'model.shared_gate': shared_gate})
+  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
+  tx = trainer.create_optimizer(config, 10)
+  state = trainer.initial_state(config, model, tx, jax.random.key(0))
+  params = flax.core.unfreeze(state.params)
+  # Bits MSB first over 3 bits: gate 0 picks experts 1 (001) and 4 (100),
+  # gate 1 (when there is one) experts 1 and 2 (010).
+  params['gate_0']['z_logits'] = np.array([[-1, -1, 1], [1, -1, -1]],
+                                          np.float32)
+  if not shared_gate:
+    params['gate_1']['z_logits'] = np.array([[-1, -1, 1], [-1, 1, -1]],
+                                            np.float32)
+  state = flax.jax_utils.replicate(state.replace(params=params))
+  split = input_pipeline.load('multi_mnist_sample')['test']
+  dense = trainer.Evaluator(model, 4, sparse=False)
+  sparse = trainer.Evaluator(model, 4, sparse=True)
+  assert dense.active(state) is None
+  assert sparse.active(state) == ((1, 4) if shared_gate else (1, 2, 4))
+  want, got = dense(state, split, 200), sparse(state, split, 200)
+  assert want['selected_experts'] == got['selected_experts']
+  for key in ('accuracy_1', 'accuracy_2', 'num_examples'):
+    assert want[key] == got[key]
+  for key in ('loss_1', 'loss_2'):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-6)
