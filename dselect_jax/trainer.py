@@ -446,9 +446,6 @@ class _StopRequest:
 
 
 def _train_and_evaluate(config, workdir, num_devices, is_chief):
-  if is_chief:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   data = load_data(config)
   train_split, valid_split, test_split = (data['train'], data['validation'],
@@ -476,6 +473,11 @@ def _train_and_evaluate(config, workdir, num_devices, is_chief):
   else:
     start_step, state = ckpts.restore_latest_good(abstract)
     logging.info('resumed from step %d', start_step)
+  # Written once the data and any checkpoint have loaded, so a run that fails
+  # on bad input leaves the workdir's config.json as it was.
+  if is_chief:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
   state = flax.jax_utils.replicate(state)
   rng = jax.random.key(config.seed + 1)
 

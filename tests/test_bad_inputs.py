@@ -1,0 +1,168 @@
+"""Bad input through the real commands: one line, no traceback, nothing lost.
+
+Each case runs train.py or eval.py in a subprocess against a workdir that
+already holds a finished run, and checks: a non-zero exit, a last stderr
+line that names the problem, no Python traceback, and every file of the
+workdir byte-identical afterwards.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from dselect_jax import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = 'configs/multimnist_sample.py'
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  from tests.test_trainer import tiny_config  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('finished'))
+  trainer.train_and_evaluate(tiny_config(), workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def bad_data(tmp_path_factory, data_dir):
+  """Folders of MNIST files: missing one, one truncated, one altered."""
+  root = tmp_path_factory.mktemp('bad_data')
+  dirs = {}
+  for case in ('missing_file', 'truncated', 'altered'):
+    dest = root / case / 'mnist'
+    shutil.copytree(os.path.join(data_dir, 'mnist'), dest)
+    for f in dest.iterdir():
+      f.chmod(0o644)
+    labels = dest / 'train-labels-idx1-ubyte.gz'
+    if case == 'missing_file':
+      labels.unlink()
+    elif case == 'truncated':
+      labels.write_bytes(labels.read_bytes()[:5000])
+    else:
+      data = bytearray(labels.read_bytes())
+      data[100] ^= 1
+      labels.write_bytes(bytes(data))
+    dirs[case] = str(root / case)
+  dirs['no_such_dir'] = str(root / 'nowhere')
+  return dirs
+
+
+def _tree_digest(folder):
+  """SHA-256 of every file but the lock (which holds the last owner's pid)."""
+  digest = {}
+  for d, _, files in os.walk(folder):
+    for name in files:
+      if name == '.lock':
+        continue
+      path = os.path.join(d, name)
+      with open(path, 'rb') as f:
+        digest[os.path.relpath(path, folder)] = hashlib.sha256(
+            f.read()).hexdigest()
+  return digest
+
+
+def _data(case):
+  return [f'--config.data.name=multi_mnist', f'--config.data.data_dir={{{case}}}',
+          '--config.data.download=False']
+
+
+# (script, arguments, text the one-line error must contain). '{workdir}' is
+# the finished run; '{<case>}' a bad data folder.
+CASES = {
+    'k zero': ('train', ['--config.model.gate.k=0'], 'model.gate.k=0'),
+    'k above experts': ('train', ['--config.model.gate.k=9'],
+                        'model.gate.k=9: must satisfy 1 <= k'),
+    'gamma zero': ('train', ['--config.model.gate.gamma=0.0'],
+                   'model.gate.gamma=0.0: must be > 0'),
+    'gamma negative': ('train', ['--config.model.gate.gamma=-1.0'],
+                       'model.gate.gamma=-1.0'),
+    'learning rate zero': ('train', ['--config.optimizer.learning_rate=0.0'],
+                           'learning_rate=0.0: must be > 0'),
+    'learning rate negative': ('train',
+                               ['--config.optimizer.learning_rate=-0.1'],
+                               'learning_rate=-0.1'),
+    'batch not divisible': ('train', ['--config.batch_size=126'],
+                            'batch_size=126: must be a positive multiple of '
+                            'the 4 devices'),
+    'one expert': ('train', ['--config.model.num_experts=1'],
+                   'model.num_experts=1'),
+    'unknown gate': ('train', ['--config.model.gate.name=switch'],
+                     "model.gate.name='switch': choose one of"),
+    'unknown dataset': ('train', ['--config.data.name=cifar10'],
+                        "data.name='cifar10'"),
+    'unknown recipe': ('train', ['--config.data.recipe=sener'],
+                       "data.recipe='sener'"),
+    'unknown optimizer': ('train', ['--config.optimizer.name=lamb'],
+                          "optimizer.name='lamb'"),
+    'unknown schedule': ('train', ['--config.schedule.name=step'],
+                         "schedule.name='step'"),
+    'mistyped override': ('train', ['--config.optimizer.learning_rte=0.1'],
+                          "no such config field 'learning_rte'"),
+    'override of wrong type': ('train', ['--config.model.gate.k=two'],
+                               'invalid literal'),
+    'data dir missing': ('train', _data('no_such_dir'), 'missing; put the'),
+    'data file missing': ('train', _data('missing_file'),
+                          'train-labels-idx1-ubyte.gz: missing'),
+    'data file truncated': ('train', _data('truncated'),
+                            'SHA-256 is'),
+    'data file altered': ('train', _data('altered'), 'expected 3552534a'),
+    'no config flag': ('train', None, '--config must have a value'),
+    'no workdir flag': ('train', ['--workdir='], 'workdir'),
+    'eval missing workdir': ('eval', ['--workdir={workdir}/nothing'],
+                             'does not exist'),
+    'eval empty workdir': ('eval', ['--workdir={empty}'],
+                           'holds no config.json'),
+    'eval step that does not exist': ('eval', ['--workdir={workdir}',
+                                               '--step=5'],
+                                      'its periodic checkpoints are at steps '
+                                      '[3, 6]'),
+    'eval step and best': ('eval', ['--workdir={workdir}', '--step=3',
+                                    '--best'], 'not both'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_bad_input(name, finished_run, bad_data, tmp_path):
+  script, args, expected = CASES[name]
+  fields = dict(bad_data, workdir=finished_run, empty=str(tmp_path))
+  if script == 'train':
+    argv = [f'--config={SAMPLE}', f'--workdir={finished_run}']
+    if args is None:  # No --config at all.
+      argv = [f'--workdir={finished_run}']
+    elif args == ['--workdir=']:
+      argv = [f'--config={SAMPLE}']
+      expected = '--workdir must have a value'
+    else:
+      argv += args
+  else:
+    argv = args
+  argv = [a.format(**fields) for a in argv]
+  before = _tree_digest(finished_run)
+  # A private cache: built data cached by other runs must not hide bad files.
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             XDG_CACHE_HOME=str(tmp_path / 'cache'))
+  out = subprocess.run([sys.executable, f'{script}.py', *argv], cwd=REPO,
+                       capture_output=True, text=True, timeout=300, env=env,
+                       check=False)
+  assert out.returncode != 0
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and expected in last, last
+  assert _tree_digest(finished_run) == before
+
+
+def test_workdir_that_is_a_file(tmp_path):
+  path = tmp_path / 'afile'
+  path.write_text('keep me')
+  out = subprocess.run(
+      [sys.executable, 'train.py', f'--config={SAMPLE}', f'--workdir={path}'],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      f'error: --workdir={path} is a file')
+  assert path.read_text() == 'keep me'
