@@ -1,0 +1,234 @@
+"""Runs a grid of gates x data sets x seeds and tabulates it, like the paper.
+
+  python experiments/grid.py --out=results/grid \
+      --gates=softmax,top_k,dselect_k,dselect_k_per_example \
+      --datasets=multi_mnist,multi_fashion,multi_fashion_mnist --seeds=0,1,2
+
+Each cell trains the --config recipe (default configs/multimnist_fast.py)
+with the gate and data set swapped in, in its own workdir under
+OUT/workdirs/, and records OUT/cells/<cell>.json: test accuracies, experts
+used per task, the step at which DSelect-k's selectors saturated, wall time.
+Finished cells are skipped and half-trained ones resume from their
+checkpoints, so the command can be re-run after a stop. --shard=i/n runs
+every n-th cell starting at i, so n machines (or GPUs) can split a grid and
+write to a shared OUT. --table_only rebuilds the tables and plots from the
+cells present: OUT/table.md, OUT/table.json, OUT/accuracy.png and, per
+DSelect-k cell, OUT/expert_weights_<cell>.png (validation expert weights over
+training).
+"""
+
+import importlib.util
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dselect_jax import metric_writers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dselect_jax import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_OUT = flags.DEFINE_string('out', 'results/grid', 'Output folder.')
+_CONFIG = flags.DEFINE_string('config', 'configs/multimnist_fast.py',
+                              'Base recipe (a config file).')
+_GATES = flags.DEFINE_list(
+    'gates', ['softmax', 'top_k', 'dselect_k', 'dselect_k_per_example'],
+    'Gate variants (keys of GATE_VARIANTS).')
+_DATASETS = flags.DEFINE_list('datasets', ['multi_mnist'], 'Data sets.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
+_SHARD = flags.DEFINE_string('shard', '0/1', 'i/n: run cells i, i+n, ...')
+_OVERRIDES = flags.DEFINE_multi_string(
+    'set', [], 'Config overrides for every cell, e.g. --set=num_epochs=2.')
+_TABLE_ONLY = flags.DEFINE_bool('table_only', False,
+                                'Only rebuild tables and plots.')
+
+# Gate variant -> config overrides.
+GATE_VARIANTS = {
+    'softmax': {'model.gate.name': 'softmax'},
+    'top_k': {'model.gate.name': 'top_k', 'loss.importance_weight': 0.01,
+              'loss.load_weight': 0.01},
+    'dselect_k': {'model.gate.name': 'dselect_k'},
+    'dselect_k_per_example': {'model.gate.name': 'dselect_k',
+                              'model.gate.per_example': True},
+}
+
+
+def load_config(path):
+  spec = importlib.util.spec_from_file_location('grid_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def set_field(config, dotted, value):
+  *path, last = dotted.split('.')
+  section = config
+  for name in path:
+    section = section[name]
+  if isinstance(section[last], bool):
+    value = value in (True, 'True', 'true', '1')
+  else:
+    value = type(section[last])(value)
+  section[last] = value
+
+
+def saturation_step(records, k):
+  """First logged train step at which every task used at most k experts."""
+  for r in records:
+    if r['split'] != 'train':
+      continue
+    used = [r[key] for key in r if key.startswith('num_nonzero_')]
+    if used and max(used) <= k:
+      return r['step']
+  return None
+
+
+def run_cell(gate, dataset, seed, out):
+  name = f'{dataset}-{gate}-seed{seed}'
+  cell_file = os.path.join(out, 'cells', f'{name}.json')
+  if os.path.exists(cell_file):
+    print(f'{name}: done already')
+    return
+  config = load_config(_CONFIG.value)
+  for key, value in GATE_VARIANTS[gate].items():
+    set_field(config, key, value)
+  set_field(config, 'data.name', dataset)
+  set_field(config, 'seed', seed)
+  for override in _OVERRIDES.value:
+    key, value = override.split('=', 1)
+    set_field(config, key, value)
+  workdir = os.path.join(out, 'workdirs', name)
+  start = time.time()
+  result = trainer.train_and_evaluate(config, workdir)
+  records = metric_writers.read_metrics(workdir)
+  cell = {
+      'gate': gate, 'dataset': dataset, 'seed': int(seed),
+      'accuracy_1': result['accuracy_1'], 'accuracy_2': result['accuracy_2'],
+      'num_nonzero': result['num_nonzero'],
+      'selected_experts': result['selected_experts'],
+      'best_step': result['step'],
+      'saturation_step': (saturation_step(records, config.model.gate.k)
+                          if config.model.gate.name == 'dselect_k' else None),
+      'wall_seconds': time.time() - start,
+      'config': json.loads(config.to_json_best_effort()),
+  }
+  os.makedirs(os.path.dirname(cell_file), exist_ok=True)
+  with open(cell_file, 'w') as f:
+    json.dump(cell, f, indent=2)
+  print(f'{name}: {cell["accuracy_1"]:.4f} / {cell["accuracy_2"]:.4f}')
+
+
+def tabulate(out):
+  cells_dir = os.path.join(out, 'cells')
+  cells = []
+  if os.path.isdir(cells_dir):
+    for name in sorted(os.listdir(cells_dir)):
+      with open(os.path.join(cells_dir, name)) as f:
+        cells.append(json.load(f))
+  groups = {}
+  for c in cells:
+    groups.setdefault((c['dataset'], c['gate']), []).append(c)
+  rows = []
+  for (dataset, gate), group in sorted(groups.items()):
+    row = {'dataset': dataset, 'gate': gate, 'seeds': len(group)}
+    for t in (1, 2):
+      acc = np.array([c[f'accuracy_{t}'] for c in group])
+      row[f'accuracy_{t}_mean'] = float(acc.mean())
+      row[f'accuracy_{t}_std'] = float(acc.std(ddof=1)) if len(acc) > 1 else 0.0
+    row['experts_used'] = [c['num_nonzero'] for c in group]
+    sat = [c['saturation_step'] for c in group]
+    row['saturation_steps'] = sat
+    row['wall_minutes_mean'] = float(np.mean([c['wall_seconds']
+                                              for c in group]) / 60)
+    rows.append(row)
+  with open(os.path.join(out, 'table.json'), 'w') as f:
+    json.dump({'rows': rows, 'cells': cells}, f, indent=2)
+  lines = ['| data set | gate | seeds | task 1 accuracy | task 2 accuracy | '
+           'experts used per task | saturation step | minutes per run |',
+           '|' + ' --- |' * 8]
+  for r in rows:
+    lines.append(
+        f'| {r["dataset"]} | {r["gate"]} | {r["seeds"]} | '
+        f'{r["accuracy_1_mean"]:.4f} ± {r["accuracy_1_std"]:.4f} | '
+        f'{r["accuracy_2_mean"]:.4f} ± {r["accuracy_2_std"]:.4f} | '
+        f'{r["experts_used"]} | {r["saturation_steps"]} | '
+        f'{r["wall_minutes_mean"]:.1f} |')
+  with open(os.path.join(out, 'table.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  _plots(out, rows, cells)
+  return rows
+
+
+def _plots(out, rows, cells):
+  from dselect_jax import plots  # pylint: disable=g-import-not-at-top
+  if not rows:
+    return
+  plt = plots.plt
+  datasets = sorted({r['dataset'] for r in rows})
+  fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.5),
+                           squeeze=False)
+  for ax, dataset in zip(axes[0], datasets):
+    sub = [r for r in rows if r['dataset'] == dataset]
+    x = np.arange(len(sub))
+    for t, shift in ((1, -0.2), (2, 0.2)):
+      ax.bar(x + shift, [r[f'accuracy_{t}_mean'] for r in sub], 0.4,
+             yerr=[r[f'accuracy_{t}_std'] for r in sub], label=f'task {t}',
+             capsize=3)
+    ax.set_xticks(x)
+    ax.set_xticklabels([r['gate'] for r in sub], rotation=20)
+    low = min(r[f'accuracy_{t}_mean'] for r in sub for t in (1, 2))
+    ax.set_ylim(max(0, low - 0.05), 1)
+    ax.set_title(dataset)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, 'accuracy.png'), dpi=100)
+  plt.close(fig)
+  for c in cells:
+    if c['gate'] != 'dselect_k':
+      continue
+    name = f'{c["dataset"]}-{c["gate"]}-seed{c["seed"]}'
+    records = metric_writers.read_metrics(os.path.join(out, 'workdirs', name))
+    valid = [r for r in records if r['split'] == 'validation']
+    if not valid:
+      continue
+    steps = [r['step'] for r in valid]
+    weights = np.array([r['expert_weights'] for r in valid])  # (S, T, E)
+    fig, axes = plt.subplots(1, weights.shape[1], figsize=(10, 3.5),
+                             squeeze=False)
+    for t, ax in enumerate(axes[0]):
+      for e in range(weights.shape[2]):
+        ax.plot(steps, weights[:, t, e], label=f'expert {e}')
+      ax.set_title(f'{name}: task {t + 1}')
+      ax.set_xlabel('step')
+      ax.set_ylabel('gate weight')
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f'expert_weights_{name}.png'), dpi=100)
+    plt.close(fig)
+
+
+def main(argv):
+  del argv
+  out = _OUT.value
+  unknown = sorted(set(_GATES.value) - set(GATE_VARIANTS))
+  if unknown:
+    sys.exit(f'error: unknown gate variants {unknown}; choose from '
+             f'{sorted(GATE_VARIANTS)}.')
+  if not _TABLE_ONLY.value:
+    index, count = map(int, _SHARD.value.split('/'))
+    cells = [(g, d, s) for d in _DATASETS.value for g in _GATES.value
+             for s in _SEEDS.value]
+    for i, (gate, dataset, seed) in enumerate(cells):
+      if i % count == index:
+        run_cell(gate, dataset, seed, out)
+  for row in tabulate(out):
+    print(row['dataset'], row['gate'], f'{row["accuracy_1_mean"]:.4f}',
+          f'{row["accuracy_2_mean"]:.4f}')
+
+
+if __name__ == '__main__':
+  app.run(main)
