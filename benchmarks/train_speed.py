@@ -33,6 +33,10 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows; best is kept.')
 _CHILD = flags.DEFINE_string('child', None, 'Internal: run one framework.')
 _IMPL = flags.DEFINE_string('impl', 'loop', 'Internal: our expert impl.')
 _OUT = flags.DEFINE_string('out', None, 'Also write the table here.')
+_IMPLS = flags.DEFINE_list('impls', ['loop'],
+                           'Our expert implementations to time (see '
+                           'models.EXPERT_IMPLS; the fused ones are slow on '
+                           'CPU).')
 
 NUM_EXPERTS = 8
 FWD_FLOP_PER_EXPERT = 2.03e6
@@ -223,7 +227,6 @@ def main(argv):
     print(json.dumps(result))
     return
 
-  from dselect_jax import models  # pylint: disable=g-import-not-at-top
   peak = _run_child('matmul', 256)['gflops']
   lines = [f'# Training throughput, MultiMNIST MoE (8 experts, 2 DSelect-k '
            f'gates), {os.cpu_count()} CPUs',
@@ -235,7 +238,7 @@ def main(argv):
     torch_result = _run_child('torch', batch)
     rows = [('pytorch eager', torch_result)]
     rows += [(f'ours: {impl}', _run_child('jax', batch, impl))
-             for impl in models.EXPERT_IMPLS]
+             for impl in _IMPLS.value]
     for name, r in rows:
       if 'error' in r:
         lines.append(f'| {batch} | {name} | error: {r["error"]} |')
@@ -252,7 +255,7 @@ def main(argv):
   print(text)
   if _OUT.value:
     with open(_OUT.value, 'w') as f:
-      f.write(f'$ python benchmarks/train_speed.py --out={_OUT.value}\n\n')
+      f.write(f'$ python {" ".join(sys.argv)}\n\n')
       f.write(text)
 
 

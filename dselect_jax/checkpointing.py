@@ -60,14 +60,18 @@ class Checkpoints:
 
   def __init__(self, workdir: str, max_to_keep: int = 2, create: bool = True):
     self.workdir = os.path.abspath(workdir)
+    # Orbax writes each checkpoint to a *.orbax-checkpoint-tmp folder and
+    # renames it when complete; a training process (create=True) removes the
+    # half-written folders a killed run left behind.
     self._latest = ocp.CheckpointManager(
         os.path.join(self.workdir, 'checkpoints'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                             create=create))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=create,
+            cleanup_tmp_directories=create))
     self._best = ocp.CheckpointManager(
         os.path.join(self.workdir, 'best'),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=create,
+            max_to_keep=1, create=create, cleanup_tmp_directories=create,
             best_fn=lambda metrics: metrics[BEST_METRIC], best_mode='max'))
 
   def latest_step(self) -> Optional[int]:

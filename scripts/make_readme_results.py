@@ -1,0 +1,101 @@
+"""Regenerates the results section of README.md from the files in results/.
+
+  python scripts/make_readme_results.py
+
+Everything between the markers <!-- results:start --> and
+<!-- results:end --> is replaced; nothing in it is typed by hand, so it cannot
+drift from the committed runs.
+"""
+
+import glob
+import json
+import os
+import re
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, 'results')
+START, END = '<!-- results:start -->', '<!-- results:end -->'
+SEED_FIGURES = {1: 0.930460, 2: 0.916088}  # PaddleRec, 100 epochs.
+
+
+def _read(path):
+  with open(path) as f:
+    return f.read()
+
+
+def headline() -> list[str]:
+  folder = os.path.join(RESULTS, 'multimnist_fast')
+  runs = sorted(glob.glob(os.path.join(folder, 'test_metrics_seed*.json')))
+  if not runs:
+    return ['No full-data run has finished yet.']
+  metrics = [json.loads(_read(p)) for p in runs]
+  walls = {}
+  wall_file = os.path.join(folder, 'wall_time.txt')
+  if os.path.exists(wall_file):
+    for line in _read(wall_file).splitlines():
+      m = re.match(r'seed (\d+) wall_seconds (\d+)', line)
+      if m:
+        walls[int(m.group(1))] = int(m.group(2))
+  lines = [
+      f'`configs/multimnist_fast.py` (the reference recipe in 5 epochs with '
+      f'warmup + cosine; one DSelect-k gate per task, k = 2), `comet` '
+      f'MultiMNIST (100,000 / 20,000 / 20,000), {len(runs)} seed(s), test '
+      'accuracy of the best-on-validation checkpoint, on the 2-core CPU '
+      '(`bash results/multimnist_fast/run.sh`):', '',
+      '| | task 1 accuracy | task 2 accuracy | experts used (task 1, task 2) '
+      '| wall time per run |', '| --- | --- | --- | --- | --- |']
+  for path, m in zip(runs, metrics):
+    seed = int(re.search(r'seed(\d+)', path).group(1))
+    wall = f'{walls[seed] / 60:.1f} min' if seed in walls else 'n/a'
+    lines.append(f'| seed {seed} | {m["accuracy_1"]:.4f} | '
+                 f'{m["accuracy_2"]:.4f} | {m["selected_experts"]} | {wall} |')
+  acc = {t: np.array([m[f'accuracy_{t}'] for m in metrics]) for t in (1, 2)}
+  std = {t: acc[t].std(ddof=1) if len(runs) > 1 else 0.0 for t in (1, 2)}
+  lines.append(f'| **mean ± std** | **{acc[1].mean():.4f} ± {std[1]:.4f}** | '
+               f'**{acc[2].mean():.4f} ± {std[2]:.4f}** | | |')
+  lines.append(f'| PaddleRec (the seed, 100 epochs, shared gate) | '
+               f'{SEED_FIGURES[1]:.6f} | {SEED_FIGURES[2]:.6f} | | |')
+  verdict = all(acc[t].mean() >= SEED_FIGURES[t] for t in (1, 2))
+  lines += ['', ('Both task means are above the seed\'s figures.' if verdict
+                 else 'The means do not reach the seed\'s figures on both '
+                 'tasks.'),
+            'Logs, metrics, plots and configs: `results/multimnist_fast/`.']
+  return lines
+
+
+def section(title, path, fence=False) -> list[str]:
+  full = os.path.join(RESULTS, path)
+  if not os.path.exists(full):
+    return []
+  text = _read(full).strip()
+  body = ['```', text, '```'] if fence else [text]
+  return ['', f'### {title}', '', f'From `results/{path}`:', ''] + body
+
+
+def main():
+  lines = [START, '', '### MultiMNIST against the seed', ''] + headline()
+  lines += section('Training speed against PyTorch (CPU)', 'train_speed.md')
+  lines += section('Expert formulations (CPU)', 'expert_formulations.txt',
+                   fence=True)
+  lines += section('Sparse evaluation once a gate has converged',
+                   'sparse_eval.txt', fence=True)
+  lines += section('Gate comparison grid', 'grid/table.md')
+  lines += section('Building the data', 'build_data.txt', fence=True)
+  lines += ['', END]
+  readme = _read(os.path.join(REPO, 'README.md'))
+  block = '\n'.join(lines)
+  if START in readme:
+    readme = re.sub(re.escape(START) + '.*?' + re.escape(END),
+                    lambda _: block, readme, flags=re.S)
+  else:
+    readme = readme.replace('\n## Data\n', f'\n## Results\n\n{block}\n\n'
+                            '## Data\n', 1)
+  with open(os.path.join(REPO, 'README.md'), 'w') as f:
+    f.write(readme)
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  main()
