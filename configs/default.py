@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Evaluate only the experts some static gate still weighs (same logits as
   # computing all of them; faster once the gates have converged).
   config.model.sparse_eval = True
+  # Train only the experts some static gate still weighs (checked at every
+  # log step); exact for adam and sgd, see trainer.SparseTrainSteps.
+  config.model.sparse_train = False
   # What a per-example gate routes on: 'input' (pixels) or 'experts' (mean
   # expert output).
   config.model.routing_input = 'input'

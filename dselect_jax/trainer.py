@@ -86,6 +86,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int):
   impl = config.model.get('expert_impl', 'loop')
   if impl not in models.EXPERT_IMPLS:
     bad('model.expert_impl', impl, f'choose one of {list(models.EXPERT_IMPLS)}')
+  if config.model.get('sparse_train', False) and (
+      gate.per_example or config.optimizer.name == 'adamw'):
+    bad('model.sparse_train', True,
+        'needs static gates and an optimizer without weight decay (adam or '
+        'sgd): weight decay can bring a dropped expert back')
   if config.model.num_experts < 2:
     bad('model.num_experts', config.model.num_experts, 'must be >= 2')
   if gate.name != 'softmax' and not 1 <= gate.k <= config.model.num_experts:
@@ -236,18 +241,20 @@ def gate_summary(expert_weights) -> dict[str, jax.Array]:
           'num_nonzero': nonzero.astype(jnp.float32)}
 
 
-def train_step(state: TrainState, batch, rng, *, loss_config):
+def train_step(state: TrainState, batch, rng, *, loss_config, model=None):
   """One optimizer step on this device's shard; averages over AXIS.
 
-  batch: image (b, 36, 36, 1), label (b, T). Returns (state, metrics), the
-  metrics already averaged over devices.
+  batch: image (b, 36, 36, 1), label (b, T). ``model`` replaces
+  ``state.apply_fn`` (sparse training passes one computing fewer experts).
+  Returns (state, metrics), the metrics already averaged over devices.
   """
+  apply_fn = state.apply_fn if model is None else model.apply
   step_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
                                 jax.lax.axis_index(AXIS))
   weights = aux_weights(loss_config, state.step)
 
   def loss_fn(params):
-    (logits, aux), updates = state.apply_fn(
+    (logits, aux), updates = apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
         train=True, mutable=['batch_stats'], rngs={'gating': step_rng})
     sums = task_metrics(logits, batch['label'])
@@ -308,6 +315,13 @@ def _parallel(fn, **kwargs):
 # ---------------------------------------------------------------------------
 
 
+def used_experts(model, state) -> Optional[tuple[int, ...]]:
+  """Experts some static gate of a replicated ``state`` weighs; None: all."""
+  params = jax.tree.map(lambda x: x[0], state.params)
+  active = models.active_experts(models.static_expert_weights(model, params))
+  return None if len(active) == model.num_experts else active
+
+
 class Evaluator:
   """Accuracy and mean cross-entropy per task over every example of a split
   once, and each task's expert weights (mean over examples per-example).
@@ -334,12 +348,7 @@ class Evaluator:
     return self._steps[active]
 
   def active(self, state) -> Optional[tuple[int, ...]]:
-    if not self.sparse:
-      return None
-    params = jax.tree.map(lambda x: x[0], state.params)
-    active = models.active_experts(
-        models.static_expert_weights(self.model, params))
-    return None if len(active) == self.model.num_experts else active
+    return used_experts(self.model, state) if self.sparse else None
 
   def __call__(self, state, split, batch_size: int) -> dict[str, Any]:
     p_eval_step = self._step(self.active(state))
@@ -481,11 +490,10 @@ def _train_and_evaluate(config, workdir, num_devices, is_chief):
   state = flax.jax_utils.replicate(state)
   rng = jax.random.key(config.seed + 1)
 
-  p_train_step = _parallel(
-      functools.partial(train_step, loss_config=config.loss),
-      donate_argnums=(0,), in_axes=(0, 0, None))
   evaluator = Evaluator(model, num_devices, config.model.get('sparse_eval',
                                                              True))
+  train_steps = SparseTrainSteps(model, config)
+  p_train_step = train_steps(state, start_step)
   writer = metric_writers.MetricWriter(workdir, enabled=is_chief)
   batches = input_pipeline.train_batches(
       train_split, config.batch_size, num_devices, config.seed,
@@ -508,6 +516,7 @@ def _train_and_evaluate(config, workdir, num_devices, is_chief):
                      time.perf_counter() - timer, interval_start,
                      config.batch_size)
           history, interval_start, timer = [], step, time.perf_counter()
+          p_train_step = train_steps(state, step)
         if step % eval_every == 0 or is_last:
           valid = evaluator(state, valid_split, config.eval_batch_size)
           writer.write(step, 'validation', valid)
@@ -530,6 +539,43 @@ def _train_and_evaluate(config, workdir, num_devices, is_chief):
 
   return final_test(config, workdir, model, tx, data, ckpts, evaluator,
                     writer)
+
+
+class SparseTrainSteps:
+  """The compiled train step, computing only the experts still in use.
+
+  With ``model.sparse_train`` and static gates, the experts that every task
+  weighs exactly 0 are left out of the forward pass. They get zero gradient
+  in the dense step too, so the parameters follow the same path (up to float
+  summation order); only their unused BatchNorm running averages stop moving.
+  Once a DSelect-k bit logit leaves [-gamma/2, gamma/2] its gradient is 0 and
+  Adam's or SGD's momentum keeps moving it outward, so a dropped expert stays
+  dropped; weight decay could pull it back, hence adam or sgd only. The
+  active set is re-read from the parameters at every log step.
+  """
+
+  def __init__(self, model, config):
+    self.model = model
+    self.loss_config = config.loss
+    self.sparse = (config.model.get('sparse_train', False) and
+                   not model.per_example)
+    self._steps = {}
+    self.active = None
+
+  def __call__(self, state, step):
+    active = used_experts(self.model, state) if self.sparse else None
+    if active != self.active:
+      logging.info('step %d: training %s', step,
+                   f'experts {active} only' if active else 'all experts')
+    self.active = active
+    if active not in self._steps:
+      model = None if active is None else self.model.clone(
+          active_experts=active)
+      self._steps[active] = _parallel(
+          functools.partial(train_step, loss_config=self.loss_config,
+                            model=model),
+          donate_argnums=(0,), in_axes=(0, 0, None))
+    return self._steps[active]
 
 
 def _log_train(writer, history, step, num_train_steps, elapsed,

@@ -406,3 +406,48 @@ def test_sparse_eval_equals_dense_eval(shared_gate):
     assert want[key] == got[key]
   for key in ('loss_1', 'loss_2'):
     np.testing.assert_allclose(got[key], want[key], rtol=1e-6)
+
+
+def test_sparse_train_step_matches_the_dense_step():
+  config = tiny_config(**{'model.num_experts': 4, 'model.gate.k': 1,
+                          'model.sparse_train': True,
+                          'optimizer.name': 'sgd',
+                          'optimizer.learning_rate': 0.1})
+  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
+  tx = trainer.create_optimizer(config, 10)
+  state = trainer.initial_state(config, model, tx, jax.random.key(0))
+  params = flax.core.unfreeze(state.params)
+  params['gate_0']['z_logits'] = np.array([[1.0, -1.0]], np.float32)  # 2
+  params['gate_1']['z_logits'] = np.array([[-1.0, 1.0]], np.float32)  # 1
+  state = state.replace(params=params)
+  split = input_pipeline.load('multi_mnist_sample')['train']
+  batch = next(input_pipeline.train_batches(split, 16, 4, seed=0))
+  replicated = flax.jax_utils.replicate(state)
+  steps = trainer.SparseTrainSteps(model, config)
+  sparse_step = steps(replicated, 0)
+  assert steps.active == (1, 2)
+  dense = trainer.SparseTrainSteps(
+      model, tiny_config(**{'model.num_experts': 4, 'model.gate.k': 1}))
+  dense_step = dense(replicated, 0)
+  assert dense.active is None
+  rng = jax.random.key(1)
+  got, got_metrics = sparse_step(flax.jax_utils.replicate(state), batch, rng)
+  want, want_metrics = dense_step(flax.jax_utils.replicate(state), batch, rng)
+  take = lambda s: jax.device_get(jax.tree.map(lambda x: x[0], s.params))
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5,
+                                 atol=1e-7), take(got), take(want))
+  np.testing.assert_allclose(got_metrics['loss'], want_metrics['loss'],
+                             rtol=1e-6)
+  # Experts 0 and 3 got no gradient: SGD left them where they were.
+  for e in (0, 3):
+    jax.tree.map(np.testing.assert_array_equal,
+                 take(got)['experts'][f'expert_{e}'],
+                 jax.device_get(state.params['experts'][f'expert_{e}']))
+
+
+def test_sparse_train_needs_static_gates_and_no_weight_decay():
+  for field, value in (('optimizer.name', 'adamw'),
+                       ('model.gate.per_example', True)):
+    config = tiny_config(**{'model.sparse_train': True, field: value})
+    with pytest.raises(trainer.ConfigError, match='model.sparse_train'):
+      trainer.validate_config(config, 4)
