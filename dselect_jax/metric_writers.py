@@ -58,6 +58,13 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.flush()
 
+  def close(self):
+    """Flushes and stops TensorBoard's background writer thread, so that
+    nothing is written into the workdir after the run has returned."""
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   path = os.path.join(workdir, METRICS_FILE)

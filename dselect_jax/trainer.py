@@ -455,7 +455,7 @@ class _StopRequest:
 
 
 def _train_and_evaluate(config, workdir, num_devices, is_chief):
-
+  """The loop proper; train_and_evaluate holds the workdir lock around it."""
   data = load_data(config)
   train_split, valid_split, test_split = (data['train'], data['validation'],
                                           data['test'])
@@ -533,12 +533,17 @@ def _train_and_evaluate(config, workdir, num_devices, is_chief):
           raise Interrupted(
               f'{stop.signal} at step {step}: saved a checkpoint there; run '
               'the same command to resume.')
+  except BaseException:
+    writer.close()
+    raise
   finally:
     ckpts.wait()
-    writer.flush()
 
-  return final_test(config, workdir, model, tx, data, ckpts, evaluator,
-                    writer)
+  try:
+    return final_test(config, workdir, model, tx, data, ckpts, evaluator,
+                      writer)
+  finally:
+    writer.close()
 
 
 class SparseTrainSteps:
