@@ -1,6 +1,7 @@
 """Quick start: the MultiMNIST recipe on the sample shipped in the package.
 
-No download, no data directory; about a minute on a 2-core CPU.
+No download, no data directory; 75 s on a 2-core CPU for train.py and
+eval.py together (results/quickstart.txt): test accuracy 0.90 / 0.91.
 
   python train.py --config=configs/multimnist_sample.py --workdir=/tmp/sample
   python eval.py --workdir=/tmp/sample

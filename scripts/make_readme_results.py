@@ -60,8 +60,12 @@ def headline() -> list[str]:
   verdict = all(acc[t].mean() >= SEED_FIGURES[t] for t in (1, 2))
   lines += ['', ('Both task means are above the seed\'s figures.' if verdict
                  else 'The means do not reach the seed\'s figures on both '
-                 'tasks.'),
-            'Logs, metrics, plots and configs: `results/multimnist_fast/`.']
+                 'tasks.')]
+  notes = os.path.join(folder, 'NOTES.md')
+  if os.path.exists(notes):
+    lines += ['', _read(notes).strip()]
+  lines += ['', 'Logs, metrics, plots and configs: '
+            '`results/multimnist_fast/`.']
   return lines
 
 
@@ -70,7 +74,11 @@ def section(title, path, fence=False) -> list[str]:
   if not os.path.exists(full):
     return []
   text = _read(full).strip()
-  body = ['```', text, '```'] if fence else [text]
+  if fence:
+    body = ['```', text, '```']
+  else:  # Commands as code, titles as plain lines.
+    body = [f'`{l}`' if l.startswith('$ ') else l.removeprefix('# ')
+            for l in text.splitlines()]
   return ['', f'### {title}', '', f'From `results/{path}`:', ''] + body
 
 
