@@ -317,7 +317,10 @@ def _parallel(fn, **kwargs):
 
 def used_experts(model, state) -> Optional[tuple[int, ...]]:
   """Experts some static gate of a replicated ``state`` weighs; None: all."""
-  params = jax.tree.map(lambda x: x[0], state.params)
+  # Copy the (small) gate params to the host before taking replica 0:
+  # indexing a pmapped array eagerly runs a device gather per leaf.
+  gate_params = {k: v for k, v in state.params.items() if k.startswith('gate')}
+  params = jax.tree.map(lambda x: np.asarray(x)[0], gate_params)
   active = models.active_experts(models.static_expert_weights(model, params))
   return None if len(active) == model.num_experts else active
 
@@ -358,10 +361,10 @@ class Evaluator:
                                              jax.process_index(),
                                              jax.process_count()):
       sums, weights = p_eval_step(state, batch)
-      sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64), sums)
+      sums = jax.tree.map(lambda x: np.asarray(x, np.float64)[0], sums)
       totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
       if np.ndim(weights) == 3:  # (devices, T, E): static weights.
-        static_weights = np.asarray(weights[0])
+        static_weights = np.asarray(weights)[0]
     return _summarize(totals, static_weights)
 
 
@@ -510,7 +513,8 @@ def _train_and_evaluate(config, workdir, num_devices, is_chief):
         is_last = step == num_train_steps
         if (step % config.log_every_steps == 0 or step % eval_every == 0 or
             is_last or stop.signal):
-          history = [jax.tree.map(lambda x: float(x[0]), m) for m in history]
+          history = [jax.tree.map(lambda x: float(np.asarray(x)[0]), m)
+                     for m in history]
           _check_finite(history, interval_start + 1, step, last_good)
           _log_train(writer, history, step, num_train_steps,
                      time.perf_counter() - timer, interval_start,
