@@ -9,8 +9,8 @@ cross-entropies, Adam. Each framework runs in its own subprocess (so its peak
 memory is its own), one after the other, on random images; times are warm
 (after compilation), best of --repeats windows of --steps steps.
 
-Ours is the real training step of dselect_jax.trainer (pmap over one device)
-with each expert implementation; PyTorch is eager mode (torch is an optional,
+Ours is the real training step of dselect_jax.trainer (pmap over one device,
+or over N when --cpu_devices lists N > 1) with each expert implementation; PyTorch is eager mode (torch is an optional,
 benchmark-only dependency: pip install torch==2.13.0). Achieved GFLOP/s uses
 2.03 MFLOP per expert per image forward (conv1 0.51, conv2 1.44, dense 0.08)
 and 3x forward for a training step; the machine's rate is a float32 matmul
@@ -33,6 +33,11 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows; best is kept.')
 _CHILD = flags.DEFINE_string('child', None, 'Internal: run one framework.')
 _IMPL = flags.DEFINE_string('impl', 'loop', 'Internal: our expert impl.')
 _OUT = flags.DEFINE_string('out', None, 'Also write the table here.')
+_CPU_DEVICES = flags.DEFINE_list(
+    'cpu_devices', ['1'],
+    'Also time ours with the CPU split into this many XLA devices '
+    '(--xla_force_host_platform_device_count; the trainer pmaps over them, '
+    'each device gets batch / N).')
 _IMPLS = flags.DEFINE_list('impls', ['loop'],
                            'Our expert implementations to time (see '
                            'models.EXPERT_IMPLS; the fused ones are slow on '
@@ -51,7 +56,10 @@ def _best_rate(run, batch, steps, repeats):
   return best
 
 
-def child_jax(batch, steps, repeats, impl):
+def child_jax(batch, steps, repeats, impl, devices):
+  if devices > 1:
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_'
+                               f'force_host_platform_device_count={devices}')
   import functools  # pylint: disable=g-import-not-at-top
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -63,14 +71,17 @@ def child_jax(batch, steps, repeats, impl):
   config.model.expert_impl = impl
   model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
   tx = trainer.create_optimizer(config, 1000)
+  assert jax.local_device_count() == devices, jax.devices()
   state = flax.jax_utils.replicate(
       trainer.initial_state(config, model, tx, jax.random.key(0)))
   rng = np.random.default_rng(0)
+  per_device = batch // devices
   batch_data = {
-      'image': rng.random((1, batch, 36, 36, 1), np.float32),
-      'label': rng.integers(0, 10, (1, batch, 2)).astype(np.int32),
+      'image': rng.random((devices, per_device, 36, 36, 1), np.float32),
+      'label': rng.integers(0, 10, (devices, per_device, 2)).astype(np.int32),
   }
-  eval_data = dict(batch_data, mask=np.ones((1, batch), np.float32))
+  eval_data = dict(batch_data,
+                   mask=np.ones((devices, per_device), np.float32))
   p_train = jax.pmap(functools.partial(trainer.train_step,
                                        loss_config=config.loss),
                      axis_name=trainer.AXIS, in_axes=(0, 0, None),
@@ -198,8 +209,9 @@ def _timed(fn):
   return time.perf_counter() - start
 
 
-def _run_child(name, batch, impl='loop'):
+def _run_child(name, batch, impl='loop', devices=1):
   cmd = [sys.executable, __file__, f'--child={name}', f'--impl={impl}',
+         f'--cpu_devices={devices}',
          f'--batches={batch}', f'--steps={_STEPS.value}',
          f'--repeats={_REPEATS.value}']
   out = subprocess.run(cmd, capture_output=True, text=True, check=False,
@@ -221,7 +233,8 @@ def main(argv):
     elif _CHILD.value == 'matmul':
       result = {'gflops': matmul_gflops()}
     else:
-      result = child_jax(batch, _STEPS.value, _REPEATS.value, _IMPL.value)
+      result = child_jax(batch, _STEPS.value, _REPEATS.value, _IMPL.value,
+                         int(_CPU_DEVICES.value[0]))
     result['peak_rss_mb'] = resource.getrusage(
         resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
@@ -237,8 +250,9 @@ def main(argv):
   for batch in map(int, _BATCHES.value):
     torch_result = _run_child('torch', batch)
     rows = [('pytorch eager', torch_result)]
-    rows += [(f'ours: {impl}', _run_child('jax', batch, impl))
-             for impl in _IMPLS.value]
+    rows += [(f'ours: {impl}' + (f', {n} CPU devices' if n > 1 else ''),
+              _run_child('jax', batch, impl, n))
+             for impl in _IMPLS.value for n in map(int, _CPU_DEVICES.value)]
     for name, r in rows:
       if 'error' in r:
         lines.append(f'| {batch} | {name} | error: {r["error"]} |')

@@ -17,7 +17,9 @@ import functools
 import json
 import math
 import os
+import resource
 import signal
+import sys
 import threading
 import time
 from typing import Any, Optional
@@ -87,10 +89,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int):
   if impl not in models.EXPERT_IMPLS:
     bad('model.expert_impl', impl, f'choose one of {list(models.EXPERT_IMPLS)}')
   if config.model.get('sparse_train', False) and (
-      gate.per_example or config.optimizer.name == 'adamw'):
+      gate.name != 'dselect_k' or gate.per_example or
+      config.optimizer.name == 'adamw'):
     bad('model.sparse_train', True,
-        'needs static gates and an optimizer without weight decay (adam or '
-        'sgd): weight decay can bring a dropped expert back')
+        'needs static dselect_k gates (a top_k gate can bring a dropped '
+        'expert back, a softmax gate drops none) and an optimizer without '
+        'weight decay (adam or sgd; weight decay can also bring one back); '
+        'set --config.model.sparse_train=False')
   if config.model.num_experts < 2:
     bad('model.num_experts', config.model.num_experts, 'must be >= 2')
   if gate.name != 'softmax' and not 1 <= gate.k <= config.model.num_experts:
@@ -587,12 +592,19 @@ class SparseTrainSteps:
     return self._steps[active]
 
 
+def peak_rss_mb() -> float:
+  """This process's peak resident memory so far, in MiB."""
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak / 2**20 if sys.platform == 'darwin' else peak / 2**10  # B, KiB
+
+
 def _log_train(writer, history, step, num_train_steps, elapsed,
                interval_start, batch_size):
   steps_per_s = (step - interval_start) / max(elapsed, 1e-9)
   summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
   summary['steps_per_second'] = steps_per_s
   summary['images_per_second'] = steps_per_s * batch_size
+  summary['peak_rss_mb'] = peak_rss_mb()
   writer.write(step, 'train', summary)
   eta = (num_train_steps - step) / max(steps_per_s, 1e-9)
   logging.info(

@@ -4,7 +4,7 @@
       --gates=softmax,top_k,dselect_k,dselect_k_per_example \
       --datasets=multi_mnist,multi_fashion,multi_fashion_mnist --seeds=0,1,2
 
-Each cell trains the --config recipe (default configs/multimnist_fast.py)
+Each cell trains the --config recipe (default configs/multimnist_entropy.py)
 with the gate and data set swapped in, in its own workdir under
 OUT/workdirs/, and records OUT/cells/<cell>.json: test accuracies, experts
 used per task, the step at which DSelect-k's selectors saturated, wall time.
@@ -29,11 +29,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dselect_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dselect_jax import metric_writers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dselect_jax import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _OUT = flags.DEFINE_string('out', 'results/grid', 'Output folder.')
-_CONFIG = flags.DEFINE_string('config', 'configs/multimnist_fast.py',
+_CONFIG = flags.DEFINE_string('config', 'configs/multimnist_entropy.py',
                               'Base recipe (a config file).')
 _GATES = flags.DEFINE_list(
     'gates', ['softmax', 'top_k', 'dselect_k', 'dselect_k_per_example'],
@@ -46,14 +47,16 @@ _OVERRIDES = flags.DEFINE_multi_string(
 _TABLE_ONLY = flags.DEFINE_bool('table_only', False,
                                 'Only rebuild tables and plots.')
 
-# Gate variant -> config overrides.
+# Gate variant -> config overrides. Sparse training only applies to static
+# DSelect-k gates; the others train densely whatever the base recipe says.
 GATE_VARIANTS = {
-    'softmax': {'model.gate.name': 'softmax'},
+    'softmax': {'model.gate.name': 'softmax', 'model.sparse_train': False},
     'top_k': {'model.gate.name': 'top_k', 'loss.importance_weight': 0.01,
-              'loss.load_weight': 0.01},
+              'loss.load_weight': 0.01, 'model.sparse_train': False},
     'dselect_k': {'model.gate.name': 'dselect_k'},
     'dselect_k_per_example': {'model.gate.name': 'dselect_k',
-                              'model.gate.per_example': True},
+                              'model.gate.per_example': True,
+                              'model.sparse_train': False},
 }
 
 
@@ -87,8 +90,20 @@ def saturation_step(records, k):
   return None
 
 
+def train_speeds(records, step):
+  """Median train images/s of the log windows before and after ``step``
+  (None for an empty side). Medians, because a window that holds a
+  validation pass or a checkpoint write is slow."""
+  rates = [(r['step'], r['images_per_second']) for r in records
+           if r['split'] == 'train' and 'images_per_second' in r]
+  before = [v for s, v in rates if step is None or s <= step]
+  after = [v for s, v in rates if step is not None and s > step]
+  median = lambda v: float(np.median(v)) if v else None
+  return median(before), median(after)
+
+
 def run_cell(gate, dataset, seed, out):
-  name = f'{dataset}-{gate}-seed{seed}'
+  name = _cell_name({'dataset': dataset, 'gate': gate, 'seed': seed})
   cell_file = os.path.join(out, 'cells', f'{name}.json')
   if os.path.exists(cell_file):
     print(f'{name}: done already')
@@ -122,6 +137,14 @@ def run_cell(gate, dataset, seed, out):
   print(f'{name}: {cell["accuracy_1"]:.4f} / {cell["accuracy_2"]:.4f}')
 
 
+def _cell_name(cell):
+  return f'{cell["dataset"]}-{cell["gate"]}-seed{cell["seed"]}'
+
+
+def _speed(values):
+  return ', '.join('-' if v is None else f'{v:.0f}' for v in values)
+
+
 def tabulate(out):
   cells_dir = os.path.join(out, 'cells')
   cells = []
@@ -142,21 +165,29 @@ def tabulate(out):
     row['experts_used'] = [c['num_nonzero'] for c in group]
     sat = [c['saturation_step'] for c in group]
     row['saturation_steps'] = sat
+    speeds = [train_speeds(metric_writers.read_metrics(
+        os.path.join(out, 'workdirs', _cell_name(c))), c['saturation_step'])
+              for c in group]
+    row['train_images_per_s_before_saturation'] = [b for b, _ in speeds]
+    row['train_images_per_s_after_saturation'] = [a for _, a in speeds]
     row['wall_minutes_mean'] = float(np.mean([c['wall_seconds']
                                               for c in group]) / 60)
     rows.append(row)
   with open(os.path.join(out, 'table.json'), 'w') as f:
     json.dump({'rows': rows, 'cells': cells}, f, indent=2)
   lines = ['| data set | gate | seeds | task 1 accuracy | task 2 accuracy | '
-           'experts used per task | saturation step | minutes per run |',
-           '|' + ' --- |' * 8]
+           'experts used per task | saturation step | minutes per run | '
+           'train images/s before / after saturation |',
+           '|' + ' --- |' * 9]
   for r in rows:
     lines.append(
         f'| {r["dataset"]} | {r["gate"]} | {r["seeds"]} | '
         f'{r["accuracy_1_mean"]:.4f} ± {r["accuracy_1_std"]:.4f} | '
         f'{r["accuracy_2_mean"]:.4f} ± {r["accuracy_2_std"]:.4f} | '
         f'{r["experts_used"]} | {r["saturation_steps"]} | '
-        f'{r["wall_minutes_mean"]:.1f} |')
+        f'{r["wall_minutes_mean"]:.1f} | '
+        f'{_speed(r["train_images_per_s_before_saturation"])} / '
+        f'{_speed(r["train_images_per_s_after_saturation"])} |')
   with open(os.path.join(out, 'table.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
   _plots(out, rows, cells)
@@ -190,7 +221,7 @@ def _plots(out, rows, cells):
   for c in cells:
     if c['gate'] != 'dselect_k':
       continue
-    name = f'{c["dataset"]}-{c["gate"]}-seed{c["seed"]}'
+    name = _cell_name(c)
     records = metric_writers.read_metrics(os.path.join(out, 'workdirs', name))
     valid = [r for r in records if r['split'] == 'validation']
     if not valid:
@@ -213,6 +244,7 @@ def _plots(out, rows, cells):
 
 def main(argv):
   del argv
+  cli.quiet_orbax()
   out = _OUT.value
   unknown = sorted(set(_GATES.value) - set(GATE_VARIANTS))
   if unknown:

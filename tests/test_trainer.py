@@ -4,6 +4,7 @@ Runs on the 4 fake CPU devices set up in conftest.py.
 """
 
 import functools
+import importlib
 import json
 import os
 import subprocess
@@ -193,7 +194,8 @@ def test_metrics_file_and_tensorboard(sample_run):
   assert splits == {'train', 'validation', 'test'}
   train = [r for r in records if r['split'] == 'train']
   for key in ('loss', 'ce_1', 'ce_2', 'aux_entropy', 'aux_reachability',
-              'weight_entropy', 'num_nonzero_1', 'images_per_second'):
+              'weight_entropy', 'num_nonzero_1', 'images_per_second',
+              'peak_rss_mb'):
     assert key in train[0], key
   # The loss is the sum of the task losses plus the weighted aux terms.
   for r in train:
@@ -445,9 +447,33 @@ def test_sparse_train_step_matches_the_dense_step():
                  jax.device_get(state.params['experts'][f'expert_{e}']))
 
 
-def test_sparse_train_needs_static_gates_and_no_weight_decay():
+def test_sparse_train_needs_static_dselect_k_gates_and_no_weight_decay():
   for field, value in (('optimizer.name', 'adamw'),
-                       ('model.gate.per_example', True)):
+                       ('model.gate.per_example', True),
+                       ('model.gate.name', 'top_k'),
+                       ('model.gate.name', 'softmax')):
     config = tiny_config(**{'model.sparse_train': True, field: value})
     with pytest.raises(trainer.ConfigError, match='model.sparse_train'):
       trainer.validate_config(config, 4)
+
+
+@pytest.mark.parametrize('name', sorted(
+    f[:-3] for f in os.listdir(os.path.join(REPO, 'configs'))
+    if f.endswith('.py') and f not in ('__init__.py', 'default.py')))
+def test_every_shipped_config_is_valid(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  trainer.validate_config(config, 4)
+
+
+def test_peak_rss_is_the_kernels_high_water_mark():
+  def status_mb(field):  # /proc/self/status, in kB.
+    with open('/proc/self/status') as f:
+      line = next(l for l in f if l.startswith(field + ':'))
+    return int(line.split()[1]) / 1024
+  before = trainer.peak_rss_mb()
+  # Touch enough memory to exceed the earlier peak by 200 MiB.
+  grow_mb = before - status_mb('VmRSS') + 200
+  block = np.ones(int(grow_mb * 2**20) // 8)
+  after = trainer.peak_rss_mb()
+  assert after >= before + 190, (before, after, block.nbytes)
+  assert abs(after - status_mb('VmHWM')) < 2
