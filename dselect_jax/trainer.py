@@ -320,13 +320,24 @@ def _parallel(fn, **kwargs):
 # ---------------------------------------------------------------------------
 
 
-def used_experts(model, state) -> Optional[tuple[int, ...]]:
-  """Experts some static gate of a replicated ``state`` weighs; None: all."""
+def static_weights(model, state) -> Optional[np.ndarray]:
+  """Each task's expert weights (T, E) from the static gates of a replicated
+  ``state``; None for per-example gates."""
+  if model.per_example:
+    return None
   # Copy the (small) gate params to the host before taking replica 0:
   # indexing a pmapped array eagerly runs a device gather per leaf.
   gate_params = {k: v for k, v in state.params.items() if k.startswith('gate')}
   params = jax.tree.map(lambda x: np.asarray(x)[0], gate_params)
-  active = models.active_experts(models.static_expert_weights(model, params))
+  return models.static_expert_weights(model, params)
+
+
+def used_experts(model, state) -> Optional[tuple[int, ...]]:
+  """Experts some static gate of a replicated ``state`` weighs; None: all."""
+  weights = static_weights(model, state)
+  if weights is None:
+    return None
+  active = models.active_experts(weights)
   return None if len(active) == model.num_experts else active
 
 
@@ -360,7 +371,7 @@ class Evaluator:
 
   def __call__(self, state, split, batch_size: int) -> dict[str, Any]:
     p_eval_step = self._step(self.active(state))
-    totals, static_weights = None, None
+    totals, gate_weights = None, None
     for batch in input_pipeline.eval_batches(split, batch_size,
                                              self.num_devices,
                                              jax.process_index(),
@@ -369,11 +380,11 @@ class Evaluator:
       sums = jax.tree.map(lambda x: np.asarray(x, np.float64)[0], sums)
       totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
       if np.ndim(weights) == 3:  # (devices, T, E): static weights.
-        static_weights = np.asarray(weights)[0]
-    return _summarize(totals, static_weights)
+        gate_weights = np.asarray(weights)[0]
+    return _summarize(totals, gate_weights)
 
 
-def _summarize(totals, static_weights) -> dict[str, Any]:
+def _summarize(totals, gate_weights) -> dict[str, Any]:
   count = totals['count']
   result = {'num_examples': int(count[0])}
   num_tasks = len(count)
@@ -382,9 +393,9 @@ def _summarize(totals, static_weights) -> dict[str, Any]:
     result[f'loss_{t + 1}'] = float(totals['ce_sum'][t] / count[t])
   result['accuracy_mean'] = float(np.mean(
       [result[f'accuracy_{t + 1}'] for t in range(num_tasks)]))
-  if static_weights is not None:
-    expert_weights = static_weights
-    nonzero = (static_weights > 0).sum(-1)
+  if gate_weights is not None:
+    expert_weights = gate_weights
+    nonzero = (gate_weights > 0).sum(-1)
   else:
     expert_weights = totals['weight_sum'] / count[:, None]
     nonzero = totals['nonzero_sum'] / count
@@ -523,7 +534,7 @@ def _train_and_evaluate(config, workdir, num_devices, is_chief):
           _check_finite(history, interval_start + 1, step, last_good)
           _log_train(writer, history, step, num_train_steps,
                      time.perf_counter() - timer, interval_start,
-                     config.batch_size)
+                     config.batch_size, static_weights(model, state))
           history, interval_start, timer = [], step, time.perf_counter()
           p_train_step = train_steps(state, step)
         if step % eval_every == 0 or is_last:
@@ -599,9 +610,11 @@ def peak_rss_mb() -> float:
 
 
 def _log_train(writer, history, step, num_train_steps, elapsed,
-               interval_start, batch_size):
+               interval_start, batch_size, expert_weights=None):
   steps_per_s = (step - interval_start) / max(elapsed, 1e-9)
   summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+  if expert_weights is not None:  # Static gates: (T, E) at this step.
+    summary['expert_weights'] = expert_weights.tolist()
   summary['steps_per_second'] = steps_per_s
   summary['images_per_second'] = steps_per_s * batch_size
   summary['peak_rss_mb'] = peak_rss_mb()

@@ -13,8 +13,8 @@ checkpoints, so the command can be re-run after a stop. --shard=i/n runs
 every n-th cell starting at i, so n machines (or GPUs) can split a grid and
 write to a shared OUT. --table_only rebuilds the tables and plots from the
 cells present: OUT/table.md, OUT/table.json, OUT/accuracy.png and, per
-DSelect-k cell, OUT/expert_weights_<cell>.png (validation expert weights over
-training).
+DSelect-k cell, OUT/expert_weights_<cell>.png (the gates' expert weights over
+training, at every log step).
 """
 
 import importlib.util
@@ -223,11 +223,15 @@ def _plots(out, rows, cells):
       continue
     name = _cell_name(c)
     records = metric_writers.read_metrics(os.path.join(out, 'workdirs', name))
-    valid = [r for r in records if r['split'] == 'validation']
-    if not valid:
+    # Train records hold the weights at every log step (newer runs);
+    # validation records once per epoch.
+    logged = [r for r in records if r['split'] == 'train' and
+              'expert_weights' in r]
+    logged = logged or [r for r in records if r['split'] == 'validation']
+    if not logged:
       continue
-    steps = [r['step'] for r in valid]
-    weights = np.array([r['expert_weights'] for r in valid])  # (S, T, E)
+    steps = [r['step'] for r in logged]
+    weights = np.array([r['expert_weights'] for r in logged])  # (S, T, E)
     fig, axes = plt.subplots(1, weights.shape[1], figsize=(10, 3.5),
                              squeeze=False)
     for t, ax in enumerate(axes[0]):

@@ -69,6 +69,83 @@ def headline() -> list[str]:
   return lines
 
 
+def _mean_std(values):
+  values = np.asarray(values)
+  std = values.std(ddof=1) if len(values) > 1 else 0.0
+  return f'{values.mean():.4f} ± {std:.4f}'
+
+
+def entropy_runs() -> list[str]:
+  """The grid's DSelect-k cells on MultiMNIST: the entropy recipe."""
+  paths = sorted(glob.glob(os.path.join(
+      RESULTS, 'grid', 'cells', 'multi_mnist-dselect_k-seed*.json')))
+  if not paths:
+    return []
+  cells = [json.loads(_read(p)) for p in paths]
+  lines = [
+      '', '### DSelect-k with the entropy regularizer: exactly k experts', '',
+      '`configs/multimnist_entropy.py` (`multimnist_fast` plus the entropy '
+      'term, weight ramped 0 -> 1 over 100 steps, and sparse training), '
+      '`comet` MultiMNIST, test accuracy of the best-on-validation '
+      'checkpoint; these are the grid\'s `dselect_k` cells '
+      '(`bash results/grid/run.sh`, files in `results/grid/`):', '',
+      '| | task 1 accuracy | task 2 accuracy | experts used (task 1, task 2) '
+      '| selectors saturated at step | wall time per run |',
+      '| --- | --- | --- | --- | --- | --- |']
+  for c in cells:
+    lines.append(f'| seed {c["seed"]} | {c["accuracy_1"]:.4f} | '
+                 f'{c["accuracy_2"]:.4f} | {c["selected_experts"]} | '
+                 f'{c["saturation_step"]} | {c["wall_seconds"] / 60:.1f} min |')
+  lines.append(f'| **mean ± std** | '
+               f'**{_mean_std([c["accuracy_1"] for c in cells])}** | '
+               f'**{_mean_std([c["accuracy_2"] for c in cells])}** | | | |')
+  lines.append(f'| PaddleRec (the seed, 100 epochs, shared gate) | '
+               f'{SEED_FIGURES[1]:.6f} | {SEED_FIGURES[2]:.6f} | | | |')
+  for c in cells:
+    png = (f'grid/expert_weights_multi_mnist-dselect_k-seed{c["seed"]}.png')
+    if os.path.exists(os.path.join(RESULTS, png)):
+      lines += ['', f'![expert weights, seed {c["seed"]}](results/{png})']
+      break
+  return lines
+
+
+def parity_run() -> list[str]:
+  folder = os.path.join(RESULTS, 'paddlerec_parity')
+  path = os.path.join(folder, 'test_metrics_seed0.json')
+  if not os.path.exists(path):
+    return []
+  m = json.loads(_read(path))
+  wall = re.search(r'wall_seconds (\d+)', _read(os.path.join(
+      folder, 'wall_time.txt')))
+  lines = [
+      '', '### PaddleRec\'s setup (shared gate, paretomtl data)', '',
+      '`configs/paddlerec.py` with `--config.num_epochs=5`, seed 0 '
+      '(`bash results/paddlerec_parity/run.sh`):', '',
+      '| | task 1 accuracy | task 2 accuracy | experts used | wall time |',
+      '| --- | --- | --- | --- | --- |',
+      f'| ours, 5 epochs | {m["accuracy_1"]:.4f} | {m["accuracy_2"]:.4f} | '
+      f'{m["selected_experts"][0]} | '
+      f'{int(wall.group(1)) / 60:.1f} min |' if wall else '',
+      f'| PaddleRec (the seed), 100 epochs | {SEED_FIGURES[1]:.6f} | '
+      f'{SEED_FIGURES[2]:.6f} | | |']
+  notes = os.path.join(folder, 'NOTES.md')
+  if os.path.exists(notes):
+    lines += ['', _read(notes).strip()]
+  return lines
+
+
+def grid_section() -> list[str]:
+  lines = section('Gate comparison grid', 'grid/table.md')
+  if not lines:
+    return []
+  notes = os.path.join(RESULTS, 'grid', 'NOTES.md')
+  if os.path.exists(notes):
+    lines += ['', _read(notes).strip()]
+  if os.path.exists(os.path.join(RESULTS, 'grid', 'accuracy.png')):
+    lines += ['', '![accuracy per gate](results/grid/accuracy.png)']
+  return lines
+
+
 def section(title, path, fence=False) -> list[str]:
   full = os.path.join(RESULTS, path)
   if not os.path.exists(full):
@@ -84,12 +161,17 @@ def section(title, path, fence=False) -> list[str]:
 
 def main():
   lines = [START, '', '### MultiMNIST against the seed', ''] + headline()
+  lines += entropy_runs()
+  lines += parity_run()
+  lines += grid_section()
   lines += section('Training speed against PyTorch (CPU)', 'train_speed.md')
+  lines += section('XLA:CPU options (CPU)', 'xla_cpu_flags.txt', fence=True)
   lines += section('Expert formulations (CPU)', 'expert_formulations.txt',
                    fence=True)
   lines += section('Sparse evaluation once a gate has converged',
                    'sparse_eval.txt', fence=True)
-  lines += section('Gate comparison grid', 'grid/table.md')
+  lines += section('Choosing the entropy schedule (shipped sample)',
+                   'entropy_sample/README.md')
   lines += section('Building the data', 'build_data.txt', fence=True)
   lines += ['', END]
   readme = _read(os.path.join(REPO, 'README.md'))

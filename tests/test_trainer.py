@@ -204,6 +204,11 @@ def test_metrics_file_and_tensorboard(sample_run):
     assert abs(r['loss'] - want) < 1e-4 * max(1, abs(want))
   valid = [r for r in records if r['split'] == 'validation']
   assert len(valid[0]['expert_weights']) == 2
+  # Train records carry the static gates' weights read from the params on the
+  # host; at the last step they equal what the eval step's forward pass gave.
+  assert train[-1]['step'] == valid[-1]['step']
+  np.testing.assert_allclose(train[-1]['expert_weights'],
+                             valid[-1]['expert_weights'], rtol=1e-6)
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
 
 
