@@ -101,10 +101,18 @@ def entropy_runs() -> list[str]:
                f'**{_mean_std([c["accuracy_2"] for c in cells])}** | | | |')
   lines.append(f'| PaddleRec (the seed, 100 epochs, shared gate) | '
                f'{SEED_FIGURES[1]:.6f} | {SEED_FIGURES[2]:.6f} | | | |')
+  # The plot of a run that logged the weights at every log step (runs from
+  # before that logged them once per epoch).
   for c in cells:
-    png = (f'grid/expert_weights_multi_mnist-dselect_k-seed{c["seed"]}.png')
-    if os.path.exists(os.path.join(RESULTS, png)):
-      lines += ['', f'![expert weights, seed {c["seed"]}](results/{png})']
+    name = f'multi_mnist-dselect_k-seed{c["seed"]}'
+    png = f'grid/expert_weights_{name}.png'
+    metrics = os.path.join(RESULTS, 'grid', 'workdirs', name, 'metrics.jsonl')
+    if os.path.exists(os.path.join(RESULTS, png)) and any(
+        r['split'] == 'train' and 'expert_weights' in r
+        for r in map(json.loads, _read(metrics).splitlines())):
+      lines += ['', f'Each task\'s gate weights over training (seed '
+                f'{c["seed"]}, the weights at every log step):', '',
+                f'![expert weights, seed {c["seed"]}](results/{png})']
       break
   return lines
 
