@@ -173,6 +173,8 @@ def main():
   lines += parity_run()
   lines += grid_section()
   lines += section('Training speed against PyTorch (CPU)', 'train_speed.md')
+  lines += section('Splitting the CPU into several XLA devices',
+                   'train_speed_cpu_devices.md')
   lines += section('XLA:CPU options (CPU)', 'xla_cpu_flags.txt', fence=True)
   lines += section('Expert formulations (CPU)', 'expert_formulations.txt',
                    fence=True)
