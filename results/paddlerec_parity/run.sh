@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # PaddleRec's setup (configs/paddlerec.py: one shared DSelect-k gate,
 # paretomtl-style MultiMNIST, Adam 1e-3 constant, batch 256) for one seed, in
-# 5 epochs instead of 100 (the 100 epochs would take about 9 hours on this
+# 5 epochs instead of 100 (the 100 epochs would take about 8 hours on this
 # 2-core CPU). Run from the repository root:
 #   bash results/paddlerec_parity/run.sh
 set -euo pipefail
