@@ -52,9 +52,8 @@ def headline() -> list[str]:
     lines.append(f'| seed {seed} | {m["accuracy_1"]:.4f} | '
                  f'{m["accuracy_2"]:.4f} | {m["selected_experts"]} | {wall} |')
   acc = {t: np.array([m[f'accuracy_{t}'] for m in metrics]) for t in (1, 2)}
-  std = {t: acc[t].std(ddof=1) if len(runs) > 1 else 0.0 for t in (1, 2)}
-  lines.append(f'| **mean ± std** | **{acc[1].mean():.4f} ± {std[1]:.4f}** | '
-               f'**{acc[2].mean():.4f} ± {std[2]:.4f}** | | |')
+  lines.append(f'| **mean ± std** | **{_mean_std(acc[1])}** | '
+               f'**{_mean_std(acc[2])}** | | |')
   lines.append(f'| PaddleRec (the seed, 100 epochs, shared gate) | '
                f'{SEED_FIGURES[1]:.6f} | {SEED_FIGURES[2]:.6f} | | |')
   verdict = all(acc[t].mean() >= SEED_FIGURES[t] for t in (1, 2))
