@@ -12,5 +12,6 @@ grid() {
 grid --gates=dselect_k --seeds=0
 grid --gates=softmax,top_k,dselect_k_per_example --seeds=0
 grid --gates=dselect_k --seeds=1,2
-grid --seeds=0,1,2
+grid --gates=top_k --seeds=1,2
 grid --gates=dselect_k,top_k --datasets=multi_fashion,multi_fashion_mnist --seeds=0
+grid --seeds=0,1,2
