@@ -10,7 +10,8 @@ memory is its own), one after the other, on random images; times are warm
 (after compilation), best of --repeats windows of --steps steps.
 
 Ours is the real training step of dselect_jax.trainer (pmap over one device,
-or over N when --cpu_devices lists N > 1) with each expert implementation;
+or over N when --cpu_devices lists N > 1) with each expert implementation
+(and, for the 'loop' experts, each convolution of --convs);
 PyTorch is eager mode (torch is an optional, benchmark-only dependency: pip
 install torch==2.13.0). Achieved GFLOP/s uses
 2.03 MFLOP per expert per image forward (conv1 0.51, conv2 1.44, dense 0.08)
@@ -33,6 +34,8 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Steps per timed window.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows; best is kept.')
 _CHILD = flags.DEFINE_string('child', None, 'Internal: run one framework.')
 _IMPL = flags.DEFINE_string('impl', 'loop', 'Internal: our expert impl.')
+_CONV = flags.DEFINE_string('conv', 'xla', 'Internal: our loop experts\' '
+                            'convolution.')
 _OUT = flags.DEFINE_string('out', None, 'Also write the table here.')
 _CPU_DEVICES = flags.DEFINE_list(
     'cpu_devices', ['1'],
@@ -43,6 +46,9 @@ _IMPLS = flags.DEFINE_list('impls', ['loop'],
                            'Our expert implementations to time (see '
                            'models.EXPERT_IMPLS; the fused ones are slow on '
                            'CPU).')
+_CONVS = flags.DEFINE_list('convs', ['xla', 'toeplitz'],
+                           'Convolutions of the "loop" experts to time (see '
+                           'models.CONV_IMPLS).')
 
 NUM_EXPERTS = 8
 FWD_FLOP_PER_EXPERT = 2.03e6
@@ -57,7 +63,7 @@ def _best_rate(run, batch, steps, repeats):
   return best
 
 
-def child_jax(batch, steps, repeats, impl, devices):
+def child_jax(batch, steps, repeats, impl, conv, devices):
   if devices > 1:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_'
                                f'force_host_platform_device_count={devices}')
@@ -70,6 +76,7 @@ def child_jax(batch, steps, repeats, impl, devices):
 
   config = multimnist.get_config()
   config.model.expert_impl = impl
+  config.model.conv = conv if impl == 'loop' else 'auto'
   model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
   tx = trainer.create_optimizer(config, 1000)
   assert jax.local_device_count() == devices, jax.devices()
@@ -210,8 +217,9 @@ def _timed(fn):
   return time.perf_counter() - start
 
 
-def _run_child(name, batch, impl='loop', devices=1):
+def _run_child(name, batch, impl='loop', conv='xla', devices=1):
   cmd = [sys.executable, __file__, f'--child={name}', f'--impl={impl}',
+         f'--conv={conv}',
          f'--cpu_devices={devices}',
          f'--batches={batch}', f'--steps={_STEPS.value}',
          f'--repeats={_REPEATS.value}']
@@ -235,7 +243,7 @@ def main(argv):
       result = {'gflops': matmul_gflops()}
     else:
       result = child_jax(batch, _STEPS.value, _REPEATS.value, _IMPL.value,
-                         int(_CPU_DEVICES.value[0]))
+                         _CONV.value, int(_CPU_DEVICES.value[0]))
     result['peak_rss_mb'] = resource.getrusage(
         resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
@@ -251,9 +259,12 @@ def main(argv):
   for batch in map(int, _BATCHES.value):
     torch_result = _run_child('torch', batch)
     rows = [('pytorch eager', torch_result)]
-    rows += [(f'ours: {impl}' + (f', {n} CPU devices' if n > 1 else ''),
-              _run_child('jax', batch, impl, n))
-             for impl in _IMPLS.value for n in map(int, _CPU_DEVICES.value)]
+    variants = [(impl, conv) for impl in _IMPLS.value
+                for conv in (_CONVS.value if impl == 'loop' else ['auto'])]
+    rows += [(f'ours: {impl}' + (f', {conv} conv' if impl == 'loop' else '')
+              + (f', {n} CPU devices' if n > 1 else ''),
+              _run_child('jax', batch, impl, conv, n))
+             for impl, conv in variants for n in map(int, _CPU_DEVICES.value)]
     for name, r in rows:
       if 'error' in r:
         lines.append(f'| {batch} | {name} | error: {r["error"]} |')

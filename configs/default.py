@@ -35,6 +35,11 @@ def get_config() -> ml_collections.ConfigDict:
   # 'fused_grouped' / 'fused_patches' (all experts in shared ops; the same
   # function with another parameter layout; see benchmarks/train_speed.py).
   config.model.expert_impl = 'loop'
+  # How the 'loop' experts compute their convolutions: 'xla' (XLA's
+  # convolution), 'toeplitz' (row matmuls, models.ToeplitzConv; faster on
+  # XLA:CPU), or 'auto' (toeplitz on CPU, xla elsewhere). Same parameters
+  # either way: a checkpoint trained with one evaluates with the other.
+  config.model.conv = 'auto'
   # Evaluate only the experts some static gate still weighs (same logits as
   # computing all of them; faster once the gates have converged).
   config.model.sparse_eval = True

@@ -38,6 +38,71 @@ def max_pool_2x2(x: Array) -> Array:
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+class ToeplitzConv(nn.Module):
+  """A VALID, stride-1 2-D convolution computed as matmuls on image rows.
+
+  Same parameters (``kernel`` (kh, kw, C, F), ``bias`` (F,), nn.Conv's
+  initializers) and outputs as ``nn.Conv(features, kernel_size,
+  padding='VALID')``, in another formulation: each output row is cut into
+  segments of ``tile`` columns, and a segment is one matmul of the kh input
+  rows it sees (tile + kw - 1 columns each, flattened) with a banded
+  (Toeplitz) matrix built from the kernel:
+
+    y[b, i, j0 + o, f] = sum_{dy, u, c} x[b, i + dy, j0 + u, c] T[dy, u, c, o, f]
+    T[dy, u, c, o, f] = kernel[dy, u - o, c, f] if 0 <= u - o < kw else 0
+
+  The matmuls do (tile + kw - 1) / kw times the convolution's FLOPs, but with
+  few channels (MultiMNIST's experts have 1 -> 10 -> 20) XLA:CPU runs them
+  several times faster than its convolution kernels, forward and backward
+  (benchmarks/train_speed.py compares the two in the real training step).
+
+  Shape legend: Ho = H - kh + 1, Wo = W - kw + 1; N = Wo / t segments of t
+  columns (t: the largest divisor of Wo <= tile); U = t + kw - 1 input columns.
+  """
+  features: int
+  kernel_size: tuple[int, int] = (5, 5)
+  tile: int = 4
+
+  def __post_init__(self):
+    if self.features < 1 or min(self.kernel_size) < 1 or self.tile < 1:
+      raise ValueError('ToeplitzConv: features, kernel_size and tile must be '
+                       f'>= 1, got features={self.features}, kernel_size='
+                       f'{self.kernel_size}, tile={self.tile}.')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b, h, w, c = x.shape
+    kh, kw = self.kernel_size
+    f = self.features
+    ho, wo = h - kh + 1, w - kw + 1
+    if ho < 1 or wo < 1:
+      raise ValueError(f'ToeplitzConv: input {h}x{w} is smaller than the '
+                       f'kernel {kh}x{kw}.')
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (kh, kw, c, f))
+    bias = self.param('bias', nn.initializers.zeros, (f,))
+    t = max(d for d in range(1, min(self.tile, wo) + 1) if wo % d == 0)
+    n, u = wo // t, t + kw - 1
+    # shift[dx, u, o] = 1 where input column u of a segment meets output
+    # column o through kernel column dx = u - o.
+    shift = np.zeros((kw, u, t), np.float32)
+    for dx in range(kw):
+      shift[dx, np.arange(t) + dx, np.arange(t)] = 1
+    toeplitz = jnp.einsum('xuo,yxcf->yucof', shift, kernel.astype(x.dtype))
+    toeplitz = toeplitz.reshape(kh * u * c, t * f)  # (kh U C, t F)
+    segments = jnp.stack([x[:, :, j * t:j * t + u] for j in range(n)],
+                         axis=2)  # (B, H, N, U, C)
+    rows = jnp.concatenate(
+        [segments[:, dy:dy + ho].reshape(b, ho, n, u * c)
+         for dy in range(kh)], axis=-1)  # (B, Ho, N, kh U C)
+    y = rows @ toeplitz  # (B, Ho, N, t F)
+    return y.reshape(b, ho, wo, f) + bias  # (B, Ho, Wo, F)
+
+
+CONV_IMPLS = ('xla', 'toeplitz')
+
+
 class MultiMNISTExpert(nn.Module):
   """conv5x5(10)-BN-ReLU-pool2-conv5x5(20)-BN-ReLU-pool2-Dense(50)-ReLU-Dense(50)-ReLU.
 
@@ -48,18 +113,33 @@ class MultiMNISTExpert(nn.Module):
     features: output width H.
     bn_axis_name: pmap axis over which BatchNorm averages its batch statistics,
       so that a data-parallel step equals one step on the whole batch.
+    conv: how the convolutions are computed: ``'xla'`` (``nn.Conv``, XLA's
+      convolution) or ``'toeplitz'`` (``ToeplitzConv``, row matmuls; faster
+      on XLA:CPU). The same function and the same parameters either way, so
+      a checkpoint trained with one runs with the other.
   """
   features: int = 50
   bn_axis_name: Optional[str] = None
+  conv: str = 'xla'
+
+  def __post_init__(self):
+    if self.conv not in CONV_IMPLS:
+      raise ValueError(f'MultiMNISTExpert: conv must be one of {CONV_IMPLS}, '
+                       f'got conv={self.conv!r}.')
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9,
                                 epsilon=1e-5, axis_name=self.bn_axis_name)
-    x = nn.Conv(10, (5, 5), padding='VALID')(x)  # (B, 32, 32, 10)
+    if self.conv == 'xla':
+      conv = lambda f, name: nn.Conv(f, (5, 5), padding='VALID', name=name)
+    else:
+      conv = lambda f, name: ToeplitzConv(f, (5, 5), name=name)
+    x = conv(10, 'Conv_0')(x)  # (B, 32, 32, 10)
     x = nn.relu(norm()(x))
     x = max_pool_2x2(x)  # (B, 16, 16, 10)
-    x = nn.Conv(20, (5, 5), padding='VALID')(x)  # (B, 12, 12, 20)
+    x = conv(20, 'Conv_1')(x)  # (B, 12, 12, 20)
     x = nn.relu(norm()(x))
     x = max_pool_2x2(x)  # (B, 6, 6, 20)
     x = x.reshape(x.shape[0], -1)  # (B, 720)

@@ -88,6 +88,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int):
   impl = config.model.get('expert_impl', 'loop')
   if impl not in models.EXPERT_IMPLS:
     bad('model.expert_impl', impl, f'choose one of {list(models.EXPERT_IMPLS)}')
+  conv = config.model.get('conv', 'auto')
+  if conv not in ('auto',) + models.CONV_IMPLS:
+    bad('model.conv', conv, f'choose one of {["auto", *models.CONV_IMPLS]}')
+  if conv != 'auto' and impl != 'loop':
+    bad('model.conv', conv, f'applies to expert_impl="loop" only, not '
+        f'{impl!r}; set --config.model.conv=auto')
   if config.model.get('sparse_train', False) and (
       gate.name != 'dselect_k' or gate.per_example or
       config.optimizer.name == 'adamw'):
@@ -140,6 +146,8 @@ def create_model(config: ml_collections.ConfigDict,
   """The MultiTaskMoE a config describes (the model never sees the config)."""
   gate = config.model.gate
   gate_kwargs = {arg: gate[arg] for arg in GATE_ARGS[gate.name]}
+  impl = config.model.get('expert_impl', 'loop')
+  expert_kwargs = {'conv': conv_impl(config)} if impl == 'loop' else {}
   return models.MultiTaskMoE(
       num_tasks=2,
       num_experts=config.model.num_experts,
@@ -148,8 +156,21 @@ def create_model(config: ml_collections.ConfigDict,
       shared_gate=config.model.shared_gate,
       routing_input=config.model.routing_input,
       num_classes=10,
-      expert_impl=config.model.get('expert_impl', 'loop'),
+      expert_kwargs=flax.core.FrozenDict(expert_kwargs),
+      expert_impl=impl,
       bn_axis_name=bn_axis_name)
+
+
+def conv_impl(config) -> str:
+  """The expert convolution a config asks for, with 'auto' resolved.
+
+  'auto' is the Toeplitz formulation on CPU (faster there, see
+  models.ToeplitzConv) and XLA's convolution on other backends.
+  """
+  conv = config.model.get('conv', 'auto')
+  if conv == 'auto':
+    return 'toeplitz' if jax.default_backend() == 'cpu' else 'xla'
+  return conv
 
 
 def learning_rate_schedule(config, num_train_steps: int) -> optax.Schedule:

@@ -129,6 +129,7 @@ def run_cell(gate, dataset, seed, out):
       'saturation_step': (saturation_step(records, config.model.gate.k)
                           if config.model.gate.name == 'dselect_k' else None),
       'wall_seconds': time.time() - start,
+      'conv': trainer.conv_impl(config),  # what 'auto' meant on this machine
       'config': json.loads(config.to_json_best_effort()),
   }
   os.makedirs(os.path.dirname(cell_file), exist_ok=True)
@@ -172,11 +173,15 @@ def tabulate(out):
     row['train_images_per_s_after_saturation'] = [a for _, a in speeds]
     row['wall_minutes_mean'] = float(np.mean([c['wall_seconds']
                                               for c in group]) / 60)
+    row['wall_minutes'] = [c['wall_seconds'] / 60 for c in group]
+    # Cells from before the Toeplitz convolution existed used XLA's.
+    row['convs'] = [c.get('conv', 'xla') for c in group]
     rows.append(row)
   with open(os.path.join(out, 'table.json'), 'w') as f:
     json.dump({'rows': rows, 'cells': cells}, f, indent=2)
   lines = ['| data set | gate | seeds | task 1 accuracy | task 2 accuracy | '
-           'experts used per task | saturation step | minutes per run | '
+           'experts used per task | saturation step | minutes per run '
+           '(expert convolution) | '
            'train images/s before / after saturation |',
            '|' + ' --- |' * 9]
   for r in rows:
@@ -185,7 +190,8 @@ def tabulate(out):
         f'{r["accuracy_1_mean"]:.4f} ± {r["accuracy_1_std"]:.4f} | '
         f'{r["accuracy_2_mean"]:.4f} ± {r["accuracy_2_std"]:.4f} | '
         f'{r["experts_used"]} | {r["saturation_steps"]} | '
-        f'{r["wall_minutes_mean"]:.1f} | '
+        + ', '.join(f'{m:.1f} ({conv})' for m, conv in
+                    zip(r['wall_minutes'], r['convs'])) + ' | '
         f'{_speed(r["train_images_per_s_before_saturation"])} / '
         f'{_speed(r["train_images_per_s_after_saturation"])} |')
   with open(os.path.join(out, 'table.md'), 'w') as f:

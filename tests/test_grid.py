@@ -59,6 +59,8 @@ def test_tabulate_means_and_sample_stds(tmp_path):
     cell = {'gate': 'softmax', 'dataset': 'multi_mnist', 'seed': seed,
             'accuracy_1': a1, 'accuracy_2': a2, 'num_nonzero': [8, 8],
             'saturation_step': None, 'wall_seconds': 60.0 * (seed + 1)}
+    if seed:
+      cell['conv'] = 'toeplitz'
     with open(tmp_path / 'cells' / f'multi_mnist-softmax-seed{seed}.json',
               'w') as f:
       json.dump(cell, f)
@@ -72,4 +74,6 @@ def test_tabulate_means_and_sample_stds(tmp_path):
   assert row['wall_minutes_mean'] == pytest.approx(1.5)
   table = (tmp_path / 'table.md').read_text()
   assert '0.9200 ± 0.0283' in table
+  # Per-run minutes with the convolution each run used (xla when unrecorded).
+  assert '1.0 (xla), 2.0 (toeplitz)' in table
   assert (tmp_path / 'accuracy.png').exists()

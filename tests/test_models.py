@@ -3,6 +3,7 @@
 import functools
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -227,12 +228,71 @@ def test_fused_impl_needs_the_multimnist_expert():
     models.ExpertBank(2, impl='vmap')
 
 
+@pytest.mark.parametrize('tile', [1, 2, 3, 8])
+def test_toeplitz_conv_by_hand(tile):
+  # x = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]], kernel [[1, 2], [3, 4]]:
+  # y[i, j] = x[i, j] + 2 x[i, j+1] + 3 x[i+1, j] + 4 x[i+1, j+1] + bias, so
+  # y[0, 0] = 0 + 2 + 12 + 20 = 34, +10 per column (1+2+3+4) and +40 per row.
+  x = jnp.arange(12.0).reshape(1, 3, 4, 1)
+  params = {'kernel': jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(2, 2, 1, 1),
+            'bias': jnp.array([0.5])}
+  y = models.ToeplitzConv(1, (2, 2), tile=tile).apply({'params': params}, x)
+  np.testing.assert_array_equal(y[0, ..., 0],
+                                [[34.5, 44.5, 54.5], [74.5, 84.5, 94.5]])
+
+
+@pytest.mark.parametrize('shape,features,kernel_size,tile', [
+    ((2, 36, 36, 1), 10, (5, 5), 4),   # the experts' first convolution
+    ((2, 16, 16, 10), 20, (5, 5), 4),  # and their second
+    ((2, 16, 16, 10), 20, (5, 5), 5),  # tile 5 does not divide 12: uses 4
+    ((3, 9, 11, 3), 4, (3, 5), 100),   # non-square kernel, one segment
+])
+def test_toeplitz_conv_equals_xla_conv(shape, features, kernel_size, tile):
+  x = jax.random.normal(jax.random.key(0), shape)
+  xla = nn.Conv(features, kernel_size, padding='VALID')
+  toeplitz = models.ToeplitzConv(features, kernel_size, tile=tile)
+  variables = xla.init(jax.random.key(1), x)
+  # Same parameter tree, initialized alike from the same key.
+  jax.tree.map(np.testing.assert_array_equal, variables,
+               toeplitz.init(jax.random.key(1), x))
+  variables = jax.tree.map(lambda v: v + 0.1, variables)  # non-zero bias
+  np.testing.assert_allclose(toeplitz.apply(variables, x),
+                             xla.apply(variables, x), rtol=1e-5, atol=1e-5)
+  # Gradients w.r.t. the input and the parameters, through a non-linear loss.
+  grad = lambda conv: jax.grad(
+      lambda v, x: jnp.sum(jnp.sin(conv.apply(v, x))), argnums=(0, 1))(
+          variables, x)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4,
+                                 atol=1e-4), grad(toeplitz), grad(xla))
+
+
+def test_expert_convolutions_are_interchangeable():
+  xla = models.MultiMNISTExpert(conv='xla')
+  toeplitz = models.MultiMNISTExpert(conv='toeplitz')
+  variables = xla.init(jax.random.key(3), X, train=False)
+  jax.tree.map(np.testing.assert_array_equal, variables,
+               toeplitz.init(jax.random.key(3), X, train=False))
+  for train in (False, True):
+    want, _ = xla.apply(variables, X, train=train, mutable=['batch_stats'])
+    got, _ = toeplitz.apply(variables, X, train=train, mutable=['batch_stats'])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_convolution_attributes_raise():
+  with pytest.raises(ValueError, match="conv='fft'"):
+    models.MultiMNISTExpert(conv='fft')
+  with pytest.raises(ValueError, match='tile=0'):
+    models.ToeplitzConv(4, tile=0)
+  x = jnp.zeros((1, 4, 4, 1))
+  with pytest.raises(ValueError, match='smaller than the kernel 5x5'):
+    models.ToeplitzConv(4).init(jax.random.key(0), x)
+
+
 def test_max_pool_2x2_by_hand():
   x = jnp.arange(16.0).reshape(1, 4, 4, 1)
   # Windows [[0,1],[4,5]] -> 5, [[2,3],[6,7]] -> 7, ... (row-major 4x4).
   np.testing.assert_array_equal(models.max_pool_2x2(x)[0, ..., 0],
                                 [[5, 7], [13, 15]])
   y = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   np.testing.assert_array_equal(models.max_pool_2x2(y),
                                 nn.max_pool(y, (2, 2), strides=(2, 2)))

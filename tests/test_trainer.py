@@ -255,6 +255,7 @@ def test_mistyped_override_fails(tmp_path):
     ('optimizer.name', 'lamb', "optimizer.name='lamb'"),
     ('optimizer.learning_rate', 0.0, 'learning_rate=0.0'),
     ('batch_size', 254, 'multiple of the 4 devices'),
+    ('model.conv', 'fft', "model.conv='fft'"),
 ])
 def test_invalid_config_values(field, value, match):
   config = multimnist.get_config()
@@ -265,6 +266,22 @@ def test_invalid_config_values(field, value, match):
   section[last] = value
   with pytest.raises(trainer.ConfigError, match=match):
     trainer.validate_config(config, jax.device_count())
+
+
+def test_conv_choice_reaches_the_experts():
+  config = multimnist.get_config()
+  # 'auto' is the Toeplitz formulation on CPU (the test machine).
+  assert jax.default_backend() == 'cpu'
+  assert trainer.create_model(config).expert_kwargs['conv'] == 'toeplitz'
+  config.model.conv = 'xla'
+  assert trainer.create_model(config).expert_kwargs['conv'] == 'xla'
+  # The fused experts have their own convolutions: only 'auto' goes with them.
+  config.model.expert_impl = 'fused_grouped'
+  with pytest.raises(trainer.ConfigError, match='expert_impl="loop" only'):
+    trainer.validate_config(config, 1)
+  config.model.conv = 'auto'
+  trainer.validate_config(config, 1)
+  assert 'conv' not in trainer.create_model(config).expert_kwargs
 
 
 def test_train_cli_bad_value_is_one_line_without_traceback(tmp_path):
