@@ -1,9 +1,10 @@
 """Does any XLA:CPU option speed up the expert bank? Each option in a child.
 
-  python benchmarks/xla_cpu_flags.py [--batch=256] [--out=results/xla_cpu_flags.txt]
+  python benchmarks/xla_cpu_flags.py [--batch=256] [--conv=toeplitz] [--out=FILE]
 
 Times forward + backward of the 8-expert MultiMNIST bank (as
-benchmarks/expert_formulations.py, impl 'loop') once per XLA_FLAGS setting,
+benchmarks/expert_formulations.py, impl 'loop', with the experts' --conv
+convolutions) once per XLA_FLAGS setting,
 each in its own subprocess, and prints images/s and the ratio to the default
 flags (the baseline, run in the same command). The settings are the
 library offloads this jaxlib knows (oneDNN, XNNPACK, YNNPACK) and splitting
@@ -24,6 +25,8 @@ _BATCH = flags.DEFINE_integer('batch', 256, 'Images per step (all devices).')
 _REPEATS = flags.DEFINE_integer('repeats', 8, 'Timed steps; best is kept.')
 _CHILD = flags.DEFINE_bool('child', False, 'Internal: time one setting.')
 _OUT = flags.DEFINE_string('out', None, 'Also write the table here.')
+_CONV = flags.DEFINE_enum('conv', 'toeplitz', ['xla', 'toeplitz'],
+                          'The experts\' convolutions (models.CONV_IMPLS).')
 
 SETTINGS = (
     ('default', ''),
@@ -34,12 +37,16 @@ SETTINGS = (
      'individual_convolution,individual_dot'),
     ('YNNPACK conv+dot', '--xla_cpu_experimental_ynn_fusion_type='
      'individual_convolution,individual_dot'),
+    ('no YNNPACK', '--xla_cpu_experimental_ynn_fusion_type='),
+    ('XNNPACK dot', '--xla_cpu_experimental_xnn_fusion_type=individual_dot'),
+    ('oneDNN dot', '--xla_cpu_experimental_onednn_fusion_type='
+     'individual_dot'),
     ('2 CPU devices', '--xla_force_host_platform_device_count=2'),
     ('4 CPU devices', '--xla_force_host_platform_device_count=4'),
 )
 
 
-def child(batch, repeats):
+def child(batch, repeats, conv):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
       __file__))))
   import jax  # pylint: disable=g-import-not-at-top
@@ -47,7 +54,8 @@ def child(batch, repeats):
   from dselect_jax import models  # pylint: disable=g-import-not-at-top
 
   n = jax.local_device_count()
-  bank = models.ExpertBank(8, expert_kwargs={'bn_axis_name': 'batch'})
+  bank = models.ExpertBank(8, expert_kwargs={'bn_axis_name': 'batch',
+                                             'conv': conv})
   x = jax.random.uniform(jax.random.key(0), (n, batch // n, 36, 36, 1))
   variables = jax.jit(bank.init, static_argnames='train')(
       jax.random.key(1), x[0], train=False)
@@ -74,18 +82,19 @@ def child(batch, repeats):
 def main(argv):
   del argv
   if _CHILD.value:
-    print(json.dumps({'rate': child(_BATCH.value, _REPEATS.value)}))
+    print(json.dumps({'rate': child(_BATCH.value, _REPEATS.value,
+                                    _CONV.value)}))
     return
   lines = [f'$ python {" ".join(sys.argv)}',
-           f'# forward+backward of the 8-expert bank, batch {_BATCH.value}, '
-           f'{os.cpu_count()} CPUs']
+           f'# forward+backward of the 8-expert bank ({_CONV.value} '
+           f'convolutions), batch {_BATCH.value}, {os.cpu_count()} CPUs']
   print('\n'.join(lines), flush=True)
   base = None
   for name, xla_flags in SETTINGS:
     env = dict(os.environ, XLA_FLAGS=xla_flags)
     out = subprocess.run(
         [sys.executable, __file__, '--child', f'--batch={_BATCH.value}',
-         f'--repeats={_REPEATS.value}'], capture_output=True, text=True,
+         f'--repeats={_REPEATS.value}', f'--conv={_CONV.value}'], capture_output=True, text=True,
         env=env, check=False)
     if out.returncode:
       lines.append(f'{name:18s} error: {out.stderr.strip().splitlines()[-1]}')
