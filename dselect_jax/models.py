@@ -38,26 +38,55 @@ def max_pool_2x2(x: Array) -> Array:
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-class ToeplitzConv(nn.Module):
+def toeplitz_conv(x: Array, kernel: Array, tile: int = 4) -> Array:
   """A VALID, stride-1 2-D convolution computed as matmuls on image rows.
 
-  Same parameters (``kernel`` (kh, kw, C, F), ``bias`` (F,), nn.Conv's
-  initializers) and outputs as ``nn.Conv(features, kernel_size,
-  padding='VALID')``, in another formulation: each output row is cut into
-  segments of ``tile`` columns, and a segment is one matmul of the kh input
-  rows it sees (tile + kw - 1 columns each, flattened) with a banded
-  (Toeplitz) matrix built from the kernel:
+  ``(B, H, W, C), (kh, kw, C, F) -> (B, Ho, Wo, F)``, equal to
+  ``lax.conv_general_dilated(x, kernel, (1, 1), 'VALID')`` (NHWC, HWIO) in
+  another formulation: each output row is cut into segments of t columns,
+  and a segment is one matmul of the kh input rows it sees (t + kw - 1
+  columns each, flattened) with a banded (Toeplitz) matrix built from the
+  kernel:
 
     y[b, i, j0 + o, f] = sum_{dy, u, c} x[b, i + dy, j0 + u, c] T[dy, u, c, o, f]
     T[dy, u, c, o, f] = kernel[dy, u - o, c, f] if 0 <= u - o < kw else 0
 
-  The matmuls do (tile + kw - 1) / kw times the convolution's FLOPs, but with
+  The matmuls do (t + kw - 1) / kw times the convolution's FLOPs, but with
   few channels (MultiMNIST's experts have 1 -> 10 -> 20) XLA:CPU runs them
-  several times faster than its convolution kernels, forward and backward
+  several times faster than its convolution, forward and backward
   (benchmarks/train_speed.py compares the two in the real training step).
 
   Shape legend: Ho = H - kh + 1, Wo = W - kw + 1; N = Wo / t segments of t
   columns (t: the largest divisor of Wo <= tile); U = t + kw - 1 input columns.
+  """
+  b, h, w, c = x.shape
+  kh, kw, _, f = kernel.shape
+  ho, wo = h - kh + 1, w - kw + 1
+  if ho < 1 or wo < 1:
+    raise ValueError(f'toeplitz_conv: input {h}x{w} is smaller than the '
+                     f'kernel {kh}x{kw}.')
+  t = max(d for d in range(1, min(tile, wo) + 1) if wo % d == 0)
+  n, u = wo // t, t + kw - 1
+  # shift[dx, u, o] = 1 where input column u of a segment meets output column
+  # o through kernel column dx = u - o.
+  shift = np.zeros((kw, u, t), np.float32)
+  for dx in range(kw):
+    shift[dx, np.arange(t) + dx, np.arange(t)] = 1
+  toeplitz = jnp.einsum('xuo,yxcf->yucof', shift, kernel.astype(x.dtype))
+  toeplitz = toeplitz.reshape(kh * u * c, t * f)  # (kh U C, t F)
+  segments = jnp.stack([x[:, :, j * t:j * t + u] for j in range(n)],
+                       axis=2)  # (B, H, N, U, C)
+  rows = jnp.concatenate(
+      [segments[:, dy:dy + ho].reshape(b, ho, n, u * c) for dy in range(kh)],
+      axis=-1)  # (B, Ho, N, kh U C)
+  return (rows @ toeplitz).reshape(b, ho, wo, f)  # (B, Ho, Wo, F)
+
+
+class ToeplitzConv(nn.Module):
+  """``nn.Conv(features, kernel_size, padding='VALID')`` by ``toeplitz_conv``.
+
+  Same parameters (``kernel`` (kh, kw, C, F), ``bias`` (F,), nn.Conv's
+  initializers, so the same values from the same key) and outputs as nn.Conv.
   """
   features: int
   kernel_size: tuple[int, int] = (5, 5)
@@ -72,32 +101,10 @@ class ToeplitzConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    b, h, w, c = x.shape
-    kh, kw = self.kernel_size
-    f = self.features
-    ho, wo = h - kh + 1, w - kw + 1
-    if ho < 1 or wo < 1:
-      raise ValueError(f'ToeplitzConv: input {h}x{w} is smaller than the '
-                       f'kernel {kh}x{kw}.')
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (kh, kw, c, f))
-    bias = self.param('bias', nn.initializers.zeros, (f,))
-    t = max(d for d in range(1, min(self.tile, wo) + 1) if wo % d == 0)
-    n, u = wo // t, t + kw - 1
-    # shift[dx, u, o] = 1 where input column u of a segment meets output
-    # column o through kernel column dx = u - o.
-    shift = np.zeros((kw, u, t), np.float32)
-    for dx in range(kw):
-      shift[dx, np.arange(t) + dx, np.arange(t)] = 1
-    toeplitz = jnp.einsum('xuo,yxcf->yucof', shift, kernel.astype(x.dtype))
-    toeplitz = toeplitz.reshape(kh * u * c, t * f)  # (kh U C, t F)
-    segments = jnp.stack([x[:, :, j * t:j * t + u] for j in range(n)],
-                         axis=2)  # (B, H, N, U, C)
-    rows = jnp.concatenate(
-        [segments[:, dy:dy + ho].reshape(b, ho, n, u * c)
-         for dy in range(kh)], axis=-1)  # (B, Ho, N, kh U C)
-    y = rows @ toeplitz  # (B, Ho, N, t F)
-    return y.reshape(b, ho, wo, f) + bias  # (B, Ho, Wo, F)
+                        (*self.kernel_size, x.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    return toeplitz_conv(x, kernel, self.tile) + bias
 
 
 CONV_IMPLS = ('xla', 'toeplitz')
