@@ -4,7 +4,8 @@
 
 Forward + backward of sum(experts(x)**2) (BatchNorm in training mode), jitted,
 warm, best of --repeats. Prints images/s and the ratio to the per-expert loop
-(the baseline, run in the same process).
+with XLA's convolutions (the baseline, run in the same process); the loop
+with Toeplitz convolutions (models.ToeplitzConv) and the fused layouts follow.
 """
 
 import functools
@@ -22,8 +23,9 @@ _EXPERTS = flags.DEFINE_integer('experts', 8, 'Experts.')
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed steps.')
 
 
-def bench(impl, batch, experts, repeats):
-  bank = models.ExpertBank(experts, impl=impl)
+def bench(impl, conv, batch, experts, repeats):
+  kwargs = {'conv': conv} if impl == 'loop' else {}
+  bank = models.ExpertBank(experts, impl=impl, expert_kwargs=kwargs)
   x = jax.random.uniform(jax.random.key(0), (batch, 36, 36, 1))
   variables = bank.init(jax.random.key(1), x, train=False)
 
@@ -52,12 +54,15 @@ def main(argv):
   print(f'{jax.devices()[0].platform}, batch {_BATCH.value}, '
         f'{_EXPERTS.value} experts; forward+backward of the expert bank')
   base = None
-  for impl in models.EXPERT_IMPLS:
-    rate, compile_s = bench(impl, _BATCH.value, _EXPERTS.value,
+  variants = [('loop', conv) for conv in models.CONV_IMPLS]
+  variants += [(impl, None) for impl in models.EXPERT_IMPLS if impl != 'loop']
+  for impl, conv in variants:
+    rate, compile_s = bench(impl, conv, _BATCH.value, _EXPERTS.value,
                             _REPEATS.value)
     base = base or rate
-    print(f'{impl:10s} {rate:9.0f} images/s  x{rate / base:5.2f} vs loop  '
-          f'compile {compile_s:5.1f} s')
+    name = f'{impl}, {conv} conv' if conv else impl
+    print(f'{name:18s} {rate:9.0f} images/s  x{rate / base:5.2f} vs loop  '
+          f'compile {compile_s:5.1f} s', flush=True)
 
 
 if __name__ == '__main__':

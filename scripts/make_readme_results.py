@@ -174,7 +174,10 @@ def main():
   lines += section('Training speed against PyTorch (CPU)', 'train_speed.md')
   lines += section('Splitting the CPU into several XLA devices',
                    'train_speed_cpu_devices.md')
-  lines += section('XLA:CPU options (CPU)', 'xla_cpu_flags.txt', fence=True)
+  lines += section('XLA:CPU options (CPU), Toeplitz convolutions',
+                   'xla_cpu_flags_toeplitz.txt', fence=True)
+  lines += section('XLA:CPU options (CPU), XLA convolutions',
+                   'xla_cpu_flags.txt', fence=True)
   lines += section('Expert formulations (CPU)', 'expert_formulations.txt',
                    fence=True)
   lines += section('Sparse evaluation once a gate has converged',
