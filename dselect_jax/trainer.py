@@ -513,7 +513,9 @@ def _train_and_evaluate(config, workdir, num_devices, is_chief):
   tx = create_optimizer(config, num_train_steps)
   abstract = abstract_state(config, model, tx)
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-  logging.info('model: %d parameters', num_params)
+  logging.info('model: %d parameters; experts %s with %s convolutions',
+               num_params, model.expert_impl,
+               model.expert_kwargs.get('conv', 'xla'))  # fused: nn.Conv
 
   ckpts = checkpointing.Checkpoints(workdir, config.max_to_keep)
   if ckpts.latest_step() is None:
