@@ -7,13 +7,17 @@ seconds to build all composites (train + validation + test), and the ratio of
 the total to the 10 s budget of the data issue.
 """
 
+import os
+import sys
 import time
 
 from absl import app
 from absl import flags
 
-from dselect_jax import input_pipeline
-from dselect_jax import sources
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dselect_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dselect_jax import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Raw files folder.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Builds per cell; best is kept.')

@@ -9,6 +9,8 @@ with Toeplitz convolutions (models.ToeplitzConv) and the fused layouts follow.
 """
 
 import functools
+import os
+import sys
 import time
 
 from absl import app
@@ -16,7 +18,9 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-from dselect_jax import models
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dselect_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _BATCH = flags.DEFINE_integer('batch', 256, 'Images per step.')
 _EXPERTS = flags.DEFINE_integer('experts', 8, 'Experts.')

@@ -10,6 +10,8 @@ sparse=True (only the used ones), in one process, and checks that both give
 the same accuracies, losses and weights.
 """
 
+import os
+import sys
 import time
 
 from absl import app
@@ -18,10 +20,12 @@ import flax
 import jax
 import numpy as np
 
-from configs import multimnist
-from dselect_jax import gates
-from dselect_jax import input_pipeline
-from dselect_jax import trainer
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import multimnist  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dselect_jax import gates  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dselect_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dselect_jax import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _EXPERTS = flags.DEFINE_integer('experts', 8, 'Experts.')
 _K = flags.DEFINE_integer('k', 2, 'Selectors per gate.')
