@@ -53,8 +53,9 @@ def toeplitz_conv(x: Array, kernel: Array, tile: int = 4) -> Array:
 
   The matmuls do (t + kw - 1) / kw times the convolution's FLOPs, but with
   few channels (MultiMNIST's experts have 1 -> 10 -> 20) XLA:CPU runs them
-  several times faster than its convolution, forward and backward
-  (benchmarks/train_speed.py compares the two in the real training step).
+  faster than its convolution, forward and backward: the whole training
+  step gains 1.2-2x (results/train_speed.md, made by
+  benchmarks/train_speed.py).
 
   Shape legend: Ho = H - kh + 1, Wo = W - kw + 1; N = Wo / t segments of t
   columns (t: the largest divisor of Wo <= tile); U = t + kw - 1 input columns.
@@ -67,8 +68,8 @@ def toeplitz_conv(x: Array, kernel: Array, tile: int = 4) -> Array:
                      f'kernel {kh}x{kw}.')
   t = max(d for d in range(1, min(tile, wo) + 1) if wo % d == 0)
   n, u = wo // t, t + kw - 1
-  # shift[dx, u, o] = 1 where input column u of a segment meets output column
-  # o through kernel column dx = u - o.
+  # shift[dx, i, o] = 1 where input column i of a segment meets output column
+  # o through kernel column dx = i - o.
   shift = np.zeros((kw, u, t), np.float32)
   for dx in range(kw):
     shift[dx, np.arange(t) + dx, np.arange(t)] = 1
