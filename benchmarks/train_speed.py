@@ -11,9 +11,9 @@ memory is its own), one after the other, on random images; times are warm
 
 Ours is the real training step of dselect_jax.trainer (pmap over one device,
 or over N when --cpu_devices lists N > 1) with each expert implementation
-(and, for the 'loop' experts, each convolution of --convs);
-PyTorch is eager mode (torch is an optional, benchmark-only dependency: pip
-install torch==2.13.0). Achieved GFLOP/s uses
+(and, for the 'loop' experts, each convolution of --convs); PyTorch is eager
+mode (torch is an optional, benchmark-only dependency: pip install
+torch==2.13.0). Achieved GFLOP/s uses
 2.03 MFLOP per expert per image forward (conv1 0.51, conv2 1.44, dense 0.08)
 and 3x forward for a training step; the machine's rate is a float32 matmul
 measured in the same command.

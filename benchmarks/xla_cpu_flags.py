@@ -94,8 +94,8 @@ def main(argv):
     env = dict(os.environ, XLA_FLAGS=xla_flags)
     out = subprocess.run(
         [sys.executable, __file__, '--child', f'--batch={_BATCH.value}',
-         f'--repeats={_REPEATS.value}', f'--conv={_CONV.value}'], capture_output=True, text=True,
-        env=env, check=False)
+         f'--repeats={_REPEATS.value}', f'--conv={_CONV.value}'],
+        capture_output=True, text=True, env=env, check=False)
     if out.returncode:
       lines.append(f'{name:18s} error: {out.stderr.strip().splitlines()[-1]}')
     else:
