@@ -12,13 +12,16 @@ memory is its own), one after the other, on random images; times are warm
 Ours is the real training step of dselect_jax.trainer (pmap over one device,
 or over N when --cpu_devices lists N > 1) with each expert implementation
 (and, for the 'loop' experts, each convolution of --convs); PyTorch is eager
-mode (torch is an optional, benchmark-only dependency: pip install
-torch==2.13.0). Achieved GFLOP/s uses
+mode on --torch_device (torch is an optional, benchmark-only dependency: pip
+install torch==2.13.0). On a GPU, JAX runs there by default; pass
+--torch_device=cuda and more --steps (a window should last well past the
+launch overhead). Achieved GFLOP/s uses
 2.03 MFLOP per expert per image forward (conv1 0.51, conv2 1.44, dense 0.08)
 and 3x forward for a training step; the machine's rate is a float32 matmul
 measured in the same command.
 """
 
+import functools
 import json
 import os
 import resource
@@ -42,6 +45,8 @@ _CPU_DEVICES = flags.DEFINE_list(
     'Also time ours with the CPU split into this many XLA devices '
     '(--xla_force_host_platform_device_count; the trainer pmaps over them, '
     'each device gets batch / N).')
+_TORCH_DEVICE = flags.DEFINE_string(
+    'torch_device', 'cpu', 'Where PyTorch runs: cpu or cuda.')
 _IMPLS = flags.DEFINE_list('impls', ['loop'],
                            'Our expert implementations to time (see '
                            'models.EXPERT_IMPLS; the fused ones are slow on '
@@ -67,7 +72,6 @@ def child_jax(batch, steps, repeats, impl, conv, devices):
   if devices > 1:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_'
                                f'force_host_platform_device_count={devices}')
-  import functools  # pylint: disable=g-import-not-at-top
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -119,9 +123,15 @@ def child_jax(batch, steps, repeats, impl, conv, devices):
           'compile_s': compile_s}
 
 
-def child_torch(batch, steps, repeats):
+def child_torch(batch, steps, repeats, device):
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
+
+  device = torch.device(device)
+
+  def sync():
+    if device.type == 'cuda':
+      torch.cuda.synchronize()
 
   def expert():
     return nn.Sequential(
@@ -170,10 +180,10 @@ def child_torch(batch, steps, repeats):
               for gate, tower in zip(self.gates, self.towers)]
 
   torch.manual_seed(0)
-  model = Model()
+  model = Model().to(device)
   opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-  x = torch.rand(batch, 1, 36, 36)
-  y = torch.randint(0, 10, (batch, 2))
+  x = torch.rand(batch, 1, 36, 36, device=device)
+  y = torch.randint(0, 10, (batch, 2), device=device)
   loss_fn = nn.CrossEntropyLoss()
 
   def train(n):
@@ -184,12 +194,14 @@ def child_torch(batch, steps, repeats):
       loss = loss_fn(logits[0], y[:, 0]) + loss_fn(logits[1], y[:, 1])
       loss.backward()
       opt.step()
+    sync()
 
   def evaluate(n):
     model.eval()
     with torch.no_grad():
       for _ in range(n):
         model(x)
+    sync()
 
   start = time.perf_counter()
   train(1)
@@ -208,7 +220,8 @@ def matmul_gflops():
   f = jax.jit(lambda a: a @ a)
   f(a).block_until_ready()
   best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(5))
-  return 2 * n**3 / best / 1e9
+  return {'gflops': 2 * n**3 / best / 1e9,
+          'device': f'{jax.default_backend()}: {jax.devices()[0].device_kind}'}
 
 
 def _timed(fn):
@@ -221,6 +234,7 @@ def _run_child(name, batch, impl='loop', conv='xla', devices=1):
   cmd = [sys.executable, __file__, f'--child={name}', f'--impl={impl}',
          f'--conv={conv}',
          f'--cpu_devices={devices}',
+         f'--torch_device={_TORCH_DEVICE.value}',
          f'--batches={batch}', f'--steps={_STEPS.value}',
          f'--repeats={_REPEATS.value}']
   out = subprocess.run(cmd, capture_output=True, text=True, check=False,
@@ -238,9 +252,10 @@ def main(argv):
         os.path.abspath(__file__))))
     batch = int(_BATCHES.value[0])
     if _CHILD.value == 'torch':
-      result = child_torch(batch, _STEPS.value, _REPEATS.value)
+      result = child_torch(batch, _STEPS.value, _REPEATS.value,
+                           _TORCH_DEVICE.value)
     elif _CHILD.value == 'matmul':
-      result = {'gflops': matmul_gflops()}
+      result = matmul_gflops()
     else:
       result = child_jax(batch, _STEPS.value, _REPEATS.value, _IMPL.value,
                          _CONV.value, int(_CPU_DEVICES.value[0]))
@@ -249,25 +264,30 @@ def main(argv):
     print(json.dumps(result))
     return
 
-  peak = _run_child('matmul', 256)['gflops']
+  matmul = _run_child('matmul', 256)
+  peak = matmul['gflops']
   lines = [f'# Training throughput, MultiMNIST MoE (8 experts, 2 DSelect-k '
-           f'gates), {os.cpu_count()} CPUs',
+           f'gates), {os.cpu_count()} CPUs, JAX on {matmul["device"]}',
            '', f'float32 matmul (2048^2, XLA): {peak:.0f} GFLOP/s', '',
            '| batch | implementation | train img/s | x PyTorch | train '
            'GFLOP/s | % of matmul | eval img/s | x PyTorch | compile s | '
            'peak RSS MB |', '|' + ' --- |' * 10]
+  variants = [(impl, conv, n) for impl in _IMPLS.value
+              for conv in (_CONVS.value if impl == 'loop' else ['auto'])
+              for n in map(int, _CPU_DEVICES.value)]
   for batch in map(int, _BATCHES.value):
     torch_result = _run_child('torch', batch)
-    rows = [('pytorch eager', torch_result)]
-    variants = [(impl, conv) for impl in _IMPLS.value
-                for conv in (_CONVS.value if impl == 'loop' else ['auto'])]
+    rows = [(f'pytorch eager ({_TORCH_DEVICE.value})',
+             lambda r=torch_result: r)]
     rows += [(f'ours: {impl}' + (f', {conv} conv' if impl == 'loop' else '')
               + (f', {n} CPU devices' if n > 1 else ''),
-              _run_child('jax', batch, impl, conv, n))
-             for impl, conv in variants for n in map(int, _CPU_DEVICES.value)]
-    for name, r in rows:
+              functools.partial(_run_child, 'jax', batch, impl, conv, n))
+             for impl, conv, n in variants]
+    for name, run in rows:  # Each row printed as soon as it is measured.
+      r = run()
       if 'error' in r:
         lines.append(f'| {batch} | {name} | error: {r["error"]} |')
+        print(lines[-1], flush=True)
         continue
       flops = r['train'] * 3 * NUM_EXPERTS * FWD_FLOP_PER_EXPERT / 1e9
       tr = r['train'] / torch_result.get('train', float('nan'))

@@ -41,10 +41,12 @@ def get_config() -> ml_collections.ConfigDict:
   # either way: a checkpoint trained with one evaluates with the other.
   config.model.conv = 'auto'
   # Evaluate only the experts some static gate still weighs (same logits as
-  # computing all of them; faster once the gates have converged).
+  # computing all of them; faster once the gates have converged). 'loop'
+  # experts only: the fused ones always run dense.
   config.model.sparse_eval = True
   # Train only the experts some static gate still weighs (checked at every
-  # log step); exact for adam and sgd, see trainer.SparseTrainSteps.
+  # log step); exact for adam and sgd, see trainer.SparseTrainSteps. Needs
+  # expert_impl='loop'.
   config.model.sparse_train = False
   # What a per-example gate routes on: 'input' (pixels) or 'experts' (mean
   # expert output).

@@ -102,6 +102,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int):
         'expert back, a softmax gate drops none) and an optimizer without '
         'weight decay (adam or sgd; weight decay can also bring one back); '
         'set --config.model.sparse_train=False')
+  if config.model.get('sparse_train', False) and impl != 'loop':
+    bad('model.sparse_train', True,
+        f'needs expert_impl="loop" (the {impl!r} experts are computed '
+        'together); set --config.model.expert_impl=loop')
   if config.model.num_experts < 2:
     bad('model.num_experts', config.model.num_experts, 'must be >= 2')
   if gate.name != 'softmax' and not 1 <= gate.k <= config.model.num_experts:
@@ -370,14 +374,16 @@ class Evaluator:
   weighs are computed (``MultiTaskMoE.active_experts``): the others have
   weight exactly 0, so the logits are the dense ones. Once DSelect-k has
   converged to k experts per task, evaluation is that much cheaper. One
-  compiled step is kept per set of active experts.
+  compiled step is kept per set of active experts. The fused expert
+  implementations compute all experts in shared ops, so they always run dense.
   """
 
   def __init__(self, model: models.MultiTaskMoE, num_devices: int,
                sparse: bool = True):
     self.model = model
     self.num_devices = num_devices
-    self.sparse = sparse and not model.per_example
+    self.sparse = (sparse and not model.per_example and
+                   model.expert_impl == 'loop')
     self._steps = {}
 
   def _step(self, active):

@@ -432,6 +432,27 @@ def test_sparse_eval_equals_dense_eval(shared_gate):
     np.testing.assert_allclose(got[key], want[key], rtol=1e-6)
 
 
+@pytest.mark.parametrize('impl', ['fused_grouped', 'fused_patches'])
+def test_fused_experts_evaluate_dense_once_the_gates_have_saturated(impl):
+  # The fused experts are computed together: the sparse evaluator has nothing
+  # to leave out and must not try (it used to fail once a gate saturated).
+  config = tiny_config(**{'model.num_experts': 4, 'model.gate.k': 1,
+                          'model.expert_impl': impl})
+  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
+  tx = trainer.create_optimizer(config, 10)
+  state = trainer.initial_state(config, model, tx, jax.random.key(0))
+  params = flax.core.unfreeze(state.params)
+  params['gate_0']['z_logits'] = np.array([[1.0, -1.0]], np.float32)  # 10: 2
+  params['gate_1']['z_logits'] = np.array([[-1.0, 1.0]], np.float32)  # 01: 1
+  state = flax.jax_utils.replicate(state.replace(params=params))
+  split = input_pipeline.load('multi_mnist_sample')['test']
+  evaluator = trainer.Evaluator(model, 4, sparse=True)
+  assert evaluator.active(state) is None
+  result = evaluator(state, split, 200)
+  assert result['selected_experts'] == [[2], [1]]
+  assert result['num_examples'] == len(split)
+
+
 def test_sparse_train_step_matches_the_dense_step():
   config = tiny_config(**{'model.num_experts': 4, 'model.gate.k': 1,
                           'model.sparse_train': True,
@@ -473,7 +494,8 @@ def test_sparse_train_needs_static_dselect_k_gates_and_no_weight_decay():
   for field, value in (('optimizer.name', 'adamw'),
                        ('model.gate.per_example', True),
                        ('model.gate.name', 'top_k'),
-                       ('model.gate.name', 'softmax')):
+                       ('model.gate.name', 'softmax'),
+                       ('model.expert_impl', 'fused_grouped')):
     config = tiny_config(**{'model.sparse_train': True, field: value})
     with pytest.raises(trainer.ConfigError, match='model.sparse_train'):
       trainer.validate_config(config, 4)
