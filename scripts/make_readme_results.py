@@ -65,7 +65,18 @@ def headline() -> list[str]:
     lines += ['', _read(notes).strip()]
   lines += ['', 'Logs, metrics, plots and configs: '
             '`results/multimnist_fast/`.']
-  return lines
+  return lines + full_recipe()
+
+
+def full_recipe() -> list[str]:
+  """The status of the 100-epoch runs, from results/headline/NOTES.md."""
+  notes = os.path.join(RESULTS, 'headline', 'NOTES.md')
+  if not os.path.exists(notes):
+    return []
+  # The title and the first paragraph under it.
+  title, first = _read(notes).strip().split('\n\n')[:2]
+  return ['', f'**{title.lstrip("# ")}:** ' + ' '.join(first.split()) +
+          ' Scripts and what was tried: `results/headline/NOTES.md`.']
 
 
 def _mean_std(values):
