@@ -403,22 +403,28 @@ def test_checkpoint_of_another_config_is_a_clear_error(tmp_path):
   assert not os.path.exists(os.path.join(workdir, 'damaged'))
 
 
-@pytest.mark.parametrize('shared_gate', [True, False])
-def test_sparse_eval_equals_dense_eval(shared_gate):
-  config = tiny_config(**{'model.num_experts': 5, 'model.gate.k': 2,
-                          'model.shared_gate': shared_gate})
+def model_and_state(config, **bit_logits):
+  """The config's model and a replicated initial state whose gates (by name)
+  have the given DSelect-k bit logits."""
   model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
   tx = trainer.create_optimizer(config, 10)
   state = trainer.initial_state(config, model, tx, jax.random.key(0))
   params = flax.core.unfreeze(state.params)
+  for gate, logits in bit_logits.items():
+    params[gate]['z_logits'] = np.array(logits, np.float32)
+  return model, flax.jax_utils.replicate(state.replace(params=params))
+
+
+@pytest.mark.parametrize('shared_gate', [True, False])
+def test_sparse_eval_equals_dense_eval(shared_gate):
+  config = tiny_config(**{'model.num_experts': 5, 'model.gate.k': 2,
+                          'model.shared_gate': shared_gate})
   # Bits MSB first over 3 bits: gate 0 picks experts 1 (001) and 4 (100),
   # gate 1 (when there is one) experts 1 and 2 (010).
-  params['gate_0']['z_logits'] = np.array([[-1, -1, 1], [1, -1, -1]],
-                                          np.float32)
+  logits = {'gate_0': [[-1, -1, 1], [1, -1, -1]]}
   if not shared_gate:
-    params['gate_1']['z_logits'] = np.array([[-1, -1, 1], [-1, 1, -1]],
-                                            np.float32)
-  state = flax.jax_utils.replicate(state.replace(params=params))
+    logits['gate_1'] = [[-1, -1, 1], [-1, 1, -1]]
+  model, state = model_and_state(config, **logits)
   split = input_pipeline.load('multi_mnist_sample')['test']
   dense = trainer.Evaluator(model, 4, sparse=False)
   sparse = trainer.Evaluator(model, 4, sparse=True)
@@ -438,13 +444,8 @@ def test_fused_experts_evaluate_dense_once_the_gates_have_saturated(impl):
   # to leave out and must not try (it used to fail once a gate saturated).
   config = tiny_config(**{'model.num_experts': 4, 'model.gate.k': 1,
                           'model.expert_impl': impl})
-  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
-  tx = trainer.create_optimizer(config, 10)
-  state = trainer.initial_state(config, model, tx, jax.random.key(0))
-  params = flax.core.unfreeze(state.params)
-  params['gate_0']['z_logits'] = np.array([[1.0, -1.0]], np.float32)  # 10: 2
-  params['gate_1']['z_logits'] = np.array([[-1.0, 1.0]], np.float32)  # 01: 1
-  state = flax.jax_utils.replicate(state.replace(params=params))
+  # Bits MSB first over 2 bits: gate 0 picks expert 2 (10), gate 1 expert 1.
+  model, state = model_and_state(config, gate_0=[[1, -1]], gate_1=[[-1, 1]])
   split = input_pipeline.load('multi_mnist_sample')['test']
   evaluator = trainer.Evaluator(model, 4, sparse=True)
   assert evaluator.active(state) is None
