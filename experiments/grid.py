@@ -266,7 +266,10 @@ def main(argv):
              for s in _SEEDS.value]
     for i, (gate, dataset, seed) in enumerate(cells):
       if i % count == index:
-        run_cell(gate, dataset, seed, out)
+        try:
+          run_cell(gate, dataset, seed, out)
+        except trainer.Interrupted as e:  # SIGTERM/SIGINT: checkpoint saved.
+          sys.exit(f'stopped: {e}')
   for row in tabulate(out):
     print(row['dataset'], row['gate'], f'{row["accuracy_1_mean"]:.4f}',
           f'{row["accuracy_2_mean"]:.4f}')

@@ -15,3 +15,6 @@ grid --gates=dselect_k --seeds=1,2
 grid --gates=top_k --seeds=1,2
 grid --gates=dselect_k,top_k --datasets=multi_fashion,multi_fashion_mnist --seeds=0
 grid --seeds=0,1,2
+# Beyond the minimum (the Multi-(Fashion+MNIST) cells of this call did not
+# run yet; the same line resumes them):
+grid --gates=dselect_k,top_k --datasets=multi_fashion,multi_fashion_mnist --seeds=1
