@@ -277,26 +277,26 @@ def main(argv):
               for n in map(int, _CPU_DEVICES.value)]
   for batch in map(int, _BATCHES.value):
     torch_result = _run_child('torch', batch)
-    rows = [(f'pytorch eager ({_TORCH_DEVICE.value})',
-             lambda r=torch_result: r)]
-    rows += [(f'ours: {impl}' + (f', {conv} conv' if impl == 'loop' else '')
-              + (f', {n} CPU devices' if n > 1 else ''),
-              functools.partial(_run_child, 'jax', batch, impl, conv, n))
-             for impl, conv, n in variants]
-    for name, run in rows:  # Each row printed as soon as it is measured.
-      r = run()
+
+    def add_row(name, r, batch=batch, torch_result=torch_result):
+      """Formats one measurement and prints it at once."""
       if 'error' in r:
         lines.append(f'| {batch} | {name} | error: {r["error"]} |')
-        print(lines[-1], flush=True)
-        continue
-      flops = r['train'] * 3 * NUM_EXPERTS * FWD_FLOP_PER_EXPERT / 1e9
-      tr = r['train'] / torch_result.get('train', float('nan'))
-      ev = r['eval'] / torch_result.get('eval', float('nan'))
-      lines.append(f'| {batch} | {name} | {r["train"]:.0f} | {tr:.2f} | '
-                   f'{flops:.1f} | {100 * flops / peak:.0f}% | '
-                   f'{r["eval"]:.0f} | {ev:.2f} | {r["compile_s"]:.1f} | '
-                   f'{r["peak_rss_mb"]:.0f} |')
+      else:
+        flops = r['train'] * 3 * NUM_EXPERTS * FWD_FLOP_PER_EXPERT / 1e9
+        tr = r['train'] / torch_result.get('train', float('nan'))
+        ev = r['eval'] / torch_result.get('eval', float('nan'))
+        lines.append(f'| {batch} | {name} | {r["train"]:.0f} | {tr:.2f} | '
+                     f'{flops:.1f} | {100 * flops / peak:.0f}% | '
+                     f'{r["eval"]:.0f} | {ev:.2f} | {r["compile_s"]:.1f} | '
+                     f'{r["peak_rss_mb"]:.0f} |')
       print(lines[-1], flush=True)
+
+    add_row(f'pytorch eager ({_TORCH_DEVICE.value})', torch_result)
+    for impl, conv, n in variants:
+      add_row(f'ours: {impl}' + (f', {conv} conv' if impl == 'loop' else '')
+              + (f', {n} CPU devices' if n > 1 else ''),
+              _run_child('jax', batch, impl, conv, n))
   text = '\n'.join(lines) + '\n'
   print(text)
   if _OUT.value:
