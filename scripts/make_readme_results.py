@@ -183,6 +183,7 @@ def main():
   lines += parity_run()
   lines += grid_section()
   lines += section('Training speed against PyTorch (CPU)', 'train_speed.md')
+  lines += section('The same, rerun on a slower machine', 'train_speed_rerun.md')
   lines += section('Splitting the CPU into several XLA devices',
                    'train_speed_cpu_devices.md')
   lines += section('XLA:CPU options (CPU), Toeplitz convolutions',
