@@ -69,14 +69,51 @@ def headline() -> list[str]:
 
 
 def full_recipe() -> list[str]:
-  """The status of the 100-epoch runs, from results/headline/NOTES.md."""
+  """The 100-epoch runs: a table of the finished ones (results/headline/runs/
+  <run>/test_metrics.json), then the status from results/headline/NOTES.md."""
+  lines = []
+  rows, acc = [], {'multimnist': {1: [], 2: []}, 'paddlerec': {1: [], 2: []}}
+  for path in sorted(glob.glob(os.path.join(
+      RESULTS, 'headline', 'runs', '*_seed*', 'test_metrics.json'))):
+    name = os.path.basename(os.path.dirname(path))  # e.g. multimnist_seed0
+    m = json.loads(_read(path))
+    recipe = name.split('_seed')[0]
+    for t in (1, 2):
+      acc[recipe][t].append(m[f'accuracy_{t}'])
+    rows.append(f'| `configs/{recipe}.py`, seed {name.split("_seed")[1]} | '
+                f'{m["accuracy_1"]:.4f} | {m["accuracy_2"]:.4f} | '
+                f'{m["selected_experts"]} | {m["step"]} |')
+  if rows:
+    lines += ['', '100 epochs (the seed\'s recipe; `results/headline/'
+              'run_cpu.sh` or `run_gpu.sh`), test accuracy of the '
+              'best-on-validation checkpoint; files in `results/headline/'
+              'runs/`:', '',
+              '| run | task 1 accuracy | task 2 accuracy | experts used '
+              '(task 1, task 2) | best step |', '| --- | --- | --- | --- | --- |']
+    lines += rows
+    for recipe, label in (('multimnist', 'configs/multimnist.py'),
+                          ('paddlerec', 'configs/paddlerec.py')):
+      if acc[recipe][1]:
+        lines.append(f'| **`{label}`, mean ± std of '
+                     f'{len(acc[recipe][1])}** | '
+                     f'**{_mean_std(acc[recipe][1])}** | '
+                     f'**{_mean_std(acc[recipe][2])}** | | |')
+    lines.append(f'| PaddleRec (the seed, 100 epochs, shared gate) | '
+                 f'{SEED_FIGURES[1]:.6f} | {SEED_FIGURES[2]:.6f} | | |')
+    mm = acc['multimnist']
+    if mm[1]:
+      above = all(np.mean(mm[t]) >= SEED_FIGURES[t] for t in (1, 2))
+      lines += ['', f'`configs/multimnist.py` over {len(mm[1])} seed(s): '
+                + ('both task means are above the seed\'s figures.' if above
+                   else 'the means do not reach the seed\'s figures on both '
+                   'tasks.')]
   notes = os.path.join(RESULTS, 'headline', 'NOTES.md')
   if not os.path.exists(notes):
-    return []
+    return lines
   # The title and the first paragraph under it.
   title, first = _read(notes).strip().split('\n\n')[:2]
-  return ['', f'**{title.lstrip("# ")}:** ' + ' '.join(first.split()) +
-          ' Scripts and what was tried: `results/headline/NOTES.md`.']
+  return lines + ['', f'**{title.lstrip("# ")}:** ' + ' '.join(first.split())
+                  + ' Scripts and what was tried: `results/headline/NOTES.md`.']
 
 
 def _mean_std(values):

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The 100-epoch runs on this CPU, one after another, over as many sessions as
+# they take: the headline (configs/multimnist.py, seeds 0, 1, 2), then
+# PaddleRec parity (configs/paddlerec.py, seed 0). A run with a
+# test_metrics.json is done and skipped; any other resumes from its newest
+# checkpoint, at the exact batch. At low priority (nice 10), so that other
+# work on the machine goes first. Stop it with SIGTERM to the train.py
+# process: it saves a checkpoint at the current step.
+# Run from the repository root, in the background:
+#   nohup bash results/headline/run_cpu.sh > /dev/null 2>&1 &
+# Checkpoints stay in the working tree (git-ignored); commit the rest of
+# results/headline/runs/ (train.log, metrics.jsonl, config.json, ...).
+set -uo pipefail
+runs=results/headline/runs
+data=${DATA_DIR:-../shared/data}
+for name in multimnist_seed0 multimnist_seed1 multimnist_seed2 \
+            paddlerec_seed0; do
+  wd=$runs/$name
+  [[ -e $wd/test_metrics.json ]] && continue
+  case $name in
+    multimnist_seed*) cfg=configs/multimnist.py; seed=${name#multimnist_seed};;
+    paddlerec_seed*) cfg=configs/paddlerec.py; seed=${name#paddlerec_seed};;
+  esac
+  mkdir -p "$wd"
+  start=$(date +%s)
+  nice -n 10 python train.py --config="$cfg" --workdir="$wd" \
+    --config.seed="$seed" --config.data.data_dir="$data" \
+    --config.data.download=False >> "$wd/train.log" 2>&1
+  code=$?
+  echo "$name exit $code wall_seconds $(( $(date +%s) - start ))" \
+    "ended $(date -u +%FT%TZ)" >> "$runs/wall_time.txt"
+  (( code == 0 )) || exit "$code"  # Stopped or failed: do not go on.
+done
