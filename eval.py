@@ -3,9 +3,11 @@
   python eval.py --workdir=ckpts            # best-on-validation checkpoint
   python eval.py --workdir=ckpts --step=3900
   python eval.py --workdir=ckpts --best
+  python eval.py --workdir=ckpts --data_dir=/data  # trained where data lived elsewhere
 
-Reads the workdir's config.json; needs no other flag and runs on a CPU for a
-checkpoint made on any device. Prints the results, writes them to
+Reads the workdir's config.json; needs no other flag (but --data_dir when the
+data are not where training read them) and runs on a CPU for a checkpoint
+made on any device. Prints the results, writes them to
 workdir/eval/test_<checkpoint>_<step>.json, and writes PNGs beside them:
 each task's expert weights and, when the workdir has metrics, training curves.
 """
@@ -29,6 +31,10 @@ _STEP = flags.DEFINE_integer('step', None, 'Evaluate this periodic checkpoint.')
 _BEST = flags.DEFINE_bool('best', False,
                           'Evaluate the best-on-validation checkpoint (the '
                           'default when --step is not given and one exists).')
+_DATA_DIR = flags.DEFINE_string(
+    'data_dir', None, 'Read the data from this folder instead of the one in '
+    "the workdir's config.json (data.data_dir, or data.paddlerec_dir for "
+    "PaddleRec's pickles): for a workdir trained on another machine.")
 flags.mark_flag_as_required('workdir')
 
 
@@ -40,9 +46,12 @@ def main(argv):
     sys.exit('error: give --step=N or --best, not both.')
   workdir = _WORKDIR.value
   try:
-    result = trainer.evaluate_workdir(workdir, _STEP.value, _BEST.value)
-  except (checkpointing.CheckpointError, sources.DataError,
-          trainer.ConfigError) as e:
+    result = trainer.evaluate_workdir(workdir, _STEP.value, _BEST.value,
+                                      _DATA_DIR.value)
+  except sources.DataError as e:
+    sys.exit(f'error: {e} (eval.py reads the data folder named in '
+             f'{workdir}/config.json; --data_dir=DIR reads DIR instead.)')
+  except (checkpointing.CheckpointError, trainer.ConfigError) as e:
     sys.exit(f'error: {e}')
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)

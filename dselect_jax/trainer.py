@@ -708,7 +708,8 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def evaluate_workdir(workdir: str, step: Optional[int] = None,
-                     best: bool = False) -> dict[str, Any]:
+                     best: bool = False,
+                     data_dir: Optional[str] = None) -> dict[str, Any]:
   """Restores a checkpoint of ``workdir`` and evaluates it on the test split.
 
   Args:
@@ -716,12 +717,18 @@ def evaluate_workdir(workdir: str, step: Optional[int] = None,
     step: a periodic checkpoint's step (``workdir/checkpoints/<step>``).
     best: the best-on-validation checkpoint. Default when neither is given:
       the best one if there is one, else the newest periodic one.
+    data_dir: the data folder to read instead of the config's
+      ``data.data_dir`` (``data.paddlerec_dir`` for PaddleRec's pickles), for
+      a workdir trained where the data lived elsewhere.
 
   Returns:
     Test accuracy and loss per task, expert weights and selected experts, and
     ``step`` / ``checkpoint`` naming what was evaluated.
   """
   config = load_workdir_config(workdir)
+  if data_dir:
+    field = 'paddlerec_dir' if config.data.name == 'paddlerec' else 'data_dir'
+    config.data[field] = data_dir
   ckpts = checkpointing.Checkpoints(workdir, create=False)
   if step is None and not best:
     best = ckpts.best_step() is not None

@@ -7,6 +7,7 @@ import functools
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -185,6 +186,43 @@ def test_eval_cli_writes_results_and_plots(sample_run):
               os.path.join(workdir, 'eval', 'training_curves.png')):
     with open(png, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_eval_reads_the_data_from_another_folder(tmp_path, data_dir,
+                                                monkeypatch):
+  """A workdir whose config names a data folder this machine does not have:
+  eval.py says so and how to fix it; --data_dir evaluates on the data moved
+  elsewhere, with the trainer's own test metrics."""
+  # A private cache of built data sets, so the raw files are really read.
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  config = tiny_config(num_train_steps=3, **{
+      'data.name': 'multi_mnist', 'data.data_dir': data_dir,
+      'data.download': False, 'eval_batch_size': 2000})
+  workdir = str(tmp_path / 'w')
+  result = trainer.train_and_evaluate(config, workdir)
+  # The data "were" in a folder that is gone; they now live in moved/.
+  path = os.path.join(workdir, 'config.json')
+  with open(path) as f:
+    saved = json.load(f)
+  saved['data']['data_dir'] = str(tmp_path / 'gone')
+  with open(path, 'w') as f:
+    json.dump(saved, f)
+  moved = tmp_path / 'moved'
+  shutil.copytree(os.path.join(data_dir, 'mnist'), moved / 'mnist')
+  # From here on an empty cache: the data must come from a data folder.
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache2'))
+
+  out = subprocess.run([sys.executable, 'eval.py', f'--workdir={workdir}'],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       check=False)
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(f'error: {tmp_path / "gone"}') and (
+      '--data_dir=DIR reads DIR instead' in last), last
+
+  evaluated = trainer.evaluate_workdir(workdir, data_dir=str(moved))
+  for key in ('step', 'accuracy_1', 'accuracy_2', 'loss_1', 'loss_2'):
+    assert evaluated[key] == result[key], key
 
 
 def test_metrics_file_and_tensorboard(sample_run):
