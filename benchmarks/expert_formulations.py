@@ -10,9 +10,9 @@ with Toeplitz convolutions (models.ToeplitzConv) and the fused layouts follow.
 
 --ablations adds two networks that are *not* the expert, to bound what the
 layers between the matmuls cost: the Toeplitz loop without BatchNorm, and
-with only the convolutions and Dense layers (no BatchNorm, ReLU after the
-convolutions or pooling; the convolution outputs are subsampled 2x2 instead,
-so the shapes stay the expert's). --torch adds the same bank and loss in
+with only the convolutions and Dense layers (also without the ReLU and the
+pooling after each convolution; its output is subsampled 2x2 instead, so
+the shapes stay the expert's). --torch adds the same bank and loss in
 PyTorch eager (CPU; torch is an optional, benchmark-only dependency) and
 prints every rate against it too.
 """
