@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # The 100-epoch runs on one GPU, in one sitting of at most TOTAL seconds:
-#   1. benchmarks/train_speed.py at batch 256 on the GPU (ours: each expert
-#      implementation; PyTorch eager on CUDA), into RUNS/train_speed_gpu.md
-#      (skipped when IMPL names the expert implementation to train with);
-#   2. the headline, configs/multimnist.py with seeds 0, 1, 2, and PaddleRec
-#      parity, configs/paddlerec.py with seed 0: concurrent train.py
-#      processes sharing the GPU, with the expert implementation the benchmark
-#      found fastest (the same function, another parameter layout). The parity
-#      run is left out when the measured speed says the four would not finish
-#      (PARITY=1 keeps it).
-#      A run still going at the deadline gets SIGTERM: it saves a checkpoint
-#      and exits, and the same command with the same RUNS resumes it (with the
-#      expert implementation of its checkpoints).
+#   1. the headline, configs/multimnist.py with seeds 0, 1, 2, and PaddleRec
+#      parity, configs/paddlerec.py with seed 0 (PARITY=0 leaves it out):
+#      concurrent train.py processes sharing the GPU, with the expert
+#      implementation IMPL (default loop). A run still going at the deadline
+#      gets SIGTERM: it saves a checkpoint and exits, and the same command
+#      with the same RUNS resumes it (with the expert implementation of its
+#      checkpoints);
+#   2. with the time the runs leave (a minute or more),
+#      benchmarks/train_speed.py at batch 256 on the GPU (ours: each expert
+#      implementation; PyTorch eager on CUDA), into RUNS/train_speed_gpu.md.
 # With PACK_DIR, each run folder (its best and newest checkpoints, logs and
 # metrics) is also packed into PACK_DIR/<run>.tgz, the rest into misc.tgz.
 # Run from the repository root (on the lent GPU, through device.sh beside this):
 #   bash results/headline/run_gpu.sh DATA_DIR RUNS_DIR TOTAL_SECONDS [PACK_DIR]
+# A dry run on a CPU, through device.sh: EXTRA='--config.num_train_steps=2'
+# BENCH_STEPS=1 BENCH_IMPLS=loop TORCH_DEVICE=cpu bash
+# results/headline/device.sh /tmp/out 300
 set -uo pipefail
 data=${1:?data dir with mnist/}; runs=${2:?runs dir}; total=${3:-540}
 pack=${4:-}
@@ -30,35 +31,20 @@ python -c 'import jax, flax, optax, orbax.checkpoint as o, ml_collections
 print("jax", jax.__version__, "flax", flax.__version__, "optax",
       optax.__version__, "orbax", o.__version__, jax.devices())' || exit 1
 
-# Resumed runs keep the parameter layout of their checkpoints.
+# Resumed runs keep the parameter layout of their checkpoints; new runs use
+# IMPL (default 'loop': one module per expert; with model.conv='auto' its
+# convolutions are XLA's on a GPU).
 prev=$(python -c 'import json, sys
 print(json.load(open(sys.argv[1]))["model"]["expert_impl"])' \
   "$runs/multimnist_seed0/config.json" 2>/dev/null)
-IMPL=${prev:-${IMPL:-}}
-if [[ -z ${IMPL:-} ]]; then
-  echo "== benchmark ($(left) s left)"
-  # BENCH_STEPS=1 BENCH_IMPLS=loop TORCH_DEVICE=cpu: a dry run on a CPU.
-  timeout $(( total / 3 )) python benchmarks/train_speed.py --batches=256 \
-    --steps="${BENCH_STEPS:-100}" --repeats=3 \
-    --impls="${BENCH_IMPLS:-loop,fused_grouped,fused_patches}" --convs=xla \
-    --torch_device="${TORCH_DEVICE:-cuda}" --out="$runs/train_speed_gpu.md" \
-    > "$runs/train_speed_gpu.log" 2>&1
-  grep '^|' "$runs/train_speed_gpu.log" | tail -5
-  # Fastest of ours, in images/s: '| 256 | ours: fused_patches | 12345 |...'.
-  read -r IMPL rate < <(awk -F'|' '$3 ~ /ours/ {
-      name = $3; gsub(/ ours: |,.*| +$/, "", name); print name, $4 }' \
-    "$runs/train_speed_gpu.log" | sort -k2 -n -r | head -1)
-fi
-impl=${IMPL:-loop}; rate=${rate:-0}
+impl=${prev:-${IMPL:-loop}}
 budget=$(( $(left) - 60 ))
 (( budget > 60 )) || { echo "no time left to train ($budget s)"; exit 1; }
-# Images to train: 3 x 100 x 100,000 (headline) + 100 x 110,000 (parity).
+# The runs come first; the benchmark gets what time they leave. PARITY=0
+# leaves the parity run out.
 runs_list="multimnist_seed0 multimnist_seed1 multimnist_seed2"
-if (( ${rate%.*} * budget * 8 / 10 > 41000000 )) || [[ -n ${PARITY:-} ]]; then
-  runs_list="$runs_list paddlerec_seed0"
-fi
-echo "== training: experts $impl ($rate images/s alone); $runs_list;" \
-     "$budget s budget"
+[[ ${PARITY:-1} == 0 ]] || runs_list="$runs_list paddlerec_seed0"
+echo "== training: experts $impl; $runs_list; $budget s budget"
 
 for name in $runs_list; do
   case $name in
@@ -71,7 +57,7 @@ for name in $runs_list; do
       python train.py --config="$cfg" --workdir="$runs/$name" \
       --config.seed="$seed" --config.data.data_dir="$data" \
       --config.data.download=False --config.model.expert_impl="$impl" \
-      >> "$runs/$name/train.log" 2>&1
+      ${EXTRA:-} >> "$runs/$name/train.log" 2>&1
     echo "$name exit $? wall_seconds $(( $(date +%s) - s ))" \
       >> "$runs/wall_time.txt" ) &
 done
@@ -81,6 +67,19 @@ for name in $runs_list; do
   echo "== $name"; grep -E 'validation at|test \(|error|stopped' \
     "$runs/$name/train.log" | tail -3
 done
+
+bench=$(( $(left) - 45 ))
+if (( bench >= 60 )); then
+  echo "== benchmark ($bench s)"
+  timeout -k 5 "$bench" python benchmarks/train_speed.py --batches=256 \
+    --steps="${BENCH_STEPS:-100}" --repeats=3 \
+    --impls="${BENCH_IMPLS:-loop,fused_grouped,fused_patches}" --convs=xla \
+    --torch_device="${TORCH_DEVICE:-cuda}" --out="$runs/train_speed_gpu.md" \
+    > "$runs/train_speed_gpu.log" 2>&1
+  grep '^|' "$runs/train_speed_gpu.log" | tail -5
+else
+  echo "== no time left for the benchmark ($bench s)"
+fi
 
 if [[ -n $pack ]]; then
   mkdir -p "$pack"
