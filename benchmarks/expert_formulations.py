@@ -85,19 +85,13 @@ def bench(bank, batch, repeats):
 
 
 def bench_torch(batch, experts, repeats):
-  """The same bank and loss in PyTorch eager (the network of train_speed.py)."""
+  """The same bank and loss in PyTorch eager (torch_reference.py)."""
   import torch  # pylint: disable=g-import-not-at-top
-
-  def expert():
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 10, 5), torch.nn.BatchNorm2d(10), torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2), torch.nn.Conv2d(10, 20, 5),
-        torch.nn.BatchNorm2d(20), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(720, 50), torch.nn.ReLU(),
-        torch.nn.Linear(50, 50), torch.nn.ReLU())
+  import torch_reference  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(0)
-  bank = torch.nn.ModuleList(expert() for _ in range(experts)).train()
+  bank = torch.nn.ModuleList(torch_reference.multimnist_expert()
+                             for _ in range(experts)).train()
   x = torch.rand(batch, 1, 36, 36)
 
   def step():

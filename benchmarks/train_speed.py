@@ -126,19 +126,13 @@ def child_jax(batch, steps, repeats, impl, conv, devices):
 def child_torch(batch, steps, repeats, device):
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
+  import torch_reference  # pylint: disable=g-import-not-at-top
 
   device = torch.device(device)
 
   def sync():
     if device.type == 'cuda':
       torch.cuda.synchronize()
-
-  def expert():
-    return nn.Sequential(
-        nn.Conv2d(1, 10, 5), nn.BatchNorm2d(10), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(10, 20, 5), nn.BatchNorm2d(20), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(720, 50), nn.ReLU(), nn.Linear(50, 50),
-        nn.ReLU())
 
   class DSelectK(nn.Module):
     """Static DSelect-k gate (the paper's equations)."""
@@ -168,7 +162,8 @@ def child_torch(batch, steps, repeats, device):
 
     def __init__(self):
       super().__init__()
-      self.experts = nn.ModuleList(expert() for _ in range(NUM_EXPERTS))
+      self.experts = nn.ModuleList(
+          torch_reference.multimnist_expert() for _ in range(NUM_EXPERTS))
       self.gates = nn.ModuleList(DSelectK(NUM_EXPERTS, 2) for _ in range(2))
       self.towers = nn.ModuleList(
           nn.Sequential(nn.Linear(50, 50), nn.ReLU(), nn.Linear(50, 50),

@@ -14,9 +14,8 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 
 # One XLA compilation cache for the whole session, shared with the train.py
 # subprocesses some tests start (they inherit the environment): the many short
-# runs of the same tiny config compile once instead of once each (a second
-# run of tests.test_trainer.tiny_config took 15 s without it, 6 s with it).
-# Compiled programs are the same either way; the folder is removed at exit.
+# runs of the same tiny config compile once instead of once each. Compiled
+# programs are the same either way; the folder is removed at exit.
 _CACHE = tempfile.mkdtemp(prefix='dselect_jax_xla_cache_')
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
