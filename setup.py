@@ -11,12 +11,12 @@ setuptools.setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     packages=setuptools.find_packages(include=['dselect_jax', 'dselect_jax.*']),
-    package_data={'dselect_jax': ['data/*.npz', 'data/*.md']},
+    package_data={'dselect_jax': ['data/*.npz', 'data/*.md', 'csrc/*.cc']},
     python_requires='>=3.11',
     install_requires=[
         'absl-py>=1.4',
         'flax>=0.10',
-        'jax>=0.4.35',
+        'jax>=0.5',  # jax.ffi (the CPU kernels)
         'ml_collections>=0.1.1',
         'numpy>=1.26',
         'optax>=0.2.3',

@@ -11,7 +11,8 @@ memory is its own), one after the other, on random images; times are warm
 
 Ours is the real training step of dselect_jax.trainer (pmap over one device,
 or over N when --cpu_devices lists N > 1) with each expert implementation
-(and, for the 'loop' experts, each convolution of --convs); PyTorch is eager
+(and, for the 'loop' experts, each convolution of --convs and each
+BatchNorm-ReLU-pool of --norms); PyTorch is eager
 mode on --torch_device (torch is an optional, benchmark-only dependency: pip
 install torch==2.13.0). On a GPU, JAX runs there by default; pass
 --torch_device=cuda and more --steps (a window should last well past the
@@ -39,6 +40,8 @@ _CHILD = flags.DEFINE_string('child', None, 'Internal: run one framework.')
 _IMPL = flags.DEFINE_string('impl', 'loop', 'Internal: our expert impl.')
 _CONV = flags.DEFINE_string('conv', 'xla', 'Internal: our loop experts\' '
                             'convolution.')
+_NORM = flags.DEFINE_string('norm', 'xla', 'Internal: our loop experts\' '
+                            'BatchNorm-ReLU-pool blocks.')
 _OUT = flags.DEFINE_string('out', None, 'Also write the table here.')
 _CPU_DEVICES = flags.DEFINE_list(
     'cpu_devices', ['1'],
@@ -54,6 +57,9 @@ _IMPLS = flags.DEFINE_list('impls', ['loop'],
 _CONVS = flags.DEFINE_list('convs', ['xla', 'toeplitz'],
                            'Convolutions of the "loop" experts to time (see '
                            'models.CONV_IMPLS).')
+_NORMS = flags.DEFINE_list('norms', ['xla', 'kernel'],
+                           'BatchNorm-ReLU-pool blocks of the "loop" experts '
+                           'to time (see models.NORM_IMPLS).')
 
 NUM_EXPERTS = 8
 FWD_FLOP_PER_EXPERT = 2.03e6
@@ -68,7 +74,7 @@ def _best_rate(run, batch, steps, repeats):
   return best
 
 
-def child_jax(batch, steps, repeats, impl, conv, devices):
+def child_jax(batch, steps, repeats, impl, conv, norm, devices):
   if devices > 1:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_'
                                f'force_host_platform_device_count={devices}')
@@ -81,6 +87,7 @@ def child_jax(batch, steps, repeats, impl, conv, devices):
   config = multimnist.get_config()
   config.model.expert_impl = impl
   config.model.conv = conv if impl == 'loop' else 'auto'
+  config.model.norm = norm if impl == 'loop' else 'auto'
   model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
   tx = trainer.create_optimizer(config, 1000)
   assert jax.local_device_count() == devices, jax.devices()
@@ -225,9 +232,9 @@ def _timed(fn):
   return time.perf_counter() - start
 
 
-def _run_child(name, batch, impl='loop', conv='xla', devices=1):
+def _run_child(name, batch, impl='loop', conv='xla', norm='xla', devices=1):
   cmd = [sys.executable, __file__, f'--child={name}', f'--impl={impl}',
-         f'--conv={conv}',
+         f'--conv={conv}', f'--norm={norm}',
          f'--cpu_devices={devices}',
          f'--torch_device={_TORCH_DEVICE.value}',
          f'--batches={batch}', f'--steps={_STEPS.value}',
@@ -253,7 +260,7 @@ def main(argv):
       result = matmul_gflops()
     else:
       result = child_jax(batch, _STEPS.value, _REPEATS.value, _IMPL.value,
-                         _CONV.value, int(_CPU_DEVICES.value[0]))
+                         _CONV.value, _NORM.value, int(_CPU_DEVICES.value[0]))
     result['peak_rss_mb'] = resource.getrusage(
         resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
@@ -267,8 +274,10 @@ def main(argv):
            '| batch | implementation | train img/s | x PyTorch | train '
            'GFLOP/s | % of matmul | eval img/s | x PyTorch | compile s | '
            'peak RSS MB |', '|' + ' --- |' * 10]
-  variants = [(impl, conv, n) for impl in _IMPLS.value
-              for conv in (_CONVS.value if impl == 'loop' else ['auto'])
+  options = lambda flag, impl: flag.value if impl == 'loop' else ['auto']
+  variants = [(impl, conv, norm, n) for impl in _IMPLS.value
+              for conv in options(_CONVS, impl)
+              for norm in options(_NORMS, impl)
               for n in map(int, _CPU_DEVICES.value)]
   for batch in map(int, _BATCHES.value):
     torch_result = _run_child('torch', batch)
@@ -288,10 +297,11 @@ def main(argv):
       print(lines[-1], flush=True)
 
     add_row(f'pytorch eager ({_TORCH_DEVICE.value})', torch_result)
-    for impl, conv, n in variants:
-      add_row(f'ours: {impl}' + (f', {conv} conv' if impl == 'loop' else '')
+    for impl, conv, norm, n in variants:
+      add_row(f'ours: {impl}' + (f', {conv} conv, {norm} BN' if impl == 'loop'
+                                 else '')
               + (f', {n} CPU devices' if n > 1 else ''),
-              _run_child('jax', batch, impl, conv, n))
+              _run_child('jax', batch, impl, conv, norm, n))
   text = '\n'.join(lines) + '\n'
   print(text)
   if _OUT.value:

@@ -40,6 +40,12 @@ def get_config() -> ml_collections.ConfigDict:
   # XLA:CPU), or 'auto' (toeplitz on CPU, xla elsewhere). Same parameters
   # either way: a checkpoint trained with one evaluates with the other.
   config.model.conv = 'auto'
+  # How the 'loop' experts compute each BatchNorm-ReLU-pool block: 'xla'
+  # (nn.BatchNorm, nn.relu, models.max_pool_2x2), 'kernel' (hand-written CPU
+  # kernels, models.BatchNormReLUPool; faster on CPU, built on first use
+  # with the system's C++ compiler), or 'auto' (kernel on CPU if it builds,
+  # else xla). Same parameters either way, as for conv.
+  config.model.norm = 'auto'
   # Evaluate only the experts some static gate still weighs (same logits as
   # computing all of them; faster once the gates have converged). 'loop'
   # experts only: the fused ones always run dense.

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dselect_jax import cpu_kernels
 from dselect_jax import gates as gates_lib
 
 Array = jax.Array
@@ -109,6 +110,48 @@ class ToeplitzConv(nn.Module):
 
 
 CONV_IMPLS = ('xla', 'toeplitz')
+NORM_IMPLS = ('xla', 'kernel')
+
+
+class BatchNormReLUPool(nn.Module):
+  """``max_pool_2x2(nn.relu(nn.BatchNorm(...)(x)))`` on the CPU kernels.
+
+  In training mode one custom call computes the statistics and one the
+  normalized, rectified, pooled map, and the backward is two more
+  (cpu_kernels.bn_relu_pool); with running averages it is plain JAX. The
+  variables are nn.BatchNorm's (params ``scale``, ``bias``; batch_stats
+  ``mean``, ``var``), updated as nn.BatchNorm updates them, so a checkpoint
+  trained with either runs with the other. CPU backend only.
+
+  Attributes:
+    use_running_average: normalize with the running averages (evaluation)
+      instead of the batch statistics (training, which updates them).
+    momentum, epsilon, axis_name: as nn.BatchNorm's.
+  """
+  use_running_average: bool
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:  # (B, H, W, C) -> (B, H/2, W/2, C)
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean',
+                            lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var',
+                           lambda: jnp.ones((c,), jnp.float32))
+    if self.use_running_average:  # nn.BatchNorm's arithmetic, in its order.
+      mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
+      return max_pool_2x2(nn.relu((x - ra_mean.value) * mul + bias))
+    y, mean, var = cpu_kernels.bn_relu_pool(x, scale, bias, self.epsilon,
+                                            self.axis_name)
+    if not self.is_initializing():
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1 - m) * mean
+      ra_var.value = m * ra_var.value + (1 - m) * var
+    return y
 
 
 class MultiMNISTExpert(nn.Module):
@@ -125,31 +168,42 @@ class MultiMNISTExpert(nn.Module):
       convolution) or ``'toeplitz'`` (``ToeplitzConv``, row matmuls; faster
       on XLA:CPU). The same function and the same parameters either way, so
       a checkpoint trained with one runs with the other.
+    norm: how each BatchNorm-ReLU-pool block is computed: ``'xla'``
+      (``nn.BatchNorm``, ``nn.relu``, ``max_pool_2x2``) or ``'kernel'``
+      (``BatchNormReLUPool``: hand-written CPU kernels, faster there). Same
+      function and parameters either way, as for ``conv``.
   """
   features: int = 50
   bn_axis_name: Optional[str] = None
   conv: str = 'xla'
+  norm: str = 'xla'
 
   def __post_init__(self):
     if self.conv not in CONV_IMPLS:
       raise ValueError(f'MultiMNISTExpert: conv must be one of {CONV_IMPLS}, '
                        f'got conv={self.conv!r}.')
+    if self.norm not in NORM_IMPLS:
+      raise ValueError(f'MultiMNISTExpert: norm must be one of {NORM_IMPLS}, '
+                       f'got norm={self.norm!r}.')
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                                epsilon=1e-5, axis_name=self.bn_axis_name)
+    bn = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+              axis_name=self.bn_axis_name)
+    if self.norm == 'xla':
+      block = lambda x, name: max_pool_2x2(nn.relu(nn.BatchNorm(**bn,
+                                                                name=name)(x)))
+    else:
+      block = lambda x, name: BatchNormReLUPool(**bn, name=name)(x)
     if self.conv == 'xla':
       conv = lambda f, name: nn.Conv(f, (5, 5), padding='VALID', name=name)
     else:
       conv = lambda f, name: ToeplitzConv(f, (5, 5), name=name)
     x = conv(10, 'Conv_0')(x)  # (B, 32, 32, 10)
-    x = nn.relu(norm()(x))
-    x = max_pool_2x2(x)  # (B, 16, 16, 10)
+    x = block(x, 'BatchNorm_0')  # (B, 16, 16, 10)
     x = conv(20, 'Conv_1')(x)  # (B, 12, 12, 20)
-    x = nn.relu(norm()(x))
-    x = max_pool_2x2(x)  # (B, 6, 6, 20)
+    x = block(x, 'BatchNorm_1')  # (B, 6, 6, 20)
     x = x.reshape(x.shape[0], -1)  # (B, 720)
     x = nn.relu(nn.Dense(50)(x))
     return nn.relu(nn.Dense(self.features)(x))  # (B, H)

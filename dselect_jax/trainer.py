@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from dselect_jax import checkpointing
+from dselect_jax import cpu_kernels
 from dselect_jax import input_pipeline
 from dselect_jax import metric_writers
 from dselect_jax import models
@@ -94,6 +95,20 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int):
   if conv != 'auto' and impl != 'loop':
     bad('model.conv', conv, f'applies to expert_impl="loop" only, not '
         f'{impl!r}; set --config.model.conv=auto')
+  norm = config.model.get('norm', 'auto')
+  if norm not in ('auto',) + models.NORM_IMPLS:
+    bad('model.norm', norm, f'choose one of {["auto", *models.NORM_IMPLS]}')
+  if norm == 'kernel' and impl != 'loop':
+    bad('model.norm', norm, f'applies to expert_impl="loop" only, not '
+        f'{impl!r}; set --config.model.norm=auto')
+  if norm == 'kernel' and jax.default_backend() != 'cpu':
+    bad('model.norm', norm, 'the kernels are for the CPU, and JAX runs on '
+        f'{jax.default_backend()}; set --config.model.norm=auto')
+  if norm == 'kernel':
+    try:
+      cpu_kernels.load()
+    except cpu_kernels.KernelBuildError as e:
+      bad('model.norm', norm, f'the CPU kernels do not build here: {e}')
   if config.model.get('sparse_train', False) and (
       gate.name != 'dselect_k' or gate.per_example or
       config.optimizer.name == 'adamw'):
@@ -151,7 +166,8 @@ def create_model(config: ml_collections.ConfigDict,
   gate = config.model.gate
   gate_kwargs = {arg: gate[arg] for arg in GATE_ARGS[gate.name]}
   impl = config.model.get('expert_impl', 'loop')
-  expert_kwargs = {'conv': conv_impl(config)} if impl == 'loop' else {}
+  expert_kwargs = ({'conv': conv_impl(config), 'norm': norm_impl(config)}
+                   if impl == 'loop' else {})
   return models.MultiTaskMoE(
       num_tasks=2,
       num_experts=config.model.num_experts,
@@ -175,6 +191,27 @@ def conv_impl(config) -> str:
   if conv == 'auto':
     return 'toeplitz' if jax.default_backend() == 'cpu' else 'xla'
   return conv
+
+
+def norm_impl(config) -> str:
+  """The experts' BatchNorm-ReLU-pool blocks a config asks for, 'auto' resolved.
+
+  'auto' is the hand-written CPU kernels on CPU (faster there, see
+  models.BatchNormReLUPool) if they build on this machine, and XLA's ops
+  otherwise (on other backends, or without a C++ compiler: logged once).
+  """
+  norm = config.model.get('norm', 'auto')
+  if norm != 'auto':
+    return norm
+  if jax.default_backend() != 'cpu':
+    return 'xla'
+  if cpu_kernels.available():
+    return 'kernel'
+  logging.log_first_n(logging.WARNING,
+                      'model.norm=auto: using XLA\'s BatchNorm, because the '
+                      'CPU kernels do not build here: %s', 1,
+                      cpu_kernels.build_failure())
+  return 'xla'
 
 
 def learning_rate_schedule(config, num_train_steps: int) -> optax.Schedule:
@@ -519,9 +556,10 @@ def _train_and_evaluate(config, workdir, num_devices, is_chief):
   tx = create_optimizer(config, num_train_steps)
   abstract = abstract_state(config, model, tx)
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-  logging.info('model: %d parameters; experts %s with %s convolutions',
-               num_params, model.expert_impl,
-               model.expert_kwargs.get('conv', 'xla'))  # fused: nn.Conv
+  logging.info('model: %d parameters; experts %s with %s convolutions and '
+               '%s BatchNorm', num_params, model.expert_impl,
+               model.expert_kwargs.get('conv', 'xla'),  # fused: nn.Conv,
+               model.expert_kwargs.get('norm', 'xla'))  # nn.BatchNorm
 
   ckpts = checkpointing.Checkpoints(workdir, config.max_to_keep)
   if ckpts.latest_step() is None:

@@ -219,7 +219,11 @@ def main():
   lines += entropy_runs()
   lines += parity_run()
   lines += grid_section()
-  lines += section('Training speed against PyTorch (CPU)', 'train_speed.md')
+  lines += section('The BatchNorm kernels (CPU)', 'train_speed_kernel.md')
+  lines += section('One BatchNorm-ReLU-pool block: kernels against XLA (CPU)',
+                   'bn_relu_pool.txt')
+  lines += section('Training speed against PyTorch (CPU), before the kernels',
+                   'train_speed.md')
   lines += section('The same, rerun on a slower machine', 'train_speed_rerun.md')
   lines += section('Splitting the CPU into several XLA devices',
                    'train_speed_cpu_devices.md')

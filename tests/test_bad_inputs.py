@@ -105,6 +105,11 @@ CASES = {
                           "no such config field 'learning_rte'"),
     'override of wrong type': ('train', ['--config.model.gate.k=two'],
                                'invalid literal'),
+    'unknown norm': ('train', ['--config.model.norm=fast'],
+                     "model.norm='fast': choose one of"),
+    'kernel norm without a compiler': ('train', ['--config.model.norm=kernel'],
+                                       "model.norm='kernel': the CPU kernels "
+                                       "do not build here: no C++ compiler"),
     'data dir missing': ('train', _data('no_such_dir'), 'missing; put the'),
     'data file missing': ('train', _data('missing_file'),
                           'train-labels-idx1-ubyte.gz: missing'),
@@ -124,6 +129,9 @@ CASES = {
     'eval step and best': ('eval', ['--workdir={workdir}', '--step=3',
                                     '--best'], 'not both'),
 }
+
+# Environment variables a case adds.
+ENV = {'kernel norm without a compiler': {'CXX': 'no-such-compiler'}}
 
 
 @pytest.mark.parametrize('name', sorted(CASES))
@@ -145,7 +153,7 @@ def test_bad_input(name, finished_run, bad_data, tmp_path):
   before = _tree_digest(finished_run)
   # A private cache: built data cached by other runs must not hide bad files.
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             XDG_CACHE_HOME=str(tmp_path / 'cache'))
+             XDG_CACHE_HOME=str(tmp_path / 'cache'), **ENV.get(name, {}))
   out = subprocess.run([sys.executable, f'{script}.py', *argv], cwd=REPO,
                        capture_output=True, text=True, timeout=300, env=env,
                        check=False)

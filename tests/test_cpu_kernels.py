@@ -1,0 +1,190 @@
+"""The CPU kernels against Flax: nn.BatchNorm + nn.relu + 2x2 max pooling.
+
+The reference is Flax's own BatchNorm (training mode: batch statistics and
+the running-average update; evaluation: running averages), JAX's relu and
+JAX's max (whose gradient splits ties equally), differentiated by JAX.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dselect_jax import cpu_kernels
+from dselect_jax import models
+
+
+class FlaxBlock(nn.Module):
+  use_running_average: bool
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.BatchNorm(use_running_average=self.use_running_average,
+                     momentum=0.9, epsilon=1e-5, axis_name=self.axis_name,
+                     name='bn')(x)
+    b, h, w, c = x.shape
+    return nn.relu(x).reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class KernelBlock(nn.Module):
+  use_running_average: bool
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    return models.BatchNormReLUPool(self.use_running_average,
+                                    axis_name=self.axis_name, name='bn')(x)
+
+
+def random_variables(rng, c):
+  """scale, bias and running stats away from their initial 1, 0, 0, 1."""
+  return {'params': {'bn': {'scale': rng.normal(size=c).astype(np.float32),
+                            'bias': rng.normal(size=c).astype(np.float32)}},
+          'batch_stats': {'bn': {
+              'mean': rng.normal(size=c).astype(np.float32),
+              'var': rng.uniform(0.5, 2, size=c).astype(np.float32)}}}
+
+
+def tied_input(rng, shape):
+  """Integers in [-3, 3]: many windows whose maximum occurs 2-4 times."""
+  return rng.integers(-3, 4, size=shape).astype(np.float32)
+
+
+def train_outputs(block, variables, x, dy):
+  """y, the updated batch_stats, and d sum(y * dy) / d (x, params)."""
+  def loss(params, x):
+    y, upd = block.apply({**variables, 'params': params}, x,
+                         mutable=['batch_stats'])
+    return jnp.sum(y * dy), (y, upd['batch_stats'])
+  (_, (y, stats)), (dparams, dx) = jax.value_and_grad(
+      loss, argnums=(0, 1), has_aux=True)(variables['params'], x)
+  return y, stats, dparams, dx
+
+
+def assert_trees_close(a, b, rtol=2e-5, atol=2e-5):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol,
+                               atol=atol)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def kernels():
+  cpu_kernels.load()  # Builds them (or fails with the compiler's message).
+
+
+@pytest.mark.parametrize('shape,ties', [((8, 6, 4, 3), True),
+                                        ((16, 12, 12, 20), False),
+                                        ((4, 32, 32, 10), True)])
+def test_training_mode_equals_flax(shape, ties):
+  rng = np.random.default_rng(sum(shape))
+  x = (tied_input(rng, shape) if ties
+       else rng.normal(1., 3., size=shape).astype(np.float32))
+  b, h, w, c = shape
+  dy = rng.normal(size=(b, h // 2, w // 2, c)).astype(np.float32)
+  variables = random_variables(rng, c)
+  got = train_outputs(KernelBlock(False), variables, x, dy)
+  want = train_outputs(FlaxBlock(False), variables, x, dy)
+  assert_trees_close(got, want)
+  if ties:  # The input really has tied positive maxima.
+    windows = np.asarray(x).reshape(b, h // 2, 2, w // 2, 2, c)
+    top = windows.max(axis=(2, 4), keepdims=True)
+    assert ((windows == top).sum(axis=(2, 4)) > 1).mean() > 0.2
+
+
+def test_evaluation_mode_equals_flax():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(4, 8, 8, 5)).astype(np.float32)
+  variables = random_variables(rng, 5)
+  got = KernelBlock(True).apply(variables, x)
+  want = FlaxBlock(True).apply(variables, x)
+  np.testing.assert_array_equal(got, want)  # The same ops in the same order.
+
+
+def test_gradients_through_mean_and_var():
+  """The batch statistics are outputs too; their cotangents reach x."""
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(6, 4, 6, 3)).astype(np.float32)
+  scale, bias = (rng.normal(size=3).astype(np.float32) for _ in range(2))
+  u, v = (rng.normal(size=3).astype(np.float32) for _ in range(2))
+
+  def loss(fn, x, scale, bias):
+    y, mean, var = fn(x, scale, bias)
+    return jnp.sum(y ** 2) + jnp.sum(mean * u) + jnp.sum(var * v)
+
+  def reference(x, scale, bias):  # nn.BatchNorm's statistics, by hand.
+    mean = x.mean(axis=(0, 1, 2))
+    var = jnp.maximum((x * x).mean(axis=(0, 1, 2)) - mean ** 2, 0.)
+    z = (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+    y = models.max_pool_2x2(nn.relu(z))
+    return y, mean, var
+
+  grad = functools.partial(jax.grad, argnums=(0, 1, 2))
+  got = grad(functools.partial(loss, cpu_kernels.bn_relu_pool))(x, scale, bias)
+  want = grad(functools.partial(loss, reference))(x, scale, bias)
+  assert_trees_close(got, want)
+
+
+def test_pmap_statistics_span_the_devices():
+  """With axis_name, 4 devices of 3 images each equal Flax on the same 4."""
+  devices = jax.local_devices()[:4]
+  assert len(devices) == 4  # conftest asks for 4 host devices.
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(4, 3, 8, 6, 2)).astype(np.float32)
+  dy = rng.normal(size=(4, 3, 4, 3, 2)).astype(np.float32)
+  variables = random_variables(rng, 2)
+
+  def run(block):
+    step = jax.pmap(functools.partial(train_outputs, block), axis_name='i',
+                    in_axes=(None, 0, 0), devices=devices)
+    return step(variables, x, dy)
+
+  got = run(KernelBlock(False, axis_name='i'))
+  want = run(FlaxBlock(False, axis_name='i'))
+  assert_trees_close(got, want)
+  # And the statistics really are global: one device alone differs.
+  alone = train_outputs(FlaxBlock(False), variables, x[0], dy[0])
+  assert not np.allclose(got[0][0], alone[0], atol=1e-3)
+
+
+def test_expert_with_kernels_equals_expert_with_flax():
+  x = jax.random.uniform(jax.random.key(0), (8, 36, 36, 1))
+  experts = {norm: models.MultiMNISTExpert(conv='toeplitz', norm=norm)
+             for norm in models.NORM_IMPLS}
+  variables = experts['xla'].init(jax.random.key(1), x, train=False)
+  assert (jax.tree.structure(variables) == jax.tree.structure(
+      experts['kernel'].init(jax.random.key(1), x, train=False)))
+  for train in (True, False):
+    outs = [experts[n].apply(variables, x, train=train,
+                             mutable=['batch_stats'] if train else False)
+            for n in ('kernel', 'xla')]
+    assert_trees_close(*outs, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_norm_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"norm must be one of \('xla', "
+                     r"'kernel'\), got norm='fast'"):
+    models.MultiMNISTExpert(norm='fast')
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
+  monkeypatch.setenv('DSELECT_JAX_KERNEL_CACHE', str(tmp_path))
+  monkeypatch.setenv('CXX', 'no-such-compiler')
+  with pytest.raises(cpu_kernels.KernelBuildError,
+                     match=r"no C\+\+ compiler: 'no-such-compiler'.*"
+                     r'--config.model.norm=xla'):
+    cpu_kernels._build_and_register()  # pylint: disable=protected-access
+
+
+def test_failing_compiler_is_a_clear_error(monkeypatch, tmp_path):
+  monkeypatch.setenv('DSELECT_JAX_KERNEL_CACHE', str(tmp_path))
+  monkeypatch.setenv('CXX', 'false')  # Runs, and exits 1.
+  with pytest.raises(cpu_kernels.KernelBuildError,
+                     match=r'(?s)compiling .*bn_relu_pool.cc failed.*'
+                     r'--config.model.norm=xla'):
+    cpu_kernels._build_and_register()  # pylint: disable=protected-access
+  assert not list(tmp_path.iterdir())  # No half-written library is left.
