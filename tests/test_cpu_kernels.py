@@ -188,3 +188,16 @@ def test_failing_compiler_is_a_clear_error(monkeypatch, tmp_path):
                      r'--config.model.norm=xla'):
     cpu_kernels._build_and_register()  # pylint: disable=protected-access
   assert not list(tmp_path.iterdir())  # No half-written library is left.
+
+
+def test_auto_falls_back_to_xla_without_the_kernels(monkeypatch):
+  from configs import multimnist  # pylint: disable=g-import-not-at-top
+  from dselect_jax import trainer  # pylint: disable=g-import-not-at-top
+  config = multimnist.get_config()
+  assert config.model.norm == 'auto'
+  assert trainer.norm_impl(config) == 'kernel'  # They build here.
+  monkeypatch.setattr(cpu_kernels, 'available', lambda: False)
+  assert trainer.norm_impl(config) == 'xla'
+  assert trainer.create_model(config).expert_kwargs['norm'] == 'xla'
+  config.model.norm = 'kernel'  # Asked for by name: no fallback.
+  assert trainer.norm_impl(config) == 'kernel'
