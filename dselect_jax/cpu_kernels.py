@@ -5,10 +5,11 @@ forward and backward, as XLA FFI custom calls (csrc/bn_relu_pool.cc). XLA:CPU
 makes about 14 passes over the (B, H, W, C) map for this block in a training
 step; the kernels make 5, split the batch over XLA's CPU threads, and run
 the block 2-7x faster (results/bn_relu_pool.txt); the training step gains
-1.1-1.5x (results/train_speed_kernel.md). Same function as ``nn.BatchNorm`` (training mode,
-``use_fast_variance``), ``nn.relu`` and ``models.max_pool_2x2``, gradients
-included (the pooling's ties split as JAX splits them), up to float rounding;
-tests/test_cpu_kernels.py checks both against Flax.
+1.1-1.5x (results/train_speed_kernel.md). Same function as ``nn.BatchNorm``
+(training mode, ``use_fast_variance``), ``nn.relu`` and
+``models.max_pool_2x2``, gradients included (the pooling's ties split as JAX
+splits them), up to float rounding; tests/test_cpu_kernels.py checks both
+against Flax.
 
 The C++ source is compiled on first use with the system's C++ compiler
 (``$CXX``, else ``c++``), against the XLA FFI headers that jaxlib ships, into
@@ -229,8 +230,10 @@ def _backward(epsilon, axis_name, residuals, cotangents):
   (dy routed back through the pooling and ReLU), BatchNorm's backward is
     dbias = sum g,  dscale = sum g xhat,
     dx = a (g - dbias / P - xhat dscale / P)  (a = scale * rstd),
-  where the sums and P run over the batch on all devices of axis_name. The
-  mean and var outputs add dmean / P + dvar * 2 (x - mean) / P. Both are
+  where, in dx, the sums and P run over the batch on all devices of
+  axis_name (the statistics did); the dbias and dscale returned are this
+  device's sums, as autodiff of nn.BatchNorm gives them. The mean and var
+  outputs add dmean / P + dvar * 2 (x - mean) / P to dx. Both are
   dx = a g + k0 + xhat k1 with per-channel k0, k1.
   """
   del epsilon
