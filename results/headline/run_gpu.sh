@@ -74,6 +74,7 @@ if (( bench >= 60 )); then
   timeout -k 5 "$bench" python benchmarks/train_speed.py --batches=256 \
     --steps="${BENCH_STEPS:-100}" --repeats=3 \
     --impls="${BENCH_IMPLS:-loop,fused_grouped,fused_patches}" --convs=xla \
+    --norms=xla \
     --torch_device="${TORCH_DEVICE:-cuda}" --out="$runs/train_speed_gpu.md" \
     > "$runs/train_speed_gpu.log" 2>&1
   grep '^|' "$runs/train_speed_gpu.log" | tail -5
