@@ -233,6 +233,8 @@ def main():
                    'xla_cpu_flags.txt', fence=True)
   lines += section('Expert formulations (CPU)', 'expert_formulations.txt',
                    fence=True)
+  lines += section('Expert formulations with the CPU kernels (CPU)',
+                   'expert_formulations_kernel.txt', fence=True)
   lines += section('Sparse evaluation once a gate has converged',
                    'sparse_eval.txt', fence=True)
   lines += section('Choosing the entropy schedule (shipped sample)',
