@@ -6,7 +6,8 @@ steps -> the loop (resume, train, validate, checkpoint) -> final test.
 
 Data parallelism: ``train_step`` and ``eval_step`` are per-device functions
 that average over the ``'batch'`` axis with ``lax.pmean``/``lax.psum``
-(BatchNorm statistics too, through the model's ``bn_axis_name``), so one step
+(BatchNorm statistics too, through the model's ``bn_axis_name``, when there is
+more than one device), so one step
 over D devices equals one step on the whole batch. They are mapped in
 ``_parallel``; moving to ``jax.shard_map`` changes that one function.
 """
@@ -179,6 +180,17 @@ def create_model(config: ml_collections.ConfigDict,
       expert_kwargs=flax.core.FrozenDict(expert_kwargs),
       expert_impl=impl,
       bn_axis_name=bn_axis_name)
+
+
+def bn_axis_name() -> Optional[str]:
+  """The axis BatchNorm averages its statistics over: AXIS, or None alone.
+
+  On one device (all hosts together) the batch is all there and the
+  statistics need no collective; the psums inside the experts would still
+  cost about 15% of the training step on XLA:CPU
+  (benchmarks/data_parallel.py, results/data_parallel.txt).
+  """
+  return AXIS if jax.device_count() > 1 else None
 
 
 def conv_impl(config) -> str:
@@ -369,12 +381,25 @@ def eval_step(model: models.MultiTaskMoE, state: TrainState, batch):
   return jax.lax.psum(sums, AXIS), weights
 
 
-def _parallel(fn, **kwargs):
-  """Maps a per-device step over the local devices.
+def _parallel(fn, in_axes=0, donate_argnums=()):
+  """Maps a per-device step over the devices, along a leading device axis.
 
-  The one place to change for ``jax.shard_map`` over a ('batch',) mesh.
+  ``jax.pmap`` over the local devices; on a single device (all hosts
+  together), ``jax.jit(jax.vmap(...))`` over the same leading axis of size 1
+  instead: the same function, but the collectives, trivial there, vanish,
+  while XLA:CPU runs them as ops under pmap, at about 1/6 of the training
+  step (benchmarks/data_parallel.py, results/data_parallel.txt). The one
+  place to change for ``jax.shard_map`` over a ('batch',) mesh.
   """
-  return jax.pmap(fn, axis_name=AXIS, **kwargs)
+  if jax.device_count() > 1:
+    return jax.pmap(fn, axis_name=AXIS, in_axes=in_axes,
+                    donate_argnums=donate_argnums)
+  return _one_device(fn, in_axes, donate_argnums)
+
+
+def _one_device(fn, in_axes=0, donate_argnums=()):
+  return jax.jit(jax.vmap(fn, in_axes=in_axes, axis_name=AXIS),
+                 donate_argnums=donate_argnums)
 
 
 # ---------------------------------------------------------------------------
@@ -552,7 +577,7 @@ def _train_and_evaluate(config, workdir, num_devices, is_chief):
                len(train_split), len(valid_split), len(test_split),
                num_train_steps, config.batch_size, num_devices)
 
-  model = create_model(config, bn_axis_name=AXIS)
+  model = create_model(config, bn_axis_name=bn_axis_name())
   tx = create_optimizer(config, num_train_steps)
   abstract = abstract_state(config, model, tx)
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))

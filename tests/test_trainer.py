@@ -87,11 +87,22 @@ def test_pmap_step_equals_single_device_step(gate, per_example):
     results.append(jax.tree.map(lambda x: np.asarray(x)[0],
                                 (new_state.params, new_state.batch_stats,
                                  new_state.opt_state, metrics)))
-  single, multi = results
+  # What the trainer maps on a single device: jit(vmap) over an axis of
+  # size 1, BatchNorm without an axis (trainer.bn_axis_name()).
+  alone = trainer._one_device(  # pylint: disable=protected-access
+      functools.partial(step, model=trainer.create_model(config)),
+      in_axes=(0, 0, None))
+  new_state, metrics = alone(jax.tree.map(lambda x: np.asarray(x)[None], state),
+                             batch, rng)
+  results.append(jax.tree.map(lambda x: np.asarray(x)[0],
+                              (new_state.params, new_state.batch_stats,
+                               new_state.opt_state, metrics)))
+  single, multi, one_device = results
   # Only the summation order differs: float32 rounding.
-  jax.tree.map(
-      functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=1e-6),
-      single, multi)
+  for other in (multi, one_device):
+    jax.tree.map(
+        functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=1e-6),
+        single, other)
   # The step moved the parameters and the BatchNorm statistics.
   moved = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), single[0],
                        jax.device_get(state.params))
