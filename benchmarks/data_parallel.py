@@ -3,13 +3,13 @@
   python benchmarks/data_parallel.py [--batch=256] [--steps=10] [--repeats=3]
 
 trainer.train_step of configs/multimnist.py (experts 'loop', conv and norm
-as --conv / --norm) on all local devices (one on a plain CPU), three ways,
+as --conv / --norm) on all local devices (one on a plain CPU), three or four ways,
 in one process, alternating, warm, best of --repeats windows of --steps
 steps: ``jax.pmap`` with BatchNorm averaging over the devices (the
 baseline), ``jax.jit(jax.shard_map(...))`` over a one-axis mesh of the same
 devices, and, on one device only, ``jax.jit(jax.vmap(...))`` over a leading
-axis of size 1 and ``jax.pmap`` with a model whose BatchNorm has no axis
-(what trainer.bn_axis_name() gives on one device). All run the same
+axis of size 1 (what the trainer maps on one device, trainer._one_device)
+and ``jax.pmap`` with a model whose BatchNorm has no axis. All run the same
 per-device function; the script first checks that one step from the same
 state gives the same parameters every way.
 """
@@ -74,9 +74,8 @@ def main(argv):
           check_vma=False), donate_argnums=(0,)), stack),
   }
   if n == 1:
-    ways['jit(vmap)'] = (jax.jit(jax.vmap(step, axis_name=trainer.AXIS,
-                                          in_axes=(0, 0, None)),
-                                 donate_argnums=(0,)), stack)
+    ways['jit(vmap)'] = (trainer._one_device(  # pylint: disable=protected-access
+        step, in_axes=(0, 0, None), donate_argnums=(0,)), stack)
     ways['pmap, BatchNorm without axis'] = (
         jax.pmap(alone, axis_name=trainer.AXIS, in_axes=(0, 0, None),
                  donate_argnums=(0,)), flax.jax_utils.replicate)

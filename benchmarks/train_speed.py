@@ -88,7 +88,7 @@ def child_jax(batch, steps, repeats, impl, conv, norm, devices):
   config.model.expert_impl = impl
   config.model.conv = conv if impl == 'loop' else 'auto'
   config.model.norm = norm if impl == 'loop' else 'auto'
-  model = trainer.create_model(config, bn_axis_name=trainer.bn_axis_name())
+  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
   tx = trainer.create_optimizer(config, 1000)
   assert jax.local_device_count() == devices, jax.devices()
   state = flax.jax_utils.replicate(

@@ -6,8 +6,7 @@ steps -> the loop (resume, train, validate, checkpoint) -> final test.
 
 Data parallelism: ``train_step`` and ``eval_step`` are per-device functions
 that average over the ``'batch'`` axis with ``lax.pmean``/``lax.psum``
-(BatchNorm statistics too, through the model's ``bn_axis_name``, when there is
-more than one device), so one step
+(BatchNorm statistics too, through the model's ``bn_axis_name``), so one step
 over D devices equals one step on the whole batch. They are mapped in
 ``_parallel``; moving to ``jax.shard_map`` changes that one function.
 """
@@ -180,17 +179,6 @@ def create_model(config: ml_collections.ConfigDict,
       expert_kwargs=flax.core.FrozenDict(expert_kwargs),
       expert_impl=impl,
       bn_axis_name=bn_axis_name)
-
-
-def bn_axis_name() -> Optional[str]:
-  """The axis BatchNorm averages its statistics over: AXIS, or None alone.
-
-  On one device (all hosts together) the batch is all there and the
-  statistics need no collective; the psums inside the experts would still
-  cost about 15% of the training step on XLA:CPU
-  (benchmarks/data_parallel.py, results/data_parallel.txt).
-  """
-  return AXIS if jax.device_count() > 1 else None
 
 
 def conv_impl(config) -> str:
@@ -577,7 +565,7 @@ def _train_and_evaluate(config, workdir, num_devices, is_chief):
                len(train_split), len(valid_split), len(test_split),
                num_train_steps, config.batch_size, num_devices)
 
-  model = create_model(config, bn_axis_name=bn_axis_name())
+  model = create_model(config, bn_axis_name=AXIS)
   tx = create_optimizer(config, num_train_steps)
   abstract = abstract_state(config, model, tx)
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))

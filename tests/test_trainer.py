@@ -88,10 +88,9 @@ def test_pmap_step_equals_single_device_step(gate, per_example):
                                 (new_state.params, new_state.batch_stats,
                                  new_state.opt_state, metrics)))
   # What the trainer maps on a single device: jit(vmap) over an axis of
-  # size 1, BatchNorm without an axis (trainer.bn_axis_name()).
+  # size 1.
   alone = trainer._one_device(  # pylint: disable=protected-access
-      functools.partial(step, model=trainer.create_model(config)),
-      in_axes=(0, 0, None))
+      step, in_axes=(0, 0, None))
   new_state, metrics = alone(jax.tree.map(lambda x: np.asarray(x)[None], state),
                              batch, rng)
   results.append(jax.tree.map(lambda x: np.asarray(x)[0],
