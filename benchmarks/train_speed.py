@@ -9,10 +9,12 @@ cross-entropies, Adam. Each framework runs in its own subprocess (so its peak
 memory is its own), one after the other, on random images; times are warm
 (after compilation), best of --repeats windows of --steps steps.
 
-Ours is the real training step of dselect_jax.trainer (pmap over one device,
-or over N when --cpu_devices lists N > 1) with each expert implementation
-(and, for the 'loop' experts, each convolution of --convs and each
-BatchNorm-ReLU-pool of --norms); PyTorch is eager
+Ours is the real training step of dselect_jax.trainer, mapped over the
+devices as the trainer maps it (jit(vmap) on one device, pmap over N when
+--cpu_devices lists N > 1; tables written before 2026-11-30 used pmap on one
+device as well, 1.19x slower on the 2-core CPU by results/data_parallel.txt),
+with each expert implementation (and, for the 'loop' experts, each
+convolution of --convs and each BatchNorm-ReLU-pool of --norms); PyTorch is eager
 mode on --torch_device (torch is an optional, benchmark-only dependency: pip
 install torch==2.13.0). On a GPU, JAX runs there by default; pass
 --torch_device=cuda and more --steps (a window should last well past the
@@ -101,12 +103,12 @@ def child_jax(batch, steps, repeats, impl, conv, norm, devices):
   }
   eval_data = dict(batch_data,
                    mask=np.ones((devices, per_device), np.float32))
-  p_train = jax.pmap(functools.partial(trainer.train_step,
-                                       loss_config=config.loss),
-                     axis_name=trainer.AXIS, in_axes=(0, 0, None),
-                     donate_argnums=(0,))
-  p_eval = jax.pmap(functools.partial(trainer.eval_step, model),
-                    axis_name=trainer.AXIS)
+  # Mapped over the devices as the trainer maps them (trainer._parallel).
+  p_train = trainer._parallel(  # pylint: disable=protected-access
+      functools.partial(trainer.train_step, loss_config=config.loss),
+      in_axes=(0, 0, None), donate_argnums=(0,))
+  p_eval = trainer._parallel(  # pylint: disable=protected-access
+      functools.partial(trainer.eval_step, model))
   key = jax.random.key(1)
   start = time.perf_counter()
   state, metrics = p_train(state, batch_data, key)

@@ -219,6 +219,8 @@ def main():
   lines += entropy_runs()
   lines += parity_run()
   lines += grid_section()
+  lines += section('The training step as the trainer maps it (CPU)',
+                   'train_speed_mapping.md')
   lines += section('The BatchNorm kernels (CPU)', 'train_speed_kernel.md')
   lines += section('One BatchNorm-ReLU-pool block: kernels against XLA (CPU)',
                    'bn_relu_pool.txt')
