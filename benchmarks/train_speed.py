@@ -36,7 +36,9 @@ from absl import app
 from absl import flags
 
 _BATCHES = flags.DEFINE_list('batches', ['128', '256', '512'], 'Batch sizes.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Steps per timed window.')
+_STEPS = flags.DEFINE_integer(
+    'steps', 30, 'Steps per timed window (10-step windows understated our '
+    'step on the 2-core CPU: results/train_speed_mapping.md).')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows; best is kept.')
 _CHILD = flags.DEFINE_string('child', None, 'Internal: run one framework.')
 _IMPL = flags.DEFINE_string('impl', 'loop', 'Internal: our expert impl.')
