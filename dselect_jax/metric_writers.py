@@ -26,6 +26,13 @@ class MetricWriter:
     if not enabled:
       return
     self._path = os.path.join(workdir, METRICS_FILE)
+    # A killed run may have cut its last line short: end that line, so that
+    # this run's records start on lines of their own.
+    if os.path.exists(self._path) and os.path.getsize(self._path):
+      with open(self._path, 'rb+') as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b'\n':
+          f.write(b'\n')
     try:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir,
@@ -67,11 +74,43 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  path = os.path.join(workdir, METRICS_FILE)
+  """The records of ``workdir/metrics.jsonl``; see :func:`read_records`."""
+  return read_records(os.path.join(workdir, METRICS_FILE))
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+  """The records of a metrics file in the order they were written, without
+  the ones a resumed run superseded; [] if there is no file.
+
+  A run killed between two checkpoints resumes from the older one and logs
+  the steps after it again. So a train record whose step is not past the
+  last train step seen starts the resumed run: the earlier train and
+  validation records from that step on are dropped. Test records name the
+  best step, not the current one, so they stay; a test record replaces an
+  earlier one of the same step (train.py run again on a finished workdir
+  tests it again). A line that is not JSON can only be a record a killed run
+  cut short; it is skipped.
+  """
   if not os.path.exists(path):
     return []
+  records, last_train_step = [], None
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:  # Also blank lines.
+        continue
+      step = record['step']
+      if record['split'] == 'train':
+        if last_train_step is not None and step <= last_train_step:
+          records = [r for r in records
+                     if r['split'] == 'test' or r['step'] < step]
+        last_train_step = step
+      elif record['split'] == 'test':  # The same run tested again.
+        records = [r for r in records
+                   if not (r['split'] == 'test' and r['step'] == step)]
+      records.append(record)
+  return records
 
 
 def _plain(value):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
@@ -11,6 +10,8 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
+
+from dselect_jax import metric_writers
 
 
 def sample_grid(images: np.ndarray, labels: np.ndarray, title: str, path: str,
@@ -51,8 +52,7 @@ def expert_weights(weights: np.ndarray, path: str,
 
 def training_curves(metrics_file: str, path: str) -> str:
   """Train loss and validation accuracy per task against the step."""
-  with open(metrics_file) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = metric_writers.read_records(metrics_file)
   train = [r for r in records if r.get('split') == 'train']
   valid = [r for r in records if r.get('split') == 'validation']
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))

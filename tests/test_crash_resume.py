@@ -14,6 +14,7 @@ import numpy as np
 
 from configs import multimnist_sample
 from dselect_jax import checkpointing
+from dselect_jax import metric_writers
 from dselect_jax import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,3 +109,11 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
   step_b, arrays_b = _final_arrays(broken)
   assert step_a == step_b == 12
   jax.tree.map(np.testing.assert_array_equal, arrays_a, arrays_b)
+
+  # Its metrics read back as the uninterrupted run's: the same records, none
+  # twice, with the same losses and accuracies.
+  def logged(workdir):
+    return [(r['split'], r['step'], r.get('loss'), r.get('accuracy_1'))
+            for r in metric_writers.read_metrics(workdir)]
+  assert logged(broken) == logged(whole)
+  assert len(_records(broken, 'train')) > len(_records(whole, 'train'))

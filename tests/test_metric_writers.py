@@ -1,0 +1,58 @@
+"""metrics.jsonl across a kill and a resume: the records read back are the
+ones an uninterrupted run would have written."""
+
+import json
+
+from dselect_jax import metric_writers
+
+
+def _append(path, *records):
+  with open(path, 'a') as f:
+    for step, split, loss in records:
+      f.write(json.dumps({'step': step, 'split': split, 'loss': loss}) + '\n')
+
+
+def test_a_resumed_run_supersedes_the_killed_runs_records(tmp_path):
+  path = tmp_path / metric_writers.METRICS_FILE
+  # The killed run: logs every 2 steps, validates every 4, and dies while
+  # writing its step-8 record; its newest good checkpoint is step 2.
+  _append(path, (2, 'train', 'old'), (4, 'train', 'old'),
+          (4, 'validation', 'old'), (6, 'train', 'old'))
+  with open(path, 'a') as f:
+    f.write('{"step": 8, "split": "tr')
+  # The resumed run opens the file and logs steps 4 to 8 again, then tests.
+  writer = metric_writers.MetricWriter(str(tmp_path))
+  for step in (4, 6, 8):
+    writer.write(step, 'train', {'loss': 'new'})
+    if step % 4 == 0:
+      writer.write(step, 'validation', {'loss': 'new'})
+  writer.write(8, 'test', {'loss': 'new'})
+  writer.write(8, 'test', {'loss': 'again'})  # train.py run once more.
+  writer.close()
+
+  got = [(r['step'], r['split'], r['loss'])
+         for r in metric_writers.read_metrics(str(tmp_path))]
+  assert got == [(2, 'train', 'old'), (4, 'train', 'new'),
+                 (4, 'validation', 'new'), (6, 'train', 'new'),
+                 (8, 'train', 'new'), (8, 'validation', 'new'),
+                 (8, 'test', 'again')]
+  # The cut line is on a line of its own; every other line is a record.
+  lines = path.read_text().splitlines()
+  assert lines[4] == '{"step": 8, "split": "tr'
+  assert len(lines) == 4 + 1 + 7
+
+
+def test_test_records_survive_a_resume(tmp_path):
+  # A finished run (tested at its best step, 4), trained again for longer
+  # and killed before its step-8 checkpoint: resumed from step 4.
+  path = tmp_path / metric_writers.METRICS_FILE
+  _append(path, (2, 'train', 'a'), (4, 'train', 'a'), (4, 'test', 'a'),
+          (6, 'train', 'b'), (8, 'train', 'b'), (6, 'train', 'c'))
+  got = [(r['step'], r['split'], r['loss'])
+         for r in metric_writers.read_records(str(path))]
+  assert got == [(2, 'train', 'a'), (4, 'train', 'a'), (4, 'test', 'a'),
+                 (6, 'train', 'c')]
+
+
+def test_no_file_reads_as_no_records(tmp_path):
+  assert metric_writers.read_metrics(str(tmp_path)) == []
