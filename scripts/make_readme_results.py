@@ -91,22 +91,25 @@ def full_recipe() -> list[str]:
               '| run | task 1 accuracy | task 2 accuracy | experts used '
               '(task 1, task 2) | best step |', '| --- | --- | --- | --- | --- |']
     lines += rows
-    for recipe, label in (('multimnist', 'configs/multimnist.py'),
-                          ('paddlerec', 'configs/paddlerec.py')):
-      if acc[recipe][1]:
-        lines.append(f'| **`{label}`, mean ± std of '
-                     f'{len(acc[recipe][1])}** | '
+    for recipe in acc:
+      if len(acc[recipe][1]) > 1:  # No spread to show for a single seed.
+        lines.append(f'| **`configs/{recipe}.py`, mean ± std of '
+                     f'{len(acc[recipe][1])} seeds** | '
                      f'**{_mean_std(acc[recipe][1])}** | '
                      f'**{_mean_std(acc[recipe][2])}** | | |')
     lines.append(f'| PaddleRec (the seed, 100 epochs, shared gate) | '
                  f'{SEED_FIGURES[1]:.6f} | {SEED_FIGURES[2]:.6f} | | |')
-    mm = acc['multimnist']
-    if mm[1]:
-      above = all(np.mean(mm[t]) >= SEED_FIGURES[t] for t in (1, 2))
-      lines += ['', f'`configs/multimnist.py` over {len(mm[1])} seed(s): '
-                + ('both task means are above the seed\'s figures.' if above
-                   else 'the means do not reach the seed\'s figures on both '
-                   'tasks.')]
+    lines.append('')
+    for recipe in acc:
+      if acc[recipe][1]:
+        verdicts = [f'task {t} ' + ('above' if np.mean(acc[recipe][t]) >=
+                                     SEED_FIGURES[t] else 'below')
+                    for t in (1, 2)]
+        n = len(acc[recipe][1])
+        lines += [f'`configs/{recipe}.py` against the seed\'s figures ('
+                  + (f'mean of {n} seeds' if n > 1 else 'one seed') + '): '
+                  + ', '.join(verdicts) + '.', '']
+    lines.pop()
   notes = os.path.join(RESULTS, 'headline', 'NOTES.md')
   if not os.path.exists(notes):
     return lines
