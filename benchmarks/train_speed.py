@@ -14,11 +14,11 @@ devices as the trainer maps it (jit(vmap) on one device, pmap over N when
 --cpu_devices lists N > 1; tables written before 2026-11-30 used pmap on one
 device as well, 1.19x slower on the 2-core CPU by results/data_parallel.txt),
 with each expert implementation (and, for the 'loop' experts, each
-convolution of --convs and each BatchNorm-ReLU-pool of --norms); PyTorch is eager
-mode on --torch_device (torch is an optional, benchmark-only dependency: pip
-install torch==2.13.0). On a GPU, JAX runs there by default; pass
---torch_device=cuda and more --steps (a window should last well past the
-launch overhead). Achieved GFLOP/s uses
+convolution of --convs and each BatchNorm-ReLU-pool of --norms); PyTorch is
+eager mode on --torch_device (torch is an optional, benchmark-only
+dependency: pip install torch==2.13.0). On a GPU, JAX runs there by default;
+pass --torch_device=cuda and more --steps (a window should last well past
+the launch overhead). Achieved GFLOP/s uses
 2.03 MFLOP per expert per image forward (conv1 0.51, conv2 1.44, dense 0.08)
 and 3x forward for a training step; the machine's rate is a float32 matmul
 measured in the same command.
