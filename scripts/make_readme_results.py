@@ -212,8 +212,8 @@ def section(title, path, fence=False) -> list[str]:
   if fence:
     body = ['```', text, '```']
   else:  # Commands as code, the file's own headings as bold lines.
-    body = [f'`{l}`' if l.startswith('$ ') else re.sub(r'^#+ (.*)', r'**\1**', l)
-            for l in text.splitlines()]
+    body = [f'`{l}`' if l.startswith('$ ') else
+            re.sub(r'^#+ (.*)', r'**\1**', l) for l in text.splitlines()]
   return ['', f'### {title}', '', f'From `results/{path}`:', ''] + body
 
 
