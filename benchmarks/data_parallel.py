@@ -3,9 +3,9 @@
   python benchmarks/data_parallel.py [--batch=256] [--steps=10] [--repeats=3]
 
 trainer.train_step of configs/multimnist.py (experts 'loop', conv and norm
-as --conv / --norm) on all local devices (one on a plain CPU), three or four ways,
-in one process, alternating, warm, best of --repeats windows of --steps
-steps: ``jax.pmap`` with BatchNorm averaging over the devices (the
+as --conv / --norm) on all local devices (one on a plain CPU), three or four
+ways, in one process, alternating, warm, best of --repeats windows of
+--steps steps: ``jax.pmap`` with BatchNorm averaging over the devices (the
 baseline), ``jax.jit(jax.shard_map(...))`` over a one-axis mesh of the same
 devices, and, on one device only, ``jax.jit(jax.vmap(...))`` over a leading
 axis of size 1 (what the trainer maps on one device, trainer._one_device)
@@ -74,8 +74,9 @@ def main(argv):
           check_vma=False), donate_argnums=(0,)), stack),
   }
   if n == 1:
-    ways['jit(vmap)'] = (trainer._one_device(  # pylint: disable=protected-access
-        step, in_axes=(0, 0, None), donate_argnums=(0,)), stack)
+    one_device = trainer._one_device  # pylint: disable=protected-access
+    ways['jit(vmap)'] = (one_device(step, in_axes=(0, 0, None),
+                                    donate_argnums=(0,)), stack)
     ways['pmap, BatchNorm without axis'] = (
         jax.pmap(alone, axis_name=trainer.AXIS, in_axes=(0, 0, None),
                  donate_argnums=(0,)), flax.jax_utils.replicate)
