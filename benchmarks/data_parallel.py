@@ -22,9 +22,7 @@ import time
 
 from absl import app
 from absl import flags
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -59,7 +57,6 @@ def main(argv):
       trainer.train_step, loss_config=config.loss,
       model=trainer.create_model(config, bn_axis_name=None))
 
-  stack = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * n), tree)
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (trainer.AXIS,))
   spec = jax.sharding.PartitionSpec(trainer.AXIS)
 
@@ -70,18 +67,18 @@ def main(argv):
 
   ways = {
       'pmap': (jax.pmap(step, axis_name=trainer.AXIS, in_axes=(0, 0, None),
-                        donate_argnums=(0,)), flax.jax_utils.replicate),
+                        donate_argnums=(0,)), trainer.replicate),
       'jit(shard_map)': (jax.jit(jax.shard_map(
           per_shard, mesh=mesh, in_specs=(spec, spec, None), out_specs=spec,
-          check_vma=False), donate_argnums=(0,)), stack),
+          check_vma=False), donate_argnums=(0,)), trainer.replicate),
   }
   if n == 1:
     one_device = trainer._one_device  # pylint: disable=protected-access
     ways['jit(vmap)'] = (one_device(step, in_axes=(0, 0, None),
-                                    donate_argnums=(0,)), stack)
+                                    donate_argnums=(0,)), trainer.replicate)
     ways['pmap, BatchNorm without axis'] = (
         jax.pmap(alone, axis_name=trainer.AXIS, in_axes=(0, 0, None),
-                 donate_argnums=(0,)), flax.jax_utils.replicate)
+                 donate_argnums=(0,)), trainer.replicate)
 
   # One step from the same state must compute the same thing every way. The
   # parameters are the wrong thing to compare: Adam's first update is

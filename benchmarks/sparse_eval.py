@@ -56,7 +56,7 @@ def main(argv):
   state = trainer.initial_state(config, model, tx, jax.random.key(0))
   state = state.replace(params=saturated_params(
       state.params, _EXPERTS.value, _K.value, np.random.default_rng(0)))
-  state = flax.jax_utils.replicate(state)
+  state = trainer.replicate(state)
   rng = np.random.default_rng(1)
   split = input_pipeline.Split(
       rng.integers(0, 256, (_EXAMPLES.value, 36, 36), dtype=np.uint8),

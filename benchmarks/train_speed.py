@@ -82,7 +82,6 @@ def child_jax(batch, steps, repeats, impl, conv, norm, devices):
   if devices > 1:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_'
                                f'force_host_platform_device_count={devices}')
-  import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import multimnist  # pylint: disable=g-import-not-at-top
@@ -95,7 +94,7 @@ def child_jax(batch, steps, repeats, impl, conv, norm, devices):
   model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
   tx = trainer.create_optimizer(config, 1000)
   assert jax.local_device_count() == devices, jax.devices()
-  state = flax.jax_utils.replicate(
+  state = trainer.replicate(
       trainer.initial_state(config, model, tx, jax.random.key(0)))
   rng = np.random.default_rng(0)
   per_device = batch // devices

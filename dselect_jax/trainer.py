@@ -390,6 +390,26 @@ def _one_device(fn, in_axes=0, donate_argnums=()):
                  donate_argnums=donate_argnums)
 
 
+def replicate(tree):
+  """One copy of ``tree`` per local device, stacked on a new leading axis
+  and placed as the mapped steps return their outputs: sharded along that
+  axis over a (``AXIS``,) mesh of the local devices.
+
+  ``flax.jax_utils.replicate`` names its mesh axis otherwise, and JAX
+  compiles a pmapped step again for inputs of another sharding: on several
+  devices the train step compiled twice, once for the replicated state and
+  once for its own output (tests/test_trainer.py).
+  """
+  devices = jax.local_devices()
+  sharding = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.array(devices), (AXIS,)),
+      jax.sharding.PartitionSpec(AXIS))
+  return jax.tree.map(
+      lambda x: jax.device_put(
+          jnp.broadcast_to(x, (len(devices),) + jnp.shape(x)), sharding),
+      tree)
+
+
 # ---------------------------------------------------------------------------
 # Evaluation over a whole split.
 # ---------------------------------------------------------------------------
@@ -586,7 +606,7 @@ def _train_and_evaluate(config, workdir, num_devices, is_chief):
   if is_chief:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
-  state = flax.jax_utils.replicate(state)
+  state = replicate(state)
   rng = jax.random.key(config.seed + 1)
 
   evaluator = Evaluator(model, num_devices, config.model.get('sparse_eval',
@@ -713,7 +733,7 @@ def final_test(config, workdir, model, tx, data, ckpts, evaluator, writer):
   abstract = abstract_state(config, model, tx)
   step = ckpts.best_step()
   state = ckpts.restore_best(abstract)
-  result = evaluator(flax.jax_utils.replicate(state), data['test'],
+  result = evaluator(replicate(state), data['test'],
                      config.eval_batch_size)
   result['step'] = step
   result['checkpoint'] = 'best'
@@ -805,7 +825,7 @@ def evaluate_workdir(workdir: str, step: Optional[int] = None,
     state, kind = ckpts.restore(abstract, step), 'periodic'
   evaluator = Evaluator(model, num_devices,
                         config.model.get('sparse_eval', True))
-  result = evaluator(flax.jax_utils.replicate(state), data['test'],
+  result = evaluator(replicate(state), data['test'],
                      config.eval_batch_size)
   result['step'] = int(step)
   result['checkpoint'] = kind
