@@ -13,6 +13,9 @@
 # current step.
 # Run from the repository root, in the background:
 #   nohup bash results/headline/run_cpu.sh > /dev/null 2>&1 &
+# A session's end kills it (2026-11-30: the machine stayed up, the
+# processes did not), losing at most the epoch since the last checkpoint;
+# start it again at the beginning of the next session.
 # Checkpoints stay in the working tree (git-ignored); commit the rest of
 # results/headline/runs/ (train.log, metrics.jsonl, config.json, ...).
 set -uo pipefail
