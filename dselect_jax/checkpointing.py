@@ -4,7 +4,10 @@
 training resumes from the newest. ``workdir/best/<step>``: the one checkpoint
 with the highest validation ``accuracy_mean``, used for the final test.
 Both use Orbax's ``CheckpointManager`` with ``ocp.args.StandardSave`` /
-``StandardRestore`` into the structure the config defines.
+``StandardRestore`` into the structure the config defines. Before reading
+arrays, a restore compares the checkpoint's tree metadata with that structure,
+so a checkpoint of another config is refused with the names of the arrays
+that differ (and Orbax starts no reads it would then abandon).
 """
 
 from __future__ import annotations
@@ -63,16 +66,20 @@ class Checkpoints:
     # Orbax writes each checkpoint to a *.orbax-checkpoint-tmp folder and
     # renames it when complete; a training process (create=True) removes the
     # half-written folders a killed run left behind.
+    # The handler is named so that item_metadata can read the tree's
+    # metadata before anything was saved or restored in this process.
     self._latest = ocp.CheckpointManager(
         os.path.join(self.workdir, 'checkpoints'),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=create,
-            cleanup_tmp_directories=create))
+            cleanup_tmp_directories=create),
+        item_handlers=ocp.StandardCheckpointHandler())
     self._best = ocp.CheckpointManager(
         os.path.join(self.workdir, 'best'),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, create=create, cleanup_tmp_directories=create,
-            best_fn=lambda metrics: metrics[BEST_METRIC], best_mode='max'))
+            best_fn=lambda metrics: metrics[BEST_METRIC], best_mode='max'),
+        item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> Optional[int]:
     return self._latest.latest_step()
@@ -103,6 +110,7 @@ class Checkpoints:
     ``workdir/damaged/<step>`` with a warning naming them, once an older one
     has restored. When none restores, nothing is moved and the newest one's
     error is raised: that is a checkpoint that does not fit this config.
+    A checkpoint whose arrays differ from this config's is not read at all.
     """
     steps = sorted(self._latest.all_steps(), reverse=True)
     failed = []
@@ -121,6 +129,8 @@ class Checkpoints:
         self._quarantine(bad_step)
       return step, state
     step, error = failed[0]
+    if isinstance(error, CheckpointError):  # Another config's: says which.
+      raise error
     raise CheckpointError(
         f'none of the periodic checkpoints {steps} in {self.workdir} can be '
         'restored into the model of this config (made with another config, '
@@ -142,6 +152,13 @@ class Checkpoints:
       raise CheckpointError(
           f'no {kind} checkpoint at step {step} in {self.workdir}; its {kind} '
           f'checkpoints are at steps {steps or "none"}.')
+    mismatch = _mismatch(manager, step, abstract_state)
+    if mismatch:
+      raise CheckpointError(
+          f'{kind} checkpoint {step} in {self.workdir} cannot be restored into '
+          f'the model of this config (made with another config): {mismatch}; '
+          'train this config in another --workdir, or pass the config the '
+          'checkpoint was made with.')
     try:
       return manager.restore(step,
                              args=ocp.args.StandardRestore(abstract_state))
@@ -160,3 +177,36 @@ class Checkpoints:
   def close(self):
     self._latest.close()
     self._best.close()
+
+
+def _mismatch(manager, step: int, abstract_state: Any) -> Optional[str]:
+  """How the arrays saved at ``step`` differ from ``abstract_state`` (names,
+  shapes, dtypes), or None when they match or the metadata cannot be read
+  (a damaged checkpoint: the restore itself then says what is wrong)."""
+  try:
+    stored = manager.item_metadata(step).tree
+  except Exception:  # pylint: disable=broad-except
+    return None
+  have = ocp.tree.to_flat_dict(stored, sep='/')
+  want = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state),
+                               sep='/')
+  def order(names):  # Parameters first: they name the modules that differ.
+    return sorted(names, key=lambda n: (not n.startswith('params/'), n))
+
+  problems = []
+  for what, names in (('this config has', order(want.keys() - have.keys())),
+                      ('only the checkpoint has',
+                       order(have.keys() - want.keys()))):
+    if names:
+      shown = ', '.join(repr(n) for n in names[:3])
+      more = f' and {len(names) - 3} more' if len(names) > 3 else ''
+      problems.append(f'{what} {shown}{more}')
+  for name in order(want.keys() & have.keys()):
+    w, h = want[name], have[name]
+    w_form = (tuple(w.shape), str(w.dtype))
+    h_form = (tuple(getattr(h, 'shape', ())), str(getattr(h, 'dtype', '')))
+    if w_form[0] != h_form[0] or (h_form[1] and w_form[1] != h_form[1]):
+      problems.append(f'{name!r} is {h_form[1]}{list(h_form[0])} in the '
+                      f'checkpoint, {w_form[1]}{list(w_form[0])} here')
+      break
+  return '; '.join(problems) or None

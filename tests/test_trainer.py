@@ -15,6 +15,7 @@ from absl import flags
 import flax
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from ml_collections import config_flags
 
@@ -460,6 +461,10 @@ def _largest_file(folder):
   return max(files, key=os.path.getsize)
 
 
+# When one array read of the truncated checkpoint fails, Orbax abandons the
+# reads still pending; Python reports each abandoned coroutine when it is
+# collected, which is not this project's to fix.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path,
                                                               caplog):
   workdir = str(tmp_path / 'w')
@@ -481,14 +486,38 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path,
   assert [r['step'] for r in records if r['split'] == 'train'][-2:] == [6, 9]
 
 
-def test_checkpoint_of_another_config_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize('overrides,names', [
+    # 3 experts instead of 2: an expert the checkpoint lacks.
+    ({'model.num_experts': 3},
+     r"this config has 'params/experts/expert_2/"),
+    # k = 2 instead of 1: the gate's k selectors, w_logits (k,), differ.
+    ({'model.gate.k': 2},
+     r"'params/gate_0/w_logits' is float32\[1\] in the checkpoint, "
+     r"float32\[2\] here"),
+])
+def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, monkeypatch,
+                                                       overrides, names):
   workdir = str(tmp_path / 'w')
   trainer.train_and_evaluate(tiny_config(), workdir)
-  other = tiny_config(**{'model.num_experts': 3})
+
+  def no_reads(*args, **kwargs):
+    raise AssertionError('a checkpoint of another config was read')
+
+  # The metadata alone refuses it: Orbax starts no array reads.
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', no_reads)
   with pytest.raises(checkpointing.CheckpointError,
-                     match=r"can be restored into the model of this config.*"
-                     r"'expert_2'"):
-    trainer.train_and_evaluate(other, workdir)
+                     match=r'periodic checkpoint 6 .* cannot be restored into '
+                     r'the model of this config \(made with another config\): '
+                     + names):
+    trainer.train_and_evaluate(tiny_config(**overrides), workdir)
+  other = tiny_config(**overrides)
+  model = trainer.create_model(other, bn_axis_name=trainer.AXIS)
+  abstract = trainer.abstract_state(other, model,
+                                    trainer.create_optimizer(other, 6))
+  ckpts = checkpointing.Checkpoints(workdir, create=False)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r'best checkpoint \d .* another config\): ' + names):
+    ckpts.restore_best(abstract)
   assert checkpointing.Checkpoints(workdir, create=False).all_steps() == [3, 6]
   assert not os.path.exists(os.path.join(workdir, 'damaged'))
 
