@@ -13,11 +13,12 @@
 # current step.
 # Run from the repository root, in the background:
 #   nohup bash results/headline/run_cpu.sh > /dev/null 2>&1 &
-# A session's end kills it (2026-11-30: the machine stayed up, the
-# processes did not), losing at most the epoch since the last checkpoint;
-# start it again at the beginning of the next session.
-# Checkpoints stay in the working tree (git-ignored); commit the rest of
-# results/headline/runs/ (train.log, metrics.jsonl, config.json, ...).
+# A session's end kills it, and the next session may start on a new machine
+# with only what was committed (2026-12-02): before a session ends, run
+# results/headline/stage_checkpoints.sh (it stops the run with SIGTERM and
+# stages the newest and best checkpoints, otherwise git-ignored) and commit
+# them with the rest of results/headline/runs/ (train.log, metrics.jsonl,
+# config.json, tensorboard/); start this again in the next session.
 set -uo pipefail
 runs=results/headline/runs
 data=${DATA_DIR:-../shared/data}
