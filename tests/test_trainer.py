@@ -461,10 +461,6 @@ def _largest_file(folder):
   return max(files, key=os.path.getsize)
 
 
-# When one array read of the truncated checkpoint fails, Orbax abandons the
-# reads still pending; Python reports each abandoned coroutine when it is
-# collected, which is not this project's to fix.
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path,
                                                               caplog):
   workdir = str(tmp_path / 'w')
