@@ -190,6 +190,7 @@ def _mismatch(manager, step: int, abstract_state: Any) -> Optional[str]:
   have = ocp.tree.to_flat_dict(stored, sep='/')
   want = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state),
                                sep='/')
+
   def order(names):  # Parameters first: they name the modules that differ.
     return sorted(names, key=lambda n: (not n.startswith('params/'), n))
 
@@ -203,10 +204,10 @@ def _mismatch(manager, step: int, abstract_state: Any) -> Optional[str]:
       problems.append(f'{what} {shown}{more}')
   for name in order(want.keys() & have.keys()):
     w, h = want[name], have[name]
-    w_form = (tuple(w.shape), str(w.dtype))
-    h_form = (tuple(getattr(h, 'shape', ())), str(getattr(h, 'dtype', '')))
-    if w_form[0] != h_form[0] or (h_form[1] and w_form[1] != h_form[1]):
-      problems.append(f'{name!r} is {h_form[1]}{list(h_form[0])} in the '
-                      f'checkpoint, {w_form[1]}{list(w_form[0])} here')
+    h_dtype = str(getattr(h, 'dtype', '') or '')
+    h_shape = list(getattr(h, 'shape', ()))
+    if h_shape != list(w.shape) or (h_dtype and h_dtype != str(w.dtype)):
+      problems.append(f'{name!r} is {h_dtype}{h_shape} in the checkpoint, '
+                      f'{w.dtype}{list(w.shape)} here')
       break
   return '; '.join(problems) or None

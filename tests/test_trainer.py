@@ -501,12 +501,12 @@ def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, monkeypatch,
 
   # The metadata alone refuses it: Orbax starts no array reads.
   monkeypatch.setattr(ocp.CheckpointManager, 'restore', no_reads)
+  other = tiny_config(**overrides)
   with pytest.raises(checkpointing.CheckpointError,
                      match=r'periodic checkpoint 6 .* cannot be restored into '
                      r'the model of this config \(made with another config\): '
                      + names):
-    trainer.train_and_evaluate(tiny_config(**overrides), workdir)
-  other = tiny_config(**overrides)
+    trainer.train_and_evaluate(other, workdir)
   model = trainer.create_model(other, bn_axis_name=trainer.AXIS)
   abstract = trainer.abstract_state(other, model,
                                     trainer.create_optimizer(other, 6))
@@ -514,7 +514,7 @@ def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, monkeypatch,
   with pytest.raises(checkpointing.CheckpointError,
                      match=r'best checkpoint \d .* another config\): ' + names):
     ckpts.restore_best(abstract)
-  assert checkpointing.Checkpoints(workdir, create=False).all_steps() == [3, 6]
+  assert ckpts.all_steps() == [3, 6]
   assert not os.path.exists(os.path.join(workdir, 'damaged'))
 
 

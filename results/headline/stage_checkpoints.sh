@@ -10,7 +10,8 @@
 #   - finished: its best one only (eval.py can then test it on a fresh
 #     clone: python eval.py --workdir=results/headline/runs/<run>).
 # Checkpoints staged before and since deleted by Orbax are unstaged, so the
-# commit holds only these (about 4 MB each; git stores identical files once).
+# commit holds only these (about 4 MB each; a best and a periodic checkpoint
+# of the same step are written separately and share few files).
 # Stopping: SIGTERM to each train.py of these runs, which saves a checkpoint
 # at the current step and exits; run_cpu.sh then stops too.
 # Run from the repository root, then commit:
@@ -18,15 +19,16 @@
 set -euo pipefail
 runs=results/headline/runs
 
-pids=$(pgrep -f "train.py .*--workdir=$runs/" || true)
+pattern="train.py .*--workdir=$runs/"
+pids=$(pgrep -f "$pattern" || true)
 if [[ -n $pids ]]; then
   echo "stopping train.py (pid $(echo $pids))"
   kill -TERM $pids
   for _ in $(seq 120); do
-    pgrep -f "train.py .*--workdir=$runs/" > /dev/null || break
+    pgrep -f "$pattern" > /dev/null || break
     sleep 1
   done
-  if pgrep -f "train.py .*--workdir=$runs/" > /dev/null; then
+  if pgrep -f "$pattern" > /dev/null; then
     echo "train.py still running after 120 s; not staging" >&2
     exit 1
   fi
