@@ -8,6 +8,11 @@ Both use Orbax's ``CheckpointManager`` with ``ocp.args.StandardSave`` /
 arrays, a restore compares the checkpoint's tree metadata with that structure,
 so a checkpoint of another config is refused with the names of the arrays
 that differ (and Orbax starts no reads it would then abandon).
+
+Multi-host, every process calls save and restore with the same state; it is
+saved as arrays replicated over every process's devices (written once, by
+process 0) and restored as host-local arrays again, so checkpoints move
+freely between single- and multi-host runs.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import shutil
 from typing import Any, Optional
 
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 BEST_METRIC = 'accuracy_mean'
@@ -68,17 +76,23 @@ class Checkpoints:
     # half-written folders a killed run left behind.
     # The handler is named so that item_metadata can read the tree's
     # metadata before anything was saved or restored in this process.
+    # Multi-host, the processes meet at barriers named after the step: the
+    # two managers, which may save the same step at once, name theirs apart.
     self._latest = ocp.CheckpointManager(
         os.path.join(self.workdir, 'checkpoints'),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=create,
-            cleanup_tmp_directories=create),
+            cleanup_tmp_directories=create,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix='latest')),
         item_handlers=ocp.StandardCheckpointHandler())
     self._best = ocp.CheckpointManager(
         os.path.join(self.workdir, 'best'),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, create=create, cleanup_tmp_directories=create,
-            best_fn=lambda metrics: metrics[BEST_METRIC], best_mode='max'),
+            best_fn=lambda metrics: metrics[BEST_METRIC], best_mode='max',
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix='best')),
         item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> Optional[int]:
@@ -91,10 +105,10 @@ class Checkpoints:
     return self._best.best_step()
 
   def save(self, step: int, state: Any):
-    self._latest.save(step, args=ocp.args.StandardSave(state))
+    self._latest.save(step, args=ocp.args.StandardSave(_to_global(state)))
 
   def save_best(self, step: int, state: Any, metric: float):
-    self._best.save(step, args=ocp.args.StandardSave(state),
+    self._best.save(step, args=ocp.args.StandardSave(_to_global(state)),
                     metrics={BEST_METRIC: float(metric)})
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> Any:
@@ -138,9 +152,12 @@ class Checkpoints:
         f'{" ".join(str(error).split())[:300]}')
 
   def _quarantine(self, step: int):
-    dest = os.path.join(self.workdir, 'damaged', str(step))
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    shutil.move(os.path.join(self.workdir, 'checkpoints', str(step)), dest)
+    if jax.process_index() == 0:
+      dest = os.path.join(self.workdir, 'damaged', str(step))
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      shutil.move(os.path.join(self.workdir, 'checkpoints', str(step)), dest)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'quarantined {step}')
     self._latest.reload()
 
   def restore_best(self, abstract_state: Any) -> Any:
@@ -160,8 +177,8 @@ class Checkpoints:
           'train this config in another --workdir, or pass the config the '
           'checkpoint was made with.')
     try:
-      return manager.restore(step,
-                             args=ocp.args.StandardRestore(abstract_state))
+      return _to_local(manager.restore(
+          step, args=ocp.args.StandardRestore(_restore_target(abstract_state))))
     except Exception as e:  # pylint: disable=broad-except
       if strict:
         raise
@@ -177,6 +194,42 @@ class Checkpoints:
   def close(self):
     self._latest.close()
     self._best.close()
+
+
+def _replicated() -> jax.sharding.NamedSharding:
+  """Replicated over every device of every process."""
+  return jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.array(jax.devices()), ('all',)),
+      jax.sharding.PartitionSpec())
+
+
+def _to_global(state: Any) -> Any:
+  """Multi-host, ``state`` (the same host-local arrays on every process) as
+  global arrays replicated over all devices: Orbax refuses host-local arrays
+  there, as it cannot tell which process should write them."""
+  if jax.process_count() == 1:
+    return state
+  return multihost_utils.host_local_array_to_global_array(
+      state, _replicated().mesh, jax.sharding.PartitionSpec())
+
+
+def _restore_target(abstract_state: Any) -> Any:
+  """``abstract_state`` with the placement to restore to: this process's
+  first device single-host, replicated over all devices multi-host. Named
+  explicitly, so that a checkpoint saved on another number of processes
+  restores (Orbax would otherwise place it as it was saved)."""
+  sharding = (_replicated() if jax.process_count() > 1 else
+              jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      abstract_state)
+
+
+def _to_local(state: Any) -> Any:
+  """Multi-host, this process's copy of each replicated array (numpy)."""
+  if jax.process_count() == 1:
+    return state
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)
 
 
 def _mismatch(manager, step: int, abstract_state: Any) -> Optional[str]:

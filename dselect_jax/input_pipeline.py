@@ -400,8 +400,10 @@ def train_batches(split: Split, global_batch: int, num_devices: int,
     epoch, index = divmod(step, steps_per_epoch)
     order = epoch_permutation(len(split), seed, epoch)
     while index < steps_per_epoch:
-      batch = order[index * global_batch:(index + 1) * global_batch]
-      rows = np.sort(batch[local])
+      # Sorted before slicing: device d of the global batch reads the same
+      # rows whatever the number of processes.
+      rows = np.sort(order[index * global_batch:(index + 1) * global_batch])
+      rows = rows[local]
       yield {
           'image': to_model_input(split.images[rows]).reshape(
               num_devices, per_device, CANVAS, CANVAS, 1),

@@ -541,11 +541,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   validate_config(config, jax.device_count())
   is_chief = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  lock = checkpointing.WorkdirLock(workdir)
+  # Every process of a multi-host run shares the workdir: process 0 holds
+  # the lock for them all.
+  lock = checkpointing.WorkdirLock(workdir) if is_chief else None
   try:
     return _train_and_evaluate(config, workdir, num_devices, is_chief)
   finally:
-    lock.release()
+    if lock is not None:
+      lock.release()
 
 
 class _StopRequest:
