@@ -27,7 +27,6 @@ from tests.test_trainer import tiny_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-
 def _override_flags(config, base) -> list[str]:
   """``--config.a.b=value`` for every field where ``config`` differs from
   ``base``."""
@@ -48,19 +47,21 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _train_on_two_processes(config, workdir):
+def _train_on_two_processes(config, workdir, logs):
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  procs = [
-      subprocess.Popen(
+  # Logs to files: a full stderr pipe would stall a process.
+  paths = [os.path.join(logs, f'process_{i}.log') for i in range(2)]
+  procs = []
+  for i, path in enumerate(paths):
+    with open(path, 'w') as log:
+      procs.append(subprocess.Popen(
           [sys.executable, 'train.py', '--config=configs/multimnist_sample.py',
            f'--workdir={workdir}', '--multihost',
            f'--coordinator_address=localhost:{port}', '--num_processes=2',
            f'--process_id={i}'] +
           _override_flags(config, multimnist_sample.get_config()),
-          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-          text=True) for i in range(2)
-  ]
+          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
   # A process that fails leaves the other waiting for it: stop both.
   deadline = time.time() + 400
   while any(p.poll() is None for p in procs) and time.time() < deadline:
@@ -70,9 +71,10 @@ def _train_on_two_processes(config, workdir):
   for p in procs:
     if p.poll() is None:
       p.kill()
-  errors = [p.stderr.read() for p in procs]
-  assert [p.wait() for p in procs] == [0, 0], '\n\n'.join(
-      f'process {i}:\n{err[-3000:]}' for i, err in enumerate(errors))
+  codes = [p.wait() for p in procs]
+  assert codes == [0, 0], '\n\n'.join(
+      f'process {i} ({code}):\n{open(path).read()[-3000:]}'
+      for i, (code, path) in enumerate(zip(codes, paths)))
 
 
 def test_two_processes_train_like_one(tmp_path):
@@ -86,7 +88,7 @@ def test_two_processes_train_like_one(tmp_path):
   one = str(tmp_path / 'one')
   expected = trainer.train_and_evaluate(config, one)
   two = str(tmp_path / 'two')
-  _train_on_two_processes(config, two)
+  _train_on_two_processes(config, two, str(tmp_path))
 
   # Both workdirs' checkpoints restore here, in one process: the multi-host
   # one was saved as arrays replicated over the 4 devices of 2 processes.
