@@ -14,10 +14,10 @@ validation split instead of the test split.
 Data: `comet` MultiMNIST, 100,000 train / 20,000 validation / 20,000 test.
 Target: test accuracy >= 0.930460 (task 1) and >= 0.916088 (task 2), with the
 checkpoint chosen on validation. Measured: results/headline/ (the 100-epoch
-runs, 3 seeds, on 2-core CPUs: 3 to 8 hours each, depending on the machine;
-the measured rates are in its NOTES.md; scripts for a GPU too); the same
-recipe in 5 epochs, configs/multimnist_fast.py, reaches 0.9858 / 0.9798 (mean
-of 3 seeds, about 25 minutes each; results/multimnist_fast/).
+runs, 3 seeds, on 2-core CPUs: 2.7 to 8 hours each, depending on the
+machine; the measured rates are in its NOTES.md; scripts for a GPU too); the
+same recipe in 5 epochs, configs/multimnist_fast.py, reaches 0.9858 / 0.9798
+(mean of 3 seeds, about 25 minutes each; results/multimnist_fast/).
 """
 
 from configs import default
