@@ -24,6 +24,7 @@ from dselect_jax import cli
 from dselect_jax import metric_writers
 from dselect_jax import plots
 from dselect_jax import sources
+from dselect_jax import factory
 from dselect_jax import trainer
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The workdir of train.py.')
@@ -51,25 +52,29 @@ def main(argv):
   except sources.DataError as e:
     sys.exit(f'error: {e} (eval.py reads the data folder named in '
              f'{workdir}/config.json; --data_dir=DIR reads DIR instead.)')
-  except (checkpointing.CheckpointError, trainer.ConfigError) as e:
+  except (checkpointing.CheckpointError, factory.ConfigError) as e:
     sys.exit(f'error: {e}')
-  out_dir = os.path.join(workdir, 'eval')
-  os.makedirs(out_dir, exist_ok=True)
-  stem = os.path.join(out_dir, f'test_{result["checkpoint"]}_{result["step"]}')
-  with open(stem + '.json', 'w') as f:
-    json.dump(result, f, indent=2)
-  figures = [plots.expert_weights(result['expert_weights'],
-                                  stem + '_expert_weights.png')]
-  if metric_writers.read_metrics(workdir):
-    figures.append(plots.training_curves(
-        os.path.join(workdir, metric_writers.METRICS_FILE),
-        os.path.join(out_dir, 'training_curves.png')))
   print(f'test split, {result["checkpoint"]} checkpoint at step '
         f'{result["step"]} ({result["num_examples"]} examples):')
-  for t in (1, 2):
+  for t in range(1, len(result['selected_experts']) + 1):
     print(f'  task {t}: accuracy {result[f"accuracy_{t}"]:.6f}  loss '
           f'{result[f"loss_{t}"]:.6f}  experts {result["selected_experts"][t - 1]}'
           f'  weights {[round(w, 4) for w in result["expert_weights"][t - 1]]}')
+  out_dir = os.path.join(workdir, 'eval')
+  stem = os.path.join(out_dir, f'test_{result["checkpoint"]}_{result["step"]}')
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(stem + '.json', 'w') as f:
+      json.dump(result, f, indent=2)
+    figures = [plots.expert_weights(result['expert_weights'],
+                                    stem + '_expert_weights.png')]
+    if metric_writers.read_metrics(workdir):
+      figures.append(plots.training_curves(
+          os.path.join(workdir, metric_writers.METRICS_FILE),
+          os.path.join(out_dir, 'training_curves.png')))
+  except OSError as e:
+    sys.exit(f'error: could not save the results above to {out_dir}: '
+             f'{e.strerror or e}.')
   print(f'wrote {stem}.json and {", ".join(figures)}')
 
 

@@ -28,6 +28,7 @@ from ml_collections import config_flags
 from dselect_jax import checkpointing
 from dselect_jax import cli
 from dselect_jax import sources
+from dselect_jax import factory
 from dselect_jax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -74,7 +75,7 @@ def main(argv):
                jax.local_device_count(), jax.devices()[0].platform)
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (trainer.ConfigError, sources.DataError, checkpointing.CheckpointError,
+  except (factory.ConfigError, sources.DataError, checkpointing.CheckpointError,
           trainer.TrainingError) as e:
     sys.exit(f'error: {e}')
   except trainer.Interrupted as e:

@@ -29,6 +29,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import multimnist  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dselect_jax import factory
 from dselect_jax import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _BATCH = flags.DEFINE_integer('batch', 256, 'Images per step, all devices.')
@@ -43,9 +44,9 @@ def main(argv):
   config = multimnist.get_config()
   config.model.conv, config.model.norm = _CONV.value, _NORM.value
   n = jax.local_device_count()
-  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
-  tx = trainer.create_optimizer(config, 1000)
-  state = trainer.initial_state(config, model, tx, jax.random.key(0))
+  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  tx = factory.create_optimizer(config, 1000)
+  state = factory.initial_state(config, model, tx, jax.random.key(0))
   rng = np.random.default_rng(0)
   per_device = _BATCH.value // n
   batch = {  # (n, b, ...): one shard per device.
@@ -55,7 +56,7 @@ def main(argv):
   step = functools.partial(trainer.train_step, loss_config=config.loss)
   alone = functools.partial(  # BatchNorm without collectives.
       trainer.train_step, loss_config=config.loss,
-      model=trainer.create_model(config, bn_axis_name=None))
+      model=factory.create_model(config, bn_axis_name=None))
 
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (trainer.AXIS,))
   spec = jax.sharding.PartitionSpec(trainer.AXIS)
@@ -116,7 +117,7 @@ def main(argv):
       rates[name] = max(rates[name], _BATCH.value * _STEPS.value /
                         (time.perf_counter() - start))
   print(f'{jax.devices()[0].platform}, {n} device(s), batch {_BATCH.value}, '
-        f'conv {trainer.conv_impl(config)}, norm {trainer.norm_impl(config)}; '
+        f'conv {factory.conv_impl(config)}, norm {factory.norm_impl(config)}; '
         f'train step, best of {_REPEATS.value} windows of {_STEPS.value} '
         'steps (one step from the same state gave the same gradients, '
         'BatchNorm statistics and metrics every way, to 1e-5 of the '

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import multimnist  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dselect_jax import gates  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dselect_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dselect_jax import factory
 from dselect_jax import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _EXPERTS = flags.DEFINE_integer('experts', 8, 'Experts.')
@@ -51,9 +52,9 @@ def main(argv):
   config.model.num_experts = _EXPERTS.value
   config.model.gate.k = _K.value
   config.model.shared_gate = _SHARED.value
-  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
-  tx = trainer.create_optimizer(config, 100)
-  state = trainer.initial_state(config, model, tx, jax.random.key(0))
+  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  tx = factory.create_optimizer(config, 100)
+  state = factory.initial_state(config, model, tx, jax.random.key(0))
   state = state.replace(params=saturated_params(
       state.params, _EXPERTS.value, _K.value, np.random.default_rng(0)))
   state = trainer.replicate(state)

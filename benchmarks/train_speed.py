@@ -85,17 +85,18 @@ def child_jax(batch, steps, repeats, impl, conv, norm, devices):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import multimnist  # pylint: disable=g-import-not-at-top
+  from dselect_jax import factory  # pylint: disable=g-import-not-at-top
   from dselect_jax import trainer  # pylint: disable=g-import-not-at-top
 
   config = multimnist.get_config()
   config.model.expert_impl = impl
   config.model.conv = conv if impl == 'loop' else 'auto'
   config.model.norm = norm if impl == 'loop' else 'auto'
-  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
-  tx = trainer.create_optimizer(config, 1000)
+  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  tx = factory.create_optimizer(config, 1000)
   assert jax.local_device_count() == devices, jax.devices()
   state = trainer.replicate(
-      trainer.initial_state(config, model, tx, jax.random.key(0)))
+      factory.initial_state(config, model, tx, jax.random.key(0)))
   rng = np.random.default_rng(0)
   per_device = batch // devices
   batch_data = {

@@ -31,28 +31,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_experts = 8
   # One gate for all tasks (PaddleRec) instead of one gate per task (paper).
   config.model.shared_gate = False
-  # How the experts are computed: 'loop' (one module per expert), or
-  # 'fused_grouped' / 'fused_patches' (all experts in shared ops; the same
-  # function with another parameter layout; see benchmarks/train_speed.py).
-  config.model.expert_impl = 'loop'
-  # How the 'loop' experts compute their convolutions: 'xla' (XLA's
+  # How the experts compute their convolutions: 'xla' (XLA's
   # convolution), 'toeplitz' (row matmuls, models.ToeplitzConv; faster on
   # XLA:CPU), or 'auto' (toeplitz on CPU, xla elsewhere). Same parameters
   # either way: a checkpoint trained with one evaluates with the other.
   config.model.conv = 'auto'
-  # How the 'loop' experts compute each BatchNorm-ReLU-pool block: 'xla'
+  # How the experts compute each BatchNorm-ReLU-pool block: 'xla'
   # (nn.BatchNorm, nn.relu, models.max_pool_2x2), 'kernel' (hand-written CPU
   # kernels, models.BatchNormReLUPool; faster on CPU, built on first use
   # with the system's C++ compiler), or 'auto' (kernel on CPU if it builds,
   # else xla). Same parameters either way, as for conv.
   config.model.norm = 'auto'
   # Evaluate only the experts some static gate still weighs (same logits as
-  # computing all of them; faster once the gates have converged). 'loop'
-  # experts only: the fused ones always run dense.
+  # computing all of them; faster once the gates have converged).
   config.model.sparse_eval = True
   # Train only the experts some static gate still weighs (checked at every
-  # log step); exact for adam and sgd, see trainer.SparseTrainSteps. Needs
-  # expert_impl='loop'.
+  # log step); exact for adam and sgd, see trainer.SparseTrainSteps.
   config.model.sparse_train = False
   # What a per-example gate routes on: 'input' (pixels) or 'experts' (mean
   # expert output).

@@ -139,7 +139,7 @@ class Checkpoints:
         logging.warning(
             'periodic checkpoint %d in %s is damaged (%s); moved it to '
             'damaged/%d and resumed from step %d.', bad_step, self.workdir,
-            ' '.join(str(error).split())[:200], bad_step, step)
+            reason(error, 200), bad_step, step)
         self._quarantine(bad_step)
       return step, state
     step, error = failed[0]
@@ -148,17 +148,43 @@ class Checkpoints:
     raise CheckpointError(
         f'none of the periodic checkpoints {steps} in {self.workdir} can be '
         'restored into the model of this config (made with another config, '
-        f'or all damaged); newest, step {step}: '
-        f'{" ".join(str(error).split())[:300]}')
+        f'or all damaged); newest, step {step}: {reason(error)}')
 
   def _quarantine(self, step: int):
+    self._move_aside(self._latest, 'checkpoints', step, 'damaged')
+
+  def _move_aside(self, manager, folder: str, step: int, dest: str):
+    """Moves ``folder/<step>`` to ``dest/<step>`` (kept, never deleted)."""
     if jax.process_index() == 0:
-      dest = os.path.join(self.workdir, 'damaged', str(step))
-      os.makedirs(os.path.dirname(dest), exist_ok=True)
-      shutil.move(os.path.join(self.workdir, 'checkpoints', str(step)), dest)
+      target = os.path.join(self.workdir, dest, str(step))
+      if os.path.exists(target):
+        shutil.rmtree(target)  # An older copy of the same step, set aside.
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(os.path.join(self.workdir, folder, str(step)), target)
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f'quarantined {step}')
-    self._latest.reload()
+      multihost_utils.sync_global_devices(f'moved {folder} {step} to {dest}')
+    manager.reload()
+
+  def set_aside_foreign_best(self, start_step: int, abstract_state: Any):
+    """Keeps ``best/`` to this run: a best checkpoint from after
+    ``start_step`` (of a run that went further and was then reset, or of
+    another run in this workdir when this one starts from scratch), or of
+    another config, is moved to ``workdir/previous_best/<step>`` with a
+    warning, so the final test never evaluates another run's model."""
+    for step in list(self._best.all_steps()):
+      why = None
+      if step > start_step:
+        why = (f'it is from step {step}, after the step {start_step} this run '
+               'starts from')
+      else:
+        mismatch = _mismatch(self._best, step, abstract_state)
+        if mismatch:
+          why = f'it was made with another config ({mismatch})'
+      if why:
+        logging.warning('best checkpoint %d in %s is not this run\'s: %s; '
+                        'moved it to previous_best/%d.', step, self.workdir,
+                        why, step)
+        self._move_aside(self._best, 'best', step, 'previous_best')
 
   def restore_best(self, abstract_state: Any) -> Any:
     return self._restore(self._best, abstract_state, self.best_step(), 'best')
@@ -185,7 +211,7 @@ class Checkpoints:
       raise CheckpointError(
           f'{kind} checkpoint {step} in {self.workdir} cannot be restored into '
           f'the model of this config (damaged, or made with another config): '
-          f'{" ".join(str(e).split())[:300]}') from None
+          f'{reason(e)}') from None
 
   def wait(self):
     self._latest.wait_until_finished()
@@ -194,6 +220,20 @@ class Checkpoints:
   def close(self):
     self._latest.close()
     self._best.close()
+
+
+def reason(error: BaseException, limit: int = 300) -> str:
+  """An exception as one line that is never empty (an AssertionError from
+  deep inside a library has no message: its type and place then)."""
+  text = ' '.join(str(error).split())
+  if not text:
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+      tb = tb.tb_next
+    where = (f' in {os.path.basename(tb.tb_frame.f_code.co_filename)}:'
+             f'{tb.tb_lineno}' if tb is not None else '')
+    text = f'{type(error).__name__}{where}'
+  return text[:limit]
 
 
 def _replicated() -> jax.sharding.NamedSharding:
@@ -241,8 +281,9 @@ def _mismatch(manager, step: int, abstract_state: Any) -> Optional[str]:
   except Exception:  # pylint: disable=broad-except
     return None
   have = ocp.tree.to_flat_dict(stored, sep='/')
-  want = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state),
-                               sep='/')
+  # Flattened directly: serialize_tree fails on optimizer states with empty
+  # nodes (optax's EmptyState, as adamw and clipping chains hold).
+  want = ocp.tree.to_flat_dict(abstract_state, sep='/')
 
   def order(names):  # Parameters first: they name the modules that differ.
     return sorted(names, key=lambda n: (not n.startswith('params/'), n))

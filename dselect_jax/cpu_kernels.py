@@ -34,6 +34,7 @@ import tempfile
 import threading
 from typing import Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import jaxlib
@@ -106,6 +107,22 @@ def load() -> str:
 
 
 def _build_and_register() -> str:
+  path = _build()
+  try:
+    lib = ctypes.cdll.LoadLibrary(path)
+    for name in _TARGETS:
+      jax.ffi.register_ffi_target(
+          _PREFIX + name, jax.ffi.pycapsule(getattr(lib, _PREFIX + name)),
+          platform='cpu')
+  except (OSError, AttributeError) as e:
+    raise KernelBuildError(
+        f'cannot load the kernels from {path}: {e}. Delete that file to '
+        'rebuild it, or use --config.model.norm=xla.') from e
+  return path
+
+
+def _build() -> str:
+  """The path of the compiled library, built when missing or damaged."""
   compiler = shutil.which(os.environ.get('CXX', 'c++'))
   if compiler is None:
     raise KernelBuildError(
@@ -127,6 +144,14 @@ def _build_and_register() -> str:
       _cpu_signature().encode()])).hexdigest()[:16]
   folder = cache_dir()
   path = os.path.join(folder, f'bn_relu_pool-{key}.so')
+  if os.path.exists(path) and not _intact(path):
+    # A truncated library can pass dlopen and then crash the process with
+    # a bus error when a kernel runs: checked against the digest written
+    # beside it when it was built, and rebuilt.
+    logging.warning('the compiled CPU kernels %s are damaged (their SHA-256 '
+                    'differs from the one recorded at build time); '
+                    'rebuilding them.', path)
+    os.remove(path)
   if not os.path.exists(path):
     try:
       os.makedirs(folder, exist_ok=True)
@@ -138,21 +163,33 @@ def _build_and_register() -> str:
           'DSELECT_JAX_KERNEL_CACHE to a writable folder.') from e
     try:
       _compile(compiler, tmp)
+      _write_atomically(path + '.sha256', _sha256(tmp).encode())
       os.replace(tmp, path)  # Atomic: other processes see all or nothing.
     finally:
       if os.path.exists(tmp):
         os.remove(tmp)
-  try:
-    lib = ctypes.cdll.LoadLibrary(path)
-    for name in _TARGETS:
-      jax.ffi.register_ffi_target(
-          _PREFIX + name, jax.ffi.pycapsule(getattr(lib, _PREFIX + name)),
-          platform='cpu')
-  except (OSError, AttributeError) as e:
-    raise KernelBuildError(
-        f'cannot load the kernels from {path}: {e}. Delete that file to '
-        'rebuild it, or use --config.model.norm=xla.') from e
   return path
+
+
+def _sha256(path: str) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _intact(path: str) -> bool:
+  """The library at ``path`` is the one that was built (its digest file)."""
+  try:
+    with open(path + '.sha256') as f:
+      return f.read().strip() == _sha256(path)
+  except OSError:
+    return False
+
+
+def _write_atomically(path: str, data: bytes):
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path))
+  with os.fdopen(fd, 'wb') as f:
+    f.write(data)
+  os.replace(tmp, path)
 
 
 def available() -> bool:

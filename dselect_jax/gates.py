@@ -23,6 +23,7 @@ weights trained with it can be loaded with :func:`params_from_tf`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
@@ -206,9 +207,11 @@ class DSelectKGate(nn.Module):
   def __post_init__(self):
     _check_num_experts(self)
     _check_k(self)
-    if not self.gamma > 0:
+    if not (isinstance(self.gamma, (int, float, np.number)) and
+            math.isfinite(self.gamma) and self.gamma > 0):
       raise ValueError(
-          f'DSelectKGate: gamma must be > 0, got gamma={self.gamma!r}.')
+          'DSelectKGate: gamma must be a finite number > 0 (the width of the '
+          f'smooth step), got gamma={self.gamma!r}.')
     super().__post_init__()
 
   @nn.compact
@@ -402,8 +405,23 @@ def params_from_tf(tf_weights: Mapping[str, Any]) -> dict[str, Any]:
   Returns:
     The ``params`` collection for ``DSelectKGate.apply({'params': ...})``.
   """
+  expected = ("{'z_logits': (K, 1, M), 'w_logits': (K, 1)} for a static "
+              "gate, or {'z_logits': {'kernel', 'bias'}, 'w_logits': "
+              "{'kernel', 'bias'}} for a per-example gate")
+  for name in ('z_logits', 'w_logits'):
+    if name not in tf_weights:
+      raise ValueError(f'params_from_tf: no {name!r} in the TF weights (keys: '
+                       f'{sorted(tf_weights)}); expected {expected}.')
   z, w = tf_weights['z_logits'], tf_weights['w_logits']
-  if isinstance(z, Mapping):
+  if isinstance(z, Mapping) or isinstance(w, Mapping):
+    for name in ('z_logits', 'w_logits'):
+      layer = tf_weights[name]
+      if not isinstance(layer, Mapping) or {'kernel', 'bias'} - set(layer):
+        have = sorted(layer) if isinstance(layer, Mapping) else type(
+            layer).__name__
+        raise ValueError(f'params_from_tf: {name!r} must hold a Dense '
+                         f"layer's 'kernel' and 'bias', got {have}; expected "
+                         f'{expected}.')
     return {name: {'kernel': jnp.asarray(tf_weights[name]['kernel']),
                    'bias': jnp.asarray(tf_weights[name]['bias'])}
             for name in ('z_logits', 'w_logits')}

@@ -36,9 +36,11 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from typing import Optional
 
+from absl import logging
 import numpy as np
 
 from dselect_jax import sources
@@ -278,7 +280,7 @@ def load_npz_splits(path: str) -> dict[str, Split]:
   try:
     with np.load(path, allow_pickle=False) as f:
       return _arrays_to_splits({k: f[k] for k in f.files}, path)
-  except (ValueError, OSError, EOFError) as e:
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
     raise DataError(f'{path}: damaged ({e}); delete it and run again to '
                     'rebuild.') from None
 
@@ -332,8 +334,9 @@ def load(dataset: str, recipe: str = 'comet', seed: int = 0,
   if os.path.exists(path):
     try:
       return load_npz_splits(path)
-    except DataError:
-      pass  # A damaged cache entry is rebuilt below.
+    except DataError as e:  # Rebuilt below, and written over.
+      logging.warning('cached data set %s', str(e).replace(
+          'delete it and run again to rebuild', 'rebuilding it'))
   splits = build(dataset, recipe, seed, data_dir, download,
                  paretomtl_validation)
   try:

@@ -26,6 +26,19 @@ Array = jax.Array
 ModuleFactory = Callable[..., nn.Module]
 
 
+def check_images(x: Array, who: str):
+  """A clear error for what is not a non-empty (B, H, W, C) image batch."""
+  shape = jnp.shape(x)
+  if len(shape) != 4:
+    hint = (' (add the channel axis: x[..., None])' if len(shape) == 3 else
+            '')
+    raise ValueError(f'{who}: images must have shape (B, H, W, C); got shape '
+                     f'{shape}{hint}.')
+  if shape[0] == 0:
+    raise ValueError(f'{who}: the batch is empty (shape {shape}); pass at '
+                     'least one example.')
+
+
 def max_pool_2x2(x: Array) -> Array:
   """2x2 max pooling, stride 2, of (B, H, W, C) with even H and W.
 
@@ -177,6 +190,7 @@ class MultiMNISTExpert(nn.Module):
   bn_axis_name: Optional[str] = None
   conv: str = 'xla'
   norm: str = 'xla'
+  MIN_SIZE = 16  # 16 -> 12 -> 6 -> 2 -> 1.
 
   def __post_init__(self):
     if self.conv not in CONV_IMPLS:
@@ -189,6 +203,13 @@ class MultiMNISTExpert(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
+    check_images(x, 'MultiMNISTExpert')
+    if not all(n >= self.MIN_SIZE and n % 4 == 0 for n in x.shape[1:3]):
+      raise ValueError(
+          f'MultiMNISTExpert: images of {x.shape[1]}x{x.shape[2]} pixels do '
+          f'not fit: two valid 5x5 convolutions, each followed by 2x2 '
+          f'pooling, need H and W at least {self.MIN_SIZE} and multiples of '
+          '4 (the MultiMNIST canvas is 36x36).')
     bn = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5,
               axis_name=self.bn_axis_name)
     if self.norm == 'xla':
@@ -226,97 +247,19 @@ class MLPTower(nn.Module):
     return nn.Dense(self.num_classes)(x)  # (B, C)
 
 
-class FusedMultiMNISTExperts(nn.Module):
-  """E MultiMNIST experts computed together: ``(B, 36, 36, 1) -> (E, B, H)``.
-
-  The same function family as E ``MultiMNISTExpert`` modules, laid out for
-  speed: the first convolution of all experts is one convolution with 10 E
-  output channels (the input is shared), BatchNorm and pooling act on all
-  channels at once (BatchNorm is per channel, so nothing mixes), the second
-  convolution keeps the experts apart (``conv2``: ``'grouped'``, a grouped
-  convolution, or ``'patches'``, patch extraction and one batched matmul),
-  and the Dense layers are batched matmuls over E.
-
-  Parameters: ``conv1`` kernel (5, 5, 1, 10 E); ``conv2`` kernel (5, 5, 10,
-  20 E) grouped, or (E, 250, 20) patches; ``dense1`` (E, 720, 50);
-  ``dense2`` (E, 50, H); biases alike.
-  """
-  num_experts: int
-  features: int = 50
-  conv2: str = 'grouped'
-  bn_axis_name: Optional[str] = None
-
-  @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Array:
-    e = self.num_experts
-    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                                epsilon=1e-5, axis_name=self.bn_axis_name)
-    batched = nn.initializers.lecun_normal(batch_axis=(0,))
-    x = nn.Conv(10 * e, (5, 5), padding='VALID', name='conv1')(x)
-    x = nn.relu(norm()(x))  # (B, 32, 32, 10E)
-    x = max_pool_2x2(x)  # (B, 16, 16, 10E)
-    if self.conv2 == 'grouped':
-      x = nn.Conv(20 * e, (5, 5), padding='VALID', feature_group_count=e,
-                  name='conv2')(x)  # (B, 12, 12, 20E)
-    else:
-      # (B, 12, 12, 10E * 25), features ordered (channel, row, col).
-      patches = jax.lax.conv_general_dilated_patches(
-          x, (5, 5), (1, 1), 'VALID',
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-      b, h, w, _ = patches.shape
-      patches = patches.reshape(b, h, w, e, 250)  # (B, 12, 12, E, 250)
-      kernel = self.param('conv2_kernel', batched, (e, 250, 20))
-      bias = self.param('conv2_bias', nn.initializers.zeros, (e, 20))
-      x = jnp.einsum('bhwek,eko->bhweo', patches, kernel) + bias
-      x = x.reshape(b, h, w, e * 20)  # (B, 12, 12, 20E)
-    x = nn.relu(norm()(x))
-    x = max_pool_2x2(x)  # (B, 6, 6, 20E)
-    b = x.shape[0]
-    x = x.reshape(b, 6, 6, e, 20).transpose(3, 0, 1, 2, 4).reshape(e, b, 720)
-    for i, width in enumerate((50, self.features)):
-      kernel = self.param(f'dense{i + 1}_kernel', batched,
-                          (e, x.shape[-1], width))
-      bias = self.param(f'dense{i + 1}_bias', nn.initializers.zeros,
-                        (e, width))
-      x = nn.relu(jnp.einsum('ebi,eio->ebo', x, kernel) + bias[:, None])
-    return x  # (E, B, H)
-
-
-EXPERT_IMPLS = ('loop', 'fused_grouped', 'fused_patches')
-
-
 class ExpertBank(nn.Module):
   """All E experts on a shared input, stacked: ``(B, ...) -> (E, B, H)``.
 
-  The one place where the experts are computed. ``impl='loop'`` runs E
-  ``expert`` modules one after another (any expert module); the ``fused_*``
-  implementations compute E ``MultiMNISTExpert``s together (see
-  ``FusedMultiMNISTExperts``), with different parameter layouts.
+  The one place where the experts are computed: E ``expert`` modules, one
+  after another (any expert module), or only the ``active`` ones.
   """
   num_experts: int
   expert: ModuleFactory = MultiMNISTExpert
   expert_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
-  impl: str = 'loop'
   active: Optional[tuple[int, ...]] = None
-
-  def __post_init__(self):
-    if self.active is not None and self.impl != 'loop':
-      raise ValueError('ExpertBank: active experts need impl="loop".')
-    if self.impl not in EXPERT_IMPLS:
-      raise ValueError(f'ExpertBank: impl must be one of {EXPERT_IMPLS}, got '
-                       f'impl={self.impl!r}.')
-    if self.impl != 'loop' and self.expert is not MultiMNISTExpert:
-      raise ValueError(f'ExpertBank: impl={self.impl!r} computes '
-                       'MultiMNISTExpert only; use impl="loop" for '
-                       f'{getattr(self.expert, "__name__", self.expert)}.')
-    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    if self.impl != 'loop':
-      return FusedMultiMNISTExperts(
-          self.num_experts, conv2=self.impl.removeprefix('fused_'),
-          **self.expert_kwargs, name='fused')(x, train=train)
     active = range(self.num_experts) if self.active is None else self.active
     outputs = [
         self.expert(**self.expert_kwargs, name=f'expert_{e}')(x, train=train)
@@ -348,8 +291,6 @@ class MultiTaskMoE(nn.Module):
     active_experts: compute only these experts (sorted indices), as when
       every static gate gives the others weight exactly 0: the output is the
       dense one, for a fraction of the cost. None computes all.
-    expert_impl: how ExpertBank computes the experts (``'loop'`` or a
-      ``'fused_*'`` implementation; same function, other parameter layout).
     bn_axis_name: passed to the expert when it takes ``bn_axis_name``.
 
   Returns ``(logits, aux)`` with logits ``(T, B, C)`` and aux holding
@@ -367,7 +308,6 @@ class MultiTaskMoE(nn.Module):
   expert_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
   tower: ModuleFactory = MLPTower
   tower_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
-  expert_impl: str = 'loop'
   active_experts: Optional[tuple[int, ...]] = None
   bn_axis_name: Optional[str] = None
 
@@ -395,12 +335,13 @@ class MultiTaskMoE(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool):
+    check_images(x, 'MultiTaskMoE')
     expert_kwargs = dict(self.expert_kwargs)
     if self.bn_axis_name is not None:
       expert_kwargs.setdefault('bn_axis_name', self.bn_axis_name)
     experts = ExpertBank(self.num_experts, self.expert,
                          flax.core.FrozenDict(expert_kwargs),
-                         impl=self.expert_impl, active=self.active_experts,
+                         active=self.active_experts,
                          name='experts')(x, train=train)  # (E', B, H)
 
     routing = None

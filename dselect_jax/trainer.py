@@ -26,7 +26,6 @@ from typing import Any, Optional
 
 from absl import logging
 import flax
-from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,31 +33,12 @@ import numpy as np
 import optax
 
 from dselect_jax import checkpointing
-from dselect_jax import cpu_kernels
+from dselect_jax import factory
 from dselect_jax import input_pipeline
 from dselect_jax import metric_writers
 from dselect_jax import models
 
 AXIS = 'batch'
-GATE_ARGS = {
-    'dselect_k': ('k', 'gamma', 'per_example'),
-    'softmax': ('per_example',),
-    'top_k': ('k', 'per_example', 'noisy'),
-}
-OPTIMIZERS = ('adam', 'adamw', 'sgd')
-SCHEDULES = ('constant', 'warmup_cosine')
-# Aux terms with a loss weight; other aux entries are diagnostics.
-AUX_WEIGHTS = {
-    'entropy': 'entropy_weight',
-    'reachability': 'reachability_weight',
-    'importance': 'importance_weight',
-    'load': 'load_weight',
-}
-
-
-class TrainState(train_state.TrainState):
-  """Params, BatchNorm statistics and optimizer state, with the step."""
-  batch_stats: Any = None
 
 
 class TrainingError(Exception):
@@ -67,209 +47,6 @@ class TrainingError(Exception):
 
 class Interrupted(Exception):
   """SIGTERM or Ctrl-C: a checkpoint was saved at the current step."""
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work. The message names the field and fix."""
-
-
-# ---------------------------------------------------------------------------
-# Config -> model, optimizer, schedules.
-# ---------------------------------------------------------------------------
-
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: int):
-  """Fails early, with the field and the fix, on values that cannot work."""
-  def bad(field, value, why):
-    raise ConfigError(f'config.{field}={value!r}: {why}.')
-
-  gate = config.model.gate
-  if gate.name not in GATE_ARGS:
-    bad('model.gate.name', gate.name, f'choose one of {sorted(GATE_ARGS)}')
-  impl = config.model.get('expert_impl', 'loop')
-  if impl not in models.EXPERT_IMPLS:
-    bad('model.expert_impl', impl, f'choose one of {list(models.EXPERT_IMPLS)}')
-  conv = config.model.get('conv', 'auto')
-  if conv not in ('auto',) + models.CONV_IMPLS:
-    bad('model.conv', conv, f'choose one of {["auto", *models.CONV_IMPLS]}')
-  if conv != 'auto' and impl != 'loop':
-    bad('model.conv', conv, f'applies to expert_impl="loop" only, not '
-        f'{impl!r}; set --config.model.conv=auto')
-  norm = config.model.get('norm', 'auto')
-  if norm not in ('auto',) + models.NORM_IMPLS:
-    bad('model.norm', norm, f'choose one of {["auto", *models.NORM_IMPLS]}')
-  if norm == 'kernel' and impl != 'loop':
-    bad('model.norm', norm, f'applies to expert_impl="loop" only, not '
-        f'{impl!r}; set --config.model.norm=auto')
-  if norm == 'kernel' and jax.default_backend() != 'cpu':
-    bad('model.norm', norm, 'the kernels are for the CPU, and JAX runs on '
-        f'{jax.default_backend()}; set --config.model.norm=auto')
-  if norm == 'kernel':
-    try:
-      cpu_kernels.load()
-    except cpu_kernels.KernelBuildError as e:
-      bad('model.norm', norm, f'the CPU kernels do not build here: {e}')
-  if config.model.get('sparse_train', False) and (
-      gate.name != 'dselect_k' or gate.per_example or
-      config.optimizer.name == 'adamw'):
-    bad('model.sparse_train', True,
-        'needs static dselect_k gates (a top_k gate can bring a dropped '
-        'expert back, a softmax gate drops none) and an optimizer without '
-        'weight decay (adam or sgd; weight decay can also bring one back); '
-        'set --config.model.sparse_train=False')
-  if config.model.get('sparse_train', False) and impl != 'loop':
-    bad('model.sparse_train', True,
-        f'needs expert_impl="loop" (the {impl!r} experts are computed '
-        'together); set --config.model.expert_impl=loop')
-  if config.model.num_experts < 2:
-    bad('model.num_experts', config.model.num_experts, 'must be >= 2')
-  if gate.name != 'softmax' and not 1 <= gate.k <= config.model.num_experts:
-    bad('model.gate.k', gate.k,
-        f'must satisfy 1 <= k <= model.num_experts={config.model.num_experts}')
-  if not gate.gamma > 0:
-    bad('model.gate.gamma', gate.gamma, 'must be > 0')
-  known = sorted(input_pipeline.DATASETS) + list(
-      input_pipeline.SPECIAL_DATASETS)
-  if config.data.name not in known:
-    bad('data.name', config.data.name, f'choose one of {known}')
-  if config.data.recipe not in input_pipeline.RECIPES:
-    bad('data.recipe', config.data.recipe,
-        f'choose one of {list(input_pipeline.RECIPES)}')
-  if config.optimizer.name not in OPTIMIZERS:
-    bad('optimizer.name', config.optimizer.name,
-        f'choose one of {list(OPTIMIZERS)}')
-  if not config.optimizer.learning_rate > 0:
-    bad('optimizer.learning_rate', config.optimizer.learning_rate,
-        'must be > 0')
-  if config.optimizer.grad_clip_norm < 0:
-    bad('optimizer.grad_clip_norm', config.optimizer.grad_clip_norm,
-        'must be >= 0 (0 disables clipping)')
-  if config.schedule.name not in SCHEDULES:
-    bad('schedule.name', config.schedule.name,
-        f'choose one of {list(SCHEDULES)}')
-  for name in ('batch_size', 'eval_batch_size'):
-    value = config[name]
-    if value < 1 or value % num_devices:
-      bad(name, value, f'must be a positive multiple of the {num_devices} '
-          'devices')
-  for field in AUX_WEIGHTS.values():
-    if config.loss[field] < 0:
-      bad(f'loss.{field}', config.loss[field], 'must be >= 0')
-  if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    bad('num_epochs', config.num_epochs,
-        'must be > 0 unless num_train_steps > 0')
-
-
-def create_model(config: ml_collections.ConfigDict,
-                 bn_axis_name: Optional[str] = None) -> models.MultiTaskMoE:
-  """The MultiTaskMoE a config describes (the model never sees the config)."""
-  gate = config.model.gate
-  gate_kwargs = {arg: gate[arg] for arg in GATE_ARGS[gate.name]}
-  impl = config.model.get('expert_impl', 'loop')
-  expert_kwargs = ({'conv': conv_impl(config), 'norm': norm_impl(config)}
-                   if impl == 'loop' else {})
-  return models.MultiTaskMoE(
-      num_tasks=2,
-      num_experts=config.model.num_experts,
-      gate=gate.name,
-      gate_kwargs=flax.core.FrozenDict(gate_kwargs),
-      shared_gate=config.model.shared_gate,
-      routing_input=config.model.routing_input,
-      num_classes=10,
-      expert_kwargs=flax.core.FrozenDict(expert_kwargs),
-      expert_impl=impl,
-      bn_axis_name=bn_axis_name)
-
-
-def conv_impl(config) -> str:
-  """The expert convolution a config asks for, with 'auto' resolved.
-
-  'auto' is the Toeplitz formulation on CPU (faster there, see
-  models.ToeplitzConv) and XLA's convolution on other backends.
-  """
-  conv = config.model.get('conv', 'auto')
-  if conv == 'auto':
-    return 'toeplitz' if jax.default_backend() == 'cpu' else 'xla'
-  return conv
-
-
-def norm_impl(config) -> str:
-  """The experts' BatchNorm-ReLU-pool blocks a config asks for, 'auto' resolved.
-
-  'auto' is the hand-written CPU kernels on CPU (faster there, see
-  models.BatchNormReLUPool) if they build on this machine, and XLA's ops
-  otherwise (on other backends, or without a C++ compiler: logged once).
-  """
-  norm = config.model.get('norm', 'auto')
-  if norm != 'auto':
-    return norm
-  if jax.default_backend() != 'cpu':
-    return 'xla'
-  if cpu_kernels.available():
-    return 'kernel'
-  logging.log_first_n(logging.WARNING,
-                      'model.norm=auto: using XLA\'s BatchNorm, because the '
-                      'CPU kernels do not build here: %s', 1,
-                      cpu_kernels.build_failure())
-  return 'xla'
-
-
-def learning_rate_schedule(config, num_train_steps: int) -> optax.Schedule:
-  lr = config.optimizer.learning_rate
-  if config.schedule.name == 'constant':
-    return optax.constant_schedule(lr)
-  return optax.warmup_cosine_decay_schedule(
-      0.0, lr, config.schedule.warmup_steps,
-      max(num_train_steps, config.schedule.warmup_steps + 1))
-
-
-def create_optimizer(config, num_train_steps: int):
-  schedule = learning_rate_schedule(config, num_train_steps)
-  opt = config.optimizer
-  if opt.name == 'adam':
-    tx = optax.adam(schedule)
-  elif opt.name == 'adamw':
-    tx = optax.adamw(schedule, weight_decay=opt.weight_decay)
-  else:
-    tx = optax.sgd(schedule, momentum=opt.momentum)
-  if opt.grad_clip_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
-  return tx
-
-
-def entropy_weight(loss_config, step) -> jax.Array:
-  """The entropy term's weight at ``step``: 0 up to entropy_start_step, then
-  a linear ramp reaching entropy_weight entropy_ramp_steps later (at once
-  when entropy_ramp_steps is 0)."""
-  start, ramp = loss_config.entropy_start_step, loss_config.entropy_ramp_steps
-  if ramp <= 0:
-    frac = (step >= start).astype(jnp.float32) if isinstance(
-        step, jax.Array) else float(step >= start)
-  else:
-    frac = jnp.clip((step - start) / ramp, 0, 1)
-  return loss_config.entropy_weight * frac
-
-
-def aux_weights(loss_config, step) -> dict[str, jax.Array]:
-  weights = {name: loss_config[field] for name, field in AUX_WEIGHTS.items()}
-  weights['entropy'] = entropy_weight(loss_config, step)
-  return weights
-
-
-def initial_state(config, model, tx, rng) -> TrainState:
-  dummy = jnp.zeros((1, 36, 36, 1), jnp.float32)
-  params_rng, gating_rng = jax.random.split(rng)
-  variables = model.init({'params': params_rng, 'gating': gating_rng}, dummy,
-                         train=False)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables['batch_stats'], tx=tx)
-
-
-def abstract_state(config, model, tx) -> TrainState:
-  """The state's shapes and dtypes, with no array allocated."""
-  return jax.eval_shape(
-      functools.partial(initial_state, config, model, tx),
-      jax.random.key(0))
 
 
 # ---------------------------------------------------------------------------
@@ -308,7 +85,7 @@ def gate_summary(expert_weights) -> dict[str, jax.Array]:
           'num_nonzero': nonzero.astype(jnp.float32)}
 
 
-def train_step(state: TrainState, batch, rng, *, loss_config, model=None):
+def train_step(state: factory.TrainState, batch, rng, *, loss_config, model=None):
   """One optimizer step on this device's shard; averages over AXIS.
 
   batch: image (b, 36, 36, 1), label (b, T). ``model`` replaces
@@ -318,7 +95,7 @@ def train_step(state: TrainState, batch, rng, *, loss_config, model=None):
   apply_fn = state.apply_fn if model is None else model.apply
   step_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
                                 jax.lax.axis_index(AXIS))
-  weights = aux_weights(loss_config, state.step)
+  weights = factory.aux_weights(loss_config, state.step)
 
   def loss_fn(params):
     (logits, aux), updates = apply_fn(
@@ -328,7 +105,7 @@ def train_step(state: TrainState, batch, rng, *, loss_config, model=None):
     ce = sums['ce_sum'] / sums['count']  # (T,), batch mean per task
     # Each aux term summed over the gates (G,).
     terms = {name: jnp.sum(value) for name, value in aux['gate'].items()
-             if name in AUX_WEIGHTS}
+             if name in factory.AUX_WEIGHTS}
     loss = jnp.sum(ce) + sum(weights[n] * v for n, v in terms.items())
     return loss, (updates['batch_stats'], ce, sums, terms, aux)
 
@@ -354,7 +131,7 @@ def train_step(state: TrainState, batch, rng, *, loss_config, model=None):
   return state, metrics
 
 
-def eval_step(model: models.MultiTaskMoE, state: TrainState, batch):
+def eval_step(model: models.MultiTaskMoE, state: factory.TrainState, batch):
   """Sums over this device's (masked) shard, summed over AXIS."""
   logits, aux = model.apply(
       {'params': state.params, 'batch_stats': state.batch_stats},
@@ -444,16 +221,14 @@ class Evaluator:
   weighs are computed (``MultiTaskMoE.active_experts``): the others have
   weight exactly 0, so the logits are the dense ones. Once DSelect-k has
   converged to k experts per task, evaluation is that much cheaper. One
-  compiled step is kept per set of active experts. The fused expert
-  implementations compute all experts in shared ops, so they always run dense.
+  compiled step is kept per set of active experts.
   """
 
   def __init__(self, model: models.MultiTaskMoE, num_devices: int,
                sparse: bool = True):
     self.model = model
     self.num_devices = num_devices
-    self.sparse = (sparse and not model.per_example and
-                   model.expert_impl == 'loop')
+    self.sparse = sparse and not model.per_example
     self._steps = {}
 
   def _step(self, active):
@@ -523,11 +298,26 @@ def _cadence(value: int, steps_per_epoch: int) -> int:
 def _check_finite(metrics_history, first_step, last_step, last_good):
   losses = [float(m['loss']) for m in metrics_history]
   if not all(math.isfinite(x) for x in losses):
+    saved = ('no checkpoint was saved yet' if last_good is None else
+             f'the last good checkpoint is step {last_good}')
     raise TrainingError(
         f'loss became NaN or Inf between steps {first_step} and {last_step}; '
-        f'stopped without saving. The last good checkpoint is step '
-        f'{last_good}. Lower optimizer.learning_rate or set '
-        'optimizer.grad_clip_norm.')
+        f'stopped without saving ({saved}). Lower optimizer.learning_rate or '
+        'set optimizer.grad_clip_norm.')
+
+
+def _stopped_message(signal_name, step, ckpts) -> str:
+  """What a stop by signal left: only a checkpoint that is on disk."""
+  if step in ckpts.all_steps():
+    return (f'{signal_name} at step {step}: saved a checkpoint there; run the '
+            'same command to resume.')
+  newest = ckpts.latest_step()
+  where = ('no checkpoint was saved, so a new run starts from step 0'
+           if newest is None else
+           f'the newest complete checkpoint is step {newest}, where the same '
+           'command resumes')
+  return (f'{signal_name} at step {step}: the checkpoint of that step was not '
+          f'written; {where}.')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -538,7 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Returns the test metrics, also written to ``workdir/test_metrics.json``.
   """
   num_devices = jax.local_device_count()
-  validate_config(config, jax.device_count())
+  factory.validate_config(config, jax.device_count())
   is_chief = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   # Every process of a multi-host run shares the workdir: process 0 holds
@@ -588,22 +378,22 @@ def _train_and_evaluate(config, workdir, num_devices, is_chief):
                len(train_split), len(valid_split), len(test_split),
                num_train_steps, config.batch_size, num_devices)
 
-  model = create_model(config, bn_axis_name=AXIS)
-  tx = create_optimizer(config, num_train_steps)
-  abstract = abstract_state(config, model, tx)
+  model = factory.create_model(config, bn_axis_name=AXIS)
+  tx = factory.create_optimizer(config, num_train_steps)
+  abstract = factory.abstract_state(config, model, tx)
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-  logging.info('model: %d parameters; experts %s with %s convolutions and '
-               '%s BatchNorm', num_params, model.expert_impl,
-               model.expert_kwargs.get('conv', 'xla'),  # fused: nn.Conv,
-               model.expert_kwargs.get('norm', 'xla'))  # nn.BatchNorm
+  logging.info('model: %d parameters; experts with %s convolutions and %s '
+               'BatchNorm', num_params, model.expert_kwargs['conv'],
+               model.expert_kwargs['norm'])
 
   ckpts = checkpointing.Checkpoints(workdir, config.max_to_keep)
   if ckpts.latest_step() is None:
-    state = initial_state(config, model, tx, jax.random.key(config.seed))
+    state = factory.initial_state(config, model, tx, jax.random.key(config.seed))
     start_step = 0
   else:
     start_step, state = ckpts.restore_latest_good(abstract)
     logging.info('resumed from step %d', start_step)
+  ckpts.set_aside_foreign_best(start_step, abstract)
   # Written once the data and any checkpoint have loaded, so a run that fails
   # on bad input leaves the workdir's config.json as it was.
   if is_chief:
@@ -653,9 +443,7 @@ def _train_and_evaluate(config, workdir, num_devices, is_chief):
           last_good = step
         if stop.signal and not is_last:
           ckpts.wait()
-          raise Interrupted(
-              f'{stop.signal} at step {step}: saved a checkpoint there; run '
-              'the same command to resume.')
+          raise Interrupted(_stopped_message(stop.signal, step, ckpts))
   except BaseException:
     writer.close()
     raise
@@ -733,7 +521,7 @@ def _log_train(writer, history, step, num_train_steps, elapsed,
 
 def final_test(config, workdir, model, tx, data, ckpts, evaluator, writer):
   """Evaluates the best-on-validation checkpoint on the test split."""
-  abstract = abstract_state(config, model, tx)
+  abstract = factory.abstract_state(config, model, tx)
   step = ckpts.best_step()
   state = ckpts.restore_best(abstract)
   result = evaluator(replicate(state), data['test'],
@@ -814,13 +602,13 @@ def evaluate_workdir(workdir: str, step: Optional[int] = None,
   if config.eval_batch_size % num_devices:
     config.eval_batch_size = num_devices * (
         -(-config.eval_batch_size // num_devices))
-  model = create_model(config, bn_axis_name=AXIS)
+  model = factory.create_model(config, bn_axis_name=AXIS)
   data = load_data(config)
   steps_per_epoch = len(data['train']) // config.batch_size
   num_train_steps = (config.num_train_steps if config.num_train_steps > 0 else
                      config.num_epochs * steps_per_epoch)
-  tx = create_optimizer(config, num_train_steps)
-  abstract = abstract_state(config, model, tx)
+  tx = factory.create_optimizer(config, num_train_steps)
+  abstract = factory.abstract_state(config, model, tx)
   if best:
     state, kind, step = ckpts.restore_best(abstract), 'best', ckpts.best_step()
   else:

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dselect_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dselect_jax import metric_writers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dselect_jax import factory
 from dselect_jax import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _OUT = flags.DEFINE_string('out', 'results/grid', 'Output folder.')
@@ -129,7 +130,7 @@ def run_cell(gate, dataset, seed, out):
       'saturation_step': (saturation_step(records, config.model.gate.k)
                           if config.model.gate.name == 'dselect_k' else None),
       'wall_seconds': time.time() - start,
-      'conv': trainer.conv_impl(config),  # what 'auto' meant on this machine
+      'conv': factory.conv_impl(config),  # what 'auto' meant on this machine
       'config': json.loads(config.to_json_best_effort()),
   }
   os.makedirs(os.path.dirname(cell_file), exist_ok=True)

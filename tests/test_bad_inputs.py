@@ -182,3 +182,82 @@ def test_workdir_that_is_a_file(tmp_path):
   assert out.stderr.strip().splitlines()[-1].startswith(
       f'error: --workdir={path} is a file')
   assert path.read_text() == 'keep me'
+
+
+def test_eval_prints_its_result_when_it_cannot_save_it(finished_run):
+  """A workdir eval.py cannot write (read-only, full): the result is on the
+  console first, then one line says what could not be saved, and where."""
+  out_dir = os.path.join(finished_run, 'eval')
+  inject = (
+      'import errno, os, runpy, sys\n'
+      'real = os.makedirs\n'
+      'def makedirs(path, *a, **k):\n'
+      f'  if os.path.abspath(path) == {out_dir!r}:\n'
+      '    raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)\n'
+      '  return real(path, *a, **k)\n'
+      'os.makedirs = makedirs\n'
+      f'sys.argv = ["eval.py", "--workdir={finished_run}"]\n'
+      'runpy.run_path("eval.py", run_name="__main__")\n')
+  before = _tree_digest(finished_run)
+  out = subprocess.run([sys.executable, '-c', inject], cwd=REPO,
+                       capture_output=True, text=True, timeout=300,
+                       check=False)
+  assert out.returncode == 1 and 'Traceback' not in out.stderr
+  assert 'task 1: accuracy ' in out.stdout and 'task 2: accuracy ' in (
+      out.stdout)
+  assert out.stderr.strip().splitlines()[-1] == (
+      f'error: could not save the results above to {out_dir}: Read-only '
+      'file system.')
+  assert _tree_digest(finished_run) == before
+
+
+# ---------------------------------------------------------------------------
+# The Python API: values that would give NaN or fail deep inside Flax.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('gamma', [float('inf'), float('nan'), -1.0])
+def test_gate_gamma_must_be_finite_and_positive(gamma):
+  from dselect_jax import gates  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r'gamma must be a finite number > 0'):
+    gates.DSelectKGate(num_experts=4, k=2, gamma=gamma)
+
+
+@pytest.mark.parametrize('shape,match', [
+    ((2, 12, 12, 1), r'12x12 pixels do not fit.*at least 16'),
+    ((2, 18, 36, 1), r'18x36 pixels do not fit.*multiples of 4'),
+    ((2, 36, 36), r'shape \(B, H, W, C\); got shape \(2, 36, 36\) \(add the '
+                  r'channel axis'),
+    ((0, 36, 36, 1), r'the batch is empty'),
+])
+def test_model_input_is_checked(shape, match):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dselect_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.MultiTaskMoE(num_experts=2, gate='softmax')
+  with pytest.raises(ValueError, match=match):
+    model.init(jax.random.key(0), jnp.zeros(shape), train=False)
+
+
+def test_the_smallest_images_the_expert_takes():
+  """16x16 is the smallest canvas: 16 -> 12 -> 6 -> 2 -> 1 (by hand)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dselect_jax import models  # pylint: disable=g-import-not-at-top
+  variables = models.MultiMNISTExpert().init(
+      jax.random.key(0), jnp.zeros((2, 16, 16, 1)), train=False)
+  assert variables['params']['Dense_0']['kernel'].shape == (1 * 1 * 20, 50)
+
+
+@pytest.mark.parametrize('weights,match', [
+    ({'w_logits': [[0.0]]}, r"no 'z_logits' in the TF weights \(keys: "
+                            r"\['w_logits'\]\)"),
+    ({'z_logits': {'kernel': [[0.0]]}, 'w_logits': {'kernel': [[0.0]],
+                                                     'bias': [0.0]}},
+     r"'z_logits' must hold a Dense layer's 'kernel' and 'bias', got "
+     r"\['kernel'\]"),
+])
+def test_params_from_tf_names_what_is_missing(weights, match):
+  from dselect_jax import gates  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=match):
+    gates.params_from_tf(weights)

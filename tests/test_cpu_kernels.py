@@ -192,12 +192,36 @@ def test_failing_compiler_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_auto_falls_back_to_xla_without_the_kernels(monkeypatch):
   from configs import multimnist  # pylint: disable=g-import-not-at-top
+  from dselect_jax import factory  # pylint: disable=g-import-not-at-top
   from dselect_jax import trainer  # pylint: disable=g-import-not-at-top
   config = multimnist.get_config()
   assert config.model.norm == 'auto'
-  assert trainer.norm_impl(config) == 'kernel'  # They build here.
+  assert factory.norm_impl(config) == 'kernel'  # They build here.
   monkeypatch.setattr(cpu_kernels, 'available', lambda: False)
-  assert trainer.norm_impl(config) == 'xla'
-  assert trainer.create_model(config).expert_kwargs['norm'] == 'xla'
+  assert factory.norm_impl(config) == 'xla'
+  assert factory.create_model(config).expert_kwargs['norm'] == 'xla'
   config.model.norm = 'kernel'  # Asked for by name: no fallback.
-  assert trainer.norm_impl(config) == 'kernel'
+  assert factory.norm_impl(config) == 'kernel'
+
+
+def test_a_truncated_library_is_rebuilt(monkeypatch, tmp_path):
+  """A library cut short (a full disk, a killed copy) would load and then
+  crash the process when a kernel runs: its digest gives it away, and it is
+  rebuilt with a warning that names it."""
+  monkeypatch.setenv('DSELECT_JAX_KERNEL_CACHE', str(tmp_path))
+  build = cpu_kernels._build  # pylint: disable=protected-access
+  path = build()
+  with open(path, 'rb') as f:
+    whole = f.read()
+  with open(path, 'wb') as f:
+    f.write(whole[:len(whole) // 2])
+  warnings = []
+  monkeypatch.setattr(cpu_kernels.logging, 'warning',
+                      lambda msg, *args: warnings.append(msg % args))
+  assert build() == path
+  assert len(warnings) == 1 and path in warnings[0] and 'damaged' in (
+      warnings[0])
+  with open(path, 'rb') as f:
+    assert len(f.read()) == len(whole)
+  # Intact now: no second rebuild.
+  assert build() == path and len(warnings) == 1

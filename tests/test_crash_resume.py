@@ -15,6 +15,7 @@ import numpy as np
 from configs import multimnist_sample
 from dselect_jax import checkpointing
 from dselect_jax import metric_writers
+from dselect_jax import factory
 from dselect_jax import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,10 +76,10 @@ def _final_arrays(workdir):
     for name in path:
       section = section[name]
     section[last] = value
-  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
-  tx = trainer.create_optimizer(config, config.num_train_steps)
+  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  tx = factory.create_optimizer(config, config.num_train_steps)
   ckpts = checkpointing.Checkpoints(workdir, create=False)
-  state = ckpts.restore(trainer.abstract_state(config, model, tx))
+  state = ckpts.restore(factory.abstract_state(config, model, tx))
   return ckpts.latest_step(), jax.device_get(
       (state.step, state.params, state.batch_stats, state.opt_state))
 

@@ -421,3 +421,27 @@ def test_batch_not_divisible_by_devices():
     next(ip.train_batches(_toy_split(50), 10, 3, seed=0))
   with pytest.raises(ValueError, match='larger than the 50'):
     next(ip.train_batches(_toy_split(50), 64, 1, seed=0))
+
+
+def test_a_damaged_cache_file_is_reported_and_rebuilt(data_dir, tmp_path,
+                                                      monkeypatch):
+  cache = str(tmp_path / 'cache')
+  built = ip.load('multi_mnist', 'comet', data_dir=data_dir, cache_dir=cache,
+                  download=False)
+  [name] = os.listdir(cache)
+  path = os.path.join(cache, name)
+  with open(path, 'rb') as f:
+    whole = f.read()
+  with open(path, 'wb') as f:
+    f.write(whole[:len(whole) // 3])
+  warnings = []
+  monkeypatch.setattr(ip.logging, 'warning',
+                      lambda msg, *args: warnings.append(msg % args))
+  again = ip.load('multi_mnist', 'comet', data_dir=data_dir, cache_dir=cache,
+                  download=False)
+  assert len(warnings) == 1 and path in warnings[0]
+  assert 'rebuilding' in warnings[0]
+  np.testing.assert_array_equal(again['test'].images, built['test'].images)
+  # Written over with the rebuilt arrays.
+  np.testing.assert_array_equal(ip.load_npz_splits(path)['test'].images,
+                                built['test'].images)

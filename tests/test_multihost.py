@@ -21,6 +21,7 @@ import numpy as np
 
 from configs import multimnist_sample
 from dselect_jax import checkpointing
+from dselect_jax import factory
 from dselect_jax import trainer
 from tests.test_trainer import tiny_config
 
@@ -92,9 +93,9 @@ def test_two_processes_train_like_one(tmp_path):
 
   # Both workdirs' checkpoints restore here, in one process: the multi-host
   # one was saved as arrays replicated over the 4 devices of 2 processes.
-  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
-  tx = trainer.create_optimizer(config, config.num_train_steps)
-  abstract = trainer.abstract_state(config, model, tx)
+  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  tx = factory.create_optimizer(config, config.num_train_steps)
+  abstract = factory.abstract_state(config, model, tx)
   states = []
   for workdir in (one, two):
     ckpts = checkpointing.Checkpoints(workdir, create=False)
@@ -107,7 +108,7 @@ def test_two_processes_train_like_one(tmp_path):
       arrays(states[0]), arrays(states[1]))
   # The parameters did move: the comparison above is not of two inits.
   first_kernel = lambda s: jax.tree.leaves(s.params)[0]
-  init = trainer.initial_state(config, model, tx, jax.random.key(config.seed))
+  init = factory.initial_state(config, model, tx, jax.random.key(config.seed))
   assert np.abs(first_kernel(states[1]) - first_kernel(init)).max() > 1e-3
 
   # Process 0 alone wrote the results: the test split, 500 rows a process.

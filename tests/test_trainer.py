@@ -24,6 +24,7 @@ from configs import multimnist_sample
 from dselect_jax import checkpointing
 from dselect_jax import input_pipeline
 from dselect_jax import metric_writers
+from dselect_jax import factory
 from dselect_jax import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,9 +66,9 @@ def test_pmap_step_equals_single_device_step(gate, per_example):
                           'loss.entropy_weight': 0.1,
                           'optimizer.name': 'sgd',
                           'optimizer.learning_rate': 0.1})
-  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
-  tx = trainer.create_optimizer(config, 10)
-  state = trainer.initial_state(config, model, tx, jax.random.key(0))
+  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  tx = factory.create_optimizer(config, 10)
+  state = factory.initial_state(config, model, tx, jax.random.key(0))
   split = input_pipeline.load('multi_mnist_sample')['train']
   batch = next(input_pipeline.train_batches(split, 16, 1, seed=0))
   rng = jax.random.key(1)
@@ -117,9 +118,9 @@ def test_the_mapped_step_compiles_once_for_the_replicated_state():
   Counted as lowerings to MLIR, which a warm persistent compilation cache
   does not skip."""
   config = tiny_config()
-  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
-  tx = trainer.create_optimizer(config, 10)
-  state = trainer.initial_state(config, model, tx, jax.random.key(0))
+  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  tx = factory.create_optimizer(config, 10)
+  state = factory.initial_state(config, model, tx, jax.random.key(0))
   split = input_pipeline.load('multi_mnist_sample')['train']
   batch = next(input_pipeline.train_batches(split, 16, 4, seed=0))
   step = trainer._parallel(  # pylint: disable=protected-access
@@ -169,11 +170,11 @@ def _crashing_batches(crash_after):
 
 
 def _restore_latest(workdir, config):
-  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
-  tx = trainer.create_optimizer(config, config.num_train_steps)
+  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  tx = factory.create_optimizer(config, config.num_train_steps)
   ckpts = checkpointing.Checkpoints(workdir, create=False)
   return ckpts.latest_step(), ckpts.restore(
-      trainer.abstract_state(config, model, tx))
+      factory.abstract_state(config, model, tx))
 
 
 def test_interrupted_run_resumes_to_the_same_state(tmp_path, monkeypatch):
@@ -315,7 +316,7 @@ def _parse(*args):
 
 def test_config_overrides_reach_the_model():
   config = _parse('--config.model.gate.k=4', '--config.model.gate.gamma=0.5')
-  model = trainer.create_model(config)
+  model = factory.create_model(config)
   assert model.gate_kwargs['k'] == 4 and model.gate_kwargs['gamma'] == 0.5
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), np.zeros((1, 36, 36, 1)),
@@ -355,36 +356,17 @@ def test_invalid_config_values(field, value, match):
   for name in path:
     section = section[name]
   section[last] = value
-  with pytest.raises(trainer.ConfigError, match=match):
-    trainer.validate_config(config, jax.device_count())
+  with pytest.raises(factory.ConfigError, match=match):
+    factory.validate_config(config, jax.device_count())
 
 
 def test_conv_choice_reaches_the_experts():
   config = multimnist.get_config()
   # 'auto' is the Toeplitz formulation on CPU (the test machine).
   assert jax.default_backend() == 'cpu'
-  assert trainer.create_model(config).expert_kwargs['conv'] == 'toeplitz'
+  assert factory.create_model(config).expert_kwargs['conv'] == 'toeplitz'
   config.model.conv = 'xla'
-  assert trainer.create_model(config).expert_kwargs['conv'] == 'xla'
-  # The fused experts have their own convolutions: only 'auto' goes with them.
-  config.model.expert_impl = 'fused_grouped'
-  with pytest.raises(trainer.ConfigError, match='expert_impl="loop" only'):
-    trainer.validate_config(config, 1)
-  config.model.conv = 'auto'
-  trainer.validate_config(config, 1)
-  assert 'conv' not in trainer.create_model(config).expert_kwargs
-
-
-def test_train_cli_bad_value_is_one_line_without_traceback(tmp_path):
-  out = subprocess.run(
-      [sys.executable, 'train.py', '--config=configs/multimnist_sample.py',
-       f'--workdir={tmp_path}/w', '--config.model.gate.k=0'],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert out.returncode != 0
-  assert 'Traceback' not in out.stderr
-  assert out.stderr.strip().splitlines()[-1] == (
-      'error: config.model.gate.k=0: must satisfy 1 <= k <= '
-      'model.num_experts=8.')
+  assert factory.create_model(config).expert_kwargs['conv'] == 'xla'
 
 
 def test_entropy_weight_schedule_by_hand():
@@ -392,11 +374,11 @@ def test_entropy_weight_schedule_by_hand():
                           'loss.entropy_start_step': 10,
                           'loss.entropy_ramp_steps': 4})
   # 0 up to step 10, then 1/4, 2/4, 3/4, 4/4 of 0.2 at steps 11..14.
-  got = [float(trainer.entropy_weight(config.loss, s)) for s in range(8, 16)]
+  got = [float(factory.entropy_weight(config.loss, s)) for s in range(8, 16)]
   np.testing.assert_allclose(got, [0, 0, 0, 0.05, 0.1, 0.15, 0.2, 0.2],
                              atol=1e-7)
   config.loss.entropy_ramp_steps = 0  # A step at entropy_start_step.
-  got = [float(trainer.entropy_weight(config.loss, s)) for s in (9, 10, 11)]
+  got = [float(factory.entropy_weight(config.loss, s)) for s in (9, 10, 11)]
   assert got == [0, 0.2, 0.2]
 
 
@@ -507,9 +489,9 @@ def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, monkeypatch,
                      r'the model of this config \(made with another config\): '
                      + names):
     trainer.train_and_evaluate(other, workdir)
-  model = trainer.create_model(other, bn_axis_name=trainer.AXIS)
-  abstract = trainer.abstract_state(other, model,
-                                    trainer.create_optimizer(other, 6))
+  model = factory.create_model(other, bn_axis_name=trainer.AXIS)
+  abstract = factory.abstract_state(other, model,
+                                    factory.create_optimizer(other, 6))
   ckpts = checkpointing.Checkpoints(workdir, create=False)
   with pytest.raises(checkpointing.CheckpointError,
                      match=r'best checkpoint \d .* another config\): ' + names):
@@ -521,9 +503,9 @@ def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, monkeypatch,
 def model_and_state(config, **bit_logits):
   """The config's model and a replicated initial state whose gates (by name)
   have the given DSelect-k bit logits."""
-  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
-  tx = trainer.create_optimizer(config, 10)
-  state = trainer.initial_state(config, model, tx, jax.random.key(0))
+  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  tx = factory.create_optimizer(config, 10)
+  state = factory.initial_state(config, model, tx, jax.random.key(0))
   params = flax.core.unfreeze(state.params)
   for gate, logits in bit_logits.items():
     params[gate]['z_logits'] = np.array(logits, np.float32)
@@ -553,30 +535,14 @@ def test_sparse_eval_equals_dense_eval(shared_gate):
     np.testing.assert_allclose(got[key], want[key], rtol=1e-6)
 
 
-@pytest.mark.parametrize('impl', ['fused_grouped', 'fused_patches'])
-def test_fused_experts_evaluate_dense_once_the_gates_have_saturated(impl):
-  # The fused experts are computed together: the sparse evaluator has nothing
-  # to leave out and must not try (it used to fail once a gate saturated).
-  config = tiny_config(**{'model.num_experts': 4, 'model.gate.k': 1,
-                          'model.expert_impl': impl})
-  # Bits MSB first over 2 bits: gate 0 picks expert 2 (10), gate 1 expert 1.
-  model, state = model_and_state(config, gate_0=[[1, -1]], gate_1=[[-1, 1]])
-  split = input_pipeline.load('multi_mnist_sample')['test']
-  evaluator = trainer.Evaluator(model, 4, sparse=True)
-  assert evaluator.active(state) is None
-  result = evaluator(state, split, 200)
-  assert result['selected_experts'] == [[2], [1]]
-  assert result['num_examples'] == len(split)
-
-
 def test_sparse_train_step_matches_the_dense_step():
   config = tiny_config(**{'model.num_experts': 4, 'model.gate.k': 1,
                           'model.sparse_train': True,
                           'optimizer.name': 'sgd',
                           'optimizer.learning_rate': 0.1})
-  model = trainer.create_model(config, bn_axis_name=trainer.AXIS)
-  tx = trainer.create_optimizer(config, 10)
-  state = trainer.initial_state(config, model, tx, jax.random.key(0))
+  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  tx = factory.create_optimizer(config, 10)
+  state = factory.initial_state(config, model, tx, jax.random.key(0))
   params = flax.core.unfreeze(state.params)
   params['gate_0']['z_logits'] = np.array([[1.0, -1.0]], np.float32)  # 2
   params['gate_1']['z_logits'] = np.array([[-1.0, 1.0]], np.float32)  # 1
@@ -610,11 +576,10 @@ def test_sparse_train_needs_static_dselect_k_gates_and_no_weight_decay():
   for field, value in (('optimizer.name', 'adamw'),
                        ('model.gate.per_example', True),
                        ('model.gate.name', 'top_k'),
-                       ('model.gate.name', 'softmax'),
-                       ('model.expert_impl', 'fused_grouped')):
+                       ('model.gate.name', 'softmax')):
     config = tiny_config(**{'model.sparse_train': True, field: value})
-    with pytest.raises(trainer.ConfigError, match='model.sparse_train'):
-      trainer.validate_config(config, 4)
+    with pytest.raises(factory.ConfigError, match='model.sparse_train'):
+      factory.validate_config(config, 4)
 
 
 @pytest.mark.parametrize('name', sorted(
@@ -622,7 +587,7 @@ def test_sparse_train_needs_static_dselect_k_gates_and_no_weight_decay():
     if f.endswith('.py') and f not in ('__init__.py', 'default.py')))
 def test_every_shipped_config_is_valid(name):
   config = importlib.import_module(f'configs.{name}').get_config()
-  trainer.validate_config(config, 4)
+  factory.validate_config(config, 4)
 
 
 def test_peak_rss_is_the_kernels_high_water_mark():

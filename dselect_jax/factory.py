@@ -1,0 +1,361 @@
+"""Config -> model, optimizer and train state: the one place that reads a
+config's model and optimizer fields, validates them and picks implementations.
+
+``FIELDS`` gives every config field its allowed values; ``validate_config``
+checks a whole config against it (and the few rules that tie fields
+together) before any data are read or any array is allocated, and names the
+field, the value and the fix. ``create_model``, ``create_optimizer`` and
+``initial_state`` build what the trainer, the evaluator and the checkpoints
+share, so a restore always sees the structure training saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Optional, Sequence
+
+from absl import logging
+import flax
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dselect_jax import cpu_kernels
+from dselect_jax import input_pipeline
+from dselect_jax import models
+
+GATE_ARGS = {
+    'dselect_k': ('k', 'gamma', 'per_example'),
+    'softmax': ('per_example',),
+    'top_k': ('k', 'per_example', 'noisy'),
+}
+OPTIMIZERS = ('adam', 'adamw', 'sgd')
+SCHEDULES = ('constant', 'warmup_cosine')
+# Aux terms with a loss weight; other aux entries are diagnostics.
+AUX_WEIGHTS = {
+    'entropy': 'entropy_weight',
+    'reachability': 'reachability_weight',
+    'importance': 'importance_weight',
+    'load': 'load_weight',
+}
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work. The message names the field and fix."""
+
+
+class TrainState(train_state.TrainState):
+  """Params, BatchNorm statistics and optimizer state, with the step."""
+  batch_stats: Any = None
+
+
+# ---------------------------------------------------------------------------
+# What each field may hold.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+  """A field that takes one of ``choices`` (strings or booleans)."""
+  choices: tuple[Any, ...]
+
+  def problem(self, value) -> Optional[str]:
+    if value not in self.choices or type(value) not in {  # 1 == True.
+        type(c) for c in self.choices}:
+      return f'choose one of {list(self.choices)}'
+    return None
+
+  def values(self, default) -> tuple[Any, ...]:
+    del default
+    return self.choices
+
+
+BOOL = OneOf((False, True))
+
+
+@dataclasses.dataclass(frozen=True)
+class Number:
+  """An int or float field in ``[low, high]`` (``low_open``: ``(low, high]``).
+
+  ``special``: values outside the range that mean something (-1 for "once
+  per epoch"); ``example``: another valid value than the defaults, for the
+  tests that try every value of every field.
+  """
+  integer: bool
+  low: float = -math.inf
+  high: float = math.inf
+  low_open: bool = False
+  special: tuple[Any, ...] = ()
+  example: Any = None
+
+  def problem(self, value) -> Optional[str]:
+    kind = 'an integer' if self.integer else 'a number'
+    if isinstance(value, bool) or not isinstance(
+        value, int if self.integer else (int, float)):
+      return f'must be {kind}'
+    if value in self.special:
+      return None
+    above = value > self.low if self.low_open else value >= self.low
+    if not (math.isfinite(value) and above and value <= self.high):
+      if math.isfinite(self.high):
+        lo = '(' if self.low_open else '['
+        allowed = f'in {lo}{self.low:g}, {self.high:g}]'
+      else:
+        allowed = f'{">" if self.low_open else ">="} {self.low:g}'
+      also = f' or one of {list(self.special)}' if self.special else ''
+      return f'must be {allowed}{also} ({kind})'
+    return None
+
+  def values(self, default) -> tuple[Any, ...]:
+    return tuple(v for v in (default, self.example) if v is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+  """A free string (a folder; checked where it is used)."""
+
+  def problem(self, value) -> Optional[str]:
+    return None if isinstance(value, str) else 'must be a string'
+
+  def values(self, default) -> tuple[Any, ...]:
+    return (default,)
+
+
+def _int(low=-math.inf, **kwargs) -> Number:
+  return Number(integer=True, low=low, **kwargs)
+
+
+def _float(low=-math.inf, **kwargs) -> Number:
+  return Number(integer=False, low=low, **kwargs)
+
+
+FIELDS = {
+    'data.name': OneOf(tuple(sorted(input_pipeline.DATASETS)) +
+                       input_pipeline.SPECIAL_DATASETS),
+    'data.recipe': OneOf(input_pipeline.RECIPES),
+    'data.seed': _int(0),
+    'data.data_dir': Text(),
+    'data.paddlerec_dir': Text(),
+    'data.download': BOOL,
+    'model.num_experts': _int(2, example=3),
+    'model.shared_gate': BOOL,
+    'model.conv': OneOf(('auto',) + models.CONV_IMPLS),
+    'model.norm': OneOf(('auto',) + models.NORM_IMPLS),
+    'model.sparse_eval': BOOL,
+    'model.sparse_train': BOOL,
+    'model.routing_input': OneOf(('input', 'experts')),
+    'model.gate.name': OneOf(tuple(GATE_ARGS)),
+    'model.gate.k': _int(1, example=2),
+    'model.gate.gamma': _float(0, low_open=True, example=0.5),
+    'model.gate.per_example': BOOL,
+    'model.gate.noisy': BOOL,
+    'optimizer.name': OneOf(OPTIMIZERS),
+    'optimizer.learning_rate': _float(0, low_open=True),
+    'optimizer.weight_decay': _float(0, example=0.0),
+    'optimizer.momentum': _float(0, high=1),
+    'optimizer.grad_clip_norm': _float(0, example=1.0),
+    'schedule.name': OneOf(SCHEDULES),
+    'schedule.warmup_steps': _int(0, example=2),
+    'loss.entropy_weight': _float(0, example=0.1),
+    'loss.entropy_start_step': _int(0),
+    'loss.entropy_ramp_steps': _int(0),
+    'loss.reachability_weight': _float(0),
+    'loss.importance_weight': _float(0),
+    'loss.load_weight': _float(0),
+    'batch_size': _int(1),
+    'eval_batch_size': _int(1),
+    'num_epochs': _int(1),
+    'num_train_steps': _int(1, special=(-1,)),
+    'log_every_steps': _int(1),
+    'eval_every_steps': _int(1, special=(-1,)),
+    'checkpoint_every_steps': _int(1, special=(-1,)),
+    'max_to_keep': _int(1),
+    'seed': _int(0),
+}
+
+
+def flat_fields(config: ml_collections.ConfigDict,
+                prefix: str = '') -> dict[str, Any]:
+  """Every leaf field of ``config`` as ``{'model.gate.k': 2, ...}``."""
+  out = {}
+  for key, value in config.items():
+    name = prefix + key
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(flat_fields(value, name + '.'))
+    else:
+      out[name] = value
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Validation.
+# ---------------------------------------------------------------------------
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int):
+  """Fails early, with the field and the fix, on values that cannot work."""
+  def bad(field, value, why):
+    raise ConfigError(f'config.{field}={value!r}: {why}.')
+
+  for field, value in flat_fields(config).items():
+    if field not in FIELDS:
+      raise ConfigError(
+          f'config.{field} is not a field of this version (known: the fields '
+          'of configs/default.py); remove it from the config.')
+    why = FIELDS[field].problem(value)
+    if why:
+      bad(field, value, why)
+
+  model, gate = config.model, config.model.gate
+  norm = model.norm
+  if norm == 'kernel' and jax.default_backend() != 'cpu':
+    bad('model.norm', norm, 'the kernels are for the CPU, and JAX runs on '
+        f'{jax.default_backend()}; set --config.model.norm=auto')
+  if norm == 'kernel':
+    try:
+      cpu_kernels.load()
+    except cpu_kernels.KernelBuildError as e:
+      bad('model.norm', norm, f'the CPU kernels do not build here: {e}')
+  if model.sparse_train and (
+      gate.name != 'dselect_k' or gate.per_example or
+      config.optimizer.name == 'adamw'):
+    bad('model.sparse_train', True,
+        'needs static dselect_k gates (a top_k gate can bring a dropped '
+        'expert back, a softmax gate drops none) and an optimizer without '
+        'weight decay (adam or sgd; weight decay can also bring one back); '
+        'set --config.model.sparse_train=False')
+  if gate.name != 'softmax' and gate.k > model.num_experts:
+    bad('model.gate.k', gate.k,
+        f'must satisfy 1 <= k <= model.num_experts={model.num_experts}')
+  for name in ('batch_size', 'eval_batch_size'):
+    if config[name] % num_devices:
+      bad(name, config[name],
+          f'must be a positive multiple of the {num_devices} devices')
+  if config.schedule.name == 'warmup_cosine' and (
+      0 < config.num_train_steps <= config.schedule.warmup_steps):
+    bad('schedule.warmup_steps', config.schedule.warmup_steps,
+        f'must be below num_train_steps={config.num_train_steps}')
+
+
+# ---------------------------------------------------------------------------
+# Model, optimizer, state.
+# ---------------------------------------------------------------------------
+
+
+def create_model(config: ml_collections.ConfigDict,
+                 bn_axis_name: Optional[str] = None) -> models.MultiTaskMoE:
+  """The MultiTaskMoE a config describes (the model never sees the config)."""
+  gate = config.model.gate
+  gate_kwargs = {arg: gate[arg] for arg in GATE_ARGS[gate.name]}
+  expert_kwargs = {'conv': conv_impl(config), 'norm': norm_impl(config)}
+  return models.MultiTaskMoE(
+      num_tasks=2,
+      num_experts=config.model.num_experts,
+      gate=gate.name,
+      gate_kwargs=flax.core.FrozenDict(gate_kwargs),
+      shared_gate=config.model.shared_gate,
+      routing_input=config.model.routing_input,
+      num_classes=10,
+      expert_kwargs=flax.core.FrozenDict(expert_kwargs),
+      bn_axis_name=bn_axis_name)
+
+
+def conv_impl(config) -> str:
+  """The expert convolution a config asks for, with 'auto' resolved.
+
+  'auto' is the Toeplitz formulation on CPU (faster there, see
+  models.ToeplitzConv) and XLA's convolution on other backends.
+  """
+  conv = config.model.get('conv', 'auto')
+  if conv == 'auto':
+    return 'toeplitz' if jax.default_backend() == 'cpu' else 'xla'
+  return conv
+
+
+def norm_impl(config) -> str:
+  """The experts' BatchNorm-ReLU-pool blocks a config asks for, 'auto' resolved.
+
+  'auto' is the hand-written CPU kernels on CPU (faster there, see
+  models.BatchNormReLUPool) if they build on this machine, and XLA's ops
+  otherwise (on other backends, or without a C++ compiler: logged once).
+  """
+  norm = config.model.get('norm', 'auto')
+  if norm != 'auto':
+    return norm
+  if jax.default_backend() != 'cpu':
+    return 'xla'
+  if cpu_kernels.available():
+    return 'kernel'
+  logging.log_first_n(logging.WARNING,
+                      'model.norm=auto: using XLA\'s BatchNorm, because the '
+                      'CPU kernels do not build here: %s', 1,
+                      cpu_kernels.build_failure())
+  return 'xla'
+
+
+def learning_rate_schedule(config, num_train_steps: int) -> optax.Schedule:
+  lr = config.optimizer.learning_rate
+  if config.schedule.name == 'constant':
+    return optax.constant_schedule(lr)
+  return optax.warmup_cosine_decay_schedule(
+      0.0, lr, config.schedule.warmup_steps,
+      max(num_train_steps, config.schedule.warmup_steps + 1))
+
+
+def create_optimizer(config, num_train_steps: int):
+  schedule = learning_rate_schedule(config, num_train_steps)
+  opt = config.optimizer
+  if opt.name == 'adam':
+    tx = optax.adam(schedule)
+  elif opt.name == 'adamw':
+    tx = optax.adamw(schedule, weight_decay=opt.weight_decay)
+  else:
+    tx = optax.sgd(schedule, momentum=opt.momentum)
+  if opt.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+  return tx
+
+
+def entropy_weight(loss_config, step) -> jax.Array:
+  """The entropy term's weight at ``step``: 0 up to entropy_start_step, then
+  a linear ramp reaching entropy_weight entropy_ramp_steps later (at once
+  when entropy_ramp_steps is 0)."""
+  start, ramp = loss_config.entropy_start_step, loss_config.entropy_ramp_steps
+  if ramp <= 0:
+    frac = (step >= start).astype(jnp.float32) if isinstance(
+        step, jax.Array) else float(step >= start)
+  else:
+    frac = jnp.clip((step - start) / ramp, 0, 1)
+  return loss_config.entropy_weight * frac
+
+
+def aux_weights(loss_config, step) -> dict[str, jax.Array]:
+  weights = {name: loss_config[field] for name, field in AUX_WEIGHTS.items()}
+  weights['entropy'] = entropy_weight(loss_config, step)
+  return weights
+
+
+def image_shape() -> Sequence[int]:
+  """One example's shape, (H, W, 1)."""
+  return (input_pipeline.CANVAS, input_pipeline.CANVAS, 1)
+
+
+def initial_state(config, model, tx, rng) -> TrainState:
+  del config
+  dummy = jnp.zeros((1, *image_shape()), jnp.float32)
+  params_rng, gating_rng = jax.random.split(rng)
+  variables = model.init({'params': params_rng, 'gating': gating_rng}, dummy,
+                         train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           batch_stats=variables['batch_stats'], tx=tx)
+
+
+def abstract_state(config, model, tx) -> TrainState:
+  """The state's shapes and dtypes, with no array allocated."""
+  return jax.eval_shape(
+      functools.partial(initial_state, config, model, tx),
+      jax.random.key(0))
