@@ -25,7 +25,7 @@ from dselect_jax import metric_writers
 from dselect_jax import plots
 from dselect_jax import sources
 from dselect_jax import factory
-from dselect_jax import trainer
+from dselect_jax import evaluate
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The workdir of train.py.')
 _STEP = flags.DEFINE_integer('step', None, 'Evaluate this periodic checkpoint.')
@@ -47,7 +47,7 @@ def main(argv):
     sys.exit('error: give --step=N or --best, not both.')
   workdir = _WORKDIR.value
   try:
-    result = trainer.evaluate_workdir(workdir, _STEP.value, _BEST.value,
+    result = evaluate.evaluate_workdir(workdir, _STEP.value, _BEST.value,
                                       _DATA_DIR.value)
   except sources.DataError as e:
     sys.exit(f'error: {e} (eval.py reads the data folder named in '

@@ -2,13 +2,13 @@
 
   python benchmarks/data_parallel.py [--batch=256] [--steps=10] [--repeats=3]
 
-trainer.train_step of configs/multimnist.py (experts 'loop', conv and norm
+steps.train_step of configs/multimnist.py (experts 'loop', conv and norm
 as --conv / --norm) on all local devices (one on a plain CPU), three or four
 ways, in one process, alternating, warm, best of --repeats windows of
 --steps steps: ``jax.pmap`` with BatchNorm averaging over the devices (the
 baseline), ``jax.jit(jax.shard_map(...))`` over a one-axis mesh of the same
 devices, and, on one device only, ``jax.jit(jax.vmap(...))`` over a leading
-axis of size 1 (what the trainer maps on one device, trainer._one_device)
+axis of size 1 (what the trainer maps on one device, steps.one_device)
 and ``jax.pmap`` with a model whose BatchNorm has no axis. All run the same
 per-device function; the script first checks that one step from the same
 state computes the same gradients, BatchNorm statistics and metrics every
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import multimnist  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dselect_jax import factory
-from dselect_jax import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dselect_jax import steps
 
 _BATCH = flags.DEFINE_integer('batch', 256, 'Images per step, all devices.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Steps per timed window.')
@@ -44,7 +44,7 @@ def main(argv):
   config = multimnist.get_config()
   config.model.conv, config.model.norm = _CONV.value, _NORM.value
   n = jax.local_device_count()
-  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 1000)
   state = factory.initial_state(config, model, tx, jax.random.key(0))
   rng = np.random.default_rng(0)
@@ -53,13 +53,13 @@ def main(argv):
       'image': rng.random((n, per_device, 36, 36, 1), np.float32),
       'label': rng.integers(0, 10, (n, per_device, 2)).astype(np.int32)}
   key = jax.random.key(1)
-  step = functools.partial(trainer.train_step, loss_config=config.loss)
+  step = functools.partial(steps.train_step, loss_config=config.loss)
   alone = functools.partial(  # BatchNorm without collectives.
-      trainer.train_step, loss_config=config.loss,
+      steps.train_step, loss_config=config.loss,
       model=factory.create_model(config, bn_axis_name=None))
 
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (trainer.AXIS,))
-  spec = jax.sharding.PartitionSpec(trainer.AXIS)
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (steps.AXIS,))
+  spec = jax.sharding.PartitionSpec(steps.AXIS)
 
   def per_shard(state, batch, key):  # shard_map keeps the leading axis (1).
     squeeze = lambda tree: jax.tree.map(lambda x: x[0], tree)
@@ -67,19 +67,19 @@ def main(argv):
     return jax.tree.map(lambda x: x[None], (state, metrics))
 
   ways = {
-      'pmap': (jax.pmap(step, axis_name=trainer.AXIS, in_axes=(0, 0, None),
-                        donate_argnums=(0,)), trainer.replicate),
+      'pmap': (jax.pmap(step, axis_name=steps.AXIS, in_axes=(0, 0, None),
+                        donate_argnums=(0,)), steps.replicate),
       'jit(shard_map)': (jax.jit(jax.shard_map(
           per_shard, mesh=mesh, in_specs=(spec, spec, None), out_specs=spec,
-          check_vma=False), donate_argnums=(0,)), trainer.replicate),
+          check_vma=False), donate_argnums=(0,)), steps.replicate),
   }
   if n == 1:
-    one_device = trainer._one_device  # pylint: disable=protected-access
+    one_device = steps.one_device  # pylint: disable=protected-access
     ways['jit(vmap)'] = (one_device(step, in_axes=(0, 0, None),
-                                    donate_argnums=(0,)), trainer.replicate)
+                                    donate_argnums=(0,)), steps.replicate)
     ways['pmap, BatchNorm without axis'] = (
-        jax.pmap(alone, axis_name=trainer.AXIS, in_axes=(0, 0, None),
-                 donate_argnums=(0,)), trainer.replicate)
+        jax.pmap(alone, axis_name=steps.AXIS, in_axes=(0, 0, None),
+                 donate_argnums=(0,)), steps.replicate)
 
   # One step from the same state must compute the same thing every way. The
   # parameters are the wrong thing to compare: Adam's first update is

@@ -5,7 +5,7 @@
 A MultiTaskMoE whose DSelect-k gates are saturated (each selector one-hot),
 as after training: with --shared_gate (PaddleRec's setup, the default) both
 tasks use the same k experts; without it each task has its own. Times
-trainer.Evaluator over the same split with sparse=False (all experts) and
+evaluate.Evaluator over the same split with sparse=False (all experts) and
 sparse=True (only the used ones), in one process, and checks that both give
 the same accuracies, losses and weights.
 """
@@ -26,7 +26,8 @@ from configs import multimnist  # pylint: disable=g-import-not-at-top,wrong-impo
 from dselect_jax import gates  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dselect_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dselect_jax import factory
-from dselect_jax import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dselect_jax import steps
+from dselect_jax import evaluate
 
 _EXPERTS = flags.DEFINE_integer('experts', 8, 'Experts.')
 _K = flags.DEFINE_integer('k', 2, 'Selectors per gate.')
@@ -52,12 +53,12 @@ def main(argv):
   config.model.num_experts = _EXPERTS.value
   config.model.gate.k = _K.value
   config.model.shared_gate = _SHARED.value
-  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 100)
   state = factory.initial_state(config, model, tx, jax.random.key(0))
   state = state.replace(params=saturated_params(
       state.params, _EXPERTS.value, _K.value, np.random.default_rng(0)))
-  state = trainer.replicate(state)
+  state = steps.replicate(state)
   rng = np.random.default_rng(1)
   split = input_pipeline.Split(
       rng.integers(0, 256, (_EXAMPLES.value, 36, 36), dtype=np.uint8),
@@ -65,7 +66,7 @@ def main(argv):
   n = jax.local_device_count()
   results, rates = {}, {}
   for sparse in (False, True):
-    evaluator = trainer.Evaluator(model, n, sparse=sparse)
+    evaluator = evaluate.Evaluator(model, n, sparse=sparse)
     evaluator(state, split, _BATCH.value)  # Compile.
     best = float('inf')
     for _ in range(3):

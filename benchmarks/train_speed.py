@@ -86,16 +86,16 @@ def child_jax(batch, steps, repeats, impl, conv, norm, devices):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import multimnist  # pylint: disable=g-import-not-at-top
   from dselect_jax import factory  # pylint: disable=g-import-not-at-top
-  from dselect_jax import trainer  # pylint: disable=g-import-not-at-top
+  from dselect_jax import steps  # pylint: disable=g-import-not-at-top
 
   config = multimnist.get_config()
   config.model.expert_impl = impl
   config.model.conv = conv if impl == 'loop' else 'auto'
   config.model.norm = norm if impl == 'loop' else 'auto'
-  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 1000)
   assert jax.local_device_count() == devices, jax.devices()
-  state = trainer.replicate(
+  state = steps.replicate(
       factory.initial_state(config, model, tx, jax.random.key(0)))
   rng = np.random.default_rng(0)
   per_device = batch // devices
@@ -105,12 +105,12 @@ def child_jax(batch, steps, repeats, impl, conv, norm, devices):
   }
   eval_data = dict(batch_data,
                    mask=np.ones((devices, per_device), np.float32))
-  # Mapped over the devices as the trainer maps them (trainer._parallel).
-  p_train = trainer._parallel(  # pylint: disable=protected-access
-      functools.partial(trainer.train_step, loss_config=config.loss),
+  # Mapped over the devices as the trainer maps them (steps.parallel).
+  p_train = steps.parallel(  # pylint: disable=protected-access
+      functools.partial(steps.train_step, loss_config=config.loss),
       in_axes=(0, 0, None), donate_argnums=(0,))
-  p_eval = trainer._parallel(  # pylint: disable=protected-access
-      functools.partial(trainer.eval_step, model))
+  p_eval = steps.parallel(  # pylint: disable=protected-access
+      functools.partial(steps.eval_step, model))
   key = jax.random.key(1)
   start = time.perf_counter()
   state, metrics = p_train(state, batch_data, key)

@@ -14,7 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 'multi_mnist', 'multi_fashion', 'multi_fashion_mnist',
   # 'multi_mnist_sample' (shipped, no download) or 'paddlerec'.
   config.data.name = 'multi_mnist'
-  # 'comet' (100k/20k/20k, fixed positions) or 'paretomtl' (shifted digits).
+  # 'comet' (100k/20k/20k, fixed positions), 'paretomtl' (Pareto MTL's and
+  # PaddleRec's data: 16 diagonal shifts) or 'paretomtl_axes' (an older
+  # guess at it: 625 shifts); see input_pipeline.
   config.data.recipe = 'comet'
   # Seed of the pairing and offsets; the data are a function of it.
   config.data.seed = 0
@@ -25,6 +27,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.paddlerec_dir = ''
   # Download missing raw files from the public mirrors.
   config.data.download = True
+  # Train composites held out for validation (paretomtl: the last ones of the
+  # 120,000; 0 leaves no validation split, and the last checkpoint is
+  # tested); -1: the recipe's default (paretomtl 20,000, paretomtl_axes
+  # 5,000 bases x 2, comet always 10,000 bases x 2).
+  config.data.num_validation = -1
+  # Shuffle the train split every epoch (False: stored order, as PaddleRec).
+  config.data.shuffle = True
+  # New train composites every epoch: the same top-left images re-paired
+  # with new partners and placements (input_pipeline.FreshTrainSplits);
+  # validation and test stay fixed. Built data sets only.
+  config.data.fresh_train = False
 
   config.model = ml_collections.ConfigDict()
   # E, the shared experts (the MultiMNIST CNN of PaddleRec's model).
@@ -46,11 +59,15 @@ def get_config() -> ml_collections.ConfigDict:
   # computing all of them; faster once the gates have converged).
   config.model.sparse_eval = True
   # Train only the experts some static gate still weighs (checked at every
-  # log step); exact for adam and sgd, see trainer.SparseTrainSteps.
+  # log step); exact for adam and sgd, see steps.SparseTrainSteps.
   config.model.sparse_train = False
   # What a per-example gate routes on: 'input' (pixels) or 'experts' (mean
   # expert output).
   config.model.routing_input = 'input'
+  # Initializers: 'flax' (Flax's defaults; DSelect-k's as the paper's
+  # layer) or 'paddlerec' (PaddleRec's: Xavier-normal convolutions,
+  # truncated-normal dense layers, DSelect-k weight logits U(-1, 1)).
+  config.model.init_scheme = 'flax'
 
   config.model.gate = ml_collections.ConfigDict()
   # 'dselect_k', 'softmax' (MMoE) or 'top_k' (Shazeer et al. 2017).
@@ -83,6 +100,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.schedule.warmup_steps = 0
 
   config.loss = ml_collections.ConfigDict()
+  # Task loss: 'cross_entropy' (softmax cross-entropy of the logits) or
+  # 'double_softmax' (PaddleRec's: cross-entropy applied to softmax output,
+  # steps.task_losses).
+  config.loss.name = 'cross_entropy'
+  # Label smoothing of the cross-entropy (0: none).
+  config.loss.label_smoothing = 0.0
   # Weight of DSelect-k's entropy term (Section 4); it is ramped linearly from
   # 0 at entropy_start_step to this value entropy_ramp_steps later.
   config.loss.entropy_weight = 0.0
@@ -110,6 +133,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = -1
   # Periodic checkpoints kept for resuming (the best one is kept apart).
   config.max_to_keep = 2
+  # Also evaluate the test split after every epoch, for the statistics in
+  # test_metrics.json (the pooled mean over epochs is PaddleRec's figure).
+  config.test_every_epoch = False
   # Seed of initialization, shuffling and gate noise.
   config.seed = 0
   return config

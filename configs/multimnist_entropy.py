@@ -4,7 +4,7 @@ configs/multimnist_fast.py plus the paper's entropy term (Section 4), which
 pushes every selector to a one-hot vector so that each task ends up with at
 most k = 2 experts, and sparse training: once a static gate gives an expert
 weight exactly 0 for every task, the train step stops computing it (the
-dense step would give it zero gradient anyway; see trainer.SparseTrainSteps).
+dense step would give it zero gradient anyway; see steps.SparseTrainSteps).
 
   python train.py --config=configs/multimnist_entropy.py --workdir=ckpts_ent
   python eval.py --workdir=ckpts_ent

@@ -25,6 +25,7 @@ import ml_collections
 import optax
 
 from dselect_jax import cpu_kernels
+from dselect_jax import gates
 from dselect_jax import input_pipeline
 from dselect_jax import models
 
@@ -141,6 +142,9 @@ FIELDS = {
     'data.data_dir': Text(),
     'data.paddlerec_dir': Text(),
     'data.download': BOOL,
+    'data.num_validation': _int(0, special=(-1,)),
+    'data.shuffle': BOOL,
+    'data.fresh_train': BOOL,
     'model.num_experts': _int(2, example=3),
     'model.shared_gate': BOOL,
     'model.conv': OneOf(('auto',) + models.CONV_IMPLS),
@@ -148,6 +152,7 @@ FIELDS = {
     'model.sparse_eval': BOOL,
     'model.sparse_train': BOOL,
     'model.routing_input': OneOf(('input', 'experts')),
+    'model.init_scheme': OneOf(models.INITS),
     'model.gate.name': OneOf(tuple(GATE_ARGS)),
     'model.gate.k': _int(1, example=2),
     'model.gate.gamma': _float(0, low_open=True, example=0.5),
@@ -160,6 +165,8 @@ FIELDS = {
     'optimizer.grad_clip_norm': _float(0, example=1.0),
     'schedule.name': OneOf(SCHEDULES),
     'schedule.warmup_steps': _int(0, example=2),
+    'loss.name': OneOf(('cross_entropy', 'double_softmax')),
+    'loss.label_smoothing': _float(0, high=0.5),
     'loss.entropy_weight': _float(0, example=0.1),
     'loss.entropy_start_step': _int(0),
     'loss.entropy_ramp_steps': _int(0),
@@ -174,6 +181,7 @@ FIELDS = {
     'eval_every_steps': _int(1, special=(-1,)),
     'checkpoint_every_steps': _int(1, special=(-1,)),
     'max_to_keep': _int(1),
+    'test_every_epoch': BOOL,
     'seed': _int(0),
 }
 
@@ -228,6 +236,15 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int):
         'expert back, a softmax gate drops none) and an optimizer without '
         'weight decay (adam or sgd; weight decay can also bring one back); '
         'set --config.model.sparse_train=False')
+  if config.data.fresh_train and config.data.name in (
+      input_pipeline.SPECIAL_DATASETS):
+    bad('data.fresh_train', True,
+        f'needs a data set built from the raw files, and {config.data.name!r} '
+        'is stored as it is; set --config.data.fresh_train=False')
+  if config.data.num_validation > 0 and config.data.recipe == 'comet':
+    bad('data.num_validation', config.data.num_validation,
+        'the comet recipe always holds out 10,000 base images (20,000 '
+        'composites); leave it at -1')
   if gate.name != 'softmax' and gate.k > model.num_experts:
     bad('model.gate.k', gate.k,
         f'must satisfy 1 <= k <= model.num_experts={model.num_experts}')
@@ -246,12 +263,23 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int):
 # ---------------------------------------------------------------------------
 
 
+def num_train_steps(config, num_train_examples: int) -> int:
+  """``num_train_steps``, or ``num_epochs`` epochs of whole batches."""
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return config.num_epochs * (num_train_examples // config.batch_size)
+
+
 def create_model(config: ml_collections.ConfigDict,
                  bn_axis_name: Optional[str] = None) -> models.MultiTaskMoE:
   """The MultiTaskMoE a config describes (the model never sees the config)."""
   gate = config.model.gate
   gate_kwargs = {arg: gate[arg] for arg in GATE_ARGS[gate.name]}
-  expert_kwargs = {'conv': conv_impl(config), 'norm': norm_impl(config)}
+  init = config.model.get('init_scheme', 'flax')
+  if init == 'paddlerec' and gate.name == 'dselect_k':
+    gate_kwargs['w_init'] = gates.symmetric_uniform(1.0)  # PaddleRec's U(-1, 1).
+  expert_kwargs = {'conv': conv_impl(config), 'norm': norm_impl(config),
+                   'init_scheme': init}
   return models.MultiTaskMoE(
       num_tasks=2,
       num_experts=config.model.num_experts,
@@ -261,6 +289,7 @@ def create_model(config: ml_collections.ConfigDict,
       routing_input=config.model.routing_input,
       num_classes=10,
       expert_kwargs=flax.core.FrozenDict(expert_kwargs),
+      tower_kwargs=flax.core.FrozenDict({'init_scheme': init}),
       bn_axis_name=bn_axis_name)
 
 

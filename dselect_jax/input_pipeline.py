@@ -12,12 +12,21 @@ Recipes:
     each base image paired with 2 random partners from the same split. MNIST
     train is split 50k/10k (stratified by label) into train/validation bases:
     100,000 train, 20,000 validation and 20,000 test composites.
-  ``paretomtl``: Pareto MTL's data (Lin et al., NeurIPS 2019), which PaddleRec
-    used: each of the two images shifted by 0..4 pixels per axis toward its
-    corner from the centred position (top-left offsets 0..4, bottom-right
-    4..8), partners of a different class when both come from one source. 120,000
-    train (60k bases x 2) and 20,000 test; the validation split is carved from
-    train by base image (stratified, ``paretomtl_validation`` bases x 2).
+  ``paretomtl``: Pareto MTL's MultiMNIST (Lin et al., NeurIPS 2019), the
+    data of PaddleRec's DSelect-k result, as its files are (checked pixel by
+    pixel against PaddleRec's sample, tests/test_input_pipeline.py): the
+    top-left images in source order, each source image twice; the
+    bottom-right partner a random image of the same source split, of
+    another class when both come from one source; each image shifted by the
+    same amount on both axes, the top-left one to (a, a) with a in 1..4 and
+    the bottom-right one to (c, c) with c in 5..8 (16 placements). 120,000
+    train composites from the train images, 20,000 test from the test
+    images; the last ``num_validation`` train composites (20,000 by default,
+    PaddleRec's 100k / 20k / 20k) are the validation split; with 0 there is
+    none (120k / 20k).
+  ``paretomtl_axes``: an older guess at Pareto MTL's data, kept for
+    ablations: shifts of 0..4 pixels drawn per axis (625 placements), 5,000
+    base images (x2) held out for validation (stratified).
 
 Data sets: ``multi_mnist`` (digit, digit), ``multi_fashion`` (article,
 article), ``multi_fashion_mnist`` (digit top-left, article bottom-right);
@@ -37,7 +46,7 @@ import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 from absl import logging
@@ -49,7 +58,7 @@ from dselect_jax.sources import DataError
 CANVAS = 36
 DIGIT = 28
 # Bump when a builder changes, so stale caches are rebuilt.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 DATASETS = {
     # name: (top-left source, bottom-right source)
@@ -58,7 +67,14 @@ DATASETS = {
     'multi_fashion_mnist': ('mnist', 'fashion_mnist'),
 }
 SPECIAL_DATASETS = ('multi_mnist_sample', 'paddlerec')
-RECIPES = ('comet', 'paretomtl')
+RECIPES = ('comet', 'paretomtl', 'paretomtl_axes')
+# Seeds each recipe's generator; fixed, so adding a recipe changes no data.
+_RECIPE_SEED = {'comet': 0, 'paretomtl_axes': 1, 'paretomtl': 2}
+# Pareto MTL's placements: the top-left image at (a, a), the bottom-right one
+# at (c, c).
+PARETOMTL_TOP_LEFT = (1, 4)
+PARETOMTL_BOTTOM_RIGHT = (5, 8)
+PARETOMTL_VALIDATION = 20000
 SAMPLE_FILE = os.path.join(os.path.dirname(__file__), 'data',
                            'multi_mnist_sample.npz')
 
@@ -108,34 +124,31 @@ def stratified_split(labels: np.ndarray, num_holdout: int,
   return keep, holdout
 
 
-def _partners(rng: np.random.Generator, base_labels: np.ndarray,
-              partner_labels: np.ndarray, same_source: bool,
-              different_class: bool, copies: int) -> np.ndarray:
-  """For each of ``copies`` rounds, a partner index per base image.
+def _partners(rng: np.random.Generator, base: np.ndarray,
+              base_labels: np.ndarray, partner_labels: np.ndarray,
+              same_source: bool, different_class: bool) -> np.ndarray:
+  """A partner index into the partner pool for each base image.
 
-  Returns ``(copies * N,)`` indices into the partner pool, round-major. When
-  base and partner come from the same pool an image never pairs with itself;
-  with ``different_class`` the partner's label differs from the base's.
+  ``base``: the base images' positions in their pool, ``base_labels`` their
+  labels. When base and partner come from the same pool an image never
+  pairs with itself; with ``different_class`` the partner's label differs
+  from the base's.
   """
-  n, pool = len(base_labels), len(partner_labels)
-  out = []
-  for _ in range(copies):
-    if different_class:
-      # Draw within the other classes: rank r among the pool's images whose
-      # label is not the base's.
-      order = np.argsort(partner_labels, kind='stable')
-      counts = np.bincount(partner_labels, minlength=10)
-      starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-      base_count = counts[base_labels]
-      r = (rng.random(n) * (pool - base_count)).astype(np.int64)
-      # Skip the block of the base's own class in the label-sorted order.
-      r = np.where(r >= starts[base_labels], r + base_count, r)
-      out.append(order[r])
-    elif same_source:
-      out.append((np.arange(n) + rng.integers(1, pool, n)) % pool)
-    else:
-      out.append(rng.integers(0, pool, n))
-  return np.concatenate(out)
+  n, pool = len(base), len(partner_labels)
+  if different_class:
+    # Draw within the other classes: rank r among the pool's images whose
+    # label is not the base's.
+    order = np.argsort(partner_labels, kind='stable')
+    counts = np.bincount(partner_labels, minlength=10)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    base_count = counts[base_labels]
+    r = (rng.random(n) * (pool - base_count)).astype(np.int64)
+    # Skip the block of the base's own class in the label-sorted order.
+    r = np.where(r >= starts[base_labels], r + base_count, r)
+    return order[r]
+  if same_source:
+    return (base + rng.integers(1, pool, n)) % pool
+  return rng.integers(0, pool, n)
 
 
 def compose(top_left: np.ndarray, bottom_right: np.ndarray,
@@ -161,21 +174,40 @@ def compose(top_left: np.ndarray, bottom_right: np.ndarray,
   return np.minimum(canvas, 255).astype(np.uint8)
 
 
-def _build_split(rng, tl_index, tl_images, tl_labels, br_index, br_images,
-                 br_labels, recipe, same_source) -> Split:
-  copies = 2
-  partner = _partners(rng, tl_labels, br_labels, same_source,
-                      different_class=(recipe == 'paretomtl' and same_source),
-                      copies=copies)
-  base = np.tile(np.arange(len(tl_images)), copies)
-  n = len(base)
+def paretomtl_offsets(rng: np.random.Generator,
+                      n: int) -> tuple[np.ndarray, np.ndarray]:
+  """Pareto MTL's placements of n pairs: ((a, a), (c, c)) per row, int (n, 2)
+  each, a uniform in 1..4 and c in 5..8."""
+  a = rng.integers(PARETOMTL_TOP_LEFT[0], PARETOMTL_TOP_LEFT[1] + 1, n)
+  c = rng.integers(PARETOMTL_BOTTOM_RIGHT[0], PARETOMTL_BOTTOM_RIGHT[1] + 1, n)
+  return np.stack([a, a], 1), np.stack([c, c], 1)
+
+
+def _offsets(rng, recipe: str, n: int) -> tuple[np.ndarray, np.ndarray]:
   if recipe == 'comet':
-    offsets_tl = np.zeros((n, 2), np.int64)
-    offsets_br = np.full((n, 2), CANVAS - DIGIT, np.int64)
+    return (np.zeros((n, 2), np.int64),
+            np.full((n, 2), CANVAS - DIGIT, np.int64))
+  if recipe == 'paretomtl':
+    return paretomtl_offsets(rng, n)
+  centre = (CANVAS - DIGIT) // 2
+  return (centre - rng.integers(0, centre + 1, (n, 2)),
+          centre + rng.integers(0, centre + 1, (n, 2)))
+
+
+def _build_split(rng, tl_index, tl_images, tl_labels, br_index, br_images,
+                 br_labels, recipe, same_source, base=None) -> Split:
+  """Composites of the top-left images at positions ``base`` (default: each
+  one twice, in order) with random partners and the recipe's placements."""
+  different_class = recipe != 'comet' and same_source
+  if base is None:
+    rounds = [np.arange(len(tl_images))] * 2
   else:
-    centre = (CANVAS - DIGIT) // 2
-    offsets_tl = centre - rng.integers(0, centre + 1, (n, 2))
-    offsets_br = centre + rng.integers(0, centre + 1, (n, 2))
+    rounds = [base]
+  partner = np.concatenate([
+      _partners(rng, positions, tl_labels[positions], br_labels, same_source,
+                different_class) for positions in rounds])
+  base = np.concatenate(rounds)
+  offsets_tl, offsets_br = _offsets(rng, recipe, len(base))
   images = compose(tl_images[base], br_images[partner], offsets_tl,
                    offsets_br)
   labels = np.stack([tl_labels[base], br_labels[partner]], 1).astype(np.int32)
@@ -185,18 +217,56 @@ def _build_split(rng, tl_index, tl_images, tl_labels, br_index, br_images,
   return Split(images, labels, provenance)
 
 
+def _take(split: Split, rows) -> Split:
+  return Split(split.images[rows], split.labels[rows],
+               {k: v[rows] for k, v in split.provenance.items()})
+
+
+def _raw(dataset, data_dir, download):
+  tl_source, br_source = DATASETS[dataset]
+  return {(s, split): sources.load_source(s, split, data_dir, download)
+          for s in {tl_source, br_source} for split in ('train', 'test')}
+
+
+def _generator(dataset, recipe, seed, *more) -> np.random.Generator:
+  return np.random.default_rng([seed, _RECIPE_SEED[recipe],
+                                list(DATASETS).index(dataset), *more])
+
+
 def build(dataset: str, recipe: str = 'comet', seed: int = 0,
           data_dir: Optional[str] = None, download: bool = True,
-          paretomtl_validation: int = 5000) -> dict[str, Split]:
-  """Builds ``{'train', 'validation', 'test'}`` of a MultiMNIST-family set."""
+          num_validation: Optional[int] = None) -> dict[str, Split]:
+  """Builds ``{'train', 'validation', 'test'}`` of a MultiMNIST-family set.
+
+  ``num_validation``: for ``paretomtl``, the train composites held out at
+  the end (default 20,000; 0: an empty validation split); for
+  ``paretomtl_axes``, base images held out (default 5,000, x2 composites);
+  ``comet`` always holds out 10,000 bases.
+  """
   _check_name(dataset, recipe)
   tl_source, br_source = DATASETS[dataset]
   same_source = tl_source == br_source
-  raw = {(s, split): sources.load_source(s, split, data_dir, download)
-         for s in {tl_source, br_source} for split in ('train', 'test')}
-  rng = np.random.default_rng([seed, RECIPES.index(recipe),
-                               list(DATASETS).index(dataset)])
-  holdout = 10000 if recipe == 'comet' else paretomtl_validation
+  raw = _raw(dataset, data_dir, download)
+  rng = _generator(dataset, recipe, seed)
+  if recipe == 'paretomtl':
+    num_validation = (PARETOMTL_VALIDATION if num_validation is None else
+                      num_validation)
+    full = {}
+    for split in ('train', 'test'):
+      (tl_images, tl_labels), (br_images, br_labels) = (
+          raw[(tl_source, split)], raw[(br_source, split)])
+      full[split] = _build_split(
+          rng, np.arange(len(tl_labels)), tl_images, tl_labels,
+          np.arange(len(br_labels)), br_images, br_labels, recipe, same_source)
+    n = len(full['train'].labels)
+    if not 0 <= num_validation < n:
+      raise DataError(f'num_validation={num_validation}: must be in 0..{n - 1} '
+                      f'(the {n} train composites).')
+    return {'train': _take(full['train'], slice(0, n - num_validation)),
+            'validation': _take(full['train'], slice(n - num_validation, n)),
+            'test': full['test']}
+  holdout = 10000 if recipe == 'comet' else (
+      5000 if num_validation is None else num_validation)
   # The same base-image split of each source, drawn once per source.
   parts = {}
   for s in sorted({tl_source, br_source}):
@@ -214,6 +284,51 @@ def build(dataset: str, recipe: str = 'comet', seed: int = 0,
   }
 
 
+class FreshTrainSplits:
+  """A new train split for every epoch: the same top-left images as the
+  built train split, re-paired with new partners and new placements (the
+  validation and test splits stay fixed). Epoch e's split is a function of
+  (data set, recipe, seed, e) only, so a resumed run sees the same data.
+
+  Partners come from the pool the builder drew them from: all source train
+  images for ``paretomtl``, the train bases for the other recipes.
+  """
+
+  def __init__(self, dataset: str, recipe: str, seed: int, train: Split,
+               data_dir: Optional[str] = None, download: bool = True):
+    _check_name(dataset, recipe)
+    if train.provenance is None:
+      raise DataError('fresh train composites need a data set built from '
+                      'the raw files; the stored ones (multi_mnist_sample, '
+                      'paddlerec) have no source images to re-pair.')
+    self.dataset, self.recipe, self.seed = dataset, recipe, seed
+    tl_source, br_source = DATASETS[dataset]
+    self._same_source = tl_source == br_source
+    raw = _raw(dataset, data_dir, download)
+    index = train.provenance['top_left_index']
+    pools = {}
+    for side, source, used in (('tl', tl_source, index),
+                               ('br', br_source,
+                                train.provenance['bottom_right_index'])):
+      images, labels = raw[(source, 'train')]
+      pool = (np.arange(len(labels)) if recipe == 'paretomtl' else
+              np.unique(used))
+      if self._same_source and side == 'br':
+        pool = pools['tl'][0]  # One pool: "never itself" holds.
+      pools[side] = (pool, images[pool], labels[pool])
+    self._pools = pools
+    self._base = np.searchsorted(pools['tl'][0], index)
+    self._cached = (None, None)
+
+  def __call__(self, epoch: int) -> Split:
+    if self._cached[0] != epoch:
+      rng = _generator(self.dataset, self.recipe, self.seed, 1, epoch)
+      split = _build_split(rng, *self._pools['tl'], *self._pools['br'],
+                           self.recipe, self._same_source, base=self._base)
+      self._cached = (epoch, split)
+    return self._cached[1]
+
+
 def _check_name(dataset: str, recipe: str):
   if dataset not in DATASETS:
     raise DataError(f'Unknown data set {dataset!r}; choose one of '
@@ -228,10 +343,10 @@ def _check_name(dataset: str, recipe: str):
 # ---------------------------------------------------------------------------
 
 
-def _cache_key(dataset, recipe, seed, paretomtl_validation) -> str:
+def _cache_key(dataset, recipe, seed, num_validation) -> str:
   srcs = sorted(set(DATASETS[dataset]))
   blob = json.dumps([BUILD_VERSION, dataset, recipe, seed,
-                     paretomtl_validation,
+                     num_validation,
                      [sources.CHECKSUMS[s] for s in srcs]], sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -307,7 +422,7 @@ def load_paddlerec(paddlerec_dir: Optional[str], seed: int = 0,
 
 def load(dataset: str, recipe: str = 'comet', seed: int = 0,
          data_dir: Optional[str] = None, cache_dir: Optional[str] = None,
-         download: bool = True, paretomtl_validation: int = 5000,
+         download: bool = True, num_validation: Optional[int] = None,
          paddlerec_dir: Optional[str] = None) -> dict[str, Split]:
   """The three splits of a data set, from the cache when it has them.
 
@@ -319,8 +434,7 @@ def load(dataset: str, recipe: str = 'comet', seed: int = 0,
     cache_dir: where built arrays are cached; default
       ``~/.cache/dselect_jax/built``.
     download: fetch missing raw files from the public mirrors.
-    paretomtl_validation: base images held out for validation (x2
-      composites) by the paretomtl recipe.
+    num_validation: see ``build`` (None: the recipe's default).
     paddlerec_dir: for 'paddlerec', the folder of its pickles.
   """
   if dataset == 'multi_mnist_sample':
@@ -328,7 +442,7 @@ def load(dataset: str, recipe: str = 'comet', seed: int = 0,
   if dataset == 'paddlerec':
     return load_paddlerec(paddlerec_dir, seed)
   _check_name(dataset, recipe)
-  key = _cache_key(dataset, recipe, seed, paretomtl_validation)
+  key = _cache_key(dataset, recipe, seed, num_validation)
   cache_dir = cache_dir or os.path.join(sources.default_cache_dir(), 'built')
   path = os.path.join(cache_dir, f'{dataset}-{recipe}-seed{seed}-{key}.npz')
   if os.path.exists(path):
@@ -338,7 +452,7 @@ def load(dataset: str, recipe: str = 'comet', seed: int = 0,
       logging.warning('cached data set %s', str(e).replace(
           'delete it and run again to rebuild', 'rebuilding it'))
   splits = build(dataset, recipe, seed, data_dir, download,
-                 paretomtl_validation)
+                 num_validation)
   try:
     save_npz(path, splits_to_arrays(splits))
   except OSError:
@@ -380,13 +494,18 @@ def _local_rows(global_batch, num_devices, process_index, process_count):
 
 def train_batches(split: Split, global_batch: int, num_devices: int,
                   seed: int, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict]:
+                  process_count: int = 1, shuffle: bool = True,
+                  epoch_split: Optional[Callable[[int], Split]] = None
+                  ) -> Iterator[dict]:
   """Endless shuffled batches, from global step ``start_step`` on.
 
   Step s reads batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``
   (a partial last batch is dropped), so a resumed run sees exactly the
   batches an uninterrupted one would have. With several processes, each
   yields its own slice of the same global batch for its local devices.
+  ``shuffle=False`` reads the split in stored order every epoch (as
+  PaddleRec does); ``epoch_split(e)``, when given, is epoch e's split (of
+  ``len(split)`` examples; ``FreshTrainSplits``).
 
   Yields:
     ``{'image': float32 (devices, per_device, 36, 36, 1),
@@ -401,7 +520,10 @@ def train_batches(split: Split, global_batch: int, num_devices: int,
   step = start_step
   while True:
     epoch, index = divmod(step, steps_per_epoch)
-    order = epoch_permutation(len(split), seed, epoch)
+    if epoch_split is not None:
+      split = epoch_split(epoch)
+    order = (epoch_permutation(len(split), seed, epoch) if shuffle else
+             np.arange(len(split)))
     while index < steps_per_epoch:
       # Sorted before slicing: device d of the global batch reads the same
       # rows whatever the number of processes.

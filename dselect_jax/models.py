@@ -10,6 +10,7 @@ model (the reference recipe), with BatchNorm after each convolution.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
@@ -106,6 +107,7 @@ class ToeplitzConv(nn.Module):
   features: int
   kernel_size: tuple[int, int] = (5, 5)
   tile: int = 4
+  kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
 
   def __post_init__(self):
     if self.features < 1 or min(self.kernel_size) < 1 or self.tile < 1:
@@ -116,13 +118,32 @@ class ToeplitzConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+    kernel = self.param('kernel', self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features))
     bias = self.param('bias', nn.initializers.zeros, (self.features,))
     return toeplitz_conv(x, kernel, self.tile) + bias
 
 
 CONV_IMPLS = ('xla', 'toeplitz')
+INITS = ('flax', 'paddlerec')
+
+
+def truncated_normal_fan_in(key, shape, dtype=jnp.float32) -> Array:
+  """PaddleRec's dense kernels: normal with std 1 / sqrt(fan_in), cut at 2
+  standard deviations and not rescaled (so the std is about 0.88 of it)."""
+  return jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype) / np.sqrt(
+      shape[0]).astype(dtype)
+
+
+# PaddleRec's convolution kernels: XavierNormal, std sqrt(2 / (fan_in +
+# fan_out)) with the receptive field in both fans; untruncated.
+xavier_normal = nn.initializers.variance_scaling(1.0, 'fan_avg', 'normal')
+
+
+def _check_init(module: nn.Module):
+  if module.init_scheme not in INITS:
+    raise ValueError(f'{type(module).__name__}: init_scheme must be one of '
+                     f'{INITS}, got init_scheme={module.init_scheme!r}.')
 NORM_IMPLS = ('xla', 'kernel')
 
 
@@ -185,11 +206,15 @@ class MultiMNISTExpert(nn.Module):
       (``nn.BatchNorm``, ``nn.relu``, ``max_pool_2x2``) or ``'kernel'``
       (``BatchNormReLUPool``: hand-written CPU kernels, faster there). Same
       function and parameters either way, as for ``conv``.
+    init_scheme: ``'flax'`` (Flax's LeCun-normal kernels) or
+      ``'paddlerec'`` (PaddleRec's: ``xavier_normal`` convolutions,
+      ``truncated_normal_fan_in`` dense layers); zero biases either way.
   """
   features: int = 50
   bn_axis_name: Optional[str] = None
   conv: str = 'xla'
   norm: str = 'xla'
+  init_scheme: str = 'flax'
   MIN_SIZE = 16  # 16 -> 12 -> 6 -> 2 -> 1.
 
   def __post_init__(self):
@@ -199,6 +224,7 @@ class MultiMNISTExpert(nn.Module):
     if self.norm not in NORM_IMPLS:
       raise ValueError(f'MultiMNISTExpert: norm must be one of {NORM_IMPLS}, '
                        f'got norm={self.norm!r}.')
+    _check_init(self)
     super().__post_init__()
 
   @nn.compact
@@ -217,17 +243,24 @@ class MultiMNISTExpert(nn.Module):
                                                                 name=name)(x)))
     else:
       block = lambda x, name: BatchNormReLUPool(**bn, name=name)(x)
+    paddlerec = self.init_scheme == 'paddlerec'
+    conv_init = xavier_normal if paddlerec else nn.initializers.lecun_normal()
+    dense = functools.partial(nn.Dense, kernel_init=(
+        truncated_normal_fan_in if paddlerec else
+        nn.initializers.lecun_normal()))
     if self.conv == 'xla':
-      conv = lambda f, name: nn.Conv(f, (5, 5), padding='VALID', name=name)
+      conv = lambda f, name: nn.Conv(f, (5, 5), padding='VALID',
+                                     kernel_init=conv_init, name=name)
     else:
-      conv = lambda f, name: ToeplitzConv(f, (5, 5), name=name)
+      conv = lambda f, name: ToeplitzConv(f, (5, 5), kernel_init=conv_init,
+                                          name=name)
     x = conv(10, 'Conv_0')(x)  # (B, 32, 32, 10)
     x = block(x, 'BatchNorm_0')  # (B, 16, 16, 10)
     x = conv(20, 'Conv_1')(x)  # (B, 12, 12, 20)
     x = block(x, 'BatchNorm_1')  # (B, 6, 6, 20)
     x = x.reshape(x.shape[0], -1)  # (B, 720)
-    x = nn.relu(nn.Dense(50)(x))
-    return nn.relu(nn.Dense(self.features)(x))  # (B, H)
+    x = nn.relu(dense(50, name='Dense_0')(x))
+    return nn.relu(dense(self.features, name='Dense_1')(x))  # (B, H)
 
 
 class MLPTower(nn.Module):
@@ -238,13 +271,21 @@ class MLPTower(nn.Module):
   """
   num_classes: int = 10
   hidden: tuple[int, ...] = (50, 50)
+  init_scheme: str = 'flax'  # Or 'paddlerec': truncated_normal_fan_in kernels.
+
+  def __post_init__(self):
+    _check_init(self)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
     del train  # No dropout or BatchNorm in the tower.
-    for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
-    return nn.Dense(self.num_classes)(x)  # (B, C)
+    dense = functools.partial(nn.Dense, kernel_init=(
+        truncated_normal_fan_in if self.init_scheme == 'paddlerec' else
+        nn.initializers.lecun_normal()))
+    for i, width in enumerate(self.hidden):
+      x = nn.relu(dense(width, name=f'Dense_{i}')(x))
+    return dense(self.num_classes, name=f'Dense_{len(self.hidden)}')(x)
 
 
 class ExpertBank(nn.Module):

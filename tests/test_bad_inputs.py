@@ -67,7 +67,7 @@ def _tree_digest(folder):
 
 
 def _data(case):
-  return [f'--config.data.name=multi_mnist', f'--config.data.data_dir={{{case}}}',
+  return ['--config.data.name=multi_mnist', f'--config.data.data_dir={{{case}}}',
           '--config.data.download=False']
 
 

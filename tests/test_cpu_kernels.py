@@ -193,7 +193,6 @@ def test_failing_compiler_is_a_clear_error(monkeypatch, tmp_path):
 def test_auto_falls_back_to_xla_without_the_kernels(monkeypatch):
   from configs import multimnist  # pylint: disable=g-import-not-at-top
   from dselect_jax import factory  # pylint: disable=g-import-not-at-top
-  from dselect_jax import trainer  # pylint: disable=g-import-not-at-top
   config = multimnist.get_config()
   assert config.model.norm == 'auto'
   assert factory.norm_impl(config) == 'kernel'  # They build here.

@@ -16,7 +16,7 @@ from configs import multimnist_sample
 from dselect_jax import checkpointing
 from dselect_jax import metric_writers
 from dselect_jax import factory
-from dselect_jax import trainer
+from dselect_jax import steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {
@@ -76,7 +76,7 @@ def _final_arrays(workdir):
     for name in path:
       section = section[name]
     section[last] = value
-  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, config.num_train_steps)
   ckpts = checkpointing.Checkpoints(workdir, create=False)
   state = ckpts.restore(factory.abstract_state(config, model, tx))

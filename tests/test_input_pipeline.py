@@ -203,8 +203,10 @@ def test_comet_multi_mnist(comet, mnist):
   assert np.all(np.abs(held - np.array(MNIST_TRAIN_COUNTS) / 6) <= 1)
 
 
-def test_paretomtl_multi_mnist(data_dir, mnist):
-  splits = ip.build('multi_mnist', 'paretomtl', 0, data_dir, download=False)
+def test_paretomtl_axes_multi_mnist(data_dir, mnist):
+  """The older guess at Pareto MTL's data, kept for ablations."""
+  splits = ip.build('multi_mnist', 'paretomtl_axes', 0, data_dir,
+                    download=False)
   assert {k: len(v) for k, v in splits.items()} == {
       'train': 110000, 'validation': 10000, 'test': 20000}
   rng = np.random.default_rng(1)
@@ -213,9 +215,114 @@ def test_paretomtl_multi_mnist(data_dir, mnist):
               split.provenance['bottom_right_offset'])
     # Shifted 0..4 pixels toward each corner from the centred offset 4.
     assert tl.min() == 0 and tl.max() == 4 and br.min() == 4 and br.max() == 8
+    assert np.any(tl[:, 0] != tl[:, 1])  # Axes drawn apart.
     assert np.all(split.labels[:, 0] != split.labels[:, 1])
     source = mnist['test' if name == 'test' else 'train']
     _check_composites(split, source, source, rng, n=200)
+
+
+# PaddleRec's 32-row sample (shared/data/paddlerec_sample), matched pixel by
+# pixel against MNIST train once, offline: row i's top-left digit is MNIST
+# train image i at (a, a); its bottom-right digit is MNIST train image
+# PARTNER[i] at (c, c).
+SAMPLE_PARTNER = [30337, 4570, 30521, 24048, 19526, 1057, 45034, 25043, 37681,
+                  40235, 12637, 58336, 35753, 52239, 50779, 6245, 14057, 31860,
+                  38645, 30415, 59531, 11232, 48366, 30795, 7903, 54724, 2638,
+                  12143, 34493, 35712, 17686, 13604]
+SAMPLE_A = [3, 2, 4, 2, 4, 2, 3, 4, 4, 2, 3, 1, 1, 4, 2, 1, 4, 2, 4, 2, 2, 3,
+            3, 1, 2, 3, 1, 1, 4, 1, 1, 4]
+SAMPLE_C = [7, 5, 7, 8, 8, 7, 6, 5, 7, 7, 6, 5, 5, 5, 5, 6, 7, 6, 6, 7, 7, 6,
+            7, 6, 5, 7, 8, 7, 5, 6, 8, 7]
+
+
+def test_paretomtl_compose_reproduces_paddlerecs_sample(data_dir, mnist):
+  x, y = sources.read_paddlerec_pickle(
+      os.path.join(data_dir, 'paddlerec_sample', 'sample_data.pickle'))
+  images, labels = mnist['train']
+  n = len(x)
+  assert n == len(SAMPLE_PARTNER) == 32
+  a, c = np.array(SAMPLE_A), np.array(SAMPLE_C)
+  # The recipe's placements: diagonal, a in 1..4, c in 5..8.
+  assert set(a) <= {1, 2, 3, 4} and set(c) <= {5, 6, 7, 8}
+  partner = np.array(SAMPLE_PARTNER)
+  ours = ip.compose(images[:n], images[partner], np.stack([a, a], 1),
+                    np.stack([c, c], 1)).astype(int)
+  # Equal up to the files' float-to-uint8 truncation: a pixel is at most 1
+  # below ours, never above.
+  diff = ours - x.astype(int)
+  assert diff.min() == 0 and diff.max() == 1
+  assert np.mean(diff) < 0.01
+  # Labels: top-left digit i in order, a partner of another class.
+  np.testing.assert_array_equal(y[:, 0], labels[:n])
+  np.testing.assert_array_equal(y[:, 1], labels[partner])
+  assert np.all(y[:, 0] != y[:, 1])
+  # Not a match by accident: one pixel off on one axis is far off.
+  shifted = ip.compose(images[:n], images[partner], np.stack([a, a], 1),
+                       np.stack([c, c + 1 - 2 * (c == 8)], 1)).astype(int)
+  assert np.all(np.abs(shifted - x).reshape(n, -1).max(1) > 100)
+
+
+def test_paretomtl_multi_mnist(data_dir, mnist):
+  splits = ip.build('multi_mnist', 'paretomtl', 0, data_dir, download=False)
+  assert {k: len(v) for k, v in splits.items()} == {
+      'train': 100000, 'validation': 20000, 'test': 20000}
+  prov = {k: v.provenance for k, v in splits.items()}
+  # Top-left digits in source order, each twice: the 120,000 train
+  # composites are MNIST train 0..59999 twice, the last 20,000 validation.
+  np.testing.assert_array_equal(
+      prov['train']['top_left_index'],
+      np.concatenate([np.arange(60000), np.arange(40000)]))
+  np.testing.assert_array_equal(prov['validation']['top_left_index'],
+                                np.arange(40000, 60000))
+  np.testing.assert_array_equal(prov['test']['top_left_index'],
+                                np.tile(np.arange(10000), 2))
+  rng = np.random.default_rng(1)
+  for name, split in splits.items():
+    tl, br = prov[name]['top_left_offset'], prov[name]['bottom_right_offset']
+    assert np.all(tl[:, 0] == tl[:, 1]) and np.all(br[:, 0] == br[:, 1])
+    placements = set(zip(tl[:, 0].tolist(), br[:, 0].tolist()))
+    assert placements == {(p, q) for p in range(1, 5) for q in range(5, 9)}
+    assert np.all(split.labels[:, 0] != split.labels[:, 1])
+    source = mnist['test' if name == 'test' else 'train']
+    _check_composites(split, source, source, rng, n=200)
+  # Partners from the whole source split, not only the train part.
+  assert prov['train']['bottom_right_index'].max() >= 59000
+  whole = ip.build('multi_mnist', 'paretomtl', 0, data_dir, download=False,
+                   num_validation=0)
+  assert {k: len(v) for k, v in whole.items()} == {
+      'train': 120000, 'validation': 0, 'test': 20000}
+  np.testing.assert_array_equal(whole['train'].images[:100000],
+                                splits['train'].images)
+
+
+def test_fresh_train_splits_repair_the_same_top_left_digits(data_dir, mnist):
+  splits = ip.build('multi_mnist', 'paretomtl', 0, data_dir, download=False)
+  fresh = ip.FreshTrainSplits('multi_mnist', 'paretomtl', 0, splits['train'],
+                              data_dir, download=False)
+  e0, e1 = fresh(0), fresh(1)
+  again = ip.FreshTrainSplits('multi_mnist', 'paretomtl', 0, splits['train'],
+                              data_dir, download=False)(1)
+  np.testing.assert_array_equal(e1.images, again.images)  # (seed, epoch).
+  for epoch in (e0, e1):
+    assert len(epoch) == len(splits['train'])
+    np.testing.assert_array_equal(epoch.provenance['top_left_index'],
+                                  splits['train'].provenance['top_left_index'])
+    assert np.all(epoch.labels[:, 0] != epoch.labels[:, 1])
+    _check_composites(epoch, mnist['train'], mnist['train'],
+                      np.random.default_rng(4), n=100)
+  # New partners and placements each epoch.
+  for a, b in ((e0, e1), (e0, splits['train'])):
+    assert np.mean(a.provenance['bottom_right_index'] !=
+                   b.provenance['bottom_right_index']) > 0.99
+  # comet: partners from the train bases only, never the base itself.
+  comet = ip.build('multi_mnist', 'comet', 0, data_dir, download=False)
+  epoch = ip.FreshTrainSplits('multi_mnist', 'comet', 0, comet['train'],
+                              data_dir, download=False)(3)
+  bases = set(comet['train'].provenance['top_left_index'].tolist())
+  assert set(epoch.provenance['bottom_right_index'].tolist()) <= bases
+  assert np.all(epoch.provenance['bottom_right_index'] !=
+                epoch.provenance['top_left_index'])
+  assert np.all(epoch.provenance['top_left_offset'] == 0)
 
 
 def test_multi_fashion_mnist(data_dir, mnist, fashion):

@@ -22,6 +22,7 @@ import numpy as np
 from configs import multimnist_sample
 from dselect_jax import checkpointing
 from dselect_jax import factory
+from dselect_jax import steps
 from dselect_jax import trainer
 from tests.test_trainer import tiny_config
 
@@ -93,7 +94,7 @@ def test_two_processes_train_like_one(tmp_path):
 
   # Both workdirs' checkpoints restore here, in one process: the multi-host
   # one was saved as arrays replicated over the 4 devices of 2 processes.
-  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, config.num_train_steps)
   abstract = factory.abstract_state(config, model, tx)
   states = []

@@ -18,6 +18,8 @@ import pytest
 
 from dselect_jax import checkpointing
 from dselect_jax import factory
+from dselect_jax import steps
+from dselect_jax import evaluate
 from dselect_jax import trainer
 from tests.test_trainer import tiny_config
 
@@ -42,7 +44,7 @@ def _with(config, field, value):
 
 
 def _structure(config):
-  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  model = factory.create_model(config, bn_axis_name=steps.AXIS)
   abstract = factory.abstract_state(config, model,
                                     factory.create_optimizer(config, STEPS))
   # The arrays' paths, shapes and dtypes: what a checkpoint holds (the
@@ -150,7 +152,7 @@ def test_train_stop_resume_evaluate(changes, tmp_path):
                   os.path.join(resumed, 'checkpoints', '1'))
   result = trainer.train_and_evaluate(config, resumed)
 
-  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  model = factory.create_model(config, bn_axis_name=steps.AXIS)
   abstract = factory.abstract_state(config, model,
                                     factory.create_optimizer(config, STEPS))
   states = [checkpointing.Checkpoints(w, create=False).restore(abstract, STEPS)
@@ -160,7 +162,7 @@ def test_train_stop_resume_evaluate(changes, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, *map(arrays, states))
   assert int(states[1].step) == STEPS
 
-  evaluated = trainer.evaluate_workdir(resumed)
+  evaluated = evaluate.evaluate_workdir(resumed)
   assert evaluated['checkpoint'] == 'best'
   for key in ('step', 'accuracy_1', 'accuracy_2', 'loss_1', 'loss_2'):
     assert evaluated[key] == result[key], key
@@ -172,7 +174,7 @@ def test_train_stop_resume_evaluate(changes, tmp_path):
 
 
 def _state(config, seed=0):
-  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, STEPS)
   return (factory.initial_state(config, model, tx, jax.random.key(seed)),
           factory.abstract_state(config, model, tx))

@@ -25,6 +25,8 @@ from dselect_jax import checkpointing
 from dselect_jax import input_pipeline
 from dselect_jax import metric_writers
 from dselect_jax import factory
+from dselect_jax import steps
+from dselect_jax import evaluate
 from dselect_jax import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,18 +68,18 @@ def test_pmap_step_equals_single_device_step(gate, per_example):
                           'loss.entropy_weight': 0.1,
                           'optimizer.name': 'sgd',
                           'optimizer.learning_rate': 0.1})
-  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 10)
   state = factory.initial_state(config, model, tx, jax.random.key(0))
   split = input_pipeline.load('multi_mnist_sample')['train']
   batch = next(input_pipeline.train_batches(split, 16, 1, seed=0))
   rng = jax.random.key(1)
-  step = functools.partial(trainer.train_step, loss_config=config.loss)
+  step = functools.partial(steps.train_step, loss_config=config.loss)
 
   results = []
   for n in (1, 4):
     devices = jax.devices()[:n]
-    p_step = jax.pmap(step, axis_name=trainer.AXIS, in_axes=(0, 0, None),
+    p_step = jax.pmap(step, axis_name=steps.AXIS, in_axes=(0, 0, None),
                       devices=devices)
     sharded = jax.tree.map(lambda x: x.reshape((n, 16 // n) + x.shape[2:]),
                            batch)
@@ -91,7 +93,7 @@ def test_pmap_step_equals_single_device_step(gate, per_example):
                                  new_state.opt_state, metrics)))
   # What the trainer maps on a single device: jit(vmap) over an axis of
   # size 1.
-  alone = trainer._one_device(  # pylint: disable=protected-access
+  alone = steps.one_device(  # pylint: disable=protected-access
       step, in_axes=(0, 0, None))
   new_state, metrics = alone(jax.tree.map(lambda x: np.asarray(x)[None], state),
                              batch, rng)
@@ -112,21 +114,21 @@ def test_pmap_step_equals_single_device_step(gate, per_example):
 
 
 def test_the_mapped_step_compiles_once_for_the_replicated_state():
-  """On the four devices, the train step compiled for trainer.replicate's
+  """On the four devices, the train step compiled for steps.replicate's
   state runs on its own outputs without compiling again. (It did compile
   again for flax.jax_utils.replicate's, whose mesh axis has another name.)
   Counted as lowerings to MLIR, which a warm persistent compilation cache
   does not skip."""
   config = tiny_config()
-  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 10)
   state = factory.initial_state(config, model, tx, jax.random.key(0))
   split = input_pipeline.load('multi_mnist_sample')['train']
   batch = next(input_pipeline.train_batches(split, 16, 4, seed=0))
-  step = trainer._parallel(  # pylint: disable=protected-access
-      functools.partial(trainer.train_step, loss_config=config.loss),
+  step = steps.parallel(  # pylint: disable=protected-access
+      functools.partial(steps.train_step, loss_config=config.loss),
       in_axes=(0, 0, None), donate_argnums=(0,))
-  replicated = trainer.replicate(state)
+  replicated = steps.replicate(state)
   for got, want in zip(jax.tree.leaves(replicated), jax.tree.leaves(state)):
     assert got.shape == (4,) + np.shape(want)
     for copy in np.asarray(got):
@@ -170,7 +172,7 @@ def _crashing_batches(crash_after):
 
 
 def _restore_latest(workdir, config):
-  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, config.num_train_steps)
   ckpts = checkpointing.Checkpoints(workdir, create=False)
   return ckpts.latest_step(), ckpts.restore(
@@ -219,7 +221,7 @@ def test_sample_config_learns(sample_run):
 
 def test_eval_reproduces_the_trainers_test_metrics(sample_run):
   workdir, result = sample_run
-  evaluated = trainer.evaluate_workdir(workdir)
+  evaluated = evaluate.evaluate_workdir(workdir)
   assert evaluated['checkpoint'] == 'best'
   for key in ('step', 'accuracy_1', 'accuracy_2', 'loss_1', 'loss_2',
               'expert_weights', 'selected_experts'):
@@ -274,7 +276,7 @@ def test_eval_reads_the_data_from_another_folder(tmp_path, data_dir,
   assert last.startswith(f'error: {tmp_path / "gone"}') and (
       '--data_dir=DIR reads DIR instead' in last), last
 
-  evaluated = trainer.evaluate_workdir(workdir, data_dir=str(moved))
+  evaluated = evaluate.evaluate_workdir(workdir, data_dir=str(moved))
   for key in ('step', 'accuracy_1', 'accuracy_2', 'loss_1', 'loss_2'):
     assert evaluated[key] == result[key], key
 
@@ -453,7 +455,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path,
   # eval.py names the damaged step.
   with pytest.raises(checkpointing.CheckpointError,
                      match='periodic checkpoint 6 .* cannot be restored'):
-    trainer.evaluate_workdir(workdir, step=6)
+    evaluate.evaluate_workdir(workdir, step=6)
   config = tiny_config(num_train_steps=9)
   with caplog.at_level('WARNING'):
     trainer.train_and_evaluate(config, workdir)
@@ -489,7 +491,7 @@ def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, monkeypatch,
                      r'the model of this config \(made with another config\): '
                      + names):
     trainer.train_and_evaluate(other, workdir)
-  model = factory.create_model(other, bn_axis_name=trainer.AXIS)
+  model = factory.create_model(other, bn_axis_name=steps.AXIS)
   abstract = factory.abstract_state(other, model,
                                     factory.create_optimizer(other, 6))
   ckpts = checkpointing.Checkpoints(workdir, create=False)
@@ -503,7 +505,7 @@ def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, monkeypatch,
 def model_and_state(config, **bit_logits):
   """The config's model and a replicated initial state whose gates (by name)
   have the given DSelect-k bit logits."""
-  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 10)
   state = factory.initial_state(config, model, tx, jax.random.key(0))
   params = flax.core.unfreeze(state.params)
@@ -523,8 +525,8 @@ def test_sparse_eval_equals_dense_eval(shared_gate):
     logits['gate_1'] = [[-1, -1, 1], [-1, 1, -1]]
   model, state = model_and_state(config, **logits)
   split = input_pipeline.load('multi_mnist_sample')['test']
-  dense = trainer.Evaluator(model, 4, sparse=False)
-  sparse = trainer.Evaluator(model, 4, sparse=True)
+  dense = evaluate.Evaluator(model, 4, sparse=False)
+  sparse = evaluate.Evaluator(model, 4, sparse=True)
   assert dense.active(state) is None
   assert sparse.active(state) == ((1, 4) if shared_gate else (1, 2, 4))
   want, got = dense(state, split, 200), sparse(state, split, 200)
@@ -540,7 +542,7 @@ def test_sparse_train_step_matches_the_dense_step():
                           'model.sparse_train': True,
                           'optimizer.name': 'sgd',
                           'optimizer.learning_rate': 0.1})
-  model = factory.create_model(config, bn_axis_name=trainer.AXIS)
+  model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 10)
   state = factory.initial_state(config, model, tx, jax.random.key(0))
   params = flax.core.unfreeze(state.params)
@@ -550,10 +552,10 @@ def test_sparse_train_step_matches_the_dense_step():
   split = input_pipeline.load('multi_mnist_sample')['train']
   batch = next(input_pipeline.train_batches(split, 16, 4, seed=0))
   replicated = flax.jax_utils.replicate(state)
-  steps = trainer.SparseTrainSteps(model, config)
-  sparse_step = steps(replicated, 0)
-  assert steps.active == (1, 2)
-  dense = trainer.SparseTrainSteps(
+  sparse = steps.SparseTrainSteps(model, config)
+  sparse_step = sparse(replicated, 0)
+  assert sparse.active == (1, 2)
+  dense = steps.SparseTrainSteps(
       model, tiny_config(**{'model.num_experts': 4, 'model.gate.k': 1}))
   dense_step = dense(replicated, 0)
   assert dense.active is None

@@ -1,0 +1,260 @@
+"""Evaluation: a whole split at once, the final test, and eval.py's workdirs.
+
+``Evaluator`` computes accuracy and cross-entropy per task over every example
+of a split once (padded batches, masked), with each task's expert weights;
+``final_test`` evaluates the best-on-validation checkpoint of a run;
+``evaluate_workdir`` restores any checkpoint of a train.py workdir.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from dselect_jax import checkpointing
+from dselect_jax import factory
+from dselect_jax import input_pipeline
+from dselect_jax import models
+from dselect_jax import metric_writers
+from dselect_jax import steps
+
+# The metrics-file split of the test passes after each epoch.
+TEST_EPOCH = 'test_epoch'
+
+
+class Evaluator:
+  """Accuracy and mean cross-entropy per task over every example of a split
+  once, and each task's expert weights (mean over examples per-example).
+
+  With ``sparse`` and static gates, only the experts that some task still
+  weighs are computed (``MultiTaskMoE.active_experts``): the others have
+  weight exactly 0, so the logits are the dense ones. Once DSelect-k has
+  converged to k experts per task, evaluation is that much cheaper. One
+  compiled step is kept per set of active experts.
+  """
+
+  def __init__(self, model: models.MultiTaskMoE, num_devices: int,
+               sparse: bool = True):
+    self.model = model
+    self.num_devices = num_devices
+    self.sparse = sparse and not model.per_example
+    self._steps = {}
+
+  def _step(self, active):
+    if active not in self._steps:
+      model = self.model if active is None else self.model.clone(
+          active_experts=active)
+      self._steps[active] = steps.parallel(functools.partial(steps.eval_step, model))
+    return self._steps[active]
+
+  def active(self, state) -> Optional[tuple[int, ...]]:
+    return steps.used_experts(self.model, state) if self.sparse else None
+
+  def __call__(self, state, split, batch_size: int) -> dict[str, Any]:
+    p_eval_step = self._step(self.active(state))
+    totals, gate_weights = None, None
+    for batch in input_pipeline.eval_batches(split, batch_size,
+                                             self.num_devices,
+                                             jax.process_index(),
+                                             jax.process_count()):
+      sums, weights = p_eval_step(state, batch)
+      sums = jax.tree.map(lambda x: np.asarray(x, np.float64)[0], sums)
+      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+      if np.ndim(weights) == 3:  # (devices, T, E): static weights.
+        gate_weights = np.asarray(weights)[0]
+    return _summarize(totals, gate_weights)
+
+
+def _summarize(totals, gate_weights) -> dict[str, Any]:
+  count = totals['count']
+  result = {'num_examples': int(count[0])}
+  num_tasks = len(count)
+  for t in range(num_tasks):
+    result[f'accuracy_{t + 1}'] = float(totals['correct'][t] / count[t])
+    result[f'loss_{t + 1}'] = float(totals['ce_sum'][t] / count[t])
+  result['accuracy_mean'] = float(np.mean(
+      [result[f'accuracy_{t + 1}'] for t in range(num_tasks)]))
+  if gate_weights is not None:
+    expert_weights = gate_weights
+    nonzero = (gate_weights > 0).sum(-1)
+  else:
+    expert_weights = totals['weight_sum'] / count[:, None]
+    nonzero = totals['nonzero_sum'] / count
+  result['expert_weights'] = np.asarray(expert_weights).tolist()
+  result['num_nonzero'] = np.asarray(nonzero).tolist()
+  result['selected_experts'] = [
+      [int(e) for e in np.flatnonzero(np.asarray(w) > 0)]
+      for w in expert_weights]
+  return result
+
+
+def load_data(config) -> dict[str, input_pipeline.Split]:
+  num_validation = config.data.get('num_validation', -1)
+  return input_pipeline.load(
+      config.data.name, config.data.recipe, config.data.seed,
+      data_dir=config.data.data_dir or None, download=config.data.download,
+      num_validation=None if num_validation < 0 else num_validation,
+      paddlerec_dir=config.data.paddlerec_dir or None)
+
+
+def final_test(config, workdir, model, tx, data, ckpts, evaluator, writer):
+  """Evaluates the best-on-validation checkpoint on the test split (the
+  last one when there is no validation split), with the statistics of the
+  test passes after each epoch when the run made them."""
+  abstract = factory.abstract_state(config, model, tx)
+  if ckpts.best_step() is not None:
+    step, kind = ckpts.best_step(), 'best'
+    state = ckpts.restore_best(abstract)
+  else:
+    step, kind = ckpts.latest_step(), 'last'
+    state = ckpts.restore(abstract, step)
+  result = evaluator(steps.replicate(state), data['test'],
+                     config.eval_batch_size)
+  result['step'] = step
+  result['checkpoint'] = kind
+  logging.info('test (%s checkpoint, step %d): accuracy %.4f / %.4f', kind,
+               step, result['accuracy_1'], result['accuracy_2'])
+  writer.write(step, 'test', result)
+  writer.flush()
+  statistics = test_statistics(metric_writers.read_metrics(workdir), result)
+  if statistics:
+    result['test_statistics'] = statistics
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'test_metrics.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def test_statistics(records, selected: dict[str, Any]) -> dict[str, Any]:
+  """Four test figures side by side, from the test passes after each epoch.
+
+  ``selected``: the test result of the checkpoint chosen on validation.
+  Returns {} when the run made no such passes. Each figure has
+  ``accuracy_<t>`` per task:
+    ``best_validation``: ``selected`` (a fair estimate);
+    ``last_epoch``: the pass after the last epoch;
+    ``max_over_epochs``: each task's best pass (``epoch_<t>`` says which):
+      selected on the test split itself, so not a fair estimate;
+    ``pooled_over_epochs``: correct answers over all passes / examples over
+      all passes, PaddleRec's reported statistic (its tools/infer.py never
+      reset its accuracy metric across the epochs' checkpoints).
+  """
+  by_step = {r['step']: r for r in records if r.get('split') == TEST_EPOCH}
+  if not by_step:  # A resumed run may have written a step twice: the last.
+    return {}
+  passes = [by_step[s] for s in sorted(by_step)]
+  num_tasks = sum(1 for k in passes[0] if k.startswith('accuracy_') and
+                  k[len('accuracy_'):].isdigit())
+  tasks = range(1, num_tasks + 1)
+  count = np.array([p['num_examples'] for p in passes], np.float64)
+  stats = {
+      'num_passes': len(passes),
+      'best_validation': {'step': selected['step'],
+                          'checkpoint': selected['checkpoint'],
+                          **{f'accuracy_{t}': selected[f'accuracy_{t}']
+                             for t in tasks}},
+      'last_epoch': {'step': passes[-1]['step'],
+                     **{f'accuracy_{t}': passes[-1][f'accuracy_{t}']
+                        for t in tasks}},
+      'max_over_epochs': {'note': 'chosen on the test split: not a fair '
+                                  'estimate'},
+      'pooled_over_epochs': {'note': "PaddleRec's statistic: correct / "
+                                     'examples over every pass'},
+  }
+  for t in tasks:
+    acc = np.array([p[f'accuracy_{t}'] for p in passes])
+    best = int(np.argmax(acc))
+    stats['max_over_epochs'][f'accuracy_{t}'] = float(acc[best])
+    stats['max_over_epochs'][f'step_{t}'] = passes[best]['step']
+    stats['pooled_over_epochs'][f'accuracy_{t}'] = float(
+        np.sum(acc * count) / np.sum(count))
+  return stats
+
+
+def _listing(workdir: str) -> str:
+  entries = sorted(os.listdir(workdir))
+  return ', '.join(entries) if entries else 'nothing'
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config train.py wrote into ``workdir/config.json``."""
+  if not os.path.isdir(workdir):
+    raise checkpointing.CheckpointError(
+        f'workdir {workdir} does not exist; pass the --workdir given to '
+        'train.py.')
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise checkpointing.CheckpointError(
+        f'{workdir} holds no config.json, so no training run wrote it (it '
+        f'holds: {_listing(workdir)}); run train.py with --workdir={workdir} '
+        'first.')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if 'num_validation' not in config.data and config.data.recipe == 'paretomtl':
+    # Written before the faithful Pareto MTL recipe: its data were the
+    # independent-axes variant, now called paretomtl_axes.
+    config.data.recipe = 'paretomtl_axes'
+  return config
+
+
+def evaluate_workdir(workdir: str, step: Optional[int] = None,
+                     best: bool = False,
+                     data_dir: Optional[str] = None) -> dict[str, Any]:
+  """Restores a checkpoint of ``workdir`` and evaluates it on the test split.
+
+  Args:
+    workdir: a train.py workdir.
+    step: a periodic checkpoint's step (``workdir/checkpoints/<step>``).
+    best: the best-on-validation checkpoint. Default when neither is given:
+      the best one if there is one, else the newest periodic one.
+    data_dir: the data folder to read instead of the config's
+      ``data.data_dir`` (``data.paddlerec_dir`` for PaddleRec's pickles), for
+      a workdir trained where the data lived elsewhere.
+
+  Returns:
+    Test accuracy and loss per task, expert weights and selected experts, and
+    ``step`` / ``checkpoint`` naming what was evaluated.
+  """
+  config = load_workdir_config(workdir)
+  if data_dir:
+    field = 'paddlerec_dir' if config.data.name == 'paddlerec' else 'data_dir'
+    config.data[field] = data_dir
+  ckpts = checkpointing.Checkpoints(workdir, create=False)
+  if step is None and not best:
+    best = ckpts.best_step() is not None
+  if step is None and not best and ckpts.latest_step() is None:
+    raise checkpointing.CheckpointError(
+        f'{workdir} holds no checkpoint yet (it holds: {_listing(workdir)}); '
+        'train first, or wait for the first checkpoint.')
+  num_devices = jax.local_device_count()
+  if config.eval_batch_size % num_devices:
+    config.eval_batch_size = num_devices * (
+        -(-config.eval_batch_size // num_devices))
+  model = factory.create_model(config, bn_axis_name=steps.AXIS)
+  data = load_data(config)
+  tx = factory.create_optimizer(
+      config, factory.num_train_steps(config, len(data['train'])))
+  abstract = factory.abstract_state(config, model, tx)
+  if best:
+    state, kind, step = ckpts.restore_best(abstract), 'best', ckpts.best_step()
+  else:
+    step = ckpts.latest_step() if step is None else step
+    state, kind = ckpts.restore(abstract, step), 'periodic'
+  evaluator = Evaluator(model, num_devices,
+                        config.model.get('sparse_eval', True))
+  result = evaluator(steps.replicate(state), data['test'],
+                     config.eval_batch_size)
+  result['step'] = int(step)
+  result['checkpoint'] = kind
+  ckpts.close()
+  statistics = test_statistics(metric_writers.read_metrics(workdir), result)
+  if statistics:
+    result['test_statistics'] = statistics
+  return result

@@ -1,0 +1,245 @@
+"""The per-device train and eval steps, and how they are mapped over devices.
+
+``train_step`` and ``eval_step`` are pure per-device functions that average
+over the ``'batch'`` axis with ``lax.pmean``/``lax.psum`` (BatchNorm
+statistics too, through the model's ``bn_axis_name``), so one step over D
+devices equals one step on the whole batch. ``parallel`` maps them; moving to
+``jax.shard_map`` changes that one function. ``SparseTrainSteps`` keeps one
+compiled train step per set of experts still in use.
+
+Shapes: B batch (per device), T tasks, C classes, E experts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dselect_jax import factory
+from dselect_jax import models
+
+AXIS = 'batch'
+
+
+def task_metrics(logits, labels, mask=None) -> dict[str, jax.Array]:
+  """Per-task sums: cross-entropy, correct predictions, example count.
+
+  logits (T, B, C), labels (B, T), mask (B,) -> each value (T,).
+  """
+  if mask is None:
+    mask = jnp.ones(labels.shape[0], logits.dtype)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                       labels.T)  # (T, B)
+  correct = (jnp.argmax(logits, -1) == labels.T).astype(logits.dtype)
+  return {
+      'ce_sum': jnp.sum(ce * mask, axis=1),
+      'correct': jnp.sum(correct * mask, axis=1),
+      'count': jnp.sum(mask) * jnp.ones(logits.shape[0]),
+  }
+
+
+def task_losses(logits, labels, loss_config) -> jax.Array:
+  """Each task's training loss, the batch mean (T,), as ``loss.name`` says.
+
+  ``cross_entropy``: softmax cross-entropy of the logits against the labels
+  smoothed by ``loss.label_smoothing`` (eps: 1 - eps on the label, eps / C
+  on every class). ``double_softmax``: PaddleRec's loss, which applies
+  ``F.cross_entropy`` (a softmax inside) to the tower's softmax output
+  clipped to [1e-15, 1 - 1e-15]: -log softmax(p)[y]. It is bounded by
+  log(1 + (C - 1) e) and nearly linear in p[y], so confidently wrong
+  examples get almost no gradient.
+  logits (T, B, C), labels (B, T).
+  """
+  num_classes = logits.shape[-1]
+  if loss_config.get('name', 'cross_entropy') == 'double_softmax':
+    probs = jnp.clip(jax.nn.softmax(logits), 1e-15, 1 - 1e-15)
+    ce = optax.softmax_cross_entropy_with_integer_labels(probs, labels.T)
+  else:
+    eps = loss_config.get('label_smoothing', 0.0)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels.T, num_classes), eps)
+    ce = optax.softmax_cross_entropy(logits, targets)  # (T, B)
+  return jnp.mean(ce, axis=1)
+
+
+def gate_summary(expert_weights) -> dict[str, jax.Array]:
+  """Per task: mean weight of each expert and experts with non-zero weight.
+
+  expert_weights (T, E) or (T, B, E) -> weights (T, E), nonzero (T,).
+  """
+  if expert_weights.ndim == 3:
+    nonzero = jnp.mean(jnp.sum(expert_weights > 0, -1), axis=-1)
+    expert_weights = jnp.mean(expert_weights, axis=1)
+  else:
+    nonzero = jnp.sum(expert_weights > 0, -1)
+  return {'expert_weights': expert_weights,
+          'num_nonzero': nonzero.astype(jnp.float32)}
+
+
+def train_step(state: factory.TrainState, batch, rng, *, loss_config,
+               model=None):
+  """One optimizer step on this device's shard; averages over AXIS.
+
+  batch: image (b, 36, 36, 1), label (b, T). ``model`` replaces
+  ``state.apply_fn`` (sparse training passes one computing fewer experts).
+  Returns (state, metrics), the metrics already averaged over devices.
+  """
+  apply_fn = state.apply_fn if model is None else model.apply
+  step_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
+                                jax.lax.axis_index(AXIS))
+  weights = factory.aux_weights(loss_config, state.step)
+
+  def loss_fn(params):
+    (logits, aux), updates = apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
+        train=True, mutable=['batch_stats'], rngs={'gating': step_rng})
+    sums = task_metrics(logits, batch['label'])
+    ce = sums['ce_sum'] / sums['count']  # (T,), batch mean per task
+    task_loss = task_losses(logits, batch['label'], loss_config)  # (T,)
+    # Each aux term summed over the gates (G,).
+    terms = {name: jnp.sum(value) for name, value in aux['gate'].items()
+             if name in factory.AUX_WEIGHTS}
+    loss = jnp.sum(task_loss) + sum(weights[n] * v for n, v in terms.items())
+    return loss, (updates['batch_stats'], ce, task_loss, sums, terms, aux)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, (batch_stats, ce, task_loss, sums, terms, aux)), grads = grad_fn(
+      state.params)
+  grads = jax.lax.pmean(grads, AXIS)
+  # BatchNorm already used cross-device statistics (bn_axis_name); this only
+  # removes float noise so every replica holds identical running averages.
+  batch_stats = jax.lax.pmean(batch_stats, AXIS)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+  for t in range(ce.shape[0]):
+    metrics[f'ce_{t + 1}'] = ce[t]
+    metrics[f'loss_{t + 1}'] = task_loss[t]
+    metrics[f'accuracy_{t + 1}'] = sums['correct'][t] / sums['count'][t]
+  for name, value in terms.items():
+    metrics[f'aux_{name}'] = value
+    metrics[f'weight_{name}'] = jnp.asarray(weights[name], jnp.float32)
+  gate = gate_summary(aux['expert_weights'])
+  for t in range(ce.shape[0]):
+    metrics[f'num_nonzero_{t + 1}'] = gate['num_nonzero'][t]
+  metrics = jax.lax.pmean(metrics, AXIS)
+  return state, metrics
+
+
+def eval_step(model: models.MultiTaskMoE, state: factory.TrainState, batch):
+  """Sums over this device's (masked) shard, summed over AXIS."""
+  logits, aux = model.apply(
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      batch['image'], train=False)
+  sums = task_metrics(logits, batch['label'], batch['mask'])
+  weights = aux['expert_weights']
+  if weights.ndim == 3:  # Per-example: sum the masked weights and counts.
+    mask = batch['mask'][None, :, None]
+    sums['weight_sum'] = jnp.sum(weights * mask, axis=1)  # (T, E)
+    sums['nonzero_sum'] = jnp.sum(jnp.sum(weights > 0, -1) * mask[..., 0],
+                                  axis=1)  # (T,)
+  return jax.lax.psum(sums, AXIS), weights
+
+
+def parallel(fn, in_axes=0, donate_argnums=()):
+  """Maps a per-device step over the devices, along a leading device axis.
+
+  ``jax.pmap`` over the local devices; on a single device (all hosts
+  together), ``jax.jit(jax.vmap(...))`` over the same leading axis of size 1
+  instead: the same function, but the collectives, trivial there, vanish,
+  while XLA:CPU runs them as ops under pmap, at about 1/6 of the training
+  step (benchmarks/data_parallel.py, results/data_parallel.txt). The one
+  place to change for ``jax.shard_map`` over a ('batch',) mesh.
+  """
+  if jax.device_count() > 1:
+    return jax.pmap(fn, axis_name=AXIS, in_axes=in_axes,
+                    donate_argnums=donate_argnums)
+  return one_device(fn, in_axes, donate_argnums)
+
+
+def one_device(fn, in_axes=0, donate_argnums=()):
+  return jax.jit(jax.vmap(fn, in_axes=in_axes, axis_name=AXIS),
+                 donate_argnums=donate_argnums)
+
+
+def replicate(tree):
+  """One copy of ``tree`` per local device, stacked on a new leading axis
+  and placed as the mapped steps return their outputs: sharded along that
+  axis over a (``AXIS``,) mesh of the local devices.
+
+  ``flax.jax_utils.replicate`` names its mesh axis otherwise, and JAX
+  compiles a pmapped step again for inputs of another sharding: on several
+  devices the train step compiled twice, once for the replicated state and
+  once for its own output (tests/test_trainer.py).
+  """
+  devices = jax.local_devices()
+  sharding = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.array(devices), (AXIS,)),
+      jax.sharding.PartitionSpec(AXIS))
+  return jax.tree.map(
+      lambda x: jax.device_put(
+          jnp.broadcast_to(x, (len(devices),) + jnp.shape(x)), sharding),
+      tree)
+
+
+def static_weights(model, state) -> Optional[np.ndarray]:
+  """Each task's expert weights (T, E) from the static gates of a replicated
+  ``state``; None for per-example gates."""
+  if model.per_example:
+    return None
+  # Copy the (small) gate params to the host before taking replica 0:
+  # indexing a pmapped array eagerly runs a device gather per leaf.
+  gate_params = {k: v for k, v in state.params.items() if k.startswith('gate')}
+  params = jax.tree.map(lambda x: np.asarray(x)[0], gate_params)
+  return models.static_expert_weights(model, params)
+
+
+def used_experts(model, state) -> Optional[tuple[int, ...]]:
+  """Experts some static gate of a replicated ``state`` weighs; None: all."""
+  weights = static_weights(model, state)
+  if weights is None:
+    return None
+  active = models.active_experts(weights)
+  return None if len(active) == model.num_experts else active
+
+
+class SparseTrainSteps:
+  """The compiled train step, computing only the experts still in use.
+
+  With ``model.sparse_train`` and static gates, the experts that every task
+  weighs exactly 0 are left out of the forward pass. They get zero gradient
+  in the dense step too, so the parameters follow the same path (up to float
+  summation order); only their unused BatchNorm running averages stop moving.
+  Once a DSelect-k bit logit leaves [-gamma/2, gamma/2] its gradient is 0 and
+  Adam's or SGD's momentum keeps moving it outward, so a dropped expert stays
+  dropped; weight decay could pull it back, hence adam or sgd only. The
+  active set is re-read from the parameters at every log step.
+  """
+
+  def __init__(self, model, config):
+    self.model = model
+    self.loss_config = config.loss
+    self.sparse = (config.model.get('sparse_train', False) and
+                   not model.per_example)
+    self._steps = {}
+    self.active = None
+
+  def __call__(self, state, step):
+    active = used_experts(self.model, state) if self.sparse else None
+    if active != self.active:
+      logging.info('step %d: training %s', step,
+                   f'experts {active} only' if active else 'all experts')
+    self.active = active
+    if active not in self._steps:
+      model = None if active is None else self.model.clone(
+          active_experts=active)
+      self._steps[active] = parallel(
+          functools.partial(train_step, loss_config=self.loss_config,
+                            model=model),
+          donate_argnums=(0,), in_axes=(0, 0, None))
+    return self._steps[active]
