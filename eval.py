@@ -21,21 +21,27 @@ from absl import flags
 
 from dselect_jax import checkpointing
 from dselect_jax import cli
+from dselect_jax import evaluate
+from dselect_jax import factory
 from dselect_jax import metric_writers
 from dselect_jax import plots
 from dselect_jax import sources
-from dselect_jax import factory
-from dselect_jax import evaluate
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The workdir of train.py.')
 _STEP = flags.DEFINE_integer('step', None, 'Evaluate this periodic checkpoint.')
-_BEST = flags.DEFINE_bool('best', False,
-                          'Evaluate the best-on-validation checkpoint (the '
-                          'default when --step is not given and one exists).')
+_BEST = flags.DEFINE_bool(
+  'best',
+  False,
+  'Evaluate the best-on-validation checkpoint (the '
+  'default when --step is not given and one exists).',
+)
 _DATA_DIR = flags.DEFINE_string(
-    'data_dir', None, 'Read the data from this folder instead of the one in '
-    "the workdir's config.json (data.data_dir, or data.paddlerec_dir for "
-    "PaddleRec's pickles): for a workdir trained on another machine.")
+  'data_dir',
+  None,
+  'Read the data from this folder instead of the one in '
+  "the workdir's config.json (data.data_dir, or data.paddlerec_dir for "
+  "PaddleRec's pickles): for a workdir trained on another machine.",
+)
 flags.mark_flag_as_required('workdir')
 
 
@@ -47,34 +53,49 @@ def main(argv):
     sys.exit('error: give --step=N or --best, not both.')
   workdir = _WORKDIR.value
   try:
-    result = evaluate.evaluate_workdir(workdir, _STEP.value, _BEST.value,
-                                      _DATA_DIR.value)
+    result = evaluate.evaluate_workdir(
+      workdir, _STEP.value, _BEST.value, _DATA_DIR.value
+    )
   except sources.DataError as e:
-    sys.exit(f'error: {e} (eval.py reads the data folder named in '
-             f'{workdir}/config.json; --data_dir=DIR reads DIR instead.)')
+    sys.exit(
+      f'error: {e} (eval.py reads the data folder named in '
+      f'{workdir}/config.json; --data_dir=DIR reads DIR instead.)'
+    )
   except (checkpointing.CheckpointError, factory.ConfigError) as e:
     sys.exit(f'error: {e}')
-  print(f'test split, {result["checkpoint"]} checkpoint at step '
-        f'{result["step"]} ({result["num_examples"]} examples):')
+  print(
+    f'test split, {result["checkpoint"]} checkpoint at step '
+    f'{result["step"]} ({result["num_examples"]} examples):'
+  )
   for t in range(1, len(result['selected_experts']) + 1):
-    print(f'  task {t}: accuracy {result[f"accuracy_{t}"]:.6f}  loss '
-          f'{result[f"loss_{t}"]:.6f}  experts {result["selected_experts"][t - 1]}'
-          f'  weights {[round(w, 4) for w in result["expert_weights"][t - 1]]}')
+    print(
+      f'  task {t}: accuracy {result[f"accuracy_{t}"]:.6f}  loss '
+      f'{result[f"loss_{t}"]:.6f}  experts {result["selected_experts"][t - 1]}'
+      f'  weights {[round(w, 4) for w in result["expert_weights"][t - 1]]}'
+    )
   out_dir = os.path.join(workdir, 'eval')
   stem = os.path.join(out_dir, f'test_{result["checkpoint"]}_{result["step"]}')
   try:
     os.makedirs(out_dir, exist_ok=True)
     with open(stem + '.json', 'w') as f:
       json.dump(result, f, indent=2)
-    figures = [plots.expert_weights(result['expert_weights'],
-                                    stem + '_expert_weights.png')]
+    figures = [
+      plots.expert_weights(
+        result['expert_weights'], stem + '_expert_weights.png'
+      )
+    ]
     if metric_writers.read_metrics(workdir):
-      figures.append(plots.training_curves(
+      figures.append(
+        plots.training_curves(
           os.path.join(workdir, metric_writers.METRICS_FILE),
-          os.path.join(out_dir, 'training_curves.png')))
+          os.path.join(out_dir, 'training_curves.png'),
+        )
+      )
   except OSError as e:
-    sys.exit(f'error: could not save the results above to {out_dir}: '
-             f'{e.strerror or e}.')
+    sys.exit(
+      f'error: could not save the results above to {out_dir}: '
+      f'{e.strerror or e}.'
+    )
   print(f'wrote {stem}.json and {", ".join(figures)}')
 
 

@@ -3,29 +3,34 @@
 import setuptools
 
 setuptools.setup(
-    name='dselect_jax',
-    version='0.1.0',
-    description=('DSelect-k differentiable sparse gates and multi-task '
-                 'mixture of experts in JAX/Flax.'),
-    long_description=open('README.md', encoding='utf-8').read(),
-    long_description_content_type='text/markdown',
-    license='Apache-2.0',
-    packages=setuptools.find_packages(include=['dselect_jax', 'dselect_jax.*']),
-    package_data={'dselect_jax': ['data/*.npz', 'data/*.md', 'csrc/*.cc']},
-    python_requires='>=3.11',
-    install_requires=[
-        'absl-py>=1.4',
-        'flax>=0.10',
-        'jax>=0.5',  # jax.ffi (the CPU kernels)
-        'ml_collections>=0.1.1',
-        'numpy>=1.26',
-        'optax>=0.2.3',
-        'orbax-checkpoint>=0.9',
-        'tensorboardX>=2.6',
-        'matplotlib>=3.7',
-    ],
-    extras_require={
-        'gpu': ['jax[cuda12]>=0.4.35'],
-        'test': ['pytest>=7'],
-    },
+  name='dselect_jax',
+  version='0.1.0',
+  description=(
+    'DSelect-k differentiable sparse gates and multi-task '
+    'mixture of experts in JAX/Flax.'
+  ),
+  long_description=open('README.md', encoding='utf-8').read(),
+  long_description_content_type='text/markdown',
+  license='Apache-2.0',
+  packages=setuptools.find_packages(
+    include=['dselect_jax', 'dselect_jax.*', 'configs']
+  ),
+  package_data={'dselect_jax': ['data/*.npz', 'data/*.md', 'csrc/*.cc']},
+  python_requires='>=3.11',
+  install_requires=[
+    'absl-py>=1.4',
+    'flax>=0.10',
+    'jax>=0.5',  # jax.ffi (the CPU kernels)
+    'ml_collections>=0.1.1',
+    'numpy>=1.26',
+    'optax>=0.2.3',
+    'orbax-checkpoint>=0.9',
+    'tensorboardX>=2.6',
+    'matplotlib>=3.7',
+  ],
+  extras_require={
+    'cuda12': ['jax[cuda12]>=0.5'],
+    'gpu': ['jax[cuda12]>=0.5'],  # The older name of cuda12.
+    'test': ['pytest>=7', 'ruff==0.17.6'],
+  },
 )

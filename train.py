@@ -27,29 +27,40 @@ from ml_collections import config_flags
 
 from dselect_jax import checkpointing
 from dselect_jax import cli
-from dselect_jax import sources
 from dselect_jax import factory
+from dselect_jax import sources
 from dselect_jax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file, e.g. configs/multimnist.py.',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None,
-                               'Where checkpoints, config.json and metrics go.')
+  'config', None, 'Config file, e.g. configs/multimnist.py.', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Where checkpoints, config.json and metrics go.'
+)
 _MULTIHOST = flags.DEFINE_bool(
-    'multihost', False,
-    'Call jax.distributed.initialize() first. The coordinator, process count '
-    'and process id come from the three flags below, else from the cluster '
-    '(Cloud TPU, SLURM, ...).')
+  'multihost',
+  False,
+  'Call jax.distributed.initialize() first. The coordinator, process count '
+  'and process id come from the three flags below, else from the cluster '
+  '(Cloud TPU, SLURM, ...).',
+)
 _COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None,
-    'With --multihost: host:port of process 0, the same for every process.')
+  'coordinator_address',
+  None,
+  'With --multihost: host:port of process 0, the same for every process.',
+)
 _NUM_PROCESSES = flags.DEFINE_integer(
-    'num_processes', None, 'With --multihost: how many processes in all.',
-    lower_bound=1)
+  'num_processes',
+  None,
+  'With --multihost: how many processes in all.',
+  lower_bound=1,
+)
 _PROCESS_ID = flags.DEFINE_integer(
-    'process_id', None, 'With --multihost: this process, 0 to '
-    '--num_processes - 1.', lower_bound=0)
+  'process_id',
+  None,
+  'With --multihost: this process, 0 to --num_processes - 1.',
+  lower_bound=0,
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -59,24 +70,38 @@ def main(argv):
     sys.exit(f'error: unexpected arguments {argv[1:]}; use --flag=value.')
   cluster = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if any(x is not None for x in cluster) and not _MULTIHOST.value:
-    sys.exit('error: --coordinator_address, --num_processes and --process_id '
-             'are for --multihost; add it, or leave them out.')
+    sys.exit(
+      'error: --coordinator_address, --num_processes and --process_id '
+      'are for --multihost; add it, or leave them out.'
+    )
   if _MULTIHOST.value:
     try:
       jax.distributed.initialize(*cluster)
     except (RuntimeError, ValueError) as e:
-      sys.exit(f'error: --multihost: {str(e).rstrip(".")}; give '
-               '--coordinator_address, --num_processes and --process_id '
-               'when no cluster is detected.')
+      sys.exit(
+        f'error: --multihost: {str(e).rstrip(".")}; give '
+        '--coordinator_address, --num_processes and --process_id '
+        'when no cluster is detected.'
+      )
   if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
-    sys.exit(f'error: --workdir={_WORKDIR.value} is a file; give a '
-             'directory (it is created when missing).')
-  logging.info('JAX %s on %d local devices (%s)', jax.__version__,
-               jax.local_device_count(), jax.devices()[0].platform)
+    sys.exit(
+      f'error: --workdir={_WORKDIR.value} is a file; give a '
+      'directory (it is created when missing).'
+    )
+  logging.info(
+    'JAX %s on %d local devices (%s)',
+    jax.__version__,
+    jax.local_device_count(),
+    jax.devices()[0].platform,
+  )
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (factory.ConfigError, sources.DataError, checkpointing.CheckpointError,
-          trainer.TrainingError) as e:
+  except (
+    factory.ConfigError,
+    sources.DataError,
+    checkpointing.CheckpointError,
+    trainer.TrainingError,
+  ) as e:
     sys.exit(f'error: {e}')
   except trainer.Interrupted as e:
     sys.exit(f'stopped: {e}')

@@ -13,7 +13,6 @@ dselect_jax/cpu_kernels.py).
 """
 
 import os
-import sys
 import time
 
 from absl import app
@@ -23,9 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dselect_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dselect_jax import models
 
 _BATCHES = flags.DEFINE_list('batches', ['128', '256', '512'], 'Batch sizes.')
 _REPEATS = flags.DEFINE_integer('repeats', 30, 'Timed calls; best is kept.')
@@ -33,14 +30,18 @@ _REPEATS = flags.DEFINE_integer('repeats', 30, 'Timed calls; best is kept.')
 
 class Block(nn.Module):
   """The expert's block either way (models.MultiMNISTExpert's two norms)."""
+
   norm: str
 
   @nn.compact
   def __call__(self, x):
     if self.norm == 'kernel':
       return models.BatchNormReLUPool(use_running_average=False)(x)
-    return models.max_pool_2x2(nn.relu(nn.BatchNorm(
-        use_running_average=False, momentum=0.9, epsilon=1e-5)(x)))
+    return models.max_pool_2x2(
+      nn.relu(
+        nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)(x)
+      )
+    )
 
 
 def time_block(norm, shape, repeats):
@@ -54,9 +55,11 @@ def time_block(norm, shape, repeats):
   @jax.jit
   def step(params, x):
     def loss(params, x):
-      y, upd = block.apply({**variables, 'params': params}, x,
-                           mutable=['batch_stats'])
+      y, upd = block.apply(
+        {**variables, 'params': params}, x, mutable=['batch_stats']
+      )
       return jnp.sum(y * dy), upd
+
     return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
 
   jax.block_until_ready(step(variables['params'], x))
@@ -70,18 +73,21 @@ def time_block(norm, shape, repeats):
 
 def main(argv):
   del argv
-  print(f'{jax.devices()[0].platform}, {os.cpu_count()} CPUs; one '
-        'BatchNorm-ReLU-pool block, training mode, forward + backward, '
-        f'best of {_REPEATS.value}\n')
-  print('| input (B, H, W, C) | XLA (nn.BatchNorm) ms | kernels ms | '
-        'x XLA |')
+  print(
+    f'{jax.devices()[0].platform}, {os.cpu_count()} CPUs; one '
+    'BatchNorm-ReLU-pool block, training mode, forward + backward, '
+    f'best of {_REPEATS.value}\n'
+  )
+  print('| input (B, H, W, C) | XLA (nn.BatchNorm) ms | kernels ms | x XLA |')
   print('| --- | --- | --- | --- |')
   for batch in map(int, _BATCHES.value):
     for shape in ((batch, 32, 32, 10), (batch, 12, 12, 20)):
       xla = time_block('xla', shape, _REPEATS.value)
       kernel = time_block('kernel', shape, _REPEATS.value)
-      print(f'| {shape} | {xla:.2f} | {kernel:.2f} | {xla / kernel:.2f} |',
-            flush=True)
+      print(
+        f'| {shape} | {xla:.2f} | {kernel:.2f} | {xla / kernel:.2f} |',
+        flush=True,
+      )
 
 
 if __name__ == '__main__':

@@ -7,17 +7,13 @@ seconds to build all composites (train + validation + test), and the ratio of
 the total to the 10 s budget of the data issue.
 """
 
-import os
-import sys
 import time
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dselect_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dselect_jax import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dselect_jax import input_pipeline
+from dselect_jax import sources
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Raw files folder.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Builds per cell; best is kept.')
@@ -26,8 +22,10 @@ BUDGET_S = 10.0
 
 def main(argv):
   del argv
-  print(f'{"data set":22s} {"recipe":10s} {"images":>8s} {"read s":>7s} '
-        f'{"build s":>8s} {"total/budget":>12s}')
+  print(
+    f'{"data set":22s} {"recipe":10s} {"images":>8s} {"read s":>7s} '
+    f'{"build s":>8s} {"total/budget":>12s}'
+  )
   for dataset in sorted(input_pipeline.DATASETS):
     for recipe in input_pipeline.RECIPES:
       best_total, best_read = float('inf'), float('inf')
@@ -38,13 +36,16 @@ def main(argv):
             sources.load_source(source, split, _DATA_DIR.value, False)
         read = time.perf_counter() - start
         start = time.perf_counter()
-        splits = input_pipeline.build(dataset, recipe, 0, _DATA_DIR.value,
-                                      download=False)
+        splits = input_pipeline.build(
+          dataset, recipe, 0, _DATA_DIR.value, download=False
+        )
         total = time.perf_counter() - start  # Includes its own file reads.
         best_total, best_read = min(best_total, total), min(best_read, read)
       n = sum(len(s) for s in splits.values())
-      print(f'{dataset:22s} {recipe:10s} {n:8d} {best_read:7.2f} '
-            f'{best_total - best_read:8.2f} {best_total / BUDGET_S:12.2f}')
+      print(
+        f'{dataset:22s} {recipe:10s} {n:8d} {best_read:7.2f} '
+        f'{best_total - best_read:8.2f} {best_total / BUDGET_S:12.2f}'
+      )
 
 
 if __name__ == '__main__':

@@ -16,8 +16,6 @@ way.
 """
 
 import functools
-import os
-import sys
 import time
 
 from absl import app
@@ -26,9 +24,7 @@ import jax
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import multimnist  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import multimnist
 from dselect_jax import factory
 from dselect_jax import steps
 
@@ -50,13 +46,16 @@ def main(argv):
   rng = np.random.default_rng(0)
   per_device = _BATCH.value // n
   batch = {  # (n, b, ...): one shard per device.
-      'image': rng.random((n, per_device, 36, 36, 1), np.float32),
-      'label': rng.integers(0, 10, (n, per_device, 2)).astype(np.int32)}
+    'image': rng.random((n, per_device, 36, 36, 1), np.float32),
+    'label': rng.integers(0, 10, (n, per_device, 2)).astype(np.int32),
+  }
   key = jax.random.key(1)
   step = functools.partial(steps.train_step, loss_config=config.loss)
   alone = functools.partial(  # BatchNorm without collectives.
-      steps.train_step, loss_config=config.loss,
-      model=factory.create_model(config, bn_axis_name=None))
+    steps.train_step,
+    loss_config=config.loss,
+    model=factory.create_model(config, bn_axis_name=None),
+  )
 
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (steps.AXIS,))
   spec = jax.sharding.PartitionSpec(steps.AXIS)
@@ -67,19 +66,38 @@ def main(argv):
     return jax.tree.map(lambda x: x[None], (state, metrics))
 
   ways = {
-      'pmap': (jax.pmap(step, axis_name=steps.AXIS, in_axes=(0, 0, None),
-                        donate_argnums=(0,)), steps.replicate),
-      'jit(shard_map)': (jax.jit(jax.shard_map(
-          per_shard, mesh=mesh, in_specs=(spec, spec, None), out_specs=spec,
-          check_vma=False), donate_argnums=(0,)), steps.replicate),
+    'pmap': (
+      jax.pmap(
+        step, axis_name=steps.AXIS, in_axes=(0, 0, None), donate_argnums=(0,)
+      ),
+      steps.replicate,
+    ),
+    'jit(shard_map)': (
+      jax.jit(
+        jax.shard_map(
+          per_shard,
+          mesh=mesh,
+          in_specs=(spec, spec, None),
+          out_specs=spec,
+          check_vma=False,
+        ),
+        donate_argnums=(0,),
+      ),
+      steps.replicate,
+    ),
   }
   if n == 1:
     one_device = steps.one_device  # pylint: disable=protected-access
-    ways['jit(vmap)'] = (one_device(step, in_axes=(0, 0, None),
-                                    donate_argnums=(0,)), steps.replicate)
+    ways['jit(vmap)'] = (
+      one_device(step, in_axes=(0, 0, None), donate_argnums=(0,)),
+      steps.replicate,
+    )
     ways['pmap, BatchNorm without axis'] = (
-        jax.pmap(alone, axis_name=steps.AXIS, in_axes=(0, 0, None),
-                 donate_argnums=(0,)), steps.replicate)
+      jax.pmap(
+        alone, axis_name=steps.AXIS, in_axes=(0, 0, None), donate_argnums=(0,)
+      ),
+      steps.replicate,
+    )
 
   # One step from the same state must compute the same thing every way. The
   # parameters are the wrong thing to compare: Adam's first update is
@@ -94,15 +112,17 @@ def main(argv):
   for name, (fn, place) in ways.items():
     states[name], metrics = fn(place(state), batch, key)  # Compiles.
     mu = optax.tree_utils.tree_get(states[name].opt_state, 'mu')
-    assert mu is not None, 'The check reads Adam\'s mu; the config has no Adam.'
-    first = jax.tree.map(lambda x: x[0], (mu, states[name].batch_stats,
-                                          metrics))
+    assert mu is not None, "The check reads Adam's mu; the config has no Adam."
+    first = jax.tree.map(
+      lambda x: x[0], (mu, states[name].batch_stats, metrics)
+    )
     firsts[name] = jax.device_get(first)
 
   def check(reference, other):  # (+ 1e-12: a leaf that is all zeros.)
     scale = np.abs(reference).max()
-    np.testing.assert_allclose(other, reference, rtol=0,
-                               atol=1e-5 * scale + 1e-12)
+    np.testing.assert_allclose(
+      other, reference, rtol=0, atol=1e-5 * scale + 1e-12
+    )
 
   for name in ways:
     jax.tree.map(check, firsts['pmap'], firsts[name])
@@ -114,14 +134,17 @@ def main(argv):
       for _ in range(_STEPS.value):
         states[name], metrics = fn(states[name], batch, key)
       jax.block_until_ready(metrics)
-      rates[name] = max(rates[name], _BATCH.value * _STEPS.value /
-                        (time.perf_counter() - start))
-  print(f'{jax.devices()[0].platform}, {n} device(s), batch {_BATCH.value}, '
-        f'conv {factory.conv_impl(config)}, norm {factory.norm_impl(config)}; '
-        f'train step, best of {_REPEATS.value} windows of {_STEPS.value} '
-        'steps (one step from the same state gave the same gradients, '
-        'BatchNorm statistics and metrics every way, to 1e-5 of the '
-        'largest value of each array)\n')
+      rates[name] = max(
+        rates[name], _BATCH.value * _STEPS.value / (time.perf_counter() - start)
+      )
+  print(
+    f'{jax.devices()[0].platform}, {n} device(s), batch {_BATCH.value}, '
+    f'conv {factory.conv_impl(config)}, norm {factory.norm_impl(config)}; '
+    f'train step, best of {_REPEATS.value} windows of {_STEPS.value} '
+    'steps (one step from the same state gave the same gradients, '
+    'BatchNorm statistics and metrics every way, to 1e-5 of the '
+    'largest value of each array)\n'
+  )
   print('| way | train img/s | x pmap |')
   print('| --- | --- | --- |')
   for name, rate in rates.items():

@@ -20,8 +20,6 @@ prints every rate against it too.
 """
 
 import functools
-import os
-import sys
 import time
 
 from absl import app
@@ -30,22 +28,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dselect_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dselect_jax import models
 
 _BATCH = flags.DEFINE_integer('batch', 256, 'Images per step.')
 _EXPERTS = flags.DEFINE_integer('experts', 8, 'Experts.')
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed steps.')
 _ABLATIONS = flags.DEFINE_bool(
-    'ablations', False, 'Also time the Toeplitz expert without BatchNorm, and '
-    'with its convolutions and Dense layers only.')
+  'ablations',
+  False,
+  'Also time the Toeplitz expert without BatchNorm, and '
+  'with its convolutions and Dense layers only.',
+)
 _TORCH = flags.DEFINE_bool('torch', False, 'Also time PyTorch eager on CPU.')
 
 
 class _AblatedExpert(nn.Module):
   """The Toeplitz MultiMNIST expert without BatchNorm (not the network), and
   with relu_and_pool=False without ReLU and pooling after the convolutions."""
+
   relu_and_pool: bool = True
 
   @nn.compact
@@ -70,9 +70,14 @@ def bench(bank, batch, repeats):
   @jax.jit
   def step(params, batch_stats, x):
     def loss(p):
-      out, upd = bank.apply({'params': p, 'batch_stats': batch_stats}, x,
-                            train=True, mutable=['batch_stats'])
+      out, upd = bank.apply(
+        {'params': p, 'batch_stats': batch_stats},
+        x,
+        train=True,
+        mutable=['batch_stats'],
+      )
       return jnp.sum(out**2), upd
+
     return jax.grad(loss, has_aux=True)(params)
 
   start = time.perf_counter()
@@ -92,8 +97,9 @@ def bench_torch(batch, experts, repeats):
   import torch_reference  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(0)
-  bank = torch.nn.ModuleList(torch_reference.multimnist_expert()
-                             for _ in range(experts)).train()
+  bank = torch.nn.ModuleList(
+    torch_reference.multimnist_expert() for _ in range(experts)
+  ).train()
   x = torch.rand(batch, 1, 36, 36)
 
   def step():
@@ -114,40 +120,68 @@ def bench_torch(batch, experts, repeats):
 def main(argv):
   del argv
   batch, experts = _BATCH.value, _EXPERTS.value
-  print(f'{jax.devices()[0].platform}, batch {batch}, {experts} experts; '
-        'forward+backward of the expert bank')
+  print(
+    f'{jax.devices()[0].platform}, batch {batch}, {experts} experts; '
+    'forward+backward of the expert bank'
+  )
   torch_rate = None
   if _TORCH.value:
     torch_rate, warm_s = bench_torch(batch, experts, _REPEATS.value)
-  variants = [(f'loop, {conv} conv',
-               functools.partial(models.ExpertBank, impl='loop',
-                                 expert_kwargs={'conv': conv}))
-              for conv in models.CONV_IMPLS]
-  variants.append(('loop, toeplitz, kernel BN', functools.partial(
-      models.ExpertBank, impl='loop',
-      expert_kwargs={'conv': 'toeplitz', 'norm': 'kernel'})))
-  variants += [(impl, functools.partial(models.ExpertBank, impl=impl))
-               for impl in models.EXPERT_IMPLS if impl != 'loop']
+  variants = [
+    (
+      f'loop, {conv} conv',
+      functools.partial(
+        models.ExpertBank, impl='loop', expert_kwargs={'conv': conv}
+      ),
+    )
+    for conv in models.CONV_IMPLS
+  ]
+  variants.append(
+    (
+      'loop, toeplitz, kernel BN',
+      functools.partial(
+        models.ExpertBank,
+        impl='loop',
+        expert_kwargs={'conv': 'toeplitz', 'norm': 'kernel'},
+      ),
+    )
+  )
+  variants += [
+    (impl, functools.partial(models.ExpertBank, impl=impl))
+    for impl in models.EXPERT_IMPLS
+    if impl != 'loop'
+  ]
   if _ABLATIONS.value:
     variants += [
-        ('ablation: no BatchNorm', functools.partial(
-            models.ExpertBank, expert=_AblatedExpert)),
-        ('ablation: convs+dense', functools.partial(
-            models.ExpertBank, expert=_AblatedExpert,
-            expert_kwargs={'relu_and_pool': False})),
+      (
+        'ablation: no BatchNorm',
+        functools.partial(models.ExpertBank, expert=_AblatedExpert),
+      ),
+      (
+        'ablation: convs+dense',
+        functools.partial(
+          models.ExpertBank,
+          expert=_AblatedExpert,
+          expert_kwargs={'relu_and_pool': False},
+        ),
+      ),
     ]
   base = None
   for name, make_bank in variants:
     rate, compile_s = bench(make_bank(experts), batch, _REPEATS.value)
     base = base or rate
-    vs_torch = (f'  x{rate / torch_rate:5.2f} vs PyTorch' if torch_rate
-                else '')
-    print(f'{name:24s} {rate:9.0f} images/s  x{rate / base:5.2f} vs loop'
-          f'{vs_torch}  compile {compile_s:5.1f} s', flush=True)
+    vs_torch = f'  x{rate / torch_rate:5.2f} vs PyTorch' if torch_rate else ''
+    print(
+      f'{name:24s} {rate:9.0f} images/s  x{rate / base:5.2f} vs loop'
+      f'{vs_torch}  compile {compile_s:5.1f} s',
+      flush=True,
+    )
   if torch_rate:
-    print(f'{"pytorch eager":24s} {torch_rate:9.0f} images/s  '
-          f'x{torch_rate / base:5.2f} vs loop  x 1.00 vs PyTorch  '
-          f'first step {warm_s:5.1f} s')
+    print(
+      f'{"pytorch eager":24s} {torch_rate:9.0f} images/s  '
+      f'x{torch_rate / base:5.2f} vs loop  x 1.00 vs PyTorch  '
+      f'first step {warm_s:5.1f} s'
+    )
 
 
 if __name__ == '__main__':

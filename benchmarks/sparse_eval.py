@@ -10,8 +10,6 @@ sparse=True (only the used ones), in one process, and checks that both give
 the same accuracies, losses and weights.
 """
 
-import os
-import sys
 import time
 
 from absl import app
@@ -20,14 +18,12 @@ import flax
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import multimnist  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dselect_jax import gates  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dselect_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dselect_jax import factory
-from dselect_jax import steps
+from configs import multimnist
 from dselect_jax import evaluate
+from dselect_jax import factory
+from dselect_jax import gates
+from dselect_jax import input_pipeline
+from dselect_jax import steps
 
 _EXPERTS = flags.DEFINE_integer('experts', 8, 'Experts.')
 _K = flags.DEFINE_integer('k', 2, 'Selectors per gate.')
@@ -43,7 +39,8 @@ def saturated_params(params, num_experts, k, rng):
   for name in [n for n in params if n.startswith('gate_')]:
     chosen = rng.choice(num_experts, k, replace=False)
     params[name]['z_logits'] = np.where(codes[chosen], 1.0, -1.0).astype(
-        np.float32)
+      np.float32
+    )
   return params
 
 
@@ -56,13 +53,17 @@ def main(argv):
   model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 100)
   state = factory.initial_state(config, model, tx, jax.random.key(0))
-  state = state.replace(params=saturated_params(
-      state.params, _EXPERTS.value, _K.value, np.random.default_rng(0)))
+  state = state.replace(
+    params=saturated_params(
+      state.params, _EXPERTS.value, _K.value, np.random.default_rng(0)
+    )
+  )
   state = steps.replicate(state)
   rng = np.random.default_rng(1)
   split = input_pipeline.Split(
-      rng.integers(0, 256, (_EXAMPLES.value, 36, 36), dtype=np.uint8),
-      rng.integers(0, 10, (_EXAMPLES.value, 2)).astype(np.int32))
+    rng.integers(0, 256, (_EXAMPLES.value, 36, 36), dtype=np.uint8),
+    rng.integers(0, 10, (_EXAMPLES.value, 2)).astype(np.int32),
+  )
   n = jax.local_device_count()
   results, rates = {}, {}
   for sparse in (False, True):
@@ -74,16 +75,25 @@ def main(argv):
       results[sparse] = evaluator(state, split, _BATCH.value)
       best = min(best, time.perf_counter() - start)
     rates[sparse] = _EXAMPLES.value / best
-    print(f'{"sparse" if sparse else "dense ":6s} experts computed: '
-          f'{evaluator.active(state) or "all"}  {rates[sparse]:8.0f} '
-          'examples/s', flush=True)
-  same = all(results[False][k] == results[True][k]
-             for k in ('accuracy_1', 'accuracy_2', 'expert_weights'))
-  loss_diff = max(abs(results[False][f'loss_{t}'] - results[True][f'loss_{t}'])
-                  for t in (1, 2))
-  print(f'sparse / dense speed: x{rates[True] / rates[False]:.2f}; same '
-        f'accuracies and weights: {same}; largest loss difference: '
-        f'{loss_diff:.2e}')
+    print(
+      f'{"sparse" if sparse else "dense ":6s} experts computed: '
+      f'{evaluator.active(state) or "all"}  {rates[sparse]:8.0f} '
+      'examples/s',
+      flush=True,
+    )
+  same = all(
+    results[False][k] == results[True][k]
+    for k in ('accuracy_1', 'accuracy_2', 'expert_weights')
+  )
+  loss_diff = max(
+    abs(results[False][f'loss_{t}'] - results[True][f'loss_{t}'])
+    for t in (1, 2)
+  )
+  print(
+    f'sparse / dense speed: x{rates[True] / rates[False]:.2f}; same '
+    f'accuracies and weights: {same}; largest loss difference: '
+    f'{loss_diff:.2e}'
+  )
 
 
 if __name__ == '__main__':

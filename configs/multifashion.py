@@ -1,6 +1,6 @@
 """DSelect-k on MultiFashion (two Fashion-MNIST articles), as multimnist.py.
 
-  python train.py --config=configs/multifashion.py --workdir=ckpts_fashion
+python train.py --config=configs/multifashion.py --workdir=ckpts_fashion
 """
 
 from configs import default

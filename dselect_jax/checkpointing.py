@@ -52,8 +52,8 @@ class WorkdirLock:
       owner = self._file.read().strip() or 'unknown'
       self._file.close()
       raise CheckpointError(
-          f'another training process (pid {owner}) is using workdir '
-          f'{workdir}; wait for it to finish or give another --workdir.'
+        f'another training process (pid {owner}) is using workdir '
+        f'{workdir}; wait for it to finish or give another --workdir.'
       ) from None
     self._file.seek(0)
     self._file.truncate()
@@ -79,21 +79,31 @@ class Checkpoints:
     # Multi-host, the processes meet at barriers named after the step: the
     # two managers, which may save the same step at once, name theirs apart.
     self._latest = ocp.CheckpointManager(
-        os.path.join(self.workdir, 'checkpoints'),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=create,
-            cleanup_tmp_directories=create,
-            multiprocessing_options=ocp.options.MultiprocessingOptions(
-                barrier_sync_key_prefix='latest')),
-        item_handlers=ocp.StandardCheckpointHandler())
+      os.path.join(self.workdir, 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=create,
+        cleanup_tmp_directories=create,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix='latest'
+        ),
+      ),
+      item_handlers=ocp.StandardCheckpointHandler(),
+    )
     self._best = ocp.CheckpointManager(
-        os.path.join(self.workdir, 'best'),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=create, cleanup_tmp_directories=create,
-            best_fn=lambda metrics: metrics[BEST_METRIC], best_mode='max',
-            multiprocessing_options=ocp.options.MultiprocessingOptions(
-                barrier_sync_key_prefix='best')),
-        item_handlers=ocp.StandardCheckpointHandler())
+      os.path.join(self.workdir, 'best'),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=1,
+        create=create,
+        cleanup_tmp_directories=create,
+        best_fn=lambda metrics: metrics[BEST_METRIC],
+        best_mode='max',
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix='best'
+        ),
+      ),
+      item_handlers=ocp.StandardCheckpointHandler(),
+    )
 
   def latest_step(self) -> Optional[int]:
     return self._latest.latest_step()
@@ -108,14 +118,20 @@ class Checkpoints:
     self._latest.save(step, args=ocp.args.StandardSave(_to_global(state)))
 
   def save_best(self, step: int, state: Any, metric: float):
-    self._best.save(step, args=ocp.args.StandardSave(_to_global(state)),
-                    metrics={BEST_METRIC: float(metric)})
+    self._best.save(
+      step,
+      args=ocp.args.StandardSave(_to_global(state)),
+      metrics={BEST_METRIC: float(metric)},
+    )
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> Any:
     """The periodic checkpoint at ``step`` (default: newest)."""
-    return self._restore(self._latest, abstract_state,
-                         self.latest_step() if step is None else step,
-                         'periodic')
+    return self._restore(
+      self._latest,
+      abstract_state,
+      self.latest_step() if step is None else step,
+      'periodic',
+    )
 
   def restore_latest_good(self, abstract_state: Any) -> tuple[int, Any]:
     """The newest periodic checkpoint that restores, as ``(step, state)``.
@@ -130,25 +146,32 @@ class Checkpoints:
     failed = []
     for step in steps:
       try:
-        state = self._restore(self._latest, abstract_state, step, 'periodic',
-                              strict=True)
+        state = self._restore(
+          self._latest, abstract_state, step, 'periodic', strict=True
+        )
       except Exception as e:  # pylint: disable=broad-except
         failed.append((step, e))
         continue
       for bad_step, error in failed:
         logging.warning(
-            'periodic checkpoint %d in %s is damaged (%s); moved it to '
-            'damaged/%d and resumed from step %d.', bad_step, self.workdir,
-            reason(error, 200), bad_step, step)
+          'periodic checkpoint %d in %s is damaged (%s); moved it to '
+          'damaged/%d and resumed from step %d.',
+          bad_step,
+          self.workdir,
+          reason(error, 200),
+          bad_step,
+          step,
+        )
         self._quarantine(bad_step)
       return step, state
     step, error = failed[0]
     if isinstance(error, CheckpointError):  # Another config's: says which.
       raise error
     raise CheckpointError(
-        f'none of the periodic checkpoints {steps} in {self.workdir} can be '
-        'restored into the model of this config (made with another config, '
-        f'or all damaged); newest, step {step}: {reason(error)}')
+      f'none of the periodic checkpoints {steps} in {self.workdir} can be '
+      'restored into the model of this config (made with another config, '
+      f'or all damaged); newest, step {step}: {reason(error)}'
+    )
 
   def _quarantine(self, step: int):
     self._move_aside(self._latest, 'checkpoints', step, 'damaged')
@@ -174,16 +197,23 @@ class Checkpoints:
     for step in list(self._best.all_steps()):
       why = None
       if step > start_step:
-        why = (f'it is from step {step}, after the step {start_step} this run '
-               'starts from')
+        why = (
+          f'it is from step {step}, after the step {start_step} this run '
+          'starts from'
+        )
       else:
         mismatch = _mismatch(self._best, step, abstract_state)
         if mismatch:
           why = f'it was made with another config ({mismatch})'
       if why:
-        logging.warning('best checkpoint %d in %s is not this run\'s: %s; '
-                        'moved it to previous_best/%d.', step, self.workdir,
-                        why, step)
+        logging.warning(
+          "best checkpoint %d in %s is not this run's: %s; "
+          'moved it to previous_best/%d.',
+          step,
+          self.workdir,
+          why,
+          step,
+        )
         self._move_aside(self._best, 'best', step, 'previous_best')
 
   def restore_best(self, abstract_state: Any) -> Any:
@@ -193,25 +223,31 @@ class Checkpoints:
     steps = list(manager.all_steps())
     if step is None or step not in steps:
       raise CheckpointError(
-          f'no {kind} checkpoint at step {step} in {self.workdir}; its {kind} '
-          f'checkpoints are at steps {steps or "none"}.')
+        f'no {kind} checkpoint at step {step} in {self.workdir}; its {kind} '
+        f'checkpoints are at steps {steps or "none"}.'
+      )
     mismatch = _mismatch(manager, step, abstract_state)
     if mismatch:
       raise CheckpointError(
-          f'{kind} checkpoint {step} in {self.workdir} cannot be restored into '
-          f'the model of this config (made with another config): {mismatch}; '
-          'train this config in another --workdir, or pass the config the '
-          'checkpoint was made with.')
+        f'{kind} checkpoint {step} in {self.workdir} cannot be restored into '
+        f'the model of this config (made with another config): {mismatch}; '
+        'train this config in another --workdir, or pass the config the '
+        'checkpoint was made with.'
+      )
     try:
-      return _to_local(manager.restore(
-          step, args=ocp.args.StandardRestore(_restore_target(abstract_state))))
+      return _to_local(
+        manager.restore(
+          step, args=ocp.args.StandardRestore(_restore_target(abstract_state))
+        )
+      )
     except Exception as e:  # pylint: disable=broad-except
       if strict:
         raise
       raise CheckpointError(
-          f'{kind} checkpoint {step} in {self.workdir} cannot be restored into '
-          f'the model of this config (damaged, or made with another config): '
-          f'{reason(e)}') from None
+        f'{kind} checkpoint {step} in {self.workdir} cannot be restored into '
+        f'the model of this config (damaged, or made with another config): '
+        f'{reason(e)}'
+      ) from None
 
   def wait(self):
     self._latest.wait_until_finished()
@@ -222,6 +258,54 @@ class Checkpoints:
     self._best.close()
 
 
+PARAMS_DIR = 'params'
+
+
+def save_params(workdir: str, step: int, state: Any):
+  """A params-only copy of ``state`` (parameters and BatchNorm statistics,
+  no optimizer state) in ``workdir/params/<step>``: what evaluation needs,
+  small enough to ship with the results."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(
+      os.path.join(os.path.abspath(workdir), PARAMS_DIR, str(step)),
+      {'params': state.params, 'batch_stats': state.batch_stats},
+    )
+
+
+def params_steps(workdir: str) -> list[int]:
+  folder = os.path.join(workdir, PARAMS_DIR)
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+
+def restore_params(workdir: str, step: int, abstract_state: Any) -> Any:
+  """A state with the params and BatchNorm statistics of
+  ``workdir/params/<step>``, for evaluation (its optimizer state is zeros)."""
+  path = os.path.join(os.path.abspath(workdir), PARAMS_DIR, str(step))
+  target = _restore_target(
+    {'params': abstract_state.params, 'batch_stats': abstract_state.batch_stats}
+  )
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(path, target)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(
+      f'params checkpoint {path} cannot be restored into the model of '
+      f'this config (damaged, or made with another config): {reason(e)}'
+    ) from None
+  # Nothing to resume from: a zero optimizer state, for evaluation only.
+  zeros = jax.tree.map(
+    lambda x: np.zeros(x.shape, x.dtype), abstract_state.opt_state
+  )
+  return abstract_state.replace(
+    step=np.array(step, np.int32),
+    params=restored['params'],
+    batch_stats=restored['batch_stats'],
+    opt_state=zeros,
+  )
+
+
 def reason(error: BaseException, limit: int = 300) -> str:
   """An exception as one line that is never empty (an AssertionError from
   deep inside a library has no message: its type and place then)."""
@@ -230,8 +314,11 @@ def reason(error: BaseException, limit: int = 300) -> str:
     tb = error.__traceback__
     while tb is not None and tb.tb_next is not None:
       tb = tb.tb_next
-    where = (f' in {os.path.basename(tb.tb_frame.f_code.co_filename)}:'
-             f'{tb.tb_lineno}' if tb is not None else '')
+    where = (
+      f' in {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}'
+      if tb is not None
+      else ''
+    )
     text = f'{type(error).__name__}{where}'
   return text[:limit]
 
@@ -239,8 +326,9 @@ def reason(error: BaseException, limit: int = 300) -> str:
 def _replicated() -> jax.sharding.NamedSharding:
   """Replicated over every device of every process."""
   return jax.sharding.NamedSharding(
-      jax.sharding.Mesh(np.array(jax.devices()), ('all',)),
-      jax.sharding.PartitionSpec())
+    jax.sharding.Mesh(np.array(jax.devices()), ('all',)),
+    jax.sharding.PartitionSpec(),
+  )
 
 
 def _to_global(state: Any) -> Any:
@@ -250,7 +338,8 @@ def _to_global(state: Any) -> Any:
   if jax.process_count() == 1:
     return state
   return multihost_utils.host_local_array_to_global_array(
-      state, _replicated().mesh, jax.sharding.PartitionSpec())
+    state, _replicated().mesh, jax.sharding.PartitionSpec()
+  )
 
 
 def _restore_target(abstract_state: Any) -> Any:
@@ -258,11 +347,15 @@ def _restore_target(abstract_state: Any) -> Any:
   first device single-host, replicated over all devices multi-host. Named
   explicitly, so that a checkpoint saved on another number of processes
   restores (Orbax would otherwise place it as it was saved)."""
-  sharding = (_replicated() if jax.process_count() > 1 else
-              jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  sharding = (
+    _replicated()
+    if jax.process_count() > 1
+    else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  )
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      abstract_state)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+    abstract_state,
+  )
 
 
 def _to_local(state: Any) -> Any:
@@ -289,9 +382,10 @@ def _mismatch(manager, step: int, abstract_state: Any) -> Optional[str]:
     return sorted(names, key=lambda n: (not n.startswith('params/'), n))
 
   problems = []
-  for what, names in (('this config has', order(want.keys() - have.keys())),
-                      ('only the checkpoint has',
-                       order(have.keys() - want.keys()))):
+  for what, names in (
+    ('this config has', order(want.keys() - have.keys())),
+    ('only the checkpoint has', order(have.keys() - want.keys())),
+  ):
     if names:
       shown = ', '.join(repr(n) for n in names[:3])
       more = f' and {len(names) - 3} more' if len(names) > 3 else ''
@@ -301,7 +395,9 @@ def _mismatch(manager, step: int, abstract_state: Any) -> Optional[str]:
     h_dtype = str(getattr(h, 'dtype', '') or '')
     h_shape = list(getattr(h, 'shape', ()))
     if h_shape != list(w.shape) or (h_dtype and h_dtype != str(w.dtype)):
-      problems.append(f'{name!r} is {h_dtype}{h_shape} in the checkpoint, '
-                      f'{w.dtype}{list(w.shape)} here')
+      problems.append(
+        f'{name!r} is {h_dtype}{h_shape} in the checkpoint, '
+        f'{w.dtype}{list(w.shape)} here'
+      )
       break
   return '; '.join(problems) or None

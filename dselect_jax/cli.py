@@ -27,7 +27,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def quiet_orbax():
   """Keeps Orbax's per-save INFO lines off the console (warnings stay)."""
+
   def keep(record):
-    return (record.levelno >= std_logging.WARNING or
-            'orbax' not in record.pathname)
+    return (
+      record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
+    )
+
   logging.get_absl_handler().python_handler.addFilter(keep)

@@ -41,8 +41,9 @@ import jaxlib
 
 Array = jax.Array
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc',
-                      'bn_relu_pool.cc')
+SOURCE = os.path.join(
+  os.path.dirname(os.path.abspath(__file__)), 'csrc', 'bn_relu_pool.cc'
+)
 _PREFIX = 'DselectBnReluPool'
 _TARGETS = ('Stats', 'Forward', 'BackwardSums', 'BackwardDx')
 _FLAGS = ('-O3', '-fno-trapping-math', '-std=c++17', '-shared', '-fPIC')
@@ -55,9 +56,11 @@ class KernelBuildError(RuntimeError):
 
 def cache_dir() -> str:
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(
-      os.path.expanduser('~'), '.cache')
-  return (os.environ.get('DSELECT_JAX_KERNEL_CACHE') or
-          os.path.join(base, 'dselect_jax', 'kernels'))
+    os.path.expanduser('~'), '.cache'
+  )
+  return os.environ.get('DSELECT_JAX_KERNEL_CACHE') or os.path.join(
+    base, 'dselect_jax', 'kernels'
+  )
 
 
 def _cpu_signature() -> str:
@@ -80,9 +83,11 @@ def _compile(compiler: str, out: str) -> None:
       return
     errors.append(f'$ {" ".join(cmd)}\n{proc.stderr[-2000:]}')
   raise KernelBuildError(
-      f'compiling {SOURCE} failed:\n' + '\n'.join(errors) +
-      '\nFix the compiler (set CXX to a C++17 compiler), or use XLA\'s '
-      'BatchNorm: --config.model.norm=xla.')
+    f'compiling {SOURCE} failed:\n'
+    + '\n'.join(errors)
+    + "\nFix the compiler (set CXX to a C++17 compiler), or use XLA's "
+    'BatchNorm: --config.model.norm=xla.'
+  )
 
 
 _lock = threading.Lock()
@@ -112,12 +117,15 @@ def _build_and_register() -> str:
     lib = ctypes.cdll.LoadLibrary(path)
     for name in _TARGETS:
       jax.ffi.register_ffi_target(
-          _PREFIX + name, jax.ffi.pycapsule(getattr(lib, _PREFIX + name)),
-          platform='cpu')
+        _PREFIX + name,
+        jax.ffi.pycapsule(getattr(lib, _PREFIX + name)),
+        platform='cpu',
+      )
   except (OSError, AttributeError) as e:
     raise KernelBuildError(
-        f'cannot load the kernels from {path}: {e}. Delete that file to '
-        'rebuild it, or use --config.model.norm=xla.') from e
+      f'cannot load the kernels from {path}: {e}. Delete that file to '
+      'rebuild it, or use --config.model.norm=xla.'
+    ) from e
   return path
 
 
@@ -126,31 +134,46 @@ def _build() -> str:
   compiler = shutil.which(os.environ.get('CXX', 'c++'))
   if compiler is None:
     raise KernelBuildError(
-        f'no C++ compiler: {os.environ.get("CXX", "c++")!r} is not on PATH. '
-        'Install one (e.g. g++) or set CXX to it, or use XLA\'s BatchNorm: '
-        '--config.model.norm=xla.')
+      f'no C++ compiler: {os.environ.get("CXX", "c++")!r} is not on PATH. '
+      "Install one (e.g. g++) or set CXX to it, or use XLA's BatchNorm: "
+      '--config.model.norm=xla.'
+    )
   try:
-    version = subprocess.run([compiler, '--version'], capture_output=True,
-                             text=True, check=False).stdout
+    version = subprocess.run(
+      [compiler, '--version'], capture_output=True, text=True, check=False
+    ).stdout
   except OSError as e:
-    raise KernelBuildError(f'cannot run the C++ compiler {compiler}: {e}. Set '
-                           'CXX to a working one, or --config.model.norm=xla.'
-                          ) from e
+    raise KernelBuildError(
+      f'cannot run the C++ compiler {compiler}: {e}. Set '
+      'CXX to a working one, or --config.model.norm=xla.'
+    ) from e
   with open(SOURCE, 'rb') as f:
     source = f.read()
-  key = hashlib.sha256(b'\0'.join([
-      source, jaxlib.__version__.encode(), compiler.encode(), version.encode(),
-      ' '.join(_FLAGS + (_NATIVE,)).encode(), platform.machine().encode(),
-      _cpu_signature().encode()])).hexdigest()[:16]
+  key = hashlib.sha256(
+    b'\0'.join(
+      [
+        source,
+        jaxlib.__version__.encode(),
+        compiler.encode(),
+        version.encode(),
+        ' '.join(_FLAGS + (_NATIVE,)).encode(),
+        platform.machine().encode(),
+        _cpu_signature().encode(),
+      ]
+    )
+  ).hexdigest()[:16]
   folder = cache_dir()
   path = os.path.join(folder, f'bn_relu_pool-{key}.so')
   if os.path.exists(path) and not _intact(path):
     # A truncated library can pass dlopen and then crash the process with
     # a bus error when a kernel runs: checked against the digest written
     # beside it when it was built, and rebuilt.
-    logging.warning('the compiled CPU kernels %s are damaged (their SHA-256 '
-                    'differs from the one recorded at build time); '
-                    'rebuilding them.', path)
+    logging.warning(
+      'the compiled CPU kernels %s are damaged (their SHA-256 '
+      'differs from the one recorded at build time); '
+      'rebuilding them.',
+      path,
+    )
     os.remove(path)
   if not os.path.exists(path):
     try:
@@ -159,8 +182,9 @@ def _build() -> str:
       os.close(fd)
     except OSError as e:
       raise KernelBuildError(
-          f'cannot write the kernel cache {folder}: {e}. Set '
-          'DSELECT_JAX_KERNEL_CACHE to a writable folder.') from e
+        f'cannot write the kernel cache {folder}: {e}. Set '
+        'DSELECT_JAX_KERNEL_CACHE to a writable folder.'
+      ) from e
     try:
       _compile(compiler, tmp)
       _write_atomically(path + '.sha256', _sha256(tmp).encode())
@@ -209,9 +233,11 @@ def build_failure() -> Optional[str]:
 
 
 def _call(target: str, shape, *args: Array) -> Array:
-  return jax.ffi.ffi_call(_PREFIX + target,
-                          jax.ShapeDtypeStruct(shape, jnp.float32),
-                          vmap_method='sequential')(*args)
+  return jax.ffi.ffi_call(
+    _PREFIX + target,
+    jax.ShapeDtypeStruct(shape, jnp.float32),
+    vmap_method='sequential',
+  )(*args)
 
 
 def _count(x: Array, axis_name: Optional[str]) -> int | Array:
@@ -225,9 +251,13 @@ def _psum(v: Array, axis_name: Optional[str]) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def bn_relu_pool(x: Array, scale: Array, bias: Array, epsilon: float = 1e-5,
-                 axis_name: Optional[str] = None
-                ) -> tuple[Array, Array, Array]:
+def bn_relu_pool(
+  x: Array,
+  scale: Array,
+  bias: Array,
+  epsilon: float = 1e-5,
+  axis_name: Optional[str] = None,
+) -> tuple[Array, Array, Array]:
   """``max_pool_2x2(relu(BatchNorm(x)))``, BatchNorm in training mode.
 
   Args:
@@ -247,12 +277,14 @@ def bn_relu_pool(x: Array, scale: Array, bias: Array, epsilon: float = 1e-5,
 def _forward(x, scale, bias, epsilon, axis_name):
   b, h, w, c = x.shape
   if x.dtype != jnp.float32 or h % 2 or w % 2:
-    raise ValueError(f'bn_relu_pool: x must be float32 (B, H, W, C) with even '
-                     f'H and W, got {x.dtype} {x.shape}.')
+    raise ValueError(
+      f'bn_relu_pool: x must be float32 (B, H, W, C) with even '
+      f'H and W, got {x.dtype} {x.shape}.'
+    )
   load()
   sums = _psum(_call('Stats', (2, c), x), axis_name) / _count(x, axis_name)
   mean, mean2 = sums[0], sums[1]  # (C,), (C,)
-  var = jnp.maximum(mean2 - mean * mean, 0.)
+  var = jnp.maximum(mean2 - mean * mean, 0.0)
   rstd = jax.lax.rsqrt(var + epsilon)
   a = scale * rstd  # z = a x + b is BatchNorm's output.
   b_ = bias - mean * a
@@ -282,9 +314,10 @@ def _backward(epsilon, axis_name, residuals, cotangents):
   dbias, dscale = local[0], local[1]  # This device's share of the grads.
   total = _psum(local, axis_name)
   k0 = (dmean - a * total[0]) / p
-  k1 = (2. * dvar / rstd - a * total[1]) / p
-  dx = _call('BackwardDx', x.shape, x, a, b_, mean, rstd, dy,
-             jnp.stack([k0, k1]))
+  k1 = (2.0 * dvar / rstd - a * total[1]) / p
+  dx = _call(
+    'BackwardDx', x.shape, x, a, b_, mean, rstd, dy, jnp.stack([k0, k1])
+  )
   return dx, dscale, dbias
 
 

@@ -21,8 +21,8 @@ import numpy as np
 from dselect_jax import checkpointing
 from dselect_jax import factory
 from dselect_jax import input_pipeline
-from dselect_jax import models
 from dselect_jax import metric_writers
+from dselect_jax import models
 from dselect_jax import steps
 
 # The metrics-file split of the test passes after each epoch.
@@ -40,8 +40,9 @@ class Evaluator:
   compiled step is kept per set of active experts.
   """
 
-  def __init__(self, model: models.MultiTaskMoE, num_devices: int,
-               sparse: bool = True):
+  def __init__(
+    self, model: models.MultiTaskMoE, num_devices: int, sparse: bool = True
+  ):
     self.model = model
     self.num_devices = num_devices
     self.sparse = sparse and not model.per_example
@@ -49,9 +50,14 @@ class Evaluator:
 
   def _step(self, active):
     if active not in self._steps:
-      model = self.model if active is None else self.model.clone(
-          active_experts=active)
-      self._steps[active] = steps.parallel(functools.partial(steps.eval_step, model))
+      model = (
+        self.model
+        if active is None
+        else self.model.clone(active_experts=active)
+      )
+      self._steps[active] = steps.parallel(
+        functools.partial(steps.eval_step, model)
+      )
     return self._steps[active]
 
   def active(self, state) -> Optional[tuple[int, ...]]:
@@ -60,10 +66,13 @@ class Evaluator:
   def __call__(self, state, split, batch_size: int) -> dict[str, Any]:
     p_eval_step = self._step(self.active(state))
     totals, gate_weights = None, None
-    for batch in input_pipeline.eval_batches(split, batch_size,
-                                             self.num_devices,
-                                             jax.process_index(),
-                                             jax.process_count()):
+    for batch in input_pipeline.eval_batches(
+      split,
+      batch_size,
+      self.num_devices,
+      jax.process_index(),
+      jax.process_count(),
+    ):
       sums, weights = p_eval_step(state, batch)
       sums = jax.tree.map(lambda x: np.asarray(x, np.float64)[0], sums)
       totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
@@ -79,8 +88,9 @@ def _summarize(totals, gate_weights) -> dict[str, Any]:
   for t in range(num_tasks):
     result[f'accuracy_{t + 1}'] = float(totals['correct'][t] / count[t])
     result[f'loss_{t + 1}'] = float(totals['ce_sum'][t] / count[t])
-  result['accuracy_mean'] = float(np.mean(
-      [result[f'accuracy_{t + 1}'] for t in range(num_tasks)]))
+  result['accuracy_mean'] = float(
+    np.mean([result[f'accuracy_{t + 1}'] for t in range(num_tasks)])
+  )
   if gate_weights is not None:
     expert_weights = gate_weights
     nonzero = (gate_weights > 0).sum(-1)
@@ -90,18 +100,22 @@ def _summarize(totals, gate_weights) -> dict[str, Any]:
   result['expert_weights'] = np.asarray(expert_weights).tolist()
   result['num_nonzero'] = np.asarray(nonzero).tolist()
   result['selected_experts'] = [
-      [int(e) for e in np.flatnonzero(np.asarray(w) > 0)]
-      for w in expert_weights]
+    [int(e) for e in np.flatnonzero(np.asarray(w) > 0)] for w in expert_weights
+  ]
   return result
 
 
 def load_data(config) -> dict[str, input_pipeline.Split]:
   num_validation = config.data.get('num_validation', -1)
   return input_pipeline.load(
-      config.data.name, config.data.recipe, config.data.seed,
-      data_dir=config.data.data_dir or None, download=config.data.download,
-      num_validation=None if num_validation < 0 else num_validation,
-      paddlerec_dir=config.data.paddlerec_dir or None)
+    config.data.name,
+    config.data.recipe,
+    config.data.seed,
+    data_dir=config.data.data_dir or None,
+    download=config.data.download,
+    num_validation=None if num_validation < 0 else num_validation,
+    paddlerec_dir=config.data.paddlerec_dir or None,
+  )
 
 
 def final_test(config, workdir, model, tx, data, ckpts, evaluator, writer):
@@ -115,12 +129,18 @@ def final_test(config, workdir, model, tx, data, ckpts, evaluator, writer):
   else:
     step, kind = ckpts.latest_step(), 'last'
     state = ckpts.restore(abstract, step)
-  result = evaluator(steps.replicate(state), data['test'],
-                     config.eval_batch_size)
+  result = evaluator(
+    steps.replicate(state), data['test'], config.eval_batch_size
+  )
   result['step'] = step
   result['checkpoint'] = kind
-  logging.info('test (%s checkpoint, step %d): accuracy %.4f / %.4f', kind,
-               step, result['accuracy_1'], result['accuracy_2'])
+  logging.info(
+    'test (%s checkpoint, step %d): accuracy %.4f / %.4f',
+    kind,
+    step,
+    result['accuracy_1'],
+    result['accuracy_2'],
+  )
   writer.write(step, 'test', result)
   writer.flush()
   statistics = test_statistics(metric_writers.read_metrics(workdir), result)
@@ -150,23 +170,30 @@ def test_statistics(records, selected: dict[str, Any]) -> dict[str, Any]:
   if not by_step:  # A resumed run may have written a step twice: the last.
     return {}
   passes = [by_step[s] for s in sorted(by_step)]
-  num_tasks = sum(1 for k in passes[0] if k.startswith('accuracy_') and
-                  k[len('accuracy_'):].isdigit())
+  num_tasks = sum(
+    1
+    for k in passes[0]
+    if k.startswith('accuracy_') and k[len('accuracy_') :].isdigit()
+  )
   tasks = range(1, num_tasks + 1)
   count = np.array([p['num_examples'] for p in passes], np.float64)
   stats = {
-      'num_passes': len(passes),
-      'best_validation': {'step': selected['step'],
-                          'checkpoint': selected['checkpoint'],
-                          **{f'accuracy_{t}': selected[f'accuracy_{t}']
-                             for t in tasks}},
-      'last_epoch': {'step': passes[-1]['step'],
-                     **{f'accuracy_{t}': passes[-1][f'accuracy_{t}']
-                        for t in tasks}},
-      'max_over_epochs': {'note': 'chosen on the test split: not a fair '
-                                  'estimate'},
-      'pooled_over_epochs': {'note': "PaddleRec's statistic: correct / "
-                                     'examples over every pass'},
+    'num_passes': len(passes),
+    'best_validation': {
+      'step': selected['step'],
+      'checkpoint': selected['checkpoint'],
+      **{f'accuracy_{t}': selected[f'accuracy_{t}'] for t in tasks},
+    },
+    'last_epoch': {
+      'step': passes[-1]['step'],
+      **{f'accuracy_{t}': passes[-1][f'accuracy_{t}'] for t in tasks},
+    },
+    'max_over_epochs': {
+      'note': 'chosen on the test split: not a fair estimate'
+    },
+    'pooled_over_epochs': {
+      'note': "PaddleRec's statistic: correct / examples over every pass"
+    },
   }
   for t in tasks:
     acc = np.array([p[f'accuracy_{t}'] for p in passes])
@@ -174,7 +201,8 @@ def test_statistics(records, selected: dict[str, Any]) -> dict[str, Any]:
     stats['max_over_epochs'][f'accuracy_{t}'] = float(acc[best])
     stats['max_over_epochs'][f'step_{t}'] = passes[best]['step']
     stats['pooled_over_epochs'][f'accuracy_{t}'] = float(
-        np.sum(acc * count) / np.sum(count))
+      np.sum(acc * count) / np.sum(count)
+    )
   return stats
 
 
@@ -187,14 +215,15 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config train.py wrote into ``workdir/config.json``."""
   if not os.path.isdir(workdir):
     raise checkpointing.CheckpointError(
-        f'workdir {workdir} does not exist; pass the --workdir given to '
-        'train.py.')
+      f'workdir {workdir} does not exist; pass the --workdir given to train.py.'
+    )
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise checkpointing.CheckpointError(
-        f'{workdir} holds no config.json, so no training run wrote it (it '
-        f'holds: {_listing(workdir)}); run train.py with --workdir={workdir} '
-        'first.')
+      f'{workdir} holds no config.json, so no training run wrote it (it '
+      f'holds: {_listing(workdir)}); run train.py with --workdir={workdir} '
+      'first.'
+    )
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   if 'num_validation' not in config.data and config.data.recipe == 'paretomtl':
@@ -204,9 +233,12 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def evaluate_workdir(workdir: str, step: Optional[int] = None,
-                     best: bool = False,
-                     data_dir: Optional[str] = None) -> dict[str, Any]:
+def evaluate_workdir(
+  workdir: str,
+  step: Optional[int] = None,
+  best: bool = False,
+  data_dir: Optional[str] = None,
+) -> dict[str, Any]:
   """Restores a checkpoint of ``workdir`` and evaluates it on the test split.
 
   Args:
@@ -227,30 +259,48 @@ def evaluate_workdir(workdir: str, step: Optional[int] = None,
     field = 'paddlerec_dir' if config.data.name == 'paddlerec' else 'data_dir'
     config.data[field] = data_dir
   ckpts = checkpointing.Checkpoints(workdir, create=False)
+  params_only = checkpointing.params_steps(workdir)
   if step is None and not best:
     best = ckpts.best_step() is not None
-  if step is None and not best and ckpts.latest_step() is None:
+  if (
+    step is None
+    and not best
+    and ckpts.latest_step() is None
+    and not params_only
+  ):
     raise checkpointing.CheckpointError(
-        f'{workdir} holds no checkpoint yet (it holds: {_listing(workdir)}); '
-        'train first, or wait for the first checkpoint.')
+      f'{workdir} holds no checkpoint yet (it holds: {_listing(workdir)}); '
+      'train first, or wait for the first checkpoint.'
+    )
   num_devices = jax.local_device_count()
   if config.eval_batch_size % num_devices:
     config.eval_batch_size = num_devices * (
-        -(-config.eval_batch_size // num_devices))
+      -(-config.eval_batch_size // num_devices)
+    )
   model = factory.create_model(config, bn_axis_name=steps.AXIS)
   data = load_data(config)
   tx = factory.create_optimizer(
-      config, factory.num_train_steps(config, len(data['train'])))
+    config, factory.num_train_steps(config, len(data['train']))
+  )
   abstract = factory.abstract_state(config, model, tx)
   if best:
     state, kind, step = ckpts.restore_best(abstract), 'best', ckpts.best_step()
+  elif params_only and (
+    step is None and ckpts.latest_step() is None or step in params_only
+  ):
+    # A results folder: only the params of the checkpoint that was tested.
+    step = params_only[-1] if step is None else step
+    kind = 'params'
+    state = checkpointing.restore_params(workdir, step, abstract)
   else:
     step = ckpts.latest_step() if step is None else step
     state, kind = ckpts.restore(abstract, step), 'periodic'
-  evaluator = Evaluator(model, num_devices,
-                        config.model.get('sparse_eval', True))
-  result = evaluator(steps.replicate(state), data['test'],
-                     config.eval_batch_size)
+  evaluator = Evaluator(
+    model, num_devices, config.model.get('sparse_eval', True)
+  )
+  result = evaluator(
+    steps.replicate(state), data['test'], config.eval_batch_size
+  )
   result['step'] = int(step)
   result['checkpoint'] = kind
   ckpts.close()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from absl import logging
 import flax
@@ -30,18 +30,18 @@ from dselect_jax import input_pipeline
 from dselect_jax import models
 
 GATE_ARGS = {
-    'dselect_k': ('k', 'gamma', 'per_example'),
-    'softmax': ('per_example',),
-    'top_k': ('k', 'per_example', 'noisy'),
+  'dselect_k': ('k', 'gamma', 'per_example'),
+  'softmax': ('per_example',),
+  'top_k': ('k', 'per_example', 'noisy'),
 }
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('constant', 'warmup_cosine')
 # Aux terms with a loss weight; other aux entries are diagnostics.
 AUX_WEIGHTS = {
-    'entropy': 'entropy_weight',
-    'reachability': 'reachability_weight',
-    'importance': 'importance_weight',
-    'load': 'load_weight',
+  'entropy': 'entropy_weight',
+  'reachability': 'reachability_weight',
+  'importance': 'importance_weight',
+  'load': 'load_weight',
 }
 
 
@@ -51,6 +51,7 @@ class ConfigError(ValueError):
 
 class TrainState(train_state.TrainState):
   """Params, BatchNorm statistics and optimizer state, with the step."""
+
   batch_stats: Any = None
 
 
@@ -62,11 +63,13 @@ class TrainState(train_state.TrainState):
 @dataclasses.dataclass(frozen=True)
 class OneOf:
   """A field that takes one of ``choices`` (strings or booleans)."""
+
   choices: tuple[Any, ...]
 
   def problem(self, value) -> Optional[str]:
     if value not in self.choices or type(value) not in {  # 1 == True.
-        type(c) for c in self.choices}:
+      type(c) for c in self.choices
+    }:
       return f'choose one of {list(self.choices)}'
     return None
 
@@ -86,6 +89,7 @@ class Number:
   per epoch"); ``example``: another valid value than the defaults, for the
   tests that try every value of every field.
   """
+
   integer: bool
   low: float = -math.inf
   high: float = math.inf
@@ -96,7 +100,8 @@ class Number:
   def problem(self, value) -> Optional[str]:
     kind = 'an integer' if self.integer else 'a number'
     if isinstance(value, bool) or not isinstance(
-        value, int if self.integer else (int, float)):
+      value, int if self.integer else (int, float)
+    ):
       return f'must be {kind}'
     if value in self.special:
       return None
@@ -135,59 +140,61 @@ def _float(low=-math.inf, **kwargs) -> Number:
 
 
 FIELDS = {
-    'data.name': OneOf(tuple(sorted(input_pipeline.DATASETS)) +
-                       input_pipeline.SPECIAL_DATASETS),
-    'data.recipe': OneOf(input_pipeline.RECIPES),
-    'data.seed': _int(0),
-    'data.data_dir': Text(),
-    'data.paddlerec_dir': Text(),
-    'data.download': BOOL,
-    'data.num_validation': _int(0, special=(-1,)),
-    'data.shuffle': BOOL,
-    'data.fresh_train': BOOL,
-    'model.num_experts': _int(2, example=3),
-    'model.shared_gate': BOOL,
-    'model.conv': OneOf(('auto',) + models.CONV_IMPLS),
-    'model.norm': OneOf(('auto',) + models.NORM_IMPLS),
-    'model.sparse_eval': BOOL,
-    'model.sparse_train': BOOL,
-    'model.routing_input': OneOf(('input', 'experts')),
-    'model.init_scheme': OneOf(models.INITS),
-    'model.gate.name': OneOf(tuple(GATE_ARGS)),
-    'model.gate.k': _int(1, example=2),
-    'model.gate.gamma': _float(0, low_open=True, example=0.5),
-    'model.gate.per_example': BOOL,
-    'model.gate.noisy': BOOL,
-    'optimizer.name': OneOf(OPTIMIZERS),
-    'optimizer.learning_rate': _float(0, low_open=True),
-    'optimizer.weight_decay': _float(0, example=0.0),
-    'optimizer.momentum': _float(0, high=1),
-    'optimizer.grad_clip_norm': _float(0, example=1.0),
-    'schedule.name': OneOf(SCHEDULES),
-    'schedule.warmup_steps': _int(0, example=2),
-    'loss.name': OneOf(('cross_entropy', 'double_softmax')),
-    'loss.label_smoothing': _float(0, high=0.5),
-    'loss.entropy_weight': _float(0, example=0.1),
-    'loss.entropy_start_step': _int(0),
-    'loss.entropy_ramp_steps': _int(0),
-    'loss.reachability_weight': _float(0),
-    'loss.importance_weight': _float(0),
-    'loss.load_weight': _float(0),
-    'batch_size': _int(1),
-    'eval_batch_size': _int(1),
-    'num_epochs': _int(1),
-    'num_train_steps': _int(1, special=(-1,)),
-    'log_every_steps': _int(1),
-    'eval_every_steps': _int(1, special=(-1,)),
-    'checkpoint_every_steps': _int(1, special=(-1,)),
-    'max_to_keep': _int(1),
-    'test_every_epoch': BOOL,
-    'seed': _int(0),
+  'data.name': OneOf(
+    tuple(sorted(input_pipeline.DATASETS)) + input_pipeline.SPECIAL_DATASETS
+  ),
+  'data.recipe': OneOf(input_pipeline.RECIPES),
+  'data.seed': _int(0),
+  'data.data_dir': Text(),
+  'data.paddlerec_dir': Text(),
+  'data.download': BOOL,
+  'data.num_validation': _int(0, special=(-1,)),
+  'data.shuffle': BOOL,
+  'data.fresh_train': BOOL,
+  'model.num_experts': _int(2, example=3),
+  'model.shared_gate': BOOL,
+  'model.conv': OneOf(('auto',) + models.CONV_IMPLS),
+  'model.norm': OneOf(('auto',) + models.NORM_IMPLS),
+  'model.sparse_eval': BOOL,
+  'model.sparse_train': BOOL,
+  'model.routing_input': OneOf(('input', 'experts')),
+  'model.init_scheme': OneOf(models.INITS),
+  'model.gate.name': OneOf(tuple(GATE_ARGS)),
+  'model.gate.k': _int(1, example=2),
+  'model.gate.gamma': _float(0, low_open=True, example=0.5),
+  'model.gate.per_example': BOOL,
+  'model.gate.noisy': BOOL,
+  'optimizer.name': OneOf(OPTIMIZERS),
+  'optimizer.learning_rate': _float(0, low_open=True),
+  'optimizer.weight_decay': _float(0, example=0.0),
+  'optimizer.momentum': _float(0, high=1),
+  'optimizer.grad_clip_norm': _float(0, example=1.0),
+  'schedule.name': OneOf(SCHEDULES),
+  'schedule.warmup_steps': _int(0, example=2),
+  'loss.name': OneOf(('cross_entropy', 'double_softmax')),
+  'loss.label_smoothing': _float(0, high=0.5),
+  'loss.entropy_weight': _float(0, example=0.1),
+  'loss.entropy_start_step': _int(0),
+  'loss.entropy_ramp_steps': _int(0),
+  'loss.reachability_weight': _float(0),
+  'loss.importance_weight': _float(0),
+  'loss.load_weight': _float(0),
+  'batch_size': _int(1),
+  'eval_batch_size': _int(1),
+  'num_epochs': _int(1),
+  'num_train_steps': _int(1, special=(-1,)),
+  'log_every_steps': _int(1),
+  'eval_every_steps': _int(1, special=(-1,)),
+  'checkpoint_every_steps': _int(1, special=(-1,)),
+  'max_to_keep': _int(1),
+  'test_every_epoch': BOOL,
+  'seed': _int(0),
 }
 
 
-def flat_fields(config: ml_collections.ConfigDict,
-                prefix: str = '') -> dict[str, Any]:
+def flat_fields(
+  config: ml_collections.ConfigDict, prefix: str = ''
+) -> dict[str, Any]:
   """Every leaf field of ``config`` as ``{'model.gate.k': 2, ...}``."""
   out = {}
   for key, value in config.items():
@@ -206,14 +213,16 @@ def flat_fields(config: ml_collections.ConfigDict,
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int):
   """Fails early, with the field and the fix, on values that cannot work."""
+
   def bad(field, value, why):
     raise ConfigError(f'config.{field}={value!r}: {why}.')
 
   for field, value in flat_fields(config).items():
     if field not in FIELDS:
       raise ConfigError(
-          f'config.{field} is not a field of this version (known: the fields '
-          'of configs/default.py); remove it from the config.')
+        f'config.{field} is not a field of this version (known: the fields '
+        'of configs/default.py); remove it from the config.'
+      )
     why = FIELDS[field].problem(value)
     if why:
       bad(field, value, why)
@@ -221,41 +230,67 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int):
   model, gate = config.model, config.model.gate
   norm = model.norm
   if norm == 'kernel' and jax.default_backend() != 'cpu':
-    bad('model.norm', norm, 'the kernels are for the CPU, and JAX runs on '
-        f'{jax.default_backend()}; set --config.model.norm=auto')
+    bad(
+      'model.norm',
+      norm,
+      'the kernels are for the CPU, and JAX runs on '
+      f'{jax.default_backend()}; set --config.model.norm=auto',
+    )
   if norm == 'kernel':
     try:
       cpu_kernels.load()
     except cpu_kernels.KernelBuildError as e:
       bad('model.norm', norm, f'the CPU kernels do not build here: {e}')
   if model.sparse_train and (
-      gate.name != 'dselect_k' or gate.per_example or
-      config.optimizer.name == 'adamw'):
-    bad('model.sparse_train', True,
-        'needs static dselect_k gates (a top_k gate can bring a dropped '
-        'expert back, a softmax gate drops none) and an optimizer without '
-        'weight decay (adam or sgd; weight decay can also bring one back); '
-        'set --config.model.sparse_train=False')
+    gate.name != 'dselect_k'
+    or gate.per_example
+    or config.optimizer.name == 'adamw'
+  ):
+    bad(
+      'model.sparse_train',
+      True,
+      'needs static dselect_k gates (a top_k gate can bring a dropped '
+      'expert back, a softmax gate drops none) and an optimizer without '
+      'weight decay (adam or sgd; weight decay can also bring one back); '
+      'set --config.model.sparse_train=False',
+    )
   if config.data.fresh_train and config.data.name in (
-      input_pipeline.SPECIAL_DATASETS):
-    bad('data.fresh_train', True,
-        f'needs a data set built from the raw files, and {config.data.name!r} '
-        'is stored as it is; set --config.data.fresh_train=False')
+    input_pipeline.SPECIAL_DATASETS
+  ):
+    bad(
+      'data.fresh_train',
+      True,
+      f'needs a data set built from the raw files, and {config.data.name!r} '
+      'is stored as it is; set --config.data.fresh_train=False',
+    )
   if config.data.num_validation > 0 and config.data.recipe == 'comet':
-    bad('data.num_validation', config.data.num_validation,
-        'the comet recipe always holds out 10,000 base images (20,000 '
-        'composites); leave it at -1')
+    bad(
+      'data.num_validation',
+      config.data.num_validation,
+      'the comet recipe always holds out 10,000 base images (20,000 '
+      'composites); leave it at -1',
+    )
   if gate.name != 'softmax' and gate.k > model.num_experts:
-    bad('model.gate.k', gate.k,
-        f'must satisfy 1 <= k <= model.num_experts={model.num_experts}')
+    bad(
+      'model.gate.k',
+      gate.k,
+      f'must satisfy 1 <= k <= model.num_experts={model.num_experts}',
+    )
   for name in ('batch_size', 'eval_batch_size'):
     if config[name] % num_devices:
-      bad(name, config[name],
-          f'must be a positive multiple of the {num_devices} devices')
+      bad(
+        name,
+        config[name],
+        f'must be a positive multiple of the {num_devices} devices',
+      )
   if config.schedule.name == 'warmup_cosine' and (
-      0 < config.num_train_steps <= config.schedule.warmup_steps):
-    bad('schedule.warmup_steps', config.schedule.warmup_steps,
-        f'must be below num_train_steps={config.num_train_steps}')
+    0 < config.num_train_steps <= config.schedule.warmup_steps
+  ):
+    bad(
+      'schedule.warmup_steps',
+      config.schedule.warmup_steps,
+      f'must be below num_train_steps={config.num_train_steps}',
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -270,27 +305,35 @@ def num_train_steps(config, num_train_examples: int) -> int:
   return config.num_epochs * (num_train_examples // config.batch_size)
 
 
-def create_model(config: ml_collections.ConfigDict,
-                 bn_axis_name: Optional[str] = None) -> models.MultiTaskMoE:
+def create_model(
+  config: ml_collections.ConfigDict, bn_axis_name: Optional[str] = None
+) -> models.MultiTaskMoE:
   """The MultiTaskMoE a config describes (the model never sees the config)."""
   gate = config.model.gate
   gate_kwargs = {arg: gate[arg] for arg in GATE_ARGS[gate.name]}
   init = config.model.get('init_scheme', 'flax')
   if init == 'paddlerec' and gate.name == 'dselect_k':
-    gate_kwargs['w_init'] = gates.symmetric_uniform(1.0)  # PaddleRec's U(-1, 1).
-  expert_kwargs = {'conv': conv_impl(config), 'norm': norm_impl(config),
-                   'init_scheme': init}
+    gate_kwargs['w_init'] = gates.symmetric_uniform(
+      1.0
+    )  # PaddleRec's U(-1, 1).
+  expert_kwargs = {
+    'conv': conv_impl(config),
+    'norm': norm_impl(config),
+    'init_scheme': init,
+  }
+  spec = input_pipeline.describe(config.data.name)
   return models.MultiTaskMoE(
-      num_tasks=2,
-      num_experts=config.model.num_experts,
-      gate=gate.name,
-      gate_kwargs=flax.core.FrozenDict(gate_kwargs),
-      shared_gate=config.model.shared_gate,
-      routing_input=config.model.routing_input,
-      num_classes=10,
-      expert_kwargs=flax.core.FrozenDict(expert_kwargs),
-      tower_kwargs=flax.core.FrozenDict({'init_scheme': init}),
-      bn_axis_name=bn_axis_name)
+    num_tasks=spec.num_tasks,
+    num_experts=config.model.num_experts,
+    gate=gate.name,
+    gate_kwargs=flax.core.FrozenDict(gate_kwargs),
+    shared_gate=config.model.shared_gate,
+    routing_input=config.model.routing_input,
+    num_classes=spec.num_classes,
+    expert_kwargs=flax.core.FrozenDict(expert_kwargs),
+    tower_kwargs=flax.core.FrozenDict({'init_scheme': init}),
+    bn_axis_name=bn_axis_name,
+  )
 
 
 def conv_impl(config) -> str:
@@ -319,10 +362,13 @@ def norm_impl(config) -> str:
     return 'xla'
   if cpu_kernels.available():
     return 'kernel'
-  logging.log_first_n(logging.WARNING,
-                      'model.norm=auto: using XLA\'s BatchNorm, because the '
-                      'CPU kernels do not build here: %s', 1,
-                      cpu_kernels.build_failure())
+  logging.log_first_n(
+    logging.WARNING,
+    "model.norm=auto: using XLA's BatchNorm, because the "
+    'CPU kernels do not build here: %s',
+    1,
+    cpu_kernels.build_failure(),
+  )
   return 'xla'
 
 
@@ -331,8 +377,11 @@ def learning_rate_schedule(config, num_train_steps: int) -> optax.Schedule:
   if config.schedule.name == 'constant':
     return optax.constant_schedule(lr)
   return optax.warmup_cosine_decay_schedule(
-      0.0, lr, config.schedule.warmup_steps,
-      max(num_train_steps, config.schedule.warmup_steps + 1))
+    0.0,
+    lr,
+    config.schedule.warmup_steps,
+    max(num_train_steps, config.schedule.warmup_steps + 1),
+  )
 
 
 def create_optimizer(config, num_train_steps: int):
@@ -355,8 +404,11 @@ def entropy_weight(loss_config, step) -> jax.Array:
   when entropy_ramp_steps is 0)."""
   start, ramp = loss_config.entropy_start_step, loss_config.entropy_ramp_steps
   if ramp <= 0:
-    frac = (step >= start).astype(jnp.float32) if isinstance(
-        step, jax.Array) else float(step >= start)
+    frac = (
+      (step >= start).astype(jnp.float32)
+      if isinstance(step, jax.Array)
+      else float(step >= start)
+    )
   else:
     frac = jnp.clip((step - start) / ramp, 0, 1)
   return loss_config.entropy_weight * frac
@@ -368,23 +420,23 @@ def aux_weights(loss_config, step) -> dict[str, jax.Array]:
   return weights
 
 
-def image_shape() -> Sequence[int]:
-  """One example's shape, (H, W, 1)."""
-  return (input_pipeline.CANVAS, input_pipeline.CANVAS, 1)
-
-
 def initial_state(config, model, tx, rng) -> TrainState:
-  del config
-  dummy = jnp.zeros((1, *image_shape()), jnp.float32)
+  shape = input_pipeline.describe(config.data.name).image_shape
+  dummy = jnp.zeros((1, *shape), jnp.float32)
   params_rng, gating_rng = jax.random.split(rng)
-  variables = model.init({'params': params_rng, 'gating': gating_rng}, dummy,
-                         train=False)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables['batch_stats'], tx=tx)
+  variables = model.init(
+    {'params': params_rng, 'gating': gating_rng}, dummy, train=False
+  )
+  return TrainState.create(
+    apply_fn=model.apply,
+    params=variables['params'],
+    batch_stats=variables['batch_stats'],
+    tx=tx,
+  )
 
 
 def abstract_state(config, model, tx) -> TrainState:
   """The state's shapes and dtypes, with no array allocated."""
   return jax.eval_shape(
-      functools.partial(initial_state, config, model, tx),
-      jax.random.key(0))
+    functools.partial(initial_state, config, model, tx), jax.random.key(0)
+  )

@@ -23,8 +23,8 @@ weights trained with it can be loaded with :func:`params_from_tf`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
+import math
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -48,7 +48,9 @@ EPSILON = 1e-6
 def num_bits(num_experts: int) -> int:
   """M = ceil(log2(E)): the bits a selector needs to address E experts."""
   if num_experts < 2:
-    raise ValueError(f'num_experts must be >= 2, got num_experts={num_experts}.')
+    raise ValueError(
+      f'num_experts must be >= 2, got num_experts={num_experts}.'
+    )
   # (E - 1).bit_length() is exact integer arithmetic; math.log2 can round.
   return (num_experts - 1).bit_length()
 
@@ -78,8 +80,11 @@ def smooth_step(t: Array, gamma: float = 1.0) -> Array:
   lower, upper = -gamma / 2, gamma / 2
   a3, a1, a0 = -2 / gamma**3, 3 / (2 * gamma), 0.5
   cubic = a3 * t**3 + a1 * t + a0
-  return jnp.where(t <= lower, jnp.zeros_like(t),
-                   jnp.where(t >= upper, jnp.ones_like(t), cubic))
+  return jnp.where(
+    t <= lower,
+    jnp.zeros_like(t),
+    jnp.where(t >= upper, jnp.ones_like(t), cubic),
+  )
 
 
 def symmetric_uniform(scale: float) -> Initializer:
@@ -131,7 +136,7 @@ def reachability(r: Array, num_experts: int) -> Array:
   a selector from putting all its mass there (Section 4). It is defined as
   exactly 0 when E is a power of two, where every code is an expert.
   """
-  if num_experts == 2**num_bits(num_experts):
+  if num_experts == 2 ** num_bits(num_experts):
     return jnp.zeros(r.shape[:-2], r.dtype)
   return jnp.sum(1 / jnp.sum(r, axis=-1), axis=-1)
 
@@ -140,31 +145,41 @@ def _check_routing_inputs(gate: nn.Module, routing_inputs: Optional[Array]):
   name = type(gate).__name__
   if gate.per_example and routing_inputs is None:
     raise ValueError(
-        f'{name} with per_example=True needs routing_inputs of shape (B, D); '
-        'got None. Pass routing_inputs, or use per_example=False.')
+      f'{name} with per_example=True needs routing_inputs of shape (B, D); '
+      'got None. Pass routing_inputs, or use per_example=False.'
+    )
   if not gate.per_example and routing_inputs is not None:
     raise ValueError(
-        f'{name} with per_example=False is static and takes no routing_inputs; '
-        f'got an array of shape {jnp.shape(routing_inputs)}. Drop them, or use '
-        'per_example=True.')
+      f'{name} with per_example=False is static and takes no routing_inputs; '
+      f'got an array of shape {jnp.shape(routing_inputs)}. Drop them, or use '
+      'per_example=True.'
+    )
   if routing_inputs is not None and jnp.ndim(routing_inputs) != 2:
     raise ValueError(
-        f'{name}: routing_inputs must have shape (B, D); got shape '
-        f'{jnp.shape(routing_inputs)}. Flatten the features first.')
+      f'{name}: routing_inputs must have shape (B, D); got shape '
+      f'{jnp.shape(routing_inputs)}. Flatten the features first.'
+    )
 
 
 def _check_num_experts(gate: nn.Module):
-  if not isinstance(gate.num_experts, (int, np.integer)) or gate.num_experts < 2:
-    raise ValueError(f'{type(gate).__name__}: num_experts must be an integer '
-                     f'>= 2, got num_experts={gate.num_experts!r}.')
+  if (
+    not isinstance(gate.num_experts, (int, np.integer)) or gate.num_experts < 2
+  ):
+    raise ValueError(
+      f'{type(gate).__name__}: num_experts must be an integer '
+      f'>= 2, got num_experts={gate.num_experts!r}.'
+    )
 
 
 def _check_k(gate: nn.Module):
-  if (not isinstance(gate.k, (int, np.integer)) or
-      not 1 <= gate.k <= gate.num_experts):
+  if (
+    not isinstance(gate.k, (int, np.integer))
+    or not 1 <= gate.k <= gate.num_experts
+  ):
     raise ValueError(
-        f'{type(gate).__name__}: k must be an integer with 1 <= k <= '
-        f'num_experts={gate.num_experts}, got k={gate.k!r}.')
+      f'{type(gate).__name__}: k must be an integer with 1 <= k <= '
+      f'num_experts={gate.num_experts}, got k={gate.k!r}.'
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -197,6 +212,7 @@ class DSelectKGate(nn.Module):
     w_init: initializer of the selector-weight logits. Default: uniform on
       (-0.05, 0.05), Keras' ``RandomUniform()`` default used by the original.
   """
+
   num_experts: int
   k: int
   gamma: float = 1.0
@@ -207,11 +223,15 @@ class DSelectKGate(nn.Module):
   def __post_init__(self):
     _check_num_experts(self)
     _check_k(self)
-    if not (isinstance(self.gamma, (int, float, np.number)) and
-            math.isfinite(self.gamma) and self.gamma > 0):
+    if not (
+      isinstance(self.gamma, (int, float, np.number))
+      and math.isfinite(self.gamma)
+      and self.gamma > 0
+    ):
       raise ValueError(
-          'DSelectKGate: gamma must be a finite number > 0 (the width of the '
-          f'smooth step), got gamma={self.gamma!r}.')
+        'DSelectKGate: gamma must be a finite number > 0 (the width of the '
+        f'smooth step), got gamma={self.gamma!r}.'
+      )
     super().__post_init__()
 
   @nn.compact
@@ -222,11 +242,13 @@ class DSelectKGate(nn.Module):
     w_init = self.w_init or symmetric_uniform(0.05)
 
     if self.per_example:
-      z = nn.Dense(k * m, kernel_init=z_init, bias_init=z_init,
-                   name='z_logits')(routing_inputs)  # (B, K*M)
+      z = nn.Dense(
+        k * m, kernel_init=z_init, bias_init=z_init, name='z_logits'
+      )(routing_inputs)  # (B, K*M)
       z = z.reshape(-1, k, m)  # (B, K, M)
-      w = nn.Dense(k, kernel_init=w_init, bias_init=w_init,
-                   name='w_logits')(routing_inputs)  # (B, K)
+      w = nn.Dense(k, kernel_init=w_init, bias_init=w_init, name='w_logits')(
+        routing_inputs
+      )  # (B, K)
     else:
       z = self.param('z_logits', z_init, (k, m))  # (K, M)
       w = self.param('w_logits', w_init, (k,))  # (K,)
@@ -235,9 +257,9 @@ class DSelectKGate(nn.Module):
     alpha = jax.nn.softmax(w, axis=-1)  # ([B,] K)
     weights = jnp.sum(alpha[..., None] * r, axis=-2)  # ([B,] E)
     aux = {
-        'selector_outputs': r,
-        'entropy': jnp.mean(entropy(r)),
-        'reachability': jnp.mean(reachability(r, self.num_experts)),
+      'selector_outputs': r,
+      'entropy': jnp.mean(entropy(r)),
+      'reachability': jnp.mean(reachability(r, self.num_experts)),
     }
     return weights, aux
 
@@ -254,6 +276,7 @@ class SoftmaxGate(nn.Module):
     logits_init: initializer of the logits (kernel and bias when per-example);
       default zeros for static (uniform weights) and LeCun normal kernels.
   """
+
   num_experts: int
   per_example: bool = False
   logits_init: Optional[Initializer] = None
@@ -267,11 +290,13 @@ class SoftmaxGate(nn.Module):
     _check_routing_inputs(self, routing_inputs)
     if self.per_example:
       kwargs = {'kernel_init': self.logits_init} if self.logits_init else {}
-      logits = nn.Dense(self.num_experts, name='logits',
-                        **kwargs)(routing_inputs)  # (B, E)
+      logits = nn.Dense(self.num_experts, name='logits', **kwargs)(
+        routing_inputs
+      )  # (B, E)
     else:
-      logits = self.param('logits', self.logits_init or nn.initializers.zeros,
-                          (self.num_experts,))  # (E,)
+      logits = self.param(
+        'logits', self.logits_init or nn.initializers.zeros, (self.num_experts,)
+      )  # (E,)
     return jax.nn.softmax(logits, axis=-1), {}
 
 
@@ -310,6 +335,7 @@ class TopKGate(nn.Module):
     logits_init: initializer of the gate logits; default zeros (static) and zero
       kernels (per-example), as the paper recommends, so the start is uniform.
   """
+
   num_experts: int
   k: int
   per_example: bool = False
@@ -324,19 +350,22 @@ class TopKGate(nn.Module):
   def _logits(self, name: str, routing_inputs: Optional[Array]) -> Array:
     init = self.logits_init or nn.initializers.zeros
     if self.per_example:
-      return nn.Dense(self.num_experts, kernel_init=init,
-                      name=name)(routing_inputs)  # (B, E)
+      return nn.Dense(self.num_experts, kernel_init=init, name=name)(
+        routing_inputs
+      )  # (B, E)
     return self.param(name, init, (self.num_experts,))[None]  # (1, E)
 
   @nn.compact
-  def __call__(self, routing_inputs: Optional[Array] = None, *,
-               deterministic: bool = True):
+  def __call__(
+    self, routing_inputs: Optional[Array] = None, *, deterministic: bool = True
+  ):
     _check_routing_inputs(self, routing_inputs)
     clean = self._logits('logits', routing_inputs)  # (B, E)
     use_noise = self.noisy and not deterministic
     if self.noisy:
-      noise_std = jax.nn.softplus(
-          self._logits('noise_logits', routing_inputs)) + 1e-2  # (B, E)
+      noise_std = (
+        jax.nn.softplus(self._logits('noise_logits', routing_inputs)) + 1e-2
+      )  # (B, E)
     if use_noise:
       noise = jax.random.normal(self.make_rng('gating'), clean.shape)
       logits = clean + noise * noise_std
@@ -353,16 +382,17 @@ class TopKGate(nn.Module):
       # its clean logit with the k-th (or, for kept experts, (k+1)-th) largest
       # noisy logit of the others.
       top_kp1, _ = jax.lax.top_k(logits, self.k + 1)  # (B, k+1)
-      in_top = logits >= top_kp1[:, self.k - 1:self.k]  # (B, E)
-      threshold = jnp.where(in_top, top_kp1[:, self.k:self.k + 1],
-                            top_kp1[:, self.k - 1:self.k])  # (B, E)
+      in_top = logits >= top_kp1[:, self.k - 1 : self.k]  # (B, E)
+      threshold = jnp.where(
+        in_top, top_kp1[:, self.k : self.k + 1], top_kp1[:, self.k - 1 : self.k]
+      )  # (B, E)
       prob = jax.scipy.stats.norm.cdf((clean - threshold) / noise_std)
       load = jnp.sum(prob, axis=0)  # (E,)
     else:
       load = jnp.sum((weights > 0).astype(weights.dtype), axis=0)  # (E,)
     aux = {
-        'importance': cv_squared(jnp.sum(weights, axis=0)),
-        'load': cv_squared(load),
+      'importance': cv_squared(jnp.sum(weights, axis=0)),
+      'load': cv_squared(load),
     }
     if not self.per_example:
       weights = weights[0]  # (E,)
@@ -370,9 +400,9 @@ class TopKGate(nn.Module):
 
 
 GATES: Mapping[str, type[nn.Module]] = {
-    'dselect_k': DSelectKGate,
-    'softmax': SoftmaxGate,
-    'top_k': TopKGate,
+  'dselect_k': DSelectKGate,
+  'softmax': SoftmaxGate,
+  'top_k': TopKGate,
 }
 
 
@@ -405,29 +435,41 @@ def params_from_tf(tf_weights: Mapping[str, Any]) -> dict[str, Any]:
   Returns:
     The ``params`` collection for ``DSelectKGate.apply({'params': ...})``.
   """
-  expected = ("{'z_logits': (K, 1, M), 'w_logits': (K, 1)} for a static "
-              "gate, or {'z_logits': {'kernel', 'bias'}, 'w_logits': "
-              "{'kernel', 'bias'}} for a per-example gate")
+  expected = (
+    "{'z_logits': (K, 1, M), 'w_logits': (K, 1)} for a static "
+    "gate, or {'z_logits': {'kernel', 'bias'}, 'w_logits': "
+    "{'kernel', 'bias'}} for a per-example gate"
+  )
   for name in ('z_logits', 'w_logits'):
     if name not in tf_weights:
-      raise ValueError(f'params_from_tf: no {name!r} in the TF weights (keys: '
-                       f'{sorted(tf_weights)}); expected {expected}.')
+      raise ValueError(
+        f'params_from_tf: no {name!r} in the TF weights (keys: '
+        f'{sorted(tf_weights)}); expected {expected}.'
+      )
   z, w = tf_weights['z_logits'], tf_weights['w_logits']
   if isinstance(z, Mapping) or isinstance(w, Mapping):
     for name in ('z_logits', 'w_logits'):
       layer = tf_weights[name]
       if not isinstance(layer, Mapping) or {'kernel', 'bias'} - set(layer):
-        have = sorted(layer) if isinstance(layer, Mapping) else type(
-            layer).__name__
-        raise ValueError(f'params_from_tf: {name!r} must hold a Dense '
-                         f"layer's 'kernel' and 'bias', got {have}; expected "
-                         f'{expected}.')
-    return {name: {'kernel': jnp.asarray(tf_weights[name]['kernel']),
-                   'bias': jnp.asarray(tf_weights[name]['bias'])}
-            for name in ('z_logits', 'w_logits')}
+        have = (
+          sorted(layer) if isinstance(layer, Mapping) else type(layer).__name__
+        )
+        raise ValueError(
+          f'params_from_tf: {name!r} must hold a Dense '
+          f"layer's 'kernel' and 'bias', got {have}; expected "
+          f'{expected}.'
+        )
+    return {
+      name: {
+        'kernel': jnp.asarray(tf_weights[name]['kernel']),
+        'bias': jnp.asarray(tf_weights[name]['bias']),
+      }
+      for name in ('z_logits', 'w_logits')
+    }
   z, w = np.asarray(z), np.asarray(w)
   if z.ndim != 3 or z.shape[1] != 1 or w.shape != (z.shape[0], 1):
     raise ValueError(
-        'Expected the static TF layer\'s z_logits of shape (K, 1, M) and '
-        f'w_logits of shape (K, 1); got {z.shape} and {w.shape}.')
+      "Expected the static TF layer's z_logits of shape (K, 1, M) and "
+      f'w_logits of shape (K, 1); got {z.shape} and {w.shape}.'
+    )
   return {'z_logits': jnp.asarray(z[:, 0, :]), 'w_logits': jnp.asarray(w[:, 0])}

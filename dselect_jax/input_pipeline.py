@@ -40,14 +40,14 @@ arrays are byte-identical everywhere. Built arrays are cached as ``.npz``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 import dataclasses
 import hashlib
 import json
 import os
 import tempfile
-import zipfile
-from collections.abc import Callable, Iterator
 from typing import Optional
+import zipfile
 
 from absl import logging
 import numpy as np
@@ -61,10 +61,10 @@ DIGIT = 28
 BUILD_VERSION = 2
 
 DATASETS = {
-    # name: (top-left source, bottom-right source)
-    'multi_mnist': ('mnist', 'mnist'),
-    'multi_fashion': ('fashion_mnist', 'fashion_mnist'),
-    'multi_fashion_mnist': ('mnist', 'fashion_mnist'),
+  # name: (top-left source, bottom-right source)
+  'multi_mnist': ('mnist', 'mnist'),
+  'multi_fashion': ('fashion_mnist', 'fashion_mnist'),
+  'multi_fashion_mnist': ('mnist', 'fashion_mnist'),
 }
 SPECIAL_DATASETS = ('multi_mnist_sample', 'paddlerec')
 RECIPES = ('comet', 'paretomtl', 'paretomtl_axes')
@@ -75,12 +75,38 @@ _RECIPE_SEED = {'comet': 0, 'paretomtl_axes': 1, 'paretomtl': 2}
 PARETOMTL_TOP_LEFT = (1, 4)
 PARETOMTL_BOTTOM_RIGHT = (5, 8)
 PARETOMTL_VALIDATION = 20000
-SAMPLE_FILE = os.path.join(os.path.dirname(__file__), 'data',
-                           'multi_mnist_sample.npz')
+SAMPLE_FILE = os.path.join(
+  os.path.dirname(__file__), 'data', 'multi_mnist_sample.npz'
+)
 
 
-PROVENANCE_KEYS = ('top_left_index', 'bottom_right_index', 'top_left_offset',
-                   'bottom_right_offset')
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """What a model needs to know of a data set: its tasks, each task's
+  classes, and one example's shape (H, W, channels)."""
+
+  num_tasks: int
+  num_classes: int
+  image_shape: tuple[int, int, int]
+
+
+def describe(dataset: str) -> DataSpec:
+  """The spec of a data set of this module (all of the MultiMNIST family:
+  two 10-class tasks on a 36x36 grey canvas)."""
+  if dataset not in DATASETS and dataset not in SPECIAL_DATASETS:
+    raise DataError(
+      f'Unknown data set {dataset!r}; choose one of '
+      f'{sorted(DATASETS) + list(SPECIAL_DATASETS)}.'
+    )
+  return DataSpec(num_tasks=2, num_classes=10, image_shape=(CANVAS, CANVAS, 1))
+
+
+PROVENANCE_KEYS = (
+  'top_left_index',
+  'bottom_right_index',
+  'top_left_offset',
+  'bottom_right_offset',
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +119,7 @@ class Split:
   test), and ``top_left_offset`` / ``bottom_right_offset`` int (N, 2), the
   (row, col) of each image's corner on the canvas.
   """
+
   images: np.ndarray
   labels: np.ndarray
   provenance: Optional[dict[str, np.ndarray]] = None
@@ -106,8 +133,9 @@ class Split:
 # ---------------------------------------------------------------------------
 
 
-def stratified_split(labels: np.ndarray, num_holdout: int,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+  labels: np.ndarray, num_holdout: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
   """Splits indices so the holdout has ``num_holdout`` items, classes in
   proportion (largest remainders), each part sorted."""
   classes, counts = np.unique(labels, return_counts=True)
@@ -124,9 +152,14 @@ def stratified_split(labels: np.ndarray, num_holdout: int,
   return keep, holdout
 
 
-def _partners(rng: np.random.Generator, base: np.ndarray,
-              base_labels: np.ndarray, partner_labels: np.ndarray,
-              same_source: bool, different_class: bool) -> np.ndarray:
+def _partners(
+  rng: np.random.Generator,
+  base: np.ndarray,
+  base_labels: np.ndarray,
+  partner_labels: np.ndarray,
+  same_source: bool,
+  different_class: bool,
+) -> np.ndarray:
   """A partner index into the partner pool for each base image.
 
   ``base``: the base images' positions in their pool, ``base_labels`` their
@@ -151,8 +184,12 @@ def _partners(rng: np.random.Generator, base: np.ndarray,
   return rng.integers(0, pool, n)
 
 
-def compose(top_left: np.ndarray, bottom_right: np.ndarray,
-            offsets_tl: np.ndarray, offsets_br: np.ndarray) -> np.ndarray:
+def compose(
+  top_left: np.ndarray,
+  bottom_right: np.ndarray,
+  offsets_tl: np.ndarray,
+  offsets_br: np.ndarray,
+) -> np.ndarray:
   """Overlays image pairs on 36x36 canvases: sum, clipped at 255.
 
   Args:
@@ -170,12 +207,13 @@ def compose(top_left: np.ndarray, bottom_right: np.ndarray,
     for key in np.unique(keys):
       rows = np.flatnonzero(keys == key)
       dy, dx = divmod(int(key), 16)
-      canvas[rows, dy:dy + DIGIT, dx:dx + DIGIT] += images[rows]
+      canvas[rows, dy : dy + DIGIT, dx : dx + DIGIT] += images[rows]
   return np.minimum(canvas, 255).astype(np.uint8)
 
 
-def paretomtl_offsets(rng: np.random.Generator,
-                      n: int) -> tuple[np.ndarray, np.ndarray]:
+def paretomtl_offsets(
+  rng: np.random.Generator, n: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Pareto MTL's placements of n pairs: ((a, a), (c, c)) per row, int (n, 2)
   each, a uniform in 1..4 and c in 5..8."""
   a = rng.integers(PARETOMTL_TOP_LEFT[0], PARETOMTL_TOP_LEFT[1] + 1, n)
@@ -185,17 +223,31 @@ def paretomtl_offsets(rng: np.random.Generator,
 
 def _offsets(rng, recipe: str, n: int) -> tuple[np.ndarray, np.ndarray]:
   if recipe == 'comet':
-    return (np.zeros((n, 2), np.int64),
-            np.full((n, 2), CANVAS - DIGIT, np.int64))
+    return (
+      np.zeros((n, 2), np.int64),
+      np.full((n, 2), CANVAS - DIGIT, np.int64),
+    )
   if recipe == 'paretomtl':
     return paretomtl_offsets(rng, n)
   centre = (CANVAS - DIGIT) // 2
-  return (centre - rng.integers(0, centre + 1, (n, 2)),
-          centre + rng.integers(0, centre + 1, (n, 2)))
+  return (
+    centre - rng.integers(0, centre + 1, (n, 2)),
+    centre + rng.integers(0, centre + 1, (n, 2)),
+  )
 
 
-def _build_split(rng, tl_index, tl_images, tl_labels, br_index, br_images,
-                 br_labels, recipe, same_source, base=None) -> Split:
+def _build_split(
+  rng,
+  tl_index,
+  tl_images,
+  tl_labels,
+  br_index,
+  br_images,
+  br_labels,
+  recipe,
+  same_source,
+  base=None,
+) -> Split:
   """Composites of the top-left images at positions ``base`` (default: each
   one twice, in order) with random partners and the recipe's placements."""
   different_class = recipe != 'comet' and same_source
@@ -203,39 +255,63 @@ def _build_split(rng, tl_index, tl_images, tl_labels, br_index, br_images,
     rounds = [np.arange(len(tl_images))] * 2
   else:
     rounds = [base]
-  partner = np.concatenate([
-      _partners(rng, positions, tl_labels[positions], br_labels, same_source,
-                different_class) for positions in rounds])
+  partner = np.concatenate(
+    [
+      _partners(
+        rng,
+        positions,
+        tl_labels[positions],
+        br_labels,
+        same_source,
+        different_class,
+      )
+      for positions in rounds
+    ]
+  )
   base = np.concatenate(rounds)
   offsets_tl, offsets_br = _offsets(rng, recipe, len(base))
-  images = compose(tl_images[base], br_images[partner], offsets_tl,
-                   offsets_br)
+  images = compose(tl_images[base], br_images[partner], offsets_tl, offsets_br)
   labels = np.stack([tl_labels[base], br_labels[partner]], 1).astype(np.int32)
-  provenance = {'top_left_index': tl_index[base],
-                'bottom_right_index': br_index[partner],
-                'top_left_offset': offsets_tl, 'bottom_right_offset': offsets_br}
+  provenance = {
+    'top_left_index': tl_index[base],
+    'bottom_right_index': br_index[partner],
+    'top_left_offset': offsets_tl,
+    'bottom_right_offset': offsets_br,
+  }
   return Split(images, labels, provenance)
 
 
 def _take(split: Split, rows) -> Split:
-  return Split(split.images[rows], split.labels[rows],
-               {k: v[rows] for k, v in split.provenance.items()})
+  return Split(
+    split.images[rows],
+    split.labels[rows],
+    {k: v[rows] for k, v in split.provenance.items()},
+  )
 
 
 def _raw(dataset, data_dir, download):
   tl_source, br_source = DATASETS[dataset]
-  return {(s, split): sources.load_source(s, split, data_dir, download)
-          for s in {tl_source, br_source} for split in ('train', 'test')}
+  return {
+    (s, split): sources.load_source(s, split, data_dir, download)
+    for s in {tl_source, br_source}
+    for split in ('train', 'test')
+  }
 
 
 def _generator(dataset, recipe, seed, *more) -> np.random.Generator:
-  return np.random.default_rng([seed, _RECIPE_SEED[recipe],
-                                list(DATASETS).index(dataset), *more])
+  return np.random.default_rng(
+    [seed, _RECIPE_SEED[recipe], list(DATASETS).index(dataset), *more]
+  )
 
 
-def build(dataset: str, recipe: str = 'comet', seed: int = 0,
-          data_dir: Optional[str] = None, download: bool = True,
-          num_validation: Optional[int] = None) -> dict[str, Split]:
+def build(
+  dataset: str,
+  recipe: str = 'comet',
+  seed: int = 0,
+  data_dir: Optional[str] = None,
+  download: bool = True,
+  num_validation: Optional[int] = None,
+) -> dict[str, Split]:
   """Builds ``{'train', 'validation', 'test'}`` of a MultiMNIST-family set.
 
   ``num_validation``: for ``paretomtl``, the train composites held out at
@@ -249,38 +325,62 @@ def build(dataset: str, recipe: str = 'comet', seed: int = 0,
   raw = _raw(dataset, data_dir, download)
   rng = _generator(dataset, recipe, seed)
   if recipe == 'paretomtl':
-    num_validation = (PARETOMTL_VALIDATION if num_validation is None else
-                      num_validation)
+    num_validation = (
+      PARETOMTL_VALIDATION if num_validation is None else num_validation
+    )
     full = {}
     for split in ('train', 'test'):
       (tl_images, tl_labels), (br_images, br_labels) = (
-          raw[(tl_source, split)], raw[(br_source, split)])
+        raw[(tl_source, split)],
+        raw[(br_source, split)],
+      )
       full[split] = _build_split(
-          rng, np.arange(len(tl_labels)), tl_images, tl_labels,
-          np.arange(len(br_labels)), br_images, br_labels, recipe, same_source)
+        rng,
+        np.arange(len(tl_labels)),
+        tl_images,
+        tl_labels,
+        np.arange(len(br_labels)),
+        br_images,
+        br_labels,
+        recipe,
+        same_source,
+      )
     n = len(full['train'].labels)
     if not 0 <= num_validation < n:
-      raise DataError(f'num_validation={num_validation}: must be in 0..{n - 1} '
-                      f'(the {n} train composites).')
-    return {'train': _take(full['train'], slice(0, n - num_validation)),
-            'validation': _take(full['train'], slice(n - num_validation, n)),
-            'test': full['test']}
-  holdout = 10000 if recipe == 'comet' else (
-      5000 if num_validation is None else num_validation)
+      raise DataError(
+        f'num_validation={num_validation}: must be in 0..{n - 1} '
+        f'(the {n} train composites).'
+      )
+    return {
+      'train': _take(full['train'], slice(0, n - num_validation)),
+      'validation': _take(full['train'], slice(n - num_validation, n)),
+      'test': full['test'],
+    }
+  holdout = (
+    10000
+    if recipe == 'comet'
+    else (5000 if num_validation is None else num_validation)
+  )
   # The same base-image split of each source, drawn once per source.
   parts = {}
   for s in sorted({tl_source, br_source}):
     images, labels = raw[(s, 'train')]
     keep, held = stratified_split(labels, holdout, rng)
     test_images, test_labels = raw[(s, 'test')]
-    parts[s] = {'train': (keep, images[keep], labels[keep]),
-                'validation': (held, images[held], labels[held]),
-                'test': (np.arange(len(test_labels)), test_images,
-                         test_labels)}
+    parts[s] = {
+      'train': (keep, images[keep], labels[keep]),
+      'validation': (held, images[held], labels[held]),
+      'test': (np.arange(len(test_labels)), test_images, test_labels),
+    }
   return {
-      split: _build_split(rng, *parts[tl_source][split],
-                          *parts[br_source][split], recipe, same_source)
-      for split in ('train', 'validation', 'test')
+    split: _build_split(
+      rng,
+      *parts[tl_source][split],
+      *parts[br_source][split],
+      recipe,
+      same_source,
+    )
+    for split in ('train', 'validation', 'test')
   }
 
 
@@ -294,25 +394,36 @@ class FreshTrainSplits:
   images for ``paretomtl``, the train bases for the other recipes.
   """
 
-  def __init__(self, dataset: str, recipe: str, seed: int, train: Split,
-               data_dir: Optional[str] = None, download: bool = True):
+  def __init__(
+    self,
+    dataset: str,
+    recipe: str,
+    seed: int,
+    train: Split,
+    data_dir: Optional[str] = None,
+    download: bool = True,
+  ):
     _check_name(dataset, recipe)
     if train.provenance is None:
-      raise DataError('fresh train composites need a data set built from '
-                      'the raw files; the stored ones (multi_mnist_sample, '
-                      'paddlerec) have no source images to re-pair.')
+      raise DataError(
+        'fresh train composites need a data set built from '
+        'the raw files; the stored ones (multi_mnist_sample, '
+        'paddlerec) have no source images to re-pair.'
+      )
     self.dataset, self.recipe, self.seed = dataset, recipe, seed
     tl_source, br_source = DATASETS[dataset]
     self._same_source = tl_source == br_source
     raw = _raw(dataset, data_dir, download)
     index = train.provenance['top_left_index']
     pools = {}
-    for side, source, used in (('tl', tl_source, index),
-                               ('br', br_source,
-                                train.provenance['bottom_right_index'])):
+    for side, source, used in (
+      ('tl', tl_source, index),
+      ('br', br_source, train.provenance['bottom_right_index']),
+    ):
       images, labels = raw[(source, 'train')]
-      pool = (np.arange(len(labels)) if recipe == 'paretomtl' else
-              np.unique(used))
+      pool = (
+        np.arange(len(labels)) if recipe == 'paretomtl' else np.unique(used)
+      )
       if self._same_source and side == 'br':
         pool = pools['tl'][0]  # One pool: "never itself" holds.
       pools[side] = (pool, images[pool], labels[pool])
@@ -323,19 +434,28 @@ class FreshTrainSplits:
   def __call__(self, epoch: int) -> Split:
     if self._cached[0] != epoch:
       rng = _generator(self.dataset, self.recipe, self.seed, 1, epoch)
-      split = _build_split(rng, *self._pools['tl'], *self._pools['br'],
-                           self.recipe, self._same_source, base=self._base)
+      split = _build_split(
+        rng,
+        *self._pools['tl'],
+        *self._pools['br'],
+        self.recipe,
+        self._same_source,
+        base=self._base,
+      )
       self._cached = (epoch, split)
     return self._cached[1]
 
 
 def _check_name(dataset: str, recipe: str):
   if dataset not in DATASETS:
-    raise DataError(f'Unknown data set {dataset!r}; choose one of '
-                    f'{sorted(DATASETS) + list(SPECIAL_DATASETS)}.')
+    raise DataError(
+      f'Unknown data set {dataset!r}; choose one of '
+      f'{sorted(DATASETS) + list(SPECIAL_DATASETS)}.'
+    )
   if recipe not in RECIPES:
-    raise DataError(f'Unknown recipe {recipe!r}; choose one of '
-                    f'{list(RECIPES)}.')
+    raise DataError(
+      f'Unknown recipe {recipe!r}; choose one of {list(RECIPES)}.'
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -345,9 +465,17 @@ def _check_name(dataset: str, recipe: str):
 
 def _cache_key(dataset, recipe, seed, num_validation) -> str:
   srcs = sorted(set(DATASETS[dataset]))
-  blob = json.dumps([BUILD_VERSION, dataset, recipe, seed,
-                     num_validation,
-                     [sources.CHECKSUMS[s] for s in srcs]], sort_keys=True)
+  blob = json.dumps(
+    [
+      BUILD_VERSION,
+      dataset,
+      recipe,
+      seed,
+      num_validation,
+      [sources.CHECKSUMS[s] for s in srcs],
+    ],
+    sort_keys=True,
+  )
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -378,15 +506,22 @@ def splits_to_arrays(splits: dict[str, Split]) -> dict[str, np.ndarray]:
 
 def _arrays_to_splits(arrays, path) -> dict[str, Split]:
   def split(name):
-    provenance = {k: arrays[f'{name}_{k}'] for k in PROVENANCE_KEYS
-                  if f'{name}_{k}' in arrays}
-    return Split(arrays[f'{name}_images'], arrays[f'{name}_labels'],
-                 provenance or None)
+    provenance = {
+      k: arrays[f'{name}_{k}']
+      for k in PROVENANCE_KEYS
+      if f'{name}_{k}' in arrays
+    }
+    return Split(
+      arrays[f'{name}_images'], arrays[f'{name}_labels'], provenance or None
+    )
+
   try:
     return {name: split(name) for name in ('train', 'validation', 'test')}
   except (KeyError, ValueError, OSError) as e:
-    raise DataError(f'{path}: damaged or incomplete ({e}); delete it and '
-                    'run again to rebuild.') from None
+    raise DataError(
+      f'{path}: damaged or incomplete ({e}); delete it and '
+      'run again to rebuild.'
+    ) from None
 
 
 def load_npz_splits(path: str) -> dict[str, Split]:
@@ -396,34 +531,49 @@ def load_npz_splits(path: str) -> dict[str, Split]:
     with np.load(path, allow_pickle=False) as f:
       return _arrays_to_splits({k: f[k] for k in f.files}, path)
   except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-    raise DataError(f'{path}: damaged ({e}); delete it and run again to '
-                    'rebuild.') from None
+    raise DataError(
+      f'{path}: damaged ({e}); delete it and run again to rebuild.'
+    ) from None
 
 
-def load_paddlerec(paddlerec_dir: Optional[str], seed: int = 0,
-                   num_validation: int = 10000) -> dict[str, Split]:
+def load_paddlerec(
+  paddlerec_dir: Optional[str], seed: int = 0, num_validation: int = 10000
+) -> dict[str, Split]:
   """PaddleRec's ``train.pickle``/``test.pickle``, validation carved from
   train (stratified on the task-1 label)."""
   if not paddlerec_dir:
-    raise DataError('data.name="paddlerec" needs data.paddlerec_dir, the '
-                    'folder holding PaddleRec\'s train.pickle and '
-                    'test.pickle.')
+    raise DataError(
+      'data.name="paddlerec" needs data.paddlerec_dir, the '
+      "folder holding PaddleRec's train.pickle and "
+      'test.pickle.'
+    )
   train_x, train_y = sources.read_paddlerec_pickle(
-      os.path.join(paddlerec_dir, 'train.pickle'))
+    os.path.join(paddlerec_dir, 'train.pickle')
+  )
   test_x, test_y = sources.read_paddlerec_pickle(
-      os.path.join(paddlerec_dir, 'test.pickle'))
+    os.path.join(paddlerec_dir, 'test.pickle')
+  )
   num_validation = min(num_validation, len(train_x) // 5)
-  keep, held = stratified_split(train_y[:, 0], num_validation,
-                                np.random.default_rng(seed))
-  return {'train': Split(train_x[keep], train_y[keep]),
-          'validation': Split(train_x[held], train_y[held]),
-          'test': Split(test_x, test_y)}
+  keep, held = stratified_split(
+    train_y[:, 0], num_validation, np.random.default_rng(seed)
+  )
+  return {
+    'train': Split(train_x[keep], train_y[keep]),
+    'validation': Split(train_x[held], train_y[held]),
+    'test': Split(test_x, test_y),
+  }
 
 
-def load(dataset: str, recipe: str = 'comet', seed: int = 0,
-         data_dir: Optional[str] = None, cache_dir: Optional[str] = None,
-         download: bool = True, num_validation: Optional[int] = None,
-         paddlerec_dir: Optional[str] = None) -> dict[str, Split]:
+def load(
+  dataset: str,
+  recipe: str = 'comet',
+  seed: int = 0,
+  data_dir: Optional[str] = None,
+  cache_dir: Optional[str] = None,
+  download: bool = True,
+  num_validation: Optional[int] = None,
+  paddlerec_dir: Optional[str] = None,
+) -> dict[str, Split]:
   """The three splits of a data set, from the cache when it has them.
 
   Args:
@@ -449,10 +599,11 @@ def load(dataset: str, recipe: str = 'comet', seed: int = 0,
     try:
       return load_npz_splits(path)
     except DataError as e:  # Rebuilt below, and written over.
-      logging.warning('cached data set %s', str(e).replace(
-          'delete it and run again to rebuild', 'rebuilding it'))
-  splits = build(dataset, recipe, seed, data_dir, download,
-                 num_validation)
+      logging.warning(
+        'cached data set %s',
+        str(e).replace('delete it and run again to rebuild', 'rebuilding it'),
+      )
+  splits = build(dataset, recipe, seed, data_dir, download, num_validation)
   try:
     save_npz(path, splits_to_arrays(splits))
   except OSError:
@@ -474,9 +625,10 @@ def check_batch_size(global_batch: int, num_devices: int) -> int:
   """The per-device batch; a clear error when the division is not exact."""
   if global_batch < 1 or global_batch % num_devices:
     raise ValueError(
-        f'batch_size={global_batch} must be a positive multiple of the '
-        f'{num_devices} devices; set --config.batch_size to a multiple '
-        f'of {num_devices}.')
+      f'batch_size={global_batch} must be a positive multiple of the '
+      f'{num_devices} devices; set --config.batch_size to a multiple '
+      f'of {num_devices}.'
+    )
   return global_batch // num_devices
 
 
@@ -492,11 +644,17 @@ def _local_rows(global_batch, num_devices, process_index, process_count):
   return per_device, slice(process_index * local, (process_index + 1) * local)
 
 
-def train_batches(split: Split, global_batch: int, num_devices: int,
-                  seed: int, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1, shuffle: bool = True,
-                  epoch_split: Optional[Callable[[int], Split]] = None
-                  ) -> Iterator[dict]:
+def train_batches(
+  split: Split,
+  global_batch: int,
+  num_devices: int,
+  seed: int,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  shuffle: bool = True,
+  epoch_split: Optional[Callable[[int], Split]] = None,
+) -> Iterator[dict]:
   """Endless shuffled batches, from global step ``start_step`` on.
 
   Step s reads batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``
@@ -511,56 +669,70 @@ def train_batches(split: Split, global_batch: int, num_devices: int,
     ``{'image': float32 (devices, per_device, 36, 36, 1),
        'label': int32 (devices, per_device, 2)}``.
   """
-  per_device, local = _local_rows(global_batch, num_devices, process_index,
-                                  process_count)
+  per_device, local = _local_rows(
+    global_batch, num_devices, process_index, process_count
+  )
   steps_per_epoch = len(split) // global_batch
   if steps_per_epoch == 0:
-    raise ValueError(f'batch_size={global_batch} is larger than the '
-                     f'{len(split)} training examples; lower it.')
+    raise ValueError(
+      f'batch_size={global_batch} is larger than the '
+      f'{len(split)} training examples; lower it.'
+    )
   step = start_step
   while True:
     epoch, index = divmod(step, steps_per_epoch)
     if epoch_split is not None:
       split = epoch_split(epoch)
-    order = (epoch_permutation(len(split), seed, epoch) if shuffle else
-             np.arange(len(split)))
+    order = (
+      epoch_permutation(len(split), seed, epoch)
+      if shuffle
+      else np.arange(len(split))
+    )
     while index < steps_per_epoch:
       # Sorted before slicing: device d of the global batch reads the same
       # rows whatever the number of processes.
-      rows = np.sort(order[index * global_batch:(index + 1) * global_batch])
+      rows = np.sort(order[index * global_batch : (index + 1) * global_batch])
       rows = rows[local]
       yield {
-          'image': to_model_input(split.images[rows]).reshape(
-              num_devices, per_device, CANVAS, CANVAS, 1),
-          'label': split.labels[rows].reshape(num_devices, per_device, 2),
+        'image': to_model_input(split.images[rows]).reshape(
+          num_devices, per_device, CANVAS, CANVAS, 1
+        ),
+        'label': split.labels[rows].reshape(num_devices, per_device, 2),
       }
       index += 1
       step += 1
 
 
-def eval_batches(split: Split, global_batch: int, num_devices: int,
-                 process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict]:
+def eval_batches(
+  split: Split,
+  global_batch: int,
+  num_devices: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict]:
   """Every example exactly once, in order; the last batch padded.
 
   Yields the train batches' keys plus ``mask``: float32 (devices,
   per_device), 1 for real examples and 0 for padding.
   """
-  per_device, local = _local_rows(global_batch, num_devices, process_index,
-                                  process_count)
+  per_device, local = _local_rows(
+    global_batch, num_devices, process_index, process_count
+  )
   for start in range(0, len(split), global_batch):
-    images = split.images[start:start + global_batch]
-    labels = split.labels[start:start + global_batch]
+    images = split.images[start : start + global_batch]
+    labels = split.labels[start : start + global_batch]
     mask = np.ones(global_batch, np.float32)
     pad = global_batch - len(images)
     if pad:
-      mask[len(images):] = 0
-      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:],
-                                                images.dtype)])
+      mask[len(images) :] = 0
+      images = np.concatenate(
+        [images, np.zeros((pad,) + images.shape[1:], images.dtype)]
+      )
       labels = np.concatenate([labels, np.zeros((pad, 2), labels.dtype)])
     yield {
-        'image': to_model_input(images[local]).reshape(
-            num_devices, per_device, CANVAS, CANVAS, 1),
-        'label': labels[local].reshape(num_devices, per_device, 2),
-        'mask': mask[local].reshape(num_devices, per_device),
+      'image': to_model_input(images[local]).reshape(
+        num_devices, per_device, CANVAS, CANVAS, 1
+      ),
+      'label': labels[local].reshape(num_devices, per_device, 2),
+      'mask': mask[local].reshape(num_devices, per_device),
     }

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+import gzip
 import json
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -35,8 +36,10 @@ class MetricWriter:
           f.write(b'\n')
     try:
       import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir,
-                                                         'tensorboard'))
+
+      self._tb = tensorboardX.SummaryWriter(
+        os.path.join(workdir, 'tensorboard')
+      )
     except ImportError:
       pass
 
@@ -58,8 +61,9 @@ class MetricWriter:
       elif key == 'expert_weights':
         for t, row in enumerate(value):
           for e, w in enumerate(row):
-            self._tb.add_scalar(f'{split}/expert_weight_task{t + 1}/{e}', w,
-                                step)
+            self._tb.add_scalar(
+              f'{split}/expert_weight_task{t + 1}/{e}', w, step
+            )
 
   def flush(self):
     if self._tb is not None:
@@ -74,8 +78,13 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The records of ``workdir/metrics.jsonl``; see :func:`read_records`."""
-  return read_records(os.path.join(workdir, METRICS_FILE))
+  """The records of ``workdir/metrics.jsonl`` (or of its gzipped copy,
+  ``metrics.jsonl.gz``, as results folders keep it); see
+  :func:`read_records`."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path) and os.path.exists(path + '.gz'):
+    path += '.gz'
+  return read_records(path)
 
 
 def read_records(path: str) -> list[dict[str, Any]]:
@@ -94,7 +103,8 @@ def read_records(path: str) -> list[dict[str, Any]]:
   if not os.path.exists(path):
     return []
   records, last_train_step = [], None
-  with open(path) as f:
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'rt') as f:
     for line in f:
       try:
         record = json.loads(line)
@@ -103,12 +113,14 @@ def read_records(path: str) -> list[dict[str, Any]]:
       step = record['step']
       if record['split'] == 'train':
         if last_train_step is not None and step <= last_train_step:
-          records = [r for r in records
-                     if r['split'] == 'test' or r['step'] < step]
+          records = [
+            r for r in records if r['split'] == 'test' or r['step'] < step
+          ]
         last_train_step = step
       elif record['split'] == 'test':  # The same run tested again.
-        records = [r for r in records
-                   if not (r['split'] == 'test' and r['step'] == step)]
+        records = [
+          r for r in records if not (r['split'] == 'test' and r['step'] == step)
+        ]
       records.append(record)
   return records
 

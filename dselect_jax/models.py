@@ -10,8 +10,8 @@ model (the reference recipe), with BatchNorm after each convolution.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
+import functools
 from typing import Any, Callable, Optional
 
 import flax
@@ -31,13 +31,14 @@ def check_images(x: Array, who: str):
   """A clear error for what is not a non-empty (B, H, W, C) image batch."""
   shape = jnp.shape(x)
   if len(shape) != 4:
-    hint = (' (add the channel axis: x[..., None])' if len(shape) == 3 else
-            '')
-    raise ValueError(f'{who}: images must have shape (B, H, W, C); got shape '
-                     f'{shape}{hint}.')
+    hint = ' (add the channel axis: x[..., None])' if len(shape) == 3 else ''
+    raise ValueError(
+      f'{who}: images must have shape (B, H, W, C); got shape {shape}{hint}.'
+    )
   if shape[0] == 0:
-    raise ValueError(f'{who}: the batch is empty (shape {shape}); pass at '
-                     'least one example.')
+    raise ValueError(
+      f'{who}: the batch is empty (shape {shape}); pass at least one example.'
+    )
 
 
 def max_pool_2x2(x: Array) -> Array:
@@ -79,8 +80,9 @@ def toeplitz_conv(x: Array, kernel: Array, tile: int = 4) -> Array:
   kh, kw, _, f = kernel.shape
   ho, wo = h - kh + 1, w - kw + 1
   if ho < 1 or wo < 1:
-    raise ValueError(f'toeplitz_conv: input {h}x{w} is smaller than the '
-                     f'kernel {kh}x{kw}.')
+    raise ValueError(
+      f'toeplitz_conv: input {h}x{w} is smaller than the kernel {kh}x{kw}.'
+    )
   t = max(d for d in range(1, min(tile, wo) + 1) if wo % d == 0)
   n, u = wo // t, t + kw - 1
   # shift[dx, i, o] = 1 where input column i of a segment meets output column
@@ -90,11 +92,13 @@ def toeplitz_conv(x: Array, kernel: Array, tile: int = 4) -> Array:
     shift[dx, np.arange(t) + dx, np.arange(t)] = 1
   toeplitz = jnp.einsum('xuo,yxcf->yucof', shift, kernel.astype(x.dtype))
   toeplitz = toeplitz.reshape(kh * u * c, t * f)  # (kh U C, t F)
-  segments = jnp.stack([x[:, :, j * t:j * t + u] for j in range(n)],
-                       axis=2)  # (B, H, N, U, C)
+  segments = jnp.stack(
+    [x[:, :, j * t : j * t + u] for j in range(n)], axis=2
+  )  # (B, H, N, U, C)
   rows = jnp.concatenate(
-      [segments[:, dy:dy + ho].reshape(b, ho, n, u * c) for dy in range(kh)],
-      axis=-1)  # (B, Ho, N, kh U C)
+    [segments[:, dy : dy + ho].reshape(b, ho, n, u * c) for dy in range(kh)],
+    axis=-1,
+  )  # (B, Ho, N, kh U C)
   return (rows @ toeplitz).reshape(b, ho, wo, f)  # (B, Ho, Wo, F)
 
 
@@ -104,6 +108,7 @@ class ToeplitzConv(nn.Module):
   Same parameters (``kernel`` (kh, kw, C, F), ``bias`` (F,), nn.Conv's
   initializers, so the same values from the same key) and outputs as nn.Conv.
   """
+
   features: int
   kernel_size: tuple[int, int] = (5, 5)
   tile: int = 4
@@ -111,15 +116,20 @@ class ToeplitzConv(nn.Module):
 
   def __post_init__(self):
     if self.features < 1 or min(self.kernel_size) < 1 or self.tile < 1:
-      raise ValueError('ToeplitzConv: features, kernel_size and tile must be '
-                       f'>= 1, got features={self.features}, kernel_size='
-                       f'{self.kernel_size}, tile={self.tile}.')
+      raise ValueError(
+        'ToeplitzConv: features, kernel_size and tile must be '
+        f'>= 1, got features={self.features}, kernel_size='
+        f'{self.kernel_size}, tile={self.tile}.'
+      )
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param('kernel', self.kernel_init,
-                        (*self.kernel_size, x.shape[-1], self.features))
+    kernel = self.param(
+      'kernel',
+      self.kernel_init,
+      (*self.kernel_size, x.shape[-1], self.features),
+    )
     bias = self.param('bias', nn.initializers.zeros, (self.features,))
     return toeplitz_conv(x, kernel, self.tile) + bias
 
@@ -132,7 +142,8 @@ def truncated_normal_fan_in(key, shape, dtype=jnp.float32) -> Array:
   """PaddleRec's dense kernels: normal with std 1 / sqrt(fan_in), cut at 2
   standard deviations and not rescaled (so the std is about 0.88 of it)."""
   return jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype) / np.sqrt(
-      shape[0]).astype(dtype)
+    shape[0]
+  ).astype(dtype)
 
 
 # PaddleRec's convolution kernels: XavierNormal, std sqrt(2 / (fan_in +
@@ -142,8 +153,12 @@ xavier_normal = nn.initializers.variance_scaling(1.0, 'fan_avg', 'normal')
 
 def _check_init(module: nn.Module):
   if module.init_scheme not in INITS:
-    raise ValueError(f'{type(module).__name__}: init_scheme must be one of '
-                     f'{INITS}, got init_scheme={module.init_scheme!r}.')
+    raise ValueError(
+      f'{type(module).__name__}: init_scheme must be one of '
+      f'{INITS}, got init_scheme={module.init_scheme!r}.'
+    )
+
+
 NORM_IMPLS = ('xla', 'kernel')
 
 
@@ -162,6 +177,7 @@ class BatchNormReLUPool(nn.Module):
       instead of the batch statistics (training, which updates them).
     momentum, epsilon, axis_name: as nn.BatchNorm's.
   """
+
   use_running_average: bool
   momentum: float = 0.9
   epsilon: float = 1e-5
@@ -172,15 +188,18 @@ class BatchNormReLUPool(nn.Module):
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    ra_mean = self.variable('batch_stats', 'mean',
-                            lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable('batch_stats', 'var',
-                           lambda: jnp.ones((c,), jnp.float32))
+    ra_mean = self.variable(
+      'batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32)
+    )
+    ra_var = self.variable(
+      'batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32)
+    )
     if self.use_running_average:  # nn.BatchNorm's arithmetic, in its order.
       mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
       return max_pool_2x2(nn.relu((x - ra_mean.value) * mul + bias))
-    y, mean, var = cpu_kernels.bn_relu_pool(x, scale, bias, self.epsilon,
-                                            self.axis_name)
+    y, mean, var = cpu_kernels.bn_relu_pool(
+      x, scale, bias, self.epsilon, self.axis_name
+    )
     if not self.is_initializing():
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * mean
@@ -210,6 +229,7 @@ class MultiMNISTExpert(nn.Module):
       ``'paddlerec'`` (PaddleRec's: ``xavier_normal`` convolutions,
       ``truncated_normal_fan_in`` dense layers); zero biases either way.
   """
+
   features: int = 50
   bn_axis_name: Optional[str] = None
   conv: str = 'xla'
@@ -219,11 +239,15 @@ class MultiMNISTExpert(nn.Module):
 
   def __post_init__(self):
     if self.conv not in CONV_IMPLS:
-      raise ValueError(f'MultiMNISTExpert: conv must be one of {CONV_IMPLS}, '
-                       f'got conv={self.conv!r}.')
+      raise ValueError(
+        f'MultiMNISTExpert: conv must be one of {CONV_IMPLS}, '
+        f'got conv={self.conv!r}.'
+      )
     if self.norm not in NORM_IMPLS:
-      raise ValueError(f'MultiMNISTExpert: norm must be one of {NORM_IMPLS}, '
-                       f'got norm={self.norm!r}.')
+      raise ValueError(
+        f'MultiMNISTExpert: norm must be one of {NORM_IMPLS}, '
+        f'got norm={self.norm!r}.'
+      )
     _check_init(self)
     super().__post_init__()
 
@@ -232,28 +256,39 @@ class MultiMNISTExpert(nn.Module):
     check_images(x, 'MultiMNISTExpert')
     if not all(n >= self.MIN_SIZE and n % 4 == 0 for n in x.shape[1:3]):
       raise ValueError(
-          f'MultiMNISTExpert: images of {x.shape[1]}x{x.shape[2]} pixels do '
-          f'not fit: two valid 5x5 convolutions, each followed by 2x2 '
-          f'pooling, need H and W at least {self.MIN_SIZE} and multiples of '
-          '4 (the MultiMNIST canvas is 36x36).')
-    bn = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-              axis_name=self.bn_axis_name)
+        f'MultiMNISTExpert: images of {x.shape[1]}x{x.shape[2]} pixels do '
+        f'not fit: two valid 5x5 convolutions, each followed by 2x2 '
+        f'pooling, need H and W at least {self.MIN_SIZE} and multiples of '
+        '4 (the MultiMNIST canvas is 36x36).'
+      )
+    bn = dict(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      axis_name=self.bn_axis_name,
+    )
     if self.norm == 'xla':
-      block = lambda x, name: max_pool_2x2(nn.relu(nn.BatchNorm(**bn,
-                                                                name=name)(x)))
+      block = lambda x, name: max_pool_2x2(
+        nn.relu(nn.BatchNorm(**bn, name=name)(x))
+      )
     else:
       block = lambda x, name: BatchNormReLUPool(**bn, name=name)(x)
     paddlerec = self.init_scheme == 'paddlerec'
     conv_init = xavier_normal if paddlerec else nn.initializers.lecun_normal()
-    dense = functools.partial(nn.Dense, kernel_init=(
-        truncated_normal_fan_in if paddlerec else
-        nn.initializers.lecun_normal()))
+    dense = functools.partial(
+      nn.Dense,
+      kernel_init=(
+        truncated_normal_fan_in if paddlerec else nn.initializers.lecun_normal()
+      ),
+    )
     if self.conv == 'xla':
-      conv = lambda f, name: nn.Conv(f, (5, 5), padding='VALID',
-                                     kernel_init=conv_init, name=name)
+      conv = lambda f, name: nn.Conv(
+        f, (5, 5), padding='VALID', kernel_init=conv_init, name=name
+      )
     else:
-      conv = lambda f, name: ToeplitzConv(f, (5, 5), kernel_init=conv_init,
-                                          name=name)
+      conv = lambda f, name: ToeplitzConv(
+        f, (5, 5), kernel_init=conv_init, name=name
+      )
     x = conv(10, 'Conv_0')(x)  # (B, 32, 32, 10)
     x = block(x, 'BatchNorm_0')  # (B, 16, 16, 10)
     x = conv(20, 'Conv_1')(x)  # (B, 12, 12, 20)
@@ -269,6 +304,7 @@ class MLPTower(nn.Module):
   The softmax lives in the loss only (PaddleRec applies one here and another
   in its loss).
   """
+
   num_classes: int = 10
   hidden: tuple[int, ...] = (50, 50)
   init_scheme: str = 'flax'  # Or 'paddlerec': truncated_normal_fan_in kernels.
@@ -280,9 +316,14 @@ class MLPTower(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
     del train  # No dropout or BatchNorm in the tower.
-    dense = functools.partial(nn.Dense, kernel_init=(
-        truncated_normal_fan_in if self.init_scheme == 'paddlerec' else
-        nn.initializers.lecun_normal()))
+    dense = functools.partial(
+      nn.Dense,
+      kernel_init=(
+        truncated_normal_fan_in
+        if self.init_scheme == 'paddlerec'
+        else nn.initializers.lecun_normal()
+      ),
+    )
     for i, width in enumerate(self.hidden):
       x = nn.relu(dense(width, name=f'Dense_{i}')(x))
     return dense(self.num_classes, name=f'Dense_{len(self.hidden)}')(x)
@@ -294,6 +335,7 @@ class ExpertBank(nn.Module):
   The one place where the experts are computed: E ``expert`` modules, one
   after another (any expert module), or only the ``active`` ones.
   """
+
   num_experts: int
   expert: ModuleFactory = MultiMNISTExpert
   expert_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
@@ -303,8 +345,8 @@ class ExpertBank(nn.Module):
   def __call__(self, x: Array, *, train: bool) -> Array:
     active = range(self.num_experts) if self.active is None else self.active
     outputs = [
-        self.expert(**self.expert_kwargs, name=f'expert_{e}')(x, train=train)
-        for e in active
+      self.expert(**self.expert_kwargs, name=f'expert_{e}')(x, train=train)
+      for e in active
     ]
     return jnp.stack(outputs)  # (E, B, H), or (len(active), B, H)
 
@@ -338,6 +380,7 @@ class MultiTaskMoE(nn.Module):
   ``expert_weights`` (``(T, E)`` static, ``(T, B, E)`` per-example) and
   ``gate``, a dict of each auxiliary term stacked over gates, ``(G, ...)``.
   """
+
   num_tasks: int = 2
   num_experts: int = 8
   gate: str = 'dselect_k'
@@ -354,20 +397,28 @@ class MultiTaskMoE(nn.Module):
 
   def __post_init__(self):
     if self.active_experts is not None and self.per_example:
-      raise ValueError('MultiTaskMoE: active_experts needs static gates; a '
-                       'per-example gate can pick any expert.')
+      raise ValueError(
+        'MultiTaskMoE: active_experts needs static gates; a '
+        'per-example gate can pick any expert.'
+      )
     if self.num_tasks < 1:
-      raise ValueError(f'MultiTaskMoE: num_tasks must be >= 1, got '
-                       f'num_tasks={self.num_tasks}.')
+      raise ValueError(
+        f'MultiTaskMoE: num_tasks must be >= 1, got num_tasks={self.num_tasks}.'
+      )
     if self.gate not in gates_lib.GATES:
-      raise ValueError(f'MultiTaskMoE: unknown gate {self.gate!r}; choose one '
-                       f'of {sorted(gates_lib.GATES)}.')
+      raise ValueError(
+        f'MultiTaskMoE: unknown gate {self.gate!r}; choose one '
+        f'of {sorted(gates_lib.GATES)}.'
+      )
     if self.routing_input not in ('input', 'experts'):
-      raise ValueError(f'MultiTaskMoE: routing_input must be "input" or '
-                       f'"experts", got {self.routing_input!r}.')
+      raise ValueError(
+        f'MultiTaskMoE: routing_input must be "input" or '
+        f'"experts", got {self.routing_input!r}.'
+      )
     # Builds one gate now so that bad gate arguments fail at construction.
-    gates_lib.make_gate(self.gate, self.num_experts, **self.gate_kwargs,
-                        parent=None)
+    gates_lib.make_gate(
+      self.gate, self.num_experts, **self.gate_kwargs, parent=None
+    )
     super().__post_init__()
 
   @property
@@ -380,10 +431,13 @@ class MultiTaskMoE(nn.Module):
     expert_kwargs = dict(self.expert_kwargs)
     if self.bn_axis_name is not None:
       expert_kwargs.setdefault('bn_axis_name', self.bn_axis_name)
-    experts = ExpertBank(self.num_experts, self.expert,
-                         flax.core.FrozenDict(expert_kwargs),
-                         active=self.active_experts,
-                         name='experts')(x, train=train)  # (E', B, H)
+    experts = ExpertBank(
+      self.num_experts,
+      self.expert,
+      flax.core.FrozenDict(expert_kwargs),
+      active=self.active_experts,
+      name='experts',
+    )(x, train=train)  # (E', B, H)
 
     routing = None
     if self.per_example:
@@ -396,8 +450,9 @@ class MultiTaskMoE(nn.Module):
     num_gates = 1 if self.shared_gate else self.num_tasks
     weights, gate_aux = [], []
     for g in range(num_gates):
-      gate = gates_lib.make_gate(self.gate, self.num_experts,
-                                 **self.gate_kwargs, name=f'gate_{g}')
+      gate = gates_lib.make_gate(
+        self.gate, self.num_experts, **self.gate_kwargs, name=f'gate_{g}'
+      )
       w, aux = gate(routing, **call_kwargs)  # w: (E,) or (B, E)
       weights.append(w)
       gate_aux.append(aux)
@@ -412,13 +467,14 @@ class MultiTaskMoE(nn.Module):
         mixed = jnp.einsum('e,ebh->bh', used, experts)  # (B, H)
       else:
         mixed = jnp.einsum('e,ebh->bh', weights[t], experts)  # (B, H)
-      tower = self.tower(num_classes=self.num_classes, **self.tower_kwargs,
-                         name=f'tower_{t}')
+      tower = self.tower(
+        num_classes=self.num_classes, **self.tower_kwargs, name=f'tower_{t}'
+      )
       logits.append(tower(mixed, train=train))  # (B, C)
 
     aux = {
-        'expert_weights': jnp.stack(weights),  # (T, E) or (T, B, E)
-        'gate': jax.tree.map(lambda *xs: jnp.stack(xs), *gate_aux),  # (G, ...)
+      'expert_weights': jnp.stack(weights),  # (T, E) or (T, B, E)
+      'gate': jax.tree.map(lambda *xs: jnp.stack(xs), *gate_aux),  # (G, ...)
     }
     return jnp.stack(logits), aux  # (T, B, C)
 
@@ -437,9 +493,10 @@ def static_expert_weights(model: MultiTaskMoE, params) -> np.ndarray:
   """
   if model.per_example:
     raise ValueError('static_expert_weights: the gates are per-example.')
-  gate = gates_lib.make_gate(model.gate, model.num_experts,
-                             **model.gate_kwargs)
+  gate = gates_lib.make_gate(model.gate, model.num_experts, **model.gate_kwargs)
   num_gates = 1 if model.shared_gate else model.num_tasks
-  weights = [np.asarray(gate.apply({'params': params[f'gate_{g}']})[0])
-             for g in range(num_gates)]
+  weights = [
+    np.asarray(gate.apply({'params': params[f'gate_{g}']})[0])
+    for g in range(num_gates)
+  ]
   return np.stack(weights * model.num_tasks if model.shared_gate else weights)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
+import os
 
 import matplotlib
 
@@ -14,8 +14,14 @@ import numpy as np
 from dselect_jax import metric_writers
 
 
-def sample_grid(images: np.ndarray, labels: np.ndarray, title: str, path: str,
-                rows: int = 4, cols: int = 8) -> str:
+def sample_grid(
+  images: np.ndarray,
+  labels: np.ndarray,
+  title: str,
+  path: str,
+  rows: int = 4,
+  cols: int = 8,
+) -> str:
   """A grid of composites, each titled with its (task 1, task 2) labels."""
   fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows + 0.4))
   for i, ax in enumerate(np.ravel(axes)):
@@ -30,13 +36,15 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, title: str, path: str,
   return path
 
 
-def expert_weights(weights: np.ndarray, path: str,
-                   task_names: Sequence[str] | None = None) -> str:
+def expert_weights(
+  weights: np.ndarray, path: str, task_names: Sequence[str] | None = None
+) -> str:
   """Bar chart of each task's gate weights over the experts, (T, E)."""
   weights = np.asarray(weights)
   num_tasks, num_experts = weights.shape
-  fig, axes = plt.subplots(1, num_tasks, figsize=(4 * num_tasks, 3),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    1, num_tasks, figsize=(4 * num_tasks, 3), squeeze=False
+  )
   for t, ax in enumerate(axes[0]):
     ax.bar(np.arange(num_experts), weights[t])
     ax.set_xticks(np.arange(num_experts))
@@ -62,8 +70,12 @@ def training_curves(metrics_file: str, path: str) -> str:
   ax_loss.set_ylabel('train loss')
   ax_loss.set_yscale('log')
   for key in sorted({k for r in valid for k in r if k.startswith('accuracy_')}):
-    ax_acc.plot([r['step'] for r in valid], [r[key] for r in valid],
-                marker='.', label=key.replace('accuracy_', 'task '))
+    ax_acc.plot(
+      [r['step'] for r in valid],
+      [r[key] for r in valid],
+      marker='.',
+      label=key.replace('accuracy_', 'task '),
+    )
   ax_acc.set_xlabel('step')
   ax_acc.set_ylabel('validation accuracy')
   if valid:

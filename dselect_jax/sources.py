@@ -23,10 +23,10 @@ import os
 import pickle
 import sys
 import tempfile
+from typing import Optional
 import urllib.error
 import urllib.request
 import zlib
-from typing import Optional
 
 import numpy as np
 
@@ -40,41 +40,33 @@ class DataError(Exception):
 # Published SHA-256 of the canonical .gz files (the same files whose md5s
 # torchvision and the data sets' own pages publish).
 CHECKSUMS = {
-    'mnist': {
-        'train-images-idx3-ubyte.gz':
-            '440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609',
-        'train-labels-idx1-ubyte.gz':
-            '3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c',
-        't10k-images-idx3-ubyte.gz':
-            '8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6',
-        't10k-labels-idx1-ubyte.gz':
-            'f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6',
-    },
-    'fashion_mnist': {
-        'train-images-idx3-ubyte.gz':
-            '3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84',
-        'train-labels-idx1-ubyte.gz':
-            'a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845',
-        't10k-images-idx3-ubyte.gz':
-            '346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073',
-        't10k-labels-idx1-ubyte.gz':
-            '67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5',
-    },
+  'mnist': {
+    'train-images-idx3-ubyte.gz': '440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609',
+    'train-labels-idx1-ubyte.gz': '3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c',
+    't10k-images-idx3-ubyte.gz': '8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6',
+    't10k-labels-idx1-ubyte.gz': 'f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6',
+  },
+  'fashion_mnist': {
+    'train-images-idx3-ubyte.gz': '3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84',
+    'train-labels-idx1-ubyte.gz': 'a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845',
+    't10k-images-idx3-ubyte.gz': '346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073',
+    't10k-labels-idx1-ubyte.gz': '67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5',
+  },
 }
 
 MIRRORS = {
-    'mnist': [
-        'https://ossci-datasets.s3.amazonaws.com/mnist/',
-        'https://storage.googleapis.com/cvdf-datasets/mnist/',
-    ],
-    'fashion_mnist': [
-        'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/',
-    ],
+  'mnist': [
+    'https://ossci-datasets.s3.amazonaws.com/mnist/',
+    'https://storage.googleapis.com/cvdf-datasets/mnist/',
+  ],
+  'fashion_mnist': [
+    'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/',
+  ],
 }
 
 SPLIT_FILES = {
-    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
-    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
+  'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+  'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
 SPLIT_SIZES = {'train': 60000, 'test': 10000}
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
@@ -82,14 +74,18 @@ IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 
 def default_cache_dir() -> str:
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(
-      os.path.expanduser('~'), '.cache')
+    os.path.expanduser('~'), '.cache'
+  )
   return os.path.join(base, 'dselect_jax')
 
 
 def resolve_data_dir(data_dir: Optional[str] = None) -> str:
   """The folder holding ``mnist/`` and ``fashion_mnist/`` (see module doc)."""
-  return os.path.abspath(os.path.expanduser(
-      data_dir or os.environ.get(ENV_DATA_DIR) or default_cache_dir()))
+  return os.path.abspath(
+    os.path.expanduser(
+      data_dir or os.environ.get(ENV_DATA_DIR) or default_cache_dir()
+    )
+  )
 
 
 def sha256(path: str) -> str:
@@ -101,8 +97,10 @@ def sha256(path: str) -> str:
 
 
 def _where_to_put(source: str, folder: str) -> str:
-  return (f'put the four canonical {source} .gz files in {folder} (or set '
-          f'{ENV_DATA_DIR} / data.data_dir to a folder holding {source}/)')
+  return (
+    f'put the four canonical {source} .gz files in {folder} (or set '
+    f'{ENV_DATA_DIR} / data.data_dir to a folder holding {source}/)'
+  )
 
 
 def download(url: str, dest: str, expected_sha256: str) -> None:
@@ -111,8 +109,10 @@ def download(url: str, dest: str, expected_sha256: str) -> None:
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), suffix='.part')
   try:
     digest = hashlib.sha256()
-    with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url,
-                                                            timeout=60) as r:
+    with (
+      os.fdopen(fd, 'wb') as out,
+      urllib.request.urlopen(url, timeout=60) as r,
+    ):
       total = int(r.headers.get('Content-Length') or 0)
       done = 0
       while block := r.read(1 << 16):
@@ -120,14 +120,20 @@ def download(url: str, dest: str, expected_sha256: str) -> None:
         digest.update(block)
         done += len(block)
         if total:
-          print(f'\rdownloading {os.path.basename(dest)}: '
-                f'{100 * done // total:3d}% of {total / 1e6:.1f} MB',
-                end='', file=sys.stderr, flush=True)
+          print(
+            f'\rdownloading {os.path.basename(dest)}: '
+            f'{100 * done // total:3d}% of {total / 1e6:.1f} MB',
+            end='',
+            file=sys.stderr,
+            flush=True,
+          )
     print(file=sys.stderr)
     if digest.hexdigest() != expected_sha256:
-      raise DataError(f'{url}: downloaded file has SHA-256 '
-                      f'{digest.hexdigest()}, expected {expected_sha256}; '
-                      'the mirror served something else, try again later.')
+      raise DataError(
+        f'{url}: downloaded file has SHA-256 '
+        f'{digest.hexdigest()}, expected {expected_sha256}; '
+        'the mirror served something else, try again later.'
+      )
     os.chmod(tmp, 0o644)
     os.replace(tmp, dest)
   finally:
@@ -135,12 +141,17 @@ def download(url: str, dest: str, expected_sha256: str) -> None:
       os.remove(tmp)
 
 
-def fetch(source: str, filename: str, data_dir: Optional[str] = None,
-          download_missing: bool = True) -> str:
+def fetch(
+  source: str,
+  filename: str,
+  data_dir: Optional[str] = None,
+  download_missing: bool = True,
+) -> str:
   """Path of one checked canonical file, downloading it if it is missing."""
   if source not in CHECKSUMS:
-    raise DataError(f'Unknown source {source!r}; choose one of '
-                    f'{sorted(CHECKSUMS)}.')
+    raise DataError(
+      f'Unknown source {source!r}; choose one of {sorted(CHECKSUMS)}.'
+    )
   folder = os.path.join(resolve_data_dir(data_dir), source)
   path = os.path.join(folder, filename)
   expected = CHECKSUMS[source][filename]
@@ -155,15 +166,18 @@ def fetch(source: str, filename: str, data_dir: Optional[str] = None,
       except (OSError, urllib.error.URLError, DataError) as e:
         errors.append(f'{mirror}: {e}')
     else:
-      raise DataError(f'{path}: missing and could not be downloaded '
-                      f'({"; ".join(errors)}); '
-                      f'{_where_to_put(source, folder)}.')
+      raise DataError(
+        f'{path}: missing and could not be downloaded '
+        f'({"; ".join(errors)}); '
+        f'{_where_to_put(source, folder)}.'
+      )
   actual = sha256(path)
   if actual != expected:
     raise DataError(
-        f'{path}: SHA-256 is {actual}, expected {expected} (truncated or not '
-        f'the canonical file); delete it to download it again, or '
-        f'{_where_to_put(source, folder)}.')
+      f'{path}: SHA-256 is {actual}, expected {expected} (truncated or not '
+      f'the canonical file); delete it to download it again, or '
+      f'{_where_to_put(source, folder)}.'
+    )
   return path
 
 
@@ -173,42 +187,60 @@ def read_idx(path: str, magic: int, count: int) -> np.ndarray:
     with gzip.open(path, 'rb') as f:
       data = f.read()
   except (OSError, EOFError, zlib.error) as e:
-    raise DataError(f'{path}: not a readable gzip file ({e}); delete it and '
-                    'fetch the canonical file again.') from None
+    raise DataError(
+      f'{path}: not a readable gzip file ({e}); delete it and '
+      'fetch the canonical file again.'
+    ) from None
   header_len = 16 if magic == IMAGE_MAGIC else 8
   header = np.frombuffer(data[:header_len], '>u4')
   if len(header) < header_len // 4 or header[0] != magic:
     found = header[0] if len(header) else 'nothing'
-    raise DataError(f'{path}: IDX magic number is {found}, expected {magic} '
-                    f'({"images" if magic == IMAGE_MAGIC else "labels"}); '
-                    'the file is not what its name says.')
+    raise DataError(
+      f'{path}: IDX magic number is {found}, expected {magic} '
+      f'({"images" if magic == IMAGE_MAGIC else "labels"}); '
+      'the file is not what its name says.'
+    )
   if header[1] != count:
-    raise DataError(f'{path}: holds {header[1]} items, expected {count}; '
-                    'use the canonical file.')
+    raise DataError(
+      f'{path}: holds {header[1]} items, expected {count}; '
+      'use the canonical file.'
+    )
   shape = (count, 28, 28) if magic == IMAGE_MAGIC else (count,)
   if magic == IMAGE_MAGIC and tuple(header[2:]) != (28, 28):
-    raise DataError(f'{path}: images are {tuple(header[2:])}, expected '
-                    '(28, 28); use the canonical file.')
+    raise DataError(
+      f'{path}: images are {tuple(header[2:])}, expected '
+      '(28, 28); use the canonical file.'
+    )
   body = np.frombuffer(data, np.uint8, offset=header_len)
   if body.size != np.prod(shape):
-    raise DataError(f'{path}: {body.size} data bytes, expected '
-                    f'{np.prod(shape)} (truncated); use the canonical file.')
+    raise DataError(
+      f'{path}: {body.size} data bytes, expected '
+      f'{np.prod(shape)} (truncated); use the canonical file.'
+    )
   return body.reshape(shape)
 
 
-def load_source(source: str, split: str, data_dir: Optional[str] = None,
-                download_missing: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def load_source(
+  source: str,
+  split: str,
+  data_dir: Optional[str] = None,
+  download_missing: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
   """``(images uint8 (N, 28, 28), labels uint8 (N,))`` of MNIST or
   Fashion-MNIST's ``'train'`` or ``'test'`` split, checked."""
   images_file, labels_file = SPLIT_FILES[split]
   count = SPLIT_SIZES[split]
-  images = read_idx(fetch(source, images_file, data_dir, download_missing),
-                    IMAGE_MAGIC, count)
-  labels = read_idx(fetch(source, labels_file, data_dir, download_missing),
-                    LABEL_MAGIC, count)
+  images = read_idx(
+    fetch(source, images_file, data_dir, download_missing), IMAGE_MAGIC, count
+  )
+  labels = read_idx(
+    fetch(source, labels_file, data_dir, download_missing), LABEL_MAGIC, count
+  )
   if labels.max() > 9:
-    raise DataError(f'{source}/{labels_file}: label {labels.max()} outside '
-                    '0..9; use the canonical file.')
+    raise DataError(
+      f'{source}/{labels_file}: label {labels.max()} outside '
+      '0..9; use the canonical file.'
+    )
   return images, labels
 
 
@@ -223,12 +255,13 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
   A pickle can name any callable and have it called while loading; refusing
   every other global means a malicious file runs nothing.
   """
+
   _core = getattr(np, '_core', None) or np.core
   ALLOWED = {
-      ('numpy.core.multiarray', '_reconstruct'): _core.multiarray._reconstruct,
-      ('numpy._core.multiarray', '_reconstruct'): _core.multiarray._reconstruct,
-      ('numpy', 'ndarray'): np.ndarray,
-      ('numpy', 'dtype'): np.dtype,
+    ('numpy.core.multiarray', '_reconstruct'): _core.multiarray._reconstruct,
+    ('numpy._core.multiarray', '_reconstruct'): _core.multiarray._reconstruct,
+    ('numpy', 'ndarray'): np.ndarray,
+    ('numpy', 'dtype'): np.dtype,
   }
 
   def find_class(self, module, name):
@@ -236,8 +269,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
       return self.ALLOWED[(module, name)]
     except KeyError:
       raise pickle.UnpicklingError(
-          f'refusing to load {module}.{name}: only NumPy arrays are '
-          'allowed') from None
+        f'refusing to load {module}.{name}: only NumPy arrays are allowed'
+      ) from None
 
 
 def read_paddlerec_pickle(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -246,22 +279,34 @@ def read_paddlerec_pickle(path: str) -> tuple[np.ndarray, np.ndarray]:
     with open(path, 'rb') as f:
       data = f.read()
   except OSError as e:
-    raise DataError(f'{path}: cannot read ({e.strerror}); give the path of '
-                    "PaddleRec's train.pickle/test.pickle.") from None
+    raise DataError(
+      f'{path}: cannot read ({e.strerror}); give the path of '
+      "PaddleRec's train.pickle/test.pickle."
+    ) from None
   try:
     obj = _NumpyOnlyUnpickler(io.BytesIO(data)).load()
   except pickle.UnpicklingError as e:
-    raise DataError(f'{path}: not a PaddleRec data pickle ({e}); nothing in '
-                    'it was run.') from None
+    raise DataError(
+      f'{path}: not a PaddleRec data pickle ({e}); nothing in it was run.'
+    ) from None
   except Exception as e:  # Truncated or garbled pickles raise many types.
-    raise DataError(f'{path}: unreadable pickle ({type(e).__name__}: {e}); '
-                    'fetch the file again.') from None
-  if (not isinstance(obj, tuple) or len(obj) != 2 or
-      not all(isinstance(a, np.ndarray) for a in obj)):
-    raise DataError(f'{path}: expected a pickled tuple (x, y) of arrays, got '
-                    f'{type(obj).__name__}.')
+    raise DataError(
+      f'{path}: unreadable pickle ({type(e).__name__}: {e}); '
+      'fetch the file again.'
+    ) from None
+  if (
+    not isinstance(obj, tuple)
+    or len(obj) != 2
+    or not all(isinstance(a, np.ndarray) for a in obj)
+  ):
+    raise DataError(
+      f'{path}: expected a pickled tuple (x, y) of arrays, got '
+      f'{type(obj).__name__}.'
+    )
   x, y = obj
   if x.ndim != 3 or x.shape[1:] != (36, 36) or y.shape != (len(x), 2):
-    raise DataError(f'{path}: expected x (N, 36, 36) and y (N, 2), got '
-                    f'{x.shape} and {y.shape}.')
+    raise DataError(
+      f'{path}: expected x (N, 36, 36) and y (N, 2), got '
+      f'{x.shape} and {y.shape}.'
+    )
   return x.astype(np.uint8), y.astype(np.int32)

@@ -34,13 +34,14 @@ def task_metrics(logits, labels, mask=None) -> dict[str, jax.Array]:
   """
   if mask is None:
     mask = jnp.ones(labels.shape[0], logits.dtype)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                       labels.T)  # (T, B)
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+    logits, labels.T
+  )  # (T, B)
   correct = (jnp.argmax(logits, -1) == labels.T).astype(logits.dtype)
   return {
-      'ce_sum': jnp.sum(ce * mask, axis=1),
-      'correct': jnp.sum(correct * mask, axis=1),
-      'count': jnp.sum(mask) * jnp.ones(logits.shape[0]),
+    'ce_sum': jnp.sum(ce * mask, axis=1),
+    'correct': jnp.sum(correct * mask, axis=1),
+    'count': jnp.sum(mask) * jnp.ones(logits.shape[0]),
   }
 
 
@@ -77,12 +78,15 @@ def gate_summary(expert_weights) -> dict[str, jax.Array]:
     expert_weights = jnp.mean(expert_weights, axis=1)
   else:
     nonzero = jnp.sum(expert_weights > 0, -1)
-  return {'expert_weights': expert_weights,
-          'num_nonzero': nonzero.astype(jnp.float32)}
+  return {
+    'expert_weights': expert_weights,
+    'num_nonzero': nonzero.astype(jnp.float32),
+  }
 
 
-def train_step(state: factory.TrainState, batch, rng, *, loss_config,
-               model=None):
+def train_step(
+  state: factory.TrainState, batch, rng, *, loss_config, model=None
+):
   """One optimizer step on this device's shard; averages over AXIS.
 
   batch: image (b, 36, 36, 1), label (b, T). ``model`` replaces
@@ -90,26 +94,35 @@ def train_step(state: factory.TrainState, batch, rng, *, loss_config,
   Returns (state, metrics), the metrics already averaged over devices.
   """
   apply_fn = state.apply_fn if model is None else model.apply
-  step_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
-                                jax.lax.axis_index(AXIS))
+  step_rng = jax.random.fold_in(
+    jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS)
+  )
   weights = factory.aux_weights(loss_config, state.step)
 
   def loss_fn(params):
     (logits, aux), updates = apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
-        train=True, mutable=['batch_stats'], rngs={'gating': step_rng})
+      {'params': params, 'batch_stats': state.batch_stats},
+      batch['image'],
+      train=True,
+      mutable=['batch_stats'],
+      rngs={'gating': step_rng},
+    )
     sums = task_metrics(logits, batch['label'])
     ce = sums['ce_sum'] / sums['count']  # (T,), batch mean per task
     task_loss = task_losses(logits, batch['label'], loss_config)  # (T,)
     # Each aux term summed over the gates (G,).
-    terms = {name: jnp.sum(value) for name, value in aux['gate'].items()
-             if name in factory.AUX_WEIGHTS}
+    terms = {
+      name: jnp.sum(value)
+      for name, value in aux['gate'].items()
+      if name in factory.AUX_WEIGHTS
+    }
     loss = jnp.sum(task_loss) + sum(weights[n] * v for n, v in terms.items())
     return loss, (updates['batch_stats'], ce, task_loss, sums, terms, aux)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (batch_stats, ce, task_loss, sums, terms, aux)), grads = grad_fn(
-      state.params)
+    state.params
+  )
   grads = jax.lax.pmean(grads, AXIS)
   # BatchNorm already used cross-device statistics (bn_axis_name); this only
   # removes float noise so every replica holds identical running averages.
@@ -134,15 +147,18 @@ def train_step(state: factory.TrainState, batch, rng, *, loss_config,
 def eval_step(model: models.MultiTaskMoE, state: factory.TrainState, batch):
   """Sums over this device's (masked) shard, summed over AXIS."""
   logits, aux = model.apply(
-      {'params': state.params, 'batch_stats': state.batch_stats},
-      batch['image'], train=False)
+    {'params': state.params, 'batch_stats': state.batch_stats},
+    batch['image'],
+    train=False,
+  )
   sums = task_metrics(logits, batch['label'], batch['mask'])
   weights = aux['expert_weights']
   if weights.ndim == 3:  # Per-example: sum the masked weights and counts.
     mask = batch['mask'][None, :, None]
     sums['weight_sum'] = jnp.sum(weights * mask, axis=1)  # (T, E)
-    sums['nonzero_sum'] = jnp.sum(jnp.sum(weights > 0, -1) * mask[..., 0],
-                                  axis=1)  # (T,)
+    sums['nonzero_sum'] = jnp.sum(
+      jnp.sum(weights > 0, -1) * mask[..., 0], axis=1
+    )  # (T,)
   return jax.lax.psum(sums, AXIS), weights
 
 
@@ -157,14 +173,16 @@ def parallel(fn, in_axes=0, donate_argnums=()):
   place to change for ``jax.shard_map`` over a ('batch',) mesh.
   """
   if jax.device_count() > 1:
-    return jax.pmap(fn, axis_name=AXIS, in_axes=in_axes,
-                    donate_argnums=donate_argnums)
+    return jax.pmap(
+      fn, axis_name=AXIS, in_axes=in_axes, donate_argnums=donate_argnums
+    )
   return one_device(fn, in_axes, donate_argnums)
 
 
 def one_device(fn, in_axes=0, donate_argnums=()):
-  return jax.jit(jax.vmap(fn, in_axes=in_axes, axis_name=AXIS),
-                 donate_argnums=donate_argnums)
+  return jax.jit(
+    jax.vmap(fn, in_axes=in_axes, axis_name=AXIS), donate_argnums=donate_argnums
+  )
 
 
 def replicate(tree):
@@ -179,12 +197,15 @@ def replicate(tree):
   """
   devices = jax.local_devices()
   sharding = jax.sharding.NamedSharding(
-      jax.sharding.Mesh(np.array(devices), (AXIS,)),
-      jax.sharding.PartitionSpec(AXIS))
+    jax.sharding.Mesh(np.array(devices), (AXIS,)),
+    jax.sharding.PartitionSpec(AXIS),
+  )
   return jax.tree.map(
-      lambda x: jax.device_put(
-          jnp.broadcast_to(x, (len(devices),) + jnp.shape(x)), sharding),
-      tree)
+    lambda x: jax.device_put(
+      jnp.broadcast_to(x, (len(devices),) + jnp.shape(x)), sharding
+    ),
+    tree,
+  )
 
 
 def static_weights(model, state) -> Optional[np.ndarray]:
@@ -224,22 +245,30 @@ class SparseTrainSteps:
   def __init__(self, model, config):
     self.model = model
     self.loss_config = config.loss
-    self.sparse = (config.model.get('sparse_train', False) and
-                   not model.per_example)
+    self.sparse = (
+      config.model.get('sparse_train', False) and not model.per_example
+    )
     self._steps = {}
     self.active = None
 
   def __call__(self, state, step):
     active = used_experts(self.model, state) if self.sparse else None
     if active != self.active:
-      logging.info('step %d: training %s', step,
-                   f'experts {active} only' if active else 'all experts')
+      logging.info(
+        'step %d: training %s',
+        step,
+        f'experts {active} only' if active else 'all experts',
+      )
     self.active = active
     if active not in self._steps:
-      model = None if active is None else self.model.clone(
-          active_experts=active)
+      model = (
+        None if active is None else self.model.clone(active_experts=active)
+      )
       self._steps[active] = parallel(
-          functools.partial(train_step, loss_config=self.loss_config,
-                            model=model),
-          donate_argnums=(0,), in_axes=(0, 0, None))
+        functools.partial(
+          train_step, loss_config=self.loss_config, model=model
+        ),
+        donate_argnums=(0,),
+        in_axes=(0, 0, None),
+      )
     return self._steps[active]

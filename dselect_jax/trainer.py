@@ -42,8 +42,9 @@ class Interrupted(Exception):
   """SIGTERM or Ctrl-C: a checkpoint was saved at the current step."""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, Any]:
   """Trains (resuming from ``workdir`` when it holds checkpoints), then
   evaluates the best-on-validation checkpoint on the test split.
 
@@ -66,29 +67,44 @@ def _train_and_evaluate(config, workdir, is_chief):
   """The loop proper; train_and_evaluate holds the workdir lock around it."""
   num_devices = jax.local_device_count()
   data = evaluate.load_data(config)
-  train_split, valid_split, test_split = (data['train'], data['validation'],
-                                          data['test'])
+  train_split, valid_split, test_split = (
+    data['train'],
+    data['validation'],
+    data['test'],
+  )
   steps_per_epoch = len(train_split) // config.batch_size
   num_train_steps = factory.num_train_steps(config, len(train_split))
   eval_every = _cadence(config.eval_every_steps, steps_per_epoch)
   ckpt_every = _cadence(config.checkpoint_every_steps, eval_every)
-  logging.info('data %s/%s: %d train, %d validation, %d test; %d steps of '
-               'batch %d on %d devices', config.data.name, config.data.recipe,
-               len(train_split), len(valid_split), len(test_split),
-               num_train_steps, config.batch_size, num_devices)
+  logging.info(
+    'data %s/%s: %d train, %d validation, %d test; %d steps of '
+    'batch %d on %d devices',
+    config.data.name,
+    config.data.recipe,
+    len(train_split),
+    len(valid_split),
+    len(test_split),
+    num_train_steps,
+    config.batch_size,
+    num_devices,
+  )
 
   model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, num_train_steps)
   abstract = factory.abstract_state(config, model, tx)
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-  logging.info('model: %d parameters; experts with %s convolutions and %s '
-               'BatchNorm', num_params, model.expert_kwargs['conv'],
-               model.expert_kwargs['norm'])
+  logging.info(
+    'model: %d parameters; experts with %s convolutions and %s BatchNorm',
+    num_params,
+    model.expert_kwargs['conv'],
+    model.expert_kwargs['norm'],
+  )
 
   ckpts = checkpointing.Checkpoints(workdir, config.max_to_keep)
   if ckpts.latest_step() is None:
-    state = factory.initial_state(config, model, tx,
-                                  jax.random.key(config.seed))
+    state = factory.initial_state(
+      config, model, tx, jax.random.key(config.seed)
+    )
     start_step = 0
   else:
     start_step, state = ckpts.restore_latest_good(abstract)
@@ -109,13 +125,24 @@ def _train_and_evaluate(config, workdir, is_chief):
   fresh = None
   if config.data.fresh_train:
     fresh = input_pipeline.FreshTrainSplits(
-        config.data.name, config.data.recipe, config.data.seed, train_split,
-        config.data.data_dir or None, config.data.download)
+      config.data.name,
+      config.data.recipe,
+      config.data.seed,
+      train_split,
+      config.data.data_dir or None,
+      config.data.download,
+    )
   batches = input_pipeline.train_batches(
-      train_split, config.batch_size, num_devices, config.seed,
-      start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count(), shuffle=config.data.shuffle,
-      epoch_split=fresh)
+    train_split,
+    config.batch_size,
+    num_devices,
+    config.seed,
+    start_step=start_step,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    shuffle=config.data.shuffle,
+    epoch_split=fresh,
+  )
 
   history, last_good = [], ckpts.latest_step()
   interval_start, timer = start_step, time.perf_counter()
@@ -125,32 +152,52 @@ def _train_and_evaluate(config, workdir, is_chief):
         state, metrics = p_train_step(state, next(batches), rng)
         history.append(metrics)
         is_last = step == num_train_steps
-        if (step % config.log_every_steps == 0 or step % eval_every == 0 or
-            is_last or stop.signal):
-          history = [jax.tree.map(lambda x: float(np.asarray(x)[0]), m)
-                     for m in history]
+        if (
+          step % config.log_every_steps == 0
+          or step % eval_every == 0
+          or is_last
+          or stop.signal
+        ):
+          history = [
+            jax.tree.map(lambda x: float(np.asarray(x)[0]), m) for m in history
+          ]
           _check_finite(history, interval_start + 1, step, last_good)
-          _log_train(writer, history, step, num_train_steps,
-                     time.perf_counter() - timer, interval_start,
-                     config.batch_size,
-                     steps.static_weights(model, state))
+          _log_train(
+            writer,
+            history,
+            step,
+            num_train_steps,
+            time.perf_counter() - timer,
+            interval_start,
+            config.batch_size,
+            steps.static_weights(model, state),
+          )
           history, interval_start, timer = [], step, time.perf_counter()
           p_train_step = train_steps(state, step)
         if (step % eval_every == 0 or is_last) and len(valid_split):
           valid = evaluator(state, valid_split, config.eval_batch_size)
           writer.write(step, 'validation', valid)
-          logging.info('validation at step %d: accuracy %.4f / %.4f, '
-                       'experts %s', step, valid['accuracy_1'],
-                       valid['accuracy_2'], valid['selected_experts'])
-          ckpts.save_best(step, flax.jax_utils.unreplicate(state),
-                          valid['accuracy_mean'])
+          logging.info(
+            'validation at step %d: accuracy %.4f / %.4f, experts %s',
+            step,
+            valid['accuracy_1'],
+            valid['accuracy_2'],
+            valid['selected_experts'],
+          )
+          ckpts.save_best(
+            step, flax.jax_utils.unreplicate(state), valid['accuracy_mean']
+          )
         if config.test_every_epoch and step % steps_per_epoch == 0:
           # PaddleRec's statistic pools these passes (evaluate.test_statistics).
           test = evaluator(state, test_split, config.eval_batch_size)
           writer.write(step, evaluate.TEST_EPOCH, test)
-          logging.info('test at step %d (epoch %d): accuracy %.4f / %.4f',
-                       step, step // steps_per_epoch, test['accuracy_1'],
-                       test['accuracy_2'])
+          logging.info(
+            'test at step %d (epoch %d): accuracy %.4f / %.4f',
+            step,
+            step // steps_per_epoch,
+            test['accuracy_1'],
+            test['accuracy_2'],
+          )
         if step % ckpt_every == 0 or is_last or stop.signal:
           ckpts.save(step, flax.jax_utils.unreplicate(state))
           last_good = step
@@ -164,8 +211,9 @@ def _train_and_evaluate(config, workdir, is_chief):
     ckpts.wait()
 
   try:
-    return evaluate.final_test(config, workdir, model, tx, data, ckpts,
-                               evaluator, writer)
+    return evaluate.final_test(
+      config, workdir, model, tx, data, ckpts, evaluator, writer
+    )
   finally:
     writer.close()
 
@@ -182,26 +230,36 @@ def _cadence(value: int, steps_per_epoch: int) -> int:
 def _check_finite(metrics_history, first_step, last_step, last_good):
   losses = [float(m['loss']) for m in metrics_history]
   if not all(math.isfinite(x) for x in losses):
-    saved = ('no checkpoint was saved yet' if last_good is None else
-             f'the last good checkpoint is step {last_good}')
+    saved = (
+      'no checkpoint was saved yet'
+      if last_good is None
+      else f'the last good checkpoint is step {last_good}'
+    )
     raise TrainingError(
-        f'loss became NaN or Inf between steps {first_step} and {last_step}; '
-        f'stopped without saving ({saved}). Lower optimizer.learning_rate or '
-        'set optimizer.grad_clip_norm.')
+      f'loss became NaN or Inf between steps {first_step} and {last_step}; '
+      f'stopped without saving ({saved}). Lower optimizer.learning_rate or '
+      'set optimizer.grad_clip_norm.'
+    )
 
 
 def _stopped_message(signal_name, step, ckpts) -> str:
   """What a stop by signal left: only a checkpoint that is on disk."""
   if step in ckpts.all_steps():
-    return (f'{signal_name} at step {step}: saved a checkpoint there; run the '
-            'same command to resume.')
+    return (
+      f'{signal_name} at step {step}: saved a checkpoint there; run the '
+      'same command to resume.'
+    )
   newest = ckpts.latest_step()
-  where = ('no checkpoint was saved, so a new run starts from step 0'
-           if newest is None else
-           f'the newest complete checkpoint is step {newest}, where the same '
-           'command resumes')
-  return (f'{signal_name} at step {step}: the checkpoint of that step was not '
-          f'written; {where}.')
+  where = (
+    'no checkpoint was saved, so a new run starts from step 0'
+    if newest is None
+    else f'the newest complete checkpoint is step {newest}, where the same '
+    'command resumes'
+  )
+  return (
+    f'{signal_name} at step {step}: the checkpoint of that step was not '
+    f'written; {where}.'
+  )
 
 
 class _StopRequest:
@@ -232,8 +290,16 @@ def peak_rss_mb() -> float:
   return peak / 2**20 if sys.platform == 'darwin' else peak / 2**10  # B, KiB
 
 
-def _log_train(writer, history, step, num_train_steps, elapsed,
-               interval_start, batch_size, expert_weights=None):
+def _log_train(
+  writer,
+  history,
+  step,
+  num_train_steps,
+  elapsed,
+  interval_start,
+  batch_size,
+  expert_weights=None,
+):
   steps_per_s = (step - interval_start) / max(elapsed, 1e-9)
   summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
   if expert_weights is not None:  # Static gates: (T, E) at this step.
@@ -244,11 +310,19 @@ def _log_train(writer, history, step, num_train_steps, elapsed,
   writer.write(step, 'train', summary)
   eta = (num_train_steps - step) / max(steps_per_s, 1e-9)
   logging.info(
-      'step %d/%d  loss %.4f  acc %.4f/%.4f  experts %.1f/%.1f  %.2f steps/s '
-      ' %.0f images/s  ETA %s', step, num_train_steps, summary['loss'],
-      summary['accuracy_1'], summary['accuracy_2'], summary['num_nonzero_1'],
-      summary['num_nonzero_2'], steps_per_s, summary['images_per_second'],
-      _format_seconds(eta))
+    'step %d/%d  loss %.4f  acc %.4f/%.4f  experts %.1f/%.1f  %.2f steps/s '
+    ' %.0f images/s  ETA %s',
+    step,
+    num_train_steps,
+    summary['loss'],
+    summary['accuracy_1'],
+    summary['accuracy_2'],
+    summary['num_nonzero_1'],
+    summary['num_nonzero_2'],
+    steps_per_s,
+    summary['images_per_second'],
+    _format_seconds(eta),
+  )
 
 
 def _format_seconds(seconds: float) -> str:

@@ -27,37 +27,46 @@ from absl import app
 from absl import flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dselect_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dselect_jax import metric_writers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dselect_jax import cli
 from dselect_jax import factory
-from dselect_jax import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dselect_jax import metric_writers
+from dselect_jax import trainer
 
 _OUT = flags.DEFINE_string('out', 'results/grid', 'Output folder.')
-_CONFIG = flags.DEFINE_string('config', 'configs/multimnist_entropy.py',
-                              'Base recipe (a config file).')
+_CONFIG = flags.DEFINE_string(
+  'config', 'configs/multimnist_entropy.py', 'Base recipe (a config file).'
+)
 _GATES = flags.DEFINE_list(
-    'gates', ['softmax', 'top_k', 'dselect_k', 'dselect_k_per_example'],
-    'Gate variants (keys of GATE_VARIANTS).')
+  'gates',
+  ['softmax', 'top_k', 'dselect_k', 'dselect_k_per_example'],
+  'Gate variants (keys of GATE_VARIANTS).',
+)
 _DATASETS = flags.DEFINE_list('datasets', ['multi_mnist'], 'Data sets.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
 _SHARD = flags.DEFINE_string('shard', '0/1', 'i/n: run cells i, i+n, ...')
 _OVERRIDES = flags.DEFINE_multi_string(
-    'set', [], 'Config overrides for every cell, e.g. --set=num_epochs=2.')
-_TABLE_ONLY = flags.DEFINE_bool('table_only', False,
-                                'Only rebuild tables and plots.')
+  'set', [], 'Config overrides for every cell, e.g. --set=num_epochs=2.'
+)
+_TABLE_ONLY = flags.DEFINE_bool(
+  'table_only', False, 'Only rebuild tables and plots.'
+)
 
 # Gate variant -> config overrides. Sparse training only applies to static
 # DSelect-k gates; the others train densely whatever the base recipe says.
 GATE_VARIANTS = {
-    'softmax': {'model.gate.name': 'softmax', 'model.sparse_train': False},
-    'top_k': {'model.gate.name': 'top_k', 'loss.importance_weight': 0.01,
-              'loss.load_weight': 0.01, 'model.sparse_train': False},
-    'dselect_k': {'model.gate.name': 'dselect_k'},
-    'dselect_k_per_example': {'model.gate.name': 'dselect_k',
-                              'model.gate.per_example': True,
-                              'model.sparse_train': False},
+  'softmax': {'model.gate.name': 'softmax', 'model.sparse_train': False},
+  'top_k': {
+    'model.gate.name': 'top_k',
+    'loss.importance_weight': 0.01,
+    'loss.load_weight': 0.01,
+    'model.sparse_train': False,
+  },
+  'dselect_k': {'model.gate.name': 'dselect_k'},
+  'dselect_k_per_example': {
+    'model.gate.name': 'dselect_k',
+    'model.gate.per_example': True,
+    'model.sparse_train': False,
+  },
 }
 
 
@@ -95,8 +104,11 @@ def train_speeds(records, step):
   """Median train images/s of the log windows before and after ``step``
   (None for an empty side). Medians, because a window that holds a
   validation pass or a checkpoint write is slow."""
-  rates = [(r['step'], r['images_per_second']) for r in records
-           if r['split'] == 'train' and 'images_per_second' in r]
+  rates = [
+    (r['step'], r['images_per_second'])
+    for r in records
+    if r['split'] == 'train' and 'images_per_second' in r
+  ]
   before = [v for s, v in rates if step is None or s <= step]
   after = [v for s, v in rates if step is not None and s > step]
   median = lambda v: float(np.median(v)) if v else None
@@ -122,16 +134,22 @@ def run_cell(gate, dataset, seed, out):
   result = trainer.train_and_evaluate(config, workdir)
   records = metric_writers.read_metrics(workdir)
   cell = {
-      'gate': gate, 'dataset': dataset, 'seed': int(seed),
-      'accuracy_1': result['accuracy_1'], 'accuracy_2': result['accuracy_2'],
-      'num_nonzero': result['num_nonzero'],
-      'selected_experts': result['selected_experts'],
-      'best_step': result['step'],
-      'saturation_step': (saturation_step(records, config.model.gate.k)
-                          if config.model.gate.name == 'dselect_k' else None),
-      'wall_seconds': time.time() - start,
-      'conv': factory.conv_impl(config),  # what 'auto' meant on this machine
-      'config': json.loads(config.to_json_best_effort()),
+    'gate': gate,
+    'dataset': dataset,
+    'seed': int(seed),
+    'accuracy_1': result['accuracy_1'],
+    'accuracy_2': result['accuracy_2'],
+    'num_nonzero': result['num_nonzero'],
+    'selected_experts': result['selected_experts'],
+    'best_step': result['step'],
+    'saturation_step': (
+      saturation_step(records, config.model.gate.k)
+      if config.model.gate.name == 'dselect_k'
+      else None
+    ),
+    'wall_seconds': time.time() - start,
+    'conv': factory.conv_impl(config),  # what 'auto' meant on this machine
+    'config': json.loads(config.to_json_best_effort()),
   }
   os.makedirs(os.path.dirname(cell_file), exist_ok=True)
   with open(cell_file, 'w') as f:
@@ -167,34 +185,46 @@ def tabulate(out):
     row['experts_used'] = [c['num_nonzero'] for c in group]
     sat = [c['saturation_step'] for c in group]
     row['saturation_steps'] = sat
-    speeds = [train_speeds(metric_writers.read_metrics(
-        os.path.join(out, 'workdirs', _cell_name(c))), c['saturation_step'])
-              for c in group]
+    speeds = [
+      train_speeds(
+        metric_writers.read_metrics(
+          os.path.join(out, 'workdirs', _cell_name(c))
+        ),
+        c['saturation_step'],
+      )
+      for c in group
+    ]
     row['train_images_per_s_before_saturation'] = [b for b, _ in speeds]
     row['train_images_per_s_after_saturation'] = [a for _, a in speeds]
-    row['wall_minutes_mean'] = float(np.mean([c['wall_seconds']
-                                              for c in group]) / 60)
+    row['wall_minutes_mean'] = float(
+      np.mean([c['wall_seconds'] for c in group]) / 60
+    )
     row['wall_minutes'] = [c['wall_seconds'] / 60 for c in group]
     # Cells from before the Toeplitz convolution existed used XLA's.
     row['convs'] = [c.get('conv', 'xla') for c in group]
     rows.append(row)
   with open(os.path.join(out, 'table.json'), 'w') as f:
     json.dump({'rows': rows, 'cells': cells}, f, indent=2)
-  lines = ['| data set | gate | seeds | task 1 accuracy | task 2 accuracy | '
-           'experts used per task | saturation step | minutes per run '
-           '(expert convolution) | '
-           'train images/s before / after saturation |',
-           '|' + ' --- |' * 9]
+  lines = [
+    '| data set | gate | seeds | task 1 accuracy | task 2 accuracy | '
+    'experts used per task | saturation step | minutes per run '
+    '(expert convolution) | '
+    'train images/s before / after saturation |',
+    '|' + ' --- |' * 9,
+  ]
   for r in rows:
     lines.append(
-        f'| {r["dataset"]} | {r["gate"]} | {r["seeds"]} | '
-        f'{r["accuracy_1_mean"]:.4f} ± {r["accuracy_1_std"]:.4f} | '
-        f'{r["accuracy_2_mean"]:.4f} ± {r["accuracy_2_std"]:.4f} | '
-        f'{r["experts_used"]} | {r["saturation_steps"]} | '
-        + ', '.join(f'{m:.1f} ({conv})' for m, conv in
-                    zip(r['wall_minutes'], r['convs'])) + ' | '
-        f'{_speed(r["train_images_per_s_before_saturation"])} / '
-        f'{_speed(r["train_images_per_s_after_saturation"])} |')
+      f'| {r["dataset"]} | {r["gate"]} | {r["seeds"]} | '
+      f'{r["accuracy_1_mean"]:.4f} ± {r["accuracy_1_std"]:.4f} | '
+      f'{r["accuracy_2_mean"]:.4f} ± {r["accuracy_2_std"]:.4f} | '
+      f'{r["experts_used"]} | {r["saturation_steps"]} | '
+      + ', '.join(
+        f'{m:.1f} ({conv})' for m, conv in zip(r['wall_minutes'], r['convs'])
+      )
+      + ' | '
+      f'{_speed(r["train_images_per_s_before_saturation"])} / '
+      f'{_speed(r["train_images_per_s_after_saturation"])} |'
+    )
   with open(os.path.join(out, 'table.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
   _plots(out, rows, cells)
@@ -203,19 +233,26 @@ def tabulate(out):
 
 def _plots(out, rows, cells):
   from dselect_jax import plots  # pylint: disable=g-import-not-at-top
+
   if not rows:
     return
   plt = plots.plt
   datasets = sorted({r['dataset'] for r in rows})
-  fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.5),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    1, len(datasets), figsize=(5 * len(datasets), 3.5), squeeze=False
+  )
   for ax, dataset in zip(axes[0], datasets):
     sub = [r for r in rows if r['dataset'] == dataset]
     x = np.arange(len(sub))
     for t, shift in ((1, -0.2), (2, 0.2)):
-      ax.bar(x + shift, [r[f'accuracy_{t}_mean'] for r in sub], 0.4,
-             yerr=[r[f'accuracy_{t}_std'] for r in sub], label=f'task {t}',
-             capsize=3)
+      ax.bar(
+        x + shift,
+        [r[f'accuracy_{t}_mean'] for r in sub],
+        0.4,
+        yerr=[r[f'accuracy_{t}_std'] for r in sub],
+        label=f'task {t}',
+        capsize=3,
+      )
     ax.set_xticks(x)
     ax.set_xticklabels([r['gate'] for r in sub], rotation=20)
     low = min(r[f'accuracy_{t}_mean'] for r in sub for t in (1, 2))
@@ -232,15 +269,17 @@ def _plots(out, rows, cells):
     records = metric_writers.read_metrics(os.path.join(out, 'workdirs', name))
     # Train records hold the weights at every log step (newer runs);
     # validation records once per epoch.
-    logged = [r for r in records if r['split'] == 'train' and
-              'expert_weights' in r]
+    logged = [
+      r for r in records if r['split'] == 'train' and 'expert_weights' in r
+    ]
     logged = logged or [r for r in records if r['split'] == 'validation']
     if not logged:
       continue
     steps = [r['step'] for r in logged]
     weights = np.array([r['expert_weights'] for r in logged])  # (S, T, E)
-    fig, axes = plt.subplots(1, weights.shape[1], figsize=(10, 3.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+      1, weights.shape[1], figsize=(10, 3.5), squeeze=False
+    )
     for t, ax in enumerate(axes[0]):
       for e in range(weights.shape[2]):
         ax.plot(steps, weights[:, t, e], label=f'expert {e}')
@@ -259,12 +298,18 @@ def main(argv):
   out = _OUT.value
   unknown = sorted(set(_GATES.value) - set(GATE_VARIANTS))
   if unknown:
-    sys.exit(f'error: unknown gate variants {unknown}; choose from '
-             f'{sorted(GATE_VARIANTS)}.')
+    sys.exit(
+      f'error: unknown gate variants {unknown}; choose from '
+      f'{sorted(GATE_VARIANTS)}.'
+    )
   if not _TABLE_ONLY.value:
     index, count = map(int, _SHARD.value.split('/'))
-    cells = [(g, d, s) for d in _DATASETS.value for g in _GATES.value
-             for s in _SEEDS.value]
+    cells = [
+      (g, d, s)
+      for d in _DATASETS.value
+      for g in _GATES.value
+      for s in _SEEDS.value
+    ]
     for i, (gate, dataset, seed) in enumerate(cells):
       if i % count == index:
         try:
@@ -272,8 +317,12 @@ def main(argv):
         except trainer.Interrupted as e:  # SIGTERM/SIGINT: checkpoint saved.
           sys.exit(f'stopped: {e}')
   for row in tabulate(out):
-    print(row['dataset'], row['gate'], f'{row["accuracy_1_mean"]:.4f}',
-          f'{row["accuracy_2_mean"]:.4f}')
+    print(
+      row['dataset'],
+      row['gate'],
+      f'{row["accuracy_1_mean"]:.4f}',
+      f'{row["accuracy_2_mean"]:.4f}',
+    )
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ import hashlib
 
 from absl import app
 from absl import flags
+
 from dselect_jax import input_pipeline
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Raw MNIST files folder.')
@@ -22,7 +23,7 @@ def main(argv):
   splits = input_pipeline.build('multi_mnist', 'comet', 0, _DATA_DIR.value)
   arrays = {}
   for name, array in input_pipeline.splits_to_arrays(splits).items():
-    arrays[name] = array[:SIZES[name.split('_')[0]]]
+    arrays[name] = array[: SIZES[name.split('_')[0]]]
   input_pipeline.save_npz(input_pipeline.SAMPLE_FILE, arrays, compress=True)
   with open(input_pipeline.SAMPLE_FILE, 'rb') as f:
     print(input_pipeline.SAMPLE_FILE, hashlib.sha256(f.read()).hexdigest())

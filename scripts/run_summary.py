@@ -18,16 +18,18 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dselect_jax import metric_writers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dselect_jax import metric_writers
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('workdir')
-  parser.add_argument('--after', type=int, default=0,
-                      help='Ranges and speeds over the steps after this one.')
+  parser.add_argument(
+    '--after',
+    type=int,
+    default=0,
+    help='Ranges and speeds over the steps after this one.',
+  )
   args = parser.parse_args()
   if not os.path.exists(os.path.join(args.workdir, 'metrics.jsonl')):
     sys.exit(f'no metrics.jsonl in {args.workdir}: give a train.py workdir.')
@@ -38,33 +40,47 @@ def main():
     sys.exit(f'{args.workdir}: no validation record yet.')
 
   best = max(val, key=lambda r: (r['accuracy_mean'], -r['step']))
-  print(f'validation: {len(val)} records, last at step {val[-1]["step"]}; '
-        f'best at step {best["step"]}: {best["accuracy_1"]:.4f} / '
-        f'{best["accuracy_2"]:.4f}')
+  print(
+    f'validation: {len(val)} records, last at step {val[-1]["step"]}; '
+    f'best at step {best["step"]}: {best["accuracy_1"]:.4f} / '
+    f'{best["accuracy_2"]:.4f}'
+  )
   later = [r for r in val if r['step'] > args.after]
   if later:
-    ranges = [f'{min(r[k] for r in later):.4f}-{max(r[k] for r in later):.4f}'
-              for k in ('accuracy_1', 'accuracy_2')]
-    print(f'validation after step {args.after}: task 1 {ranges[0]}, '
-          f'task 2 {ranges[1]}')
-  speeds = np.array([r['images_per_second'] for r in train
-                     if r['step'] > args.after])
+    ranges = [
+      f'{min(r[k] for r in later):.4f}-{max(r[k] for r in later):.4f}'
+      for k in ('accuracy_1', 'accuracy_2')
+    ]
+    print(
+      f'validation after step {args.after}: task 1 {ranges[0]}, '
+      f'task 2 {ranges[1]}'
+    )
+  speeds = np.array(
+    [r['images_per_second'] for r in train if r['step'] > args.after]
+  )
   if speeds.size:
     p10, p50, p90 = np.percentile(speeds, [10, 50, 90])
-    print(f'train log windows after step {args.after}: {speeds.size}, '
-          f'median {p50:.0f} images/s (10th-90th percentile {p10:.0f}-'
-          f'{p90:.0f})')
+    print(
+      f'train log windows after step {args.after}: {speeds.size}, '
+      f'median {p50:.0f} images/s (10th-90th percentile {p10:.0f}-'
+      f'{p90:.0f})'
+    )
   if train:
-    print(f'peak resident memory: {max(r["peak_rss_mb"] for r in train):.0f}'
-          ' MB')
+    print(
+      f'peak resident memory: {max(r["peak_rss_mb"] for r in train):.0f} MB'
+    )
   for task, weights in enumerate(val[-1]['expert_weights'], start=1):
-    print(f'task {task} expert weights at step {val[-1]["step"]}: '
-          f'{min(weights):.3f}-{max(weights):.3f}, '
-          f'{val[-1]["num_nonzero"][task - 1]} experts in use')
+    print(
+      f'task {task} expert weights at step {val[-1]["step"]}: '
+      f'{min(weights):.3f}-{max(weights):.3f}, '
+      f'{val[-1]["num_nonzero"][task - 1]} experts in use'
+    )
   for r in records:
     if r['split'] == 'test':
-      print(f'test ({r.get("checkpoint", "?")} checkpoint, step {r["step"]}):'
-            f' {r["accuracy_1"]:.5f} / {r["accuracy_2"]:.5f}')
+      print(
+        f'test ({r.get("checkpoint", "?")} checkpoint, step {r["step"]}):'
+        f' {r["accuracy_1"]:.5f} / {r["accuracy_2"]:.5f}'
+      )
 
 
 if __name__ == '__main__':

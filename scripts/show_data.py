@@ -17,17 +17,22 @@ from dselect_jax import input_pipeline
 from dselect_jax import plots
 from dselect_jax import sources
 
-_OUT_DIR = flags.DEFINE_string('out_dir', 'results/data_samples',
-                               'Where the PNGs go.')
-_DATASETS = flags.DEFINE_list('datasets', sorted(input_pipeline.DATASETS),
-                              'Data sets to show.')
-_RECIPES = flags.DEFINE_list('recipes', list(input_pipeline.RECIPES),
-                             'Recipes to show.')
+_OUT_DIR = flags.DEFINE_string(
+  'out_dir', 'results/data_samples', 'Where the PNGs go.'
+)
+_DATASETS = flags.DEFINE_list(
+  'datasets', sorted(input_pipeline.DATASETS), 'Data sets to show.'
+)
+_RECIPES = flags.DEFINE_list(
+  'recipes', list(input_pipeline.RECIPES), 'Recipes to show.'
+)
 _SEED = flags.DEFINE_integer('seed', 0, 'Build seed.')
-_DATA_DIR = flags.DEFINE_string('data_dir', None,
-                                'Raw files folder (default: see sources.py).')
-_PICKLE = flags.DEFINE_string('paddlerec_pickle', None,
-                              'Also show this PaddleRec pickle.')
+_DATA_DIR = flags.DEFINE_string(
+  'data_dir', None, 'Raw files folder (default: see sources.py).'
+)
+_PICKLE = flags.DEFINE_string(
+  'paddlerec_pickle', None, 'Also show this PaddleRec pickle.'
+)
 
 
 def main(argv):
@@ -36,19 +41,37 @@ def main(argv):
   try:
     for dataset in _DATASETS.value:
       for recipe in _RECIPES.value:
-        split = input_pipeline.load(dataset, recipe, _SEED.value,
-                                    _DATA_DIR.value)['train']
+        split = input_pipeline.load(
+          dataset, recipe, _SEED.value, _DATA_DIR.value
+        )['train']
         path = os.path.join(_OUT_DIR.value, f'{dataset}-{recipe}.png')
-        print(plots.sample_grid(split.images, split.labels,
-                                f'{dataset}, {recipe} recipe (train)', path))
+        print(
+          plots.sample_grid(
+            split.images,
+            split.labels,
+            f'{dataset}, {recipe} recipe (train)',
+            path,
+          )
+        )
     split = input_pipeline.load('multi_mnist_sample')['train']
-    print(plots.sample_grid(split.images, split.labels, 'multi_mnist_sample',
-                            os.path.join(_OUT_DIR.value,
-                                         'multi_mnist_sample.png')))
+    print(
+      plots.sample_grid(
+        split.images,
+        split.labels,
+        'multi_mnist_sample',
+        os.path.join(_OUT_DIR.value, 'multi_mnist_sample.png'),
+      )
+    )
     if _PICKLE.value:
       x, y = sources.read_paddlerec_pickle(_PICKLE.value)
-      print(plots.sample_grid(x, y, os.path.basename(_PICKLE.value),
-                              os.path.join(_OUT_DIR.value, 'paddlerec.png')))
+      print(
+        plots.sample_grid(
+          x,
+          y,
+          os.path.basename(_PICKLE.value),
+          os.path.join(_OUT_DIR.value, 'paddlerec.png'),
+        )
+      )
   except sources.DataError as e:
     sys.exit(f'error: {e}')
 

@@ -9,8 +9,9 @@ import tempfile
 
 # Four fake CPU devices for every test, so the data-parallel paths run; set
 # before JAX initializes its backend. Single-device runs use devices[:1].
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=4')
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4'
+)
 
 # One XLA compilation cache for the whole session, shared with the train.py
 # subprocesses some tests start (they inherit the environment): the many short
@@ -24,10 +25,11 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # Likewise one folder for the CPU kernels (cpu_kernels.py), built once per
 # session: tests that point XDG_CACHE_HOME elsewhere (for the data caches)
 # would otherwise rebuild them.
-os.environ.setdefault('DSELECT_JAX_KERNEL_CACHE', os.path.join(_CACHE,
-                                                               'kernels'))
+os.environ.setdefault(
+  'DSELECT_JAX_KERNEL_CACHE', os.path.join(_CACHE, 'kernels')
+)
 
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # noqa: E402  (after XLA_FLAGS is set)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), 'shared', 'data')
@@ -40,8 +42,9 @@ def data_dir():
   path = os.environ.get('DSELECT_DATA_DIR') or SHARED_DATA
   if not os.path.isdir(os.path.join(path, 'mnist')):
     raise RuntimeError(
-        f'The tests read the canonical MNIST files from {path}/mnist; set '
-        'DSELECT_DATA_DIR to a folder holding mnist/ and fashion_mnist/.')
+      f'The tests read the canonical MNIST files from {path}/mnist; set '
+      'DSELECT_DATA_DIR to a folder holding mnist/ and fashion_mnist/.'
+    )
   return path
 
 
@@ -50,6 +53,7 @@ def no_network(monkeypatch):
   """Opening any URL but file:// fails as it would on a machine offline."""
   import urllib.error  # pylint: disable=g-import-not-at-top
   import urllib.request  # pylint: disable=g-import-not-at-top
+
   real = urllib.request.urlopen
 
   def guarded(url, *args, **kwargs):

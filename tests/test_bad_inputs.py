@@ -23,6 +23,7 @@ SAMPLE = 'configs/multimnist_sample.py'
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
   from tests.test_trainer import tiny_config  # pylint: disable=g-import-not-at-top
+
   workdir = str(tmp_path_factory.mktemp('finished'))
   trainer.train_and_evaluate(tiny_config(), workdir)
   return workdir
@@ -62,80 +63,149 @@ def _tree_digest(folder):
       path = os.path.join(d, name)
       with open(path, 'rb') as f:
         digest[os.path.relpath(path, folder)] = hashlib.sha256(
-            f.read()).hexdigest()
+          f.read()
+        ).hexdigest()
   return digest
 
 
 def _data(case):
-  return ['--config.data.name=multi_mnist', f'--config.data.data_dir={{{case}}}',
-          '--config.data.download=False']
+  return [
+    '--config.data.name=multi_mnist',
+    f'--config.data.data_dir={{{case}}}',
+    '--config.data.download=False',
+  ]
 
 
 # (script, arguments, text the one-line error must contain). '{workdir}' is
 # the finished run; '{<case>}' a bad data folder.
 CASES = {
-    'k zero': ('train', ['--config.model.gate.k=0'], 'model.gate.k=0'),
-    'k above experts': ('train', ['--config.model.gate.k=9'],
-                        'model.gate.k=9: must satisfy 1 <= k'),
-    'gamma zero': ('train', ['--config.model.gate.gamma=0.0'],
-                   'model.gate.gamma=0.0: must be > 0'),
-    'gamma negative': ('train', ['--config.model.gate.gamma=-1.0'],
-                       'model.gate.gamma=-1.0'),
-    'learning rate zero': ('train', ['--config.optimizer.learning_rate=0.0'],
-                           'learning_rate=0.0: must be > 0'),
-    'learning rate negative': ('train',
-                               ['--config.optimizer.learning_rate=-0.1'],
-                               'learning_rate=-0.1'),
-    'batch not divisible': ('train', ['--config.batch_size=126'],
-                            'batch_size=126: must be a positive multiple of '
-                            'the 4 devices'),
-    'one expert': ('train', ['--config.model.num_experts=1'],
-                   'model.num_experts=1'),
-    'unknown gate': ('train', ['--config.model.gate.name=switch'],
-                     "model.gate.name='switch': choose one of"),
-    'unknown dataset': ('train', ['--config.data.name=cifar10'],
-                        "data.name='cifar10'"),
-    'unknown recipe': ('train', ['--config.data.recipe=sener'],
-                       "data.recipe='sener'"),
-    'unknown optimizer': ('train', ['--config.optimizer.name=lamb'],
-                          "optimizer.name='lamb'"),
-    'unknown schedule': ('train', ['--config.schedule.name=step'],
-                         "schedule.name='step'"),
-    'mistyped override': ('train', ['--config.optimizer.learning_rte=0.1'],
-                          "no such config field 'learning_rte'"),
-    'override of wrong type': ('train', ['--config.model.gate.k=two'],
-                               'invalid literal'),
-    'unknown norm': ('train', ['--config.model.norm=fast'],
-                     "model.norm='fast': choose one of"),
-    'kernel norm without a compiler': ('train', ['--config.model.norm=kernel'],
-                                       "model.norm='kernel': the CPU kernels "
-                                       "do not build here: no C++ compiler"),
-    'data dir missing': ('train', _data('no_such_dir'), 'missing; put the'),
-    'data file missing': ('train', _data('missing_file'),
-                          'train-labels-idx1-ubyte.gz: missing'),
-    'data file truncated': ('train', _data('truncated'),
-                            'SHA-256 is'),
-    'data file altered': ('train', _data('altered'), 'expected 3552534a'),
-    'no config flag': ('train', None, '--config must have a value'),
-    'cluster flags without multihost': ('train', ['--num_processes=2'],
-                                        'are for --multihost; add it'),
-    'multihost without a cluster': ('train', ['--multihost'],
-                                    'give --coordinator_address'),
-    'process id out of range': ('train', ['--multihost', '--num_processes=2',
-                                          '--process_id=2',
-                                          '--coordinator_address=localhost:1'],
-                                'process_id < num_processes'),
-    'no workdir flag': ('train', ['--workdir='], 'workdir'),
-    'eval missing workdir': ('eval', ['--workdir={workdir}/nothing'],
-                             'does not exist'),
-    'eval empty workdir': ('eval', ['--workdir={empty}'],
-                           'holds no config.json'),
-    'eval step that does not exist': ('eval', ['--workdir={workdir}',
-                                               '--step=5'],
-                                      'its periodic checkpoints are at steps '
-                                      '[3, 6]'),
-    'eval step and best': ('eval', ['--workdir={workdir}', '--step=3',
-                                    '--best'], 'not both'),
+  'k zero': ('train', ['--config.model.gate.k=0'], 'model.gate.k=0'),
+  'k above experts': (
+    'train',
+    ['--config.model.gate.k=9'],
+    'model.gate.k=9: must satisfy 1 <= k',
+  ),
+  'gamma zero': (
+    'train',
+    ['--config.model.gate.gamma=0.0'],
+    'model.gate.gamma=0.0: must be > 0',
+  ),
+  'gamma negative': (
+    'train',
+    ['--config.model.gate.gamma=-1.0'],
+    'model.gate.gamma=-1.0',
+  ),
+  'learning rate zero': (
+    'train',
+    ['--config.optimizer.learning_rate=0.0'],
+    'learning_rate=0.0: must be > 0',
+  ),
+  'learning rate negative': (
+    'train',
+    ['--config.optimizer.learning_rate=-0.1'],
+    'learning_rate=-0.1',
+  ),
+  'batch not divisible': (
+    'train',
+    ['--config.batch_size=126'],
+    'batch_size=126: must be a positive multiple of the 4 devices',
+  ),
+  'one expert': (
+    'train',
+    ['--config.model.num_experts=1'],
+    'model.num_experts=1',
+  ),
+  'unknown gate': (
+    'train',
+    ['--config.model.gate.name=switch'],
+    "model.gate.name='switch': choose one of",
+  ),
+  'unknown dataset': (
+    'train',
+    ['--config.data.name=cifar10'],
+    "data.name='cifar10'",
+  ),
+  'unknown recipe': (
+    'train',
+    ['--config.data.recipe=sener'],
+    "data.recipe='sener'",
+  ),
+  'unknown optimizer': (
+    'train',
+    ['--config.optimizer.name=lamb'],
+    "optimizer.name='lamb'",
+  ),
+  'unknown schedule': (
+    'train',
+    ['--config.schedule.name=step'],
+    "schedule.name='step'",
+  ),
+  'mistyped override': (
+    'train',
+    ['--config.optimizer.learning_rte=0.1'],
+    "no such config field 'learning_rte'",
+  ),
+  'override of wrong type': (
+    'train',
+    ['--config.model.gate.k=two'],
+    'invalid literal',
+  ),
+  'unknown norm': (
+    'train',
+    ['--config.model.norm=fast'],
+    "model.norm='fast': choose one of",
+  ),
+  'kernel norm without a compiler': (
+    'train',
+    ['--config.model.norm=kernel'],
+    "model.norm='kernel': the CPU kernels do not build here: no C++ compiler",
+  ),
+  'data dir missing': ('train', _data('no_such_dir'), 'missing; put the'),
+  'data file missing': (
+    'train',
+    _data('missing_file'),
+    'train-labels-idx1-ubyte.gz: missing',
+  ),
+  'data file truncated': ('train', _data('truncated'), 'SHA-256 is'),
+  'data file altered': ('train', _data('altered'), 'expected 3552534a'),
+  'no config flag': ('train', None, '--config must have a value'),
+  'cluster flags without multihost': (
+    'train',
+    ['--num_processes=2'],
+    'are for --multihost; add it',
+  ),
+  'multihost without a cluster': (
+    'train',
+    ['--multihost'],
+    'give --coordinator_address',
+  ),
+  'process id out of range': (
+    'train',
+    [
+      '--multihost',
+      '--num_processes=2',
+      '--process_id=2',
+      '--coordinator_address=localhost:1',
+    ],
+    'process_id < num_processes',
+  ),
+  'no workdir flag': ('train', ['--workdir='], 'workdir'),
+  'eval missing workdir': (
+    'eval',
+    ['--workdir={workdir}/nothing'],
+    'does not exist',
+  ),
+  'eval empty workdir': ('eval', ['--workdir={empty}'], 'holds no config.json'),
+  'eval step that does not exist': (
+    'eval',
+    ['--workdir={workdir}', '--step=5'],
+    'its periodic checkpoints are at steps [3, 6]',
+  ),
+  'eval step and best': (
+    'eval',
+    ['--workdir={workdir}', '--step=3', '--best'],
+    'not both',
+  ),
 }
 
 # Environment variables a case adds.
@@ -160,11 +230,21 @@ def test_bad_input(name, finished_run, bad_data, tmp_path):
   argv = [a.format(**fields) for a in argv]
   before = _tree_digest(finished_run)
   # A private cache: built data cached by other runs must not hide bad files.
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             XDG_CACHE_HOME=str(tmp_path / 'cache'), **ENV.get(name, {}))
-  out = subprocess.run([sys.executable, f'{script}.py', *argv], cwd=REPO,
-                       capture_output=True, text=True, timeout=300, env=env,
-                       check=False)
+  env = dict(
+    os.environ,
+    XLA_FLAGS='--xla_force_host_platform_device_count=4',
+    XDG_CACHE_HOME=str(tmp_path / 'cache'),
+    **ENV.get(name, {}),
+  )
+  out = subprocess.run(
+    [sys.executable, f'{script}.py', *argv],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=env,
+    check=False,
+  )
   assert out.returncode != 0
   assert 'Traceback' not in out.stderr, out.stderr[-3000:]
   last = out.stderr.strip().splitlines()[-1]
@@ -176,11 +256,19 @@ def test_workdir_that_is_a_file(tmp_path):
   path = tmp_path / 'afile'
   path.write_text('keep me')
   out = subprocess.run(
-      [sys.executable, 'train.py', f'--config={SAMPLE}', f'--workdir={path}'],
-      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    [sys.executable, 'train.py', f'--config={SAMPLE}', f'--workdir={path}'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert out.returncode != 0 and 'Traceback' not in out.stderr
-  assert out.stderr.strip().splitlines()[-1].startswith(
-      f'error: --workdir={path} is a file')
+  assert (
+    out.stderr.strip()
+    .splitlines()[-1]
+    .startswith(f'error: --workdir={path} is a file')
+  )
   assert path.read_text() == 'keep me'
 
 
@@ -189,25 +277,33 @@ def test_eval_prints_its_result_when_it_cannot_save_it(finished_run):
   console first, then one line says what could not be saved, and where."""
   out_dir = os.path.join(finished_run, 'eval')
   inject = (
-      'import errno, os, runpy, sys\n'
-      'real = os.makedirs\n'
-      'def makedirs(path, *a, **k):\n'
-      f'  if os.path.abspath(path) == {out_dir!r}:\n'
-      '    raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)\n'
-      '  return real(path, *a, **k)\n'
-      'os.makedirs = makedirs\n'
-      f'sys.argv = ["eval.py", "--workdir={finished_run}"]\n'
-      'runpy.run_path("eval.py", run_name="__main__")\n')
+    'import errno, os, runpy, sys\n'
+    'real = os.makedirs\n'
+    'def makedirs(path, *a, **k):\n'
+    f'  if os.path.abspath(path) == {out_dir!r}:\n'
+    '    raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)\n'
+    '  return real(path, *a, **k)\n'
+    'os.makedirs = makedirs\n'
+    f'sys.argv = ["eval.py", "--workdir={finished_run}"]\n'
+    'runpy.run_path("eval.py", run_name="__main__")\n'
+  )
   before = _tree_digest(finished_run)
-  out = subprocess.run([sys.executable, '-c', inject], cwd=REPO,
-                       capture_output=True, text=True, timeout=300,
-                       check=False)
+  out = subprocess.run(
+    [sys.executable, '-c', inject],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert out.returncode == 1 and 'Traceback' not in out.stderr
   assert 'task 1: accuracy ' in out.stdout and 'task 2: accuracy ' in (
-      out.stdout)
+    out.stdout
+  )
   assert out.stderr.strip().splitlines()[-1] == (
-      f'error: could not save the results above to {out_dir}: Read-only '
-      'file system.')
+    f'error: could not save the results above to {out_dir}: Read-only '
+    'file system.'
+  )
   assert _tree_digest(finished_run) == before
 
 
@@ -219,21 +315,30 @@ def test_eval_prints_its_result_when_it_cannot_save_it(finished_run):
 @pytest.mark.parametrize('gamma', [float('inf'), float('nan'), -1.0])
 def test_gate_gamma_must_be_finite_and_positive(gamma):
   from dselect_jax import gates  # pylint: disable=g-import-not-at-top
+
   with pytest.raises(ValueError, match=r'gamma must be a finite number > 0'):
     gates.DSelectKGate(num_experts=4, k=2, gamma=gamma)
 
 
-@pytest.mark.parametrize('shape,match', [
+@pytest.mark.parametrize(
+  'shape,match',
+  [
     ((2, 12, 12, 1), r'12x12 pixels do not fit.*at least 16'),
     ((2, 18, 36, 1), r'18x36 pixels do not fit.*multiples of 4'),
-    ((2, 36, 36), r'shape \(B, H, W, C\); got shape \(2, 36, 36\) \(add the '
-                  r'channel axis'),
+    (
+      (2, 36, 36),
+      r'shape \(B, H, W, C\); got shape \(2, 36, 36\) \(add the '
+      r'channel axis',
+    ),
     ((0, 36, 36, 1), r'the batch is empty'),
-])
+  ],
+)
 def test_model_input_is_checked(shape, match):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from dselect_jax import models  # pylint: disable=g-import-not-at-top
+
   model = models.MultiTaskMoE(num_experts=2, gate='softmax')
   with pytest.raises(ValueError, match=match):
     model.init(jax.random.key(0), jnp.zeros(shape), train=False)
@@ -243,21 +348,35 @@ def test_the_smallest_images_the_expert_takes():
   """16x16 is the smallest canvas: 16 -> 12 -> 6 -> 2 -> 1 (by hand)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from dselect_jax import models  # pylint: disable=g-import-not-at-top
+
   variables = models.MultiMNISTExpert().init(
-      jax.random.key(0), jnp.zeros((2, 16, 16, 1)), train=False)
+    jax.random.key(0), jnp.zeros((2, 16, 16, 1)), train=False
+  )
   assert variables['params']['Dense_0']['kernel'].shape == (1 * 1 * 20, 50)
 
 
-@pytest.mark.parametrize('weights,match', [
-    ({'w_logits': [[0.0]]}, r"no 'z_logits' in the TF weights \(keys: "
-                            r"\['w_logits'\]\)"),
-    ({'z_logits': {'kernel': [[0.0]]}, 'w_logits': {'kernel': [[0.0]],
-                                                     'bias': [0.0]}},
-     r"'z_logits' must hold a Dense layer's 'kernel' and 'bias', got "
-     r"\['kernel'\]"),
-])
+@pytest.mark.parametrize(
+  'weights,match',
+  [
+    (
+      {'w_logits': [[0.0]]},
+      r"no 'z_logits' in the TF weights \(keys: "
+      r"\['w_logits'\]\)",
+    ),
+    (
+      {
+        'z_logits': {'kernel': [[0.0]]},
+        'w_logits': {'kernel': [[0.0]], 'bias': [0.0]},
+      },
+      r"'z_logits' must hold a Dense layer's 'kernel' and 'bias', got "
+      r"\['kernel'\]",
+    ),
+  ],
+)
 def test_params_from_tf_names_what_is_missing(weights, match):
   from dselect_jax import gates  # pylint: disable=g-import-not-at-top
+
   with pytest.raises(ValueError, match=match):
     gates.params_from_tf(weights)

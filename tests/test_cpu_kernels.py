@@ -23,9 +23,13 @@ class FlaxBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.BatchNorm(use_running_average=self.use_running_average,
-                     momentum=0.9, epsilon=1e-5, axis_name=self.axis_name,
-                     name='bn')(x)
+    x = nn.BatchNorm(
+      use_running_average=self.use_running_average,
+      momentum=0.9,
+      epsilon=1e-5,
+      axis_name=self.axis_name,
+      name='bn',
+    )(x)
     b, h, w, c = x.shape
     return nn.relu(x).reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
@@ -36,17 +40,27 @@ class KernelBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return models.BatchNormReLUPool(self.use_running_average,
-                                    axis_name=self.axis_name, name='bn')(x)
+    return models.BatchNormReLUPool(
+      self.use_running_average, axis_name=self.axis_name, name='bn'
+    )(x)
 
 
 def random_variables(rng, c):
   """scale, bias and running stats away from their initial 1, 0, 0, 1."""
-  return {'params': {'bn': {'scale': rng.normal(size=c).astype(np.float32),
-                            'bias': rng.normal(size=c).astype(np.float32)}},
-          'batch_stats': {'bn': {
-              'mean': rng.normal(size=c).astype(np.float32),
-              'var': rng.uniform(0.5, 2, size=c).astype(np.float32)}}}
+  return {
+    'params': {
+      'bn': {
+        'scale': rng.normal(size=c).astype(np.float32),
+        'bias': rng.normal(size=c).astype(np.float32),
+      }
+    },
+    'batch_stats': {
+      'bn': {
+        'mean': rng.normal(size=c).astype(np.float32),
+        'var': rng.uniform(0.5, 2, size=c).astype(np.float32),
+      }
+    },
+  }
 
 
 def tied_input(rng, shape):
@@ -56,20 +70,25 @@ def tied_input(rng, shape):
 
 def train_outputs(block, variables, x, dy):
   """y, the updated batch_stats, and d sum(y * dy) / d (x, params)."""
+
   def loss(params, x):
-    y, upd = block.apply({**variables, 'params': params}, x,
-                         mutable=['batch_stats'])
+    y, upd = block.apply(
+      {**variables, 'params': params}, x, mutable=['batch_stats']
+    )
     return jnp.sum(y * dy), (y, upd['batch_stats'])
+
   (_, (y, stats)), (dparams, dx) = jax.value_and_grad(
-      loss, argnums=(0, 1), has_aux=True)(variables['params'], x)
+    loss, argnums=(0, 1), has_aux=True
+  )(variables['params'], x)
   return y, stats, dparams, dx
 
 
 def assert_trees_close(a, b, rtol=2e-5, atol=2e-5):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol,
-                               atol=atol)
+    np.testing.assert_allclose(
+      np.asarray(u), np.asarray(v), rtol=rtol, atol=atol
+    )
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -77,13 +96,17 @@ def kernels():
   cpu_kernels.load()  # Builds them (or fails with the compiler's message).
 
 
-@pytest.mark.parametrize('shape,ties', [((8, 6, 4, 3), True),
-                                        ((16, 12, 12, 20), False),
-                                        ((4, 32, 32, 10), True)])
+@pytest.mark.parametrize(
+  'shape,ties',
+  [((8, 6, 4, 3), True), ((16, 12, 12, 20), False), ((4, 32, 32, 10), True)],
+)
 def test_training_mode_equals_flax(shape, ties):
   rng = np.random.default_rng(sum(shape))
-  x = (tied_input(rng, shape) if ties
-       else rng.normal(1., 3., size=shape).astype(np.float32))
+  x = (
+    tied_input(rng, shape)
+    if ties
+    else rng.normal(1.0, 3.0, size=shape).astype(np.float32)
+  )
   b, h, w, c = shape
   dy = rng.normal(size=(b, h // 2, w // 2, c)).astype(np.float32)
   variables = random_variables(rng, c)
@@ -114,11 +137,11 @@ def test_gradients_through_mean_and_var():
 
   def loss(fn, x, scale, bias):
     y, mean, var = fn(x, scale, bias)
-    return jnp.sum(y ** 2) + jnp.sum(mean * u) + jnp.sum(var * v)
+    return jnp.sum(y**2) + jnp.sum(mean * u) + jnp.sum(var * v)
 
   def reference(x, scale, bias):  # nn.BatchNorm's statistics, by hand.
     mean = x.mean(axis=(0, 1, 2))
-    var = jnp.maximum((x * x).mean(axis=(0, 1, 2)) - mean ** 2, 0.)
+    var = jnp.maximum((x * x).mean(axis=(0, 1, 2)) - mean**2, 0.0)
     z = (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
     y = models.max_pool_2x2(nn.relu(z))
     return y, mean, var
@@ -139,8 +162,12 @@ def test_pmap_statistics_span_the_devices():
   variables = random_variables(rng, 2)
 
   def run(block):
-    step = jax.pmap(functools.partial(train_outputs, block), axis_name='i',
-                    in_axes=(None, 0, 0), devices=devices)
+    step = jax.pmap(
+      functools.partial(train_outputs, block),
+      axis_name='i',
+      in_axes=(None, 0, 0),
+      devices=devices,
+    )
     return step(variables, x, dy)
 
   got = run(KernelBlock(False, axis_name='i'))
@@ -153,39 +180,52 @@ def test_pmap_statistics_span_the_devices():
 
 def test_expert_with_kernels_equals_expert_with_flax():
   x = jax.random.uniform(jax.random.key(0), (8, 36, 36, 1))
-  experts = {norm: models.MultiMNISTExpert(conv='toeplitz', norm=norm)
-             for norm in models.NORM_IMPLS}
+  experts = {
+    norm: models.MultiMNISTExpert(conv='toeplitz', norm=norm)
+    for norm in models.NORM_IMPLS
+  }
   variables = experts['xla'].init(jax.random.key(1), x, train=False)
-  assert (jax.tree.structure(variables) == jax.tree.structure(
-      experts['kernel'].init(jax.random.key(1), x, train=False)))
+  assert jax.tree.structure(variables) == jax.tree.structure(
+    experts['kernel'].init(jax.random.key(1), x, train=False)
+  )
   for train in (True, False):
-    outs = [experts[n].apply(variables, x, train=train,
-                             mutable=['batch_stats'] if train else False)
-            for n in ('kernel', 'xla')]
+    outs = [
+      experts[n].apply(
+        variables, x, train=train, mutable=['batch_stats'] if train else False
+      )
+      for n in ('kernel', 'xla')
+    ]
     assert_trees_close(*outs, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_norm_is_a_clear_error():
-  with pytest.raises(ValueError, match=r"norm must be one of \('xla', "
-                     r"'kernel'\), got norm='fast'"):
+  with pytest.raises(
+    ValueError,
+    match=r"norm must be one of \('xla', "
+    r"'kernel'\), got norm='fast'",
+  ):
     models.MultiMNISTExpert(norm='fast')
 
 
 def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
   monkeypatch.setenv('DSELECT_JAX_KERNEL_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', 'no-such-compiler')
-  with pytest.raises(cpu_kernels.KernelBuildError,
-                     match=r"no C\+\+ compiler: 'no-such-compiler'.*"
-                     r'--config.model.norm=xla'):
+  with pytest.raises(
+    cpu_kernels.KernelBuildError,
+    match=r"no C\+\+ compiler: 'no-such-compiler'.*"
+    r'--config.model.norm=xla',
+  ):
     cpu_kernels._build_and_register()  # pylint: disable=protected-access
 
 
 def test_failing_compiler_is_a_clear_error(monkeypatch, tmp_path):
   monkeypatch.setenv('DSELECT_JAX_KERNEL_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', 'false')  # Runs, and exits 1.
-  with pytest.raises(cpu_kernels.KernelBuildError,
-                     match=r'(?s)compiling .*bn_relu_pool.cc failed.*'
-                     r'--config.model.norm=xla'):
+  with pytest.raises(
+    cpu_kernels.KernelBuildError,
+    match=r'(?s)compiling .*bn_relu_pool.cc failed.*'
+    r'--config.model.norm=xla',
+  ):
     cpu_kernels._build_and_register()  # pylint: disable=protected-access
   assert not list(tmp_path.iterdir())  # No half-written library is left.
 
@@ -193,6 +233,7 @@ def test_failing_compiler_is_a_clear_error(monkeypatch, tmp_path):
 def test_auto_falls_back_to_xla_without_the_kernels(monkeypatch):
   from configs import multimnist  # pylint: disable=g-import-not-at-top
   from dselect_jax import factory  # pylint: disable=g-import-not-at-top
+
   config = multimnist.get_config()
   assert config.model.norm == 'auto'
   assert factory.norm_impl(config) == 'kernel'  # They build here.
@@ -213,13 +254,17 @@ def test_a_truncated_library_is_rebuilt(monkeypatch, tmp_path):
   with open(path, 'rb') as f:
     whole = f.read()
   with open(path, 'wb') as f:
-    f.write(whole[:len(whole) // 2])
+    f.write(whole[: len(whole) // 2])
   warnings = []
-  monkeypatch.setattr(cpu_kernels.logging, 'warning',
-                      lambda msg, *args: warnings.append(msg % args))
+  monkeypatch.setattr(
+    cpu_kernels.logging,
+    'warning',
+    lambda msg, *args: warnings.append(msg % args),
+  )
   assert build() == path
-  assert len(warnings) == 1 and path in warnings[0] and 'damaged' in (
-      warnings[0])
+  assert (
+    len(warnings) == 1 and path in warnings[0] and 'damaged' in (warnings[0])
+  )
   with open(path, 'rb') as f:
     assert len(f.read()) == len(whole)
   # Intact now: no second rebuild.

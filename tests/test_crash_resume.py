@@ -14,25 +14,36 @@ import numpy as np
 
 from configs import multimnist_sample
 from dselect_jax import checkpointing
-from dselect_jax import metric_writers
 from dselect_jax import factory
+from dselect_jax import metric_writers
 from dselect_jax import steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {
-    'model.num_experts': 2, 'model.gate.k': 1, 'batch_size': 32,
-    'eval_batch_size': 200, 'num_train_steps': 12, 'log_every_steps': 2,
-    'eval_every_steps': 4, 'checkpoint_every_steps': 2, 'max_to_keep': 2,
+  'model.num_experts': 2,
+  'model.gate.k': 1,
+  'batch_size': 32,
+  'eval_batch_size': 200,
+  'num_train_steps': 12,
+  'log_every_steps': 2,
+  'eval_every_steps': 4,
+  'checkpoint_every_steps': 2,
+  'max_to_keep': 2,
 }
 ENV = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
 
 
 def _start(workdir):
-  args = [sys.executable, 'train.py', '--config=configs/multimnist_sample.py',
-          f'--workdir={workdir}']
+  args = [
+    sys.executable,
+    'train.py',
+    '--config=configs/multimnist_sample.py',
+    f'--workdir={workdir}',
+  ]
   args += [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
-  return subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
+  return subprocess.Popen(
+    args, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+  )
 
 
 def _kill_when(proc, condition, timeout=240):
@@ -64,8 +75,9 @@ def _records(workdir, split):
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(l) for l in f if l.strip() and
-            json.loads(l)['split'] == split]
+    return [
+      json.loads(l) for l in f if l.strip() and json.loads(l)['split'] == split
+    ]
 
 
 def _final_arrays(workdir):
@@ -81,7 +93,8 @@ def _final_arrays(workdir):
   ckpts = checkpointing.Checkpoints(workdir, create=False)
   state = ckpts.restore(factory.abstract_state(config, model, tx))
   return ckpts.latest_step(), jax.device_get(
-      (state.step, state.params, state.batch_stats, state.opt_state))
+    (state.step, state.params, state.batch_stats, state.opt_state)
+  )
 
 
 def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
@@ -91,12 +104,12 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
 
   broken = str(tmp_path / 'broken')
   kills = [
-      # While a checkpoint is being written.
-      lambda: bool(_tmp_entries(broken)),
-      # Right after the first validation was logged.
-      lambda: len(_records(broken, 'validation')) >= 2,
-      # Mid-interval, after a few more train records.
-      lambda: len(_records(broken, 'train')) >= 9,
+    # While a checkpoint is being written.
+    lambda: bool(_tmp_entries(broken)),
+    # Right after the first validation was logged.
+    lambda: len(_records(broken, 'validation')) >= 2,
+    # Mid-interval, after a few more train records.
+    lambda: len(_records(broken, 'train')) >= 9,
   ]
   killed = 0
   for condition in kills:
@@ -114,7 +127,10 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
   # Its metrics read back as the uninterrupted run's: the same records, none
   # twice, with the same losses and accuracies.
   def logged(workdir):
-    return [(r['split'], r['step'], r.get('loss'), r.get('accuracy_1'))
-            for r in metric_writers.read_metrics(workdir)]
+    return [
+      (r['split'], r['step'], r.get('loss'), r.get('accuracy_1'))
+      for r in metric_writers.read_metrics(workdir)
+    ]
+
   assert logged(broken) == logged(whole)
   assert len(_records(broken, 'train')) > len(_records(whole, 'train'))

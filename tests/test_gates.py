@@ -26,8 +26,9 @@ def ref_bits(num_experts):
 
 def ref_codes(num_experts):
   m = ref_bits(num_experts)
-  return np.array([[ch == '1' for ch in format(i, f'0{m}b')]
-                   for i in range(num_experts)])
+  return np.array(
+    [[ch == '1' for ch in format(i, f'0{m}b')] for i in range(num_experts)]
+  )
 
 
 def ref_smooth_step(t, gamma):
@@ -55,7 +56,7 @@ def ref_static(z, w, num_experts, gamma):
   alpha /= alpha.sum()
   weights = (alpha[:, None] * r).sum(0)
   ent = -np.sum(r * np.log(r + 1e-6))
-  power_of_2 = num_experts == 2**ref_bits(num_experts)
+  power_of_2 = num_experts == 2 ** ref_bits(num_experts)
   with np.errstate(divide='ignore'):  # All mass on unreachable codes: inf.
     reach = 0.0 if power_of_2 else np.sum(1 / r.sum(1))
   return weights, r, ent, reach
@@ -71,11 +72,21 @@ def ref_per_example(x, zk, zb, wk, wb, k, num_experts, gamma):
     outs.append(ref_static(z, wl[b], num_experts, gamma))
   weights = np.stack([o[0] for o in outs])
   r = np.stack([o[1] for o in outs])
-  return weights, r, np.mean([o[2] for o in outs]), np.mean([o[3] for o in outs])
+  return (
+    weights,
+    r,
+    np.mean([o[2] for o in outs]),
+    np.mean([o[3] for o in outs]),
+  )
 
 
-CASES = [(e, k, gamma) for e in (2, 3, 4, 5, 7, 8, 9, 16)
-         for k in sorted({1, 2, e}) if k <= e for gamma in (0.5, 1.0, 3.0)]
+CASES = [
+  (e, k, gamma)
+  for e in (2, 3, 4, 5, 7, 8, 9, 16)
+  for k in sorted({1, 2, e})
+  if k <= e
+  for gamma in (0.5, 1.0, 3.0)
+]
 
 
 def _random_static(rng, num_experts, k, gamma):
@@ -103,20 +114,31 @@ def test_codes_are_binary_msb_first(num_experts):
 
 def test_codes_by_hand():
   # 5 experts need 3 bits; expert 4 = 100, expert 1 = 001 (MSB first).
-  expected = np.array([[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1], [1, 0, 0]],
-                      bool)
+  expected = np.array(
+    [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1], [1, 0, 0]], bool
+  )
   np.testing.assert_array_equal(gates.binary_codes(5), expected)
   np.testing.assert_array_equal(gates.binary_codes(2), [[False], [True]])
 
 
 def test_num_bits():
   assert [gates.num_bits(e) for e in (2, 3, 4, 5, 8, 9, 16, 17)] == [
-      1, 2, 2, 3, 3, 4, 4, 5]
+    1,
+    2,
+    2,
+    3,
+    3,
+    4,
+    4,
+    5,
+  ]
 
 
 @pytest.mark.parametrize('gamma', [0.5, 1.0, 2.0])
 def test_smooth_step_values_by_hand(gamma):
-  t = jnp.array([-gamma, -gamma / 2, -gamma / 4, 0, gamma / 4, gamma / 2, gamma])
+  t = jnp.array(
+    [-gamma, -gamma / 2, -gamma / 4, 0, gamma / 4, gamma / 2, gamma]
+  )
   # Cubic at gamma/4: -2/64 + 3/8 + 1/2 = 27/32; at -gamma/4: 5/32.
   expected = [0, 0, 5 / 32, 0.5, 27 / 32, 1, 1]
   np.testing.assert_allclose(gates.smooth_step(t, gamma), expected, atol=1e-6)
@@ -158,8 +180,9 @@ def test_static_gate_matches_reference(num_experts, k, gamma):
     weights, aux = fn(variables)
     assert weights.shape == (num_experts,)
     np.testing.assert_allclose(weights, want_w, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(aux['selector_outputs'], want_r, rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      aux['selector_outputs'], want_r, rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(aux['entropy'], want_ent, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(aux['reachability'], want_reach, rtol=1e-5)
 
@@ -173,17 +196,23 @@ def test_per_example_gate_matches_reference(num_experts, k, gamma):
   zb = rng.uniform(-0.3 * gamma, 0.3 * gamma, (k * m,)).astype(np.float32)
   wk = rng.normal(size=(d, k)).astype(np.float32)
   wb = rng.normal(size=(k,)).astype(np.float32)
-  gate = gates.DSelectKGate(num_experts=num_experts, k=k, gamma=gamma,
-                            per_example=True)
-  variables = {'params': {'z_logits': {'kernel': zk, 'bias': zb},
-                          'w_logits': {'kernel': wk, 'bias': wb}}}
+  gate = gates.DSelectKGate(
+    num_experts=num_experts, k=k, gamma=gamma, per_example=True
+  )
+  variables = {
+    'params': {
+      'z_logits': {'kernel': zk, 'bias': zb},
+      'w_logits': {'kernel': wk, 'bias': wb},
+    }
+  }
   want = ref_per_example(x, zk, zb, wk, wb, k, num_experts, gamma)
   for fn in (gate.apply, jax.jit(gate.apply)):
     weights, aux = fn(variables, x)
     assert weights.shape == (b, num_experts)
     np.testing.assert_allclose(weights, want[0], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(aux['selector_outputs'], want[1], rtol=1e-4,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      aux['selector_outputs'], want[1], rtol=1e-4, atol=1e-6
+    )
     np.testing.assert_allclose(aux['entropy'], want[2], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(aux['reachability'], want[3], rtol=1e-4)
 
@@ -199,9 +228,17 @@ def _numeric_grad(f, x, eps=1e-6):
   return grad
 
 
-@pytest.mark.parametrize('num_experts,k,gamma',
-                         [(4, 2, 1.0), (5, 2, 1.0), (7, 3, 0.5), (8, 8, 2.0),
-                          (9, 1, 1.0), (16, 4, 1.0)])
+@pytest.mark.parametrize(
+  'num_experts,k,gamma',
+  [
+    (4, 2, 1.0),
+    (5, 2, 1.0),
+    (7, 3, 0.5),
+    (8, 8, 2.0),
+    (9, 1, 1.0),
+    (16, 4, 1.0),
+  ],
+)
 def test_static_gradients_match_finite_differences(num_experts, k, gamma):
   rng = np.random.default_rng(num_experts)
   z, w = _random_static(rng, num_experts, k, gamma)
@@ -213,8 +250,9 @@ def test_static_gradients_match_finite_differences(num_experts, k, gamma):
 
   def loss(params):
     weights, aux = gate.apply({'params': params})
-    return jnp.dot(weights, c) + 0.3 * aux['entropy'] + 0.1 * aux[
-        'reachability']
+    return (
+      jnp.dot(weights, c) + 0.3 * aux['entropy'] + 0.1 * aux['reachability']
+    )
 
   def ref_loss(zz, ww):
     weights, _, ent, reach = ref_static(zz, ww, num_experts, gamma)
@@ -224,11 +262,17 @@ def test_static_gradients_match_finite_differences(num_experts, k, gamma):
   for grad_fn in (jax.grad(loss), jax.jit(jax.grad(loss))):
     grads = grad_fn(params)
     np.testing.assert_allclose(
-        grads['z_logits'], _numeric_grad(lambda zz: ref_loss(zz, w), z),
-        rtol=2e-3, atol=2e-4)
+      grads['z_logits'],
+      _numeric_grad(lambda zz: ref_loss(zz, w), z),
+      rtol=2e-3,
+      atol=2e-4,
+    )
     np.testing.assert_allclose(
-        grads['w_logits'], _numeric_grad(lambda ww: ref_loss(z, ww), w),
-        rtol=2e-3, atol=2e-4)
+      grads['w_logits'],
+      _numeric_grad(lambda ww: ref_loss(z, ww), w),
+      rtol=2e-3,
+      atol=2e-4,
+    )
   saturated = np.abs(z) > gamma / 2
   assert np.all(np.asarray(grads['z_logits'])[saturated] == 0)
 
@@ -243,23 +287,31 @@ def test_per_example_gradients_match_finite_differences():
   wk = rng.normal(size=(d, k)).astype(np.float32)
   wb = rng.normal(size=(k,)).astype(np.float32)
   c = rng.normal(size=(b, num_experts))
-  gate = gates.DSelectKGate(num_experts=num_experts, k=k, gamma=gamma,
-                            per_example=True)
+  gate = gates.DSelectKGate(
+    num_experts=num_experts, k=k, gamma=gamma, per_example=True
+  )
 
   def loss(params):
     weights, aux = gate.apply({'params': params}, x)
     return jnp.sum(weights * c) + 0.3 * aux['entropy'] + aux['reachability']
 
   def ref_loss(zk_):
-    weights, _, ent, reach = ref_per_example(x, zk_, zb, wk, wb, k,
-                                             num_experts, gamma)
+    weights, _, ent, reach = ref_per_example(
+      x, zk_, zb, wk, wb, k, num_experts, gamma
+    )
     return np.sum(weights * c) + 0.3 * ent + reach
 
-  params = {'z_logits': {'kernel': zk, 'bias': zb},
-            'w_logits': {'kernel': wk, 'bias': wb}}
+  params = {
+    'z_logits': {'kernel': zk, 'bias': zb},
+    'w_logits': {'kernel': wk, 'bias': wb},
+  }
   grads = jax.grad(loss)(params)
-  np.testing.assert_allclose(grads['z_logits']['kernel'],
-                             _numeric_grad(ref_loss, zk), rtol=2e-3, atol=2e-4)
+  np.testing.assert_allclose(
+    grads['z_logits']['kernel'],
+    _numeric_grad(ref_loss, zk),
+    rtol=2e-3,
+    atol=2e-4,
+  )
 
 
 @pytest.mark.parametrize('gamma', [0.5, 1.0])
@@ -270,8 +322,9 @@ def test_saturated_selectors_are_one_hot_by_hand(gamma):
   w = np.array([0.0, np.log(3.0)], np.float32)
   gate = gates.DSelectKGate(num_experts=4, k=2, gamma=gamma)
   weights, aux = gate.apply({'params': {'z_logits': z, 'w_logits': w}})
-  np.testing.assert_array_equal(aux['selector_outputs'],
-                                [[0, 0, 1, 0], [0, 1, 0, 0]])
+  np.testing.assert_array_equal(
+    aux['selector_outputs'], [[0, 0, 1, 0], [0, 1, 0, 0]]
+  )
   np.testing.assert_allclose(weights, [0, 0.75, 0.25, 0], rtol=1e-6)
   assert np.count_nonzero(weights) == 2
   # One-hot selectors: entropy -1 * log(1 + 1e-6) per selector.
@@ -294,16 +347,18 @@ def test_saturated_gate_has_at_most_k_nonzeros():
       assert np.count_nonzero(weights) == len(set(experts))
       np.testing.assert_allclose(np.sum(weights), 1.0, rtol=1e-6)
       # Every selector sums to 1 over reachable experts: 1/1 per selector.
-      np.testing.assert_allclose(aux['reachability'],
-                                 0.0 if num_experts == 2**m else k, rtol=1e-6)
+      np.testing.assert_allclose(
+        aux['reachability'], 0.0 if num_experts == 2**m else k, rtol=1e-6
+      )
 
 
 def test_unreachable_codes_are_not_renormalized():
   # E = 3, M = 2: code 11 is unreachable. Both bits at S = 1/2 give each code
   # 1/4, so the three reachable experts get 1/4 each and the sum is 3/4.
   gate = gates.DSelectKGate(num_experts=3, k=1)
-  weights, aux = gate.apply({'params': {'z_logits': np.zeros((1, 2)),
-                                        'w_logits': np.zeros((1,))}})
+  weights, aux = gate.apply(
+    {'params': {'z_logits': np.zeros((1, 2)), 'w_logits': np.zeros((1,))}}
+  )
   np.testing.assert_allclose(weights, [0.25, 0.25, 0.25])
   np.testing.assert_allclose(aux['reachability'], 4 / 3, rtol=1e-6)
 
@@ -315,11 +370,13 @@ def test_params_from_tf_static_and_per_example():
   params = gates.params_from_tf({'z_logits': z_tf, 'w_logits': w_tf})
   gate = gates.DSelectKGate(num_experts=6, k=3)
   weights, _ = gate.apply({'params': params})
-  np.testing.assert_allclose(weights,
-                             ref_static(z_tf[:, 0], w_tf[:, 0], 6, 1.0)[0],
-                             rtol=1e-5)
-  dense = {'z_logits': {'kernel': np.ones((4, 9)), 'bias': np.zeros(9)},
-           'w_logits': {'kernel': np.ones((4, 3)), 'bias': np.zeros(3)}}
+  np.testing.assert_allclose(
+    weights, ref_static(z_tf[:, 0], w_tf[:, 0], 6, 1.0)[0], rtol=1e-5
+  )
+  dense = {
+    'z_logits': {'kernel': np.ones((4, 9)), 'bias': np.zeros(9)},
+    'w_logits': {'kernel': np.ones((4, 3)), 'bias': np.zeros(3)},
+  }
   converted = gates.params_from_tf(dense)
   assert jax.tree.map(jnp.shape, converted) == jax.tree.map(np.shape, dense)
   with pytest.raises(ValueError, match=r'\(K, 1, M\)'):
@@ -331,21 +388,25 @@ def test_param_shapes_by_eval_shape():
   shapes = jax.eval_shape(static.init, jax.random.key(0))['params']
   assert shapes['z_logits'].shape == (3, 4) and shapes['w_logits'].shape == (3,)
   per_ex = gates.DSelectKGate(num_experts=9, k=3, per_example=True)
-  shapes = jax.eval_shape(per_ex.init, jax.random.key(0),
-                          jnp.zeros((2, 7)))['params']
+  shapes = jax.eval_shape(per_ex.init, jax.random.key(0), jnp.zeros((2, 7)))[
+    'params'
+  ]
   assert jax.tree.map(lambda s: s.shape, shapes) == {
-      'z_logits': {'kernel': (7, 12), 'bias': (12,)},
-      'w_logits': {'kernel': (7, 3), 'bias': (3,)},
+    'z_logits': {'kernel': (7, 12), 'bias': (12,)},
+    'w_logits': {'kernel': (7, 3), 'bias': (3,)},
   }
 
 
-@pytest.mark.parametrize('kwargs,match', [
+@pytest.mark.parametrize(
+  'kwargs,match',
+  [
     (dict(num_experts=4, k=0), 'k=0'),
     (dict(num_experts=4, k=5), 'k=5'),
     (dict(num_experts=1, k=1), 'num_experts=1'),
     (dict(num_experts=4, k=2, gamma=0.0), 'gamma=0.0'),
     (dict(num_experts=4, k=2, gamma=-1.0), 'gamma=-1.0'),
-])
+  ],
+)
 def test_bad_attributes_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
     gates.DSelectKGate(**kwargs)
@@ -386,8 +447,9 @@ def test_top_k_gate_by_hand():
   want = np.array([0, e / (e + 1), 1 / (e + 1), 0])
   np.testing.assert_allclose(weights, want, rtol=1e-6)
   # Static gate = batch of one: importance is the weights themselves.
-  np.testing.assert_allclose(aux['importance'], want.var() / want.mean()**2,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    aux['importance'], want.var() / want.mean() ** 2, rtol=1e-5
+  )
   # Hard load counts (0, 1, 1, 0): mean 1/2, variance 1/4, CV^2 = 1.
   np.testing.assert_allclose(aux['load'], 1.0, rtol=1e-6)
 
@@ -398,17 +460,25 @@ def test_noisy_top_k_per_example():
   variables = gate.init(jax.random.key(1), x)
   # Zero-initialized logits tie: without noise, 2 experts at 1/2 each.
   weights, _ = gate.apply(variables, x)
-  np.testing.assert_allclose(np.sort(weights, axis=1)[:, -3:],
-                             np.tile([0, 0.5, 0.5], (16, 1)))
-  noisy, aux = gate.apply(variables, x, deterministic=False,
-                          rngs={'gating': jax.random.key(2)})
+  np.testing.assert_allclose(
+    np.sort(weights, axis=1)[:, -3:], np.tile([0, 0.5, 0.5], (16, 1))
+  )
+  noisy, aux = gate.apply(
+    variables, x, deterministic=False, rngs={'gating': jax.random.key(2)}
+  )
   assert noisy.shape == (16, 6)
   assert np.all(np.count_nonzero(np.asarray(noisy), axis=1) == 2)
   np.testing.assert_allclose(np.sum(noisy, axis=1), 1.0, rtol=1e-6)
+
   # With noise the load estimate is smooth: it has a gradient.
   def load(params):
-    return gate.apply({'params': params}, x, deterministic=False,
-                      rngs={'gating': jax.random.key(2)})[1]['load']
+    return gate.apply(
+      {'params': params},
+      x,
+      deterministic=False,
+      rngs={'gating': jax.random.key(2)},
+    )[1]['load']
+
   grads = jax.grad(load)(variables['params'])
   assert np.any(np.asarray(grads['logits']['kernel']) != 0)
   assert np.isfinite(aux['importance']) and np.isfinite(aux['load'])

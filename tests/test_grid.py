@@ -2,27 +2,19 @@
 
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'experiments'))
-
-import grid  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from configs import multimnist_fast  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import multimnist_fast
+from experiments import grid
 
 
 def test_saturation_step_by_hand():
   records = [
-      {'split': 'train', 'step': 10, 'num_nonzero_1': 8.0,
-       'num_nonzero_2': 3.0},
-      {'split': 'validation', 'step': 10, 'num_nonzero': [2, 2]},
-      {'split': 'train', 'step': 20, 'num_nonzero_1': 2.0,
-       'num_nonzero_2': 2.5},
-      {'split': 'train', 'step': 30, 'num_nonzero_1': 2.0,
-       'num_nonzero_2': 1.0},
+    {'split': 'train', 'step': 10, 'num_nonzero_1': 8.0, 'num_nonzero_2': 3.0},
+    {'split': 'validation', 'step': 10, 'num_nonzero': [2, 2]},
+    {'split': 'train', 'step': 20, 'num_nonzero_1': 2.0, 'num_nonzero_2': 2.5},
+    {'split': 'train', 'step': 30, 'num_nonzero_1': 2.0, 'num_nonzero_2': 1.0},
   ]
   assert grid.saturation_step(records, 2) == 30
   assert grid.saturation_step(records, 3) == 20
@@ -42,10 +34,17 @@ def test_set_field_keeps_types():
 
 
 def test_train_speeds_are_medians_on_each_side_of_saturation():
-  rates = [(10, 100.0), (20, 300.0), (30, 200.0), (40, 900.0), (50, 50.0),
-           (60, 1000.0)]
-  records = [{'split': 'train', 'step': s, 'images_per_second': v}
-             for s, v in rates]
+  rates = [
+    (10, 100.0),
+    (20, 300.0),
+    (30, 200.0),
+    (40, 900.0),
+    (50, 50.0),
+    (60, 1000.0),
+  ]
+  records = [
+    {'split': 'train', 'step': s, 'images_per_second': v} for s, v in rates
+  ]
   records.insert(2, {'split': 'validation', 'step': 20})
   assert grid.train_speeds(records, 30) == (200.0, 900.0)
   assert grid.train_speeds(records, None) == (250.0, None)
@@ -56,13 +55,21 @@ def test_train_speeds_are_medians_on_each_side_of_saturation():
 def test_tabulate_means_and_sample_stds(tmp_path):
   os.makedirs(tmp_path / 'cells')
   for seed, (a1, a2) in enumerate(((0.90, 0.80), (0.94, 0.84))):
-    cell = {'gate': 'softmax', 'dataset': 'multi_mnist', 'seed': seed,
-            'accuracy_1': a1, 'accuracy_2': a2, 'num_nonzero': [8, 8],
-            'saturation_step': None, 'wall_seconds': 60.0 * (seed + 1)}
+    cell = {
+      'gate': 'softmax',
+      'dataset': 'multi_mnist',
+      'seed': seed,
+      'accuracy_1': a1,
+      'accuracy_2': a2,
+      'num_nonzero': [8, 8],
+      'saturation_step': None,
+      'wall_seconds': 60.0 * (seed + 1),
+    }
     if seed:
       cell['conv'] = 'toeplitz'
-    with open(tmp_path / 'cells' / f'multi_mnist-softmax-seed{seed}.json',
-              'w') as f:
+    with open(
+      tmp_path / 'cells' / f'multi_mnist-softmax-seed{seed}.json', 'w'
+    ) as f:
       json.dump(cell, f)
   rows = grid.tabulate(str(tmp_path))
   assert len(rows) == 1

@@ -14,21 +14,35 @@ from dselect_jax import sources
 from dselect_jax.sources import DataError
 
 # From the data folder's README (published with the files).
-MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851,
-                      5949]
+MNIST_TRAIN_COUNTS = [
+  5923,
+  6742,
+  5958,
+  6131,
+  5842,
+  5421,
+  5918,
+  6265,
+  5851,
+  5949,
+]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 @pytest.fixture(scope='module')
 def mnist(data_dir):
-  return {split: sources.load_source('mnist', split, data_dir, False)
-          for split in ('train', 'test')}
+  return {
+    split: sources.load_source('mnist', split, data_dir, False)
+    for split in ('train', 'test')
+  }
 
 
 @pytest.fixture(scope='module')
 def fashion(data_dir):
-  return {split: sources.load_source('fashion_mnist', split, data_dir, False)
-          for split in ('train', 'test')}
+  return {
+    split: sources.load_source('fashion_mnist', split, data_dir, False)
+    for split in ('train', 'test')
+  }
 
 
 @pytest.fixture(scope='module')
@@ -117,13 +131,15 @@ def test_download_checks_and_writes_atomically(data_dir, tmp_path):
 
 def test_resolve_data_dir_order(tmp_path, monkeypatch):
   monkeypatch.setenv('DSELECT_DATA_DIR', str(tmp_path / 'env'))
-  assert sources.resolve_data_dir(str(tmp_path / 'cfg')) == str(tmp_path /
-                                                                'cfg')
+  assert sources.resolve_data_dir(str(tmp_path / 'cfg')) == str(
+    tmp_path / 'cfg'
+  )
   assert sources.resolve_data_dir(None) == str(tmp_path / 'env')
   monkeypatch.delenv('DSELECT_DATA_DIR')
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
-  assert sources.resolve_data_dir(None) == str(tmp_path / 'cache' /
-                                               'dselect_jax')
+  assert sources.resolve_data_dir(None) == str(
+    tmp_path / 'cache' / 'dselect_jax'
+  )
 
 
 def _write_idx(path, magic, count, body, dims=()):
@@ -132,11 +148,14 @@ def _write_idx(path, magic, count, body, dims=()):
     f.write(header + body)
 
 
-@pytest.mark.parametrize('magic,count,body_len,match', [
+@pytest.mark.parametrize(
+  'magic,count,body_len,match',
+  [
     (2049, 5, 5, 'magic number is 2049, expected 2051'),
     (2051, 4, 5 * 784, 'holds 4 items, expected 5'),
     (2051, 5, 4 * 784, 'truncated'),
-])
+  ],
+)
 def test_idx_header_checks(tmp_path, magic, count, body_len, match):
   path = str(tmp_path / 'x.gz')
   _write_idx(path, magic, count, bytes(body_len), (28, 28))
@@ -160,8 +179,8 @@ def _recompose(tl_image, br_image, tl_offset, br_offset):
   """The documented combination, one image at a time with plain ints."""
   canvas = np.zeros((36, 36), int)
   (r1, c1), (r2, c2) = tl_offset, br_offset
-  canvas[r1:r1 + 28, c1:c1 + 28] += tl_image
-  canvas[r2:r2 + 28, c2:c2 + 28] += br_image
+  canvas[r1 : r1 + 28, c1 : c1 + 28] += tl_image
+  canvas[r2 : r2 + 28, c2 : c2 + 28] += br_image
   return np.minimum(canvas, 255)
 
 
@@ -169,8 +188,12 @@ def _check_composites(split, tl_source, br_source, rng, n=300):
   prov = split.provenance
   for i in rng.choice(len(split), n, replace=False):
     tl_i, br_i = prov['top_left_index'][i], prov['bottom_right_index'][i]
-    want = _recompose(tl_source[0][tl_i], br_source[0][br_i],
-                      prov['top_left_offset'][i], prov['bottom_right_offset'][i])
+    want = _recompose(
+      tl_source[0][tl_i],
+      br_source[0][br_i],
+      prov['top_left_offset'][i],
+      prov['bottom_right_offset'][i],
+    )
     np.testing.assert_array_equal(split.images[i], want)
     assert tuple(split.labels[i]) == (tl_source[1][tl_i], br_source[1][br_i])
 
@@ -185,8 +208,10 @@ def test_comet_multi_mnist(comet, mnist):
     # Fixed positions: rows/cols 0..27 and 8..35.
     assert np.all(split.provenance['top_left_offset'] == 0)
     assert np.all(split.provenance['bottom_right_offset'] == 8)
-    assert np.all(split.provenance['top_left_index'] !=
-                  split.provenance['bottom_right_index'])
+    assert np.all(
+      split.provenance['top_left_index']
+      != split.provenance['bottom_right_index']
+    )
     source = mnist['test' if name == 'test' else 'train']
     _check_composites(split, source, source, rng)
   # Each base image appears exactly twice, partners drawn from its own split.
@@ -195,9 +220,14 @@ def test_comet_multi_mnist(comet, mnist):
   assert len(train_bases) == 50000 and len(valid_bases) == 10000
   assert not set(train_bases) & set(valid_bases)
   assert set(comet['train'].provenance['bottom_right_index']) <= set(
-      train_bases)
-  assert np.all(np.bincount(comet['train'].provenance['top_left_index'],
-                            minlength=60000)[train_bases] == 2)
+    train_bases
+  )
+  assert np.all(
+    np.bincount(comet['train'].provenance['top_left_index'], minlength=60000)[
+      train_bases
+    ]
+    == 2
+  )
   # Stratified: each digit holds 1/6 of its MNIST train images out (+-1).
   held = np.bincount(mnist['train'][1][valid_bases], minlength=10)
   assert np.all(np.abs(held - np.array(MNIST_TRAIN_COUNTS) / 6) <= 1)
@@ -205,14 +235,20 @@ def test_comet_multi_mnist(comet, mnist):
 
 def test_paretomtl_axes_multi_mnist(data_dir, mnist):
   """The older guess at Pareto MTL's data, kept for ablations."""
-  splits = ip.build('multi_mnist', 'paretomtl_axes', 0, data_dir,
-                    download=False)
+  splits = ip.build(
+    'multi_mnist', 'paretomtl_axes', 0, data_dir, download=False
+  )
   assert {k: len(v) for k, v in splits.items()} == {
-      'train': 110000, 'validation': 10000, 'test': 20000}
+    'train': 110000,
+    'validation': 10000,
+    'test': 20000,
+  }
   rng = np.random.default_rng(1)
   for name, split in splits.items():
-    tl, br = (split.provenance['top_left_offset'],
-              split.provenance['bottom_right_offset'])
+    tl, br = (
+      split.provenance['top_left_offset'],
+      split.provenance['bottom_right_offset'],
+    )
     # Shifted 0..4 pixels toward each corner from the centred offset 4.
     assert tl.min() == 0 and tl.max() == 4 and br.min() == 4 and br.max() == 8
     assert np.any(tl[:, 0] != tl[:, 1])  # Axes drawn apart.
@@ -225,19 +261,114 @@ def test_paretomtl_axes_multi_mnist(data_dir, mnist):
 # pixel against MNIST train once, offline: row i's top-left digit is MNIST
 # train image i at (a, a); its bottom-right digit is MNIST train image
 # PARTNER[i] at (c, c).
-SAMPLE_PARTNER = [30337, 4570, 30521, 24048, 19526, 1057, 45034, 25043, 37681,
-                  40235, 12637, 58336, 35753, 52239, 50779, 6245, 14057, 31860,
-                  38645, 30415, 59531, 11232, 48366, 30795, 7903, 54724, 2638,
-                  12143, 34493, 35712, 17686, 13604]
-SAMPLE_A = [3, 2, 4, 2, 4, 2, 3, 4, 4, 2, 3, 1, 1, 4, 2, 1, 4, 2, 4, 2, 2, 3,
-            3, 1, 2, 3, 1, 1, 4, 1, 1, 4]
-SAMPLE_C = [7, 5, 7, 8, 8, 7, 6, 5, 7, 7, 6, 5, 5, 5, 5, 6, 7, 6, 6, 7, 7, 6,
-            7, 6, 5, 7, 8, 7, 5, 6, 8, 7]
+SAMPLE_PARTNER = [
+  30337,
+  4570,
+  30521,
+  24048,
+  19526,
+  1057,
+  45034,
+  25043,
+  37681,
+  40235,
+  12637,
+  58336,
+  35753,
+  52239,
+  50779,
+  6245,
+  14057,
+  31860,
+  38645,
+  30415,
+  59531,
+  11232,
+  48366,
+  30795,
+  7903,
+  54724,
+  2638,
+  12143,
+  34493,
+  35712,
+  17686,
+  13604,
+]
+SAMPLE_A = [
+  3,
+  2,
+  4,
+  2,
+  4,
+  2,
+  3,
+  4,
+  4,
+  2,
+  3,
+  1,
+  1,
+  4,
+  2,
+  1,
+  4,
+  2,
+  4,
+  2,
+  2,
+  3,
+  3,
+  1,
+  2,
+  3,
+  1,
+  1,
+  4,
+  1,
+  1,
+  4,
+]
+SAMPLE_C = [
+  7,
+  5,
+  7,
+  8,
+  8,
+  7,
+  6,
+  5,
+  7,
+  7,
+  6,
+  5,
+  5,
+  5,
+  5,
+  6,
+  7,
+  6,
+  6,
+  7,
+  7,
+  6,
+  7,
+  6,
+  5,
+  7,
+  8,
+  7,
+  5,
+  6,
+  8,
+  7,
+]
 
 
 def test_paretomtl_compose_reproduces_paddlerecs_sample(data_dir, mnist):
   x, y = sources.read_paddlerec_pickle(
-      os.path.join(data_dir, 'paddlerec_sample', 'sample_data.pickle'))
+    os.path.join(data_dir, 'paddlerec_sample', 'sample_data.pickle')
+  )
   images, labels = mnist['train']
   n = len(x)
   assert n == len(SAMPLE_PARTNER) == 32
@@ -245,8 +376,9 @@ def test_paretomtl_compose_reproduces_paddlerecs_sample(data_dir, mnist):
   # The recipe's placements: diagonal, a in 1..4, c in 5..8.
   assert set(a) <= {1, 2, 3, 4} and set(c) <= {5, 6, 7, 8}
   partner = np.array(SAMPLE_PARTNER)
-  ours = ip.compose(images[:n], images[partner], np.stack([a, a], 1),
-                    np.stack([c, c], 1)).astype(int)
+  ours = ip.compose(
+    images[:n], images[partner], np.stack([a, a], 1), np.stack([c, c], 1)
+  ).astype(int)
   # Equal up to the files' float-to-uint8 truncation: a pixel is at most 1
   # below ours, never above.
   diff = ours - x.astype(int)
@@ -257,25 +389,35 @@ def test_paretomtl_compose_reproduces_paddlerecs_sample(data_dir, mnist):
   np.testing.assert_array_equal(y[:, 1], labels[partner])
   assert np.all(y[:, 0] != y[:, 1])
   # Not a match by accident: one pixel off on one axis is far off.
-  shifted = ip.compose(images[:n], images[partner], np.stack([a, a], 1),
-                       np.stack([c, c + 1 - 2 * (c == 8)], 1)).astype(int)
+  shifted = ip.compose(
+    images[:n],
+    images[partner],
+    np.stack([a, a], 1),
+    np.stack([c, c + 1 - 2 * (c == 8)], 1),
+  ).astype(int)
   assert np.all(np.abs(shifted - x).reshape(n, -1).max(1) > 100)
 
 
 def test_paretomtl_multi_mnist(data_dir, mnist):
   splits = ip.build('multi_mnist', 'paretomtl', 0, data_dir, download=False)
   assert {k: len(v) for k, v in splits.items()} == {
-      'train': 100000, 'validation': 20000, 'test': 20000}
+    'train': 100000,
+    'validation': 20000,
+    'test': 20000,
+  }
   prov = {k: v.provenance for k, v in splits.items()}
   # Top-left digits in source order, each twice: the 120,000 train
   # composites are MNIST train 0..59999 twice, the last 20,000 validation.
   np.testing.assert_array_equal(
-      prov['train']['top_left_index'],
-      np.concatenate([np.arange(60000), np.arange(40000)]))
-  np.testing.assert_array_equal(prov['validation']['top_left_index'],
-                                np.arange(40000, 60000))
-  np.testing.assert_array_equal(prov['test']['top_left_index'],
-                                np.tile(np.arange(10000), 2))
+    prov['train']['top_left_index'],
+    np.concatenate([np.arange(60000), np.arange(40000)]),
+  )
+  np.testing.assert_array_equal(
+    prov['validation']['top_left_index'], np.arange(40000, 60000)
+  )
+  np.testing.assert_array_equal(
+    prov['test']['top_left_index'], np.tile(np.arange(10000), 2)
+  )
   rng = np.random.default_rng(1)
   for name, split in splits.items():
     tl, br = prov[name]['top_left_offset'], prov[name]['bottom_right_offset']
@@ -287,51 +429,68 @@ def test_paretomtl_multi_mnist(data_dir, mnist):
     _check_composites(split, source, source, rng, n=200)
   # Partners from the whole source split, not only the train part.
   assert prov['train']['bottom_right_index'].max() >= 59000
-  whole = ip.build('multi_mnist', 'paretomtl', 0, data_dir, download=False,
-                   num_validation=0)
+  whole = ip.build(
+    'multi_mnist', 'paretomtl', 0, data_dir, download=False, num_validation=0
+  )
   assert {k: len(v) for k, v in whole.items()} == {
-      'train': 120000, 'validation': 0, 'test': 20000}
-  np.testing.assert_array_equal(whole['train'].images[:100000],
-                                splits['train'].images)
+    'train': 120000,
+    'validation': 0,
+    'test': 20000,
+  }
+  np.testing.assert_array_equal(
+    whole['train'].images[:100000], splits['train'].images
+  )
 
 
 def test_fresh_train_splits_repair_the_same_top_left_digits(data_dir, mnist):
   splits = ip.build('multi_mnist', 'paretomtl', 0, data_dir, download=False)
-  fresh = ip.FreshTrainSplits('multi_mnist', 'paretomtl', 0, splits['train'],
-                              data_dir, download=False)
+  fresh = ip.FreshTrainSplits(
+    'multi_mnist', 'paretomtl', 0, splits['train'], data_dir, download=False
+  )
   e0, e1 = fresh(0), fresh(1)
-  again = ip.FreshTrainSplits('multi_mnist', 'paretomtl', 0, splits['train'],
-                              data_dir, download=False)(1)
+  again = ip.FreshTrainSplits(
+    'multi_mnist', 'paretomtl', 0, splits['train'], data_dir, download=False
+  )(1)
   np.testing.assert_array_equal(e1.images, again.images)  # (seed, epoch).
   for epoch in (e0, e1):
     assert len(epoch) == len(splits['train'])
-    np.testing.assert_array_equal(epoch.provenance['top_left_index'],
-                                  splits['train'].provenance['top_left_index'])
+    np.testing.assert_array_equal(
+      epoch.provenance['top_left_index'],
+      splits['train'].provenance['top_left_index'],
+    )
     assert np.all(epoch.labels[:, 0] != epoch.labels[:, 1])
-    _check_composites(epoch, mnist['train'], mnist['train'],
-                      np.random.default_rng(4), n=100)
+    _check_composites(
+      epoch, mnist['train'], mnist['train'], np.random.default_rng(4), n=100
+    )
   # New partners and placements each epoch.
   for a, b in ((e0, e1), (e0, splits['train'])):
-    assert np.mean(a.provenance['bottom_right_index'] !=
-                   b.provenance['bottom_right_index']) > 0.99
+    assert (
+      np.mean(
+        a.provenance['bottom_right_index'] != b.provenance['bottom_right_index']
+      )
+      > 0.99
+    )
   # comet: partners from the train bases only, never the base itself.
   comet = ip.build('multi_mnist', 'comet', 0, data_dir, download=False)
-  epoch = ip.FreshTrainSplits('multi_mnist', 'comet', 0, comet['train'],
-                              data_dir, download=False)(3)
+  epoch = ip.FreshTrainSplits(
+    'multi_mnist', 'comet', 0, comet['train'], data_dir, download=False
+  )(3)
   bases = set(comet['train'].provenance['top_left_index'].tolist())
   assert set(epoch.provenance['bottom_right_index'].tolist()) <= bases
-  assert np.all(epoch.provenance['bottom_right_index'] !=
-                epoch.provenance['top_left_index'])
+  assert np.all(
+    epoch.provenance['bottom_right_index'] != epoch.provenance['top_left_index']
+  )
   assert np.all(epoch.provenance['top_left_offset'] == 0)
 
 
 def test_multi_fashion_mnist(data_dir, mnist, fashion):
-  splits = ip.build('multi_fashion_mnist', 'comet', 3, data_dir,
-                    download=False)
-  _check_composites(splits['test'], mnist['test'], fashion['test'],
-                    np.random.default_rng(2))
-  _check_composites(splits['train'], mnist['train'], fashion['train'],
-                    np.random.default_rng(3))
+  splits = ip.build('multi_fashion_mnist', 'comet', 3, data_dir, download=False)
+  _check_composites(
+    splits['test'], mnist['test'], fashion['test'], np.random.default_rng(2)
+  )
+  _check_composites(
+    splits['train'], mnist['train'], fashion['train'], np.random.default_rng(3)
+  )
 
 
 def test_same_seed_same_bytes_other_seed_other_data(comet, data_dir):
@@ -344,37 +503,49 @@ def test_same_seed_same_bytes_other_seed_other_data(comet, data_dir):
 
 
 def test_cache_loads_instead_of_rebuilding(data_dir, tmp_path, monkeypatch):
-  first = ip.load('multi_fashion', 'comet', 0, data_dir, str(tmp_path),
-                  download=False)
+  first = ip.load(
+    'multi_fashion', 'comet', 0, data_dir, str(tmp_path), download=False
+  )
   assert len(list(tmp_path.glob('multi_fashion-comet-seed0-*.npz'))) == 1
 
   def no_build(*args, **kwargs):
     raise AssertionError('rebuilt although cached')
 
   monkeypatch.setattr(ip, 'build', no_build)
-  second = ip.load('multi_fashion', 'comet', 0, data_dir, str(tmp_path),
-                   download=False)
+  second = ip.load(
+    'multi_fashion', 'comet', 0, data_dir, str(tmp_path), download=False
+  )
   for name in first:
     np.testing.assert_array_equal(first[name].images, second[name].images)
-    np.testing.assert_array_equal(first[name].provenance['top_left_index'],
-                                  second[name].provenance['top_left_index'])
+    np.testing.assert_array_equal(
+      first[name].provenance['top_left_index'],
+      second[name].provenance['top_left_index'],
+    )
 
 
 def test_shipped_sample_is_a_subset_of_the_full_set(comet):
   sample = ip.load('multi_mnist_sample')
   assert {k: len(v) for k, v in sample.items()} == {
-      'train': 4000, 'validation': 1000, 'test': 1000}
+    'train': 4000,
+    'validation': 1000,
+    'test': 1000,
+  }
   for name, split in sample.items():
-    np.testing.assert_array_equal(split.images,
-                                  comet[name].images[:len(split)])
-    np.testing.assert_array_equal(split.labels,
-                                  comet[name].labels[:len(split)])
+    np.testing.assert_array_equal(
+      split.images, comet[name].images[: len(split)]
+    )
+    np.testing.assert_array_equal(
+      split.labels, comet[name].labels[: len(split)]
+    )
 
 
-@pytest.mark.parametrize('dataset,recipe,match', [
+@pytest.mark.parametrize(
+  'dataset,recipe,match',
+  [
     ('multi_digits', 'comet', "Unknown data set 'multi_digits'"),
     ('multi_mnist', 'sener', "Unknown recipe 'sener'"),
-])
+  ],
+)
 def test_unknown_names(dataset, recipe, match):
   with pytest.raises(DataError, match=match):
     ip.load(dataset, recipe)
@@ -403,7 +574,8 @@ def test_paddlerec_sample_pickle(data_dir):
   with open(path, 'rb') as f:
     blob = f.read()
   assert hashlib.sha256(blob).hexdigest() == (
-      '8a7841101409bb7eb50c81813201c5d8af2f415f471b27b1772cf242b83d5d4e')
+    '8a7841101409bb7eb50c81813201c5d8af2f415f471b27b1772cf242b83d5d4e'
+  )
   want_x, want_y = pickle.loads(blob)
   np.testing.assert_array_equal(x, want_x)
   np.testing.assert_array_equal(y, want_y)
@@ -439,7 +611,10 @@ def test_paddlerec_dataset_carves_validation(tmp_path, data_dir):
   shutil.copy(src, tmp_path / 'test.pickle')
   splits = ip.load('paddlerec', paddlerec_dir=str(tmp_path))
   assert {k: len(v) for k, v in splits.items()} == {
-      'train': 26, 'validation': 6, 'test': 32}
+    'train': 26,
+    'validation': 6,
+    'test': 32,
+  }
   with pytest.raises(DataError, match='paddlerec_dir'):
     ip.load('paddlerec')
 
@@ -450,8 +625,7 @@ def test_paddlerec_dataset_carves_validation(tmp_path, data_dir):
 
 
 def _toy_split(n):
-  images = (np.arange(n)[:, None, None] * np.ones((1, 36, 36))).astype(
-      np.uint8)
+  images = (np.arange(n)[:, None, None] * np.ones((1, 36, 36))).astype(np.uint8)
   labels = np.stack([np.arange(n), np.arange(n)], 1).astype(np.int32)
   return ip.Split(images, labels)
 
@@ -465,10 +639,15 @@ def test_train_batches_shapes_and_epochs():
   it = ip.train_batches(split, 12, 4, seed=7)
   batch = next(it)
   assert batch['image'].shape == (4, 3, 36, 36, 1)
-  assert batch['image'].dtype == np.float32 and batch['label'].shape == (4, 3, 2)
+  assert batch['image'].dtype == np.float32 and batch['label'].shape == (
+    4,
+    3,
+    2,
+  )
   # Pixels are the id / 255.
-  np.testing.assert_allclose(batch['image'][..., 0, 0, 0],
-                             batch['label'][..., 0] / 255, rtol=1e-6)
+  np.testing.assert_allclose(
+    batch['image'][..., 0, 0, 0], batch['label'][..., 0] / 255, rtol=1e-6
+  )
   epoch0 = _ids(batch) + sum((_ids(next(it)) for _ in range(3)), [])
   # 4 batches of 12 per epoch (2 of 50 dropped), no example twice.
   assert len(set(epoch0)) == 48
@@ -477,12 +656,15 @@ def test_train_batches_shapes_and_epochs():
 
 
 def test_shuffle_depends_on_seed_and_epoch_only():
-  np.testing.assert_array_equal(ip.epoch_permutation(100, 3, 5),
-                                ip.epoch_permutation(100, 3, 5))
-  assert not np.array_equal(ip.epoch_permutation(100, 3, 5),
-                            ip.epoch_permutation(100, 3, 6))
-  assert not np.array_equal(ip.epoch_permutation(100, 3, 5),
-                            ip.epoch_permutation(100, 4, 5))
+  np.testing.assert_array_equal(
+    ip.epoch_permutation(100, 3, 5), ip.epoch_permutation(100, 3, 5)
+  )
+  assert not np.array_equal(
+    ip.epoch_permutation(100, 3, 5), ip.epoch_permutation(100, 3, 6)
+  )
+  assert not np.array_equal(
+    ip.epoch_permutation(100, 3, 5), ip.epoch_permutation(100, 4, 5)
+  )
 
 
 @pytest.mark.parametrize('start', [0, 1, 4, 7, 9])
@@ -511,15 +693,22 @@ def test_processes_split_each_global_batch():
   # 3 processes of 2 devices: device d reads the rows it would read as
   # device d of one process with all 6.
   whole = ip.train_batches(split, 12, 6, seed=4)
-  parts = [ip.train_batches(split, 12, 2, seed=4, process_index=p,
-                            process_count=3) for p in range(3)]
+  parts = [
+    ip.train_batches(split, 12, 2, seed=4, process_index=p, process_count=3)
+    for p in range(3)
+  ]
   for _ in range(6):
     want = next(whole)['label'][..., 0].tolist()  # (devices, per_device)
     got = sum((next(part)['label'][..., 0].tolist() for part in parts), [])
     assert got == want
   evals = [list(ip.eval_batches(split, 12, 2, p, 3)) for p in range(3)]
-  seen = [i for batches in evals for b in batches
-          for i, m in zip(_ids(b), b['mask'].ravel()) if m]
+  seen = [
+    i
+    for batches in evals
+    for b in batches
+    for i, m in zip(_ids(b), b['mask'].ravel())
+    if m
+  ]
   assert sorted(seen) == list(range(50))
 
 
@@ -530,25 +719,30 @@ def test_batch_not_divisible_by_devices():
     next(ip.train_batches(_toy_split(50), 64, 1, seed=0))
 
 
-def test_a_damaged_cache_file_is_reported_and_rebuilt(data_dir, tmp_path,
-                                                      monkeypatch):
+def test_a_damaged_cache_file_is_reported_and_rebuilt(
+  data_dir, tmp_path, monkeypatch
+):
   cache = str(tmp_path / 'cache')
-  built = ip.load('multi_mnist', 'comet', data_dir=data_dir, cache_dir=cache,
-                  download=False)
+  built = ip.load(
+    'multi_mnist', 'comet', data_dir=data_dir, cache_dir=cache, download=False
+  )
   [name] = os.listdir(cache)
   path = os.path.join(cache, name)
   with open(path, 'rb') as f:
     whole = f.read()
   with open(path, 'wb') as f:
-    f.write(whole[:len(whole) // 3])
+    f.write(whole[: len(whole) // 3])
   warnings = []
-  monkeypatch.setattr(ip.logging, 'warning',
-                      lambda msg, *args: warnings.append(msg % args))
-  again = ip.load('multi_mnist', 'comet', data_dir=data_dir, cache_dir=cache,
-                  download=False)
+  monkeypatch.setattr(
+    ip.logging, 'warning', lambda msg, *args: warnings.append(msg % args)
+  )
+  again = ip.load(
+    'multi_mnist', 'comet', data_dir=data_dir, cache_dir=cache, download=False
+  )
   assert len(warnings) == 1 and path in warnings[0]
   assert 'rebuilding' in warnings[0]
   np.testing.assert_array_equal(again['test'].images, built['test'].images)
   # Written over with the rebuilt arrays.
-  np.testing.assert_array_equal(ip.load_npz_splits(path)['test'].images,
-                                built['test'].images)
+  np.testing.assert_array_equal(
+    ip.load_npz_splits(path)['test'].images, built['test'].images
+  )

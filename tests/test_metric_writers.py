@@ -16,8 +16,13 @@ def test_a_resumed_run_supersedes_the_killed_runs_records(tmp_path):
   path = tmp_path / metric_writers.METRICS_FILE
   # The killed run: logs every 2 steps, validates every 4, and dies while
   # writing its step-8 record; its newest good checkpoint is step 2.
-  _append(path, (2, 'train', 'old'), (4, 'train', 'old'),
-          (4, 'validation', 'old'), (6, 'train', 'old'))
+  _append(
+    path,
+    (2, 'train', 'old'),
+    (4, 'train', 'old'),
+    (4, 'validation', 'old'),
+    (6, 'train', 'old'),
+  )
   with open(path, 'a') as f:
     f.write('{"step": 8, "split": "tr')
   # The resumed run opens the file and logs steps 4 to 8 again, then tests.
@@ -30,12 +35,19 @@ def test_a_resumed_run_supersedes_the_killed_runs_records(tmp_path):
   writer.write(8, 'test', {'loss': 'again'})  # train.py run once more.
   writer.close()
 
-  got = [(r['step'], r['split'], r['loss'])
-         for r in metric_writers.read_metrics(str(tmp_path))]
-  assert got == [(2, 'train', 'old'), (4, 'train', 'new'),
-                 (4, 'validation', 'new'), (6, 'train', 'new'),
-                 (8, 'train', 'new'), (8, 'validation', 'new'),
-                 (8, 'test', 'again')]
+  got = [
+    (r['step'], r['split'], r['loss'])
+    for r in metric_writers.read_metrics(str(tmp_path))
+  ]
+  assert got == [
+    (2, 'train', 'old'),
+    (4, 'train', 'new'),
+    (4, 'validation', 'new'),
+    (6, 'train', 'new'),
+    (8, 'train', 'new'),
+    (8, 'validation', 'new'),
+    (8, 'test', 'again'),
+  ]
   # The cut line is on a line of its own; every other line is a record.
   lines = path.read_text().splitlines()
   assert lines[4] == '{"step": 8, "split": "tr'
@@ -46,12 +58,25 @@ def test_test_records_survive_a_resume(tmp_path):
   # A finished run (tested at its best step, 4), trained again for longer
   # and killed before its step-8 checkpoint: resumed from step 4.
   path = tmp_path / metric_writers.METRICS_FILE
-  _append(path, (2, 'train', 'a'), (4, 'train', 'a'), (4, 'test', 'a'),
-          (6, 'train', 'b'), (8, 'train', 'b'), (6, 'train', 'c'))
-  got = [(r['step'], r['split'], r['loss'])
-         for r in metric_writers.read_records(str(path))]
-  assert got == [(2, 'train', 'a'), (4, 'train', 'a'), (4, 'test', 'a'),
-                 (6, 'train', 'c')]
+  _append(
+    path,
+    (2, 'train', 'a'),
+    (4, 'train', 'a'),
+    (4, 'test', 'a'),
+    (6, 'train', 'b'),
+    (8, 'train', 'b'),
+    (6, 'train', 'c'),
+  )
+  got = [
+    (r['step'], r['split'], r['loss'])
+    for r in metric_writers.read_records(str(path))
+  ]
+  assert got == [
+    (2, 'train', 'a'),
+    (4, 'train', 'a'),
+    (4, 'test', 'a'),
+    (6, 'train', 'c'),
+  ]
 
 
 def test_no_file_reads_as_no_records(tmp_path):

@@ -15,12 +15,12 @@ X = jax.random.uniform(jax.random.key(0), (3, 36, 36, 1))
 RNGS = {'params': jax.random.key(1), 'gating': jax.random.key(2)}
 
 GATE_CASES = [
-    ('dselect_k', {'k': 2}),
-    ('dselect_k', {'k': 2, 'per_example': True}),
-    ('softmax', {}),
-    ('softmax', {'per_example': True}),
-    ('top_k', {'k': 2}),
-    ('top_k', {'k': 2, 'per_example': True}),
+  ('dselect_k', {'k': 2}),
+  ('dselect_k', {'k': 2, 'per_example': True}),
+  ('softmax', {}),
+  ('softmax', {'per_example': True}),
+  ('top_k', {'k': 2}),
+  ('top_k', {'k': 2, 'per_example': True}),
 ]
 
 
@@ -32,37 +32,46 @@ def _model(**kwargs):
 
 def test_expert_and_tower_parameter_shapes():
   model = _model(num_experts=3)
-  shapes = jax.tree.map(lambda s: s.shape,
-                        jax.eval_shape(lambda: model.init(RNGS, X, train=False)))
+  shapes = jax.tree.map(
+    lambda s: s.shape, jax.eval_shape(lambda: model.init(RNGS, X, train=False))
+  )
   # 36 -conv5-> 32 -pool-> 16 -conv5-> 12 -pool-> 6: 6*6*20 = 720 features.
   expert = shapes['params']['experts']['expert_2']
   assert expert == {
-      'Conv_0': {'kernel': (5, 5, 1, 10), 'bias': (10,)},
-      'Conv_1': {'kernel': (5, 5, 10, 20), 'bias': (20,)},
-      'BatchNorm_0': {'scale': (10,), 'bias': (10,)},
-      'BatchNorm_1': {'scale': (20,), 'bias': (20,)},
-      'Dense_0': {'kernel': (720, 50), 'bias': (50,)},
-      'Dense_1': {'kernel': (50, 50), 'bias': (50,)},
+    'Conv_0': {'kernel': (5, 5, 1, 10), 'bias': (10,)},
+    'Conv_1': {'kernel': (5, 5, 10, 20), 'bias': (20,)},
+    'BatchNorm_0': {'scale': (10,), 'bias': (10,)},
+    'BatchNorm_1': {'scale': (20,), 'bias': (20,)},
+    'Dense_0': {'kernel': (720, 50), 'bias': (50,)},
+    'Dense_1': {'kernel': (50, 50), 'bias': (50,)},
   }
   assert shapes['batch_stats']['experts']['expert_0']['BatchNorm_1'] == {
-      'mean': (20,), 'var': (20,)}
+    'mean': (20,),
+    'var': (20,),
+  }
   assert shapes['params']['tower_1'] == {
-      'Dense_0': {'kernel': (50, 50), 'bias': (50,)},
-      'Dense_1': {'kernel': (50, 50), 'bias': (50,)},
-      'Dense_2': {'kernel': (50, 10), 'bias': (10,)},
+    'Dense_0': {'kernel': (50, 50), 'bias': (50,)},
+    'Dense_1': {'kernel': (50, 50), 'bias': (50,)},
+    'Dense_2': {'kernel': (50, 10), 'bias': (10,)},
   }
   # 8 experts -> 3 bits; k = 2 selectors per task gate.
   assert shapes['params']['gate_1'] == {'z_logits': (2, 2), 'w_logits': (2,)}
-  assert set(shapes['params']) == {'experts', 'gate_0', 'gate_1', 'tower_0',
-                                   'tower_1'}
+  assert set(shapes['params']) == {
+    'experts',
+    'gate_0',
+    'gate_1',
+    'tower_0',
+    'tower_1',
+  }
 
 
 @pytest.mark.parametrize('gate,gate_kwargs', GATE_CASES)
 def test_output_shapes_for_each_gate(gate, gate_kwargs):
   model = _model(gate=gate, gate_kwargs=gate_kwargs, num_experts=4)
   variables = model.init(RNGS, X, train=False)
-  (logits, aux), updates = model.apply(variables, X, train=True,
-                                       mutable=['batch_stats'], rngs=RNGS)
+  (logits, aux), updates = model.apply(
+    variables, X, train=True, mutable=['batch_stats'], rngs=RNGS
+  )
   assert logits.shape == (2, 3, 10)
   per_example = gate_kwargs.get('per_example', False)
   assert aux['expert_weights'].shape == ((2, 3, 4) if per_example else (2, 4))
@@ -103,15 +112,20 @@ def test_saturated_gate_routes_to_the_chosen_expert():
   p['gate_0']['z_logits'] = jnp.array([[1.0, -1.0], [1.0, -1.0]])
   p['gate_1']['z_logits'] = jnp.array([[-1.0, 1.0], [-1.0, 1.0]])
   logits, aux = model.apply(variables, X, train=False)
-  np.testing.assert_allclose(aux['expert_weights'],
-                             [[0, 0, 1, 0], [0, 1, 0, 0]], atol=1e-6)
+  np.testing.assert_allclose(
+    aux['expert_weights'], [[0, 0, 1, 0], [0, 1, 0, 0]], atol=1e-6
+  )
   expert = models.MultiMNISTExpert()
   tower = models.MLPTower()
   for task, chosen in ((0, 2), (1, 1)):
     features = expert.apply(
-        {'params': p['experts'][f'expert_{chosen}'],
-         'batch_stats': variables['batch_stats']['experts'][f'expert_{chosen}']},
-        X, train=False)
+      {
+        'params': p['experts'][f'expert_{chosen}'],
+        'batch_stats': variables['batch_stats']['experts'][f'expert_{chosen}'],
+      },
+      X,
+      train=False,
+    )
     want = tower.apply({'params': p[f'tower_{task}']}, features, train=False)
     np.testing.assert_allclose(logits[task], want, rtol=1e-5, atol=1e-6)
 
@@ -119,8 +133,9 @@ def test_saturated_gate_routes_to_the_chosen_expert():
 def test_batchnorm_train_and_eval_modes():
   model = _model(num_experts=2)
   variables = model.init(RNGS, X, train=False)
-  (train_logits, _), updates = model.apply(variables, X, train=True,
-                                           mutable=['batch_stats'])
+  (train_logits, _), updates = model.apply(
+    variables, X, train=True, mutable=['batch_stats']
+  )
   eval_logits, _ = model.apply(variables, X, train=False)
   assert np.max(np.abs(train_logits - eval_logits)) > 1e-4
   # One update with momentum 0.9 from mean 0: 0.1 * batch mean of conv output.
@@ -128,16 +143,24 @@ def test_batchnorm_train_and_eval_modes():
   new = updates['batch_stats']['experts']['expert_0']['BatchNorm_0']['mean']
   np.testing.assert_array_equal(old, 0.0)
   conv = jax.lax.conv_general_dilated(
-      X, variables['params']['experts']['expert_0']['Conv_0']['kernel'],
-      (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    X,
+    variables['params']['experts']['expert_0']['Conv_0']['kernel'],
+    (1, 1),
+    'VALID',
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )
   conv = conv + variables['params']['experts']['expert_0']['Conv_0']['bias']
-  np.testing.assert_allclose(new, 0.1 * conv.mean(axis=(0, 1, 2)), rtol=1e-4,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    new, 0.1 * conv.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
+  )
 
 
 def test_per_example_routing_on_expert_outputs():
-  model = _model(num_experts=4, gate_kwargs={'k': 2, 'per_example': True},
-                 routing_input='experts')
+  model = _model(
+    num_experts=4,
+    gate_kwargs={'k': 2, 'per_example': True},
+    routing_input='experts',
+  )
   shapes = jax.eval_shape(lambda: model.init(RNGS, X, train=False))['params']
   # Routes on the 50-wide mean expert output instead of the 1296 pixels.
   assert shapes['gate_0']['z_logits']['kernel'].shape == (50, 4)
@@ -146,13 +169,16 @@ def test_per_example_routing_on_expert_outputs():
   assert shapes['gate_0']['z_logits']['kernel'].shape == (36 * 36, 4)
 
 
-@pytest.mark.parametrize('kwargs,match', [
+@pytest.mark.parametrize(
+  'kwargs,match',
+  [
     (dict(gate='moe'), "unknown gate 'moe'"),
     (dict(gate_kwargs={'k': 9}), 'k=9'),
     (dict(gate_kwargs={'k': 2, 'gamma': 0.0}), 'gamma=0.0'),
     (dict(num_tasks=0), 'num_tasks=0'),
     (dict(routing_input='pixels'), 'routing_input'),
-])
+  ],
+)
 def test_bad_model_attributes_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
     _model(**kwargs)
@@ -164,44 +190,60 @@ def test_toeplitz_conv_by_hand(tile):
   # y[i, j] = x[i, j] + 2 x[i, j+1] + 3 x[i+1, j] + 4 x[i+1, j+1] + bias, so
   # y[0, 0] = 0 + 2 + 12 + 20 = 34, +10 per column (1+2+3+4) and +40 per row.
   x = jnp.arange(12.0).reshape(1, 3, 4, 1)
-  params = {'kernel': jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(2, 2, 1, 1),
-            'bias': jnp.array([0.5])}
+  params = {
+    'kernel': jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(2, 2, 1, 1),
+    'bias': jnp.array([0.5]),
+  }
   y = models.ToeplitzConv(1, (2, 2), tile=tile).apply({'params': params}, x)
-  np.testing.assert_array_equal(y[0, ..., 0],
-                                [[34.5, 44.5, 54.5], [74.5, 84.5, 94.5]])
+  np.testing.assert_array_equal(
+    y[0, ..., 0], [[34.5, 44.5, 54.5], [74.5, 84.5, 94.5]]
+  )
 
 
-@pytest.mark.parametrize('shape,features,kernel_size,tile', [
-    ((2, 36, 36, 1), 10, (5, 5), 4),   # the experts' first convolution
+@pytest.mark.parametrize(
+  'shape,features,kernel_size,tile',
+  [
+    ((2, 36, 36, 1), 10, (5, 5), 4),  # the experts' first convolution
     ((2, 16, 16, 10), 20, (5, 5), 4),  # and their second
     ((2, 16, 16, 10), 20, (5, 5), 5),  # tile 5 does not divide 12: uses 4
-    ((3, 9, 11, 3), 4, (3, 5), 100),   # non-square kernel, one segment
-])
+    ((3, 9, 11, 3), 4, (3, 5), 100),  # non-square kernel, one segment
+  ],
+)
 def test_toeplitz_conv_equals_xla_conv(shape, features, kernel_size, tile):
   x = jax.random.normal(jax.random.key(0), shape)
   xla = nn.Conv(features, kernel_size, padding='VALID')
   toeplitz = models.ToeplitzConv(features, kernel_size, tile=tile)
   variables = xla.init(jax.random.key(1), x)
   # Same parameter tree, initialized alike from the same key.
-  jax.tree.map(np.testing.assert_array_equal, variables,
-               toeplitz.init(jax.random.key(1), x))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    variables,
+    toeplitz.init(jax.random.key(1), x),
+  )
   variables = jax.tree.map(lambda v: v + 0.1, variables)  # non-zero bias
-  np.testing.assert_allclose(toeplitz.apply(variables, x),
-                             xla.apply(variables, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    toeplitz.apply(variables, x), xla.apply(variables, x), rtol=1e-5, atol=1e-5
+  )
   # Gradients w.r.t. the input and the parameters, through a non-linear loss.
   grad = lambda conv: jax.grad(
-      lambda v, x: jnp.sum(jnp.sin(conv.apply(v, x))), argnums=(0, 1))(
-          variables, x)
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4,
-                                 atol=1e-4), grad(toeplitz), grad(xla))
+    lambda v, x: jnp.sum(jnp.sin(conv.apply(v, x))), argnums=(0, 1)
+  )(variables, x)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-4),
+    grad(toeplitz),
+    grad(xla),
+  )
 
 
 def test_expert_convolutions_are_interchangeable():
   xla = models.MultiMNISTExpert(conv='xla')
   toeplitz = models.MultiMNISTExpert(conv='toeplitz')
   variables = xla.init(jax.random.key(3), X, train=False)
-  jax.tree.map(np.testing.assert_array_equal, variables,
-               toeplitz.init(jax.random.key(3), X, train=False))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    variables,
+    toeplitz.init(jax.random.key(3), X, train=False),
+  )
   for train in (False, True):
     want, _ = xla.apply(variables, X, train=train, mutable=['batch_stats'])
     got, _ = toeplitz.apply(variables, X, train=train, mutable=['batch_stats'])
@@ -221,8 +263,10 @@ def test_bad_convolution_attributes_raise():
 def test_max_pool_2x2_by_hand():
   x = jnp.arange(16.0).reshape(1, 4, 4, 1)
   # Windows [[0,1],[4,5]] -> 5, [[2,3],[6,7]] -> 7, ... (row-major 4x4).
-  np.testing.assert_array_equal(models.max_pool_2x2(x)[0, ..., 0],
-                                [[5, 7], [13, 15]])
+  np.testing.assert_array_equal(
+    models.max_pool_2x2(x)[0, ..., 0], [[5, 7], [13, 15]]
+  )
   y = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
-  np.testing.assert_array_equal(models.max_pool_2x2(y),
-                                nn.max_pool(y, (2, 2), strides=(2, 2)))
+  np.testing.assert_array_equal(
+    models.max_pool_2x2(y), nn.max_pool(y, (2, 2), strides=(2, 2))
+  )

@@ -32,15 +32,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _override_flags(config, base) -> list[str]:
   """``--config.a.b=value`` for every field where ``config`` differs from
   ``base``."""
+
   def flat(d, prefix=''):
     for key, value in d.items():
       if isinstance(value, dict):
         yield from flat(value, f'{prefix}{key}.')
       else:
         yield f'{prefix}{key}', value
+
   base = dict(flat(base.to_dict()))
-  return [f'--config.{k}={v}' for k, v in flat(config.to_dict())
-          if base[k] != v]
+  return [
+    f'--config.{k}={v}' for k, v in flat(config.to_dict()) if base[k] != v
+  ]
 
 
 def _free_port() -> int:
@@ -57,13 +60,25 @@ def _train_on_two_processes(config, workdir, logs):
   procs = []
   for i, path in enumerate(paths):
     with open(path, 'w') as log:
-      procs.append(subprocess.Popen(
-          [sys.executable, 'train.py', '--config=configs/multimnist_sample.py',
-           f'--workdir={workdir}', '--multihost',
-           f'--coordinator_address=localhost:{port}', '--num_processes=2',
-           f'--process_id={i}'] +
-          _override_flags(config, multimnist_sample.get_config()),
-          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+      procs.append(
+        subprocess.Popen(
+          [
+            sys.executable,
+            'train.py',
+            '--config=configs/multimnist_sample.py',
+            f'--workdir={workdir}',
+            '--multihost',
+            f'--coordinator_address=localhost:{port}',
+            '--num_processes=2',
+            f'--process_id={i}',
+          ]
+          + _override_flags(config, multimnist_sample.get_config()),
+          cwd=REPO,
+          env=env,
+          stdout=log,
+          stderr=subprocess.STDOUT,
+        )
+      )
   # A process that fails leaves the other waiting for it: stop both.
   deadline = time.time() + 400
   while any(p.poll() is None for p in procs) and time.time() < deadline:
@@ -75,8 +90,9 @@ def _train_on_two_processes(config, workdir, logs):
       p.kill()
   codes = [p.wait() for p in procs]
   assert codes == [0, 0], '\n\n'.join(
-      f'process {i} ({code}):\n{open(path).read()[-3000:]}'
-      for i, (code, path) in enumerate(zip(codes, paths)))
+    f'process {i} ({code}):\n{open(path).read()[-3000:]}'
+    for i, (code, path) in enumerate(zip(codes, paths))
+  )
 
 
 def test_two_processes_train_like_one(tmp_path):
@@ -85,8 +101,9 @@ def test_two_processes_train_like_one(tmp_path):
   # size of its gradient, and the convolutions' biases (followed by
   # BatchNorm) have gradients of pure float noise, which differs between
   # the two runs; SGD keeps such differences as small as they are.
-  config = tiny_config(**{'optimizer.name': 'sgd',
-                          'optimizer.learning_rate': 0.05})
+  config = tiny_config(
+    **{'optimizer.name': 'sgd', 'optimizer.learning_rate': 0.05}
+  )
   one = str(tmp_path / 'one')
   expected = trainer.train_and_evaluate(config, one)
   two = str(tmp_path / 'two')
@@ -105,8 +122,10 @@ def test_two_processes_train_like_one(tmp_path):
   assert int(states[1].step) == 6
   arrays = lambda s: (s.params, s.batch_stats, s.opt_state)
   jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-      arrays(states[0]), arrays(states[1]))
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    arrays(states[0]),
+    arrays(states[1]),
+  )
   # The parameters did move: the comparison above is not of two inits.
   first_kernel = lambda s: jax.tree.leaves(s.params)[0]
   init = factory.initial_state(config, model, tx, jax.random.key(config.seed))

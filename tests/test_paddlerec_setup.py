@@ -24,16 +24,20 @@ from tests.test_trainer import tiny_config
 
 
 def _loss_config(**fields):
-  return ml_collections.ConfigDict(dict({'name': 'cross_entropy',
-                                         'label_smoothing': 0.0}, **fields))
+  return ml_collections.ConfigDict(
+    dict({'name': 'cross_entropy', 'label_smoothing': 0.0}, **fields)
+  )
 
 
 def test_double_softmax_by_hand():
   # One task, two examples, three classes.
   logits = np.array([[[2.0, 0.0, 0.0], [0.0, 0.0, 9.0]]])  # (T, B, C)
   labels = np.array([[0], [0]])  # (B, T): the second is confidently wrong.
-  got = steps.task_losses(jnp.asarray(logits), jnp.asarray(labels),
-                          _loss_config(name='double_softmax'))
+  got = steps.task_losses(
+    jnp.asarray(logits),
+    jnp.asarray(labels),
+    _loss_config(name='double_softmax'),
+  )
   want = []
   for row in logits[0]:
     p = np.exp(row) / np.exp(row).sum()
@@ -54,18 +58,21 @@ def test_label_smoothing_by_hand():
   log_p = logits[0, 0] - np.log(np.exp(logits[0, 0]).sum())
   target = np.full(4, eps / 4)
   target[3] += 1 - eps  # 0.85 on the label, 0.05 elsewhere.
-  got = steps.task_losses(jnp.asarray(logits), jnp.asarray(labels),
-                          _loss_config(label_smoothing=eps))
+  got = steps.task_losses(
+    jnp.asarray(logits), jnp.asarray(labels), _loss_config(label_smoothing=eps)
+  )
   np.testing.assert_allclose(got, [-(target * log_p).sum()], rtol=1e-6)
-  plain = steps.task_losses(jnp.asarray(logits), jnp.asarray(labels),
-                            _loss_config())
+  plain = steps.task_losses(
+    jnp.asarray(logits), jnp.asarray(labels), _loss_config()
+  )
   np.testing.assert_allclose(plain, [-log_p[3]], rtol=1e-6)
 
 
 def test_paddlerec_initializers():
   expert = models.MultiMNISTExpert(init_scheme='paddlerec')
-  params = expert.init(jax.random.key(0), jnp.zeros((1, 36, 36, 1)),
-                       train=False)['params']
+  params = expert.init(
+    jax.random.key(0), jnp.zeros((1, 36, 36, 1)), train=False
+  )['params']
   # Dense_0: (720, 50), truncated at 2 sigma, sigma = 1/sqrt(720), not
   # rescaled: std = sigma * sqrt(1 - 2 phi(2) * 2 / (2 Phi(2) - 1)) ~ 0.880.
   dense = np.asarray(params['Dense_0']['kernel'])
@@ -79,58 +86,80 @@ def test_paddlerec_initializers():
   for layer in ('Conv_0', 'Dense_1'):
     assert not np.any(np.asarray(params[layer]['bias']))
   # The gate's weight logits: U(-1, 1) instead of U(-0.05, 0.05).
-  config = tiny_config(**{'model.num_experts': 8, 'model.gate.k': 32,
-                          'model.init_scheme': 'paddlerec'})
+  config = tiny_config(
+    **{
+      'model.num_experts': 8,
+      'model.gate.k': 32,
+      'model.init_scheme': 'paddlerec',
+    }
+  )
   with pytest.raises(factory.ConfigError, match='model.gate.k=32'):
     factory.validate_config(config, 1)
   config.model.gate.k = 8
   model = factory.create_model(config)
-  w = np.asarray(factory.initial_state(
-      config, model, factory.create_optimizer(config, 1),
-      jax.random.key(1)).params['gate_0']['w_logits'])
+  w = np.asarray(
+    factory.initial_state(
+      config, model, factory.create_optimizer(config, 1), jax.random.key(1)
+    ).params['gate_0']['w_logits']
+  )
   assert np.abs(w).max() <= 1 and np.abs(w).max() > 0.3
 
 
 def _record(step, acc1, acc2, n=100):
-  return {'step': step, 'split': evaluate.TEST_EPOCH, 'num_examples': n,
-          'accuracy_1': acc1, 'accuracy_2': acc2}
+  return {
+    'step': step,
+    'split': evaluate.TEST_EPOCH,
+    'num_examples': n,
+    'accuracy_1': acc1,
+    'accuracy_2': acc2,
+  }
 
 
 def test_test_statistics_by_hand():
-  records = [_record(10, 0.5, 0.9), _record(20, 0.7, 0.6),
-             {'step': 20, 'split': 'validation', 'accuracy_1': 1.0},
-             _record(30, 0.6, 0.8), _record(30, 0.9, 0.7)]  # 30 twice: last.
-  selected = {'step': 20, 'checkpoint': 'best', 'accuracy_1': 0.65,
-              'accuracy_2': 0.61}
+  records = [
+    _record(10, 0.5, 0.9),
+    _record(20, 0.7, 0.6),
+    {'step': 20, 'split': 'validation', 'accuracy_1': 1.0},
+    _record(30, 0.6, 0.8),
+    _record(30, 0.9, 0.7),
+  ]  # 30 twice: last.
+  selected = {
+    'step': 20,
+    'checkpoint': 'best',
+    'accuracy_1': 0.65,
+    'accuracy_2': 0.61,
+  }
   stats = evaluate.test_statistics(records, selected)
   assert stats['num_passes'] == 3
   assert stats['best_validation']['accuracy_1'] == 0.65
-  assert stats['last_epoch'] == {'step': 30, 'accuracy_1': 0.9,
-                                 'accuracy_2': 0.7}
+  assert stats['last_epoch'] == {
+    'step': 30,
+    'accuracy_1': 0.9,
+    'accuracy_2': 0.7,
+  }
   # Task 1 peaks at step 30 (0.9), task 2 at step 10 (0.9).
   assert stats['max_over_epochs']['accuracy_1'] == 0.9
   assert stats['max_over_epochs']['step_1'] == 30
   assert stats['max_over_epochs']['step_2'] == 10
   # Equal counts: (0.5 + 0.7 + 0.9) / 3 = 0.7, (0.9 + 0.6 + 0.7) / 3.
   np.testing.assert_allclose(stats['pooled_over_epochs']['accuracy_1'], 0.7)
-  np.testing.assert_allclose(stats['pooled_over_epochs']['accuracy_2'],
-                             2.2 / 3)
+  np.testing.assert_allclose(stats['pooled_over_epochs']['accuracy_2'], 2.2 / 3)
   # Unequal counts weigh by examples: (0.5 * 100 + 1.0 * 300) / 400.
   stats = evaluate.test_statistics(
-      [_record(1, 0.5, 0.5), _record(2, 1.0, 1.0, n=300)], selected)
-  np.testing.assert_allclose(stats['pooled_over_epochs']['accuracy_1'],
-                             0.875)
+    [_record(1, 0.5, 0.5), _record(2, 1.0, 1.0, n=300)], selected
+  )
+  np.testing.assert_allclose(stats['pooled_over_epochs']['accuracy_1'], 0.875)
   assert evaluate.test_statistics([], selected) == {}
 
 
 def test_stored_order_batches():
   split = input_pipeline.load('multi_mnist_sample')['train']
-  batches = input_pipeline.train_batches(split, 1000, 1, seed=0,
-                                         shuffle=False)
-  for epoch in range(2):
+  batches = input_pipeline.train_batches(split, 1000, 1, seed=0, shuffle=False)
+  for _ in range(2):  # Two epochs, the same order.
     for i in range(4):
-      np.testing.assert_array_equal(next(batches)['label'][0],
-                                    split.labels[i * 1000:(i + 1) * 1000])
+      np.testing.assert_array_equal(
+        next(batches)['label'][0], split.labels[i * 1000 : (i + 1) * 1000]
+      )
 
 
 def test_epoch_splits_feed_their_epoch():
@@ -142,13 +171,15 @@ def test_epoch_splits_feed_their_epoch():
     seen.append(epoch)
     return split if epoch % 2 == 0 else flipped
 
-  batches = input_pipeline.train_batches(split, 2000, 1, seed=0,
-                                         shuffle=False, start_step=1,
-                                         epoch_split=epoch_split)
-  np.testing.assert_array_equal(next(batches)['label'][0],
-                                split.labels[2000:])  # Epoch 0, batch 1.
-  np.testing.assert_array_equal(next(batches)['label'][0],
-                                flipped.labels[:2000])  # Epoch 1, batch 0.
+  batches = input_pipeline.train_batches(
+    split, 2000, 1, seed=0, shuffle=False, start_step=1, epoch_split=epoch_split
+  )
+  np.testing.assert_array_equal(
+    next(batches)['label'][0], split.labels[2000:]
+  )  # Epoch 0, batch 1.
+  np.testing.assert_array_equal(
+    next(batches)['label'][0], flipped.labels[:2000]
+  )  # Epoch 1, batch 0.
   assert seen[:2] == [0, 1]
 
 
@@ -160,32 +191,45 @@ def test_fresh_train_needs_a_built_data_set():
 
 @pytest.mark.parametrize('with_validation', [True, False])
 def test_a_run_with_test_passes_reports_the_four_statistics(
-    with_validation, tmp_path, monkeypatch):
+  with_validation, tmp_path, monkeypatch
+):
   """2 epochs of the sample at batch 500 (8 steps each): two test passes;
   without a validation split the last checkpoint is the one tested."""
-  config = tiny_config(num_train_steps=16, **{
-      'batch_size': 500, 'eval_batch_size': 1000, 'test_every_epoch': True,
-      'eval_every_steps': -1, 'checkpoint_every_steps': -1,
-      'data.shuffle': False})
+  config = tiny_config(
+    num_train_steps=16,
+    **{
+      'batch_size': 500,
+      'eval_batch_size': 1000,
+      'test_every_epoch': True,
+      'eval_every_steps': -1,
+      'checkpoint_every_steps': -1,
+      'data.shuffle': False,
+    },
+  )
   if not with_validation:
     real = evaluate.load_data
 
     def no_validation(config):
       data = real(config)
-      empty = input_pipeline.Split(data['validation'].images[:0],
-                                   data['validation'].labels[:0])
+      empty = input_pipeline.Split(
+        data['validation'].images[:0], data['validation'].labels[:0]
+      )
       return dict(data, validation=empty)
 
     monkeypatch.setattr(evaluate, 'load_data', no_validation)
   result = trainer.train_and_evaluate(config, str(tmp_path))
-  passes = [r for r in metric_writers.read_metrics(str(tmp_path))
-            if r['split'] == evaluate.TEST_EPOCH]
+  passes = [
+    r
+    for r in metric_writers.read_metrics(str(tmp_path))
+    if r['split'] == evaluate.TEST_EPOCH
+  ]
   assert [r['step'] for r in passes] == [8, 16]
   stats = result['test_statistics']
   assert stats['num_passes'] == 2
   np.testing.assert_allclose(
-      stats['pooled_over_epochs']['accuracy_2'],
-      (passes[0]['accuracy_2'] + passes[1]['accuracy_2']) / 2)
+    stats['pooled_over_epochs']['accuracy_2'],
+    (passes[0]['accuracy_2'] + passes[1]['accuracy_2']) / 2,
+  )
   assert stats['last_epoch']['accuracy_1'] == passes[1]['accuracy_1']
   if not with_validation:
     assert result['checkpoint'] == 'last' and result['step'] == 16
@@ -193,5 +237,7 @@ def test_a_run_with_test_passes_reports_the_four_statistics(
   with open(os.path.join(tmp_path, 'test_metrics.json')) as f:
     assert json.load(f)['test_statistics'] == stats
   evaluated = evaluate.evaluate_workdir(str(tmp_path))
-  assert evaluated['test_statistics']['pooled_over_epochs'] == (
-      stats['pooled_over_epochs'])
+  assert (
+    evaluated['test_statistics']['pooled_over_epochs']
+    == (stats['pooled_over_epochs'])
+  )

@@ -4,11 +4,10 @@ comments say."""
 import os
 import re
 
+from conftest import REPO
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from conftest import REPO
 
 
 def _using_the_gate_block() -> str:

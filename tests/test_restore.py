@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from dselect_jax import checkpointing
+from dselect_jax import evaluate
 from dselect_jax import factory
 from dselect_jax import steps
-from dselect_jax import evaluate
 from dselect_jax import trainer
 from tests.test_trainer import tiny_config
 
@@ -27,9 +27,15 @@ STEPS = 2  # Checkpoints at 1 and 2; the resumed run restarts at 1.
 
 
 def _base():
-  return tiny_config(num_train_steps=STEPS, **{
-      'log_every_steps': 1, 'eval_every_steps': 1,
-      'checkpoint_every_steps': 1, 'eval_batch_size': 1000})
+  return tiny_config(
+    num_train_steps=STEPS,
+    **{
+      'log_every_steps': 1,
+      'eval_every_steps': 1,
+      'checkpoint_every_steps': 1,
+      'eval_batch_size': 1000,
+    },
+  )
 
 
 def _with(config, field, value):
@@ -45,12 +51,15 @@ def _with(config, field, value):
 
 def _structure(config):
   model = factory.create_model(config, bn_axis_name=steps.AXIS)
-  abstract = factory.abstract_state(config, model,
-                                    factory.create_optimizer(config, STEPS))
+  abstract = factory.abstract_state(
+    config, model, factory.create_optimizer(config, STEPS)
+  )
   # The arrays' paths, shapes and dtypes: what a checkpoint holds (the
   # treedef's text would also hold the optimizer's and apply_fn's reprs).
-  return tuple((jax.tree_util.keystr(path), x.shape, str(x.dtype))
-               for path, x in jax.tree_util.tree_flatten_with_path(abstract)[0])
+  return tuple(
+    (jax.tree_util.keystr(path), x.shape, str(x.dtype))
+    for path, x in jax.tree_util.tree_flatten_with_path(abstract)[0]
+  )
 
 
 def _apply(config, changes):
@@ -97,9 +106,13 @@ def combined_runs() -> tuple[tuple[tuple[str, object], ...], ...]:
       except factory.ConfigError:
         continue
       whole = _structure(_apply(base, joined))
-      if all(whole != _structure(_apply(base, {
-          f: v for f, v in joined.items() if f != left_out}))
-             for left_out in joined):
+      if all(
+        whole
+        != _structure(
+          _apply(base, {f: v for f, v in joined.items() if f != left_out})
+        )
+        for left_out in joined
+      ):
         run[field] = value
         break
     else:
@@ -111,10 +124,13 @@ def test_every_field_of_every_config_has_a_spec():
   """A field without a spec would escape validation and this file."""
   import glob  # pylint: disable=g-import-not-at-top
   import importlib  # pylint: disable=g-import-not-at-top
+
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  names = [os.path.basename(p)[:-3]
-           for p in glob.glob(os.path.join(repo, 'configs', '*.py'))
-           if not p.endswith('__init__.py')]
+  names = [
+    os.path.basename(p)[:-3]
+    for p in glob.glob(os.path.join(repo, 'configs', '*.py'))
+    if not p.endswith('__init__.py')
+  ]
   assert 'default' in names and len(names) > 3
   for name in names:
     config = importlib.import_module(f'configs.{name}').get_config()
@@ -129,17 +145,24 @@ def test_the_variants_include_the_states_that_broke_restore():
   variants = set(structural_variants())
   trained = [v for run in combined_runs() for v in run]
   assert sorted(trained, key=str) == sorted(variants, key=str)  # Once each.
-  for variant in [('optimizer.name', 'adamw'), ('optimizer.name', 'sgd'),
-                  ('optimizer.grad_clip_norm', 1.0),
-                  ('model.gate.name', 'softmax'), ('model.gate.name', 'top_k'),
-                  ('model.shared_gate', True), ('model.gate.per_example', True),
-                  ('model.num_experts', 3)]:
+  for variant in [
+    ('optimizer.name', 'adamw'),
+    ('optimizer.name', 'sgd'),
+    ('optimizer.grad_clip_norm', 1.0),
+    ('model.gate.name', 'softmax'),
+    ('model.gate.name', 'top_k'),
+    ('model.shared_gate', True),
+    ('model.gate.per_example', True),
+    ('model.num_experts', 3),
+  ]:
     assert variant in variants, variant
 
 
 @pytest.mark.parametrize(
-    'changes', combined_runs(),
-    ids=lambda run: ','.join(f'{f}={v}' for f, v in run) or 'base')
+  'changes',
+  combined_runs(),
+  ids=lambda run: ','.join(f'{f}={v}' for f, v in run) or 'base',
+)
 def test_train_stop_resume_evaluate(changes, tmp_path):
   config = _apply(_base(), dict(changes))
   whole = str(tmp_path / 'whole')
@@ -148,17 +171,23 @@ def test_train_stop_resume_evaluate(changes, tmp_path):
   # The same run stopped after step 1: only its step-1 checkpoint is left.
   resumed = str(tmp_path / 'resumed')
   os.makedirs(os.path.join(resumed, 'checkpoints'))
-  shutil.copytree(os.path.join(whole, 'checkpoints', '1'),
-                  os.path.join(resumed, 'checkpoints', '1'))
+  shutil.copytree(
+    os.path.join(whole, 'checkpoints', '1'),
+    os.path.join(resumed, 'checkpoints', '1'),
+  )
   result = trainer.train_and_evaluate(config, resumed)
 
   model = factory.create_model(config, bn_axis_name=steps.AXIS)
-  abstract = factory.abstract_state(config, model,
-                                    factory.create_optimizer(config, STEPS))
-  states = [checkpointing.Checkpoints(w, create=False).restore(abstract, STEPS)
-            for w in (whole, resumed)]
-  arrays = lambda s: jax.device_get((s.step, s.params, s.batch_stats,
-                                     s.opt_state))
+  abstract = factory.abstract_state(
+    config, model, factory.create_optimizer(config, STEPS)
+  )
+  states = [
+    checkpointing.Checkpoints(w, create=False).restore(abstract, STEPS)
+    for w in (whole, resumed)
+  ]
+  arrays = lambda s: jax.device_get(
+    (s.step, s.params, s.batch_stats, s.opt_state)
+  )
   jax.tree.map(np.testing.assert_array_equal, *map(arrays, states))
   assert int(states[1].step) == STEPS
 
@@ -176,8 +205,10 @@ def test_train_stop_resume_evaluate(changes, tmp_path):
 def _state(config, seed=0):
   model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, STEPS)
-  return (factory.initial_state(config, model, tx, jax.random.key(seed)),
-          factory.abstract_state(config, model, tx))
+  return (
+    factory.initial_state(config, model, tx, jax.random.key(seed)),
+    factory.abstract_state(config, model, tx),
+  )
 
 
 def test_another_optimizers_checkpoint_names_the_state_that_differs(tmp_path):
@@ -189,9 +220,11 @@ def test_another_optimizers_checkpoint_names_the_state_that_differs(tmp_path):
   _, clipped = _state(_with(adam, 'optimizer.grad_clip_norm', 1.0))
   # clip_by_global_norm comes first in the chain: Adam's state moves from
   # opt_state/0 to opt_state/1/0.
-  with pytest.raises(checkpointing.CheckpointError,
-                     match=r"this config has 'opt_state/1/0/count'.*"
-                     r"only the checkpoint has 'opt_state/0/count'"):
+  with pytest.raises(
+    checkpointing.CheckpointError,
+    match=r"this config has 'opt_state/1/0/count'.*"
+    r"only the checkpoint has 'opt_state/0/count'",
+  ):
     ckpts.restore(clipped, 1)
   ckpts.close()
 
@@ -210,13 +243,13 @@ def test_a_reason_is_never_empty():
 
 def test_max_to_keep_zero_is_refused():
   config = _with(_base(), 'max_to_keep', 0)
-  with pytest.raises(factory.ConfigError,
-                     match=r'config.max_to_keep=0: must be >= 1'):
+  with pytest.raises(
+    factory.ConfigError, match=r'config.max_to_keep=0: must be >= 1'
+  ):
     factory.validate_config(config, 4)
 
 
 class _FakeCheckpoints:
-
   def __init__(self, steps):
     self.steps = steps
 
@@ -229,13 +262,14 @@ class _FakeCheckpoints:
 
 def test_a_stop_promises_only_a_checkpoint_on_disk():
   message = trainer._stopped_message  # pylint: disable=protected-access
-  assert 'saved a checkpoint there' in message('SIGTERM', 6,
-                                               _FakeCheckpoints([3, 6]))
+  assert 'saved a checkpoint there' in message(
+    'SIGTERM', 6, _FakeCheckpoints([3, 6])
+  )
   text = message('SIGTERM', 6, _FakeCheckpoints([3]))
   assert 'not written' in text and 'newest complete checkpoint is step 3' in (
-      text)
-  assert 'no checkpoint was saved' in message('SIGINT', 2,
-                                              _FakeCheckpoints([]))
+    text
+  )
+  assert 'no checkpoint was saved' in message('SIGINT', 2, _FakeCheckpoints([]))
 
 
 @pytest.mark.parametrize('foreign', ['later step', 'other config'])
@@ -245,8 +279,9 @@ def test_a_new_run_sets_another_runs_best_checkpoint_aside(foreign, tmp_path):
   it as the best, and the final test evaluates it."""
   config = _base()
   workdir = str(tmp_path)
-  other = config if foreign == 'later step' else _with(
-      config, 'model.num_experts', 3)
+  other = (
+    config if foreign == 'later step' else _with(config, 'model.num_experts', 3)
+  )
   step = 100 if foreign == 'later step' else 1
   ckpts = checkpointing.Checkpoints(workdir)
   ckpts.save_best(step, _state(other, seed=5)[0], metric=1.0)

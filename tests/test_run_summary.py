@@ -10,32 +10,49 @@ SCRIPT = os.path.join(REPO, 'scripts', 'run_summary.py')
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True,
-                        text=True, check=False)
+  return subprocess.run(
+    [sys.executable, SCRIPT, *args], capture_output=True, text=True, check=False
+  )
 
 
 def test_summary_of_a_resumed_run(tmp_path):
   def train(step, images_per_second, rss):
-    return {'step': step, 'split': 'train', 'loss': 0.1,
-            'images_per_second': images_per_second, 'peak_rss_mb': rss}
+    return {
+      'step': step,
+      'split': 'train',
+      'loss': 0.1,
+      'images_per_second': images_per_second,
+      'peak_rss_mb': rss,
+    }
 
   def validation(step, acc_1, acc_2, weights, num_nonzero):
-    return {'step': step, 'split': 'validation', 'accuracy_1': acc_1,
-            'accuracy_2': acc_2, 'accuracy_mean': (acc_1 + acc_2) / 2,
-            'expert_weights': weights, 'num_nonzero': num_nonzero}
+    return {
+      'step': step,
+      'split': 'validation',
+      'accuracy_1': acc_1,
+      'accuracy_2': acc_2,
+      'accuracy_mean': (acc_1 + acc_2) / 2,
+      'expert_weights': weights,
+      'num_nonzero': num_nonzero,
+    }
 
   records = [
-      train(50, 100, 1000),
-      train(100, 300, 1200),
-      validation(100, 0.90, 0.80, [[0.5, 0.5], [0.25, 0.75]], [2, 2]),
-      train(150, 500, 1100),
-      # Killed here; the resumed run logs step 150 again, and these two
-      # records no longer count (the 0.99s would otherwise be the best).
-      validation(150, 0.99, 0.99, [[0.5, 0.5], [0.5, 0.5]], [2, 2]),
-      train(150, 700, 1300),
-      validation(150, 0.95, 0.85, [[0.1, 0.9], [0.0, 1.0]], [2, 1]),
-      {'step': 150, 'split': 'test', 'accuracy_1': 0.94, 'accuracy_2': 0.84,
-       'checkpoint': 'best'},
+    train(50, 100, 1000),
+    train(100, 300, 1200),
+    validation(100, 0.90, 0.80, [[0.5, 0.5], [0.25, 0.75]], [2, 2]),
+    train(150, 500, 1100),
+    # Killed here; the resumed run logs step 150 again, and these two
+    # records no longer count (the 0.99s would otherwise be the best).
+    validation(150, 0.99, 0.99, [[0.5, 0.5], [0.5, 0.5]], [2, 2]),
+    train(150, 700, 1300),
+    validation(150, 0.95, 0.85, [[0.1, 0.9], [0.0, 1.0]], [2, 1]),
+    {
+      'step': 150,
+      'split': 'test',
+      'accuracy_1': 0.94,
+      'accuracy_2': 0.84,
+      'checkpoint': 'best',
+    },
   ]
   with open(tmp_path / 'metrics.jsonl', 'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in records)
@@ -46,20 +63,21 @@ def test_summary_of_a_resumed_run(tmp_path):
   # the killed run is superseded): median 500, and numpy's linear percentiles
   # 300 + 0.1 * 400 = 340 and 300 + 0.9 * 400 = 660.
   assert result.stdout.splitlines() == [
-      'validation: 2 records, last at step 150; best at step 150: '
-      '0.9500 / 0.8500',
-      'validation after step 50: task 1 0.9000-0.9500, task 2 0.8000-0.8500',
-      'train log windows after step 50: 2, median 500 images/s '
-      '(10th-90th percentile 340-660)',
-      'peak resident memory: 1300 MB',
-      'task 1 expert weights at step 150: 0.100-0.900, 2 experts in use',
-      'task 2 expert weights at step 150: 0.000-1.000, 1 experts in use',
-      'test (best checkpoint, step 150): 0.94000 / 0.84000',
+    'validation: 2 records, last at step 150; best at step 150: '
+    '0.9500 / 0.8500',
+    'validation after step 50: task 1 0.9000-0.9500, task 2 0.8000-0.8500',
+    'train log windows after step 50: 2, median 500 images/s '
+    '(10th-90th percentile 340-660)',
+    'peak resident memory: 1300 MB',
+    'task 1 expert weights at step 150: 0.100-0.900, 2 experts in use',
+    'task 2 expert weights at step 150: 0.000-1.000, 1 experts in use',
+    'test (best checkpoint, step 150): 0.94000 / 0.84000',
   ]
 
 
 def test_a_folder_without_metrics_is_a_one_line_error(tmp_path):
   result = _run(str(tmp_path))
   assert result.returncode != 0
-  assert result.stderr.strip() == (f'no metrics.jsonl in {tmp_path}: give a '
-                                   'train.py workdir.')
+  assert result.stderr.strip() == (
+    f'no metrics.jsonl in {tmp_path}: give a train.py workdir.'
+  )

@@ -14,19 +14,19 @@ import sys
 from absl import flags
 import flax
 import jax
+from ml_collections import config_flags
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from ml_collections import config_flags
 
 from configs import multimnist
 from configs import multimnist_sample
 from dselect_jax import checkpointing
+from dselect_jax import evaluate
+from dselect_jax import factory
 from dselect_jax import input_pipeline
 from dselect_jax import metric_writers
-from dselect_jax import factory
 from dselect_jax import steps
-from dselect_jax import evaluate
 from dselect_jax import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,18 +56,23 @@ def test_there_are_four_fake_devices():
   assert jax.local_device_count() == 4
 
 
-@pytest.mark.parametrize('gate,per_example', [('dselect_k', False),
-                                              ('dselect_k', True),
-                                              ('softmax', False)])
+@pytest.mark.parametrize(
+  'gate,per_example',
+  [('dselect_k', False), ('dselect_k', True), ('softmax', False)],
+)
 def test_pmap_step_equals_single_device_step(gate, per_example):
   # SGD, not Adam: the conv biases feed BatchNorm, so their true gradient is
   # 0 and float noise is all they get; Adam's first step would blow that
   # noise up to +-learning_rate, SGD keeps it at noise.
-  config = tiny_config(**{'model.gate.name': gate,
-                          'model.gate.per_example': per_example,
-                          'loss.entropy_weight': 0.1,
-                          'optimizer.name': 'sgd',
-                          'optimizer.learning_rate': 0.1})
+  config = tiny_config(
+    **{
+      'model.gate.name': gate,
+      'model.gate.per_example': per_example,
+      'loss.entropy_weight': 0.1,
+      'optimizer.name': 'sgd',
+      'optimizer.learning_rate': 0.1,
+    }
+  )
   model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 10)
   state = factory.initial_state(config, model, tx, jax.random.key(0))
@@ -79,36 +84,50 @@ def test_pmap_step_equals_single_device_step(gate, per_example):
   results = []
   for n in (1, 4):
     devices = jax.devices()[:n]
-    p_step = jax.pmap(step, axis_name=steps.AXIS, in_axes=(0, 0, None),
-                      devices=devices)
-    sharded = jax.tree.map(lambda x: x.reshape((n, 16 // n) + x.shape[2:]),
-                           batch)
-    new_state, metrics = p_step(flax.jax_utils.replicate(state, devices),
-                                sharded, rng)
+    p_step = jax.pmap(
+      step, axis_name=steps.AXIS, in_axes=(0, 0, None), devices=devices
+    )
+    sharded = jax.tree.map(
+      lambda x: x.reshape((n, 16 // n) + x.shape[2:]), batch
+    )
+    new_state, metrics = p_step(
+      flax.jax_utils.replicate(state, devices), sharded, rng
+    )
     # All replicas agree.
     for leaf in jax.tree.leaves((new_state.params, new_state.batch_stats)):
       np.testing.assert_array_equal(leaf[0], leaf[-1])
-    results.append(jax.tree.map(lambda x: np.asarray(x)[0],
-                                (new_state.params, new_state.batch_stats,
-                                 new_state.opt_state, metrics)))
+    results.append(
+      jax.tree.map(
+        lambda x: np.asarray(x)[0],
+        (new_state.params, new_state.batch_stats, new_state.opt_state, metrics),
+      )
+    )
   # What the trainer maps on a single device: jit(vmap) over an axis of
   # size 1.
   alone = steps.one_device(  # pylint: disable=protected-access
-      step, in_axes=(0, 0, None))
-  new_state, metrics = alone(jax.tree.map(lambda x: np.asarray(x)[None], state),
-                             batch, rng)
-  results.append(jax.tree.map(lambda x: np.asarray(x)[0],
-                              (new_state.params, new_state.batch_stats,
-                               new_state.opt_state, metrics)))
+    step, in_axes=(0, 0, None)
+  )
+  new_state, metrics = alone(
+    jax.tree.map(lambda x: np.asarray(x)[None], state), batch, rng
+  )
+  results.append(
+    jax.tree.map(
+      lambda x: np.asarray(x)[0],
+      (new_state.params, new_state.batch_stats, new_state.opt_state, metrics),
+    )
+  )
   single, multi, one_device = results
   # Only the summation order differs: float32 rounding.
   for other in (multi, one_device):
     jax.tree.map(
-        functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=1e-6),
-        single, other)
+      functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=1e-6),
+      single,
+      other,
+    )
   # The step moved the parameters and the BatchNorm statistics.
-  moved = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), single[0],
-                       jax.device_get(state.params))
+  moved = jax.tree.map(
+    lambda a, b: np.max(np.abs(a - b)), single[0], jax.device_get(state.params)
+  )
   assert max(jax.tree.leaves(moved)) > 1e-4
   assert np.any(single[1]['experts']['expert_0']['BatchNorm_0']['mean'] != 0)
 
@@ -126,8 +145,10 @@ def test_the_mapped_step_compiles_once_for_the_replicated_state():
   split = input_pipeline.load('multi_mnist_sample')['train']
   batch = next(input_pipeline.train_batches(split, 16, 4, seed=0))
   step = steps.parallel(  # pylint: disable=protected-access
-      functools.partial(steps.train_step, loss_config=config.loss),
-      in_axes=(0, 0, None), donate_argnums=(0,))
+    functools.partial(steps.train_step, loss_config=config.loss),
+    in_axes=(0, 0, None),
+    donate_argnums=(0,),
+  )
   replicated = steps.replicate(state)
   for got, want in zip(jax.tree.leaves(replicated), jax.tree.leaves(state)):
     assert got.shape == (4,) + np.shape(want)
@@ -176,7 +197,8 @@ def _restore_latest(workdir, config):
   tx = factory.create_optimizer(config, config.num_train_steps)
   ckpts = checkpointing.Checkpoints(workdir, create=False)
   return ckpts.latest_step(), ckpts.restore(
-      factory.abstract_state(config, model, tx))
+    factory.abstract_state(config, model, tx)
+  )
 
 
 def test_interrupted_run_resumes_to_the_same_state(tmp_path, monkeypatch):
@@ -196,10 +218,10 @@ def test_interrupted_run_resumes_to_the_same_state(tmp_path, monkeypatch):
   step_a, state_a = _restore_latest(whole, config)
   step_b, state_b = _restore_latest(broken, config)
   assert step_a == step_b == 6
-  arrays = lambda s: jax.device_get((s.step, s.params, s.batch_stats,
-                                     s.opt_state))
-  jax.tree.map(np.testing.assert_array_equal, arrays(state_a),
-               arrays(state_b))
+  arrays = lambda s: jax.device_get(
+    (s.step, s.params, s.batch_stats, s.opt_state)
+  )
+  jax.tree.map(np.testing.assert_array_equal, arrays(state_a), arrays(state_b))
   with open(os.path.join(whole, 'test_metrics.json')) as f:
     assert json.load(f)['accuracy_1'] == resumed_result['accuracy_1']
 
@@ -223,37 +245,57 @@ def test_eval_reproduces_the_trainers_test_metrics(sample_run):
   workdir, result = sample_run
   evaluated = evaluate.evaluate_workdir(workdir)
   assert evaluated['checkpoint'] == 'best'
-  for key in ('step', 'accuracy_1', 'accuracy_2', 'loss_1', 'loss_2',
-              'expert_weights', 'selected_experts'):
+  for key in (
+    'step',
+    'accuracy_1',
+    'accuracy_2',
+    'loss_1',
+    'loss_2',
+    'expert_weights',
+    'selected_experts',
+  ):
     assert evaluated[key] == result[key], key
 
 
 def test_eval_cli_writes_results_and_plots(sample_run):
   workdir, result = sample_run
   out = subprocess.run(
-      [sys.executable, 'eval.py', f'--workdir={workdir}', '--best'],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+    [sys.executable, 'eval.py', f'--workdir={workdir}', '--best'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert f'accuracy {result["accuracy_1"]:.6f}' in out.stdout
   stem = os.path.join(workdir, 'eval', f'test_best_{result["step"]}')
   with open(stem + '.json') as f:
     assert json.load(f)['accuracy_2'] == result['accuracy_2']
-  for png in (stem + '_expert_weights.png',
-              os.path.join(workdir, 'eval', 'training_curves.png')):
+  for png in (
+    stem + '_expert_weights.png',
+    os.path.join(workdir, 'eval', 'training_curves.png'),
+  ):
     with open(png, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
-def test_eval_reads_the_data_from_another_folder(tmp_path, data_dir,
-                                                monkeypatch):
+def test_eval_reads_the_data_from_another_folder(
+  tmp_path, data_dir, monkeypatch
+):
   """A workdir whose config names a data folder this machine does not have:
   eval.py says so and how to fix it; --data_dir evaluates on the data moved
   elsewhere, with the trainer's own test metrics."""
   # A private cache of built data sets, so the raw files are really read.
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
-  config = tiny_config(num_train_steps=3, **{
-      'data.name': 'multi_mnist', 'data.data_dir': data_dir,
-      'data.download': False, 'eval_batch_size': 2000})
+  config = tiny_config(
+    num_train_steps=3,
+    **{
+      'data.name': 'multi_mnist',
+      'data.data_dir': data_dir,
+      'data.download': False,
+      'eval_batch_size': 2000,
+    },
+  )
   workdir = str(tmp_path / 'w')
   result = trainer.train_and_evaluate(config, workdir)
   # The data "were" in a folder that is gone; they now live in moved/.
@@ -268,13 +310,19 @@ def test_eval_reads_the_data_from_another_folder(tmp_path, data_dir,
   # From here on an empty cache: the data must come from a data folder.
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache2'))
 
-  out = subprocess.run([sys.executable, 'eval.py', f'--workdir={workdir}'],
-                       cwd=REPO, capture_output=True, text=True, timeout=300,
-                       check=False)
+  out = subprocess.run(
+    [sys.executable, 'eval.py', f'--workdir={workdir}'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert out.returncode != 0 and 'Traceback' not in out.stderr
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith(f'error: {tmp_path / "gone"}') and (
-      '--data_dir=DIR reads DIR instead' in last), last
+    '--data_dir=DIR reads DIR instead' in last
+  ), last
 
   evaluated = evaluate.evaluate_workdir(workdir, data_dir=str(moved))
   for key in ('step', 'accuracy_1', 'accuracy_2', 'loss_1', 'loss_2'):
@@ -287,22 +335,35 @@ def test_metrics_file_and_tensorboard(sample_run):
   splits = {r['split'] for r in records}
   assert splits == {'train', 'validation', 'test'}
   train = [r for r in records if r['split'] == 'train']
-  for key in ('loss', 'ce_1', 'ce_2', 'aux_entropy', 'aux_reachability',
-              'weight_entropy', 'num_nonzero_1', 'images_per_second',
-              'peak_rss_mb'):
+  for key in (
+    'loss',
+    'ce_1',
+    'ce_2',
+    'aux_entropy',
+    'aux_reachability',
+    'weight_entropy',
+    'num_nonzero_1',
+    'images_per_second',
+    'peak_rss_mb',
+  ):
     assert key in train[0], key
   # The loss is the sum of the task losses plus the weighted aux terms.
   for r in train:
-    want = (r['ce_1'] + r['ce_2'] + r['weight_entropy'] * r['aux_entropy'] +
-            r['weight_reachability'] * r['aux_reachability'])
+    want = (
+      r['ce_1']
+      + r['ce_2']
+      + r['weight_entropy'] * r['aux_entropy']
+      + r['weight_reachability'] * r['aux_reachability']
+    )
     assert abs(r['loss'] - want) < 1e-4 * max(1, abs(want))
   valid = [r for r in records if r['split'] == 'validation']
   assert len(valid[0]['expert_weights']) == 2
   # Train records carry the static gates' weights read from the params on the
   # host; at the last step they equal what the eval step's forward pass gave.
   assert train[-1]['step'] == valid[-1]['step']
-  np.testing.assert_allclose(train[-1]['expert_weights'],
-                             valid[-1]['expert_weights'], rtol=1e-6)
+  np.testing.assert_allclose(
+    train[-1]['expert_weights'], valid[-1]['expert_weights'], rtol=1e-6
+  )
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
 
 
@@ -310,8 +371,9 @@ def _parse(*args):
   """Parses train.py-style arguments as absl would, into a config."""
   argv = ['train.py', f'--config={REPO}/configs/multimnist.py', *args]
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, flag_values=values,
-                                  lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    'config', None, flag_values=values, lock_config=True, sys_argv=argv
+  )
   values(argv)
   return values.config
 
@@ -321,8 +383,8 @@ def test_config_overrides_reach_the_model():
   model = factory.create_model(config)
   assert model.gate_kwargs['k'] == 4 and model.gate_kwargs['gamma'] == 0.5
   shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), np.zeros((1, 36, 36, 1)),
-                         train=False))
+    lambda: model.init(jax.random.key(0), np.zeros((1, 36, 36, 1)), train=False)
+  )
   # 4 selectors of 3 bits (8 experts) per task gate.
   assert shapes['params']['gate_0']['z_logits'].shape == (4, 3)
 
@@ -331,16 +393,27 @@ def test_mistyped_override_fails(tmp_path):
   with pytest.raises(AttributeError, match='gamm'):
     _parse('--config.model.gate.gamm=0.5')
   out = subprocess.run(
-      [sys.executable, 'train.py', '--config=configs/multimnist_sample.py',
-       f'--workdir={tmp_path}/w', '--config.model.gate.gamm=0.5'],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      'train.py',
+      '--config=configs/multimnist_sample.py',
+      f'--workdir={tmp_path}/w',
+      '--config.model.gate.gamm=0.5',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode != 0 and 'Traceback' not in out.stderr
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith('error: bad flag:') and 'gamma' in last
   assert not os.path.exists(tmp_path / 'w')
 
 
-@pytest.mark.parametrize('field,value,match', [
+@pytest.mark.parametrize(
+  'field,value,match',
+  [
     ('model.gate.k', 0, 'model.gate.k=0'),
     ('model.gate.k', 9, 'model.gate.k=9'),
     ('model.gate.gamma', 0.0, 'model.gate.gamma=0.0'),
@@ -350,7 +423,8 @@ def test_mistyped_override_fails(tmp_path):
     ('optimizer.learning_rate', 0.0, 'learning_rate=0.0'),
     ('batch_size', 254, 'multiple of the 4 devices'),
     ('model.conv', 'fft', "model.conv='fft'"),
-])
+  ],
+)
 def test_invalid_config_values(field, value, match):
   config = multimnist.get_config()
   section = config
@@ -372,20 +446,26 @@ def test_conv_choice_reaches_the_experts():
 
 
 def test_entropy_weight_schedule_by_hand():
-  config = tiny_config(**{'loss.entropy_weight': 0.2,
-                          'loss.entropy_start_step': 10,
-                          'loss.entropy_ramp_steps': 4})
+  config = tiny_config(
+    **{
+      'loss.entropy_weight': 0.2,
+      'loss.entropy_start_step': 10,
+      'loss.entropy_ramp_steps': 4,
+    }
+  )
   # 0 up to step 10, then 1/4, 2/4, 3/4, 4/4 of 0.2 at steps 11..14.
   got = [float(factory.entropy_weight(config.loss, s)) for s in range(8, 16)]
-  np.testing.assert_allclose(got, [0, 0, 0, 0.05, 0.1, 0.15, 0.2, 0.2],
-                             atol=1e-7)
+  np.testing.assert_allclose(
+    got, [0, 0, 0, 0.05, 0.1, 0.15, 0.2, 0.2], atol=1e-7
+  )
   config.loss.entropy_ramp_steps = 0  # A step at entropy_start_step.
   got = [float(factory.entropy_weight(config.loss, s)) for s in (9, 10, 11)]
   assert got == [0, 0.2, 0.2]
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path,
-                                                           monkeypatch):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+  tmp_path, monkeypatch
+):
   real = input_pipeline.train_batches
 
   def poisoned(*args, **kwargs):
@@ -410,8 +490,10 @@ def test_second_process_on_a_workdir_is_refused(tmp_path):
   os.makedirs(workdir)
   held = checkpointing.WorkdirLock(workdir)
   try:
-    with pytest.raises(checkpointing.CheckpointError,
-                       match=f'another training process \\(pid {os.getpid()}'):
+    with pytest.raises(
+      checkpointing.CheckpointError,
+      match=f'another training process \\(pid {os.getpid()}',
+    ):
       trainer.train_and_evaluate(tiny_config(), workdir)
   finally:
     held.release()
@@ -420,6 +502,7 @@ def test_second_process_on_a_workdir_is_refused(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path, monkeypatch):
   import signal  # pylint: disable=g-import-not-at-top
+
   real = input_pipeline.train_batches
 
   def batches(*args, **kwargs):
@@ -445,16 +528,17 @@ def _largest_file(folder):
   return max(files, key=os.path.getsize)
 
 
-def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path,
-                                                              caplog):
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
   workdir = str(tmp_path / 'w')
   trainer.train_and_evaluate(tiny_config(), workdir)  # Checkpoints 3 and 6.
   victim = _largest_file(os.path.join(workdir, 'checkpoints', '6'))
   with open(victim, 'r+b') as f:
     f.truncate(os.path.getsize(victim) // 2)
   # eval.py names the damaged step.
-  with pytest.raises(checkpointing.CheckpointError,
-                     match='periodic checkpoint 6 .* cannot be restored'):
+  with pytest.raises(
+    checkpointing.CheckpointError,
+    match='periodic checkpoint 6 .* cannot be restored',
+  ):
     evaluate.evaluate_workdir(workdir, step=6)
   config = tiny_config(num_train_steps=9)
   with caplog.at_level('WARNING'):
@@ -466,17 +550,22 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path,
   assert [r['step'] for r in records if r['split'] == 'train'][-2:] == [6, 9]
 
 
-@pytest.mark.parametrize('overrides,names', [
+@pytest.mark.parametrize(
+  'overrides,names',
+  [
     # 3 experts instead of 2: an expert the checkpoint lacks.
-    ({'model.num_experts': 3},
-     r"this config has 'params/experts/expert_2/"),
+    ({'model.num_experts': 3}, r"this config has 'params/experts/expert_2/"),
     # k = 2 instead of 1: the gate's k selectors, w_logits (k,), differ.
-    ({'model.gate.k': 2},
-     r"'params/gate_0/w_logits' is float32\[1\] in the checkpoint, "
-     r"float32\[2\] here"),
-])
-def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, monkeypatch,
-                                                       overrides, names):
+    (
+      {'model.gate.k': 2},
+      r"'params/gate_0/w_logits' is float32\[1\] in the checkpoint, "
+      r'float32\[2\] here',
+    ),
+  ],
+)
+def test_checkpoint_of_another_config_is_a_clear_error(
+  tmp_path, monkeypatch, overrides, names
+):
   workdir = str(tmp_path / 'w')
   trainer.train_and_evaluate(tiny_config(), workdir)
 
@@ -486,17 +575,21 @@ def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, monkeypatch,
   # The metadata alone refuses it: Orbax starts no array reads.
   monkeypatch.setattr(ocp.CheckpointManager, 'restore', no_reads)
   other = tiny_config(**overrides)
-  with pytest.raises(checkpointing.CheckpointError,
-                     match=r'periodic checkpoint 6 .* cannot be restored into '
-                     r'the model of this config \(made with another config\): '
-                     + names):
+  with pytest.raises(
+    checkpointing.CheckpointError,
+    match=r'periodic checkpoint 6 .* cannot be restored into '
+    r'the model of this config \(made with another config\): ' + names,
+  ):
     trainer.train_and_evaluate(other, workdir)
   model = factory.create_model(other, bn_axis_name=steps.AXIS)
-  abstract = factory.abstract_state(other, model,
-                                    factory.create_optimizer(other, 6))
+  abstract = factory.abstract_state(
+    other, model, factory.create_optimizer(other, 6)
+  )
   ckpts = checkpointing.Checkpoints(workdir, create=False)
-  with pytest.raises(checkpointing.CheckpointError,
-                     match=r'best checkpoint \d .* another config\): ' + names):
+  with pytest.raises(
+    checkpointing.CheckpointError,
+    match=r'best checkpoint \d .* another config\): ' + names,
+  ):
     ckpts.restore_best(abstract)
   assert ckpts.all_steps() == [3, 6]
   assert not os.path.exists(os.path.join(workdir, 'damaged'))
@@ -516,8 +609,13 @@ def model_and_state(config, **bit_logits):
 
 @pytest.mark.parametrize('shared_gate', [True, False])
 def test_sparse_eval_equals_dense_eval(shared_gate):
-  config = tiny_config(**{'model.num_experts': 5, 'model.gate.k': 2,
-                          'model.shared_gate': shared_gate})
+  config = tiny_config(
+    **{
+      'model.num_experts': 5,
+      'model.gate.k': 2,
+      'model.shared_gate': shared_gate,
+    }
+  )
   # Bits MSB first over 3 bits: gate 0 picks experts 1 (001) and 4 (100),
   # gate 1 (when there is one) experts 1 and 2 (010).
   logits = {'gate_0': [[-1, -1, 1], [1, -1, -1]]}
@@ -538,10 +636,15 @@ def test_sparse_eval_equals_dense_eval(shared_gate):
 
 
 def test_sparse_train_step_matches_the_dense_step():
-  config = tiny_config(**{'model.num_experts': 4, 'model.gate.k': 1,
-                          'model.sparse_train': True,
-                          'optimizer.name': 'sgd',
-                          'optimizer.learning_rate': 0.1})
+  config = tiny_config(
+    **{
+      'model.num_experts': 4,
+      'model.gate.k': 1,
+      'model.sparse_train': True,
+      'optimizer.name': 'sgd',
+      'optimizer.learning_rate': 0.1,
+    }
+  )
   model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 10)
   state = factory.initial_state(config, model, tx, jax.random.key(0))
@@ -556,37 +659,51 @@ def test_sparse_train_step_matches_the_dense_step():
   sparse_step = sparse(replicated, 0)
   assert sparse.active == (1, 2)
   dense = steps.SparseTrainSteps(
-      model, tiny_config(**{'model.num_experts': 4, 'model.gate.k': 1}))
+    model, tiny_config(**{'model.num_experts': 4, 'model.gate.k': 1})
+  )
   dense_step = dense(replicated, 0)
   assert dense.active is None
   rng = jax.random.key(1)
   got, got_metrics = sparse_step(flax.jax_utils.replicate(state), batch, rng)
   want, want_metrics = dense_step(flax.jax_utils.replicate(state), batch, rng)
   take = lambda s: jax.tree.map(lambda x: np.asarray(x)[0], s.params)
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5,
-                                 atol=1e-7), take(got), take(want))
-  np.testing.assert_allclose(got_metrics['loss'], want_metrics['loss'],
-                             rtol=1e-6)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
+    take(got),
+    take(want),
+  )
+  np.testing.assert_allclose(
+    got_metrics['loss'], want_metrics['loss'], rtol=1e-6
+  )
   # Experts 0 and 3 got no gradient: SGD left them where they were.
   for e in (0, 3):
-    jax.tree.map(np.testing.assert_array_equal,
-                 take(got)['experts'][f'expert_{e}'],
-                 jax.device_get(state.params['experts'][f'expert_{e}']))
+    jax.tree.map(
+      np.testing.assert_array_equal,
+      take(got)['experts'][f'expert_{e}'],
+      jax.device_get(state.params['experts'][f'expert_{e}']),
+    )
 
 
 def test_sparse_train_needs_static_dselect_k_gates_and_no_weight_decay():
-  for field, value in (('optimizer.name', 'adamw'),
-                       ('model.gate.per_example', True),
-                       ('model.gate.name', 'top_k'),
-                       ('model.gate.name', 'softmax')):
+  for field, value in (
+    ('optimizer.name', 'adamw'),
+    ('model.gate.per_example', True),
+    ('model.gate.name', 'top_k'),
+    ('model.gate.name', 'softmax'),
+  ):
     config = tiny_config(**{'model.sparse_train': True, field: value})
     with pytest.raises(factory.ConfigError, match='model.sparse_train'):
       factory.validate_config(config, 4)
 
 
-@pytest.mark.parametrize('name', sorted(
-    f[:-3] for f in os.listdir(os.path.join(REPO, 'configs'))
-    if f.endswith('.py') and f not in ('__init__.py', 'default.py')))
+@pytest.mark.parametrize(
+  'name',
+  sorted(
+    f[:-3]
+    for f in os.listdir(os.path.join(REPO, 'configs'))
+    if f.endswith('.py') and f not in ('__init__.py', 'default.py')
+  ),
+)
 def test_every_shipped_config_is_valid(name):
   config = importlib.import_module(f'configs.{name}').get_config()
   factory.validate_config(config, 4)
@@ -597,6 +714,7 @@ def test_peak_rss_is_the_kernels_high_water_mark():
     with open('/proc/self/status') as f:
       line = next(l for l in f if l.startswith(field + ':'))
     return int(line.split()[1]) / 1024
+
   before = trainer.peak_rss_mb()
   # Touch enough memory to exceed the earlier peak by 200 MiB.
   grow_mb = before - status_mb('VmRSS') + 200

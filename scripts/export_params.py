@@ -1,0 +1,58 @@
+"""Copies a workdir's tested checkpoint, params only, into a results folder.
+
+  python scripts/export_params.py --workdir=ckpts --out=results/NAME
+
+Writes OUT/params/<step> (parameters and BatchNorm statistics; no optimizer
+state) and OUT/config.json, so that `python eval.py --workdir=OUT` evaluates
+that checkpoint without training. Default: the best-on-validation checkpoint.
+"""
+
+import os
+import shutil
+import sys
+
+from absl import app
+from absl import flags
+
+from dselect_jax import checkpointing
+from dselect_jax import cli
+from dselect_jax import evaluate
+from dselect_jax import factory
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A train.py workdir.')
+_OUT = flags.DEFINE_string('out', None, 'The results folder to write.')
+_STEP = flags.DEFINE_integer(
+  'step', None, 'A periodic checkpoint instead of the best one.'
+)
+flags.mark_flags_as_required(['workdir', 'out'])
+
+
+def main(argv):
+  del argv
+  try:
+    config = evaluate.load_workdir_config(_WORKDIR.value)
+    ckpts = checkpointing.Checkpoints(_WORKDIR.value, create=False)
+    model = factory.create_model(config)
+    # The optimizer's structure does not matter: its state is not copied.
+    abstract = factory.abstract_state(
+      config, model, factory.create_optimizer(config, 1)
+    )
+    if _STEP.value is None:
+      step = ckpts.best_step()
+      state = ckpts.restore_best(abstract)
+    else:
+      step = _STEP.value
+      state = ckpts.restore(abstract, step)
+  except (checkpointing.CheckpointError, factory.ConfigError) as e:
+    sys.exit(f'error: {e}')
+  os.makedirs(_OUT.value, exist_ok=True)
+  target = os.path.join(_OUT.value, checkpointing.PARAMS_DIR, str(step))
+  if os.path.exists(target):
+    shutil.rmtree(target)
+  checkpointing.save_params(_OUT.value, step, state)
+  shutil.copy(os.path.join(_WORKDIR.value, 'config.json'), _OUT.value)
+  print(f'wrote {target} and {_OUT.value}/config.json')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)
