@@ -73,6 +73,23 @@ def main(argv):
       f'{result[f"loss_{t}"]:.6f}  experts {result["selected_experts"][t - 1]}'
       f'  weights {[round(w, 4) for w in result["expert_weights"][t - 1]]}'
     )
+  stats = result.get('test_statistics')
+  if stats:
+    print(
+      f'test passes after each of {stats["num_passes"]} epochs '
+      '(test_metrics.json: test_statistics):'
+    )
+    num_tasks = len(result['selected_experts'])
+    for name, label in (
+      ('best_validation', 'best-validation checkpoint'),
+      ('last_epoch', 'last epoch'),
+      ('max_over_epochs', 'max over epochs (chosen on test: not fair)'),
+      ('pooled_over_epochs', "pooled over epochs (PaddleRec's statistic)"),
+    ):
+      accs = ' / '.join(
+        f'{stats[name][f"accuracy_{t}"]:.6f}' for t in range(1, num_tasks + 1)
+      )
+      print(f'  {label:44s} {accs}')
   out_dir = os.path.join(workdir, 'eval')
   stem = os.path.join(out_dir, f'test_{result["checkpoint"]}_{result["step"]}')
   try:

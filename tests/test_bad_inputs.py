@@ -6,14 +6,17 @@ line that names the problem, no Python traceback, and every file of the
 workdir byte-identical afterwards.
 """
 
+import ast
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 
+import jax
 import pytest
 
+from dselect_jax import factory
 from dselect_jax import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,6 +213,50 @@ CASES = {
 
 # Environment variables a case adds.
 ENV = {'kernel norm without a compiler': {'CXX': 'no-such-compiler'}}
+
+
+# Bad config values: checked in-process against factory.validate_config,
+# which train.py calls before anything else ('k zero' also runs the real
+# command, for the one-line exit).
+_PARSE_ERRORS = ('mistyped override', 'override of wrong type')
+CONFIG_CASES = {
+  name: case
+  for name, case in CASES.items()
+  if case[0] == 'train'
+  and case[1]
+  and len(case[1]) == 1
+  and case[1][0].startswith('--config.')
+  and name not in _PARSE_ERRORS + ('kernel norm without a compiler',)
+}
+for _name in CONFIG_CASES:
+  if _name != 'k zero':
+    del CASES[_name]
+
+
+def _literal(text):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+@pytest.mark.parametrize('name', sorted(CONFIG_CASES))
+def test_bad_config_value(name):
+  from configs import multimnist_sample  # pylint: disable=g-import-not-at-top
+
+  _, [arg], expected = CONFIG_CASES[name]
+  field, value = arg[len('--config.') :].split('=', 1)
+  config = multimnist_sample.get_config()
+  *path, last = field.split('.')
+  section = config
+  for key in path:
+    section = section[key]
+  with config.unlocked():
+    section[last] = _literal(value)
+  with pytest.raises(factory.ConfigError) as error:
+    factory.validate_config(config, jax.device_count())
+  message = f'error: {error.value}'
+  assert '\n' not in message and expected in message, message
 
 
 @pytest.mark.parametrize('name', sorted(CASES))

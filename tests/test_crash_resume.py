@@ -11,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from configs import multimnist_sample
 from dselect_jax import checkpointing
@@ -97,6 +98,7 @@ def _final_arrays(workdir):
   )
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
   whole = str(tmp_path / 'whole')
   proc = _start(whole)

@@ -18,6 +18,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from configs import multimnist_sample
 from dselect_jax import checkpointing
@@ -95,6 +96,7 @@ def _train_on_two_processes(config, workdir, logs):
   )
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
   assert jax.local_device_count() == 4
   # SGD: Adam's first steps move every parameter by about +-lr whatever the

@@ -6,6 +6,8 @@ Expected numbers are derived by hand in the comments.
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -86,23 +88,12 @@ def test_paddlerec_initializers():
   for layer in ('Conv_0', 'Dense_1'):
     assert not np.any(np.asarray(params[layer]['bias']))
   # The gate's weight logits: U(-1, 1) instead of U(-0.05, 0.05).
-  config = tiny_config(
-    **{
-      'model.num_experts': 8,
-      'model.gate.k': 32,
-      'model.init_scheme': 'paddlerec',
-    }
-  )
-  with pytest.raises(factory.ConfigError, match='model.gate.k=32'):
-    factory.validate_config(config, 1)
-  config.model.gate.k = 8
-  model = factory.create_model(config)
-  w = np.asarray(
-    factory.initial_state(
-      config, model, factory.create_optimizer(config, 1), jax.random.key(1)
-    ).params['gate_0']['w_logits']
-  )
-  assert np.abs(w).max() <= 1 and np.abs(w).max() > 0.3
+  config = tiny_config(**{'model.init_scheme': 'paddlerec'})
+  w_init = factory.create_model(config).gate_kwargs['w_init']
+  w = np.asarray(w_init(jax.random.key(1), (4000,)))
+  assert -1 <= w.min() < -0.99 and 0.99 < w.max() <= 1
+  assert abs(w.mean()) < 0.05
+  assert 'w_init' not in factory.create_model(tiny_config()).gate_kwargs
 
 
 def _record(step, acc1, acc2, n=100):
@@ -236,6 +227,21 @@ def test_a_run_with_test_passes_reports_the_four_statistics(
     assert result['accuracy_1'] == passes[1]['accuracy_1']
   with open(os.path.join(tmp_path, 'test_metrics.json')) as f:
     assert json.load(f)['test_statistics'] == stats
+  if with_validation:  # eval.py prints the four side by side.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+      [sys.executable, 'eval.py', f'--workdir={tmp_path}'],
+      cwd=repo,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=True,
+    )
+    pooled = stats['pooled_over_epochs']
+    assert "pooled over epochs (PaddleRec's statistic)" in out.stdout
+    assert f'{pooled["accuracy_1"]:.6f} / {pooled["accuracy_2"]:.6f}' in (
+      out.stdout
+    )
   evaluated = evaluate.evaluate_workdir(str(tmp_path))
   assert (
     evaluated['test_statistics']['pooled_over_epochs']

@@ -58,7 +58,11 @@ def test_there_are_four_fake_devices():
 
 @pytest.mark.parametrize(
   'gate,per_example',
-  [('dselect_k', False), ('dselect_k', True), ('softmax', False)],
+  [
+    ('dselect_k', False),
+    pytest.param('dselect_k', True, marks=pytest.mark.slow),
+    pytest.param('softmax', False, marks=pytest.mark.slow),
+  ],
 )
 def test_pmap_step_equals_single_device_step(gate, per_example):
   # SGD, not Adam: the conv biases feed BatchNorm, so their true gradient is
@@ -228,14 +232,18 @@ def test_interrupted_run_resumes_to_the_same_state(tmp_path, monkeypatch):
 
 @pytest.fixture(scope='module')
 def sample_run(tmp_path_factory):
-  """The quick-start config as README runs it (4 epochs of the sample)."""
+  """A short run of the tiny config, finished and tested."""
   workdir = str(tmp_path_factory.mktemp('sample'))
-  result = trainer.train_and_evaluate(multimnist_sample.get_config(), workdir)
+  result = trainer.train_and_evaluate(tiny_config(), workdir)
   return workdir, result
 
 
-def test_sample_config_learns(sample_run):
-  _, result = sample_run
+@pytest.mark.slow
+def test_sample_config_learns(tmp_path):
+  """The quick-start config as README runs it (4 epochs of the sample)."""
+  result = trainer.train_and_evaluate(
+    multimnist_sample.get_config(), str(tmp_path)
+  )
   assert result['num_examples'] == 1000
   # Chance is 0.1 per task.
   assert result['accuracy_1'] > 0.6 and result['accuracy_2'] > 0.5
@@ -279,6 +287,7 @@ def test_eval_cli_writes_results_and_plots(sample_run):
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.slow
 def test_eval_reads_the_data_from_another_folder(
   tmp_path, data_dir, monkeypatch
 ):
