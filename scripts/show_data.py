@@ -5,6 +5,13 @@
   python scripts/show_data.py --paddlerec_pickle=../shared/data/paddlerec_sample/sample_data.pickle
 
 Each image is titled "task-1 label | task-2 label".
+
+  python scripts/show_data.py --npz=first64.npz [--num=64] \
+      [--datasets=multi_mnist --recipes=paretomtl]
+
+writes instead the first --num composites of the train split, in stored
+order, of the first data set and recipe given (default multi_mnist,
+paretomtl): ``images`` uint8 (N, 36, 36) and ``labels`` int (N, 2).
 """
 
 import os
@@ -30,13 +37,46 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Build seed.')
 _DATA_DIR = flags.DEFINE_string(
   'data_dir', None, 'Raw files folder (default: see sources.py).'
 )
+_NPZ = flags.DEFINE_string(
+  'npz', None, 'Write the first --num train composites to this .npz file.'
+)
+_NUM = flags.DEFINE_integer('num', 64, 'Composites written by --npz.')
 _PICKLE = flags.DEFINE_string(
   'paddlerec_pickle', None, 'Also show this PaddleRec pickle.'
 )
 
 
+def write_npz(path: str, dataset: str, recipe: str, num: int):
+  split = input_pipeline.load(dataset, recipe, _SEED.value, _DATA_DIR.value)[
+    'train'
+  ]
+  if not 1 <= num <= len(split):
+    raise sources.DataError(
+      f'--num={num}: must be in 1..{len(split)} (the train split)'
+    )
+  input_pipeline.save_npz(
+    os.path.abspath(path),
+    {'images': split.images[:num], 'labels': split.labels[:num]},
+  )
+  print(f'wrote {path}: the first {num} train composites of {dataset}/{recipe}')
+
+
 def main(argv):
   del argv
+  if _NPZ.value:
+    given = lambda flag, default: (
+      flag.value[0] if flags.FLAGS[flag.name].present else default
+    )
+    try:
+      write_npz(
+        _NPZ.value,
+        given(_DATASETS, 'multi_mnist'),
+        given(_RECIPES, 'paretomtl'),
+        _NUM.value,
+      )
+    except (sources.DataError, OSError) as e:
+      sys.exit(f'error: {e}')
+    return
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   try:
     for dataset in _DATASETS.value:

@@ -746,3 +746,32 @@ def test_a_damaged_cache_file_is_reported_and_rebuilt(
   np.testing.assert_array_equal(
     ip.load_npz_splits(path)['test'].images, built['test'].images
   )
+
+
+def test_show_data_dumps_the_first_train_composites(data_dir, mnist, tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / 'first.npz'
+  env = dict(
+    os.environ, DSELECT_DATA_DIR=data_dir, XDG_CACHE_HOME=str(tmp_path)
+  )
+  subprocess.run(
+    [sys.executable, 'scripts/show_data.py', f'--npz={out}', '--num=40'],
+    cwd=repo,
+    env=env,
+    check=True,
+    capture_output=True,
+    timeout=300,
+  )
+  with np.load(out) as f:
+    images, labels = f['images'], f['labels']
+  assert images.shape == (40, 36, 36) and images.dtype == np.uint8
+  assert labels.shape == (40, 2)
+  # Stored order: the top-left digits are MNIST train 0..39.
+  np.testing.assert_array_equal(labels[:, 0], mnist['train'][1][:40])
+  train = ip.build('multi_mnist', 'paretomtl', 0, data_dir, download=False)[
+    'train'
+  ]
+  np.testing.assert_array_equal(images, train.images[:40])
