@@ -95,7 +95,13 @@ def main(argv):
     jax.devices()[0].platform,
   )
   try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    config.keys()  # A config that failed to load raises on first use.
+  except Exception as e:  # pylint: disable=broad-except
+    # config_flags loads the file lazily: a file that failed to load.
+    sys.exit(cli.config_load_error(flags.FLAGS['config'].serialize()[9:], e))
+  try:
+    trainer.train_and_evaluate(config, _WORKDIR.value)
   except (
     factory.ConfigError,
     sources.DataError,

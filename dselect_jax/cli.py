@@ -2,6 +2,7 @@
 quieter console."""
 
 import logging as std_logging
+import os
 import sys
 
 from absl import flags
@@ -20,9 +21,48 @@ def parse_flags(argv: list[str]) -> list[str]:
       e = e.args[0]
     if isinstance(e, KeyError) and e.args:
       message = f'no such config field {e.args[0]}'
+    elif _config_arg(argv) and not isinstance(e, flags.Error):
+      sys.exit(config_load_error(_config_arg(argv), e))
     else:
       message = str(e)
     sys.exit(f'error: bad flag: {" ".join(message.split())} (see --helpfull)')
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file itself: missing, a folder, a syntax error, or its
+    # get_config() raised.
+    sys.exit(config_load_error(_config_arg(argv) or '?', e))
+
+
+def _config_arg(argv: list[str]) -> str | None:
+  for arg in argv[1:]:
+    if arg.startswith('--config='):
+      return arg[len('--config=') :]
+  return None
+
+
+def config_load_error(path: str, error: BaseException) -> str:
+  """One line for a config file that cannot be loaded, and why."""
+  while isinstance(error, OSError) and not isinstance(
+    error, (FileNotFoundError, IsADirectoryError)
+  ):
+    inner = error.__cause__ or error.__context__
+    if inner is None:
+      break
+    error = inner
+  text = ' '.join(str(error).split())
+  if not os.path.exists(path):
+    text = 'no such file'
+  elif isinstance(error, SyntaxError):
+    text = f'a syntax error at line {error.lineno}: {error.msg}'
+  elif isinstance(error, FileNotFoundError):
+    text = 'no such file'
+  elif isinstance(error, IsADirectoryError):
+    text = 'a directory, not a config file'
+  else:
+    text = f'{type(error).__name__}: {text}'
+  return (
+    f'error: --config={path} cannot be loaded: {text}; give a config file '
+    'such as configs/multimnist.py.'
+  )
 
 
 def quiet_orbax():

@@ -293,6 +293,22 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int):
     )
 
 
+def validate_against_data(
+  config, num_train_examples: int, num_test_examples: int
+):
+  """The checks that need the data's size (after it loaded)."""
+  if config.batch_size > num_train_examples:
+    raise ConfigError(
+      f'config.batch_size={config.batch_size}: larger than the '
+      f'{num_train_examples} training examples of {config.data.name!r}; '
+      'lower it.'
+    )
+  if num_test_examples == 0:
+    raise ConfigError(
+      f'data set {config.data.name!r} has no test examples; choose another.'
+    )
+
+
 # ---------------------------------------------------------------------------
 # Model, optimizer, state.
 # ---------------------------------------------------------------------------

@@ -72,6 +72,7 @@ def _train_and_evaluate(config, workdir, is_chief):
     data['validation'],
     data['test'],
   )
+  factory.validate_against_data(config, len(train_split), len(test_split))
   steps_per_epoch = len(train_split) // config.batch_size
   num_train_steps = factory.num_train_steps(config, len(train_split))
   eval_every = _cadence(config.eval_every_steps, steps_per_epoch)

@@ -427,3 +427,55 @@ def test_params_from_tf_names_what_is_missing(weights, match):
 
   with pytest.raises(ValueError, match=match):
     gates.params_from_tf(weights)
+
+
+@pytest.mark.parametrize(
+  'case,expected',
+  [
+    ('missing', 'cannot be loaded: no such file'),
+    ('folder', 'cannot be loaded: a directory, not a config file'),
+    ('syntax', 'cannot be loaded: a syntax error at line 2: '),
+    ('raises', "cannot be loaded: RuntimeError: no 'data' section"),
+  ],
+)
+def test_bad_config_file(case, expected, finished_run, tmp_path):
+  path = tmp_path / 'config.py'
+  if case == 'folder':
+    path.mkdir()
+  elif case == 'syntax':
+    path.write_text('def get_config():\n  return {\n')
+  elif case == 'raises':
+    path.write_text(
+      'def get_config():\n  raise RuntimeError("no \'data\' section")\n'
+    )
+  before = _tree_digest(finished_run)
+  out = subprocess.run(
+    [
+      sys.executable,
+      'train.py',
+      f'--config={path}',
+      f'--workdir={finished_run}',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert out.returncode == 1 and 'Traceback' not in out.stderr, out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(f'error: --config={path} ') and expected in last, last
+  assert _tree_digest(finished_run) == before
+
+
+def test_batch_larger_than_the_training_set(tmp_path):
+  from tests.test_trainer import tiny_config  # pylint: disable=g-import-not-at-top
+
+  config = tiny_config(batch_size=8000)
+  with pytest.raises(
+    factory.ConfigError,
+    match=r'config.batch_size=8000: larger than the 4000 training examples '
+    r"of 'multi_mnist_sample'; lower it",
+  ):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'config.json')  # Nothing written.
