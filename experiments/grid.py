@@ -1,6 +1,6 @@
 """Runs a grid of gates x data sets x seeds and tabulates it, like the paper.
 
-  python experiments/grid.py --out=results/grid \
+  python -m experiments.grid --out=results/grid \
       --gates=softmax,top_k,dselect_k,dselect_k_per_example \
       --datasets=multi_mnist,multi_fashion,multi_fashion_mnist --seeds=0,1,2
 
@@ -17,7 +17,7 @@ DSelect-k cell, OUT/expert_weights_<cell>.png (the gates' expert weights over
 training, at every log step).
 """
 
-import importlib.util
+import copy
 import json
 import os
 import sys
@@ -25,6 +25,7 @@ import time
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 import numpy as np
 
 from dselect_jax import cli
@@ -33,8 +34,12 @@ from dselect_jax import metric_writers
 from dselect_jax import trainer
 
 _OUT = flags.DEFINE_string('out', 'results/grid', 'Output folder.')
-_CONFIG = flags.DEFINE_string(
-  'config', 'configs/multimnist_entropy.py', 'Base recipe (a config file).'
+_CONFIG = config_flags.DEFINE_config_file(
+  'config',
+  'configs/multimnist_entropy.py',
+  'Base recipe (a config file); --config.FIELD=VALUE overrides apply to '
+  'every cell, as for train.py.',
+  lock_config=True,
 )
 _GATES = flags.DEFINE_list(
   'gates',
@@ -44,9 +49,6 @@ _GATES = flags.DEFINE_list(
 _DATASETS = flags.DEFINE_list('datasets', ['multi_mnist'], 'Data sets.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
 _SHARD = flags.DEFINE_string('shard', '0/1', 'i/n: run cells i, i+n, ...')
-_OVERRIDES = flags.DEFINE_multi_string(
-  'set', [], 'Config overrides for every cell, e.g. --set=num_epochs=2.'
-)
 _TABLE_ONLY = flags.DEFINE_bool(
   'table_only', False, 'Only rebuild tables and plots.'
 )
@@ -70,22 +72,13 @@ GATE_VARIANTS = {
 }
 
 
-def load_config(path):
-  spec = importlib.util.spec_from_file_location('grid_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def set_field(config, dotted, value):
+  """A cell's own field (its gate, data set or seed), type-checked by the
+  locked ConfigDict."""
   *path, last = dotted.split('.')
   section = config
   for name in path:
     section = section[name]
-  if isinstance(section[last], bool):
-    value = value in (True, 'True', 'true', '1')
-  else:
-    value = type(section[last])(value)
   section[last] = value
 
 
@@ -121,14 +114,11 @@ def run_cell(gate, dataset, seed, out):
   if os.path.exists(cell_file):
     print(f'{name}: done already')
     return
-  config = load_config(_CONFIG.value)
+  config = copy.deepcopy(_CONFIG.value)
   for key, value in GATE_VARIANTS[gate].items():
     set_field(config, key, value)
   set_field(config, 'data.name', dataset)
-  set_field(config, 'seed', seed)
-  for override in _OVERRIDES.value:
-    key, value = override.split('=', 1)
-    set_field(config, key, value)
+  set_field(config, 'seed', int(seed))
   workdir = os.path.join(out, 'workdirs', name)
   start = time.time()
   result = trainer.train_and_evaluate(config, workdir)

@@ -21,16 +21,15 @@ def test_saturation_step_by_hand():
   assert grid.saturation_step(records, 1) is None
 
 
-def test_set_field_keeps_types():
+def test_a_cells_fields_are_type_checked():
   config = multimnist_fast.get_config()
-  grid.set_field(config, 'model.gate.per_example', 'True')
-  grid.set_field(config, 'optimizer.learning_rate', '3e-4')
-  grid.set_field(config, 'num_epochs', '2')
-  assert config.model.gate.per_example is True
-  assert config.optimizer.learning_rate == pytest.approx(3e-4)
-  assert config.num_epochs == 2 and isinstance(config.num_epochs, int)
+  grid.set_field(config, 'model.gate.per_example', True)
+  grid.set_field(config, 'seed', 2)
+  assert config.model.gate.per_example is True and config.seed == 2
   with pytest.raises(KeyError):
-    grid.set_field(config, 'model.gate.kk', '3')
+    grid.set_field(config, 'model.gate.kk', 3)
+  with pytest.raises(TypeError):
+    grid.set_field(config, 'seed', 'two')
 
 
 def test_train_speeds_are_medians_on_each_side_of_saturation():
