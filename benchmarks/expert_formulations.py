@@ -7,8 +7,7 @@ Forward + backward of sum(experts(x)**2) (BatchNorm in training mode), jitted,
 warm, best of --repeats. Prints images/s and the ratio to the per-expert loop
 with XLA's convolutions (the baseline, run in the same process); the loop
 with Toeplitz convolutions (models.ToeplitzConv), the same with the CPU
-kernels for BatchNorm-ReLU-pool (models.BatchNormReLUPool), and the fused
-layouts follow.
+kernels for BatchNorm-ReLU-pool (models.BatchNormReLUPool) follow.
 
 --ablations adds two networks that are *not* the expert, to bound what the
 layers between the matmuls cost: the Toeplitz loop without BatchNorm, and
@@ -130,9 +129,7 @@ def main(argv):
   variants = [
     (
       f'loop, {conv} conv',
-      functools.partial(
-        models.ExpertBank, impl='loop', expert_kwargs={'conv': conv}
-      ),
+      functools.partial(models.ExpertBank, expert_kwargs={'conv': conv}),
     )
     for conv in models.CONV_IMPLS
   ]
@@ -141,16 +138,10 @@ def main(argv):
       'loop, toeplitz, kernel BN',
       functools.partial(
         models.ExpertBank,
-        impl='loop',
         expert_kwargs={'conv': 'toeplitz', 'norm': 'kernel'},
       ),
     )
   )
-  variants += [
-    (impl, functools.partial(models.ExpertBank, impl=impl))
-    for impl in models.EXPERT_IMPLS
-    if impl != 'loop'
-  ]
   if _ABLATIONS.value:
     variants += [
       (

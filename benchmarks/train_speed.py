@@ -13,7 +13,7 @@ Ours is the real training step of dselect_jax.trainer, mapped over the
 devices as the trainer maps it (jit(vmap) on one device, pmap over N when
 --cpu_devices lists N > 1; tables written before 2026-11-30 used pmap on one
 device as well, 1.19x slower on the 2-core CPU by results/data_parallel.txt),
-with each expert implementation (and, for the 'loop' experts, each
+with the experts (and each
 convolution of --convs and each BatchNorm-ReLU-pool of --norms); PyTorch is
 eager mode on --torch_device (torch is an optional, benchmark-only
 dependency: pip install torch==2.13.0). On a GPU, JAX runs there by default;
@@ -65,9 +65,8 @@ _TORCH_DEVICE = flags.DEFINE_string(
 _IMPLS = flags.DEFINE_list(
   'impls',
   ['loop'],
-  'Our expert implementations to time (see '
-  'models.EXPERT_IMPLS; the fused ones are slow on '
-  'CPU).',
+  "Our expert implementations to time: 'loop' (one module per expert; "
+  'the fused implementations are gone).',
 )
 _CONVS = flags.DEFINE_list(
   'convs',
@@ -108,9 +107,9 @@ def child_jax(batch, steps, repeats, impl, conv, norm, devices):
   from dselect_jax import steps  # pylint: disable=g-import-not-at-top
 
   config = multimnist.get_config()
-  config.model.expert_impl = impl
-  config.model.conv = conv if impl == 'loop' else 'auto'
-  config.model.norm = norm if impl == 'loop' else 'auto'
+  del impl  # One expert implementation now: a module per expert.
+  config.model.conv = conv
+  config.model.norm = norm
   model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 1000)
   assert jax.local_device_count() == devices, jax.devices()
@@ -348,7 +347,7 @@ def main(argv):
     'peak RSS MB |',
     '|' + ' --- |' * 10,
   ]
-  options = lambda flag, impl: flag.value if impl == 'loop' else ['auto']
+  options = lambda flag, impl: flag.value
   variants = [
     (impl, conv, norm, n)
     for impl in _IMPLS.value
