@@ -104,16 +104,16 @@ def child_jax(batch, steps, repeats, impl, conv, norm, devices):
 
   from configs import multimnist  # pylint: disable=g-import-not-at-top
   from dselect_jax import factory  # pylint: disable=g-import-not-at-top
-  from dselect_jax import steps  # pylint: disable=g-import-not-at-top
+  from dselect_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
 
   config = multimnist.get_config()
   del impl  # One expert implementation now: a module per expert.
   config.model.conv = conv
   config.model.norm = norm
-  model = factory.create_model(config, bn_axis_name=steps.AXIS)
+  model = factory.create_model(config, bn_axis_name=steps_lib.AXIS)
   tx = factory.create_optimizer(config, 1000)
   assert jax.local_device_count() == devices, jax.devices()
-  state = steps.replicate(
+  state = steps_lib.replicate(
     factory.initial_state(config, model, tx, jax.random.key(0))
   )
   rng = np.random.default_rng(0)
@@ -123,15 +123,13 @@ def child_jax(batch, steps, repeats, impl, conv, norm, devices):
     'label': rng.integers(0, 10, (devices, per_device, 2)).astype(np.int32),
   }
   eval_data = dict(batch_data, mask=np.ones((devices, per_device), np.float32))
-  # Mapped over the devices as the trainer maps them (steps.parallel).
-  p_train = steps.parallel(  # pylint: disable=protected-access
-    functools.partial(steps.train_step, loss_config=config.loss),
+  # Mapped over the devices as the trainer maps them (steps_lib.parallel).
+  p_train = steps_lib.parallel(
+    functools.partial(steps_lib.train_step, loss_config=config.loss),
     in_axes=(0, 0, None),
     donate_argnums=(0,),
   )
-  p_eval = steps.parallel(  # pylint: disable=protected-access
-    functools.partial(steps.eval_step, model)
-  )
+  p_eval = steps_lib.parallel(functools.partial(steps_lib.eval_step, model))
   key = jax.random.key(1)
   start = time.perf_counter()
   state, metrics = p_train(state, batch_data, key)
