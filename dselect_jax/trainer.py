@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -52,7 +53,7 @@ def train_and_evaluate(
   """
   factory.validate_config(config, jax.device_count())
   is_chief = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  _check_writable(workdir)
   # Every process of a multi-host run shares the workdir: process 0 holds
   # the lock for them all.
   lock = checkpointing.WorkdirLock(workdir) if is_chief else None
@@ -222,6 +223,20 @@ def _train_and_evaluate(config, workdir, is_chief):
 # ---------------------------------------------------------------------------
 # Helpers of the loop.
 # ---------------------------------------------------------------------------
+
+
+def _check_writable(workdir: str):
+  """Creates ``workdir`` and writes a file in it, before any training: a
+  read-only or full file system is one line, not an error hours later."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_check'):
+      pass
+  except OSError as e:
+    raise checkpointing.CheckpointError(
+      f'cannot write the workdir {workdir}: {e.strerror or e}; give a '
+      '--workdir on a writable file system with free space.'
+    ) from None
 
 
 def _cadence(value: int, steps_per_epoch: int) -> int:

@@ -479,3 +479,29 @@ def test_batch_larger_than_the_training_set(tmp_path):
   ):
     trainer.train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(tmp_path / 'config.json')  # Nothing written.
+
+
+def test_an_unwritable_workdir_stops_before_training(tmp_path, monkeypatch):
+  """Root ignores permissions here, so the read-only file system is
+  injected where the check writes."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  from tests.test_trainer import tiny_config  # pylint: disable=g-import-not-at-top
+
+  def read_only(*args, **kwargs):
+    del args, kwargs
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+  monkeypatch.setattr(tempfile, 'NamedTemporaryFile', read_only)
+  loaded = []
+  monkeypatch.setattr(
+    trainer.evaluate, 'load_data', lambda config: loaded.append(1)
+  )
+  with pytest.raises(
+    trainer.checkpointing.CheckpointError,
+    match=rf'cannot write the workdir {tmp_path}/w: Read-only file system; '
+    'give a --workdir on a writable',
+  ):
+    trainer.train_and_evaluate(tiny_config(), str(tmp_path / 'w'))
+  assert not loaded  # Stopped before reading any data.
