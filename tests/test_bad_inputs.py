@@ -505,3 +505,78 @@ def test_an_unwritable_workdir_stops_before_training(tmp_path, monkeypatch):
   ):
     trainer.train_and_evaluate(tiny_config(), str(tmp_path / 'w'))
   assert not loaded  # Stopped before reading any data.
+
+
+def _invalid_values(spec, default):
+  """Values a field's spec must refuse."""
+  if isinstance(spec, factory.OneOf):
+    return ['bogus', 7]
+  if isinstance(spec, factory.Number):
+    bad = [float('nan'), 'two', True]
+    if spec.low > float('-inf'):
+      bad.append(spec.low - 1)
+    if spec.high < float('inf'):
+      bad.append(spec.high + 1)
+    if spec.integer:
+      bad.append(1.5)
+    return bad
+  return [3]  # Text fields take strings only.
+
+
+def test_fuzz_every_field():
+  """Random combinations of valid and invalid values of every field: each
+  config is refused with a one-line ConfigError that names a field it
+  changed, or it builds a model whose train step traces (no arrays run)."""
+  import copy  # pylint: disable=g-import-not-at-top
+  import functools  # pylint: disable=g-import-not-at-top
+  import random  # pylint: disable=g-import-not-at-top
+
+  from dselect_jax import steps  # pylint: disable=g-import-not-at-top
+  from tests.test_trainer import tiny_config  # pylint: disable=g-import-not-at-top
+
+  base = tiny_config()
+  fields = factory.flat_fields(base)
+  rng = random.Random(0)
+  outcomes = {'refused': 0, 'traced': 0}
+  for _ in range(40):
+    config = copy.deepcopy(base)
+    changed = {}
+    for field in rng.sample(sorted(fields), 3):
+      spec = factory.FIELDS[field]
+      valid = list(spec.values(fields[field]))
+      invalid = _invalid_values(spec, fields[field])
+      changed[field] = rng.choice(invalid if rng.random() < 0.2 else valid)
+    for field, value in changed.items():
+      *path, last = field.split('.')
+      section = config
+      for key in path:
+        section = section[key]
+      with config.unlocked():
+        # Bypass the ConfigDict's own type check: a config file can hold
+        # any value, and validate_config must catch it.
+        section._fields[last] = value  # pylint: disable=protected-access
+    try:
+      factory.validate_config(config, jax.device_count())
+    except factory.ConfigError as e:
+      message = str(e)
+      assert '\n' not in message
+      assert any(f'config.{f}' in message for f in changed), (changed, e)
+      outcomes['refused'] += 1
+      continue
+    model = factory.create_model(config, bn_axis_name=steps.AXIS)
+    tx = factory.create_optimizer(config, 10)
+    state = factory.abstract_state(config, model, tx)
+    batch = {
+      'image': jax.ShapeDtypeStruct((1, 8, 36, 36, 1), 'float32'),
+      'label': jax.ShapeDtypeStruct((1, 8, 2), 'int32'),
+    }
+    step = steps.one_device(
+      functools.partial(steps.train_step, loss_config=config.loss),
+      in_axes=(0, 0, None),
+    )
+    batched = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), state
+    )
+    jax.eval_shape(step, batched, batch, jax.random.key(0))
+    outcomes['traced'] += 1
+  assert outcomes['refused'] > 10 and outcomes['traced'] > 5, outcomes
