@@ -15,7 +15,7 @@ setuptools.setup(
   packages=setuptools.find_packages(
     include=['dselect_jax', 'dselect_jax.*', 'configs']
   ),
-  package_data={'dselect_jax': ['data/*.npz', 'data/*.md', 'csrc/*.cc']},
+  package_data={'dselect_jax': ['data/*.npz', 'data/*.md', 'cpu/csrc/*.cc']},
   python_requires='>=3.11',
   install_requires=[
     'absl-py>=1.4',

@@ -8,8 +8,8 @@ scale, bias), jitted, warm, best of --repeats, at the expert's two sizes:
 (B, 32, 32, 10) after the first convolution and (B, 12, 12, 20) after the
 second. The baseline, run in the same process, is what the expert computes
 with ``norm='xla'``: nn.BatchNorm, nn.relu and models.max_pool_2x2; the
-other row is models.BatchNormReLUPool (``norm='kernel'``,
-dselect_jax/cpu_kernels.py).
+other row is cpu.BatchNormReLUPool (``norm='kernel'``,
+dselect_jax/cpu/kernels.py).
 """
 
 import os
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dselect_jax import cpu
 from dselect_jax import models
 
 _BATCHES = flags.DEFINE_list('batches', ['128', '256', '512'], 'Batch sizes.')
@@ -36,7 +37,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x):
     if self.norm == 'kernel':
-      return models.BatchNormReLUPool(use_running_average=False)(x)
+      return cpu.BatchNormReLUPool(use_running_average=False)(x)
     return models.max_pool_2x2(
       nn.relu(
         nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)(x)

@@ -6,8 +6,8 @@
 Forward + backward of sum(experts(x)**2) (BatchNorm in training mode), jitted,
 warm, best of --repeats. Prints images/s and the ratio to the per-expert loop
 with XLA's convolutions (the baseline, run in the same process); the loop
-with Toeplitz convolutions (models.ToeplitzConv), the same with the CPU
-kernels for BatchNorm-ReLU-pool (models.BatchNormReLUPool) follow.
+with Toeplitz convolutions (cpu.ToeplitzConv), the same with the CPU
+kernels for BatchNorm-ReLU-pool (cpu.BatchNormReLUPool) follow.
 
 --ablations adds two networks that are *not* the expert, to bound what the
 layers between the matmuls cost: the Toeplitz loop without BatchNorm, and
@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dselect_jax import cpu
+from dselect_jax import factory
 from dselect_jax import models
 
 _BATCH = flags.DEFINE_integer('batch', 256, 'Images per step.')
@@ -51,7 +53,7 @@ class _AblatedExpert(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     del train  # No BatchNorm.
     for features in (10, 20):
-      x = models.ToeplitzConv(features, (5, 5))(x)
+      x = cpu.ToeplitzConv(features, (5, 5))(x)
       if self.relu_and_pool:
         x = models.max_pool_2x2(nn.relu(x))
       else:
@@ -129,16 +131,18 @@ def main(argv):
   variants = [
     (
       f'loop, {conv} conv',
-      functools.partial(models.ExpertBank, expert_kwargs={'conv': conv}),
+      functools.partial(
+        models.ExpertBank, expert_kwargs=factory.expert_modules(conv, 'xla')
+      ),
     )
-    for conv in models.CONV_IMPLS
+    for conv in factory.CONV_IMPLS
   ]
   variants.append(
     (
       'loop, toeplitz, kernel BN',
       functools.partial(
         models.ExpertBank,
-        expert_kwargs={'conv': 'toeplitz', 'norm': 'kernel'},
+        expert_kwargs=factory.expert_modules('toeplitz', 'kernel'),
       ),
     )
   )

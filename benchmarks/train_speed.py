@@ -71,13 +71,13 @@ _IMPLS = flags.DEFINE_list(
 _CONVS = flags.DEFINE_list(
   'convs',
   ['xla', 'toeplitz'],
-  'Convolutions of the "loop" experts to time (see models.CONV_IMPLS).',
+  'Convolutions of the "loop" experts to time (see factory.CONV_IMPLS).',
 )
 _NORMS = flags.DEFINE_list(
   'norms',
   ['xla', 'kernel'],
   'BatchNorm-ReLU-pool blocks of the "loop" experts '
-  'to time (see models.NORM_IMPLS).',
+  'to time (see factory.NORM_IMPLS).',
 )
 
 NUM_EXPERTS = 8

@@ -29,7 +29,7 @@ _CONV = flags.DEFINE_enum(
   'conv',
   'toeplitz',
   ['xla', 'toeplitz'],
-  "The experts' convolutions (models.CONV_IMPLS).",
+  "The experts' convolutions (factory.CONV_IMPLS).",
 )
 
 SETTINGS = (
@@ -62,11 +62,16 @@ def child(batch, repeats, conv):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
+  from dselect_jax import factory  # pylint: disable=g-import-not-at-top
   from dselect_jax import models  # pylint: disable=g-import-not-at-top
 
   n = jax.local_device_count()
   bank = models.ExpertBank(
-    8, expert_kwargs={'bn_axis_name': 'batch', 'conv': conv}
+    8,
+    expert_kwargs={
+      'bn_axis_name': 'batch',
+      **factory.expert_modules(conv, 'xla'),
+    },
   )
   x = jax.random.uniform(jax.random.key(0), (n, batch // n, 36, 36, 1))
   variables = jax.jit(bank.init, static_argnames='train')(

@@ -45,13 +45,13 @@ def get_config() -> ml_collections.ConfigDict:
   # One gate for all tasks (PaddleRec) instead of one gate per task (paper).
   config.model.shared_gate = False
   # How the experts compute their convolutions: 'xla' (XLA's
-  # convolution), 'toeplitz' (row matmuls, models.ToeplitzConv; faster on
+  # convolution), 'toeplitz' (row matmuls, cpu.ToeplitzConv; faster on
   # XLA:CPU), or 'auto' (toeplitz on CPU, xla elsewhere). Same parameters
   # either way: a checkpoint trained with one evaluates with the other.
   config.model.conv = 'auto'
   # How the experts compute each BatchNorm-ReLU-pool block: 'xla'
   # (nn.BatchNorm, nn.relu, models.max_pool_2x2), 'kernel' (hand-written CPU
-  # kernels, models.BatchNormReLUPool; faster on CPU, built on first use
+  # kernels, cpu.BatchNormReLUPool; faster on CPU, built on first use
   # with the system's C++ compiler), or 'auto' (kernel on CPU if it builds,
   # else xla). Same parameters either way, as for conv.
   config.model.norm = 'auto'

@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dselect_jax import cpu_kernels
+from dselect_jax import cpu
 from dselect_jax import gates
 from dselect_jax import input_pipeline
 from dselect_jax import models
+from dselect_jax.cpu import kernels as cpu_kernels
 
 GATE_ARGS = {
   'dselect_k': ('k', 'gamma', 'per_example'),
@@ -35,6 +36,12 @@ GATE_ARGS = {
   'top_k': ('k', 'per_example', 'noisy'),
 }
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
+# The experts' convolution and BatchNorm-ReLU-pool block: XLA's ops, or the
+# CPU's (dselect_jax.cpu); 'auto' picks per backend (conv_impl, norm_impl).
+CONV_IMPLS = ('xla', 'toeplitz')
+NORM_IMPLS = ('xla', 'kernel')
+_CONV_MODULES = {'xla': None, 'toeplitz': cpu.ToeplitzConv}
+_NORM_MODULES = {'xla': None, 'kernel': cpu.BatchNormReLUPool}
 SCHEDULES = ('constant', 'warmup_cosine')
 # Aux terms with a loss weight; other aux entries are diagnostics.
 AUX_WEIGHTS = {
@@ -153,8 +160,8 @@ FIELDS = {
   'data.fresh_train': BOOL,
   'model.num_experts': _int(2, example=3),
   'model.shared_gate': BOOL,
-  'model.conv': OneOf(('auto',) + models.CONV_IMPLS),
-  'model.norm': OneOf(('auto',) + models.NORM_IMPLS),
+  'model.conv': OneOf(('auto',) + CONV_IMPLS),
+  'model.norm': OneOf(('auto',) + NORM_IMPLS),
   'model.sparse_eval': BOOL,
   'model.sparse_train': BOOL,
   'model.routing_input': OneOf(('input', 'experts')),
@@ -333,8 +340,7 @@ def create_model(
       1.0
     )  # PaddleRec's U(-1, 1).
   expert_kwargs = {
-    'conv': conv_impl(config),
-    'norm': norm_impl(config),
+    **expert_modules(conv_impl(config), norm_impl(config)),
     'init_scheme': init,
   }
   spec = input_pipeline.describe(config.data.name)
@@ -352,11 +358,20 @@ def create_model(
   )
 
 
+def expert_modules(conv: str, norm: str) -> dict[str, Any]:
+  """MultiMNISTExpert's module arguments for a conv and a norm choice
+  (``CONV_IMPLS``, ``NORM_IMPLS``)."""
+  return {
+    'conv_module': _CONV_MODULES[conv],
+    'block_module': _NORM_MODULES[norm],
+  }
+
+
 def conv_impl(config) -> str:
   """The expert convolution a config asks for, with 'auto' resolved.
 
   'auto' is the Toeplitz formulation on CPU (faster there, see
-  models.ToeplitzConv) and XLA's convolution on other backends.
+  cpu.ToeplitzConv) and XLA's convolution on other backends.
   """
   conv = config.model.get('conv', 'auto')
   if conv == 'auto':
@@ -368,7 +383,7 @@ def norm_impl(config) -> str:
   """The experts' BatchNorm-ReLU-pool blocks a config asks for, 'auto' resolved.
 
   'auto' is the hand-written CPU kernels on CPU (faster there, see
-  models.BatchNormReLUPool) if they build on this machine, and XLA's ops
+  cpu.BatchNormReLUPool) if they build on this machine, and XLA's ops
   otherwise (on other backends, or without a C++ compiler: logged once).
   """
   norm = config.model.get('norm', 'auto')

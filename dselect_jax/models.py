@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dselect_jax import cpu_kernels
 from dselect_jax import gates as gates_lib
 
 Array = jax.Array
@@ -54,87 +53,6 @@ def max_pool_2x2(x: Array) -> Array:
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-def toeplitz_conv(x: Array, kernel: Array, tile: int = 4) -> Array:
-  """A VALID, stride-1 2-D convolution computed as matmuls on image rows.
-
-  ``(B, H, W, C), (kh, kw, C, F) -> (B, Ho, Wo, F)``, equal to
-  ``lax.conv_general_dilated(x, kernel, (1, 1), 'VALID')`` (NHWC, HWIO) in
-  another formulation: each output row is cut into segments of t columns,
-  and a segment is one matmul of the kh input rows it sees (t + kw - 1
-  columns each, flattened) with a banded (Toeplitz) matrix built from the
-  kernel:
-
-    y[b, i, j0 + o, f] = sum_{dy, u, c} x[b, i + dy, j0 + u, c] T[dy, u, c, o, f]
-    T[dy, u, c, o, f] = kernel[dy, u - o, c, f] if 0 <= u - o < kw else 0
-
-  The matmuls do (t + kw - 1) / kw times the convolution's FLOPs, but with
-  few channels (MultiMNIST's experts have 1 -> 10 -> 20) XLA:CPU runs them
-  faster than its convolution, forward and backward: the whole training
-  step gains 1.2-2x (results/train_speed.md, made by
-  benchmarks/train_speed.py).
-
-  Shape legend: Ho = H - kh + 1, Wo = W - kw + 1; N = Wo / t segments of t
-  columns (t: the largest divisor of Wo <= tile); U = t + kw - 1 input columns.
-  """
-  b, h, w, c = x.shape
-  kh, kw, _, f = kernel.shape
-  ho, wo = h - kh + 1, w - kw + 1
-  if ho < 1 or wo < 1:
-    raise ValueError(
-      f'toeplitz_conv: input {h}x{w} is smaller than the kernel {kh}x{kw}.'
-    )
-  t = max(d for d in range(1, min(tile, wo) + 1) if wo % d == 0)
-  n, u = wo // t, t + kw - 1
-  # shift[dx, i, o] = 1 where input column i of a segment meets output column
-  # o through kernel column dx = i - o.
-  shift = np.zeros((kw, u, t), np.float32)
-  for dx in range(kw):
-    shift[dx, np.arange(t) + dx, np.arange(t)] = 1
-  toeplitz = jnp.einsum('xuo,yxcf->yucof', shift, kernel.astype(x.dtype))
-  toeplitz = toeplitz.reshape(kh * u * c, t * f)  # (kh U C, t F)
-  segments = jnp.stack(
-    [x[:, :, j * t : j * t + u] for j in range(n)], axis=2
-  )  # (B, H, N, U, C)
-  rows = jnp.concatenate(
-    [segments[:, dy : dy + ho].reshape(b, ho, n, u * c) for dy in range(kh)],
-    axis=-1,
-  )  # (B, Ho, N, kh U C)
-  return (rows @ toeplitz).reshape(b, ho, wo, f)  # (B, Ho, Wo, F)
-
-
-class ToeplitzConv(nn.Module):
-  """``nn.Conv(features, kernel_size, padding='VALID')`` by ``toeplitz_conv``.
-
-  Same parameters (``kernel`` (kh, kw, C, F), ``bias`` (F,), nn.Conv's
-  initializers, so the same values from the same key) and outputs as nn.Conv.
-  """
-
-  features: int
-  kernel_size: tuple[int, int] = (5, 5)
-  tile: int = 4
-  kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
-
-  def __post_init__(self):
-    if self.features < 1 or min(self.kernel_size) < 1 or self.tile < 1:
-      raise ValueError(
-        'ToeplitzConv: features, kernel_size and tile must be '
-        f'>= 1, got features={self.features}, kernel_size='
-        f'{self.kernel_size}, tile={self.tile}.'
-      )
-    super().__post_init__()
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kernel = self.param(
-      'kernel',
-      self.kernel_init,
-      (*self.kernel_size, x.shape[-1], self.features),
-    )
-    bias = self.param('bias', nn.initializers.zeros, (self.features,))
-    return toeplitz_conv(x, kernel, self.tile) + bias
-
-
-CONV_IMPLS = ('xla', 'toeplitz')
 INITS = ('flax', 'paddlerec')
 
 
@@ -159,54 +77,6 @@ def _check_init(module: nn.Module):
     )
 
 
-NORM_IMPLS = ('xla', 'kernel')
-
-
-class BatchNormReLUPool(nn.Module):
-  """``max_pool_2x2(nn.relu(nn.BatchNorm(...)(x)))`` on the CPU kernels.
-
-  In training mode one custom call computes the statistics and one the
-  normalized, rectified, pooled map, and the backward is two more
-  (cpu_kernels.bn_relu_pool); with running averages it is plain JAX. The
-  variables are nn.BatchNorm's (params ``scale``, ``bias``; batch_stats
-  ``mean``, ``var``), updated as nn.BatchNorm updates them, so a checkpoint
-  trained with either runs with the other. CPU backend only.
-
-  Attributes:
-    use_running_average: normalize with the running averages (evaluation)
-      instead of the batch statistics (training, which updates them).
-    momentum, epsilon, axis_name: as nn.BatchNorm's.
-  """
-
-  use_running_average: bool
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-  axis_name: Optional[str] = None
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:  # (B, H, W, C) -> (B, H/2, W/2, C)
-    c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    ra_mean = self.variable(
-      'batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32)
-    )
-    ra_var = self.variable(
-      'batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32)
-    )
-    if self.use_running_average:  # nn.BatchNorm's arithmetic, in its order.
-      mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
-      return max_pool_2x2(nn.relu((x - ra_mean.value) * mul + bias))
-    y, mean, var = cpu_kernels.bn_relu_pool(
-      x, scale, bias, self.epsilon, self.axis_name
-    )
-    if not self.is_initializing():
-      m = self.momentum
-      ra_mean.value = m * ra_mean.value + (1 - m) * mean
-      ra_var.value = m * ra_var.value + (1 - m) * var
-    return y
-
-
 class MultiMNISTExpert(nn.Module):
   """conv5x5(10)-BN-ReLU-pool2-conv5x5(20)-BN-ReLU-pool2-Dense(50)-ReLU-Dense(50)-ReLU.
 
@@ -217,14 +87,16 @@ class MultiMNISTExpert(nn.Module):
     features: output width H.
     bn_axis_name: pmap axis over which BatchNorm averages its batch statistics,
       so that a data-parallel step equals one step on the whole batch.
-    conv: how the convolutions are computed: ``'xla'`` (``nn.Conv``, XLA's
-      convolution) or ``'toeplitz'`` (``ToeplitzConv``, row matmuls; faster
-      on XLA:CPU). The same function and the same parameters either way, so
-      a checkpoint trained with one runs with the other.
-    norm: how each BatchNorm-ReLU-pool block is computed: ``'xla'``
-      (``nn.BatchNorm``, ``nn.relu``, ``max_pool_2x2``) or ``'kernel'``
-      (``BatchNormReLUPool``: hand-written CPU kernels, faster there). Same
-      function and parameters either way, as for ``conv``.
+    conv_module: the convolution, called as ``conv_module(features,
+      kernel_size, kernel_init=..., name=...)`` with VALID padding; None is
+      ``nn.Conv`` (XLA's convolution). ``dselect_jax.cpu.ToeplitzConv`` (row
+      matmuls, faster on XLA:CPU) computes the same function with the same
+      parameters, so a checkpoint trained with one runs with the other.
+    block_module: each BatchNorm-ReLU-pool block, called as
+      ``block_module(use_running_average=..., momentum=..., epsilon=...,
+      axis_name=..., name=...)``; None is ``nn.BatchNorm``, ``nn.relu`` and
+      ``max_pool_2x2``. ``dselect_jax.cpu.BatchNormReLUPool`` (C++ kernels)
+      holds the same variables.
     init_scheme: ``'flax'`` (Flax's LeCun-normal kernels) or
       ``'paddlerec'`` (PaddleRec's: ``xavier_normal`` convolutions,
       ``truncated_normal_fan_in`` dense layers); zero biases either way.
@@ -232,22 +104,12 @@ class MultiMNISTExpert(nn.Module):
 
   features: int = 50
   bn_axis_name: Optional[str] = None
-  conv: str = 'xla'
-  norm: str = 'xla'
+  conv_module: Optional[ModuleFactory] = None
+  block_module: Optional[ModuleFactory] = None
   init_scheme: str = 'flax'
   MIN_SIZE = 16  # 16 -> 12 -> 6 -> 2 -> 1.
 
   def __post_init__(self):
-    if self.conv not in CONV_IMPLS:
-      raise ValueError(
-        f'MultiMNISTExpert: conv must be one of {CONV_IMPLS}, '
-        f'got conv={self.conv!r}.'
-      )
-    if self.norm not in NORM_IMPLS:
-      raise ValueError(
-        f'MultiMNISTExpert: norm must be one of {NORM_IMPLS}, '
-        f'got norm={self.norm!r}.'
-      )
     _check_init(self)
     super().__post_init__()
 
@@ -267,12 +129,12 @@ class MultiMNISTExpert(nn.Module):
       epsilon=1e-5,
       axis_name=self.bn_axis_name,
     )
-    if self.norm == 'xla':
+    if self.block_module is None:
       block = lambda x, name: max_pool_2x2(
         nn.relu(nn.BatchNorm(**bn, name=name)(x))
       )
     else:
-      block = lambda x, name: BatchNormReLUPool(**bn, name=name)(x)
+      block = lambda x, name: self.block_module(**bn, name=name)(x)
     paddlerec = self.init_scheme == 'paddlerec'
     conv_init = xavier_normal if paddlerec else nn.initializers.lecun_normal()
     dense = functools.partial(
@@ -281,12 +143,12 @@ class MultiMNISTExpert(nn.Module):
         truncated_normal_fan_in if paddlerec else nn.initializers.lecun_normal()
       ),
     )
-    if self.conv == 'xla':
+    if self.conv_module is None:
       conv = lambda f, name: nn.Conv(
         f, (5, 5), padding='VALID', kernel_init=conv_init, name=name
       )
     else:
-      conv = lambda f, name: ToeplitzConv(
+      conv = lambda f, name: self.conv_module(
         f, (5, 5), kernel_init=conv_init, name=name
       )
     x = conv(10, 'Conv_0')(x)  # (B, 32, 32, 10)

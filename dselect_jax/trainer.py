@@ -98,8 +98,8 @@ def _train_and_evaluate(config, workdir, is_chief):
   logging.info(
     'model: %d parameters; experts with %s convolutions and %s BatchNorm',
     num_params,
-    model.expert_kwargs['conv'],
-    model.expert_kwargs['norm'],
+    factory.conv_impl(config),
+    factory.norm_impl(config),
   )
 
   ckpts = checkpointing.Checkpoints(workdir, config.max_to_keep)

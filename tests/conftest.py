@@ -22,7 +22,7 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
-# Likewise one folder for the CPU kernels (cpu_kernels.py), built once per
+# Likewise one folder for the CPU kernels (dselect_jax/cpu), built once per
 # session: tests that point XDG_CACHE_HOME elsewhere (for the data caches)
 # would otherwise rebuild them.
 os.environ.setdefault(

@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dselect_jax import cpu_kernels
+from dselect_jax import cpu
+from dselect_jax import factory
 from dselect_jax import models
+from dselect_jax.cpu import kernels as cpu_kernels
 
 
 class FlaxBlock(nn.Module):
@@ -40,7 +42,7 @@ class KernelBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return models.BatchNormReLUPool(
+    return cpu.BatchNormReLUPool(
       self.use_running_average, axis_name=self.axis_name, name='bn'
     )(x)
 
@@ -181,8 +183,8 @@ def test_pmap_statistics_span_the_devices():
 def test_expert_with_kernels_equals_expert_with_flax():
   x = jax.random.uniform(jax.random.key(0), (8, 36, 36, 1))
   experts = {
-    norm: models.MultiMNISTExpert(conv='toeplitz', norm=norm)
-    for norm in models.NORM_IMPLS
+    norm: models.MultiMNISTExpert(**factory.expert_modules('toeplitz', norm))
+    for norm in factory.NORM_IMPLS
   }
   variables = experts['xla'].init(jax.random.key(1), x, train=False)
   assert jax.tree.structure(variables) == jax.tree.structure(
@@ -196,15 +198,6 @@ def test_expert_with_kernels_equals_expert_with_flax():
       for n in ('kernel', 'xla')
     ]
     assert_trees_close(*outs, rtol=1e-4, atol=1e-5)
-
-
-def test_bad_norm_is_a_clear_error():
-  with pytest.raises(
-    ValueError,
-    match=r"norm must be one of \('xla', "
-    r"'kernel'\), got norm='fast'",
-  ):
-    models.MultiMNISTExpert(norm='fast')
 
 
 def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
@@ -239,7 +232,7 @@ def test_auto_falls_back_to_xla_without_the_kernels(monkeypatch):
   assert factory.norm_impl(config) == 'kernel'  # They build here.
   monkeypatch.setattr(cpu_kernels, 'available', lambda: False)
   assert factory.norm_impl(config) == 'xla'
-  assert factory.create_model(config).expert_kwargs['norm'] == 'xla'
+  assert factory.create_model(config).expert_kwargs['block_module'] is None
   config.model.norm = 'kernel'  # Asked for by name: no fallback.
   assert factory.norm_impl(config) == 'kernel'
 

@@ -22,6 +22,7 @@ import pytest
 from configs import multimnist
 from configs import multimnist_sample
 from dselect_jax import checkpointing
+from dselect_jax import cpu
 from dselect_jax import evaluate
 from dselect_jax import factory
 from dselect_jax import input_pipeline
@@ -449,9 +450,10 @@ def test_conv_choice_reaches_the_experts():
   config = multimnist.get_config()
   # 'auto' is the Toeplitz formulation on CPU (the test machine).
   assert jax.default_backend() == 'cpu'
-  assert factory.create_model(config).expert_kwargs['conv'] == 'toeplitz'
+  kwargs = factory.create_model(config).expert_kwargs
+  assert kwargs['conv_module'] is cpu.ToeplitzConv
   config.model.conv = 'xla'
-  assert factory.create_model(config).expert_kwargs['conv'] == 'xla'
+  assert factory.create_model(config).expert_kwargs['conv_module'] is None
 
 
 def test_entropy_weight_schedule_by_hand():
