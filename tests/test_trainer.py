@@ -733,3 +733,17 @@ def test_peak_rss_is_the_kernels_high_water_mark():
   after = trainer.peak_rss_mb()
   assert after >= before + 190, (before, after, block.nbytes)
   assert abs(after - status_mb('VmHWM')) < 2
+
+
+@pytest.mark.slow
+def test_the_shipped_checkpoint_evaluates_to_its_committed_result(data_dir):
+  """results/multimnist_comet/params: eval.py without training gives the
+  test accuracy its run recorded (20,000 real test composites)."""
+  folder = os.path.join(REPO, 'results', 'multimnist_comet')
+  [step] = checkpointing.params_steps(folder)
+  got = evaluate.evaluate_workdir(folder, data_dir=data_dir)
+  with open(os.path.join(folder, 'seed2', 'test_metrics.json')) as f:
+    want = json.load(f)
+  assert got['checkpoint'] == 'params' and got['step'] == step == want['step']
+  assert got['accuracy_1'] == want['accuracy_1']
+  assert got['accuracy_2'] == want['accuracy_2']
