@@ -50,7 +50,13 @@ def main(argv):
   if os.path.exists(target):
     shutil.rmtree(target)
   checkpointing.save_params(_OUT.value, step, state)
-  shutil.copy(os.path.join(_WORKDIR.value, 'config.json'), _OUT.value)
+  # The run's config, with the data found as a user's machine finds it:
+  # $DSELECT_DATA_DIR, else the cache, downloading when missing.
+  config.data.data_dir = ''
+  config.data.paddlerec_dir = ''
+  config.data.download = True
+  with open(os.path.join(_OUT.value, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2) + '\n')
   print(f'wrote {target} and {_OUT.value}/config.json')
 
 
