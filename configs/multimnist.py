@@ -7,8 +7,9 @@ trained for 20 epochs instead of 100, with what keeps it from overfitting:
   with new partners and new placements (the validation and test splits
   stay fixed), so the network never sees a composite twice;
 - one gate per task, with DSelect-k's entropy term (Section 4) so that each
-  task ends with its own k = 2 experts, and sparse training once it has:
-  the experts no task uses are no longer computed;
+  task ends with at most k = 2 experts (both selectors may pick the same
+  one: in the measured runs each task kept 1 or 2), and sparse training
+  once it has: the experts no task uses are no longer computed;
 - Adam with a linear warmup to 1e-3 over the first epoch and a cosine decay
   to 0; plain cross-entropy.
 The checkpoint is chosen on validation; test accuracy after every epoch is
