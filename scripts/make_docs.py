@@ -145,7 +145,7 @@ def headline() -> list[str]:
     walls = [_wall_minutes(os.path.relpath(r, RESULTS)) for r in runs]
     walls = [w for w in walls if w is not None]
     wall = (
-      f', {min(walls):.0f}-{max(walls):.0f} min each on 2 CPU cores'
+      f', {min(walls):.0f}-{max(walls):.0f} min each on a 2-core CPU shared with other work'
       if walls
       else ''
     )
