@@ -10,7 +10,7 @@
 #   bash experiments/paddlerec_comparison.sh RUNS_DIR [NAME ...]
 #
 # Checkpoints stay in RUNS_DIR/<name>; each finished run's config.json,
-# metrics.jsonl, test_metrics.json and console log are copied to
+# metrics.jsonl (gzipped), test_metrics.json and console log are copied to
 # results/paddlerec_comparison/<name>/. The raw MNIST files are read from
 # $DSELECT_DATA_DIR (default: the cache, downloading when missing). With
 # NAMEs, only those runs.
@@ -47,8 +47,8 @@ for name in "${names[@]}"; do
   python train.py $args --workdir="$workdir" 2>&1 \
     | grep --line-buffered -v -e 'orbax' -e 'xla_bridge' >> "$workdir/train.log" || {
     echo "$name: stopped; run again to resume"; exit 1; }
-  cp "$workdir/config.json" "$workdir/metrics.jsonl" "$workdir/train.log" \
-     "$out/$name/"
+  cp "$workdir/config.json" "$workdir/train.log" "$out/$name/"
+  gzip -n -9 -c "$workdir/metrics.jsonl" > "$out/$name/metrics.jsonl.gz"
   cp "$workdir/test_metrics.json" "$out/$name/"
   echo "$name: done ($(date -u +%FT%TZ))"
 done
