@@ -288,7 +288,7 @@ def evaluate_workdir(
   elif params_only and (
     step is None and ckpts.latest_step() is None or step in params_only
   ):
-    # A results folder: only the params of the checkpoint that was tested.
+    # An export of scripts/export_params.py: only the tested params.
     step = params_only[-1] if step is None else step
     kind = 'params'
     state = checkpointing.restore_params(workdir, step, abstract)

@@ -1,6 +1,6 @@
-"""Copies a workdir's tested checkpoint, params only, into a results folder.
+"""Copies a workdir's tested checkpoint, params only, into a folder to share.
 
-  python scripts/export_params.py --workdir=ckpts --out=results/NAME
+  python scripts/export_params.py --workdir=ckpts --out=shared_model
 
 Writes OUT/params/<step> (parameters and BatchNorm statistics; no optimizer
 state) and OUT/config.json, so that `python eval.py --workdir=OUT` evaluates
@@ -20,7 +20,7 @@ from dselect_jax import evaluate
 from dselect_jax import factory
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A train.py workdir.')
-_OUT = flags.DEFINE_string('out', None, 'The results folder to write.')
+_OUT = flags.DEFINE_string('out', None, 'The folder to write.')
 _STEP = flags.DEFINE_integer(
   'step', None, 'A periodic checkpoint instead of the best one.'
 )

@@ -284,13 +284,6 @@ def results_page() -> str:
       f'{axes["accuracy_2"]:.4f} (`results/paddlerec_axes_parity`).',
     ]
   parts += ['', '## The `comet` variant (easier)', ''] + comet()
-  parts += [
-    '',
-    'The best checkpoint of seed 2 of the 100-epoch runs is in '
-    '`results/multimnist_comet/params/` (parameters only): '
-    '`python eval.py --workdir=results/multimnist_comet '
-    '--data_dir=DIR` evaluates it without training.',
-  ]
   grid = os.path.join(RESULTS, 'grid', 'table.md')
   if os.path.exists(grid):
     with open(grid) as f:
