@@ -10,7 +10,7 @@ instead of 100, with a 300-step linear warmup to 1e-3 and a cosine decay to 0.
 Target (the seed's PaddleRec figures): test accuracy >= 0.930460 (task 1)
 and >= 0.916088 (task 2), checkpoint chosen on validation. What it reached,
 over 3 seeds, and how long it took: results/multimnist_fast/ (generated
-summary in README.md).
+summary in docs/results.md).
 """
 
 from configs import default

@@ -22,7 +22,8 @@ them) and the best-on-validation checkpoint, reported beside it.
   python eval.py --workdir=ckpts_paddlerec
 
 PaddleRec's own pickles: --config.data.name=paddlerec
---config.data.paddlerec_dir=DIR. Measured: results/paddlerec/.
+--config.data.paddlerec_dir=DIR. Measured: results/paddlerec_comparison/paddlerec/ (experiments/
+paddlerec_comparison.sh).
 """
 
 from configs import default
