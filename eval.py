@@ -8,8 +8,9 @@
 Reads the workdir's config.json; needs no other flag (but --data_dir when the
 data are not where training read them) and runs on a CPU for a checkpoint
 made on any device. Prints the results, writes them to
-workdir/eval/test_<checkpoint>_<step>.json, and writes PNGs beside them:
-each task's expert weights and, when the workdir has metrics, training curves.
+workdir/eval/test_<checkpoint>_<step>.json (or to --out_dir=DIR), and PNGs
+beside them: each task's expert weights and, when the workdir has metrics,
+training curves. The output folder is checked before anything is evaluated.
 """
 
 import json
@@ -42,6 +43,12 @@ _DATA_DIR = flags.DEFINE_string(
   "the workdir's config.json (data.data_dir, or data.paddlerec_dir for "
   "PaddleRec's pickles): for a workdir trained on another machine.",
 )
+_OUT_DIR = flags.DEFINE_string(
+  'out_dir',
+  None,
+  'Where the results and figures go (default: WORKDIR/eval); for a '
+  'workdir that cannot be written.',
+)
 flags.mark_flag_as_required('workdir')
 
 
@@ -52,6 +59,18 @@ def main(argv):
   if _STEP.value is not None and _BEST.value:
     sys.exit('error: give --step=N or --best, not both.')
   workdir = _WORKDIR.value
+  out_dir = _OUT_DIR.value or os.path.join(workdir, 'eval')
+  # Checked before evaluating; a missing workdir is evaluate's to report.
+  why = (
+    checkpointing.unwritable(out_dir)
+    if _OUT_DIR.value or os.path.isdir(workdir)
+    else None
+  )
+  if why:
+    sys.exit(
+      f'error: cannot write the output folder {out_dir}: {why}; give '
+      '--out_dir=DIR on a writable file system.'
+    )
   try:
     result = evaluate.evaluate_workdir(
       workdir, _STEP.value, _BEST.value, _DATA_DIR.value
@@ -90,7 +109,6 @@ def main(argv):
         f'{stats[name][f"accuracy_{t}"]:.6f}' for t in range(1, num_tasks + 1)
       )
       print(f'  {label:44s} {accs}')
-  out_dir = os.path.join(workdir, 'eval')
   stem = os.path.join(out_dir, f'test_{result["checkpoint"]}_{result["step"]}')
   try:
     os.makedirs(out_dir, exist_ok=True)

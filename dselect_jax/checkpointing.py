@@ -17,9 +17,13 @@ freely between single- and multi-host runs.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
+import logging as py_logging
 import os
 import shutil
+import tempfile
 from typing import Any, Optional
 
 from absl import logging
@@ -33,6 +37,15 @@ BEST_METRIC = 'accuracy_mean'
 
 class CheckpointError(Exception):
   """A checkpoint is missing or does not fit the model. Says what there is."""
+
+
+class NoSpaceError(CheckpointError):
+  """The workdir's file system is (nearly) full. The run stopped before a
+  write it could not finish; every complete checkpoint is intact."""
+
+
+# Room kept free beside the checkpoints: metrics, event files, the log.
+SPACE_MARGIN = 4 << 20
 
 
 class WorkdirLock:
@@ -69,8 +82,19 @@ class WorkdirLock:
 class Checkpoints:
   """The two checkpoint managers of a workdir."""
 
-  def __init__(self, workdir: str, max_to_keep: int = 2, create: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    max_to_keep: int = 2,
+    create: bool = True,
+    state_bytes: int = 0,
+  ):
+    """``state_bytes``: the size of one train state; every write of the run
+    first checks that two checkpoints of it (a new one is complete before
+    the oldest is deleted, and the best may be saved at the same step) and
+    ``SPACE_MARGIN`` still fit (:meth:`check_space`)."""
     self.workdir = os.path.abspath(workdir)
+    self.reserve_bytes = 2 * state_bytes + SPACE_MARGIN
     # Orbax writes each checkpoint to a *.orbax-checkpoint-tmp folder and
     # renames it when complete; a training process (create=True) removes the
     # half-written folders a killed run left behind.
@@ -114,15 +138,68 @@ class Checkpoints:
   def best_step(self) -> Optional[int]:
     return self._best.best_step()
 
+  def check_space(self, what: str):
+    """Raises :class:`NoSpaceError` before writing ``what`` when the
+    workdir's file system has less than ``reserve_bytes`` free."""
+    free = shutil.disk_usage(self.workdir).free
+    if free < self.reserve_bytes:
+      raise NoSpaceError(
+        self._no_space_message(
+          what,
+          f'{free / 2**20:.1f} MiB free, the run needs '
+          f'{self.reserve_bytes / 2**20:.1f} MiB',
+        )
+      )
+
+  def _no_space_message(self, what: str, detail: str) -> str:
+    newest = self.latest_step()
+    kept = (
+      'no checkpoint was saved yet'
+      if newest is None
+      else f'the newest complete checkpoint is step {newest}'
+    )
+    return (
+      f'no space left for {what} in {self.workdir} ({detail}); {kept}. '
+      'Free some space and run the same command to resume.'
+    )
+
   def save(self, step: int, state: Any):
-    self._latest.save(step, args=ocp.args.StandardSave(_to_global(state)))
+    """Saves ``state`` as periodic checkpoint ``step`` and waits until it
+    is complete on disk."""
+    self._save(self._latest, 'checkpoints', step, state)
 
   def save_best(self, step: int, state: Any, metric: float):
-    self._best.save(
-      step,
-      args=ocp.args.StandardSave(_to_global(state)),
-      metrics={BEST_METRIC: float(metric)},
+    self._save(
+      self._best, 'best', step, state, metrics={BEST_METRIC: float(metric)}
     )
+
+  def _save(self, manager, folder, step, state, metrics=None):
+    what = f'checkpoint step {step}' + (' (best)' if folder == 'best' else '')
+    self.check_space(what)
+    held = _HeldRecords()
+    try:
+      with held.holding():
+        manager.save(
+          step, args=ocp.args.StandardSave(_to_global(state)), metrics=metrics
+        )
+        manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_no_space(e):
+        held.emit()
+        raise
+      # The disk filled up under the check (another process writing): drop
+      # the half-written folder, keep every complete one.
+      if jax.process_index() == 0:
+        for name in os.listdir(os.path.join(self.workdir, folder)):
+          if name.startswith(f'{step}.orbax-checkpoint-tmp'):
+            shutil.rmtree(
+              os.path.join(self.workdir, folder, name), ignore_errors=True
+            )
+      manager.reload()
+      raise NoSpaceError(
+        self._no_space_message(what, 'the file system is full')
+      ) from None
+    held.emit()
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> Any:
     """The periodic checkpoint at ``step`` (default: newest)."""
@@ -304,6 +381,69 @@ def restore_params(workdir: str, step: int, abstract_state: Any) -> Any:
     batch_stats=restored['batch_stats'],
     opt_state=zeros,
   )
+
+
+def unwritable(folder: str) -> Optional[str]:
+  """Why ``folder`` (created when missing) cannot be written, or None: a file
+  is written and removed there, as a read-only or full file system or a
+  missing permission would stop it."""
+  try:
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix='.write_check'):
+      pass
+  except OSError as e:
+    return e.strerror or str(e)
+  return None
+
+
+def is_no_space(error: BaseException) -> bool:
+  """Whether ``error`` (or one it came from) is a full file system: an
+  ``OSError`` ENOSPC, or TensorStore's RESOURCE_EXHAUSTED as Orbax raises it."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (
+      errno.ENOSPC,
+      errno.EDQUOT,
+    ):
+      return True
+    text = str(error)
+    if 'No space left' in text or 'RESOURCE_EXHAUSTED' in text:
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+class _HeldRecords(py_logging.Filter):
+  """Holds back Orbax's error records while a save runs: on a full disk its
+  background threads log every failed write with a traceback."""
+
+  def __init__(self):
+    super().__init__()
+    self.records = []
+
+  def filter(self, record):
+    if record.levelno >= py_logging.ERROR and 'orbax' in record.pathname:
+      self.records.append(record)
+      return False
+    return True
+
+  @contextlib.contextmanager
+  def holding(self):
+    logger = py_logging.getLogger('absl')
+    logger.addFilter(self)
+    try:
+      yield
+    finally:
+      logger.removeFilter(self)
+
+  def emit(self):
+    """Logs the held records after all: unless the disk was full (which the
+    run's own error then says in one line), they may tell something."""
+    logger = py_logging.getLogger('absl')
+    for record in self.records:
+      logger.handle(record)
+    self.records = []
 
 
 def reason(error: BaseException, limit: int = 300) -> str:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import gzip
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -18,11 +18,20 @@ class MetricWriter:
   and writes every scalar (and each expert weight) to TensorBoard under
   ``workdir/tensorboard`` as ``split/name``.
 
-  Disabled writers (processes other than 0) write nothing.
+  Disabled writers (processes other than 0) write nothing. ``check_space``,
+  when given, is called with what is about to be written before each write
+  and raises to stop a run whose disk is nearly full (TensorBoard's writer
+  thread would otherwise die on a full disk and block the run for good).
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    enabled: bool = True,
+    check_space: Optional[Callable[[str], None]] = None,
+  ):
     self.enabled = enabled
+    self._check_space = check_space
     self._tb = None
     if not enabled:
       return
@@ -46,6 +55,8 @@ class MetricWriter:
   def write(self, step: int, split: str, values: Mapping[str, Any]):
     if not self.enabled:
       return
+    if self._check_space is not None:
+      self._check_space(f'the {split} metrics of step {step}')
     record = {'step': int(step), 'split': split}
     record.update({k: _plain(v) for k, v in values.items()})
     with open(self._path, 'a') as f:

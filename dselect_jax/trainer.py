@@ -11,12 +11,12 @@ checkpoint is tested at the end (``evaluate.final_test``).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
 import signal
 import sys
-import tempfile
 import threading
 import time
 from typing import Any
@@ -102,14 +102,27 @@ def _train_and_evaluate(config, workdir, is_chief):
     factory.norm_impl(config),
   )
 
-  ckpts = checkpointing.Checkpoints(workdir, config.max_to_keep)
+  # Every write checks that the file system keeps room for two checkpoints.
+  ckpts = checkpointing.Checkpoints(
+    workdir,
+    config.max_to_keep,
+    state_bytes=sum(
+      x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract)
+    ),
+  )
+  ckpts.check_space('checkpoints')
   if ckpts.latest_step() is None:
     state = factory.initial_state(
       config, model, tx, jax.random.key(config.seed)
     )
     start_step = 0
   else:
-    start_step, state = ckpts.restore_latest_good(abstract)
+    try:
+      start_step, state = ckpts.restore_latest_good(abstract)
+    except checkpointing.CheckpointError as e:
+      raise checkpointing.CheckpointError(
+        f'{e}{_config_difference(workdir, config)}'
+      ) from None
     logging.info('resumed from step %d', start_step)
   ckpts.set_aside_foreign_best(start_step, abstract)
   # Written once the data and any checkpoint have loaded, so a run that fails
@@ -123,7 +136,9 @@ def _train_and_evaluate(config, workdir, is_chief):
   evaluator = evaluate.Evaluator(model, num_devices, config.model.sparse_eval)
   train_steps = steps.SparseTrainSteps(model, config)
   p_train_step = train_steps(state, start_step)
-  writer = metric_writers.MetricWriter(workdir, enabled=is_chief)
+  writer = metric_writers.MetricWriter(
+    workdir, enabled=is_chief, check_space=ckpts.check_space
+  )
   fresh = None
   if config.data.fresh_train:
     fresh = input_pipeline.FreshTrainSplits(
@@ -226,17 +241,45 @@ def _train_and_evaluate(config, workdir, is_chief):
 
 
 def _check_writable(workdir: str):
-  """Creates ``workdir`` and writes a file in it, before any training: a
-  read-only or full file system is one line, not an error hours later."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_check'):
-      pass
-  except OSError as e:
+  """Before any training: a read-only or full file system is one line, not
+  an error hours later."""
+  why = checkpointing.unwritable(workdir)
+  if why:
     raise checkpointing.CheckpointError(
-      f'cannot write the workdir {workdir}: {e.strerror or e}; give a '
-      '--workdir on a writable file system with free space.'
-    ) from None
+      f'cannot write the workdir {workdir}: {why}; give a --workdir on a '
+      'writable file system with free space.'
+    )
+
+
+def _config_difference(workdir: str, config) -> str:
+  """The config fields in which ``config`` differs from the workdir's
+  ``config.json`` (the config its checkpoints were made with), as a
+  sentence to end an error with; empty when there is nothing to compare."""
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      saved = _flat(json.load(f))
+  except (OSError, ValueError):
+    return ''
+  here = _flat(json.loads(config.to_json_best_effort()))
+  fields = [
+    f'{key} ({saved.get(key, "unset")!r} there, {here.get(key, "unset")!r} '
+    'here)'
+    for key in sorted(set(saved) | set(here))
+    if saved.get(key) != here.get(key)
+  ]
+  if not fields:
+    return ''
+  return f" The workdir's config.json differs in {', '.join(fields)}."
+
+
+def _flat(tree, prefix=''):
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
 
 
 def _cadence(value: int, steps_per_epoch: int) -> int:

@@ -319,9 +319,9 @@ def test_workdir_that_is_a_file(tmp_path):
   assert path.read_text() == 'keep me'
 
 
-def test_eval_prints_its_result_when_it_cannot_save_it(finished_run):
-  """A workdir eval.py cannot write (read-only, full): the result is on the
-  console first, then one line says what could not be saved, and where."""
+def test_eval_stops_at_once_when_it_cannot_save(finished_run):
+  """A workdir eval.py cannot write (read-only, full): one line names the
+  folder and the way out, before anything is evaluated."""
   out_dir = os.path.join(finished_run, 'eval')
   inject = (
     'import errno, os, runpy, sys\n'
@@ -344,12 +344,10 @@ def test_eval_prints_its_result_when_it_cannot_save_it(finished_run):
     check=False,
   )
   assert out.returncode == 1 and 'Traceback' not in out.stderr
-  assert 'task 1: accuracy ' in out.stdout and 'task 2: accuracy ' in (
-    out.stdout
-  )
+  assert 'accuracy' not in out.stdout  # Stopped before evaluating.
   assert out.stderr.strip().splitlines()[-1] == (
-    f'error: could not save the results above to {out_dir}: Read-only '
-    'file system.'
+    f'error: cannot write the output folder {out_dir}: Read-only file '
+    'system; give --out_dir=DIR on a writable file system.'
   )
   assert _tree_digest(finished_run) == before
 

@@ -7,6 +7,7 @@ import functools
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -266,10 +267,17 @@ def test_eval_reproduces_the_trainers_test_metrics(sample_run):
     assert evaluated[key] == result[key], key
 
 
-def test_eval_cli_writes_results_and_plots(sample_run):
+def test_eval_cli_writes_results_and_plots(sample_run, tmp_path):
   workdir, result = sample_run
+  out_dir = str(tmp_path / 'out')
   out = subprocess.run(
-    [sys.executable, 'eval.py', f'--workdir={workdir}', '--best'],
+    [
+      sys.executable,
+      'eval.py',
+      f'--workdir={workdir}',
+      '--best',
+      f'--out_dir={out_dir}',
+    ],
     cwd=REPO,
     capture_output=True,
     text=True,
@@ -277,15 +285,16 @@ def test_eval_cli_writes_results_and_plots(sample_run):
   )
   assert out.returncode == 0, out.stderr[-2000:]
   assert f'accuracy {result["accuracy_1"]:.6f}' in out.stdout
-  stem = os.path.join(workdir, 'eval', f'test_best_{result["step"]}')
+  stem = os.path.join(out_dir, f'test_best_{result["step"]}')
   with open(stem + '.json') as f:
     assert json.load(f)['accuracy_2'] == result['accuracy_2']
   for png in (
     stem + '_expert_weights.png',
-    os.path.join(workdir, 'eval', 'training_curves.png'),
+    os.path.join(out_dir, 'training_curves.png'),
   ):
     with open(png, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  assert not os.path.exists(os.path.join(workdir, 'eval'))
 
 
 @pytest.mark.slow
@@ -562,20 +571,25 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
 
 
 @pytest.mark.parametrize(
-  'overrides,names',
+  'overrides,names,fields',
   [
     # 3 experts instead of 2: an expert the checkpoint lacks.
-    ({'model.num_experts': 3}, r"this config has 'params/experts/expert_2/"),
+    (
+      {'model.num_experts': 3},
+      r"this config has 'params/experts/expert_2/",
+      r'model.num_experts \(2 there, 3 here\)\.$',
+    ),
     # k = 2 instead of 1: the gate's k selectors, w_logits (k,), differ.
     (
       {'model.gate.k': 2},
       r"'params/gate_0/w_logits' is float32\[1\] in the checkpoint, "
       r'float32\[2\] here',
+      r'model.gate.k \(1 there, 2 here\)\.$',
     ),
   ],
 )
 def test_checkpoint_of_another_config_is_a_clear_error(
-  tmp_path, monkeypatch, overrides, names
+  tmp_path, monkeypatch, overrides, names, fields
 ):
   workdir = str(tmp_path / 'w')
   trainer.train_and_evaluate(tiny_config(), workdir)
@@ -590,8 +604,12 @@ def test_checkpoint_of_another_config_is_a_clear_error(
     checkpointing.CheckpointError,
     match=r'periodic checkpoint 6 .* cannot be restored into '
     r'the model of this config \(made with another config\): ' + names,
-  ):
+  ) as e:
     trainer.train_and_evaluate(other, workdir)
+  # The fields that differ from the workdir's config.json, and only those.
+  assert re.search(
+    r" The workdir's config.json differs in " + fields, str(e.value)
+  ), str(e.value)
   model = factory.create_model(other, bn_axis_name=steps.AXIS)
   abstract = factory.abstract_state(
     other, model, factory.create_optimizer(other, 6)
