@@ -142,6 +142,12 @@ class Checkpoints:
     """Raises :class:`NoSpaceError` before writing ``what`` when the
     workdir's file system has less than ``reserve_bytes`` free."""
     free = shutil.disk_usage(self.workdir).free
+    if jax.process_count() > 1:
+      # One decision for all processes, which meet at the save's barriers:
+      # process 0's reading, in MiB (float32 survives JAX's 32-bit default).
+      free = 2**20 * float(
+        multihost_utils.broadcast_one_to_all(np.float32(free / 2**20))
+      )
     if free < self.reserve_bytes:
       raise NoSpaceError(
         self._no_space_message(

@@ -136,8 +136,12 @@ def _train_and_evaluate(config, workdir, is_chief):
   evaluator = evaluate.Evaluator(model, num_devices, config.model.sparse_eval)
   train_steps = steps.SparseTrainSteps(model, config)
   p_train_step = train_steps(state, start_step)
+  # Multi-host, only process 0 writes metrics: it cannot stop alone, so there
+  # the collective check before each save is the only one.
   writer = metric_writers.MetricWriter(
-    workdir, enabled=is_chief, check_space=ckpts.check_space
+    workdir,
+    enabled=is_chief,
+    check_space=ckpts.check_space if jax.process_count() == 1 else None,
   )
   fresh = None
   if config.data.fresh_train:

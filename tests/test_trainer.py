@@ -483,14 +483,21 @@ def test_entropy_weight_schedule_by_hand():
   assert got == [0, 0.2, 0.2]
 
 
+@pytest.mark.parametrize(
+  'poisoned_step,steps,saved,kept',
+  [
+    (4, 'steps 4 and 6', 'the last good checkpoint is step 3', [3]),
+    (2, 'steps 1 and 3', 'no checkpoint was saved yet', []),
+  ],
+)
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
-  tmp_path, monkeypatch
+  tmp_path, monkeypatch, poisoned_step, steps, saved, kept
 ):
   real = input_pipeline.train_batches
 
   def poisoned(*args, **kwargs):
     for i, batch in enumerate(real(*args, **kwargs)):
-      if i == 3:  # The 4th step's images are NaN.
+      if i == poisoned_step - 1:  # This step's images are NaN.
         batch = dict(batch, image=batch['image'] * np.nan)
       yield batch
 
@@ -499,10 +506,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
   with pytest.raises(trainer.TrainingError) as e:
     trainer.train_and_evaluate(tiny_config(), workdir)
   message = str(e.value)
-  assert 'NaN or Inf between steps 4 and 6' in message
-  assert 'last good checkpoint is step 3' in message
+  assert f'NaN or Inf between {steps}' in message
+  assert f'stopped without saving ({saved})' in message
   ckpts = checkpointing.Checkpoints(workdir, create=False)
-  assert ckpts.all_steps() == [3] and ckpts.latest_step() == 3
+  assert ckpts.all_steps() == kept
 
 
 def test_second_process_on_a_workdir_is_refused(tmp_path):
