@@ -226,6 +226,14 @@ def ablations() -> list[str]:
       lines.append(
         _row(name, f'{a1:.4f}', f'{a2:.4f}', f'{p1:.4f}', f'{p2:.4f}')
       )
+  per_class = os.path.join(RESULTS, COMPARISON, 'per_class', 'output.txt')
+  if os.path.exists(per_class):
+    lines += [
+      '',
+      'Accuracy per class and how often each class is predicted, for some of '
+      'these checkpoints (`scripts/per_class.py`): '
+      f'`results/{COMPARISON}/per_class/output.txt`.',
+    ]
   return lines
 
 

@@ -786,3 +786,32 @@ def test_a_params_only_export_evaluates_like_its_checkpoint(
   assert got['checkpoint'] == 'params' and got['step'] == result['step']
   for key in ('accuracy_1', 'accuracy_2', 'loss_1', 'loss_2'):
     assert got[key] == result[key], key
+
+
+def test_per_class_script_agrees_with_the_evaluator(sample_run):
+  """scripts/per_class.py predicts on its own (jit of model.apply, argmax);
+  its accuracy must be the evaluator's for the same checkpoint, its class
+  accuracies weighted by the class counts must give that accuracy back, and
+  each task's predicted shares must sum to 1."""
+  workdir, _ = sample_run
+  step = checkpointing.Checkpoints(workdir, create=False).latest_step()
+  expected = evaluate.evaluate_workdir(workdir, step=step)
+  out = subprocess.run(
+    [sys.executable, 'scripts/per_class.py', workdir, f'--step={step}'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=True,
+  ).stdout.splitlines()
+  assert out[0].startswith(f'{workdir}, checkpoint at step {step}, test split')
+  labels = evaluate.load_data(evaluate.load_workdir_config(workdir))['test']
+  for t in (1, 2):
+    head, per_class, share = out[3 * t - 2 : 3 * t + 1]
+    assert head == f'task {t}: accuracy {expected[f"accuracy_{t}"]:.4f}'
+    counts = np.bincount(labels.labels[:, t - 1], minlength=10)
+    accs = np.array([float(x) for x in per_class.split()[-10:]])
+    # Two decimals printed: the weighted sum is within 0.005 of the accuracy.
+    weighted = float(accs @ counts) / counts.sum()
+    assert abs(weighted - expected[f'accuracy_{t}']) <= 0.005 + 1e-9
+    assert abs(sum(float(x) for x in share.split()[-10:]) - 1) <= 0.05

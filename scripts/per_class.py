@@ -1,0 +1,85 @@
+"""Per-class test accuracy of one checkpoint, and how often each class is
+predicted: shows a model that never predicts some classes.
+
+  python scripts/per_class.py WORKDIR [--step=N]   # default: newest periodic
+
+Reads the workdir's config.json and data as eval.py does; prints, for each
+task, the accuracy, the accuracy on each true class 0..9 and the share of the
+test split predicted as each class.
+"""
+
+import argparse
+import sys
+
+import jax
+import numpy as np
+
+from dselect_jax import checkpointing
+from dselect_jax import evaluate
+from dselect_jax import factory
+from dselect_jax import input_pipeline
+from dselect_jax import sources
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('workdir')
+  parser.add_argument('--step', type=int, default=None)
+  parser.add_argument('--batch_size', type=int, default=1000)
+  args = parser.parse_args()
+  try:
+    config = evaluate.load_workdir_config(args.workdir)
+    data = evaluate.load_data(config)
+    model = factory.create_model(config)
+    tx = factory.create_optimizer(
+      config, factory.num_train_steps(config, len(data['train']))
+    )
+    abstract = factory.abstract_state(config, model, tx)
+    state = checkpointing.Checkpoints(args.workdir, create=False).restore(
+      abstract, args.step
+    )
+  except (
+    checkpointing.CheckpointError,
+    factory.ConfigError,
+    sources.DataError,
+  ) as e:
+    sys.exit(f'error: {e}')
+
+  @jax.jit
+  def logits(images):  # (B, H, W, 1) -> (T, B, C)
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    return model.apply(variables, images, train=False)[0]
+
+  test = data['test']
+  predicted = np.concatenate(
+    [
+      np.asarray(
+        logits(
+          input_pipeline.to_model_input(test.images[i : i + args.batch_size])
+        )
+      ).argmax(-1)
+      for i in range(0, len(test.images), args.batch_size)
+    ],
+    axis=1,
+  )  # (T, N)
+  num_classes = predicted.max(initial=0) + 1
+  num_classes = max(num_classes, test.labels.max() + 1)
+  print(
+    f'{args.workdir}, checkpoint at step {int(state.step)}, test split '
+    f'({len(test.images)} examples)'
+  )
+  for t in range(predicted.shape[0]):
+    truth = test.labels[:, t]
+    per_class = [
+      (predicted[t][truth == c] == c).mean() for c in range(num_classes)
+    ]
+    share = np.bincount(predicted[t], minlength=num_classes) / len(truth)
+    print(f'task {t + 1}: accuracy {np.mean(predicted[t] == truth):.4f}')
+    print(
+      '  accuracy per true class  ', ' '.join(f'{a:.2f}' for a in per_class)
+    )
+    print('  share predicted per class', ' '.join(f'{s:.2f}' for s in share))
+
+
+if __name__ == '__main__':
+  main()
