@@ -3,7 +3,8 @@
 ``Evaluator`` computes accuracy and cross-entropy per task over every example
 of a split once (padded batches, masked), with each task's expert weights;
 ``final_test`` evaluates the best-on-validation checkpoint of a run;
-``evaluate_workdir`` restores any checkpoint of a train.py workdir.
+``restore_workdir`` restores any checkpoint of a train.py workdir and
+``evaluate_workdir`` evaluates it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from absl import logging
 import jax
@@ -233,13 +234,24 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def evaluate_workdir(
+class Restored(NamedTuple):
+  """A checkpoint of a workdir, ready to evaluate (``restore_workdir``)."""
+
+  config: ml_collections.ConfigDict
+  model: models.MultiTaskMoE
+  data: dict[str, input_pipeline.Split]
+  state: factory.TrainState
+  kind: str  # 'best', 'periodic' or 'params'.
+  step: int
+
+
+def restore_workdir(
   workdir: str,
   step: Optional[int] = None,
   best: bool = False,
   data_dir: Optional[str] = None,
-) -> dict[str, Any]:
-  """Restores a checkpoint of ``workdir`` and evaluates it on the test split.
+) -> Restored:
+  """Restores a checkpoint of ``workdir`` into the model of its config.
 
   Args:
     workdir: a train.py workdir.
@@ -249,10 +261,6 @@ def evaluate_workdir(
     data_dir: the data folder to read instead of the config's
       ``data.data_dir`` (``data.paddlerec_dir`` for PaddleRec's pickles), for
       a workdir trained where the data lived elsewhere.
-
-  Returns:
-    Test accuracy and loss per task, expert weights and selected experts, and
-    ``step`` / ``checkpoint`` naming what was evaluated.
   """
   config = load_workdir_config(workdir)
   if data_dir:
@@ -295,15 +303,34 @@ def evaluate_workdir(
   else:
     step = ckpts.latest_step() if step is None else step
     state, kind = ckpts.restore(abstract, step), 'periodic'
+  ckpts.close()
+  return Restored(config, model, data, state, kind, int(step))
+
+
+def evaluate_workdir(
+  workdir: str,
+  step: Optional[int] = None,
+  best: bool = False,
+  data_dir: Optional[str] = None,
+) -> dict[str, Any]:
+  """Restores a checkpoint of ``workdir`` (``restore_workdir``, same
+  arguments) and evaluates it on the test split.
+
+  Returns:
+    Test accuracy and loss per task, expert weights and selected experts, and
+    ``step`` / ``checkpoint`` naming what was evaluated.
+  """
+  config, model, data, state, kind, step = restore_workdir(
+    workdir, step, best, data_dir
+  )
   evaluator = Evaluator(
-    model, num_devices, config.model.get('sparse_eval', True)
+    model, jax.local_device_count(), config.model.get('sparse_eval', True)
   )
   result = evaluator(
     steps.replicate(state), data['test'], config.eval_batch_size
   )
-  result['step'] = int(step)
+  result['step'] = step
   result['checkpoint'] = kind
-  ckpts.close()
   statistics = test_statistics(metric_writers.read_metrics(workdir), result)
   if statistics:
     result['test_statistics'] = statistics

@@ -260,11 +260,13 @@ def _config_difference(workdir: str, config) -> str:
   ``config.json`` (the config its checkpoints were made with), as a
   sentence to end an error with; empty when there is nothing to compare."""
   try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      saved = _flat(json.load(f))
-  except (OSError, ValueError):
+    saved = factory.flat_fields(evaluate.load_workdir_config(workdir))
+  except (checkpointing.CheckpointError, OSError, ValueError):
     return ''
-  here = _flat(json.loads(config.to_json_best_effort()))
+  # Through JSON as config.json went, so that tuples compare as lists.
+  here = factory.flat_fields(
+    ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
+  )
   fields = [
     f'{key} ({saved.get(key, "unset")!r} there, {here.get(key, "unset")!r} '
     'here)'
@@ -274,16 +276,6 @@ def _config_difference(workdir: str, config) -> str:
   if not fields:
     return ''
   return f" The workdir's config.json differs in {', '.join(fields)}."
-
-
-def _flat(tree, prefix=''):
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
 
 
 def _cadence(value: int, steps_per_epoch: int) -> int:

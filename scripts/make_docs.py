@@ -43,10 +43,10 @@ def _seeds(pattern):
   ]
 
 
-def _wall_minutes(run):
+def _wall_minutes(run_dir):
   """Minutes between the first and the last line of a run's train.log
   (absl's 'IMMDD HH:MM:SS' prefix; one day), or None."""
-  path = os.path.join(RESULTS, run, 'train.log')
+  path = os.path.join(run_dir, 'train.log')
   if not os.path.exists(path):
     return None
   stamps = []
@@ -142,7 +142,7 @@ def headline() -> list[str]:
     runs = sorted(
       glob.glob(os.path.join(RESULTS, COMPARISON, 'multimnist_seed*'))
     )
-    walls = [_wall_minutes(os.path.relpath(r, RESULTS)) for r in runs]
+    walls = [_wall_minutes(r) for r in runs]
     walls = [w for w in walls if w is not None]
     wall = (
       f', {min(walls):.0f}-{max(walls):.0f} min each on a 2-core CPU shared with other work'

@@ -1,9 +1,10 @@
 """Per-class test accuracy of one checkpoint, and how often each class is
 predicted: shows a model that never predicts some classes.
 
-  python scripts/per_class.py WORKDIR [--step=N]   # default: newest periodic
+  python scripts/per_class.py WORKDIR [--step=N]
 
-Reads the workdir's config.json and data as eval.py does; prints, for each
+Restores the checkpoint as eval.py does (--step=N: that periodic one; by
+default the best-on-validation one, else the newest); prints, for each
 task, the accuracy, the accuracy on each true class 0..9 and the share of the
 test split predicted as each class.
 """
@@ -28,15 +29,8 @@ def main():
   parser.add_argument('--batch_size', type=int, default=1000)
   args = parser.parse_args()
   try:
-    config = evaluate.load_workdir_config(args.workdir)
-    data = evaluate.load_data(config)
-    model = factory.create_model(config)
-    tx = factory.create_optimizer(
-      config, factory.num_train_steps(config, len(data['train']))
-    )
-    abstract = factory.abstract_state(config, model, tx)
-    state = checkpointing.Checkpoints(args.workdir, create=False).restore(
-      abstract, args.step
+    config, model, data, state, _, step = evaluate.restore_workdir(
+      args.workdir, args.step, best=False
     )
   except (
     checkpointing.CheckpointError,
@@ -62,10 +56,9 @@ def main():
     ],
     axis=1,
   )  # (T, N)
-  num_classes = predicted.max(initial=0) + 1
-  num_classes = max(num_classes, test.labels.max() + 1)
+  num_classes = input_pipeline.describe(config.data.name).num_classes
   print(
-    f'{args.workdir}, checkpoint at step {int(state.step)}, test split '
+    f'{args.workdir}, checkpoint at step {step}, test split '
     f'({len(test.images)} examples)'
   )
   for t in range(predicted.shape[0]):

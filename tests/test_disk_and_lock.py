@@ -2,7 +2,6 @@
 complete checkpoint, and resumes once the cause is gone."""
 
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
@@ -16,18 +15,8 @@ import pytest
 from dselect_jax import checkpointing
 from dselect_jax import input_pipeline
 from dselect_jax import trainer
+from tests.test_bad_inputs import _tree_digest
 from tests.test_trainer import tiny_config
-
-
-def _digest(folder):
-  digest = {}
-  for d, _, files in os.walk(folder):
-    for name in files:
-      with open(os.path.join(d, name), 'rb') as f:
-        digest[os.path.relpath(os.path.join(d, name), folder)] = hashlib.sha256(
-          f.read()
-        ).hexdigest()
-  return digest
 
 
 class _SmallDisk:
@@ -133,14 +122,14 @@ def test_a_disk_that_fills_up_stops_the_run_and_loses_nothing(
     assert '\n' not in message
     ckpts = checkpointing.Checkpoints(workdir, create=False)
     assert ckpts.all_steps() == [3] and ckpts.best_step() == 3
-    kept = _digest(os.path.join(workdir, 'checkpoints', '3'))
+    kept = _tree_digest(os.path.join(workdir, 'checkpoints', '3'))
 
     disk.free()
     metrics = trainer.train_and_evaluate(tiny_config(), workdir)
     assert 0 <= metrics['accuracy_1'] <= 1
     ckpts = checkpointing.Checkpoints(workdir, create=False)
     assert ckpts.all_steps() == [3, 6]
-    assert _digest(os.path.join(workdir, 'checkpoints', '3')) == kept
+    assert _tree_digest(os.path.join(workdir, 'checkpoints', '3')) == kept
 
 
 def test_a_disk_too_full_to_start_says_so_before_training(

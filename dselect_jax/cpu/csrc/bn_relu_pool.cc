@@ -1,6 +1,6 @@
 // BatchNorm (training mode) + ReLU + 2x2 max pooling, forward and backward,
 // as XLA FFI custom calls for the CPU. Built and registered by
-// dselect_jax/cpu_kernels.py, which chains them into a custom VJP.
+// dselect_jax/cpu/kernels.py, which chains them into a custom VJP.
 //
 // Shape legend: N images, H rows, W columns, C channels (x is (N, H, W, C),
 // float32, row-major, H and W even); L = W * C, one image row; P = N * H * W.
@@ -196,7 +196,7 @@ inline void RowDx(int64_t l, const float* __restrict__ a,
 // The backward of images [i0, i1), one pass over them: kSums adds the
 // per-channel sums of g and g * xhat into s (2, C), where g = dL/dz for
 // z = a x + b and xhat = (x - mean) * rstd; otherwise it writes
-// dx = a g + k0 + xhat k1 with per-channel k0, k1 (cpu_kernels.py derives
+// dx = a g + k0 + xhat k1 with per-channel k0, k1 (kernels.py derives
 // them from the sums).
 //
 // g is dy routed back through the pooling and the ReLU: a window's dy goes
