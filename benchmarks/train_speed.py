@@ -1,33 +1,42 @@
-"""Training and eval throughput of the MultiMNIST MoE: ours against PyTorch.
+"""Training and evaluation speed against PyTorch, in alternating windows.
 
-  python benchmarks/train_speed.py                      # table to stdout
-  python benchmarks/train_speed.py --out=results/train_speed.md
+  python -m benchmarks.train_speed                        # batches 128, 256, 512
+  python -m benchmarks.train_speed --batches=256 --rounds=9 --out=FILE.md
 
-The same network on both sides: 8 MultiMNIST experts (conv-BN-ReLU-pool x2,
-Dense 50 x2), two static DSelect-k gates (k = 2), two towers, summed
-cross-entropies, Adam. Each framework runs in its own subprocess (so its peak
-memory is its own), one after the other, on random images; times are warm
-(after compilation), best of --repeats windows of --steps steps.
+The same network on every side: 8 MultiMNIST experts (conv-BN-ReLU-pool x2,
+Dense 50 x2), one static DSelect-k gate (k = 2) and one tower per task,
+summed cross-entropies, Adam 1e-3, float32. Contenders, each a process of
+its own, started one after another and then kept waiting on a pipe:
 
-Ours is the real training step of dselect_jax.trainer, mapped over the
-devices as the trainer maps it (jit(vmap) on one device, pmap over N when
---cpu_devices lists N > 1; tables written before 2026-11-30 used pmap on one
-device as well, 1.19x slower on the 2-core CPU by results/data_parallel.txt),
-with the experts (and each
-convolution of --convs and each BatchNorm-ReLU-pool of --norms); PyTorch is
-eager mode on --torch_device (torch is an optional, benchmark-only
-dependency: pip install torch==2.13.0). On a GPU, JAX runs there by default;
-pass --torch_device=cuda and more --steps (a window should last well past
-the launch overhead). Achieved GFLOP/s uses
-2.03 MFLOP per expert per image forward (conv1 0.51, conv2 1.44, dense 0.08)
-and 3x forward for a training step; the machine's rate is a float32 matmul
-measured in the same command.
+- ``ours``: the training step train.py runs for ``configs/multimnist.py``
+  (``steps.SparseTrainSteps`` at step 0, every expert in use; the CPU
+  kernels where ``model.conv``/``model.norm`` 'auto' picks them) on one batch
+  that stays on the device; evaluation: the evaluator's ``eval_step``.
+- ``ours, train.py loop``: the same step fed as train.py feeds it, by
+  ``input_pipeline.train_batches`` over a 100,000-image split (gather,
+  uint8 -> float, shard, transfer), with the loop's host work (the metrics
+  history, read back every ``log_every_steps``): against ``ours`` it shows
+  what the input pipeline and the loop cost.
+- PyTorch eager NCHW, eager channels_last, and ``torch.compile`` (inductor)
+  of the model in NCHW; a row says why where one fails on the machine.
+
+Each round runs one window of ``--steps`` steps of every contender in turn,
+the order rotated from round to round, so a slow minute of a shared machine
+hits all of them alike; only one process computes at a time. The table gives
+the median images/s over the rounds, the spread (min-max), and the ratio of
+medians against the fastest PyTorch row of the same batch and mode, which is
+picked after the measurement, never beforehand. ``--threads`` (default 2)
+sets PyTorch's intra-op threads and, through the CPUs each process may
+use, XLA's CPU thread pool alike. torch is a
+benchmark-only dependency: ``pip install torch==2.13.0``.
 """
 
-import functools
+from __future__ import annotations
+
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -36,355 +45,320 @@ from absl import app
 from absl import flags
 
 _BATCHES = flags.DEFINE_list('batches', ['128', '256', '512'], 'Batch sizes.')
-_STEPS = flags.DEFINE_integer(
-  'steps',
-  30,
-  'Steps per timed window (10-step windows understated our '
-  'step on the 2-core CPU: results/train_speed_mapping.md).',
-)
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows; best is kept.')
-_CHILD = flags.DEFINE_string('child', None, 'Internal: run one framework.')
-_IMPL = flags.DEFINE_string('impl', 'loop', 'Internal: our expert impl.')
-_CONV = flags.DEFINE_string(
-  'conv', 'xla', "Internal: our loop experts' convolution."
-)
-_NORM = flags.DEFINE_string(
-  'norm', 'xla', "Internal: our loop experts' BatchNorm-ReLU-pool blocks."
+_STEPS = flags.DEFINE_integer('steps', 20, 'Steps per timed window.')
+_ROUNDS = flags.DEFINE_integer('rounds', 7, 'Windows of each contender.')
+_THREADS = flags.DEFINE_integer('threads', 2, 'Threads of each contender.')
+_CONTENDERS = flags.DEFINE_list(
+  'contenders',
+  ['ours', 'ours_loop', 'torch_nchw', 'torch_channels_last', 'torch_compile'],
+  'What to time.',
 )
 _OUT = flags.DEFINE_string('out', None, 'Also write the table here.')
-_CPU_DEVICES = flags.DEFINE_list(
-  'cpu_devices',
-  ['1'],
-  'Also time ours with the CPU split into this many XLA devices '
-  '(--xla_force_host_platform_device_count; the trainer pmaps over them, '
-  'each device gets batch / N).',
-)
 _TORCH_DEVICE = flags.DEFINE_string(
-  'torch_device', 'cpu', 'Where PyTorch runs: cpu or cuda.'
+  'torch_device',
+  'cpu',
+  "Where PyTorch runs: 'cpu' or 'cuda' (JAX runs on its default backend).",
 )
-_IMPLS = flags.DEFINE_list(
-  'impls',
-  ['loop'],
-  "Our expert implementations to time: 'loop' (one module per expert; "
-  'the fused implementations are gone).',
-)
-_CONVS = flags.DEFINE_list(
-  'convs',
-  ['xla', 'toeplitz'],
-  'Convolutions of the "loop" experts to time (see factory.CONV_IMPLS).',
-)
-_NORMS = flags.DEFINE_list(
-  'norms',
-  ['xla', 'kernel'],
-  'BatchNorm-ReLU-pool blocks of the "loop" experts '
-  'to time (see factory.NORM_IMPLS).',
-)
+_WORKER = flags.DEFINE_string('worker', None, 'Internal: be this contender.')
 
-NUM_EXPERTS = 8
-FWD_FLOP_PER_EXPERT = 2.03e6
+NAMES = {
+  'ours': 'ours (train.py\'s step; the evaluator\'s)',
+  'ours_loop': 'ours, train.py loop (input pipeline + host work)',
+  'torch_nchw': 'PyTorch eager, NCHW',
+  'torch_channels_last': 'PyTorch eager, channels_last',
+  'torch_compile': 'PyTorch torch.compile (inductor), NCHW',
+}
+MODES = ('train', 'eval')
 
 
-def _best_rate(run, batch, steps, repeats):
-  best = 0.0
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run(steps)
-    best = max(best, batch * steps / (time.perf_counter() - start))
-  return best
+# ---------------------------------------------------------------------------
+# Workers: build, warm up, then run windows on request.
+# ---------------------------------------------------------------------------
 
 
-def child_jax(batch, steps, repeats, impl, conv, norm, devices):
-  if devices > 1:
-    os.environ['XLA_FLAGS'] = (
-      os.environ.get('XLA_FLAGS', '') + ' --xla_'
-      f'force_host_platform_device_count={devices}'
-    )
+def jax_worker(batches, loop: bool, threads: int):
+  """{(mode, batch): run(n)} for our train and eval steps."""
+  del threads  # XLA:CPU sizes its pool by the CPUs worker_main leaves it.
+  import functools  # pylint: disable=g-import-not-at-top
+
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from configs import multimnist  # pylint: disable=g-import-not-at-top
   from dselect_jax import factory  # pylint: disable=g-import-not-at-top
-  from dselect_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from dselect_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from dselect_jax import steps  # pylint: disable=g-import-not-at-top
 
   config = multimnist.get_config()
-  del impl  # One expert implementation now: a module per expert.
-  config.model.conv = conv
-  config.model.norm = norm
-  model = factory.create_model(config, bn_axis_name=steps_lib.AXIS)
-  tx = factory.create_optimizer(config, 1000)
-  assert jax.local_device_count() == devices, jax.devices()
-  state = steps_lib.replicate(
-    factory.initial_state(config, model, tx, jax.random.key(0))
-  )
+  model = factory.create_model(config, bn_axis_name=steps.AXIS)
+  tx = factory.create_optimizer(config, 100_000)
+  devices = jax.local_device_count()
   rng = np.random.default_rng(0)
-  per_device = batch // devices
-  batch_data = {
-    'image': rng.random((devices, per_device, 36, 36, 1), np.float32),
-    'label': rng.integers(0, 10, (devices, per_device, 2)).astype(np.int32),
-  }
-  eval_data = dict(batch_data, mask=np.ones((devices, per_device), np.float32))
-  # Mapped over the devices as the trainer maps them (steps_lib.parallel).
-  p_train = steps_lib.parallel(
-    functools.partial(steps_lib.train_step, loss_config=config.loss),
-    in_axes=(0, 0, None),
-    donate_argnums=(0,),
+  runs, info = (
+    {},
+    {
+      'conv': factory.conv_impl(config),
+      'norm': factory.norm_impl(config),
+      'devices': devices,
+    },
   )
-  p_eval = steps_lib.parallel(functools.partial(steps_lib.eval_step, model))
-  key = jax.random.key(1)
-  start = time.perf_counter()
-  state, metrics = p_train(state, batch_data, key)
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - start
-  holder = {'state': state}
+  p_eval = steps.parallel(functools.partial(steps.eval_step, model))
+  split = input_pipeline.Split(
+    images=rng.integers(0, 256, (100_000, 36, 36), np.uint8),
+    labels=rng.integers(0, 10, (100_000, 2)).astype(np.int32),
+  )
+  for batch in batches:
+    holder = {
+      'state': steps.replicate(
+        factory.initial_state(config, model, tx, jax.random.key(0))
+      ),
+      'step': 0,
+    }
+    p_train = steps.SparseTrainSteps(model, config)(holder['state'], 0)
+    key = jax.random.key(1)
+    per_device = batch // devices
+    fixed = jax.device_put(
+      {
+        'image': rng.random((devices, per_device, 36, 36, 1), np.float32),
+        'label': rng.integers(0, 10, (devices, per_device, 2)).astype(np.int32),
+      }
+    )
+    eval_batch = dict(
+      fixed, mask=jax.device_put(np.ones((devices, per_device)))
+    )
+    batches_iter = input_pipeline.train_batches(split, batch, devices, seed=0)
 
-  def train(n):
-    for _ in range(n):
-      holder['state'], m = p_train(holder['state'], batch_data, key)
-    jax.block_until_ready(m)
-
-  def evaluate(n):
-    for _ in range(n):
-      out = p_eval(holder['state'], eval_data)
-    jax.block_until_ready(out)
-
-  evaluate(1)
-  return {
-    'train': _best_rate(train, batch, steps, repeats),
-    'eval': _best_rate(evaluate, batch, steps, repeats),
-    'compile_s': compile_s,
-  }
-
-
-def child_torch(batch, steps, repeats, device):
-  import torch  # pylint: disable=g-import-not-at-top
-  from torch import nn  # pylint: disable=g-import-not-at-top
-  import torch_reference  # pylint: disable=g-import-not-at-top
-
-  device = torch.device(device)
-
-  def sync():
-    if device.type == 'cuda':
-      torch.cuda.synchronize()
-
-  class DSelectK(nn.Module):
-    """Static DSelect-k gate (the paper's equations)."""
-
-    def __init__(self, num_experts, k, gamma=1.0):
-      super().__init__()
-      m = (num_experts - 1).bit_length()
-      self.gamma = gamma
-      self.z = nn.Parameter(
-        torch.empty(k, m).uniform_(-gamma / 100, gamma / 100)
-      )
-      self.w = nn.Parameter(torch.empty(k).uniform_(-0.05, 0.05))
-      codes = [
-        [(i >> (m - 1 - j)) & 1 for j in range(m)] for i in range(num_experts)
-      ]
-      self.register_buffer('codes', torch.tensor(codes, dtype=torch.bool))
-
-    def forward(self):
-      g = self.gamma
-      t = self.z
-      s = torch.where(
-        t <= -g / 2,
-        torch.zeros_like(t),
-        torch.where(
-          t >= g / 2,
-          torch.ones_like(t),
-          -2 / g**3 * t**3 + 3 / (2 * g) * t + 0.5,
-        ),
-      )
-      s = s[:, None, :]
-      r = torch.where(self.codes[None], s, 1 - s).prod(-1)  # (K, E)
-      return (torch.softmax(self.w, 0)[:, None] * r).sum(0)  # (E,)
-
-  class Model(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.experts = nn.ModuleList(
-        torch_reference.multimnist_expert() for _ in range(NUM_EXPERTS)
-      )
-      self.gates = nn.ModuleList(DSelectK(NUM_EXPERTS, 2) for _ in range(2))
-      self.towers = nn.ModuleList(
-        nn.Sequential(
-          nn.Linear(50, 50),
-          nn.ReLU(),
-          nn.Linear(50, 50),
-          nn.ReLU(),
-          nn.Linear(50, 10),
-        )
-        for _ in range(2)
-      )
-
-    def forward(self, x):
-      f = torch.stack([e(x) for e in self.experts])  # (E, B, H)
-      return [
-        tower(torch.einsum('e,ebh->bh', gate(), f))
-        for gate, tower in zip(self.gates, self.towers)
-      ]
-
-  torch.manual_seed(0)
-  model = Model().to(device)
-  opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-  x = torch.rand(batch, 1, 36, 36, device=device)
-  y = torch.randint(0, 10, (batch, 2), device=device)
-  loss_fn = nn.CrossEntropyLoss()
-
-  def train(n):
-    model.train()
-    for _ in range(n):
-      opt.zero_grad(set_to_none=True)
-      logits = model(x)
-      loss = loss_fn(logits[0], y[:, 0]) + loss_fn(logits[1], y[:, 1])
-      loss.backward()
-      opt.step()
-    sync()
-
-  def evaluate(n):
-    model.eval()
-    with torch.no_grad():
+    def train(
+      n, p_train=p_train, holder=holder, fixed=fixed, key=key, it=batches_iter
+    ):
+      history = []
       for _ in range(n):
-        model(x)
-    sync()
+        data = next(it) if loop else fixed
+        holder['state'], metrics = p_train(holder['state'], data, key)
+        holder['step'] += 1
+        if loop:  # train.py's host work: the history, read every log step.
+          history.append(metrics)
+          if holder['step'] % config.log_every_steps == 0:
+            history = [
+              jax.tree.map(lambda x: float(np.asarray(x)[0]), m)
+              for m in history
+            ]
+            history = []
+      jax.block_until_ready(holder['state'])
 
-  start = time.perf_counter()
-  train(1)
-  warm_s = time.perf_counter() - start
-  return {
-    'train': _best_rate(train, batch, steps, repeats),
-    'eval': _best_rate(evaluate, batch, steps, repeats),
-    'compile_s': warm_s,
+    def evaluate(n, holder=holder, eval_batch=eval_batch):
+      for _ in range(n):
+        out = p_eval(holder['state'], eval_batch)
+      jax.block_until_ready(out)
+
+    runs['train', batch] = train
+    if not loop:
+      runs['eval', batch] = evaluate
+  return runs, info
+
+
+def torch_worker(batches, variant: str, threads: int, device: str):
+  """{(mode, batch): run(n)} for PyTorch on ``device``."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  model = torch_reference.MultiMNISTMoE().to(device)
+  sync = torch.cuda.synchronize if device == 'cuda' else lambda: None
+  memory = torch.contiguous_format
+  if variant == 'channels_last':
+    memory = torch.channels_last
+    model = model.to(memory_format=memory)
+  opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+  forward = torch.compile(model) if variant == 'compile' else model
+  loss_fn = torch.nn.CrossEntropyLoss()
+  runs = {}
+  for batch in batches:
+    x = torch.rand(batch, 1, 36, 36, device=device)
+    x = x.contiguous(memory_format=memory)
+    y = torch.randint(0, 10, (batch, 2), device=device)
+
+    def train(n, x=x, y=y):
+      model.train()
+      for _ in range(n):
+        opt.zero_grad(set_to_none=True)
+        logits = forward(x)
+        loss = loss_fn(logits[0], y[:, 0]) + loss_fn(logits[1], y[:, 1])
+        loss.backward()
+        opt.step()
+      sync()
+
+    def evaluate(n, x=x):
+      model.eval()
+      with torch.no_grad():
+        for _ in range(n):
+          forward(x)
+      sync()
+
+    runs['train', batch] = train
+    runs['eval', batch] = evaluate
+  return runs, {
     'threads': torch.get_num_threads(),
+    'torch': torch.__version__,
+    'device': device,
   }
 
 
-def matmul_gflops():
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+def worker_main(name: str, batches, threads: int, torch_device: str):
+  """Builds, warms every run up (compilation), says ready, then serves
+  ``MODE BATCH STEPS`` lines with the seconds they took."""
+  # The same cores for every contender: XLA:CPU sizes its thread pool by
+  # the CPUs this process may use, PyTorch takes set_num_threads.
+  cpus = sorted(os.sched_getaffinity(0))
+  if len(cpus) > threads:
+    os.sched_setaffinity(0, cpus[:threads])
+  try:
+    if name in ('ours', 'ours_loop'):
+      runs, info = jax_worker(batches, name == 'ours_loop', threads)
+    else:
+      runs, info = torch_worker(
+        batches, name.removeprefix('torch_'), threads, torch_device
+      )
+    start = time.perf_counter()
+    for run in runs.values():
+      run(2)
+    info['warmup_s'] = round(time.perf_counter() - start, 1)
+    if name.startswith('ours'):
+      import jax  # pylint: disable=g-import-not-at-top
 
-  n = 2048
-  a = jnp.asarray(np.random.default_rng(0).random((n, n), np.float32))
-  f = jax.jit(lambda a: a @ a)
-  f(a).block_until_ready()
-  best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(5))
-  return {
-    'gflops': 2 * n**3 / best / 1e9,
-    'device': f'{jax.default_backend()}: {jax.devices()[0].device_kind}',
-  }
+      info['jax'] = f'{jax.__version__} on {jax.devices()[0].device_kind}'
+  except Exception as e:  # pylint: disable=broad-except
+    print(json.dumps({'error': f'{type(e).__name__}: {e}'.splitlines()[0]}))
+    return
+  print(json.dumps({'ready': True, **info}), flush=True)
+  for line in sys.stdin:
+    mode, batch, n = line.split()
+    key = (mode, int(batch))
+    if key not in runs:
+      print(json.dumps({'seconds': None}), flush=True)
+      continue
+    start = time.perf_counter()
+    runs[key](int(n))
+    seconds = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({'seconds': seconds, 'peak_rss_mb': rss}), flush=True)
 
 
-def _timed(fn):
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
+# ---------------------------------------------------------------------------
+# The parent: alternate windows, then the table.
+# ---------------------------------------------------------------------------
 
 
-def _run_child(name, batch, impl='loop', conv='xla', norm='xla', devices=1):
-  cmd = [
-    sys.executable,
-    __file__,
-    f'--child={name}',
-    f'--impl={impl}',
-    f'--conv={conv}',
-    f'--norm={norm}',
-    f'--cpu_devices={devices}',
-    f'--torch_device={_TORCH_DEVICE.value}',
-    f'--batches={batch}',
-    f'--steps={_STEPS.value}',
-    f'--repeats={_REPEATS.value}',
+class Worker:
+  def __init__(self, name, batches, threads):
+    self.name = name
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    self.proc = subprocess.Popen(
+      [
+        sys.executable,
+        '-m',
+        'benchmarks.train_speed',
+        f'--worker={name}',
+        f'--batches={",".join(map(str, batches))}',
+        f'--threads={threads}',
+        f'--torch_device={_TORCH_DEVICE.value}',
+      ],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.DEVNULL,
+      text=True,
+      cwd=root,
+      env=env,
+    )
+    self.info = self._read()
+    self.error = self.info.get('error')
+
+  def _read(self):
+    for line in self.proc.stdout:
+      if line.startswith('{'):
+        return json.loads(line)
+    return {'error': f'exited with status {self.proc.wait()}'}
+
+  def window(self, mode, batch, steps):
+    self.proc.stdin.write(f'{mode} {batch} {steps}\n')
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self):
+    if self.proc.poll() is None:
+      self.proc.stdin.close()
+      self.proc.wait()
+
+
+def table(rates, workers, batches):
+  lines = [
+    '| batch | mode | contender | median img/s | min-max | x fastest PyTorch |',
+    '| --- | --- | --- | --- | --- | --- |',
   ]
-  out = subprocess.run(
-    cmd,
-    capture_output=True,
-    text=True,
-    check=False,
-    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-  )
-  if out.returncode:
-    return {'error': out.stderr.strip().splitlines()[-1]}
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  for batch in batches:
+    for mode in MODES:
+      rows = {
+        w.name: rates[w.name, mode, batch]
+        for w in workers
+        if rates.get((w.name, mode, batch))
+      }
+      torch_rows = [
+        statistics.median(r) for n, r in rows.items() if 'torch' in n
+      ]
+      fastest = max(torch_rows) if torch_rows else float('nan')
+      for name, r in rows.items():
+        med = statistics.median(r)
+        lines.append(
+          f'| {batch} | {mode} | {NAMES[name]} | {med:.0f} | '
+          f'{min(r):.0f}-{max(r):.0f} | {med / fastest:.2f} |'
+        )
+  return lines
 
 
 def main(argv):
   del argv
-  if _CHILD.value:
-    batch = int(_BATCHES.value[0])
-    if _CHILD.value == 'torch':
-      result = child_torch(
-        batch, _STEPS.value, _REPEATS.value, _TORCH_DEVICE.value
-      )
-    elif _CHILD.value == 'matmul':
-      result = matmul_gflops()
-    else:
-      result = child_jax(
-        batch,
-        _STEPS.value,
-        _REPEATS.value,
-        _IMPL.value,
-        _CONV.value,
-        _NORM.value,
-        int(_CPU_DEVICES.value[0]),
-      )
-    result['peak_rss_mb'] = (
-      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
-    print(json.dumps(result))
+  batches = [int(b) for b in _BATCHES.value]
+  if _WORKER.value:
+    worker_main(_WORKER.value, batches, _THREADS.value, _TORCH_DEVICE.value)
     return
-
-  matmul = _run_child('matmul', 256)
-  peak = matmul['gflops']
+  workers, failed = [], []
+  for name in _CONTENDERS.value:
+    w = Worker(name, batches, _THREADS.value)
+    print(f'{NAMES[name]}: {w.error or w.info}', flush=True)
+    (failed if w.error else workers).append(w)
+  rates = {}
+  for r in range(_ROUNDS.value):
+    order = workers[r % len(workers) :] + workers[: r % len(workers)]
+    for batch in batches:
+      for mode in MODES:
+        for w in order:
+          out = w.window(mode, batch, _STEPS.value)
+          if out.get('seconds'):
+            rates.setdefault((w.name, mode, batch), []).append(
+              batch * _STEPS.value / out['seconds']
+            )
+    print(f'round {r + 1}/{_ROUNDS.value} done', flush=True)
+  for w in workers:
+    w.close()
   lines = [
-    f'# Training throughput, MultiMNIST MoE (8 experts, 2 DSelect-k '
-    f'gates), {os.cpu_count()} CPUs, JAX on {matmul["device"]}',
+    f'{os.cpu_count()} CPUs; {_THREADS.value} threads each; {_ROUNDS.value} '
+    f'rounds of {_STEPS.value}-step windows, alternating.',
     '',
-    f'float32 matmul (2048^2, XLA): {peak:.0f} GFLOP/s',
+    *table(rates, workers, batches),
     '',
-    '| batch | implementation | train img/s | x PyTorch | train '
-    'GFLOP/s | % of matmul | eval img/s | x PyTorch | compile s | '
-    'peak RSS MB |',
-    '|' + ' --- |' * 10,
+    *(f'{NAMES[w.name]}: {w.info}' for w in workers),
+    *(f'{NAMES[w.name]}: failed: {w.error}' for w in failed),
   ]
-  options = lambda flag, impl: flag.value
-  variants = [
-    (impl, conv, norm, n)
-    for impl in _IMPLS.value
-    for conv in options(_CONVS, impl)
-    for norm in options(_NORMS, impl)
-    for n in map(int, _CPU_DEVICES.value)
-  ]
-  for batch in map(int, _BATCHES.value):
-    torch_result = _run_child('torch', batch)
-
-    def add_row(name, r, batch=batch, torch_result=torch_result):
-      """Formats one measurement and prints it at once."""
-      if 'error' in r:
-        lines.append(f'| {batch} | {name} | error: {r["error"]} |')
-      else:
-        flops = r['train'] * 3 * NUM_EXPERTS * FWD_FLOP_PER_EXPERT / 1e9
-        tr = r['train'] / torch_result.get('train', float('nan'))
-        ev = r['eval'] / torch_result.get('eval', float('nan'))
-        lines.append(
-          f'| {batch} | {name} | {r["train"]:.0f} | {tr:.2f} | '
-          f'{flops:.1f} | {100 * flops / peak:.0f}% | '
-          f'{r["eval"]:.0f} | {ev:.2f} | {r["compile_s"]:.1f} | '
-          f'{r["peak_rss_mb"]:.0f} |'
-        )
-      print(lines[-1], flush=True)
-
-    add_row(f'pytorch eager ({_TORCH_DEVICE.value})', torch_result)
-    for impl, conv, norm, n in variants:
-      add_row(
-        f'ours: {impl}'
-        + (f', {conv} conv, {norm} BN' if impl == 'loop' else '')
-        + (f', {n} CPU devices' if n > 1 else ''),
-        _run_child('jax', batch, impl, conv, norm, n),
-      )
   text = '\n'.join(lines) + '\n'
   print(text)
   if _OUT.value:
     with open(_OUT.value, 'w') as f:
-      f.write(f'$ python {" ".join(sys.argv)}\n\n')
+      f.write(
+        f'$ python -m benchmarks.train_speed {" ".join(sys.argv[1:])}\n\n'
+      )
       f.write(text)
 
 

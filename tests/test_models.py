@@ -269,3 +269,24 @@ def test_max_pool_2x2_by_hand():
   np.testing.assert_array_equal(
     models.max_pool_2x2(y), nn.max_pool(y, (2, 2), strides=(2, 2))
   )
+
+
+@pytest.mark.parametrize('backend', ['gpu', 'tpu'])
+def test_auto_picks_xlas_ops_off_the_cpu(monkeypatch, backend):
+  """'auto' resolves to the CPU paths only on the CPU: on a GPU or TPU
+  (the platform check forced) the experts get nn.Conv and nn.BatchNorm."""
+  from configs import multimnist  # pylint: disable=g-import-not-at-top
+  from dselect_jax import factory  # pylint: disable=g-import-not-at-top
+
+  config = multimnist.get_config()
+  assert (config.model.conv, config.model.norm) == ('auto', 'auto')
+  monkeypatch.setattr(factory.jax, 'default_backend', lambda: backend)
+  assert factory.conv_impl(config) == 'xla'
+  assert factory.norm_impl(config) == 'xla'
+  kwargs = factory.create_model(config).expert_kwargs
+  assert kwargs['conv_module'] is None and kwargs['block_module'] is None
+  monkeypatch.setattr(factory.jax, 'default_backend', lambda: 'cpu')
+  assert factory.conv_impl(config) == 'toeplitz'
+  assert factory.create_model(config).expert_kwargs['conv_module'] is (
+    cpu.ToeplitzConv
+  )
