@@ -62,7 +62,7 @@ _TORCH_DEVICE = flags.DEFINE_string(
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: be this contender.')
 
 NAMES = {
-  'ours': 'ours (train.py\'s step; the evaluator\'s)',
+  'ours': "ours (train.py's step; the evaluator's)",
   'ours_loop': 'ours, train.py loop (input pipeline + host work)',
   'torch_nchw': 'PyTorch eager, NCHW',
   'torch_channels_last': 'PyTorch eager, channels_last',
