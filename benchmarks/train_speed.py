@@ -2,6 +2,7 @@
 
   python -m benchmarks.train_speed                        # batches 128, 256, 512
   python -m benchmarks.train_speed --batches=256 --rounds=9 --out=FILE.md
+  python -m benchmarks.train_speed --modes=eval --contenders=ours,ours_xla,torch_channels_last
 
 The same network on every side: 8 MultiMNIST experts (conv-BN-ReLU-pool x2,
 Dense 50 x2), one static DSelect-k gate (k = 2) and one tower per task,
@@ -17,8 +18,10 @@ its own, started one after another and then kept waiting on a pipe:
   uint8 -> float, shard, transfer), with the loop's host work (the metrics
   history, read back every ``log_every_steps``): against ``ours`` it shows
   what the input pipeline and the loop cost.
+- ``ours_xla`` (not in the default set): ``ours`` with XLA's convolution
+  and BatchNorm instead of the CPU paths.
 - PyTorch eager NCHW, eager channels_last, and ``torch.compile`` (inductor)
-  of the model in NCHW; a row says why where one fails on the machine.
+  of the model in NCHW; a line says why where one fails on the machine.
 
 Each round runs one window of ``--steps`` steps of every contender in turn,
 the order rotated from round to round, so a slow minute of a shared machine
@@ -64,11 +67,12 @@ _WORKER = flags.DEFINE_string('worker', None, 'Internal: be this contender.')
 NAMES = {
   'ours': "ours (train.py's step; the evaluator's)",
   'ours_loop': 'ours, train.py loop (input pipeline + host work)',
+  'ours_xla': "ours with XLA's convolution and BatchNorm (model.conv=xla, norm=xla)",
   'torch_nchw': 'PyTorch eager, NCHW',
   'torch_channels_last': 'PyTorch eager, channels_last',
   'torch_compile': 'PyTorch torch.compile (inductor), NCHW',
 }
-MODES = ('train', 'eval')
+_MODES = flags.DEFINE_list('modes', ['train', 'eval'], 'What to time.')
 
 
 # ---------------------------------------------------------------------------
@@ -76,7 +80,7 @@ MODES = ('train', 'eval')
 # ---------------------------------------------------------------------------
 
 
-def jax_worker(batches, loop: bool, threads: int):
+def jax_worker(batches, loop: bool, threads: int, xla_ops: bool = False):
   """{(mode, batch): run(n)} for our train and eval steps."""
   del threads  # XLA:CPU sizes its pool by the CPUs worker_main leaves it.
   import functools  # pylint: disable=g-import-not-at-top
@@ -90,6 +94,9 @@ def jax_worker(batches, loop: bool, threads: int):
   from dselect_jax import steps  # pylint: disable=g-import-not-at-top
 
   config = multimnist.get_config()
+  if xla_ops:
+    with config.unlocked():
+      config.model.conv = config.model.norm = 'xla'
   model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 100_000)
   devices = jax.local_device_count()
@@ -215,8 +222,10 @@ def worker_main(name: str, batches, threads: int, torch_device: str):
   if len(cpus) > threads:
     os.sched_setaffinity(0, cpus[:threads])
   try:
-    if name in ('ours', 'ours_loop'):
-      runs, info = jax_worker(batches, name == 'ours_loop', threads)
+    if name.startswith('ours'):
+      runs, info = jax_worker(
+        batches, name == 'ours_loop', threads, name == 'ours_xla'
+      )
     else:
       runs, info = torch_worker(
         batches, name.removeprefix('torch_'), threads, torch_device
@@ -299,7 +308,7 @@ def table(rates, workers, batches):
     '| --- | --- | --- | --- | --- | --- |',
   ]
   for batch in batches:
-    for mode in MODES:
+    for mode in _MODES.value:
       rows = {
         w.name: rates[w.name, mode, batch]
         for w in workers
@@ -333,7 +342,7 @@ def main(argv):
   for r in range(_ROUNDS.value):
     order = workers[r % len(workers) :] + workers[: r % len(workers)]
     for batch in batches:
-      for mode in MODES:
+      for mode in _MODES.value:
         for w in order:
           out = w.window(mode, batch, _STEPS.value)
           if out.get('seconds'):

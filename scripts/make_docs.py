@@ -219,6 +219,9 @@ def ablations() -> list[str]:
   ]
   for name, run in runs:
     got = _epoch_pass(f'{COMPARISON}/{run}', ABLATION_EPOCH)
+    if got is None and run == 'paddlerec':
+      # Its first 15 epochs run alone: the same steps (a constant rate).
+      got = _epoch_pass(f'{COMPARISON}/paddlerec_15epochs', ABLATION_EPOCH)
     if got is None:
       lines.append(_row(name, 'not run yet', '', '', ''))
     else:
@@ -234,6 +237,44 @@ def ablations() -> list[str]:
       'these checkpoints (`scripts/per_class.py`): '
       f'`results/{COMPARISON}/per_class/output.txt`.',
     ]
+  return lines
+
+
+def paddle_reference() -> list[str]:
+  """PaddleRec's recipe run in Paddle itself (experiments/paddle_reference.py)."""
+  folder = os.path.join(RESULTS, 'paddle_reference')
+  check = os.path.join(folder, 'check.txt')
+  epochs = os.path.join(folder, 'train_paddle_init.jsonl')
+  if not (os.path.exists(check) and os.path.exists(epochs)):
+    return []
+  with open(check) as f:
+    summary = f.read().strip().splitlines()[-1]
+  with open(epochs) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  lines = [
+    '',
+    "### PaddleRec's recipe in Paddle itself",
+    '',
+    "`experiments/paddle_reference.py` rebuilds PaddleRec's network in "
+    'PaddlePaddle. With our initial parameters copied in, on one training '
+    f'batch of the same data: {summary[0].lower() + summary[1:]} (BatchNorm '
+    'on batch statistics; `results/paddle_reference/check.txt`): '
+    '`configs/paddlerec.py` computes the function PaddleRec trains. Trained '
+    "in Paddle from Paddle's own initializers on the same data and order, "
+    'test accuracy after each epoch '
+    '(`results/paddle_reference/train_paddle_init.jsonl`):',
+    '',
+    _row(
+      'epoch', 'task 1', 'task 2', 'classes never predicted (task 1; task 2)'
+    ),
+    _row(*['---'] * 4),
+  ]
+  for r in records:
+    never = '; '.join(
+      ', '.join(map(str, c)) or 'none' for c in r['classes_never_predicted']
+    )
+    a1, a2 = r['test_accuracy']
+    lines.append(_row(r['epoch'], f'{a1:.4f}', f'{a2:.4f}', never))
   return lines
 
 
@@ -278,6 +319,7 @@ def results_page() -> str:
   ] + headline()
   parts += ['', '### What explains the gap: one-factor ablations', '']
   parts += ablations()
+  parts += paddle_reference()
   axes = _test('paddlerec_axes_parity')
   if axes:
     parts += [

@@ -3,9 +3,9 @@
 The expert's ``BatchNorm -> ReLU -> max_pool_2x2`` block, in training mode,
 forward and backward, as XLA FFI custom calls (csrc/bn_relu_pool.cc). XLA:CPU
 makes about 14 passes over the (B, H, W, C) map for this block in a training
-step; the kernels make 5, split the batch over XLA's CPU threads, and run
-the block 2-7x faster (results/bn_relu_pool.txt); the training step gains
-1.1-1.5x (results/train_speed_kernel.md). Same function as ``nn.BatchNorm``
+step; the kernels make 5 and split the batch over XLA's CPU threads (what
+that buys: docs/performance.md, benchmarks/bn_relu_pool.py and
+benchmarks/train_speed.py). Same function as ``nn.BatchNorm``
 (training mode, ``use_fast_variance``), ``nn.relu`` and
 ``models.max_pool_2x2``, gradients included (the pooling's ties split as JAX
 splits them), up to float rounding; tests/test_cpu_kernels.py checks both

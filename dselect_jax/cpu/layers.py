@@ -37,9 +37,8 @@ def toeplitz_conv(x: Array, kernel: Array, tile: int = 4) -> Array:
 
   The matmuls do (t + kw - 1) / kw times the convolution's FLOPs, but with
   few channels (MultiMNIST's experts have 1 -> 10 -> 20) XLA:CPU runs them
-  faster than its convolution, forward and backward: the whole training
-  step gains 1.2-2x (results/train_speed.md, made by
-  benchmarks/train_speed.py).
+  faster than its convolution, forward and backward (docs/performance.md,
+  benchmarks/expert_formulations.py).
 
   Shape legend: Ho = H - kh + 1, Wo = W - kw + 1; N = Wo / t segments of t
   columns (t: the largest divisor of Wo <= tile); U = t + kw - 1 input columns.
