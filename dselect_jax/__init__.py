@@ -11,8 +11,11 @@ from dselect_jax.gates import SoftmaxGate
 from dselect_jax.gates import TopKGate
 from dselect_jax.gates import make_gate
 from dselect_jax.gates import params_from_tf
+from dselect_jax.models import FeatureEmbedding
+from dselect_jax.models import MLPExpert
 from dselect_jax.models import MLPTower
 from dselect_jax.models import MultiMNISTExpert
 from dselect_jax.models import MultiTaskMoE
+from dselect_jax.models import RecommenderMoE
 
 __version__ = '0.1.0'

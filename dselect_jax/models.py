@@ -26,6 +26,20 @@ Array = jax.Array
 ModuleFactory = Callable[..., nn.Module]
 
 
+def check_batch(x: Array, who: str):
+  """A clear error for what is not a non-empty batch (B, ...)."""
+  shape = jnp.shape(x)
+  if len(shape) < 2:
+    raise ValueError(
+      f'{who}: inputs must have a batch axis and features, (B, ...); got '
+      f'shape {shape}.'
+    )
+  if shape[0] == 0:
+    raise ValueError(
+      f'{who}: the batch is empty (shape {shape}); pass at least one example.'
+    )
+
+
 def check_images(x: Array, who: str):
   """A clear error for what is not a non-empty (B, H, W, C) image batch."""
   shape = jnp.shape(x)
@@ -34,10 +48,7 @@ def check_images(x: Array, who: str):
     raise ValueError(
       f'{who}: images must have shape (B, H, W, C); got shape {shape}{hint}.'
     )
-  if shape[0] == 0:
-    raise ValueError(
-      f'{who}: the batch is empty (shape {shape}); pass at least one example.'
-    )
+  check_batch(x, who)
 
 
 def max_pool_2x2(x: Array) -> Array:
@@ -289,7 +300,7 @@ class MultiTaskMoE(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool):
-    check_images(x, 'MultiTaskMoE')
+    check_batch(x, 'MultiTaskMoE')  # Each expert checks its own input shape.
     expert_kwargs = dict(self.expert_kwargs)
     if self.bn_axis_name is not None:
       expert_kwargs.setdefault('bn_axis_name', self.bn_axis_name)
@@ -339,6 +350,112 @@ class MultiTaskMoE(nn.Module):
       'gate': jax.tree.map(lambda *xs: jnp.stack(xs), *gate_aux),  # (G, ...)
     }
     return jnp.stack(logits), aux  # (T, B, C)
+
+
+class MLPExpert(nn.Module):
+  """Dense-ReLU layers, ``(B, F) -> (B, H)``: an expert on feature vectors.
+
+  Attributes:
+    hidden: widths of the layers before the last.
+    features: H, the output width.
+  """
+
+  hidden: tuple[int, ...] = (64,)
+  features: int = 32
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    del train  # No dropout or BatchNorm.
+    check_batch(x, 'MLPExpert')
+    for i, width in enumerate(self.hidden):
+      x = nn.relu(nn.Dense(width, name=f'Dense_{i}')(x))
+    return nn.relu(nn.Dense(self.features, name=f'Dense_{len(self.hidden)}')(x))
+
+
+class FeatureEmbedding(nn.Module):
+  """Categorical features embedded, then concatenated with the dense ones:
+  ``({name: (B,) int}, (B, D)) -> (B, F)``, F = len(cardinalities) * dim + D,
+  the embeddings in the order of ``cardinalities``.
+
+  Attributes:
+    cardinalities: (name, number of values) of each categorical feature; its
+      ids run from 0 to that number - 1 (out-of-range ids are clamped by
+      ``nn.Embed``'s lookup, so the data must keep to the range).
+    dim: width of every embedding.
+  """
+
+  cardinalities: tuple[tuple[str, int], ...]
+  dim: int = 8
+
+  def __post_init__(self):
+    bad = [(n, c) for n, c in self.cardinalities if not c >= 1]
+    if not self.cardinalities or bad or self.dim < 1:
+      raise ValueError(
+        'FeatureEmbedding: needs at least one (name, cardinality >= 1) and '
+        f'dim >= 1; got cardinalities={self.cardinalities!r}, dim={self.dim}.'
+      )
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, categorical: Mapping[str, Array], dense: Array) -> Array:
+    missing = [n for n, _ in self.cardinalities if n not in categorical]
+    if missing:
+      raise ValueError(
+        f'FeatureEmbedding: categorical features {missing} are missing; '
+        f'got {sorted(categorical)}.'
+      )
+    parts = [
+      nn.Embed(card, self.dim, name=f'embed_{name}')(categorical[name])
+      for name, card in self.cardinalities
+    ]  # each (B, dim)
+    return jnp.concatenate([*parts, dense.astype(parts[0].dtype)], axis=-1)
+
+
+class RecommenderMoE(nn.Module):
+  """A multi-task recommender: embedded features, MLP experts, one gate and
+  one tower per task, one output per task (a logit or a value).
+
+  ``(categorical, dense) -> (outputs (T, B), aux)``; aux as MultiTaskMoE's.
+  Per-example gates route on the embedded features.
+
+  Attributes:
+    num_tasks: T.
+    cardinalities, embed_dim: of the FeatureEmbedding.
+    num_experts, gate, gate_kwargs, shared_gate: as MultiTaskMoE's.
+    expert_kwargs: MLPExpert's (``hidden``, ``features``).
+    tower_hidden: widths of each task's tower before its single output.
+  """
+
+  num_tasks: int
+  cardinalities: tuple[tuple[str, int], ...]
+  embed_dim: int = 8
+  num_experts: int = 8
+  gate: str = 'dselect_k'
+  gate_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
+  shared_gate: bool = False
+  expert_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
+  tower_hidden: tuple[int, ...] = (32,)
+
+  @nn.compact
+  def __call__(self, categorical, dense: Array, *, train: bool):
+    check_batch(dense, 'RecommenderMoE')
+    x = FeatureEmbedding(self.cardinalities, self.embed_dim, name='embed')(
+      categorical, dense
+    )  # (B, F)
+    outputs, aux = MultiTaskMoE(
+      num_tasks=self.num_tasks,
+      num_experts=self.num_experts,
+      gate=self.gate,
+      gate_kwargs=self.gate_kwargs,
+      shared_gate=self.shared_gate,
+      routing_input='input',
+      num_classes=1,
+      expert=MLPExpert,
+      expert_kwargs=self.expert_kwargs,
+      tower_kwargs=flax.core.FrozenDict({'hidden': self.tower_hidden}),
+      name='moe',
+    )(x, train=train)  # (T, B, 1)
+    return outputs[..., 0], aux  # (T, B)
 
 
 def active_experts(expert_weights) -> tuple[int, ...]:

@@ -88,12 +88,17 @@ def resolve_data_dir(data_dir: Optional[str] = None) -> str:
   )
 
 
-def sha256(path: str) -> str:
-  digest = hashlib.sha256()
+def file_digest(path: str, algorithm: str = 'sha256') -> str:
+  """The hex digest of a file, by ``hashlib`` algorithm name."""
+  digest = hashlib.new(algorithm)
   with open(path, 'rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
       digest.update(block)
   return digest.hexdigest()
+
+
+def sha256(path: str) -> str:
+  return file_digest(path, 'sha256')
 
 
 def _where_to_put(source: str, folder: str) -> str:
@@ -103,12 +108,15 @@ def _where_to_put(source: str, folder: str) -> str:
   )
 
 
-def download(url: str, dest: str, expected_sha256: str) -> None:
-  """Downloads ``url`` to ``dest`` atomically, checking its SHA-256."""
+def download(
+  url: str, dest: str, expected_digest: str, algorithm: str = 'sha256'
+) -> None:
+  """Downloads ``url`` to ``dest`` atomically, checking its SHA-256 (or the
+  digest of ``algorithm``, for sources that publish another)."""
   os.makedirs(os.path.dirname(dest), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), suffix='.part')
   try:
-    digest = hashlib.sha256()
+    digest = hashlib.new(algorithm)
     with (
       os.fdopen(fd, 'wb') as out,
       urllib.request.urlopen(url, timeout=60) as r,
@@ -128,10 +136,10 @@ def download(url: str, dest: str, expected_sha256: str) -> None:
             flush=True,
           )
     print(file=sys.stderr)
-    if digest.hexdigest() != expected_sha256:
+    if digest.hexdigest() != expected_digest:
       raise DataError(
-        f'{url}: downloaded file has SHA-256 '
-        f'{digest.hexdigest()}, expected {expected_sha256}; '
+        f'{url}: downloaded file has {algorithm.upper()} '
+        f'{digest.hexdigest()}, expected {expected_digest}; '
         'the mirror served something else, try again later.'
       )
     os.chmod(tmp, 0o644)

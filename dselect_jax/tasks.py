@@ -1,0 +1,71 @@
+"""Task kinds of a multi-task data set: each one's loss and its metric.
+
+A data set describes its tasks as ``(name, kind)`` pairs; the kind decides
+the model's output for the task, the training loss and the metric the field
+reports:
+
+- ``'binary'``: one logit; sigmoid cross-entropy; AUC (the area under the
+  ROC curve, ties counted half, as scikit-learn's ``roc_auc_score``).
+- ``'regression'``: one value; squared error; RMSE.
+
+Targets come with weights (0 where a task's target is unknown, as the
+rating of a movie nobody rated): a loss is the weighted mean over the batch,
+a metric is taken over the examples of weight > 0.
+
+Shapes: B batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+KINDS = ('binary', 'regression')
+METRICS = {'binary': 'auc', 'regression': 'rmse'}
+
+
+def check_kind(kind: str):
+  if kind not in KINDS:
+    raise ValueError(f'unknown task kind {kind!r}; choose one of {KINDS}.')
+
+
+def loss(kind: str, output, target, weight) -> jax.Array:
+  """The weighted mean loss of one task over a batch: (B,) x 3 -> ()."""
+  check_kind(kind)
+  if kind == 'binary':
+    per_example = optax.sigmoid_binary_cross_entropy(output, target)
+  else:
+    per_example = jnp.square(output - target)
+  return jnp.sum(weight * per_example) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+  """Area under the ROC curve: the chance that a random positive scores
+  above a random negative, ties counted half (Mann-Whitney U / (P N))."""
+  scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0.5
+  num_pos, num_neg = int(labels.sum()), int((~labels).sum())
+  if num_pos == 0 or num_neg == 0:
+    return float('nan')  # Undefined with one class only.
+  order = np.argsort(scores, kind='mergesort')
+  sorted_scores = scores[order]
+  ranks = np.empty(len(scores))
+  # Average ranks (1-based) over runs of equal scores.
+  _, first, counts = np.unique(
+    sorted_scores, return_index=True, return_counts=True
+  )
+  for start, n in zip(first, counts):
+    ranks[order[start : start + n]] = start + (n + 1) / 2
+  u = ranks[labels].sum() - num_pos * (num_pos + 1) / 2
+  return float(u / (num_pos * num_neg))
+
+
+def metric(kind: str, output, target, weight) -> float:
+  """The task's metric over the examples of weight > 0 (numpy)."""
+  check_kind(kind)
+  keep = np.asarray(weight) > 0
+  output, target = np.asarray(output)[keep], np.asarray(target)[keep]
+  if kind == 'binary':
+    return auc(output, target)
+  return float(np.sqrt(np.mean(np.square(output - target))))
