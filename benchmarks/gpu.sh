@@ -28,6 +28,7 @@ export PYTHONUNBUFFERED=1
 { nvidia-smi -L || true; python -c 'import jax; print(jax.__version__, jax.devices())'; } \
   | tee "$out/devices.txt"
 python -m benchmarks.train_speed --torch_device=cuda --threads="$(nproc)" \
+  --contenders=ours,ours_vmap,ours_loop,torch_nchw,torch_channels_last,torch_compile \
   --steps="${STEPS:-100}" --rounds="${ROUNDS:-5}" --out="$out/train_speed.md"
 
 for run in "${runs[@]}"; do

@@ -18,8 +18,9 @@ its own, started one after another and then kept waiting on a pipe:
   uint8 -> float, shard, transfer), with the loop's host work (the metrics
   history, read back every ``log_every_steps``): against ``ours`` it shows
   what the input pipeline and the loop cost.
-- ``ours_xla`` (not in the default set): ``ours`` with XLA's convolution
-  and BatchNorm instead of the CPU paths.
+- ``ours_xla`` and ``ours_vmap`` (not in the default set): ``ours`` with
+  XLA's convolution and BatchNorm instead of the CPU paths, and with the
+  experts as one ``nn.vmap`` (``model.expert_bank='vmap'``, XLA's ops).
 - PyTorch eager NCHW, eager channels_last, and ``torch.compile`` (inductor)
   of the model in NCHW; a line says why where one fails on the machine.
 
@@ -68,6 +69,7 @@ NAMES = {
   'ours': "ours (train.py's step; the evaluator's)",
   'ours_loop': 'ours, train.py loop (input pipeline + host work)',
   'ours_xla': "ours with XLA's convolution and BatchNorm (model.conv=xla, norm=xla)",
+  'ours_vmap': 'ours, experts as one nn.vmap (model.expert_bank=vmap)',
   'torch_nchw': 'PyTorch eager, NCHW',
   'torch_channels_last': 'PyTorch eager, channels_last',
   'torch_compile': 'PyTorch torch.compile (inductor), NCHW',
@@ -80,7 +82,7 @@ _MODES = flags.DEFINE_list('modes', ['train', 'eval'], 'What to time.')
 # ---------------------------------------------------------------------------
 
 
-def jax_worker(batches, loop: bool, threads: int, xla_ops: bool = False):
+def jax_worker(batches, loop: bool, threads: int, variant: str = ''):
   """{(mode, batch): run(n)} for our train and eval steps."""
   del threads  # XLA:CPU sizes its pool by the CPUs worker_main leaves it.
   import functools  # pylint: disable=g-import-not-at-top
@@ -94,9 +96,11 @@ def jax_worker(batches, loop: bool, threads: int, xla_ops: bool = False):
   from dselect_jax import steps  # pylint: disable=g-import-not-at-top
 
   config = multimnist.get_config()
-  if xla_ops:
-    with config.unlocked():
+  with config.unlocked():
+    if variant == 'xla':
       config.model.conv = config.model.norm = 'xla'
+    elif variant == 'vmap':
+      config.model.expert_bank = 'vmap'
   model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 100_000)
   devices = jax.local_device_count()
@@ -224,7 +228,7 @@ def worker_main(name: str, batches, threads: int, torch_device: str):
   try:
     if name.startswith('ours'):
       runs, info = jax_worker(
-        batches, name == 'ours_loop', threads, name == 'ours_xla'
+        batches, name == 'ours_loop', threads, name.removeprefix('ours_')
       )
     else:
       runs, info = torch_worker(

@@ -55,6 +55,12 @@ def get_config() -> ml_collections.ConfigDict:
   # with the system's C++ compiler), or 'auto' (kernel on CPU if it builds,
   # else xla). Same parameters either way, as for conv.
   config.model.norm = 'auto'
+  # How the experts are laid out: 'loop' (one module per expert, variables
+  # experts/expert_<e>/...) or 'vmap' (one nn.vmap over the experts,
+  # variables stacked on a leading expert axis; XLA's ops only, so conv and
+  # norm 'auto' resolve to xla; meant for GPUs, not yet run on one). The same
+  # function: models.stack_expert_variables converts the loop's variables.
+  config.model.expert_bank = 'loop'
   # Evaluate only the experts some static gate still weighs (same logits as
   # computing all of them; faster once the gates have converged).
   config.model.sparse_eval = True

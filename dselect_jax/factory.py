@@ -161,6 +161,7 @@ FIELDS = {
   'model.num_experts': _int(2, example=3),
   'model.shared_gate': BOOL,
   'model.conv': OneOf(('auto',) + CONV_IMPLS),
+  'model.expert_bank': OneOf(tuple(models.EXPERT_BANKS)),
   'model.norm': OneOf(('auto',) + NORM_IMPLS),
   'model.sparse_eval': BOOL,
   'model.sparse_train': BOOL,
@@ -236,6 +237,15 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int):
 
   model, gate = config.model, config.model.gate
   norm = model.norm
+  if model.get('expert_bank', 'loop') == 'vmap':
+    for field in ('conv', 'norm'):
+      if model[field] not in ('auto', 'xla'):
+        bad(
+          f'model.{field}',
+          model[field],
+          "the CPU paths are not vmapped; with model.expert_bank='vmap' "
+          f"set --config.model.{field}=auto (XLA's ops)",
+        )
   if norm == 'kernel' and jax.default_backend() != 'cpu':
     bad(
       'model.norm',
@@ -353,6 +363,7 @@ def create_model(
     routing_input=config.model.routing_input,
     num_classes=spec.num_classes,
     expert_kwargs=flax.core.FrozenDict(expert_kwargs),
+    expert_bank=config.model.get('expert_bank', 'loop'),
     tower_kwargs=flax.core.FrozenDict({'init_scheme': init}),
     bn_axis_name=bn_axis_name,
   )
@@ -374,6 +385,8 @@ def conv_impl(config) -> str:
   cpu.ToeplitzConv) and XLA's convolution on other backends.
   """
   conv = config.model.get('conv', 'auto')
+  if conv == 'auto' and config.model.get('expert_bank', 'loop') == 'vmap':
+    return 'xla'
   if conv == 'auto':
     return 'toeplitz' if jax.default_backend() == 'cpu' else 'xla'
   return conv
@@ -389,7 +402,9 @@ def norm_impl(config) -> str:
   norm = config.model.get('norm', 'auto')
   if norm != 'auto':
     return norm
-  if jax.default_backend() != 'cpu':
+  if jax.default_backend() != 'cpu' or (
+    config.model.get('expert_bank', 'loop') == 'vmap'
+  ):
     return 'xla'
   if cpu_kernels.available():
     return 'kernel'

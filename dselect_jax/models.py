@@ -224,6 +224,71 @@ class ExpertBank(nn.Module):
     return jnp.stack(outputs)  # (E, B, H), or (len(active), B, H)
 
 
+class _OneExpert(nn.Module):
+  """One expert with ``train`` fixed: what VmappedExpertBank maps."""
+
+  expert: ModuleFactory
+  expert_kwargs: Mapping[str, Any]
+  train: bool
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return self.expert(**self.expert_kwargs, name='expert')(x, train=self.train)
+
+
+class VmappedExpertBank(nn.Module):
+  """ExpertBank's function as one ``nn.vmap`` over the experts:
+  ``(B, ...) -> (E, B, H)``.
+
+  Every variable gets a leading expert axis, ``experts/expert/Conv_0/kernel``
+  of shape ``(E, 5, 5, 1, 10)``, instead of one subtree per expert
+  (``stack_expert_variables`` converts the loop's). XLA sees the E experts
+  as one batched computation, which is what a GPU wants; the CPU paths
+  (``cpu.ToeplitzConv``, the FFI kernels) are not vmapped. ``active`` keeps
+  only those experts' outputs, computing all of them. Checked on the CPU
+  against ExpertBank; not yet run on a GPU.
+  """
+
+  num_experts: int
+  expert: ModuleFactory = MultiMNISTExpert
+  expert_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
+  active: Optional[tuple[int, ...]] = None
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    bank = nn.vmap(
+      _OneExpert,
+      variable_axes={'params': 0, 'batch_stats': 0},
+      split_rngs={'params': True},
+      in_axes=None,
+      out_axes=0,
+      axis_size=self.num_experts,
+    )
+    out = bank(self.expert, self.expert_kwargs, train, name='expert')(x)
+    if self.active is not None:
+      out = out[jnp.asarray(self.active)]
+    return out  # (E, B, H), or (len(active), B, H)
+
+
+EXPERT_BANKS = {'loop': ExpertBank, 'vmap': VmappedExpertBank}
+
+
+def stack_expert_variables(variables, num_experts: int):
+  """A MultiTaskMoE's variables with ExpertBank's experts (``experts/
+  expert_<e>/...``) -> the same with VmappedExpertBank's (``experts/expert/
+  expert/...``, each leaf stacked over e). Other entries are kept."""
+
+  def convert(tree):
+    if not isinstance(tree, Mapping) or 'experts' not in tree:
+      return tree
+    bank = tree['experts']
+    per_expert = [bank[f'expert_{e}'] for e in range(num_experts)]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_expert)
+    return {**tree, 'experts': {'expert': {'expert': stacked}}}
+
+  return {name: convert(tree) for name, tree in variables.items()}
+
+
 class MultiTaskMoE(nn.Module):
   """Multi-gate mixture of experts (Ma et al. 2018; the paper's Section 5).
 
@@ -247,6 +312,8 @@ class MultiTaskMoE(nn.Module):
     active_experts: compute only these experts (sorted indices), as when
       every static gate gives the others weight exactly 0: the output is the
       dense one, for a fraction of the cost. None computes all.
+    expert_bank: ``'loop'`` (ExpertBank: one module per expert) or
+      ``'vmap'`` (VmappedExpertBank: the same function, stacked variables).
     bn_axis_name: passed to the expert when it takes ``bn_axis_name``.
 
   Returns ``(logits, aux)`` with logits ``(T, B, C)`` and aux holding
@@ -267,8 +334,14 @@ class MultiTaskMoE(nn.Module):
   tower_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
   active_experts: Optional[tuple[int, ...]] = None
   bn_axis_name: Optional[str] = None
+  expert_bank: str = 'loop'
 
   def __post_init__(self):
+    if self.expert_bank not in EXPERT_BANKS:
+      raise ValueError(
+        f'MultiTaskMoE: expert_bank must be one of {sorted(EXPERT_BANKS)}, '
+        f'got {self.expert_bank!r}.'
+      )
     if self.active_experts is not None and self.per_example:
       raise ValueError(
         'MultiTaskMoE: active_experts needs static gates; a '
@@ -304,7 +377,7 @@ class MultiTaskMoE(nn.Module):
     expert_kwargs = dict(self.expert_kwargs)
     if self.bn_axis_name is not None:
       expert_kwargs.setdefault('bn_axis_name', self.bn_axis_name)
-    experts = ExpertBank(
+    experts = EXPERT_BANKS[self.expert_bank](
       self.num_experts,
       self.expert,
       flax.core.FrozenDict(expert_kwargs),

@@ -110,12 +110,14 @@ def headline() -> list[str]:
       _row(
         'ours, `configs/paddlerec.py` (100 epochs)',
         '',
-        'not run yet',
+        'not run yet (about 3 h alone on a 2-core CPU; '
+        '`benchmarks/gpu.sh` runs it on one GPU)',
         '',
         '',
         '',
       )
     )
+    lines += _faithful_prefix()
   else:
     stats = faithful['test_statistics']
     for name, key in (
@@ -174,6 +176,38 @@ def headline() -> list[str]:
         )
       )
   return lines
+
+
+def _faithful_prefix() -> list[str]:
+  """Rows of the faithful recipe's first epochs, run alone, while the
+  100-epoch run is missing: its epoch-15 pass and its pool so far."""
+  run = f'{COMPARISON}/paddlerec_15epochs'
+  got = _epoch_pass(run, ABLATION_EPOCH)
+  if got is None:
+    return []
+  (a1, a2), (p1, p2) = got
+  name = (
+    f'ours, `configs/paddlerec.py`, its first {ABLATION_EPOCH} epochs '
+    '(the same steps: a constant learning rate)'
+  )
+  return [
+    _row(
+      name,
+      f'test after epoch {ABLATION_EPOCH}',
+      f'{a1:.4f}',
+      f'{a2:.4f}',
+      f'{_vs([a1], PADDLEREC[0])} / {_vs([a2], PADDLEREC[1])}',
+      f'`results/{run}`',
+    ),
+    _row(
+      name,
+      f'pooled over epochs 1-{ABLATION_EPOCH} (not the 100-epoch pool)',
+      f'{p1:.4f}',
+      f'{p2:.4f}',
+      '',
+      f'`results/{run}`',
+    ),
+  ]
 
 
 def _epoch_pass(run, epoch):
@@ -262,19 +296,38 @@ def paddle_reference() -> list[str]:
     '`configs/paddlerec.py` computes the function PaddleRec trains. Trained '
     "in Paddle from Paddle's own initializers on the same data and order, "
     'test accuracy after each epoch '
-    '(`results/paddle_reference/train_paddle_init.jsonl`):',
+    '(`results/paddle_reference/train_paddle_init.jsonl`), beside '
+    "`configs/paddlerec.py`'s own (seed 0, "
+    '`results/paddlerec_comparison/paddlerec_15epochs`):',
     '',
     _row(
-      'epoch', 'task 1', 'task 2', 'classes never predicted (task 1; task 2)'
+      'epoch',
+      'Paddle, task 1',
+      'Paddle, task 2',
+      'classes Paddle never predicts (task 1; task 2)',
+      'ours, task 1',
+      'ours, task 2',
     ),
-    _row(*['---'] * 4),
+    _row(*['---'] * 6),
   ]
+  ours = {}
+  for r in metric_writers.read_metrics(
+    os.path.join(RESULTS, COMPARISON, 'paddlerec_15epochs')
+  ):
+    if r['split'] == 'test_epoch':
+      ours[r['step']] = (r['accuracy_1'], r['accuracy_2'])
+  ours = [ours[step] for step in sorted(ours)]
   for r in records:
     never = '; '.join(
       ', '.join(map(str, c)) or 'none' for c in r['classes_never_predicted']
     )
     a1, a2 = r['test_accuracy']
-    lines.append(_row(r['epoch'], f'{a1:.4f}', f'{a2:.4f}', never))
+    o1, o2 = (
+      (f'{x:.4f}' for x in ours[r['epoch'] - 1])
+      if r['epoch'] <= len(ours)
+      else ('', '')
+    )
+    lines.append(_row(r['epoch'], f'{a1:.4f}', f'{a2:.4f}', never, o1, o2))
   return lines
 
 

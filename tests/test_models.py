@@ -290,3 +290,52 @@ def test_auto_picks_xlas_ops_off_the_cpu(monkeypatch, backend):
   assert factory.create_model(config).expert_kwargs['conv_module'] is (
     cpu.ToeplitzConv
   )
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_the_vmapped_expert_bank_computes_the_loops_function(train):
+  """Same variables (stacked) -> same logits, BatchNorm statistics and
+  gradients as the loop of modules."""
+  kwargs = dict(
+    num_tasks=2, num_experts=3, gate='dselect_k', gate_kwargs={'k': 2}
+  )
+  loop = models.MultiTaskMoE(**kwargs)
+  vmapped = models.MultiTaskMoE(**kwargs, expert_bank='vmap')
+  x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 1))
+  variables = loop.init(jax.random.key(0), x, train=False)
+  stacked = models.stack_expert_variables(variables, 3)
+  shapes = lambda t: jax.tree.map(jnp.shape, t)
+  assert shapes(stacked) == shapes(
+    vmapped.init(jax.random.key(0), x, train=False)
+  )
+  assert stacked['params']['experts']['expert']['expert']['Conv_0'][
+    'kernel'
+  ].shape == (3, 5, 5, 1, 10)
+
+  def run(model, variables):
+    def loss(params):
+      (logits, _), updates = model.apply(
+        {**variables, 'params': params}, x, train=train, mutable=['batch_stats']
+      )
+      return jnp.sum(logits**2), (logits, updates)
+
+    return jax.grad(loss, has_aux=True)(variables['params'])
+
+  grads, (logits, updates) = run(loop, variables)
+  v_grads, (v_logits, v_updates) = run(vmapped, stacked)
+  assert len(jax.tree.leaves(v_grads)) == len(jax.tree.leaves(grads)) > 30
+  np.testing.assert_allclose(v_logits, logits, rtol=1e-5, atol=1e-6)
+  flat = lambda t: jax.tree_util.tree_leaves_with_path(t)
+  for (path, a), (_, b) in zip(
+    flat(models.stack_expert_variables({'params': grads}, 3)),
+    flat({'params': v_grads}),
+  ):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=str(path))
+  for (path, a), (_, b) in zip(
+    flat(models.stack_expert_variables(updates, 3)), flat(v_updates)
+  ):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=str(path))
+  # Only experts 0 and 2 kept: the same as the loop computing only those.
+  sparse = vmapped.clone(active_experts=(0, 2)).apply(stacked, x, train=False)
+  dense = loop.clone(active_experts=(0, 2)).apply(variables, x, train=False)
+  np.testing.assert_allclose(sparse[0], dense[0], rtol=1e-5, atol=1e-6)
