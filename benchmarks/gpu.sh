@@ -14,6 +14,9 @@
 # benchmark table and the wall time of every run. Needs JAX with CUDA
 # (pip install -e '.[cuda12]'), PyTorch with CUDA for the PyTorch rows, and
 # the raw MNIST files in $DSELECT_DATA_DIR (or the cache, or a download).
+# On a machine that cannot install, carry the wheels of what its Python
+# lacks (ml_collections, tensorboardX) and put them on PYTHONPATH first, and
+# the four MNIST .gz files under $DSELECT_DATA_DIR/mnist/.
 # Written and run on CPUs only so far; no GPU has run it yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
