@@ -135,3 +135,25 @@ def test_bad_files_are_one_clear_error(tmp_path):
   os.remove(zip_dir / 'ml-100k' / 'u.item')
   with pytest.raises(sources.DataError, match='u.item: missing'):
     movielens.load_raw(str(tmp_path), download=False)
+
+
+def test_a_missing_zip_is_downloaded_and_checked(tmp_path, monkeypatch):
+  """The download path, offline: the URL points at a local toy zip."""
+  src = tmp_path / 'served.zip'
+  with zipfile.ZipFile(src, 'w') as z:
+    for name, text in FILES.items():
+      z.writestr(f'ml-100k/{name}', text.encode('latin-1'))
+  monkeypatch.setattr(movielens, 'URL', f'file://{src}')
+  monkeypatch.setattr(movielens, 'ZIP_MD5', '0' * 32)  # Not what it serves.
+  data_dir = tmp_path / 'data'
+  with pytest.raises(sources.DataError, match='could not be downloaded.*MD5'):
+    movielens.load_raw(str(data_dir))
+  assert not (data_dir / 'movielens' / 'ml-100k.zip').exists()  # Nothing half.
+  monkeypatch.setattr(
+    movielens, 'ZIP_MD5', hashlib.md5(src.read_bytes()).hexdigest()
+  )
+  raw = movielens.load_raw(str(data_dir))
+  assert (
+    data_dir / 'movielens' / 'ml-100k.zip'
+  ).read_bytes() == src.read_bytes()
+  assert len(raw.ratings) == 3
