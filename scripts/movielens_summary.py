@@ -1,0 +1,43 @@
+"""What dselect_jax.movielens reads: counts to check against the release's
+README (100,000 ratings, 943 users with at least 20 each, 1,682 movies).
+
+  python scripts/movielens_summary.py [--data_dir=DIR] [--negatives=1]
+"""
+
+import argparse
+
+import numpy as np
+
+from dselect_jax import movielens
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--data_dir', default=None)
+  parser.add_argument('--negatives', type=int, default=1)
+  parser.add_argument('--seed', type=int, default=0)
+  args = parser.parse_args()
+  raw = movielens.load_raw(args.data_dir, download=True)
+  per_user = np.bincount(raw.ratings[:, 0], minlength=movielens.NUM_USERS)
+  print(
+    f'{len(raw.ratings)} ratings by {np.count_nonzero(per_user)} users of '
+    f'{len(np.unique(raw.ratings[:, 1]))} movies; ratings per user '
+    f'{per_user.min()}-{per_user.max()}'
+  )
+  print(f'ratings 1..5: {np.bincount(raw.ratings[:, 2])[1:].tolist()}')
+  print(
+    f'age groups: {np.bincount(raw.user_age, minlength=7).tolist()}; '
+    f'women: {int(raw.user_gender.sum())}; movies without a year: '
+    f'{int((raw.movie_year == 0).sum())}'
+  )
+  splits = movielens.load(args.seed, args.negatives, args.data_dir)
+  for name, split in splits.items():
+    watched = split.weights[:, 1] > 0
+    print(
+      f'{name}: {len(split)} examples, watched {watched.mean():.4f}, mean '
+      f'rating of the watched {split.targets[watched, 1].mean():.4f}'
+    )
+
+
+if __name__ == '__main__':
+  main()
