@@ -26,10 +26,13 @@ import os
 import re
 import sys
 
+import numpy as np
+
 PADDLEREC = (0.930460, 0.916088)
 # absl's log prefix: I1203 14:18:31.295603 ... 'test at step 390 (epoch 1)'.
 _LINE = re.compile(r'^[IWE](\d{4}) (\d\d:\d\d:\d\d\.\d+) ')
 _TEST = re.compile(r'test at step (\d+) \(epoch (\d+)\)')
+_STEP = re.compile(r'\] step (\d+)/')
 
 
 def _records(folder):
@@ -42,8 +45,9 @@ def _records(folder):
   sys.exit(f'{folder}: no metrics.jsonl or metrics.jsonl.gz')
 
 
-def _timestamps(folder):
-  """{step: seconds since the first log line} of each epoch's test pass."""
+def _timestamps(folder, pattern=_TEST):
+  """{step: seconds since the first log line} of each line ``pattern``
+  matches (default: each epoch's test pass), by the step it names."""
   path = os.path.join(folder, 'train.log')
   if not os.path.exists(path):
     sys.exit(f'{folder}: no train.log (the wall times come from it)')
@@ -57,9 +61,9 @@ def _timestamps(folder):
       if last is not None and t < last:  # Past midnight.
         t += datetime.timedelta(days=1)
       start, last = start or t, t
-      test = _TEST.search(line)
-      if test:
-        out[int(test.group(1))] = (t - start).total_seconds()
+      found = pattern.search(line)
+      if found:
+        out[int(found.group(1))] = (t - start).total_seconds()
   return out
 
 
@@ -90,6 +94,21 @@ def epochs(folder):
   return rows
 
 
+def epoch_costs(folder):
+  """Per epoch after the first: (training s, evaluation s). Training runs
+  from the previous epoch's test line to the log line of its last step;
+  evaluation (validation, test pass, checkpoint) from there to its test
+  line. Needs a log step at each epoch's end (log_every_steps divides it)."""
+  steps = _timestamps(folder, _STEP)
+  tests = _timestamps(folder)
+  ends = sorted(tests)
+  return [
+    (steps[end] - tests[prev], tests[end] - steps[end])
+    for prev, end in zip(ends, ends[1:])
+    if end in steps
+  ]
+
+
 def first_above(rows, target=PADDLEREC):
   for i, row in enumerate(rows):
     if all(a > t for a, t in zip(row['chosen_test'], target)):
@@ -101,7 +120,24 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('folders', nargs='+')
   parser.add_argument('--out', help='Write table.md and time_to_accuracy.png.')
+  parser.add_argument(
+    '--epoch_costs',
+    action='store_true',
+    help="Instead: each run's median training and evaluation time an epoch.",
+  )
   args = parser.parse_args()
+  if args.epoch_costs:
+    for folder in args.folders:
+      costs = np.array(epoch_costs(folder))
+      if not len(costs):
+        sys.exit(f'{folder}: no two epochs with test passes and step logs')
+      train, evaluation = np.median(costs, axis=0)
+      print(
+        f'{os.path.basename(os.path.normpath(folder))}: {len(costs)} epochs; '
+        f'median training {train:.1f} s, evaluation {evaluation:.1f} s '
+        f'({100 * evaluation / train:.0f}% of training)'
+      )
+    return
   lines = [
     'Test accuracy of the checkpoint chosen on validation so far, after each '
     f"epoch, against PaddleRec's {PADDLEREC[0]} / {PADDLEREC[1]} "

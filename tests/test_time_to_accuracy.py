@@ -76,3 +76,18 @@ def test_a_run_that_never_gets_there(tmp_path):
     None,
     None,
   )
+
+
+def test_epoch_costs_split_training_from_evaluation(tmp_path):
+  # Epoch 1 ends at step 10 (log 00:00:10, test line 00:00:14); epoch 2's
+  # last step is logged at 00:00:44 and its test at 00:00:50: training
+  # 44 - 14 = 30 s, evaluation 50 - 44 = 6 s.
+  log = [
+    'I1203 00:00:00.000000 1 train.py:74] JAX on 1 local devices',
+    'I1203 00:00:10.000000 1 trainer.py:367] step 10/20  loss 1.0',
+    'I1203 00:00:14.000000 1 trainer.py:151] test at step 10 (epoch 1): x',
+    'I1203 00:00:44.000000 1 trainer.py:367] step 20/20  loss 1.0',
+    'I1203 00:00:50.000000 1 trainer.py:151] test at step 20 (epoch 2): x',
+  ]
+  (tmp_path / 'train.log').write_text('\n'.join(log) + '\n')
+  assert time_to_accuracy.epoch_costs(str(tmp_path)) == [(30.0, 6.0)]
