@@ -88,6 +88,9 @@ def resolve_data_dir(data_dir: Optional[str] = None) -> str:
   )
 
 
+_DIGEST_NAMES = {'sha256': 'SHA-256', 'md5': 'MD5'}
+
+
 def file_digest(path: str, algorithm: str = 'sha256') -> str:
   """The hex digest of a file, by ``hashlib`` algorithm name."""
   digest = hashlib.new(algorithm)
@@ -138,7 +141,7 @@ def download(
     print(file=sys.stderr)
     if digest.hexdigest() != expected_digest:
       raise DataError(
-        f'{url}: downloaded file has {algorithm.upper()} '
+        f'{url}: downloaded file has {_DIGEST_NAMES.get(algorithm, algorithm)} '
         f'{digest.hexdigest()}, expected {expected_digest}; '
         'the mirror served something else, try again later.'
       )
