@@ -236,7 +236,7 @@ class _OneExpert(nn.Module):
     return self.expert(**self.expert_kwargs, name='expert')(x, train=self.train)
 
 
-class VmappedExpertBank(nn.Module):
+class VmappedExpertBank(ExpertBank):
   """ExpertBank's function as one ``nn.vmap`` over the experts:
   ``(B, ...) -> (E, B, H)``.
 
@@ -247,13 +247,8 @@ class VmappedExpertBank(nn.Module):
   wants; the CPU paths
   (``cpu.ToeplitzConv``, the FFI kernels) are not vmapped. ``active`` keeps
   only those experts' outputs, computing all of them. Checked on the CPU
-  against ExpertBank; not yet run on a GPU.
+  against ExpertBank; not yet run on a GPU. Its attributes are ExpertBank's.
   """
-
-  num_experts: int
-  expert: ModuleFactory = MultiMNISTExpert
-  expert_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
-  active: Optional[tuple[int, ...]] = None
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
