@@ -82,9 +82,9 @@ _MODES = flags.DEFINE_list('modes', ['train', 'eval'], 'What to time.')
 # ---------------------------------------------------------------------------
 
 
-def jax_worker(batches, loop: bool, threads: int, variant: str = ''):
-  """{(mode, batch): run(n)} for our train and eval steps."""
-  del threads  # XLA:CPU sizes its pool by the CPUs worker_main leaves it.
+def jax_worker(batches, loop: bool, variant: str = ''):
+  """{(mode, batch): run(n)} for our train and eval steps. XLA:CPU sizes
+  its thread pool by the CPUs worker_main leaves the process."""
   import functools  # pylint: disable=g-import-not-at-top
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -105,14 +105,12 @@ def jax_worker(batches, loop: bool, threads: int, variant: str = ''):
   tx = factory.create_optimizer(config, 100_000)
   devices = jax.local_device_count()
   rng = np.random.default_rng(0)
-  runs, info = (
-    {},
-    {
-      'conv': factory.conv_impl(config),
-      'norm': factory.norm_impl(config),
-      'devices': devices,
-    },
-  )
+  runs = {}
+  info = {
+    'conv': factory.conv_impl(config),
+    'norm': factory.norm_impl(config),
+    'devices': devices,
+  }
   p_eval = steps.parallel(functools.partial(steps.eval_step, model))
   split = input_pipeline.Split(
     images=rng.integers(0, 256, (100_000, 36, 36), np.uint8),
@@ -150,10 +148,8 @@ def jax_worker(batches, loop: bool, threads: int, variant: str = ''):
         if loop:  # train.py's host work: the history, read every log step.
           history.append(metrics)
           if holder['step'] % config.log_every_steps == 0:
-            history = [
+            for m in history:  # The device-to-host reads of a log step.
               jax.tree.map(lambda x: float(np.asarray(x)[0]), m)
-              for m in history
-            ]
             history = []
       jax.block_until_ready(holder['state'])
 
@@ -228,7 +224,7 @@ def worker_main(name: str, batches, threads: int, torch_device: str):
   try:
     if name.startswith('ours'):
       runs, info = jax_worker(
-        batches, name == 'ours_loop', threads, name.removeprefix('ours_')
+        batches, name == 'ours_loop', name.removeprefix('ours_')
       )
     else:
       runs, info = torch_worker(

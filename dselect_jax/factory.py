@@ -237,7 +237,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int):
 
   model, gate = config.model, config.model.gate
   norm = model.norm
-  if model.get('expert_bank', 'loop') == 'vmap':
+  if _vmapped(config):
     for field in ('conv', 'norm'):
       if model[field] not in ('auto', 'xla'):
         bad(
@@ -378,18 +378,23 @@ def expert_modules(conv: str, norm: str) -> dict[str, Any]:
   }
 
 
+def _vmapped(config) -> bool:
+  """The experts as one nn.vmap, which only XLA's own ops support."""
+  return config.model.get('expert_bank', 'loop') == 'vmap'
+
+
 def conv_impl(config) -> str:
   """The expert convolution a config asks for, with 'auto' resolved.
 
   'auto' is the Toeplitz formulation on CPU (faster there, see
-  cpu.ToeplitzConv) and XLA's convolution on other backends.
+  cpu.ToeplitzConv) and XLA's convolution on other backends or with
+  ``model.expert_bank='vmap'``.
   """
   conv = config.model.get('conv', 'auto')
-  if conv == 'auto' and config.model.get('expert_bank', 'loop') == 'vmap':
-    return 'xla'
-  if conv == 'auto':
-    return 'toeplitz' if jax.default_backend() == 'cpu' else 'xla'
-  return conv
+  if conv != 'auto':
+    return conv
+  on_cpu = jax.default_backend() == 'cpu' and not _vmapped(config)
+  return 'toeplitz' if on_cpu else 'xla'
 
 
 def norm_impl(config) -> str:
@@ -402,9 +407,7 @@ def norm_impl(config) -> str:
   norm = config.model.get('norm', 'auto')
   if norm != 'auto':
     return norm
-  if jax.default_backend() != 'cpu' or (
-    config.model.get('expert_bank', 'loop') == 'vmap'
-  ):
+  if jax.default_backend() != 'cpu' or _vmapped(config):
     return 'xla'
   if cpu_kernels.available():
     return 'kernel'

@@ -244,8 +244,8 @@ class VmappedExpertBank(ExpertBank):
   expert: ``experts/expert/expert/Conv_0/kernel`` has shape
   ``(E, 5, 5, 1, 10)`` (``stack_expert_variables`` converts the loop's).
   XLA sees the E experts as one batched computation, which is what a GPU
-  wants; the CPU paths
-  (``cpu.ToeplitzConv``, the FFI kernels) are not vmapped. ``active`` keeps
+  wants; the CPU paths (``cpu.ToeplitzConv``, the FFI kernels) are not
+  vmapped. ``active`` keeps
   only those experts' outputs, computing all of them. Checked on the CPU
   against ExpertBank; not yet run on a GPU. Its attributes are ExpertBank's.
   """

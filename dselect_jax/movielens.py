@@ -94,14 +94,8 @@ OCCUPATIONS = (
   'technician',
   'writer',
 )
-AGE_EDGES = (
-  18,
-  25,
-  35,
-  45,
-  50,
-  56,
-)  # Group g: AGE_EDGES[g-1] <= age < AGE_EDGES[g].
+# Age group g holds AGE_EDGES[g - 1] <= age < AGE_EDGES[g].
+AGE_EDGES = (18, 25, 35, 45, 50, 56)
 CATEGORICAL = {
   'user': NUM_USERS,
   'movie': NUM_MOVIES,
@@ -185,23 +179,9 @@ def fetch(data_dir: Optional[str] = None, download: bool = True) -> str:
     widedeep = _widedeep_folder(folder)
     if widedeep is not None:
       return widedeep
-    if not download:
-      raise sources.DataError(f'{path}: missing; {_where_to_put(folder)}.')
-    try:
-      sources.download(URL, path, ZIP_MD5, algorithm='md5')
-    except (OSError, sources.DataError) as e:
-      raise sources.DataError(
-        f'{path}: missing and could not be downloaded ({e}); '
-        f'{_where_to_put(folder)}.'
-      ) from None
-  actual = sources.file_digest(path, 'md5')
-  if actual != ZIP_MD5:
-    raise sources.DataError(
-      f'{path}: MD5 is {actual}, expected {ZIP_MD5} (truncated or not '
-      f'the GroupLens release); delete it to download it again, or '
-      f'{_where_to_put(folder)}.'
-    )
-  return path
+  return sources.fetch_checked(
+    path, [URL], ZIP_MD5, _where_to_put(folder), download, algorithm='md5'
+  )
 
 
 def _texts_from_parquet(folder: str) -> dict[str, str]:
@@ -344,9 +324,11 @@ def examples(raw: Raw, negatives: int, seed: int) -> Split:
   of each user (fewer when the user has not that many left), in user order."""
   rng = np.random.default_rng([seed, 100])
   users, movies, ratings = [], [], []
-  rated = raw.ratings
+  # Each user's ratings in file order: a stable sort by user, cut per user.
+  by_user = raw.ratings[np.argsort(raw.ratings[:, 0], kind='stable')]
+  starts = np.searchsorted(by_user[:, 0], np.arange(NUM_USERS + 1))
   for u in range(NUM_USERS):
-    mine = rated[rated[:, 0] == u]
+    mine = by_user[starts[u] : starts[u + 1]]
     unrated = np.setdiff1d(np.arange(NUM_MOVIES), mine[:, 1])
     n = min(negatives * len(mine), len(unrated))
     drawn = rng.choice(unrated, size=n, replace=False)

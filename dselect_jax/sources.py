@@ -164,30 +164,47 @@ def fetch(
       f'Unknown source {source!r}; choose one of {sorted(CHECKSUMS)}.'
     )
   folder = os.path.join(resolve_data_dir(data_dir), source)
-  path = os.path.join(folder, filename)
-  expected = CHECKSUMS[source][filename]
+  return fetch_checked(
+    os.path.join(folder, filename),
+    [mirror + filename for mirror in MIRRORS[source]],
+    CHECKSUMS[source][filename],
+    _where_to_put(source, folder),
+    download_missing,
+  )
+
+
+def fetch_checked(
+  path: str,
+  urls: list[str],
+  expected: str,
+  where_to_put: str,
+  download_missing: bool = True,
+  algorithm: str = 'sha256',
+) -> str:
+  """``path`` once its digest is ``expected``; when it is missing, downloaded
+  from the first of ``urls`` that serves it. Every failure is a DataError
+  ending in ``where_to_put`` (how to supply the file by hand)."""
   if not os.path.exists(path):
     if not download_missing:
-      raise DataError(f'{path}: missing; {_where_to_put(source, folder)}.')
+      raise DataError(f'{path}: missing; {where_to_put}.')
     errors = []
-    for mirror in MIRRORS[source]:
+    for url in urls:
       try:
-        download(mirror + filename, path, expected)
+        download(url, path, expected, algorithm)
         break
       except (OSError, urllib.error.URLError, DataError) as e:
-        errors.append(f'{mirror}: {e}')
+        errors.append(f'{url}: {e}')
     else:
       raise DataError(
         f'{path}: missing and could not be downloaded '
-        f'({"; ".join(errors)}); '
-        f'{_where_to_put(source, folder)}.'
+        f'({"; ".join(errors)}); {where_to_put}.'
       )
-  actual = sha256(path)
+  actual = file_digest(path, algorithm)
   if actual != expected:
     raise DataError(
-      f'{path}: SHA-256 is {actual}, expected {expected} (truncated or not '
-      f'the canonical file); delete it to download it again, or '
-      f'{_where_to_put(source, folder)}.'
+      f'{path}: {_DIGEST_NAMES.get(algorithm, algorithm)} is {actual}, '
+      f'expected {expected} (truncated or not the canonical file); delete '
+      f'it to download it again, or {where_to_put}.'
     )
   return path
 

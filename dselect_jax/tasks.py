@@ -5,7 +5,7 @@ the model's output for the task, the training loss and the metric the field
 reports:
 
 - ``'binary'``: one logit; sigmoid cross-entropy; AUC (the area under the
-  ROC curve, ties counted half, as scikit-learn's ``roc_auc_score``).
+  ROC curve, ties counted half).
 - ``'regression'``: one value; squared error; RMSE.
 
 Targets come with weights (0 where a task's target is unknown, as the
@@ -23,7 +23,6 @@ import numpy as np
 import optax
 
 KINDS = ('binary', 'regression')
-METRICS = {'binary': 'auc', 'regression': 'rmse'}
 
 
 def check_kind(kind: str):
@@ -48,15 +47,12 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
   num_pos, num_neg = int(labels.sum()), int((~labels).sum())
   if num_pos == 0 or num_neg == 0:
     return float('nan')  # Undefined with one class only.
-  order = np.argsort(scores, kind='mergesort')
-  sorted_scores = scores[order]
-  ranks = np.empty(len(scores))
-  # Average ranks (1-based) over runs of equal scores.
-  _, first, counts = np.unique(
-    sorted_scores, return_index=True, return_counts=True
+  # Ranks from 1, each run of equal scores given its average rank.
+  _, inverse, counts = np.unique(
+    scores, return_inverse=True, return_counts=True
   )
-  for start, n in zip(first, counts):
-    ranks[order[start : start + n]] = start + (n + 1) / 2
+  first = np.cumsum(counts) - counts  # 0-based rank of each run's first.
+  ranks = (first + (counts + 1) / 2)[inverse]
   u = ranks[labels].sum() - num_pos * (num_pos + 1) / 2
   return float(u / (num_pos * num_neg))
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gzip
-import json
 import os
 import re
 import sys
 
 import numpy as np
+
+from dselect_jax import metric_writers
 
 PADDLEREC = (0.930460, 0.916088)
 # absl's log prefix: I1203 14:18:31.295603 ... 'test at step 390 (epoch 1)'.
@@ -36,13 +36,12 @@ _STEP = re.compile(r'\] step (\d+)/')
 
 
 def _records(folder):
-  for name in ('metrics.jsonl', 'metrics.jsonl.gz'):
-    path = os.path.join(folder, name)
-    if os.path.exists(path):
-      opener = gzip.open if name.endswith('.gz') else open
-      with opener(path, 'rt') as f:
-        return [json.loads(line) for line in f if line.strip()]
-  sys.exit(f'{folder}: no metrics.jsonl or metrics.jsonl.gz')
+  """The run's metrics (metrics.jsonl or its .gz copy), as the trainer reads
+  them: a record a resumed run wrote again counts once."""
+  records = metric_writers.read_metrics(folder)
+  if not records:
+    sys.exit(f'{folder}: no metrics.jsonl or metrics.jsonl.gz')
+  return records
 
 
 def _timestamps(folder, pattern=_TEST):
@@ -71,7 +70,6 @@ def epochs(folder):
   """Per epoch: step, wall_s, test (2,), chosen_step, chosen_test (2,)."""
   records = _records(folder)
   seconds = _timestamps(folder)
-  # The last record of a step counts (a resumed run may write one twice).
   val = {r['step']: r for r in records if r['split'] == 'validation'}
   test = {r['step']: r for r in records if r['split'] == 'test_epoch'}
   rows, best = [], None
