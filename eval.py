@@ -86,9 +86,9 @@ def main(argv):
     f'test split, {result["checkpoint"]} checkpoint at step '
     f'{result["step"]} ({result["num_examples"]} examples):'
   )
-  for t in range(1, len(result['selected_experts']) + 1):
+  for t, (metric, value) in enumerate(evaluate.task_metrics(result), 1):
     print(
-      f'  task {t}: accuracy {result[f"accuracy_{t}"]:.6f}  loss '
+      f'  task {t}: {metric} {value:.6f}  loss '
       f'{result[f"loss_{t}"]:.6f}  experts {result["selected_experts"][t - 1]}'
       f'  weights {[round(w, 4) for w in result["expert_weights"][t - 1]]}'
     )

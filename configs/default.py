@@ -12,7 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   # 'multi_mnist', 'multi_fashion', 'multi_fashion_mnist',
-  # 'multi_mnist_sample' (shipped, no download) or 'paddlerec'.
+  # 'multi_mnist_sample' (shipped, no download), 'paddlerec' (images), or
+  # 'movielens' (MovieLens-100K: watch and rating; configs/movielens.py).
   config.data.name = 'multi_mnist'
   # 'comet' (100k/20k/20k, fixed positions), 'paretomtl' (Pareto MTL's and
   # PaddleRec's data: 16 diagonal shifts) or 'paretomtl_axes' (an older
@@ -38,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   # with new partners and placements (input_pipeline.FreshTrainSplits);
   # validation and test stay fixed. Built data sets only.
   config.data.fresh_train = False
+  # Unrated movies drawn per rating as the watch task's negatives
+  # (movielens only).
+  config.data.negatives = 1
 
   config.model = ml_collections.ConfigDict()
   # E, the shared experts (the MultiMNIST CNN of PaddleRec's model).
@@ -74,6 +78,13 @@ def get_config() -> ml_collections.ConfigDict:
   # layer) or 'paddlerec' (PaddleRec's: Xavier-normal convolutions,
   # truncated-normal dense layers, DSelect-k weight logits U(-1, 1)).
   config.model.init_scheme = 'flax'
+  # The feature data sets' model (movielens; models.RecommenderMoE): the
+  # width of every categorical feature's embedding, each MLP expert's hidden
+  # layer and output (H), and each task tower's hidden layer.
+  config.model.embed_dim = 8
+  config.model.expert_hidden = 64
+  config.model.expert_features = 32
+  config.model.tower_hidden = 32
 
   config.model.gate = ml_collections.ConfigDict()
   # 'dselect_k', 'softmax' (MMoE) or 'top_k' (Shazeer et al. 2017).

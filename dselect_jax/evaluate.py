@@ -1,7 +1,7 @@
 """Evaluation: a whole split at once, the final test, and eval.py's workdirs.
 
-``Evaluator`` computes accuracy and cross-entropy per task over every example
-of a split once (padded batches, masked), with each task's expert weights;
+``Evaluator`` computes each task's metric and loss over every example of a
+split once (padded batches, masked), with each task's expert weights;
 ``final_test`` evaluates the best-on-validation checkpoint of a run;
 ``restore_workdir`` restores any checkpoint of a train.py workdir and
 ``evaluate_workdir`` evaluates it.
@@ -25,14 +25,23 @@ from dselect_jax import input_pipeline
 from dselect_jax import metric_writers
 from dselect_jax import models
 from dselect_jax import steps
+from dselect_jax import tasks
 
 # The metrics-file split of the test passes after each epoch.
 TEST_EPOCH = 'test_epoch'
 
 
 class Evaluator:
-  """Accuracy and mean cross-entropy per task over every example of a split
-  once, and each task's expert weights (mean over examples per-example).
+  """Each task's metric and mean loss over every example of a split once,
+  and each task's expert weights (mean over examples per-example).
+
+  Image data sets: ``accuracy_<t>`` and the cross-entropy ``loss_<t>``,
+  summed on the devices. Feature data sets (``task_kinds`` given): the
+  outputs of all examples are gathered and each task gets its kind's metric
+  (``auc_<t>``, ``rmse_<t>``, ``tasks.METRIC``) and weighted loss. Every
+  result has ``selection_score``, higher is better, on which the trainer
+  keeps its best checkpoint: the mean accuracy, or minus the sum of the
+  task losses (the training objective without the gates' terms).
 
   With ``sparse`` and static gates, only the experts that some task still
   weighs are computed (``MultiTaskMoE.active_experts``): the others have
@@ -42,11 +51,16 @@ class Evaluator:
   """
 
   def __init__(
-    self, model: models.MultiTaskMoE, num_devices: int, sparse: bool = True
+    self,
+    model: models.MultiTaskMoE | models.RecommenderMoE,
+    num_devices: int,
+    sparse: bool = True,
+    task_kinds: Optional[tuple[str, ...]] = None,
   ):
     self.model = model
     self.num_devices = num_devices
     self.sparse = sparse and not model.per_example
+    self.task_kinds = task_kinds
     self._steps = {}
 
   def _step(self, active):
@@ -66,7 +80,7 @@ class Evaluator:
 
   def __call__(self, state, split, batch_size: int) -> dict[str, Any]:
     p_eval_step = self._step(self.active(state))
-    totals, gate_weights = None, None
+    totals, gate_weights, gathered = None, None, []
     for batch in input_pipeline.eval_batches(
       split,
       batch_size,
@@ -74,15 +88,33 @@ class Evaluator:
       jax.process_index(),
       jax.process_count(),
     ):
-      sums, weights = p_eval_step(state, batch)
+      sums, weights, outputs = p_eval_step(state, batch)
       sums = jax.tree.map(lambda x: np.asarray(x, np.float64)[0], sums)
       totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
       if np.ndim(weights) == 3:  # (devices, T, E): static weights.
         gate_weights = np.asarray(weights)[0]
-    return _summarize(totals, gate_weights)
+      if self.task_kinds is not None:
+        gathered.append(_examples(outputs, batch))
+    if self.task_kinds is None:
+      result = _accuracies(totals)
+    else:
+      result = _kind_metrics(self.task_kinds, gathered)
+    return {**result, **_gate_summary(totals, gate_weights)}
 
 
-def _summarize(totals, gate_weights) -> dict[str, Any]:
+def _examples(outputs, batch) -> tuple[np.ndarray, ...]:
+  """A feature batch's real examples: outputs (N, T), targets and weights
+  (N, T), from the devices' (devices, T, b) and (devices, b, T)."""
+  num_tasks = np.shape(outputs)[1]
+  keep = np.asarray(batch['mask']).reshape(-1) > 0
+  outputs = np.moveaxis(np.asarray(outputs), 1, -1).reshape(-1, num_tasks)
+  target = np.asarray(batch['target']).reshape(-1, num_tasks)
+  weight = np.asarray(batch['weight']).reshape(-1, num_tasks)
+  return outputs[keep], target[keep], weight[keep]
+
+
+def _accuracies(totals) -> dict[str, Any]:
+  """Accuracy and mean cross-entropy per task, from the devices' sums."""
   count = totals['count']
   result = {'num_examples': int(count[0])}
   num_tasks = len(count)
@@ -92,6 +124,58 @@ def _summarize(totals, gate_weights) -> dict[str, Any]:
   result['accuracy_mean'] = float(
     np.mean([result[f'accuracy_{t + 1}'] for t in range(num_tasks)])
   )
+  result['selection_score'] = result['accuracy_mean']
+  return result
+
+
+def _kind_metrics(task_kinds, gathered) -> dict[str, Any]:
+  """Each task's metric and loss over all examples of every process."""
+  outputs, target, weight = (np.concatenate(a) for a in zip(*gathered))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    outputs, target, weight = (
+      np.asarray(multihost_utils.process_allgather(a, tiled=True))
+      for a in (outputs, target, weight)
+    )
+  result = {'num_examples': len(outputs)}
+  for t, (kind, name) in enumerate(
+    zip(task_kinds, tasks.metric_names(task_kinds))
+  ):
+    args = (outputs[:, t], target[:, t], weight[:, t])
+    result[name] = tasks.metric(kind, *args)
+    result[f'loss_{t + 1}'] = float(tasks.loss(kind, *args))
+  result['selection_score'] = -sum(
+    result[f'loss_{t + 1}'] for t in range(len(task_kinds))
+  )
+  return result
+
+
+def task_metrics(result: dict[str, Any]) -> list[tuple[str, float]]:
+  """Each task's (metric, value) in a result, in task order:
+  ``[('accuracy', 0.94), ...]`` or ``[('auc', 0.91), ('rmse', 0.94)]``."""
+  pairs, t = [], 1
+  while True:
+    names = [m for m in tasks.HIGHER_IS_BETTER if f'{m}_{t}' in result]
+    if not names:
+      return pairs
+    pairs.append((names[0], result[f'{names[0]}_{t}']))
+    t += 1
+
+
+def headline(result: dict[str, Any]) -> str:
+  """Each task's metric in one line: ``accuracy 0.9412 / 0.9301`` or
+  ``auc 0.9102, rmse 0.9431``."""
+  pairs = task_metrics(result)
+  if len({name for name, _ in pairs}) == 1:
+    return f'{pairs[0][0]} ' + ' / '.join(f'{v:.4f}' for _, v in pairs)
+  return ', '.join(f'{name} {v:.4f}' for name, v in pairs)
+
+
+def _gate_summary(totals, gate_weights) -> dict[str, Any]:
+  """Each task's expert weights, non-zero count and selected experts."""
+  count = totals['count']
+  result = {}
   if gate_weights is not None:
     expert_weights = gate_weights
     nonzero = (gate_weights > 0).sum(-1)
@@ -106,7 +190,7 @@ def _summarize(totals, gate_weights) -> dict[str, Any]:
   return result
 
 
-def load_data(config) -> dict[str, input_pipeline.Split]:
+def load_data(config) -> dict[str, Any]:
   num_validation = config.data.get('num_validation', -1)
   return input_pipeline.load(
     config.data.name,
@@ -116,6 +200,17 @@ def load_data(config) -> dict[str, input_pipeline.Split]:
     download=config.data.download,
     num_validation=None if num_validation < 0 else num_validation,
     paddlerec_dir=config.data.paddlerec_dir or None,
+    negatives=config.data.get('negatives', 1),
+  )
+
+
+def make_evaluator(config, model) -> Evaluator:
+  """The Evaluator of a config's data set on the local devices."""
+  return Evaluator(
+    model,
+    jax.local_device_count(),
+    config.model.get('sparse_eval', True),
+    factory.task_kinds(config),
   )
 
 
@@ -136,11 +231,7 @@ def final_test(config, workdir, model, tx, data, ckpts, evaluator, writer):
   result['step'] = step
   result['checkpoint'] = kind
   logging.info(
-    'test (%s checkpoint, step %d): accuracy %.4f / %.4f',
-    kind,
-    step,
-    result['accuracy_1'],
-    result['accuracy_2'],
+    'test (%s checkpoint, step %d): %s', kind, step, headline(result)
   )
   writer.write(step, 'test', result)
   writer.flush()
@@ -323,9 +414,7 @@ def evaluate_workdir(
   config, model, data, state, kind, step = restore_workdir(
     workdir, step, best, data_dir
   )
-  evaluator = Evaluator(
-    model, jax.local_device_count(), config.model.get('sparse_eval', True)
-  )
+  evaluator = make_evaluator(config, model)
   result = evaluator(
     steps.replicate(state), data['test'], config.eval_batch_size
   )

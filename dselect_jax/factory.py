@@ -147,9 +147,7 @@ def _float(low=-math.inf, **kwargs) -> Number:
 
 
 FIELDS = {
-  'data.name': OneOf(
-    tuple(sorted(input_pipeline.DATASETS)) + input_pipeline.SPECIAL_DATASETS
-  ),
+  'data.name': OneOf(input_pipeline.ALL_DATASETS),
   'data.recipe': OneOf(input_pipeline.RECIPES),
   'data.seed': _int(0),
   'data.data_dir': Text(),
@@ -158,6 +156,7 @@ FIELDS = {
   'data.num_validation': _int(0, special=(-1,)),
   'data.shuffle': BOOL,
   'data.fresh_train': BOOL,
+  'data.negatives': _int(0, example=2),
   'model.num_experts': _int(2, example=3),
   'model.shared_gate': BOOL,
   'model.conv': OneOf(('auto',) + CONV_IMPLS),
@@ -167,6 +166,10 @@ FIELDS = {
   'model.sparse_train': BOOL,
   'model.routing_input': OneOf(('input', 'experts')),
   'model.init_scheme': OneOf(models.INITS),
+  'model.embed_dim': _int(1, example=4),
+  'model.expert_hidden': _int(1, example=16),
+  'model.expert_features': _int(1, example=8),
+  'model.tower_hidden': _int(1, example=8),
   'model.gate.name': OneOf(tuple(GATE_ARGS)),
   'model.gate.k': _int(1, example=2),
   'model.gate.gamma': _float(0, low_open=True, example=0.5),
@@ -197,6 +200,21 @@ FIELDS = {
   'max_to_keep': _int(1),
   'test_every_epoch': BOOL,
   'seed': _int(0),
+}
+
+
+# Fields of the image models, losses and data only, with the value a
+# feature data set (movielens) needs them left at.
+IMAGE_ONLY = {
+  'data.fresh_train': False,
+  'model.conv': 'auto',
+  'model.norm': 'auto',
+  'model.expert_bank': 'loop',
+  'model.routing_input': 'input',
+  'model.init_scheme': 'flax',
+  'loss.name': 'cross_entropy',
+  'loss.label_smoothing': 0.0,
+  'test_every_epoch': False,
 }
 
 
@@ -236,6 +254,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int):
       bad(field, value, why)
 
   model, gate = config.model, config.model.gate
+  if not input_pipeline.describe(config.data.name).is_image:
+    for field, default in IMAGE_ONLY.items():
+      value = flat_fields(config)[field]
+      if value != default:
+        bad(
+          field,
+          value,
+          f'applies to the image data sets only, and {config.data.name!r} '
+          f'is a feature data set; leave it at {default!r}',
+        )
   norm = model.norm
   if _vmapped(config):
     for field in ('conv', 'norm'):
@@ -331,6 +359,14 @@ def validate_against_data(
 # ---------------------------------------------------------------------------
 
 
+def task_kinds(config) -> Optional[tuple[str, ...]]:
+  """The kinds of a feature data set's tasks (``tasks.KINDS``), which decide
+  its losses and metrics; None for the image data sets, whose tasks are all
+  classifications with labels."""
+  spec = input_pipeline.describe(config.data.name)
+  return None if spec.is_image else spec.task_kinds
+
+
 def num_train_steps(config, num_train_examples: int) -> int:
   """``num_train_steps``, or ``num_epochs`` epochs of whole batches."""
   if config.num_train_steps > 0:
@@ -340,10 +376,30 @@ def num_train_steps(config, num_train_examples: int) -> int:
 
 def create_model(
   config: ml_collections.ConfigDict, bn_axis_name: Optional[str] = None
-) -> models.MultiTaskMoE:
-  """The MultiTaskMoE a config describes (the model never sees the config)."""
+) -> models.MultiTaskMoE | models.RecommenderMoE:
+  """The model a config describes (the model never sees the config): a
+  MultiTaskMoE of CNN experts for image data sets, a RecommenderMoE of MLP
+  experts for feature data sets."""
   gate = config.model.gate
   gate_kwargs = {arg: gate[arg] for arg in GATE_ARGS[gate.name]}
+  spec = input_pipeline.describe(config.data.name)
+  if not spec.is_image:
+    return models.RecommenderMoE(
+      num_tasks=spec.num_tasks,
+      cardinalities=spec.cardinalities,
+      embed_dim=config.model.embed_dim,
+      num_experts=config.model.num_experts,
+      gate=gate.name,
+      gate_kwargs=flax.core.FrozenDict(gate_kwargs),
+      shared_gate=config.model.shared_gate,
+      expert_kwargs=flax.core.FrozenDict(
+        {
+          'hidden': (config.model.expert_hidden,),
+          'features': config.model.expert_features,
+        }
+      ),
+      tower_hidden=(config.model.tower_hidden,),
+    )
   init = config.model.get('init_scheme', 'flax')
   if init == 'paddlerec' and gate.name == 'dselect_k':
     gate_kwargs['w_init'] = gates.symmetric_uniform(
@@ -353,7 +409,6 @@ def create_model(
     **expert_modules(conv_impl(config), norm_impl(config)),
     'init_scheme': init,
   }
-  spec = input_pipeline.describe(config.data.name)
   return models.MultiTaskMoE(
     num_tasks=spec.num_tasks,
     num_experts=config.model.num_experts,
@@ -469,17 +524,27 @@ def aux_weights(loss_config, step) -> dict[str, jax.Array]:
   return weights
 
 
+def example_inputs(spec: input_pipeline.DataSpec) -> tuple:
+  """One example of a data set's model inputs (zeros), as
+  ``steps.model_inputs`` passes a batch's."""
+  if spec.is_image:
+    return (jnp.zeros((1, *spec.image_shape), jnp.float32),)
+  categorical = {
+    name: jnp.zeros((1,), jnp.int32) for name, _ in spec.cardinalities
+  }
+  return categorical, jnp.zeros((1, spec.num_dense), jnp.float32)
+
+
 def initial_state(config, model, tx, rng) -> TrainState:
-  shape = input_pipeline.describe(config.data.name).image_shape
-  dummy = jnp.zeros((1, *shape), jnp.float32)
+  inputs = example_inputs(input_pipeline.describe(config.data.name))
   params_rng, gating_rng = jax.random.split(rng)
   variables = model.init(
-    {'params': params_rng, 'gating': gating_rng}, dummy, train=False
+    {'params': params_rng, 'gating': gating_rng}, *inputs, train=False
   )
   return TrainState.create(
     apply_fn=model.apply,
     params=variables['params'],
-    batch_stats=variables['batch_stats'],
+    batch_stats=variables.get('batch_stats', {}),  # None in MLP experts.
     tx=tx,
   )
 

@@ -52,6 +52,7 @@ import zipfile
 from absl import logging
 import numpy as np
 
+from dselect_jax import movielens
 from dselect_jax import sources
 from dselect_jax.sources import DataError
 
@@ -67,6 +68,9 @@ DATASETS = {
   'multi_fashion_mnist': ('mnist', 'fashion_mnist'),
 }
 SPECIAL_DATASETS = ('multi_mnist_sample', 'paddlerec')
+# Not images: a recommender data set of its own module (movielens.py).
+FEATURE_DATASETS = ('movielens',)
+ALL_DATASETS = tuple(sorted(DATASETS)) + SPECIAL_DATASETS + FEATURE_DATASETS
 RECIPES = ('comet', 'paretomtl', 'paretomtl_axes')
 # Seeds each recipe's generator; fixed, so adding a recipe changes no data.
 _RECIPE_SEED = {'comet': 0, 'paretomtl_axes': 1, 'paretomtl': 2}
@@ -82,23 +86,51 @@ SAMPLE_FILE = os.path.join(
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-  """What a model needs to know of a data set: its tasks, each task's
-  classes, and one example's shape (H, W, channels)."""
+  """What a model and its losses need to know of a data set.
 
-  num_tasks: int
-  num_classes: int
-  image_shape: tuple[int, int, int]
+  ``task_names`` and ``task_kinds`` (``tasks.KINDS``) name each task and
+  decide its output, loss and metric. Image data sets give ``num_classes``
+  per task and ``image_shape`` (H, W, channels); feature data sets give
+  ``cardinalities`` ((name, number of ids) of each categorical feature) and
+  ``num_dense`` (the dense features per example).
+  """
+
+  task_names: tuple[str, ...]
+  task_kinds: tuple[str, ...]
+  num_classes: int = 1
+  image_shape: Optional[tuple[int, int, int]] = None
+  cardinalities: tuple[tuple[str, int], ...] = ()
+  num_dense: int = 0
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.task_kinds)
+
+  @property
+  def is_image(self) -> bool:
+    return self.image_shape is not None
 
 
 def describe(dataset: str) -> DataSpec:
-  """The spec of a data set of this module (all of the MultiMNIST family:
-  two 10-class tasks on a 36x36 grey canvas)."""
+  """The spec of a data set: the MultiMNIST family (two 10-class tasks on a
+  36x36 grey canvas) or MovieLens (``movielens``: watch and rating)."""
+  if dataset == 'movielens':
+    return DataSpec(
+      task_names=tuple(name for name, _ in movielens.TASKS),
+      task_kinds=tuple(kind for _, kind in movielens.TASKS),
+      cardinalities=tuple(movielens.CATEGORICAL.items()),
+      num_dense=movielens.NUM_DENSE,
+    )
   if dataset not in DATASETS and dataset not in SPECIAL_DATASETS:
     raise DataError(
-      f'Unknown data set {dataset!r}; choose one of '
-      f'{sorted(DATASETS) + list(SPECIAL_DATASETS)}.'
+      f'Unknown data set {dataset!r}; choose one of {ALL_DATASETS}.'
     )
-  return DataSpec(num_tasks=2, num_classes=10, image_shape=(CANVAS, CANVAS, 1))
+  return DataSpec(
+    task_names=('top_left', 'bottom_right'),
+    task_kinds=('classification', 'classification'),
+    num_classes=10,
+    image_shape=(CANVAS, CANVAS, 1),
+  )
 
 
 PROVENANCE_KEYS = (
@@ -126,6 +158,14 @@ class Split:
 
   def __len__(self):
     return len(self.images)
+
+  def batch(self, rows) -> dict[str, np.ndarray]:
+    """The model's input and the labels of ``rows``: ``image`` float32
+    (N, 36, 36, 1), ``label`` int32 (N, 2)."""
+    return {
+      'image': to_model_input(self.images[rows]),
+      'label': self.labels[rows],
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -449,8 +489,7 @@ class FreshTrainSplits:
 def _check_name(dataset: str, recipe: str):
   if dataset not in DATASETS:
     raise DataError(
-      f'Unknown data set {dataset!r}; choose one of '
-      f'{sorted(DATASETS) + list(SPECIAL_DATASETS)}.'
+      f'Unknown data set {dataset!r}; choose one of {ALL_DATASETS}.'
     )
   if recipe not in RECIPES:
     raise DataError(
@@ -573,12 +612,14 @@ def load(
   download: bool = True,
   num_validation: Optional[int] = None,
   paddlerec_dir: Optional[str] = None,
-) -> dict[str, Split]:
+  negatives: int = 1,
+) -> dict[str, Split | movielens.Split]:
   """The three splits of a data set, from the cache when it has them.
 
   Args:
-    dataset: a key of DATASETS, 'multi_mnist_sample' or 'paddlerec'.
-    recipe: 'comet' or 'paretomtl' (ignored by the two special data sets).
+    dataset: one of ALL_DATASETS.
+    recipe: 'comet' or 'paretomtl' (ignored by the special data sets and
+      movielens).
     seed: the pairing/offset seed.
     data_dir: where the raw files are (see ``sources``).
     cache_dir: where built arrays are cached; default
@@ -586,7 +627,10 @@ def load(
     download: fetch missing raw files from the public mirrors.
     num_validation: see ``build`` (None: the recipe's default).
     paddlerec_dir: for 'paddlerec', the folder of its pickles.
+    negatives: for 'movielens', unrated movies drawn per rating.
   """
+  if dataset == 'movielens':
+    return movielens.load(seed, negatives, data_dir, download)
   if dataset == 'multi_mnist_sample':
     return load_npz_splits(SAMPLE_FILE)
   if dataset == 'paddlerec':
@@ -644,8 +688,26 @@ def _local_rows(global_batch, num_devices, process_index, process_count):
   return per_device, slice(process_index * local, (process_index + 1) * local)
 
 
+def _map(fn, tree):
+  """``fn`` on every array of a batch (a dict, nested for categorical
+  features)."""
+  if isinstance(tree, dict):
+    return {k: _map(fn, v) for k, v in tree.items()}
+  return fn(tree)
+
+
+def _per_device(batch, num_devices: int, per_device: int):
+  """(N, ...) leaves -> (devices, per_device, ...)."""
+  return _map(lambda x: x.reshape(num_devices, per_device, *x.shape[1:]), batch)
+
+
+def _pad(x: np.ndarray, size: int) -> np.ndarray:
+  """Zero rows appended to reach ``size``."""
+  return np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x.dtype)])
+
+
 def train_batches(
-  split: Split,
+  split,
   global_batch: int,
   num_devices: int,
   seed: int,
@@ -657,17 +719,19 @@ def train_batches(
 ) -> Iterator[dict]:
   """Endless shuffled batches, from global step ``start_step`` on.
 
-  Step s reads batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``
-  (a partial last batch is dropped), so a resumed run sees exactly the
-  batches an uninterrupted one would have. With several processes, each
-  yields its own slice of the same global batch for its local devices.
-  ``shuffle=False`` reads the split in stored order every epoch (as
-  PaddleRec does); ``epoch_split(e)``, when given, is epoch e's split (of
-  ``len(split)`` examples; ``FreshTrainSplits``).
+  ``split``: any split with ``len`` and ``batch(rows)`` (a ``Split``, a
+  ``movielens.Split``). Step s reads batch ``s % steps_per_epoch`` of epoch
+  ``s // steps_per_epoch`` (a partial last batch is dropped), so a resumed
+  run sees exactly the batches an uninterrupted one would have. With
+  several processes, each yields its own slice of the same global batch for
+  its local devices. ``shuffle=False`` reads the split in stored order
+  every epoch (as PaddleRec does); ``epoch_split(e)``, when given, is epoch
+  e's split (of ``len(split)`` examples; ``FreshTrainSplits``).
 
   Yields:
-    ``{'image': float32 (devices, per_device, 36, 36, 1),
-       'label': int32 (devices, per_device, 2)}``.
+    ``split.batch(rows)`` with every array shaped (devices, per_device,
+    ...); for images ``{'image': float32 (devices, per_device, 36, 36, 1),
+    'label': int32 (devices, per_device, 2)}``.
   """
   per_device, local = _local_rows(
     global_batch, num_devices, process_index, process_count
@@ -692,25 +756,19 @@ def train_batches(
       # Sorted before slicing: device d of the global batch reads the same
       # rows whatever the number of processes.
       rows = np.sort(order[index * global_batch : (index + 1) * global_batch])
-      rows = rows[local]
-      yield {
-        'image': to_model_input(split.images[rows]).reshape(
-          num_devices, per_device, CANVAS, CANVAS, 1
-        ),
-        'label': split.labels[rows].reshape(num_devices, per_device, 2),
-      }
+      yield _per_device(split.batch(rows[local]), num_devices, per_device)
       index += 1
       step += 1
 
 
 def eval_batches(
-  split: Split,
+  split,
   global_batch: int,
   num_devices: int,
   process_index: int = 0,
   process_count: int = 1,
 ) -> Iterator[dict]:
-  """Every example exactly once, in order; the last batch padded.
+  """Every example exactly once, in order; the last batch padded with zeros.
 
   Yields the train batches' keys plus ``mask``: float32 (devices,
   per_device), 1 for real examples and 0 for padding.
@@ -719,20 +777,11 @@ def eval_batches(
     global_batch, num_devices, process_index, process_count
   )
   for start in range(0, len(split), global_batch):
-    images = split.images[start : start + global_batch]
-    labels = split.labels[start : start + global_batch]
-    mask = np.ones(global_batch, np.float32)
-    pad = global_batch - len(images)
-    if pad:
-      mask[len(images) :] = 0
-      images = np.concatenate(
-        [images, np.zeros((pad,) + images.shape[1:], images.dtype)]
-      )
-      labels = np.concatenate([labels, np.zeros((pad, 2), labels.dtype)])
-    yield {
-      'image': to_model_input(images[local]).reshape(
-        num_devices, per_device, CANVAS, CANVAS, 1
-      ),
-      'label': labels[local].reshape(num_devices, per_device, 2),
-      'mask': mask[local].reshape(num_devices, per_device),
-    }
+    batch = split.batch(np.arange(start, min(start + global_batch, len(split))))
+    mask = np.zeros(global_batch, np.float32)
+    mask[: len(split) - start] = 1
+    if len(split) - start < global_batch:
+      batch = _map(lambda x: _pad(x, global_batch), batch)
+    batch = _map(lambda x: x[local], batch)
+    batch['mask'] = mask[local]
+    yield _per_device(batch, num_devices, per_device)

@@ -490,7 +490,8 @@ class RecommenderMoE(nn.Module):
   Attributes:
     num_tasks: T.
     cardinalities, embed_dim: of the FeatureEmbedding.
-    num_experts, gate, gate_kwargs, shared_gate: as MultiTaskMoE's.
+    num_experts, gate, gate_kwargs, shared_gate, active_experts: as
+      MultiTaskMoE's (its variables are under ``moe``).
     expert_kwargs: MLPExpert's (``hidden``, ``features``).
     tower_hidden: widths of each task's tower before its single output.
   """
@@ -504,6 +505,11 @@ class RecommenderMoE(nn.Module):
   shared_gate: bool = False
   expert_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
   tower_hidden: tuple[int, ...] = (32,)
+  active_experts: Optional[tuple[int, ...]] = None
+
+  @property
+  def per_example(self) -> bool:
+    return bool(self.gate_kwargs.get('per_example', False))
 
   @nn.compact
   def __call__(self, categorical, dense: Array, *, train: bool):
@@ -522,9 +528,16 @@ class RecommenderMoE(nn.Module):
       expert=MLPExpert,
       expert_kwargs=self.expert_kwargs,
       tower_kwargs=flax.core.FrozenDict({'hidden': self.tower_hidden}),
+      active_experts=self.active_experts,
       name='moe',
     )(x, train=train)  # (T, B, 1)
     return outputs[..., 0], aux  # (T, B)
+
+
+def gate_params(params) -> Mapping[str, Any]:
+  """The variables holding the ``gate_<g>`` entries: a MultiTaskMoE's own,
+  a RecommenderMoE's under ``moe``."""
+  return params['moe'] if 'moe' in params else params
 
 
 def active_experts(expert_weights) -> tuple[int, ...]:
@@ -533,14 +546,16 @@ def active_experts(expert_weights) -> tuple[int, ...]:
   return tuple(int(e) for e in np.flatnonzero(np.any(weights > 0, axis=0)))
 
 
-def static_expert_weights(model: MultiTaskMoE, params) -> np.ndarray:
-  """Each task's expert weights (T, E) from a static-gated model's params.
+def static_expert_weights(model: nn.Module, params) -> np.ndarray:
+  """Each task's expert weights (T, E) from the params of a static-gated
+  MultiTaskMoE or RecommenderMoE.
 
   Static gates take no input, so the weights come from the gates' params
   alone, with no expert computed.
   """
   if model.per_example:
     raise ValueError('static_expert_weights: the gates are per-example.')
+  params = gate_params(params)
   gate = gates_lib.make_gate(model.gate, model.num_experts, **model.gate_kwargs)
   num_gates = 1 if model.shared_gate else model.num_tasks
   weights = [

@@ -143,6 +143,17 @@ class Split:
   def __len__(self):
     return len(self.dense)
 
+  def batch(self, rows) -> dict:
+    """The model's inputs and the targets of ``rows`` (the trainer's batch
+    of a feature data set): ``categorical`` {name: int32 (N,)}, ``dense``
+    (N, D), ``target`` and ``weight`` (N, T)."""
+    return {
+      'categorical': {k: v[rows] for k, v in self.categorical.items()},
+      'dense': self.dense[rows],
+      'target': self.targets[rows],
+      'weight': self.weights[rows],
+    }
+
 
 def _where_to_put(folder: str) -> str:
   return (

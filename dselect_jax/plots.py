@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from dselect_jax import metric_writers
+from dselect_jax import tasks
 
 
 def sample_grid(
@@ -59,7 +60,8 @@ def expert_weights(
 
 
 def training_curves(metrics_file: str, path: str) -> str:
-  """Train loss and validation accuracy per task against the step."""
+  """Train loss and each task's validation metric (accuracy, AUC, RMSE)
+  against the step."""
   records = metric_writers.read_records(metrics_file)
   train = [r for r in records if r.get('split') == 'train']
   valid = [r for r in records if r.get('split') == 'validation']
@@ -69,15 +71,26 @@ def training_curves(metrics_file: str, path: str) -> str:
   ax_loss.set_xlabel('step')
   ax_loss.set_ylabel('train loss')
   ax_loss.set_yscale('log')
-  for key in sorted({k for r in valid for k in r if k.startswith('accuracy_')}):
+  metric_keys = sorted(
+    {
+      k
+      for r in valid
+      for k in r
+      if k.rpartition('_')[0] in tasks.HIGHER_IS_BETTER
+      and k.rpartition('_')[2].isdigit()
+    },
+    key=lambda k: int(k.rpartition('_')[2]),
+  )
+  for key in metric_keys:
+    name, _, task = key.rpartition('_')
     ax_acc.plot(
       [r['step'] for r in valid],
       [r[key] for r in valid],
       marker='.',
-      label=key.replace('accuracy_', 'task '),
+      label=f'task {task} ({name})',
     )
   ax_acc.set_xlabel('step')
-  ax_acc.set_ylabel('validation accuracy')
+  ax_acc.set_ylabel('validation metric')
   if valid:
     ax_acc.legend()
   fig.tight_layout()

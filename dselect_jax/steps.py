@@ -7,6 +7,11 @@ devices equals one step on the whole batch. ``parallel`` maps them; moving to
 ``jax.shard_map`` changes that one function. ``SparseTrainSteps`` keeps one
 compiled train step per set of experts still in use.
 
+Two kinds of batch: an image data set's ``{'image', 'label'}`` (every task
+a classification, logits (T, B, C), with ``task_losses``' options), and a
+feature data set's ``{'categorical', 'dense', 'target', 'weight'}`` (one
+output per task, (T, B), its loss by the task's kind, ``tasks.loss``).
+
 Shapes: B batch (per device), T tasks, C classes, E experts.
 """
 
@@ -23,6 +28,7 @@ import optax
 
 from dselect_jax import factory
 from dselect_jax import models
+from dselect_jax import tasks
 
 AXIS = 'batch'
 
@@ -68,6 +74,27 @@ def task_losses(logits, labels, loss_config) -> jax.Array:
   return jnp.mean(ce, axis=1)
 
 
+def model_inputs(batch) -> tuple:
+  """The model's positional inputs in a batch: the images, or the
+  categorical and dense features."""
+  if 'image' in batch:
+    return (batch['image'],)
+  return (batch['categorical'], batch['dense'])
+
+
+def kind_losses(outputs, batch, task_kinds) -> jax.Array:
+  """Each task's weighted mean loss (T,) of a feature batch, by its kind.
+
+  outputs (T, B), batch target and weight (B, T).
+  """
+  return jnp.stack(
+    [
+      tasks.loss(kind, outputs[t], batch['target'][:, t], batch['weight'][:, t])
+      for t, kind in enumerate(task_kinds)
+    ]
+  )
+
+
 def gate_summary(expert_weights) -> dict[str, jax.Array]:
   """Per task: mean weight of each expert and experts with non-zero weight.
 
@@ -85,13 +112,21 @@ def gate_summary(expert_weights) -> dict[str, jax.Array]:
 
 
 def train_step(
-  state: factory.TrainState, batch, rng, *, loss_config, model=None
+  state: factory.TrainState,
+  batch,
+  rng,
+  *,
+  loss_config,
+  model=None,
+  task_kinds=None,
 ):
   """One optimizer step on this device's shard; averages over AXIS.
 
-  batch: image (b, 36, 36, 1), label (b, T). ``model`` replaces
-  ``state.apply_fn`` (sparse training passes one computing fewer experts).
-  Returns (state, metrics), the metrics already averaged over devices.
+  batch: image (b, 36, 36, 1) and label (b, T), or a feature batch, whose
+  tasks' ``task_kinds`` decide their losses (each a weighted mean over this
+  device's shard). ``model`` replaces ``state.apply_fn`` (sparse training
+  passes one computing fewer experts). Returns (state, metrics), the
+  metrics already averaged over devices.
   """
   apply_fn = state.apply_fn if model is None else model.apply
   step_rng = jax.random.fold_in(
@@ -100,16 +135,25 @@ def train_step(
   weights = factory.aux_weights(loss_config, state.step)
 
   def loss_fn(params):
-    (logits, aux), updates = apply_fn(
+    (outputs, aux), updates = apply_fn(
       {'params': params, 'batch_stats': state.batch_stats},
-      batch['image'],
+      *model_inputs(batch),
       train=True,
       mutable=['batch_stats'],
       rngs={'gating': step_rng},
     )
-    sums = task_metrics(logits, batch['label'])
-    ce = sums['ce_sum'] / sums['count']  # (T,), batch mean per task
-    task_loss = task_losses(logits, batch['label'], loss_config)  # (T,)
+    if 'label' in batch:  # Logits (T, B, C).
+      sums = task_metrics(outputs, batch['label'])
+      task_loss = task_losses(outputs, batch['label'], loss_config)  # (T,)
+      # Batch means per task (T,), logged beside the loss.
+      shown = {
+        'ce': sums['ce_sum'] / sums['count'],
+        'loss': task_loss,
+        'accuracy': sums['correct'] / sums['count'],
+      }
+    else:  # One output per task (T, B).
+      task_loss = kind_losses(outputs, batch, task_kinds)
+      shown = {'loss': task_loss}
     # Each aux term summed over the gates (G,).
     terms = {
       name: jnp.sum(value)
@@ -117,12 +161,10 @@ def train_step(
       if name in factory.AUX_WEIGHTS
     }
     loss = jnp.sum(task_loss) + sum(weights[n] * v for n, v in terms.items())
-    return loss, (updates['batch_stats'], ce, task_loss, sums, terms, aux)
+    return loss, (updates.get('batch_stats', {}), shown, terms, aux)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (batch_stats, ce, task_loss, sums, terms, aux)), grads = grad_fn(
-    state.params
-  )
+  (loss, (batch_stats, shown, terms, aux)), grads = grad_fn(state.params)
   grads = jax.lax.pmean(grads, AXIS)
   # BatchNorm already used cross-device statistics (bn_axis_name); this only
   # removes float noise so every replica holds identical running averages.
@@ -130,28 +172,33 @@ def train_step(
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
 
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
-  for t in range(ce.shape[0]):
-    metrics[f'ce_{t + 1}'] = ce[t]
-    metrics[f'loss_{t + 1}'] = task_loss[t]
-    metrics[f'accuracy_{t + 1}'] = sums['correct'][t] / sums['count'][t]
+  num_tasks = shown['loss'].shape[0]
+  for t in range(num_tasks):
+    for name, value in shown.items():
+      metrics[f'{name}_{t + 1}'] = value[t]
   for name, value in terms.items():
     metrics[f'aux_{name}'] = value
     metrics[f'weight_{name}'] = jnp.asarray(weights[name], jnp.float32)
   gate = gate_summary(aux['expert_weights'])
-  for t in range(ce.shape[0]):
+  for t in range(num_tasks):
     metrics[f'num_nonzero_{t + 1}'] = gate['num_nonzero'][t]
   metrics = jax.lax.pmean(metrics, AXIS)
   return state, metrics
 
 
 def eval_step(model: models.MultiTaskMoE, state: factory.TrainState, batch):
-  """Sums over this device's (masked) shard, summed over AXIS."""
-  logits, aux = model.apply(
+  """Sums over this device's (masked) shard, summed over AXIS; the expert
+  weights; and the outputs, (T, b, C) or (T, b), for the metrics that need
+  every example (AUC)."""
+  outputs, aux = model.apply(
     {'params': state.params, 'batch_stats': state.batch_stats},
-    batch['image'],
+    *model_inputs(batch),
     train=False,
   )
-  sums = task_metrics(logits, batch['label'], batch['mask'])
+  if 'label' in batch:
+    sums = task_metrics(outputs, batch['label'], batch['mask'])
+  else:
+    sums = {'count': jnp.sum(batch['mask']) * jnp.ones(outputs.shape[0])}
   weights = aux['expert_weights']
   if weights.ndim == 3:  # Per-example: sum the masked weights and counts.
     mask = batch['mask'][None, :, None]
@@ -159,7 +206,7 @@ def eval_step(model: models.MultiTaskMoE, state: factory.TrainState, batch):
     sums['nonzero_sum'] = jnp.sum(
       jnp.sum(weights > 0, -1) * mask[..., 0], axis=1
     )  # (T,)
-  return jax.lax.psum(sums, AXIS), weights
+  return jax.lax.psum(sums, AXIS), weights, outputs
 
 
 def parallel(fn, in_axes=0, donate_argnums=()):
@@ -215,7 +262,11 @@ def static_weights(model, state) -> Optional[np.ndarray]:
     return None
   # Copy the (small) gate params to the host before taking replica 0:
   # indexing a pmapped array eagerly runs a device gather per leaf.
-  gate_params = {k: v for k, v in state.params.items() if k.startswith('gate')}
+  gate_params = {
+    k: v
+    for k, v in models.gate_params(state.params).items()
+    if k.startswith('gate')
+  }
   params = jax.tree.map(lambda x: np.asarray(x)[0], gate_params)
   return models.static_expert_weights(model, params)
 
@@ -245,6 +296,7 @@ class SparseTrainSteps:
   def __init__(self, model, config):
     self.model = model
     self.loss_config = config.loss
+    self.task_kinds = factory.task_kinds(config)
     self.sparse = (
       config.model.get('sparse_train', False) and not model.per_example
     )
@@ -266,7 +318,10 @@ class SparseTrainSteps:
       )
       self._steps[active] = parallel(
         functools.partial(
-          train_step, loss_config=self.loss_config, model=model
+          train_step,
+          loss_config=self.loss_config,
+          model=model,
+          task_kinds=self.task_kinds,
         ),
         donate_argnums=(0,),
         in_axes=(0, 0, None),

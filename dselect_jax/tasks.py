@@ -4,6 +4,7 @@ A data set describes its tasks as ``(name, kind)`` pairs; the kind decides
 the model's output for the task, the training loss and the metric the field
 reports:
 
+- ``'classification'``: C logits; softmax cross-entropy; accuracy.
 - ``'binary'``: one logit; sigmoid cross-entropy; AUC (the area under the
   ROC curve, ties counted half).
 - ``'regression'``: one value; squared error; RMSE.
@@ -22,7 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-KINDS = ('binary', 'regression')
+KINDS = ('classification', 'binary', 'regression')
+# The metric of each kind, and whether a higher value is better.
+METRIC = {'classification': 'accuracy', 'binary': 'auc', 'regression': 'rmse'}
+HIGHER_IS_BETTER = {'accuracy': True, 'auc': True, 'rmse': False}
 
 
 def check_kind(kind: str):
@@ -30,10 +34,21 @@ def check_kind(kind: str):
     raise ValueError(f'unknown task kind {kind!r}; choose one of {KINDS}.')
 
 
+def metric_names(kinds) -> list[str]:
+  """Each task's metric key in results: ``auc_1``, ``rmse_2``, ..."""
+  return [f'{METRIC[kind]}_{t + 1}' for t, kind in enumerate(kinds)]
+
+
 def loss(kind: str, output, target, weight) -> jax.Array:
-  """The weighted mean loss of one task over a batch: (B,) x 3 -> ()."""
+  """The weighted mean loss of one task over a batch: output (B,) or, for
+  classification, logits (B, C) with integer targets; target, weight (B,)
+  -> ()."""
   check_kind(kind)
-  if kind == 'binary':
+  if kind == 'classification':
+    per_example = optax.softmax_cross_entropy_with_integer_labels(
+      output, target.astype(jnp.int32)
+    )
+  elif kind == 'binary':
     per_example = optax.sigmoid_binary_cross_entropy(output, target)
   else:
     per_example = jnp.square(output - target)
@@ -62,6 +77,8 @@ def metric(kind: str, output, target, weight) -> float:
   check_kind(kind)
   keep = np.asarray(weight) > 0
   output, target = np.asarray(output)[keep], np.asarray(target)[keep]
+  if kind == 'classification':
+    return float(np.mean(np.argmax(output, -1) == target))
   if kind == 'binary':
     return auc(output, target)
   return float(np.sqrt(np.mean(np.square(output - target))))

@@ -32,6 +32,7 @@ from dselect_jax import evaluate
 from dselect_jax import factory
 from dselect_jax import input_pipeline
 from dselect_jax import metric_writers
+from dselect_jax import models
 from dselect_jax import steps
 
 
@@ -79,10 +80,10 @@ def _train_and_evaluate(config, workdir, is_chief):
   eval_every = _cadence(config.eval_every_steps, steps_per_epoch)
   ckpt_every = _cadence(config.checkpoint_every_steps, eval_every)
   logging.info(
-    'data %s/%s: %d train, %d validation, %d test; %d steps of '
+    'data %s: %d train, %d validation, %d test; %d steps of '
     'batch %d on %d devices',
-    config.data.name,
-    config.data.recipe,
+    config.data.name
+    + (f'/{config.data.recipe}' if factory.task_kinds(config) is None else ''),
     len(train_split),
     len(valid_split),
     len(test_split),
@@ -95,12 +96,15 @@ def _train_and_evaluate(config, workdir, is_chief):
   tx = factory.create_optimizer(config, num_train_steps)
   abstract = factory.abstract_state(config, model, tx)
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-  logging.info(
-    'model: %d parameters; experts with %s convolutions and %s BatchNorm',
-    num_params,
-    factory.conv_impl(config),
-    factory.norm_impl(config),
-  )
+  if isinstance(model, models.MultiTaskMoE):
+    logging.info(
+      'model: %d parameters; experts with %s convolutions and %s BatchNorm',
+      num_params,
+      factory.conv_impl(config),
+      factory.norm_impl(config),
+    )
+  else:
+    logging.info('model: %d parameters; MLP experts', num_params)
 
   # Every write checks that the file system keeps room for two checkpoints.
   ckpts = checkpointing.Checkpoints(
@@ -133,7 +137,7 @@ def _train_and_evaluate(config, workdir, is_chief):
   state = steps.replicate(state)
   rng = jax.random.key(config.seed + 1)
 
-  evaluator = evaluate.Evaluator(model, num_devices, config.model.sparse_eval)
+  evaluator = evaluate.make_evaluator(config, model)
   train_steps = steps.SparseTrainSteps(model, config)
   p_train_step = train_steps(state, start_step)
   # Multi-host, only process 0 writes metrics: it cannot stop alone, so there
@@ -199,25 +203,23 @@ def _train_and_evaluate(config, workdir, is_chief):
           valid = evaluator(state, valid_split, config.eval_batch_size)
           writer.write(step, 'validation', valid)
           logging.info(
-            'validation at step %d: accuracy %.4f / %.4f, experts %s',
+            'validation at step %d: %s, experts %s',
             step,
-            valid['accuracy_1'],
-            valid['accuracy_2'],
+            evaluate.headline(valid),
             valid['selected_experts'],
           )
           ckpts.save_best(
-            step, flax.jax_utils.unreplicate(state), valid['accuracy_mean']
+            step, flax.jax_utils.unreplicate(state), valid['selection_score']
           )
         if config.test_every_epoch and step % steps_per_epoch == 0:
           # PaddleRec's statistic pools these passes (evaluate.test_statistics).
           test = evaluator(state, test_split, config.eval_batch_size)
           writer.write(step, evaluate.TEST_EPOCH, test)
           logging.info(
-            'test at step %d (epoch %d): accuracy %.4f / %.4f',
+            'test at step %d (epoch %d): %s',
             step,
             step // steps_per_epoch,
-            test['accuracy_1'],
-            test['accuracy_2'],
+            evaluate.headline(test),
           )
         if step % ckpt_every == 0 or is_last or stop.signal:
           ckpts.save(step, flax.jax_utils.unreplicate(state))
@@ -364,16 +366,22 @@ def _log_train(
   summary['peak_rss_mb'] = peak_rss_mb()
   writer.write(step, 'train', summary)
   eta = (num_train_steps - step) / max(steps_per_s, 1e-9)
+  # Accuracy for image tasks, else each task's loss.
+  shown = 'accuracy' if 'accuracy_1' in summary else 'loss'
+  per_task = lambda name: '/'.join(
+    f'{summary[k]:.{1 if name == "num_nonzero" else 4}f}'
+    for k in sorted(summary)
+    if k.rpartition('_')[0] == name and k.rpartition('_')[2].isdigit()
+  )
   logging.info(
-    'step %d/%d  loss %.4f  acc %.4f/%.4f  experts %.1f/%.1f  %.2f steps/s '
-    ' %.0f images/s  ETA %s',
+    'step %d/%d  loss %.4f  %s %s  experts %s  %.2f steps/s  %.0f examples/s'
+    '  ETA %s',
     step,
     num_train_steps,
     summary['loss'],
-    summary['accuracy_1'],
-    summary['accuracy_2'],
-    summary['num_nonzero_1'],
-    summary['num_nonzero_2'],
+    'acc' if shown == 'accuracy' else 'task losses',
+    per_task(shown),
+    per_task('num_nonzero'),
     steps_per_s,
     summary['images_per_second'],
     _format_seconds(eta),

@@ -12,7 +12,8 @@ Finished cells are skipped and half-trained ones resume from their
 checkpoints, so the command can be re-run after a stop. --shard=i/n runs
 every n-th cell starting at i, so n machines (or GPUs) can split a grid and
 write to a shared OUT. --table_only rebuilds the tables and plots from the
-cells present: OUT/table.md, OUT/table.json, OUT/accuracy.png and, per
+cells present: OUT/table.md, OUT/table.json, OUT/accuracy.png (or
+OUT/test_metrics.png where a task's metric is not accuracy) and, per
 DSelect-k cell, OUT/expert_weights_<cell>.png (the gates' expert weights over
 training, at every log step).
 """
@@ -29,8 +30,10 @@ from ml_collections import config_flags
 import numpy as np
 
 from dselect_jax import cli
+from dselect_jax import evaluate
 from dselect_jax import factory
 from dselect_jax import metric_writers
+from dselect_jax import tasks
 from dselect_jax import trainer
 
 _OUT = flags.DEFINE_string('out', 'results/grid', 'Output folder.')
@@ -127,8 +130,11 @@ def run_cell(gate, dataset, seed, out):
     'gate': gate,
     'dataset': dataset,
     'seed': int(seed),
-    'accuracy_1': result['accuracy_1'],
-    'accuracy_2': result['accuracy_2'],
+    # Each task's test metric: accuracy_1, ... or auc_1, rmse_2.
+    **{
+      f'{name}_{t}': value
+      for t, (name, value) in enumerate(evaluate.task_metrics(result), 1)
+    },
     'num_nonzero': result['num_nonzero'],
     'selected_experts': result['selected_experts'],
     'best_step': result['step'],
@@ -138,13 +144,16 @@ def run_cell(gate, dataset, seed, out):
       else None
     ),
     'wall_seconds': time.time() - start,
-    'conv': factory.conv_impl(config),  # what 'auto' meant on this machine
+    # What 'auto' meant on this machine ('mlp': a feature data set's experts).
+    'conv': (
+      factory.conv_impl(config) if factory.task_kinds(config) is None else 'mlp'
+    ),
     'config': json.loads(config.to_json_best_effort()),
   }
   os.makedirs(os.path.dirname(cell_file), exist_ok=True)
   with open(cell_file, 'w') as f:
     json.dump(cell, f, indent=2)
-  print(f'{name}: {cell["accuracy_1"]:.4f} / {cell["accuracy_2"]:.4f}')
+  print(f'{name}: {evaluate.headline(cell)}')
 
 
 def _cell_name(cell):
@@ -168,10 +177,14 @@ def tabulate(out):
   rows = []
   for (dataset, gate), group in sorted(groups.items()):
     row = {'dataset': dataset, 'gate': gate, 'seeds': len(group)}
-    for t in (1, 2):
-      acc = np.array([c[f'accuracy_{t}'] for c in group])
-      row[f'accuracy_{t}_mean'] = float(acc.mean())
-      row[f'accuracy_{t}_std'] = float(acc.std(ddof=1)) if len(acc) > 1 else 0.0
+    row['metrics'] = [
+      f'{name}_{t}'
+      for t, (name, _) in enumerate(evaluate.task_metrics(group[0]), 1)
+    ]
+    for key in row['metrics']:
+      values = np.array([c[key] for c in group])
+      row[f'{key}_mean'] = float(values.mean())
+      row[f'{key}_std'] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
     row['experts_used'] = [c['num_nonzero'] for c in group]
     sat = [c['saturation_step'] for c in group]
     row['saturation_steps'] = sat
@@ -196,17 +209,19 @@ def tabulate(out):
   with open(os.path.join(out, 'table.json'), 'w') as f:
     json.dump({'rows': rows, 'cells': cells}, f, indent=2)
   lines = [
-    '| data set | gate | seeds | task 1 accuracy | task 2 accuracy | '
+    '| data set | gate | seeds | task 1 test metric | task 2 test metric | '
     'experts used per task | saturation step | minutes per run '
     '(expert convolution) | '
-    'train images/s before / after saturation |',
+    'train examples/s before / after saturation |',
     '|' + ' --- |' * 9,
   ]
   for r in rows:
+    metrics = ' | '.join(
+      f'{key.rpartition("_")[0]} {r[f"{key}_mean"]:.4f} ± {r[f"{key}_std"]:.4f}'
+      for key in r['metrics']
+    )
     lines.append(
-      f'| {r["dataset"]} | {r["gate"]} | {r["seeds"]} | '
-      f'{r["accuracy_1_mean"]:.4f} ± {r["accuracy_1_std"]:.4f} | '
-      f'{r["accuracy_2_mean"]:.4f} ± {r["accuracy_2_std"]:.4f} | '
+      f'| {r["dataset"]} | {r["gate"]} | {r["seeds"]} | {metrics} | '
       f'{r["experts_used"]} | {r["saturation_steps"]} | '
       + ', '.join(
         f'{m:.1f} ({conv})' for m, conv in zip(r['wall_minutes'], r['convs'])
@@ -227,30 +242,44 @@ def _plots(out, rows, cells):
   if not rows:
     return
   plt = plots.plt
-  datasets = sorted({r['dataset'] for r in rows})
-  fig, axes = plt.subplots(
-    1, len(datasets), figsize=(5 * len(datasets), 3.5), squeeze=False
-  )
-  for ax, dataset in zip(axes[0], datasets):
+  # One panel per data set and metric, a bar per gate and task.
+  panels = []
+  for dataset in sorted({r['dataset'] for r in rows}):
     sub = [r for r in rows if r['dataset'] == dataset]
+    for metric in dict.fromkeys(
+      k.rpartition('_')[0] for k in sub[0]['metrics']
+    ):
+      keys = [k for k in sub[0]['metrics'] if k.rpartition('_')[0] == metric]
+      panels.append((dataset, metric, sub, keys))
+  fig, axes = plt.subplots(
+    1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False
+  )
+  for ax, (dataset, metric, sub, keys) in zip(axes[0], panels):
     x = np.arange(len(sub))
-    for t, shift in ((1, -0.2), (2, 0.2)):
+    width = 0.8 / len(keys)
+    for i, key in enumerate(keys):
       ax.bar(
-        x + shift,
-        [r[f'accuracy_{t}_mean'] for r in sub],
-        0.4,
-        yerr=[r[f'accuracy_{t}_std'] for r in sub],
-        label=f'task {t}',
+        x + (i - (len(keys) - 1) / 2) * width,
+        [r[f'{key}_mean'] for r in sub],
+        width,
+        yerr=[r[f'{key}_std'] for r in sub],
+        label=f'task {key.rpartition("_")[2]}',
         capsize=3,
       )
     ax.set_xticks(x)
     ax.set_xticklabels([r['gate'] for r in sub], rotation=20)
-    low = min(r[f'accuracy_{t}_mean'] for r in sub for t in (1, 2))
-    ax.set_ylim(max(0, low - 0.05), 1)
+    values = [r[f'{key}_mean'] for r in sub for key in keys]
+    if tasks.HIGHER_IS_BETTER[metric]:
+      ax.set_ylim(max(0, min(values) - 0.05), 1)
+    else:
+      ax.set_ylim(0.95 * min(values), 1.05 * max(values))
+    ax.set_ylabel(f'test {metric}')
     ax.set_title(dataset)
     ax.legend()
   fig.tight_layout()
-  fig.savefig(os.path.join(out, 'accuracy.png'), dpi=100)
+  metrics = {metric for _, metric, _, _ in panels}
+  name = 'accuracy.png' if metrics == {'accuracy'} else 'test_metrics.png'
+  fig.savefig(os.path.join(out, name), dpi=100)
   plt.close(fig)
   for c in cells:
     if c['gate'] != 'dselect_k':
@@ -310,8 +339,7 @@ def main(argv):
     print(
       row['dataset'],
       row['gate'],
-      f'{row["accuracy_1_mean"]:.4f}',
-      f'{row["accuracy_2_mean"]:.4f}',
+      *(f'{key} {row[f"{key}_mean"]:.4f}' for key in row['metrics']),
     )
 
 

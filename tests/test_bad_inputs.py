@@ -17,6 +17,7 @@ import jax
 import pytest
 
 from dselect_jax import factory
+from dselect_jax import input_pipeline
 from dselect_jax import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -564,12 +565,28 @@ def test_fuzz_every_field():
     model = factory.create_model(config, bn_axis_name=steps.AXIS)
     tx = factory.create_optimizer(config, 10)
     state = factory.abstract_state(config, model, tx)
-    batch = {
-      'image': jax.ShapeDtypeStruct((1, 8, 36, 36, 1), 'float32'),
-      'label': jax.ShapeDtypeStruct((1, 8, 2), 'int32'),
-    }
+    spec = input_pipeline.describe(config.data.name)
+    if spec.is_image:
+      batch = {
+        'image': jax.ShapeDtypeStruct((1, 8, 36, 36, 1), 'float32'),
+        'label': jax.ShapeDtypeStruct((1, 8, 2), 'int32'),
+      }
+    else:
+      batch = {
+        'categorical': {
+          name: jax.ShapeDtypeStruct((1, 8), 'int32')
+          for name, _ in spec.cardinalities
+        },
+        'dense': jax.ShapeDtypeStruct((1, 8, spec.num_dense), 'float32'),
+        'target': jax.ShapeDtypeStruct((1, 8, 2), 'float32'),
+        'weight': jax.ShapeDtypeStruct((1, 8, 2), 'float32'),
+      }
     step = steps.one_device(
-      functools.partial(steps.train_step, loss_config=config.loss),
+      functools.partial(
+        steps.train_step,
+        loss_config=config.loss,
+        task_kinds=factory.task_kinds(config),
+      ),
       in_axes=(0, 0, None),
     )
     batched = jax.tree.map(

@@ -1,0 +1,267 @@
+"""MovieLens through the trainer: feature batches, per-kind losses, the
+evaluator's AUC and RMSE, and a run that trains, resumes and evaluates.
+
+The data are files of the MovieLens-100K format written here (GroupLens's
+terms forbid shipping the real ones): 40 users who each rate 15 of the first
+60 movies, so the watch task (rated or a random unrated movie of all 1,682)
+is learnable from the movie alone.
+"""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import movielens as movielens_config
+from dselect_jax import evaluate
+from dselect_jax import factory
+from dselect_jax import input_pipeline
+from dselect_jax import movielens
+from dselect_jax import steps
+from dselect_jax import tasks
+from dselect_jax import trainer
+
+NUM_USERS, NUM_MOVIES, PER_USER = 40, 60, 15
+
+
+def _write_files(folder):
+  """u.data / u.user / u.item of the toy catalogue above."""
+  folder.mkdir(parents=True)
+  ratings = []
+  for u in range(1, NUM_USERS + 1):
+    for j in range(PER_USER):
+      m = 1 + (u * 7 + j * 4) % NUM_MOVIES  # 15 distinct movies per user.
+      ratings.append(f'{u}\t{m}\t{1 + (u + m) % 5}\t{880000000 + j}')
+  users = [
+    f'{u}|{20 + u}|{"MF"[u % 2]}|{movielens.OCCUPATIONS[u % 21]}|00000'
+    for u in range(1, NUM_USERS + 1)
+  ]
+  genres = lambda m: '|'.join('1' if g == m % 19 else '0' for g in range(19))
+  items = [
+    f'{m}|Movie {m}|01-Jan-{1950 + m}||http://x|{genres(m)}'
+    for m in range(1, NUM_MOVIES + 1)
+  ]
+  for name, lines in (
+    ('u.data', ratings),
+    ('u.user', users),
+    ('u.item', items),
+  ):
+    (folder / name).write_text('\n'.join(lines) + '\n', encoding='latin-1')
+
+
+@pytest.fixture(scope='module')
+def movielens_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('movielens_data')
+  _write_files(root / 'movielens' / 'ml-100k')
+  return str(root)
+
+
+def tiny_config(data_dir, num_train_steps=40, **overrides):
+  """configs/movielens.py on the toy files: 4 experts, batch 32."""
+  config = movielens_config.get_config()
+  config.data.data_dir = data_dir
+  config.data.download = False
+  config.model.num_experts = 4
+  config.model.embed_dim = 4
+  config.model.expert_hidden = 16
+  config.model.expert_features = 8
+  config.model.tower_hidden = 8
+  config.batch_size = 32
+  config.eval_batch_size = 56  # 120 examples: the last batch padded.
+  config.num_train_steps = num_train_steps
+  config.log_every_steps = 10
+  config.eval_every_steps = 20
+  config.checkpoint_every_steps = 20
+  config.schedule.warmup_steps = 5
+  config.loss.entropy_start_step = 10
+  config.loss.entropy_ramp_steps = 10
+  config.optimizer.learning_rate = 1e-2
+  for key, value in overrides.items():
+    *path, last = key.split('.')
+    section = config
+    for name in path:
+      section = section[name]
+    section[last] = value
+  return config
+
+
+def test_the_toy_data_are_what_the_tests_assume(movielens_dir):
+  data = input_pipeline.load('movielens', seed=0, data_dir=movielens_dir)
+  # 600 ratings and one unrated movie per rating: 1,200 examples, 80/10/10.
+  assert [len(data[s]) for s in ('train', 'validation', 'test')] == [
+    960,
+    120,
+    120,
+  ]
+  spec = input_pipeline.describe('movielens')
+  assert spec.task_kinds == ('binary', 'regression') and not spec.is_image
+
+
+def test_feature_batches_hold_the_rows_of_each_device(movielens_dir):
+  split = input_pipeline.load('movielens', seed=0, data_dir=movielens_dir)[
+    'train'
+  ]
+  batch = next(input_pipeline.train_batches(split, 8, 2, seed=3))
+  # The first batch of epoch 0: the first 8 of that epoch's permutation,
+  # sorted, 4 rows per device.
+  rows = np.sort(input_pipeline.epoch_permutation(len(split), 3, 0)[:8])
+  assert batch['dense'].shape == (2, 4, movielens.NUM_DENSE)
+  assert batch['target'].shape == batch['weight'].shape == (2, 4, 2)
+  np.testing.assert_array_equal(
+    batch['categorical']['movie'],
+    split.categorical['movie'][rows].reshape(2, 4),
+  )
+  np.testing.assert_array_equal(batch['target'][1], split.targets[rows[4:]])
+
+
+def test_eval_batches_pad_the_last_batch_with_masked_zeros(movielens_dir):
+  split = input_pipeline.load('movielens', seed=0, data_dir=movielens_dir)[
+    'test'
+  ]
+  batches = list(input_pipeline.eval_batches(split, 56, 4))
+  # 120 = 56 + 56 + 8: the third batch has 8 real rows, on device 0 (rows
+  # 0-13 of the batch), and 48 zero rows.
+  assert len(batches) == 3
+  last = batches[2]
+  assert last['mask'].shape == (4, 14)
+  assert last['mask'].sum() == 8 and last['mask'][0, :8].all()
+  assert not last['categorical']['user'][1:].any()
+  assert not last['weight'][0, 8:].any()
+  np.testing.assert_array_equal(last['dense'][0, :8], split.dense[112:])
+
+
+def test_kind_losses_by_hand():
+  # Task 1 (binary) logits 0, 2, -1 on labels 1, 0, 0: log 2, log(1 + e^2),
+  # log(1 + e^-1). Task 2 (regression) 3, 4, 5 on 4, -, 5 with the second
+  # unknown (weight 0): (1 + 0) / 2.
+  outputs = jnp.array([[0.0, 2.0, -1.0], [3.0, 4.0, 5.0]])
+  batch = {
+    'target': jnp.array([[1.0, 4.0], [0.0, 0.0], [0.0, 5.0]]),
+    'weight': jnp.array([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]]),
+  }
+  losses = steps.kind_losses(outputs, batch, ('binary', 'regression'))
+  expected = (
+    math.log(2) + math.log(1 + math.e**2) + math.log1p(math.e**-1)
+  ) / 3
+  np.testing.assert_allclose(losses, [expected, 0.5], rtol=1e-6)
+
+
+def test_classification_kind_by_hand():
+  logits = jnp.array([[0.0, 0.0], [2.0, 0.0]])
+  target = jnp.array([1, 1])
+  # Cross-entropy: log 2 and log(1 + e^2); the second example is wrong.
+  expected = (math.log(2) + math.log(1 + math.e**2)) / 2
+  loss = tasks.loss('classification', logits, target, jnp.ones(2))
+  assert float(loss) == pytest.approx(expected, rel=1e-6)
+  assert (
+    tasks.metric('classification', np.array([[0, 1], [2, 0]]), [1, 1], [1, 1])
+    == 0.5
+  )
+
+
+def test_the_evaluator_scores_every_example_once(movielens_dir):
+  config = tiny_config(movielens_dir)
+  data = evaluate.load_data(config)
+  model = factory.create_model(config)
+  tx = factory.create_optimizer(config, 10)
+  state = factory.initial_state(config, model, tx, jax.random.key(0))
+  test = data['test']
+  result = evaluate.make_evaluator(config, model)(
+    steps.replicate(state), test, config.eval_batch_size
+  )
+  # The same outputs on the whole split at once, and the metrics by hand.
+  outputs, _ = model.apply(
+    {'params': state.params},
+    test.categorical,
+    test.dense,
+    train=False,
+  )
+  outputs = np.asarray(outputs)
+  watch, rating = test.targets[:, 0] > 0, test.weights[:, 1] > 0
+  pos, neg = outputs[0][watch], outputs[0][~watch]
+  wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (
+    pos[:, None] == neg[None, :]
+  ).sum()
+  assert result['num_examples'] == 120
+  assert result['auc_1'] == pytest.approx(wins / (len(pos) * len(neg)))
+  errors = outputs[1][rating] - test.targets[rating, 1]
+  assert result['rmse_2'] == pytest.approx(
+    np.sqrt(np.mean(errors**2)), rel=1e-5
+  )
+  assert result['loss_2'] == pytest.approx(np.mean(errors**2), rel=1e-5)
+  assert result['selection_score'] == pytest.approx(
+    -(result['loss_1'] + result['loss_2'])
+  )
+  assert evaluate.headline(result) == (
+    f'auc {result["auc_1"]:.4f}, rmse {result["rmse_2"]:.4f}'
+  )
+
+
+@pytest.mark.parametrize('per_example', [False, True])
+def test_a_movielens_run_trains_resumes_and_evaluates(
+  movielens_dir, tmp_path, per_example
+):
+  workdir = str(tmp_path / 'run')
+  # A constant rate: a cosine schedule's length is the call's step count.
+  overrides = {
+    'model.gate.per_example': per_example,
+    'schedule.name': 'constant',
+  }
+  first = trainer.train_and_evaluate(
+    tiny_config(movielens_dir, 20, **overrides), workdir
+  )
+  assert first['step'] == 20
+  result = trainer.train_and_evaluate(
+    tiny_config(movielens_dir, 60, **overrides), workdir
+  )
+  records = [
+    json.loads(line)
+    for line in open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8')
+  ]
+  # Resumed at 20: the train log steps 10, 20 of the first call, then 30..60.
+  train_steps = [r['step'] for r in records if r['split'] == 'train']
+  assert train_steps == [10, 20, 30, 40, 50, 60]
+  valid = [r for r in records if r['split'] == 'validation']
+  assert [r['step'] for r in valid] == [20, 40, 60]
+  # The kept checkpoint is the validation pass of highest selection score.
+  best = max(valid, key=lambda r: r['selection_score'])
+  assert result['step'] == best['step'] and result['checkpoint'] == 'best'
+  # The watched movies are 60 of 1,682: learnable from the movie embedding.
+  assert result['auc_1'] > 0.75
+  with open(os.path.join(workdir, 'test_metrics.json')) as f:
+    assert json.load(f)['auc_1'] == result['auc_1']
+  again = evaluate.evaluate_workdir(workdir)
+  assert (
+    again['auc_1'] == result['auc_1'] and again['rmse_2'] == result['rmse_2']
+  )
+  if not per_example:
+    # Resuming at step 20 changed nothing: the same 60 steps in one go.
+    straight = trainer.train_and_evaluate(
+      tiny_config(movielens_dir, 60, **overrides), str(tmp_path / 'straight')
+    )
+    assert straight['step'] == result['step']
+    assert straight['auc_1'] == result['auc_1']
+    assert straight['rmse_2'] == result['rmse_2']
+
+
+@pytest.mark.parametrize(
+  'field,value',
+  [
+    ('model.expert_bank', 'vmap'),
+    ('loss.name', 'double_softmax'),
+    ('test_every_epoch', True),
+    ('data.fresh_train', True),
+  ],
+)
+def test_image_only_fields_are_refused_for_movielens(
+  movielens_dir, field, value
+):
+  config = tiny_config(movielens_dir, **{field: value})
+  with pytest.raises(factory.ConfigError) as e:
+    factory.validate_config(config, 1)
+  assert str(e.value).startswith(f'config.{field}={value!r}: applies to the')
+  assert 'leave it at' in str(e.value)
