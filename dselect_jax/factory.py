@@ -243,7 +243,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int):
   def bad(field, value, why):
     raise ConfigError(f'config.{field}={value!r}: {why}.')
 
-  for field, value in flat_fields(config).items():
+  fields = flat_fields(config)
+  for field, value in fields.items():
     if field not in FIELDS:
       raise ConfigError(
         f'config.{field} is not a field of this version (known: the fields '
@@ -256,11 +257,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int):
   model, gate = config.model, config.model.gate
   if not input_pipeline.describe(config.data.name).is_image:
     for field, default in IMAGE_ONLY.items():
-      value = flat_fields(config)[field]
-      if value != default:
+      if fields[field] != default:
         bad(
           field,
-          value,
+          fields[field],
           f'applies to the image data sets only, and {config.data.name!r} '
           f'is a feature data set; leave it at {default!r}',
         )

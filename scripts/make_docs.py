@@ -20,6 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, 'results')
 PADDLEREC = (0.930460, 0.916088)
 START, END = '<!-- results:start -->', '<!-- results:end -->'
+ML_START, ML_END = '<!-- movielens:start -->', '<!-- movielens:end -->'
 COMPARISON = 'paddlerec_comparison'
 ABLATION_EPOCH = 15
 
@@ -106,12 +107,20 @@ def headline() -> list[str]:
   ]
   faithful = _test(f'{COMPARISON}/paddlerec')
   if faithful is None:
+    prefix = _wall_minutes(
+      os.path.join(RESULTS, COMPARISON, f'paddlerec_{ABLATION_EPOCH}epochs')
+    )
+    estimate = (
+      f'about {prefix * 100 / ABLATION_EPOCH / 60:.1f} h alone on a 2-core '
+      f"CPU, from its first {ABLATION_EPOCH} epochs' {prefix:.0f} min; "
+      if prefix
+      else ''
+    )
     lines.append(
       _row(
         'ours, `configs/paddlerec.py` (100 epochs)',
         '',
-        'not run yet (about 3 h alone on a 2-core CPU; '
-        '`benchmarks/gpu.sh` runs it on one GPU)',
+        f'not run yet ({estimate}`benchmarks/gpu.sh` runs it on one GPU)',
         '',
         '',
         '',
@@ -378,6 +387,42 @@ def comet() -> list[str]:
   return lines
 
 
+def movielens() -> list[str]:
+  """The gate comparison on MovieLens-100K (results/movielens/table.json)."""
+  path = os.path.join(RESULTS, 'movielens', 'table.json')
+  if not os.path.exists(path):
+    return ['MovieLens-100K: not run yet (`results/movielens/run.sh`).']
+  cells = _json(path)['cells']
+  gates = ['softmax', 'top_k', 'dselect_k', 'dselect_k_per_example']
+  lines = [
+    'Test metrics on MovieLens-100K (`configs/movielens.py`: watch, '
+    'binary, AUC; rating, regression, RMSE over the rated pairs; '
+    '160,000 / 20,000 / 20,000 examples, one unrated movie per rating), '
+    'checkpoint chosen on the validation loss, mean ± std over seeds '
+    "(`results/movielens/run.sh`). Experts per task: each seed's count "
+    'of experts with non-zero weight, task 1/task 2 (per-example gates: '
+    'the mean over test examples, to one decimal).',
+    '',
+    _row('gate', 'seeds', 'watch AUC', 'rating RMSE', 'experts per task'),
+    _row(*['---'] * 5),
+  ]
+  for gate in gates:
+    group = [c for c in cells if c['gate'] == gate]
+    if not group:
+      continue
+    used = sorted({tuple(c['num_nonzero']) for c in group})
+    lines.append(
+      _row(
+        f'`{gate}`',
+        len(group),
+        _mean_std([c['auc_1'] for c in group]),
+        _mean_std([c['rmse_2'] for c in group]),
+        ', '.join('/'.join(f'{round(n, 1):g}' for n in u) for u in used),
+      )
+    )
+  return lines
+
+
 def results_page() -> str:
   parts = [
     '# Results',
@@ -424,6 +469,22 @@ def results_page() -> str:
       '',
       '![accuracy per gate](../results/grid/accuracy.png)',
     ]
+  parts += ['', '## Recommendation: MovieLens-100K', ''] + movielens()
+  plots = sorted(
+    glob.glob(
+      os.path.join(RESULTS, 'movielens', 'expert_weights_*dselect_k-seed0.png')
+    )
+  )
+  if plots:
+    parts += [
+      '',
+      "Each task's static DSelect-k gate weights over training (seed 0; the "
+      'other seeds beside it in `results/movielens/`):',
+      '',
+    ] + [
+      f'![gate weights](../results/movielens/{os.path.basename(p)})'
+      for p in plots
+    ]
   entropy = _test('entropy_sample')
   if entropy:
     parts += [
@@ -442,12 +503,14 @@ def main():
   readme_path = os.path.join(REPO, 'README.md')
   with open(readme_path) as f:
     readme = f.read()
-  readme = re.sub(
-    re.escape(START) + '.*?' + re.escape(END),
-    lambda _: block,
-    readme,
-    flags=re.S,
-  )
+  ml_block = '\n'.join([ML_START] + movielens() + ['', ML_END])
+  for start, end, text in ((START, END, block), (ML_START, ML_END, ml_block)):
+    readme = re.sub(
+      re.escape(start) + '.*?' + re.escape(end),
+      lambda _, text=text: text,
+      readme,
+      flags=re.S,
+    )
   with open(readme_path, 'w') as f:
     f.write(readme)
   os.makedirs(os.path.join(REPO, 'docs'), exist_ok=True)
