@@ -71,6 +71,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Train only the experts some static gate still weighs (checked at every
   # log step); exact for adam and sgd, see steps.SparseTrainSteps.
   config.model.sparse_train = False
+  # Evaluate the loop's experts as one computation (models.
+  # multimnist_experts_eval: BatchNorm folded into the convolutions, the
+  # first convolution of all experts as one): the same function up to float
+  # rounding, faster (docs/performance.md). Training is unchanged; the vmap
+  # bank ignores it.
+  config.model.fused_eval = True
   # What a per-example gate routes on: 'input' (pixels) or 'experts' (mean
   # expert output).
   config.model.routing_input = 'input'

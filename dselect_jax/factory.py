@@ -164,6 +164,7 @@ FIELDS = {
   'model.norm': OneOf(('auto',) + NORM_IMPLS),
   'model.sparse_eval': BOOL,
   'model.sparse_train': BOOL,
+  'model.fused_eval': BOOL,
   'model.routing_input': OneOf(('input', 'experts')),
   'model.init_scheme': OneOf(models.INITS),
   'model.embed_dim': _int(1, example=4),
@@ -210,6 +211,7 @@ IMAGE_ONLY = {
   'model.conv': 'auto',
   'model.norm': 'auto',
   'model.expert_bank': 'loop',
+  'model.fused_eval': True,
   'model.routing_input': 'input',
   'model.init_scheme': 'flax',
   'loss.name': 'cross_entropy',
@@ -419,6 +421,7 @@ def create_model(
     num_classes=spec.num_classes,
     expert_kwargs=flax.core.FrozenDict(expert_kwargs),
     expert_bank=config.model.get('expert_bank', 'loop'),
+    fused_eval=config.model.get('fused_eval', True) and not _vmapped(config),
     tower_kwargs=flax.core.FrozenDict({'init_scheme': init}),
     bn_axis_name=bn_axis_name,
   )

@@ -338,3 +338,70 @@ def test_the_vmapped_expert_bank_computes_the_loops_function():
   sparse = vmapped.clone(active_experts=(0, 2)).apply(stacked, x, train=False)
   dense = loop.clone(active_experts=(0, 2)).apply(variables, x, train=False)
   np.testing.assert_allclose(sparse[0], dense[0], rtol=1e-5, atol=1e-6)
+
+
+def _random_variables(model, x):
+  """A model's variables with every BatchNorm moved off its identity
+  (scale, bias, running mean and variance), so folding them matters."""
+  variables = model.init(
+    {'params': jax.random.key(0), 'gating': jax.random.key(1)}, x, train=False
+  )
+  keys = iter(jax.random.split(jax.random.key(2), 1000))
+
+  def perturb(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if 'BatchNorm' not in name:
+      return leaf
+    noise = jax.random.uniform(next(keys), leaf.shape, minval=0.5, maxval=1.5)
+    return noise if name.endswith("['var']") else leaf + noise - 1
+
+  return jax.tree_util.tree_map_with_path(perturb, variables)
+
+
+@pytest.mark.parametrize(
+  'gate_kwargs,active',
+  [({'k': 2}, None), ({'k': 2}, (1, 2)), ({'k': 2, 'per_example': True}, None)],
+)
+def test_fused_evaluation_computes_the_loops_function(gate_kwargs, active):
+  x = jax.random.uniform(jax.random.key(3), (6, 36, 36, 1))
+  loop = models.MultiTaskMoE(
+    num_tasks=2, num_experts=3, gate_kwargs=gate_kwargs, active_experts=active
+  )
+  fused = loop.clone(fused_eval=True)
+  variables = _random_variables(loop, x)
+  expected, expected_aux = loop.apply(variables, x, train=False)
+  logits, aux = fused.apply(variables, x, train=False)
+  # The same function: only the order of the float operations differs.
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    aux['expert_weights'], expected_aux['expert_weights'], rtol=1e-6
+  )
+  # And it is the fused computation: one convolution with the first layers of
+  # all computed experts (10 channels each).
+  convs = [
+    eqn.invars[1].aval.shape
+    for eqn in jax.make_jaxpr(functools.partial(fused.apply, train=False))(
+      variables, x
+    ).jaxpr.eqns
+    if eqn.primitive.name == 'conv_general_dilated'
+  ]
+  assert convs[0] == (5, 5, 1, 10 * (3 if active is None else len(active)))
+
+  # Training is the loop's, fused_eval or not.
+  def train(model):
+    return model.apply(
+      variables,
+      x,
+      train=True,
+      mutable=['batch_stats'],
+      rngs={'gating': jax.random.key(4)},
+    )[0][0]
+
+  np.testing.assert_array_equal(train(fused), train(loop))
+
+
+def test_fused_evaluation_needs_the_multimnist_expert():
+  with pytest.raises(ValueError, match='fused_eval computes MultiMNISTExperts'):
+    models.ExpertBank(2, models.MLPExpert, fused_eval=True)
+  with pytest.raises(ValueError, match='fused_eval is for the loop'):
+    models.VmappedExpertBank(2, fused_eval=True)
