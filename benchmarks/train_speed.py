@@ -18,9 +18,10 @@ its own, started one after another and then kept waiting on a pipe:
   uint8 -> float, shard, transfer), with the loop's host work (the metrics
   history, read back every ``log_every_steps``): against ``ours`` it shows
   what the input pipeline and the loop cost.
-- ``ours_xla`` and ``ours_vmap`` (not in the default set): ``ours`` with
-  XLA's convolution and BatchNorm instead of the CPU paths, and with the
-  experts as one ``nn.vmap`` (``model.expert_bank='vmap'``, XLA's ops).
+- ``ours_xla``, ``ours_vmap`` and ``ours_unfused`` (not in the default
+  set): ``ours`` with XLA's convolution and BatchNorm instead of the CPU
+  paths, with the experts as one ``nn.vmap`` (``model.expert_bank='vmap'``,
+  XLA's ops), and evaluating expert by expert (``model.fused_eval=False``).
 - PyTorch eager NCHW, eager channels_last, and ``torch.compile`` (inductor)
   of the model in NCHW; a line says why where one fails on the machine.
 
@@ -70,6 +71,7 @@ NAMES = {
   'ours_loop': 'ours, train.py loop (input pipeline + host work)',
   'ours_xla': "ours with XLA's convolution and BatchNorm (model.conv=xla, norm=xla)",
   'ours_vmap': 'ours, experts as one nn.vmap (model.expert_bank=vmap)',
+  'ours_unfused': 'ours, evaluation expert by expert (model.fused_eval=False)',
   'torch_nchw': 'PyTorch eager, NCHW',
   'torch_channels_last': 'PyTorch eager, channels_last',
   'torch_compile': 'PyTorch torch.compile (inductor), NCHW',
@@ -101,6 +103,8 @@ def jax_worker(batches, loop: bool, variant: str = ''):
       config.model.conv = config.model.norm = 'xla'
     elif variant == 'vmap':
       config.model.expert_bank = 'vmap'
+    elif variant == 'unfused':
+      config.model.fused_eval = False
   model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 100_000)
   devices = jax.local_device_count()

@@ -83,16 +83,25 @@ def model_inputs(batch) -> tuple:
 
 
 def kind_losses(outputs, batch, task_kinds) -> jax.Array:
-  """Each task's weighted mean loss (T,) of a feature batch, by its kind.
+  """Each task's loss (T,) on this device's shard of a feature batch, by
+  its kind, so that the mean over the devices (as the gradients are
+  averaged) is the weighted mean over the whole batch: the shard's weighted
+  sum over the devices' mean weight. Call it inside the mapped step.
 
   outputs (T, B), batch target and weight (B, T).
   """
-  return jnp.stack(
+  weight = batch['weight']
+  mean_weight = jax.lax.pmean(jnp.sum(weight, axis=0), AXIS)  # (T,)
+  sums = jnp.stack(
     [
-      tasks.loss(kind, outputs[t], batch['target'][:, t], batch['weight'][:, t])
+      jnp.sum(
+        weight[:, t]
+        * tasks.example_losses(kind, outputs[t], batch['target'][:, t])
+      )
       for t, kind in enumerate(task_kinds)
     ]
   )
+  return sums / jnp.maximum(mean_weight, 1e-12)
 
 
 def gate_summary(expert_weights) -> dict[str, jax.Array]:
@@ -123,8 +132,7 @@ def train_step(
   """One optimizer step on this device's shard; averages over AXIS.
 
   batch: image (b, 36, 36, 1) and label (b, T), or a feature batch, whose
-  tasks' ``task_kinds`` decide their losses (each a weighted mean over this
-  device's shard). ``model`` replaces ``state.apply_fn`` (sparse training
+  tasks' ``task_kinds`` decide their losses (``kind_losses``). ``model`` replaces ``state.apply_fn`` (sparse training
   passes one computing fewer experts). Returns (state, metrics), the
   metrics already averaged over devices.
   """

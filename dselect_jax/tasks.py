@@ -39,19 +39,23 @@ def metric_names(kinds) -> list[str]:
   return [f'{METRIC[kind]}_{t + 1}' for t, kind in enumerate(kinds)]
 
 
-def loss(kind: str, output, target, weight) -> jax.Array:
-  """The weighted mean loss of one task over a batch: output (B,) or, for
-  classification, logits (B, C) with integer targets; target, weight (B,)
-  -> ()."""
+def example_losses(kind: str, output, target) -> jax.Array:
+  """One task's loss on each example: output (B,) or, for classification,
+  logits (B, C) with integer targets; target (B,) -> (B,)."""
   check_kind(kind)
   if kind == 'classification':
-    per_example = optax.softmax_cross_entropy_with_integer_labels(
+    return optax.softmax_cross_entropy_with_integer_labels(
       output, target.astype(jnp.int32)
     )
-  elif kind == 'binary':
-    per_example = optax.sigmoid_binary_cross_entropy(output, target)
-  else:
-    per_example = jnp.square(output - target)
+  if kind == 'binary':
+    return optax.sigmoid_binary_cross_entropy(output, target)
+  return jnp.square(output - target)
+
+
+def loss(kind: str, output, target, weight) -> jax.Array:
+  """The weighted mean loss of one task over a batch (``example_losses``
+  weighted by ``weight`` (B,)) -> ()."""
+  per_example = example_losses(kind, output, target)
   return jnp.sum(weight * per_example) / jnp.maximum(jnp.sum(weight), 1.0)
 
 

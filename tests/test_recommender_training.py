@@ -7,6 +7,7 @@ terms forbid shipping the real ones): 40 users who each rate 15 of the first
 is learnable from the movie alone.
 """
 
+import functools
 import json
 import math
 import os
@@ -134,6 +135,9 @@ def test_eval_batches_pad_the_last_batch_with_masked_zeros(movielens_dir):
   np.testing.assert_array_equal(last['dense'][0, :8], split.dense[112:])
 
 
+KINDS = ('binary', 'regression')
+
+
 def test_kind_losses_by_hand():
   # Task 1 (binary) logits 0, 2, -1 on labels 1, 0, 0: log 2, log(1 + e^2),
   # log(1 + e^-1). Task 2 (regression) 3, 4, 5 on 4, -, 5 with the second
@@ -143,11 +147,66 @@ def test_kind_losses_by_hand():
     'target': jnp.array([[1.0, 4.0], [0.0, 0.0], [0.0, 5.0]]),
     'weight': jnp.array([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]]),
   }
-  losses = steps.kind_losses(outputs, batch, ('binary', 'regression'))
+  losses = steps.one_device(
+    functools.partial(steps.kind_losses, task_kinds=KINDS)
+  )(outputs[None], jax.tree.map(lambda x: x[None], batch))[0]
   expected = (
     math.log(2) + math.log(1 + math.e**2) + math.log1p(math.e**-1)
   ) / 3
   np.testing.assert_allclose(losses, [expected, 0.5], rtol=1e-6)
+
+
+def test_kind_losses_average_over_devices_to_the_whole_batch():
+  # Two shards of two examples; the rating is known for 1 example of the
+  # first and 2 of the second, squared errors 1 | (9, 4) on the known ones.
+  # The whole batch: (1 + 9 + 4) / 3. Each device: its weighted sum over the
+  # mean weight 1.5, so 1 / 1.5 and 13 / 1.5, whose mean is 14 / 3.
+  outputs = jnp.array([[[0.0, 0.0], [1.0, 9.0]], [[0.0, 0.0], [0.0, 3.0]]])
+  batch = {
+    'target': jnp.array([[[1.0, 0.0], [0.0, 0.0]], [[1.0, 3.0], [0.0, 1.0]]]),
+    'weight': jnp.array([[[1.0, 1.0], [1.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]]),
+  }
+  per_device = steps.one_device(
+    functools.partial(steps.kind_losses, task_kinds=KINDS)
+  )(outputs, batch)
+  np.testing.assert_allclose(per_device[:, 1], [1 / 1.5, 13 / 1.5], rtol=1e-6)
+  assert float(per_device[:, 1].mean()) == pytest.approx(14 / 3)
+
+
+def test_the_sharded_step_equals_the_step_on_the_whole_batch(movielens_dir):
+  config = tiny_config(movielens_dir)
+  model = factory.create_model(config)
+  tx = factory.create_optimizer(config, 10)
+  state = factory.initial_state(config, model, tx, jax.random.key(0))
+  split = evaluate.load_data(config)['train']
+  batch = next(input_pipeline.train_batches(split, 32, 1, seed=0))
+  step = steps.one_device(
+    functools.partial(
+      steps.train_step, loss_config=config.loss, task_kinds=KINDS
+    ),
+    in_axes=(0, 0, None),
+  )
+  results = []
+  for n in (1, 4):
+    # jit(vmap) over n shards: the collectives of n devices.
+    sharded = jax.tree.map(
+      lambda x: x.reshape((n, 32 // n) + x.shape[2:]), batch
+    )
+    replicated = jax.tree.map(
+      lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), state
+    )
+    new_state, metrics = step(replicated, sharded, jax.random.key(1))
+    results.append(
+      jax.tree.map(lambda x: np.asarray(x)[0], (new_state.params, metrics))
+    )
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=1e-6),
+    results[0],
+    results[1],
+  )
+  # The shards' rated examples differ, so a per-shard mean would not do.
+  per_shard = batch['weight'][0, :, 1].reshape(4, 8).sum(1)
+  assert len(set(per_shard.tolist())) > 1
 
 
 def test_classification_kind_by_hand():
@@ -201,7 +260,9 @@ def test_the_evaluator_scores_every_example_once(movielens_dir):
   )
 
 
-@pytest.mark.parametrize('per_example', [False, True])
+@pytest.mark.parametrize(
+  'per_example', [False, pytest.param(True, marks=pytest.mark.slow)]
+)
 def test_a_movielens_run_trains_resumes_and_evaluates(
   movielens_dir, tmp_path, per_example
 ):
