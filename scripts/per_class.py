@@ -38,6 +38,12 @@ def main():
     sources.DataError,
   ) as e:
     sys.exit(f'error: {e}')
+  if factory.task_kinds(config) is not None:
+    sys.exit(
+      f'error: per-class accuracy is for the image data sets; '
+      f'{config.data.name!r} has tasks of kinds {factory.task_kinds(config)} '
+      '(eval.py reports their metrics).'
+    )
 
   @jax.jit
   def logits(images):  # (B, H, W, 1) -> (T, B, C)

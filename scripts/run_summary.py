@@ -5,8 +5,8 @@
 
 Reads the workdir's metrics.jsonl through metric_writers.read_metrics (so the
 records a resumed run wrote twice count once) and prints: the best
-validation record (by the mean of the task accuracies; the trainer's choice
-of the best checkpoint), the range of validation accuracy and the train log
+validation record (by its selection_score, the trainer's choice of the best
+checkpoint), the range of each task's validation metric and the train log
 windows' images/s after step --after (the part of the run a session added),
 the peak resident memory, each task's expert weights at the last validation,
 and the test record, if there is one.
@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from dselect_jax import evaluate
 from dselect_jax import metric_writers
 
 
@@ -39,22 +40,26 @@ def main():
   if not val:
     sys.exit(f'{args.workdir}: no validation record yet.')
 
-  best = max(val, key=lambda r: (r['accuracy_mean'], -r['step']))
+  # Records written before selection_score existed: the mean accuracy.
+  best = max(
+    val,
+    key=lambda r: (
+      r.get('selection_score', r.get('accuracy_mean')),
+      -r['step'],
+    ),
+  )
   print(
     f'validation: {len(val)} records, last at step {val[-1]["step"]}; '
-    f'best at step {best["step"]}: {best["accuracy_1"]:.4f} / '
-    f'{best["accuracy_2"]:.4f}'
+    f'best at step {best["step"]}: {_metrics(best, 4)}'
   )
   later = [r for r in val if r['step'] > args.after]
   if later:
     ranges = [
-      f'{min(r[k] for r in later):.4f}-{max(r[k] for r in later):.4f}'
-      for k in ('accuracy_1', 'accuracy_2')
+      f'task {t} {prefix}{min(r[k] for r in later):.4f}-'
+      f'{max(r[k] for r in later):.4f}'
+      for t, (k, prefix) in enumerate(_keys(later[0]), 1)
     ]
-    print(
-      f'validation after step {args.after}: task 1 {ranges[0]}, '
-      f'task 2 {ranges[1]}'
-    )
+    print(f'validation after step {args.after}: {", ".join(ranges)}')
   speeds = np.array(
     [r['images_per_second'] for r in train if r['step'] > args.after]
   )
@@ -79,8 +84,26 @@ def main():
     if r['split'] == 'test':
       print(
         f'test ({r.get("checkpoint", "?")} checkpoint, step {r["step"]}):'
-        f' {r["accuracy_1"]:.5f} / {r["accuracy_2"]:.5f}'
+        f' {_metrics(r, 5)}'
       )
+
+
+def _keys(record) -> list[tuple[str, str]]:
+  """Each task's metric key in a record, and how to name it in a line:
+  nothing for accuracies, else ``auc ``, ``rmse ``."""
+  pairs = evaluate.task_metrics(record)
+  plain = all(name == 'accuracy' for name, _ in pairs)
+  return [
+    (f'{name}_{t}', '' if plain else f'{name} ')
+    for t, (name, _) in enumerate(pairs, 1)
+  ]
+
+
+def _metrics(record, digits: int) -> str:
+  """``0.9500 / 0.8500``, or ``auc 0.8229 / rmse 0.9718``."""
+  return ' / '.join(
+    f'{prefix}{record[key]:.{digits}f}' for key, prefix in _keys(record)
+  )
 
 
 if __name__ == '__main__':

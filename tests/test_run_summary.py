@@ -81,3 +81,37 @@ def test_a_folder_without_metrics_is_a_one_line_error(tmp_path):
   assert result.stderr.strip() == (
     f'no metrics.jsonl in {tmp_path}: give a train.py workdir.'
   )
+
+
+def test_summary_of_a_recommender_run_names_its_metrics(tmp_path):
+  def validation(step, auc, rmse, loss):
+    return {
+      'step': step,
+      'split': 'validation',
+      'auc_1': auc,
+      'rmse_2': rmse,
+      'selection_score': -loss,
+      'expert_weights': [[0.0, 1.0], [1.0, 0.0]],
+      'num_nonzero': [1, 1],
+    }
+
+  # The best record is the one of lowest loss, step 20, though step 30 has
+  # the higher AUC.
+  records = [
+    validation(10, 0.80, 1.00, 1.6),
+    validation(20, 0.85, 0.92, 1.3),
+    validation(30, 0.87, 0.99, 1.4),
+  ]
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in records)
+  result = _run(str(tmp_path))
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0] == (
+    'validation: 3 records, last at step 30; best at step 20: '
+    'auc 0.8500 / rmse 0.9200'
+  )
+  assert lines[1] == (
+    'validation after step 0: task 1 auc 0.8000-0.8700, '
+    'task 2 rmse 0.9200-1.0000'
+  )
