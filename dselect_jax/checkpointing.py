@@ -2,7 +2,8 @@
 
 ``workdir/checkpoints/<step>``: periodic saves, ``max_to_keep`` newest kept;
 training resumes from the newest. ``workdir/best/<step>``: the one checkpoint
-with the highest validation ``accuracy_mean``, used for the final test.
+with the highest validation ``selection_score`` (the mean accuracy, or minus
+the summed task losses; ``evaluate.Evaluator``), used for the final test.
 Both use Orbax's ``CheckpointManager`` with ``ocp.args.StandardSave`` /
 ``StandardRestore`` into the structure the config defines. Before reading
 arrays, a restore compares the checkpoint's tree metadata with that structure,
@@ -32,7 +33,9 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
-BEST_METRIC = 'accuracy_mean'
+BEST_METRIC = 'selection_score'
+# What runs saved with their best checkpoints before selection_score.
+_OLD_BEST_METRIC = 'accuracy_mean'
 
 
 class CheckpointError(Exception):
@@ -120,7 +123,9 @@ class Checkpoints:
         max_to_keep=1,
         create=create,
         cleanup_tmp_directories=create,
-        best_fn=lambda metrics: metrics[BEST_METRIC],
+        best_fn=lambda metrics: metrics.get(
+          BEST_METRIC, metrics.get(_OLD_BEST_METRIC)
+        ),
         best_mode='max',
         multiprocessing_options=ocp.options.MultiprocessingOptions(
           barrier_sync_key_prefix='best'
