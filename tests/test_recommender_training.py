@@ -25,6 +25,7 @@ from dselect_jax import movielens
 from dselect_jax import steps
 from dselect_jax import tasks
 from dselect_jax import trainer
+from tests.test_trainer import set_fields
 
 NUM_USERS, NUM_MOVIES, PER_USER = 40, 60, 15
 
@@ -81,13 +82,7 @@ def tiny_config(data_dir, num_train_steps=40, **overrides):
   config.loss.entropy_start_step = 10
   config.loss.entropy_ramp_steps = 10
   config.optimizer.learning_rate = 1e-2
-  for key, value in overrides.items():
-    *path, last = key.split('.')
-    section = config
-    for name in path:
-      section = section[name]
-    section[last] = value
-  return config
+  return set_fields(config, overrides)
 
 
 def test_the_toy_data_are_what_the_tests_assume(movielens_dir):

@@ -45,7 +45,13 @@ def tiny_config(num_train_steps=6, **overrides):
   config.log_every_steps = 3
   config.eval_every_steps = 3
   config.checkpoint_every_steps = 3
-  for key, value in overrides.items():
+  return set_fields(config, overrides)
+
+
+def set_fields(config, fields):
+  """``config`` with {'model.gate.k': 2, ...} set (type-checked by the
+  locked ConfigDict)."""
+  for key, value in fields.items():
     section = config
     *path, last = key.split('.')
     for name in path:
