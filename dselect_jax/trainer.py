@@ -79,11 +79,12 @@ def _train_and_evaluate(config, workdir, is_chief):
   num_train_steps = factory.num_train_steps(config, len(train_split))
   eval_every = _cadence(config.eval_every_steps, steps_per_epoch)
   ckpt_every = _cadence(config.checkpoint_every_steps, eval_every)
+  spec = input_pipeline.describe(config.data.name)
   logging.info(
-    'data %s: %d train, %d validation, %d test; %d steps of '
+    'data %s: tasks %s; %d train, %d validation, %d test; %d steps of '
     'batch %d on %d devices',
-    config.data.name
-    + (f'/{config.data.recipe}' if factory.task_kinds(config) is None else ''),
+    config.data.name + (f'/{config.data.recipe}' if spec.is_image else ''),
+    ', '.join(f'{n} ({k})' for n, k in zip(spec.task_names, spec.task_kinds)),
     len(train_split),
     len(valid_split),
     len(test_split),
