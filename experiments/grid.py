@@ -15,7 +15,8 @@ write to a shared OUT. --table_only rebuilds the tables and plots from the
 cells present: OUT/table.md, OUT/table.json, OUT/accuracy.png (or
 OUT/test_metrics.png where a task's metric is not accuracy) and, per
 DSelect-k cell, OUT/expert_weights_<cell>.png (the gates' expert weights over
-training, at every log step).
+training, at every log step; per-example gates: their mean over the
+validation examples, at every validation).
 """
 
 import copy
@@ -282,12 +283,14 @@ def _plots(out, rows, cells):
   fig.savefig(os.path.join(out, name), dpi=100)
   plt.close(fig)
   for c in cells:
-    if c['gate'] != 'dselect_k':
+    if not c['gate'].startswith('dselect_k'):
       continue
+    per_example = c['gate'] == 'dselect_k_per_example'
     name = _cell_name(c)
     records = metric_writers.read_metrics(os.path.join(out, 'workdirs', name))
-    # Train records hold the weights at every log step (newer runs);
-    # validation records once per epoch.
+    # Train records hold static weights at every log step (newer runs);
+    # validation records once per epoch (per-example gates: the mean over
+    # the validation examples).
     logged = [
       r for r in records if r['split'] == 'train' and 'expert_weights' in r
     ]
@@ -304,7 +307,9 @@ def _plots(out, rows, cells):
         ax.plot(steps, weights[:, t, e], label=f'expert {e}')
       ax.set_title(f'{name}: task {t + 1}')
       ax.set_xlabel('step')
-      ax.set_ylabel('gate weight')
+      ax.set_ylabel(
+        'mean gate weight (validation)' if per_example else 'gate weight'
+      )
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, f'expert_weights_{name}.png'), dpi=100)

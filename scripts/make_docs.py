@@ -472,19 +472,21 @@ def results_page() -> str:
   parts += ['', '## Recommendation: MovieLens-100K', ''] + movielens()
   plots = sorted(
     glob.glob(
-      os.path.join(RESULTS, 'movielens', 'expert_weights_*dselect_k-seed0.png')
+      os.path.join(RESULTS, 'movielens', 'expert_weights_*dselect_k*-seed0.png')
     )
   )
   if plots:
     parts += [
       '',
-      "Each task's static DSelect-k gate weights over training (seed 0; the "
-      'other seeds beside it in `results/movielens/`):',
-      '',
-    ] + [
-      f'![gate weights](../results/movielens/{os.path.basename(p)})'
-      for p in plots
+      "Each task's DSelect-k gate weights over training, static and "
+      'per-example (the mean over the validation examples), seed 0; the '
+      'other seeds beside them in `results/movielens/`:',
     ]
+    for plot in plots:
+      parts += [
+        '',
+        f'![gate weights](../results/movielens/{os.path.basename(plot)})',
+      ]
   entropy = _test('entropy_sample')
   if entropy:
     parts += [
