@@ -32,7 +32,6 @@ from dselect_jax import evaluate
 from dselect_jax import factory
 from dselect_jax import input_pipeline
 from dselect_jax import metric_writers
-from dselect_jax import models
 from dselect_jax import steps
 
 
@@ -97,7 +96,7 @@ def _train_and_evaluate(config, workdir, is_chief):
   tx = factory.create_optimizer(config, num_train_steps)
   abstract = factory.abstract_state(config, model, tx)
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-  if isinstance(model, models.MultiTaskMoE):
+  if spec.is_image:
     logging.info(
       'model: %d parameters; experts with %s convolutions and %s BatchNorm',
       num_params,
@@ -369,11 +368,6 @@ def _log_train(
   eta = (num_train_steps - step) / max(steps_per_s, 1e-9)
   # Accuracy for image tasks, else each task's loss.
   shown = 'accuracy' if 'accuracy_1' in summary else 'loss'
-  per_task = lambda name: '/'.join(
-    f'{summary[k]:.{1 if name == "num_nonzero" else 4}f}'
-    for k in sorted(summary)
-    if k.rpartition('_')[0] == name and k.rpartition('_')[2].isdigit()
-  )
   logging.info(
     'step %d/%d  loss %.4f  %s %s  experts %s  %.2f steps/s  %.0f examples/s'
     '  ETA %s',
@@ -381,12 +375,21 @@ def _log_train(
     num_train_steps,
     summary['loss'],
     'acc' if shown == 'accuracy' else 'task losses',
-    per_task(shown),
-    per_task('num_nonzero'),
+    _per_task(summary, shown, 4),
+    _per_task(summary, 'num_nonzero', 1),
     steps_per_s,
     summary['images_per_second'],
     _format_seconds(eta),
   )
+
+
+def _per_task(summary, name: str, digits: int) -> str:
+  """``name_1``, ``name_2``, ... of a summary as ``0.9412/0.9301``."""
+  values, t = [], 1
+  while f'{name}_{t}' in summary:
+    values.append(f'{summary[f"{name}_{t}"]:.{digits}f}')
+    t += 1
+  return '/'.join(values)
 
 
 def _format_seconds(seconds: float) -> str:
