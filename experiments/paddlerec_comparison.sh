@@ -5,6 +5,8 @@
 #   2. configs/paddlerec.py, 100 epochs (the like-for-like reproduction),
 #      and its first 15 epochs alone (the same steps: a constant learning
 #      rate), the reference of the ablations where the long run is missing;
+#      paddlerec_30epochs (not in the default order): its first 30 epochs,
+#      what one session's CPU affords of the long run;
 #   3. one-factor ablations of configs/paddlerec.py, 15 epochs each, to set
 #      beside its own first 15 epochs: the older data recipe, plain
 #      cross-entropy, Flax's initializers.
@@ -28,6 +30,7 @@ declare -A ARGS=(
   [multimnist_seed2]="--config=configs/multimnist.py --config.seed=2"
   [paddlerec]="--config=configs/paddlerec.py"
   [paddlerec_15epochs]="--config=configs/paddlerec.py --config.num_epochs=15"
+  [paddlerec_30epochs]="--config=configs/paddlerec.py --config.num_epochs=30"
   [ablation_paretomtl_axes]="--config=configs/paddlerec.py --config.num_epochs=15 --config.data.recipe=paretomtl_axes"
   [ablation_cross_entropy]="--config=configs/paddlerec.py --config.num_epochs=15 --config.loss.name=cross_entropy"
   [ablation_flax_init]="--config=configs/paddlerec.py --config.num_epochs=15 --config.model.init_scheme=flax"
