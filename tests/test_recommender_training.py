@@ -294,14 +294,27 @@ def test_a_movielens_run_trains_resumes_and_evaluates(
   assert (
     again['auc_1'] == result['auc_1'] and again['rmse_2'] == result['rmse_2']
   )
-  if not per_example:
-    # Resuming at step 20 changed nothing: the same 60 steps in one go.
-    straight = trainer.train_and_evaluate(
-      tiny_config(movielens_dir, 60, **overrides), str(tmp_path / 'straight')
-    )
-    assert straight['step'] == result['step']
-    assert straight['auc_1'] == result['auc_1']
-    assert straight['rmse_2'] == result['rmse_2']
+
+
+@pytest.mark.slow
+def test_a_resumed_movielens_run_equals_an_uninterrupted_one(
+  movielens_dir, tmp_path
+):
+  # A constant rate: a cosine schedule's length is the call's step count.
+  constant = {'schedule.name': 'constant'}
+  resumed = str(tmp_path / 'resumed')
+  trainer.train_and_evaluate(
+    tiny_config(movielens_dir, 20, **constant), resumed
+  )
+  result = trainer.train_and_evaluate(
+    tiny_config(movielens_dir, 60, **constant), resumed
+  )
+  straight = trainer.train_and_evaluate(
+    tiny_config(movielens_dir, 60, **constant), str(tmp_path / 'straight')
+  )
+  assert straight['step'] == result['step']
+  assert straight['auc_1'] == result['auc_1']
+  assert straight['rmse_2'] == result['rmse_2']
 
 
 @pytest.mark.parametrize(
