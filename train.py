@@ -65,6 +65,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
+  cli.setup_host_memory()  # First: before JAX starts its threads.
   cli.quiet_orbax()
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}; use --flag=value.')

@@ -24,6 +24,11 @@ its own, started one after another and then kept waiting on a pipe:
   XLA's ops), and evaluating expert by expert (``model.fused_eval=False``).
 - PyTorch eager NCHW, eager channels_last, and ``torch.compile`` (inductor)
   of the model in NCHW; a line says why where one fails on the machine.
+- Freed memory: train.py keeps freed host memory for reuse
+  (``--keep_freed_memory``, ``cpu.memory``), and so does every ``ours``
+  contender but ``ours_default_malloc``. Each PyTorch contender runs twice,
+  with glibc's default malloc and with the same setting (``_keepmem``), and
+  the fastest of all six is the baseline.
 
 Each round runs one window of ``--steps`` steps of every contender in turn,
 the order rotated from round to round, so a slow minute of a shared machine
@@ -49,13 +54,24 @@ import time
 from absl import app
 from absl import flags
 
+from dselect_jax.cpu import memory
+
 _BATCHES = flags.DEFINE_list('batches', ['128', '256', '512'], 'Batch sizes.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Steps per timed window.')
 _ROUNDS = flags.DEFINE_integer('rounds', 7, 'Windows of each contender.')
 _THREADS = flags.DEFINE_integer('threads', 2, 'Threads of each contender.')
 _CONTENDERS = flags.DEFINE_list(
   'contenders',
-  ['ours', 'ours_loop', 'torch_nchw', 'torch_channels_last', 'torch_compile'],
+  [
+    'ours',
+    'ours_loop',
+    'torch_nchw',
+    'torch_channels_last',
+    'torch_compile',
+    'torch_nchw_keepmem',
+    'torch_channels_last_keepmem',
+    'torch_compile_keepmem',
+  ],
   'What to time.',
 )
 _OUT = flags.DEFINE_string('out', None, 'Also write the table here.')
@@ -75,7 +91,12 @@ NAMES = {
   'torch_nchw': 'PyTorch eager, NCHW',
   'torch_channels_last': 'PyTorch eager, channels_last',
   'torch_compile': 'PyTorch torch.compile (inductor), NCHW',
+  'ours_default_malloc': "ours with glibc's default malloc (--nokeep_freed_memory)",
 }
+# Every PyTorch contender also runs with freed memory kept, as ours does.
+for _name in [n for n in NAMES if n.startswith('torch_')]:
+  NAMES[_name + '_keepmem'] = NAMES[_name] + ', freed memory kept'
+
 _MODES = flags.DEFINE_list('modes', ['train', 'eval'], 'What to time.')
 
 
@@ -225,15 +246,26 @@ def worker_main(name: str, batches, threads: int, torch_device: str):
   cpus = sorted(os.sched_getaffinity(0))
   if len(cpus) > threads:
     os.sched_setaffinity(0, cpus[:threads])
+  # train.py's --keep_freed_memory (its default), before any allocation
+  # of the contender's own.
+  keep = name.endswith('_keepmem') or (
+    name.startswith('ours') and name != 'ours_default_malloc'
+  )
+  info = {'keep_freed_memory': keep and memory.keep_freed_memory()}
   try:
     if name.startswith('ours'):
-      runs, info = jax_worker(
-        batches, name == 'ours_loop', name.removeprefix('ours_')
+      plain = name in ('ours_loop', 'ours_default_malloc')
+      runs, more = jax_worker(
+        batches, name == 'ours_loop', '' if plain else name[len('ours_') :]
       )
     else:
-      runs, info = torch_worker(
-        batches, name.removeprefix('torch_'), threads, torch_device
+      runs, more = torch_worker(
+        batches,
+        name.removeprefix('torch_').removesuffix('_keepmem'),
+        threads,
+        torch_device,
       )
+    info.update(more)
     start = time.perf_counter()
     for run in runs.values():
       run(2)

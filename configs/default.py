@@ -50,8 +50,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.shared_gate = False
   # How the experts compute their convolutions: 'xla' (XLA's
   # convolution), 'toeplitz' (row matmuls, cpu.ToeplitzConv; faster on
-  # XLA:CPU), or 'auto' (toeplitz on CPU, xla elsewhere). Same parameters
-  # either way: a checkpoint trained with one evaluates with the other.
+  # XLA:CPU), 'toeplitz_kernel' (the same, its input rows and gradients
+  # built by hand-written CPU kernels; faster still), or 'auto'
+  # (toeplitz_kernel on CPU if the kernels build, else toeplitz; xla
+  # elsewhere). Same parameters either way: a checkpoint trained with one
+  # evaluates with the other.
   config.model.conv = 'auto'
   # How the experts compute each BatchNorm-ReLU-pool block: 'xla'
   # (nn.BatchNorm, nn.relu, models.max_pool_2x2), 'kernel' (hand-written CPU

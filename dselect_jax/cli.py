@@ -1,5 +1,5 @@
-"""What train.py and eval.py share: flag parsing with one-line errors, and a
-quieter console."""
+"""What train.py and eval.py share: flag parsing with one-line errors, the
+host allocator's setting, and a quieter console."""
 
 import logging as std_logging
 import os
@@ -7,6 +7,25 @@ import sys
 
 from absl import flags
 from absl import logging
+
+from dselect_jax.cpu import memory
+
+_KEEP_FREED_MEMORY = flags.DEFINE_bool(
+  'keep_freed_memory',
+  True,
+  "Keep freed host memory in the process for reuse (glibc's malloc: one "
+  'arena, no per-block mappings, no trimming), so that each jitted step '
+  'reuses the pages of the last instead of faulting in new ones (about '
+  '1.25x faster training steps on a 2-core CPU, docs/performance.md); the '
+  'process keeps its peak memory until it exits. No effect without glibc.',
+)
+
+
+def setup_host_memory():
+  """Applies --keep_freed_memory; call it before JAX computes anything (the
+  allocator's arenas are fixed for threads that already allocated)."""
+  if _KEEP_FREED_MEMORY.value and not memory.keep_freed_memory():
+    logging.info('--keep_freed_memory: not glibc; the allocator is unchanged.')
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -38,9 +38,13 @@ GATE_ARGS = {
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 # The experts' convolution and BatchNorm-ReLU-pool block: XLA's ops, or the
 # CPU's (dselect_jax.cpu); 'auto' picks per backend (conv_impl, norm_impl).
-CONV_IMPLS = ('xla', 'toeplitz')
+CONV_IMPLS = ('xla', 'toeplitz', 'toeplitz_kernel')
 NORM_IMPLS = ('xla', 'kernel')
-_CONV_MODULES = {'xla': None, 'toeplitz': cpu.ToeplitzConv}
+_CONV_MODULES = {
+  'xla': None,
+  'toeplitz': cpu.ToeplitzConv,
+  'toeplitz_kernel': functools.partial(cpu.ToeplitzConv, rows='kernel'),
+}
 _NORM_MODULES = {'xla': None, 'kernel': cpu.BatchNormReLUPool}
 SCHEDULES = ('constant', 'warmup_cosine')
 # Aux terms with a loss weight; other aux entries are diagnostics.
@@ -276,18 +280,20 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int):
           "the CPU paths are not vmapped; with model.expert_bank='vmap' "
           f"set --config.model.{field}=auto (XLA's ops)",
         )
-  if norm == 'kernel' and jax.default_backend() != 'cpu':
-    bad(
-      'model.norm',
-      norm,
-      'the kernels are for the CPU, and JAX runs on '
-      f'{jax.default_backend()}; set --config.model.norm=auto',
-    )
-  if norm == 'kernel':
+  for field, value in (('norm', norm), ('conv', model.conv)):
+    if value not in ('kernel', 'toeplitz_kernel'):
+      continue
+    if jax.default_backend() != 'cpu':
+      bad(
+        f'model.{field}',
+        value,
+        'the kernels are for the CPU, and JAX runs on '
+        f'{jax.default_backend()}; set --config.model.{field}=auto',
+      )
     try:
       cpu_kernels.load()
     except cpu_kernels.KernelBuildError as e:
-      bad('model.norm', norm, f'the CPU kernels do not build here: {e}')
+      bad(f'model.{field}', value, f'the CPU kernels do not build here: {e}')
   if model.sparse_train and (
     gate.name != 'dselect_k'
     or gate.per_example
@@ -445,14 +451,16 @@ def conv_impl(config) -> str:
   """The expert convolution a config asks for, with 'auto' resolved.
 
   'auto' is the Toeplitz formulation on CPU (faster there, see
-  cpu.ToeplitzConv) and XLA's convolution on other backends or with
+  cpu.ToeplitzConv), its input rows built by the CPU kernels if they build
+  on this machine, and XLA's convolution on other backends or with
   ``model.expert_bank='vmap'``.
   """
   conv = config.model.get('conv', 'auto')
   if conv != 'auto':
     return conv
-  on_cpu = jax.default_backend() == 'cpu' and not _vmapped(config)
-  return 'toeplitz' if on_cpu else 'xla'
+  if jax.default_backend() != 'cpu' or _vmapped(config):
+    return 'xla'
+  return 'toeplitz_kernel' if cpu_kernels.available() else 'toeplitz'
 
 
 def norm_impl(config) -> str:

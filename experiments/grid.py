@@ -318,6 +318,7 @@ def _plots(out, rows, cells):
 
 def main(argv):
   del argv
+  cli.setup_host_memory()  # As train.py does: before JAX starts.
   cli.quiet_orbax()
   out = _OUT.value
   unknown = sorted(set(_GATES.value) - set(GATE_VARIANTS))

@@ -185,8 +185,9 @@ def test_bad_model_attributes_raise(kwargs, match):
     _model(**kwargs)
 
 
+@pytest.mark.parametrize('rows', ['xla', 'kernel'])
 @pytest.mark.parametrize('tile', [1, 2, 3, 8])
-def test_toeplitz_conv_by_hand(tile):
+def test_toeplitz_conv_by_hand(tile, rows):
   # x = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]], kernel [[1, 2], [3, 4]]:
   # y[i, j] = x[i, j] + 2 x[i, j+1] + 3 x[i+1, j] + 4 x[i+1, j+1] + bias, so
   # y[0, 0] = 0 + 2 + 12 + 20 = 34, +10 per column (1+2+3+4) and +40 per row.
@@ -195,12 +196,14 @@ def test_toeplitz_conv_by_hand(tile):
     'kernel': jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(2, 2, 1, 1),
     'bias': jnp.array([0.5]),
   }
-  y = cpu.ToeplitzConv(1, (2, 2), tile=tile).apply({'params': params}, x)
+  conv = cpu.ToeplitzConv(1, (2, 2), tile=tile, rows=rows)
+  y = conv.apply({'params': params}, x)
   np.testing.assert_array_equal(
     y[0, ..., 0], [[34.5, 44.5, 54.5], [74.5, 84.5, 94.5]]
   )
 
 
+@pytest.mark.parametrize('rows', ['xla', 'kernel'])
 @pytest.mark.parametrize(
   'shape,features,kernel_size,tile',
   [
@@ -210,10 +213,12 @@ def test_toeplitz_conv_by_hand(tile):
     ((3, 9, 11, 3), 4, (3, 5), 100),  # non-square kernel, one segment
   ],
 )
-def test_toeplitz_conv_equals_xla_conv(shape, features, kernel_size, tile):
+def test_toeplitz_conv_equals_xla_conv(
+  shape, features, kernel_size, tile, rows
+):
   x = jax.random.normal(jax.random.key(0), shape)
   xla = nn.Conv(features, kernel_size, padding='VALID')
-  toeplitz = cpu.ToeplitzConv(features, kernel_size, tile=tile)
+  toeplitz = cpu.ToeplitzConv(features, kernel_size, tile=tile, rows=rows)
   variables = xla.init(jax.random.key(1), x)
   # Same parameter tree, initialized alike from the same key.
   jax.tree.map(
@@ -254,6 +259,8 @@ def test_expert_convolutions_are_interchangeable():
 def test_bad_convolution_attributes_raise():
   with pytest.raises(ValueError, match='tile=0'):
     cpu.ToeplitzConv(4, tile=0)
+  with pytest.raises(ValueError, match=r"rows must be one of .*'gpu'"):
+    cpu.ToeplitzConv(4, rows='gpu')
   x = jnp.zeros((1, 4, 4, 1))
   with pytest.raises(ValueError, match='smaller than the kernel 5x5'):
     cpu.ToeplitzConv(4).init(jax.random.key(0), x)
@@ -286,10 +293,11 @@ def test_auto_picks_xlas_ops_off_the_cpu(monkeypatch, backend):
   kwargs = factory.create_model(config).expert_kwargs
   assert kwargs['conv_module'] is None and kwargs['block_module'] is None
   monkeypatch.setattr(factory.jax, 'default_backend', lambda: 'cpu')
+  assert factory.conv_impl(config) == 'toeplitz_kernel'
+  conv = factory.create_model(config).expert_kwargs['conv_module']
+  assert conv.func is cpu.ToeplitzConv and conv.keywords == {'rows': 'kernel'}
+  monkeypatch.setattr(factory.cpu_kernels, 'available', lambda: False)
   assert factory.conv_impl(config) == 'toeplitz'
-  assert factory.create_model(config).expert_kwargs['conv_module'] is (
-    cpu.ToeplitzConv
-  )
 
 
 def test_the_vmapped_expert_bank_computes_the_loops_function():

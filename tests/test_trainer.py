@@ -463,8 +463,12 @@ def test_invalid_config_values(field, value, match):
 
 def test_conv_choice_reaches_the_experts():
   config = multimnist.get_config()
-  # 'auto' is the Toeplitz formulation on CPU (the test machine).
+  # 'auto' is the Toeplitz formulation on CPU (the test machine), its rows
+  # built by the CPU kernels.
   assert jax.default_backend() == 'cpu'
+  conv = factory.create_model(config).expert_kwargs['conv_module']
+  assert conv.func is cpu.ToeplitzConv and conv.keywords == {'rows': 'kernel'}
+  config.model.conv = 'toeplitz'
   kwargs = factory.create_model(config).expert_kwargs
   assert kwargs['conv_module'] is cpu.ToeplitzConv
   config.model.conv = 'xla'

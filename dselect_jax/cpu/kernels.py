@@ -1,4 +1,5 @@
-"""Hand-written CPU kernels: BatchNorm + ReLU + 2x2 max pooling in one.
+"""Hand-written CPU kernels: BatchNorm + ReLU + 2x2 max pooling in one, and
+the input rows of the Toeplitz convolution.
 
 The expert's ``BatchNorm -> ReLU -> max_pool_2x2`` block, in training mode,
 forward and backward, as XLA FFI custom calls (csrc/bn_relu_pool.cc). XLA:CPU
@@ -9,9 +10,11 @@ benchmarks/train_speed.py). Same function as ``nn.BatchNorm``
 (training mode, ``use_fast_variance``), ``nn.relu`` and
 ``models.max_pool_2x2``, gradients included (the pooling's ties split as JAX
 splits them), up to float rounding; tests/test_cpu_kernels.py checks both
-against Flax.
+against Flax. ``toeplitz_rows`` (csrc/toeplitz_rows.cc) builds the matrix
+of input rows that ``cpu.toeplitz_conv`` multiplies, and its gradient, in one
+pass each where XLA:CPU's slices, concatenations and pads make several.
 
-The C++ source is compiled on first use with the system's C++ compiler
+The C++ sources are compiled on first use with the system's C++ compiler
 (``$CXX``, else ``c++``), against the XLA FFI headers that jaxlib ships, into
 a cache folder (``$DSELECT_JAX_KERNEL_CACHE``, else
 ``~/.cache/dselect_jax/kernels``), keyed by the source, the jaxlib version,
@@ -38,16 +41,29 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 Array = jax.Array
 
-SOURCE = os.path.join(
-  os.path.dirname(os.path.abspath(__file__)), 'csrc', 'bn_relu_pool.cc'
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
+SOURCES = tuple(
+  os.path.join(CSRC, name) for name in ('bn_relu_pool.cc', 'toeplitz_rows.cc')
 )
-_PREFIX = 'DselectBnReluPool'
-_TARGETS = ('Stats', 'Forward', 'BackwardSums', 'BackwardDx')
+HEADERS = (os.path.join(CSRC, 'parallel_for.h'),)
+_PREFIX = 'Dselect'
+_TARGETS = (
+  'BnReluPoolStats',
+  'BnReluPoolForward',
+  'BnReluPoolBackwardSums',
+  'BnReluPoolBackwardDx',
+  'ToeplitzRows',
+  'ToeplitzRowsTranspose',
+  'ToeplitzRowsByColumn',
+)
 _FLAGS = ('-O3', '-fno-trapping-math', '-std=c++17', '-shared', '-fPIC')
 _NATIVE = '-march=native'  # Dropped if the compiler refuses it.
+# The flags that keep a config off the kernels.
+WITHOUT = '--config.model.norm=xla --config.model.conv=toeplitz'
 
 
 class KernelBuildError(RuntimeError):
@@ -75,7 +91,8 @@ def _cpu_signature() -> str:
 
 def _compile(compiler: str, out: str) -> None:
   include = jax.ffi.include_dir()
-  base = [compiler, *_FLAGS, '-isystem', include, SOURCE, '-o', out]
+  base = [compiler, *_FLAGS, '-isystem', include, '-I', CSRC, *SOURCES]
+  base += ['-o', out]
   errors = []
   for cmd in (base[:1] + [_NATIVE] + base[1:], base):
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -83,10 +100,10 @@ def _compile(compiler: str, out: str) -> None:
       return
     errors.append(f'$ {" ".join(cmd)}\n{proc.stderr[-2000:]}')
   raise KernelBuildError(
-    f'compiling {SOURCE} failed:\n'
+    f'compiling {" ".join(SOURCES)} failed:\n'
     + '\n'.join(errors)
-    + "\nFix the compiler (set CXX to a C++17 compiler), or use XLA's "
-    'BatchNorm: --config.model.norm=xla.'
+    + '\nFix the compiler (set CXX to a C++17 compiler), or do without '
+    f'the kernels: {WITHOUT}.'
   )
 
 
@@ -124,7 +141,7 @@ def _build_and_register() -> str:
   except (OSError, AttributeError) as e:
     raise KernelBuildError(
       f'cannot load the kernels from {path}: {e}. Delete that file to '
-      'rebuild it, or use --config.model.norm=xla.'
+      f'rebuild it, or do without the kernels: {WITHOUT}.'
     ) from e
   return path
 
@@ -135,8 +152,8 @@ def _build() -> str:
   if compiler is None:
     raise KernelBuildError(
       f'no C++ compiler: {os.environ.get("CXX", "c++")!r} is not on PATH. '
-      "Install one (e.g. g++) or set CXX to it, or use XLA's BatchNorm: "
-      '--config.model.norm=xla.'
+      'Install one (e.g. g++) or set CXX to it, or do without the '
+      f'kernels: {WITHOUT}.'
     )
   try:
     version = subprocess.run(
@@ -145,10 +162,12 @@ def _build() -> str:
   except OSError as e:
     raise KernelBuildError(
       f'cannot run the C++ compiler {compiler}: {e}. Set '
-      'CXX to a working one, or --config.model.norm=xla.'
+      f'CXX to a working one, or do without the kernels: {WITHOUT}.'
     ) from e
-  with open(SOURCE, 'rb') as f:
-    source = f.read()
+  source = b''
+  for name in SOURCES + HEADERS:
+    with open(name, 'rb') as f:
+      source += f.read()
   key = hashlib.sha256(
     b'\0'.join(
       [
@@ -163,7 +182,7 @@ def _build() -> str:
     )
   ).hexdigest()[:16]
   folder = cache_dir()
-  path = os.path.join(folder, f'bn_relu_pool-{key}.so')
+  path = os.path.join(folder, f'cpu_kernels-{key}.so')
   if os.path.exists(path) and not _intact(path):
     # A truncated library can pass dlopen and then crash the process with
     # a bus error when a kernel runs: checked against the digest written
@@ -282,13 +301,13 @@ def _forward(x, scale, bias, epsilon, axis_name):
       f'H and W, got {x.dtype} {x.shape}.'
     )
   load()
-  sums = _psum(_call('Stats', (2, c), x), axis_name) / _count(x, axis_name)
+  sums = _psum(_call('BnReluPoolStats', (2, c), x), axis_name) / _count(x, axis_name)
   mean, mean2 = sums[0], sums[1]  # (C,), (C,)
   var = jnp.maximum(mean2 - mean * mean, 0.0)
   rstd = jax.lax.rsqrt(var + epsilon)
   a = scale * rstd  # z = a x + b is BatchNorm's output.
   b_ = bias - mean * a
-  y = _call('Forward', (b, h // 2, w // 2, c), x, a, b_)
+  y = _call('BnReluPoolForward', (b, h // 2, w // 2, c), x, a, b_)
   return (y, mean, var), (x, a, b_, mean, rstd)
 
 
@@ -310,15 +329,84 @@ def _backward(epsilon, axis_name, residuals, cotangents):
   dy, dmean, dvar = cotangents
   c = x.shape[-1]
   p = _count(x, axis_name)
-  local = _call('BackwardSums', (2, c), x, a, b_, mean, rstd, dy)
+  local = _call('BnReluPoolBackwardSums', (2, c), x, a, b_, mean, rstd, dy)
   dbias, dscale = local[0], local[1]  # This device's share of the grads.
   total = _psum(local, axis_name)
   k0 = (dmean - a * total[0]) / p
   k1 = (2.0 * dvar / rstd - a * total[1]) / p
   dx = _call(
-    'BackwardDx', x.shape, x, a, b_, mean, rstd, dy, jnp.stack([k0, k1])
+    'BnReluPoolBackwardDx', x.shape, x, a, b_, mean, rstd, dy, jnp.stack([k0, k1])
   )
   return dx, dscale, dbias
 
 
 bn_relu_pool.defvjp(_forward, _backward)
+
+
+def _rows_call(target: str, shape, x: Array, kh: int, kw: int, t: int):
+  return jax.ffi.ffi_call(
+    _PREFIX + target,
+    jax.ShapeDtypeStruct(shape, jnp.float32),
+    vmap_method='sequential',
+  )(x, kh=np.int64(kh), kw=np.int64(kw), t=np.int64(t))
+
+
+def _check_rows(x: Array, kh: int, kw: int, t: int):
+  """A clear error where x, the kernel and the segment do not fit."""
+  if (
+    x.ndim != 4
+    or x.dtype != jnp.float32
+    or min(kh, kw, t) < 1
+    or x.shape[1] < kh
+    or x.shape[2] < kw
+    or (x.shape[2] - kw + 1) % t
+  ):
+    raise ValueError(
+      'toeplitz_rows: x must be float32 (B, H, W, C) with H >= kh, W >= kw '
+      f'and (W - kw + 1) a multiple of t; got {x.dtype} {x.shape}, kh={kh}, '
+      f'kw={kw}, t={t}.'
+    )
+  load()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def toeplitz_rows(x: Array, kh: int, kw: int, t: int) -> Array:
+  """The input rows of ``cpu.toeplitz_conv``, (B, Ho, N, kh U C).
+
+  ``rows[b, i, n, (dy, u, c)] = x[b, i + dy, n t + u, c]`` for x (B, H, W, C)
+  float32, a kh x kw kernel and segments of t output columns (U = t + kw - 1,
+  Ho = H - kh + 1, N = (W - kw + 1) / t, which must be whole). Its gradient
+  is ``toeplitz_rows_transpose``.
+  """
+  _check_rows(x, kh, kw, t)
+  b, h, w, c = x.shape
+  shape = (b, h - kh + 1, (w - kw + 1) // t, kh * (t + kw - 1) * c)
+  return _rows_call('ToeplitzRows', shape, x, kh, kw, t)
+
+
+def toeplitz_rows_transpose(drows: Array, kh: int, kw: int, t: int) -> Array:
+  """The transpose of ``toeplitz_rows``: (B, Ho, N, kh U C) -> (B, H, W, C),
+  each piece of a row added back where it came from."""
+  b, ho, n, k = drows.shape
+  u = t + kw - 1
+  x_shape = (b, ho + kh - 1, n * t + kw - 1, k // (kh * u))
+  return _rows_call('ToeplitzRowsTranspose', x_shape, drows, kh, kw, t)
+
+
+toeplitz_rows.defvjp(
+  lambda x, kh, kw, t: (toeplitz_rows(x, kh, kw, t), None),
+  lambda kh, kw, t, _, drows: (toeplitz_rows_transpose(drows, kh, kw, t),),
+)
+
+
+def toeplitz_columns(x: Array, kh: int, kw: int, t: int) -> Array:
+  """``toeplitz_rows(x, kh, kw, t)`` as a (kh U C, B Ho N) matrix, transposed.
+
+  The layout in which a Toeplitz convolution's weight gradient
+  ``rows^T @ dy`` is a plain matmul; built from x in one pass (no gradient:
+  ``cpu.toeplitz_conv`` calls it only in its backward).
+  """
+  _check_rows(x, kh, kw, t)
+  b, h, w, c = x.shape
+  shape = (kh * (t + kw - 1) * c, b * (h - kh + 1) * ((w - kw + 1) // t))
+  return _rows_call('ToeplitzRowsByColumn', shape, x, kh, kw, t)

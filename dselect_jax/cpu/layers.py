@@ -9,6 +9,7 @@ package.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -22,7 +23,30 @@ from dselect_jax.models import max_pool_2x2
 Array = jax.Array
 
 
-def toeplitz_conv(x: Array, kernel: Array, tile: int = 4) -> Array:
+ROWS_IMPLS = ('xla', 'kernel')
+
+
+def _segment(wo: int, tile: int) -> int:
+  """t: the largest divisor of Wo that is <= tile."""
+  return max(d for d in range(1, min(tile, wo) + 1) if wo % d == 0)
+
+
+def toeplitz_matrix(kernel: Array, t: int) -> Array:
+  """T (kh U C, t F) of a (kh, kw, C, F) kernel: see toeplitz_conv."""
+  kh, kw, c, f = kernel.shape
+  u = t + kw - 1
+  # shift[dx, i, o] = 1 where input column i of a segment meets output column
+  # o through kernel column dx = i - o.
+  shift = np.zeros((kw, u, t), np.float32)
+  for dx in range(kw):
+    shift[dx, np.arange(t) + dx, np.arange(t)] = 1
+  toeplitz = jnp.einsum('xuo,yxcf->yucof', shift, kernel)
+  return toeplitz.reshape(kh * u * c, t * f)
+
+
+def toeplitz_conv(
+  x: Array, kernel: Array, tile: int = 4, rows: str = 'xla'
+) -> Array:
   """A VALID, stride-1 2-D convolution computed as matmuls on image rows.
 
   ``(B, H, W, C), (kh, kw, C, F) -> (B, Ho, Wo, F)``, equal to
@@ -40,6 +64,13 @@ def toeplitz_conv(x: Array, kernel: Array, tile: int = 4) -> Array:
   faster than its convolution, forward and backward (docs/performance.md,
   benchmarks/expert_formulations.py).
 
+  ``rows`` says who builds the matrix of input rows: ``'xla'`` (slices and
+  concatenations; the gradient by autodiff) or ``'kernel'`` (the CPU kernels
+  ``kernels.toeplitz_rows`` forward, and in the backward
+  ``kernels.toeplitz_columns`` for the weight gradient and
+  ``kernels.toeplitz_rows_transpose`` for the input's, so that no matrix is
+  transposed; same values up to float summation order).
+
   Shape legend: Ho = H - kh + 1, Wo = W - kw + 1; N = Wo / t segments of t
   columns (t: the largest divisor of Wo <= tile); U = t + kw - 1 input columns.
   """
@@ -50,23 +81,52 @@ def toeplitz_conv(x: Array, kernel: Array, tile: int = 4) -> Array:
     raise ValueError(
       f'toeplitz_conv: input {h}x{w} is smaller than the kernel {kh}x{kw}.'
     )
-  t = max(d for d in range(1, min(tile, wo) + 1) if wo % d == 0)
+  if rows not in ROWS_IMPLS:
+    raise ValueError(
+      f'toeplitz_conv: rows must be one of {ROWS_IMPLS}, got {rows!r}.'
+    )
+  t = _segment(wo, tile)
+  if rows == 'kernel':
+    return _kernel_toeplitz_conv(x, kernel.astype(x.dtype), t)
   n, u = wo // t, t + kw - 1
-  # shift[dx, i, o] = 1 where input column i of a segment meets output column
-  # o through kernel column dx = i - o.
-  shift = np.zeros((kw, u, t), np.float32)
-  for dx in range(kw):
-    shift[dx, np.arange(t) + dx, np.arange(t)] = 1
-  toeplitz = jnp.einsum('xuo,yxcf->yucof', shift, kernel.astype(x.dtype))
-  toeplitz = toeplitz.reshape(kh * u * c, t * f)  # (kh U C, t F)
   segments = jnp.stack(
     [x[:, :, j * t : j * t + u] for j in range(n)], axis=2
   )  # (B, H, N, U, C)
-  rows = jnp.concatenate(
+  matrix = jnp.concatenate(
     [segments[:, dy : dy + ho].reshape(b, ho, n, u * c) for dy in range(kh)],
     axis=-1,
   )  # (B, Ho, N, kh U C)
-  return (rows @ toeplitz).reshape(b, ho, wo, f)  # (B, Ho, Wo, F)
+  toeplitz = toeplitz_matrix(kernel.astype(x.dtype), t)  # (kh U C, t F)
+  return (matrix @ toeplitz).reshape(b, ho, wo, f)  # (B, Ho, Wo, F)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _kernel_toeplitz_conv(x: Array, kernel: Array, t: int) -> Array:
+  """toeplitz_conv with rows='kernel' and segments of t columns."""
+  return _kernel_conv_forward(x, kernel, t)[0]
+
+
+def _kernel_conv_forward(x, kernel, t):
+  b, h, w, _ = x.shape
+  kh, kw, _, f = kernel.shape
+  matrix = kernels.toeplitz_rows(x, kh, kw, t)  # (B, Ho, N, kh U C)
+  y = matrix @ toeplitz_matrix(kernel, t)  # (B, Ho, N, t F)
+  return y.reshape(b, h - kh + 1, w - kw + 1, f), (x, kernel)
+
+
+def _kernel_conv_backward(t, residuals, dy):  # dy: (B, Ho, Wo, F)
+  x, kernel = residuals
+  kh, kw, _, f = kernel.shape
+  toeplitz, toeplitz_vjp = jax.vjp(lambda k: toeplitz_matrix(k, t), kernel)
+  dy = dy.reshape(-1, t * f)  # (B Ho N, t F)
+  dtoeplitz = kernels.toeplitz_columns(x, kh, kw, t) @ dy  # (kh U C, t F)
+  b, h, w, _ = x.shape
+  drows = (dy @ toeplitz.T).reshape(b, h - kh + 1, (w - kw + 1) // t, -1)
+  dx = kernels.toeplitz_rows_transpose(drows, kh, kw, t)
+  return dx, toeplitz_vjp(dtoeplitz)[0]
+
+
+_kernel_toeplitz_conv.defvjp(_kernel_conv_forward, _kernel_conv_backward)
 
 
 class ToeplitzConv(nn.Module):
@@ -74,12 +134,15 @@ class ToeplitzConv(nn.Module):
 
   Same parameters (``kernel`` (kh, kw, C, F), ``bias`` (F,), nn.Conv's
   initializers, so the same values from the same key) and outputs as nn.Conv.
+  ``rows``: who builds the input rows, as in ``toeplitz_conv`` ('kernel'
+  needs the CPU kernels).
   """
 
   features: int
   kernel_size: tuple[int, int] = (5, 5)
   tile: int = 4
   kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
+  rows: str = 'xla'
 
   def __post_init__(self):
     if self.features < 1 or min(self.kernel_size) < 1 or self.tile < 1:
@@ -87,6 +150,11 @@ class ToeplitzConv(nn.Module):
         'ToeplitzConv: features, kernel_size and tile must be '
         f'>= 1, got features={self.features}, kernel_size='
         f'{self.kernel_size}, tile={self.tile}.'
+      )
+    if self.rows not in ROWS_IMPLS:
+      raise ValueError(
+        f'ToeplitzConv: rows must be one of {ROWS_IMPLS}, got '
+        f'rows={self.rows!r}.'
       )
     super().__post_init__()
 
@@ -98,7 +166,7 @@ class ToeplitzConv(nn.Module):
       (*self.kernel_size, x.shape[-1], self.features),
     )
     bias = self.param('bias', nn.initializers.zeros, (self.features,))
-    return toeplitz_conv(x, kernel, self.tile) + bias
+    return toeplitz_conv(x, kernel, self.tile, self.rows) + bias
 
 
 class BatchNormReLUPool(nn.Module):

@@ -18,19 +18,18 @@
 // added in chunk order, so the result does not depend on the threads.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <functional>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using dselect_cpu::NumChunks;
+using dselect_cpu::ParallelFor;
 
 using Map = ffi::BufferR4<ffi::F32>;  // (N, H, W, C), or the pooled map.
 using Vec = ffi::BufferR1<ffi::F32>;  // (C,)
@@ -38,44 +37,7 @@ using Mat = ffi::BufferR2<ffi::F32>;  // (2, C)
 
 constexpr int64_t kChunk = 8;  // Images per parallel task.
 
-// Runs f(chunk) for chunk in [0, n_chunks) on the calling thread and the
-// pool's. The caller claims chunks too and waits only for chunks that other
-// threads have started, so it cannot wait on a task still in the queue (the
-// pool's threads may all be inside such calls).
-void ParallelFor(ffi::ThreadPool& pool, int64_t n_chunks,
-                 const std::function<void(int64_t)>& f) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  // Claims and runs chunks until none is left.
-  auto work = [state, n_chunks](const std::function<void(int64_t)>& fn) {
-    for (int64_t i; (i = state->next.fetch_add(1)) < n_chunks;) {
-      fn(i);
-      if (state->done.fetch_add(1) + 1 == n_chunks) {
-        std::lock_guard<std::mutex> lock(state->mu);
-        state->cv.notify_all();
-      }
-    }
-  };
-  const int64_t helpers =
-      std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), n_chunks) - 1;
-  // A helper that starts after every chunk was claimed touches only state,
-  // never f (which lives in the caller's frame).
-  auto shared_f = std::make_shared<std::function<void(int64_t)>>(f);
-  for (int64_t t = 0; t < helpers; ++t) {
-    pool.Schedule([state, work, shared_f, n_chunks] {
-      if (state->next.load() < n_chunks) work(*shared_f);
-    });
-  }
-  work(f);
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == n_chunks; });
-}
-
-int64_t NumChunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+int64_t NumChunks(int64_t n) { return NumChunks(n, kChunk); }
 
 // v[j] = per_channel[j % c] for j < l.
 std::vector<float> Repeat(const float* per_channel, int64_t c, int64_t l) {
