@@ -45,7 +45,11 @@ def toeplitz_matrix(kernel: Array, t: int) -> Array:
 
 
 def toeplitz_conv(
-  x: Array, kernel: Array, tile: int = 4, rows: str = 'xla'
+  x: Array,
+  kernel: Array,
+  tile: int = 4,
+  rows: str = 'xla',
+  bias: Optional[Array] = None,
 ) -> Array:
   """A VALID, stride-1 2-D convolution computed as matmuls on image rows.
 
@@ -71,6 +75,9 @@ def toeplitz_conv(
   ``kernels.toeplitz_rows_transpose`` for the input's, so that no matrix is
   transposed; same values up to float summation order).
 
+  ``bias`` (F,), if given, is added to the matmul's (B, Ho, N, t F) output
+  (tiled t times), where XLA:CPU fuses the add into the matmul.
+
   Shape legend: Ho = H - kh + 1, Wo = W - kw + 1; N = Wo / t segments of t
   columns (t: the largest divisor of Wo <= tile); U = t + kw - 1 input columns.
   """
@@ -86,8 +93,9 @@ def toeplitz_conv(
       f'toeplitz_conv: rows must be one of {ROWS_IMPLS}, got {rows!r}.'
     )
   t = _segment(wo, tile)
+  bias = jnp.zeros((f,), x.dtype) if bias is None else bias.astype(x.dtype)
   if rows == 'kernel':
-    return _kernel_toeplitz_conv(x, kernel.astype(x.dtype), t)
+    return _kernel_toeplitz_conv(x, kernel.astype(x.dtype), bias, t)
   n, u = wo // t, t + kw - 1
   segments = jnp.stack(
     [x[:, :, j * t : j * t + u] for j in range(n)], axis=2
@@ -97,20 +105,21 @@ def toeplitz_conv(
     axis=-1,
   )  # (B, Ho, N, kh U C)
   toeplitz = toeplitz_matrix(kernel.astype(x.dtype), t)  # (kh U C, t F)
-  return (matrix @ toeplitz).reshape(b, ho, wo, f)  # (B, Ho, Wo, F)
+  y = matrix @ toeplitz + jnp.tile(bias, t)  # (B, Ho, N, t F)
+  return y.reshape(b, ho, wo, f)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _kernel_toeplitz_conv(x: Array, kernel: Array, t: int) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _kernel_toeplitz_conv(x: Array, kernel: Array, bias: Array, t: int):
   """toeplitz_conv with rows='kernel' and segments of t columns."""
-  return _kernel_conv_forward(x, kernel, t)[0]
+  return _kernel_conv_forward(x, kernel, bias, t)[0]
 
 
-def _kernel_conv_forward(x, kernel, t):
+def _kernel_conv_forward(x, kernel, bias, t):
   b, h, w, _ = x.shape
   kh, kw, _, f = kernel.shape
   matrix = kernels.toeplitz_rows(x, kh, kw, t)  # (B, Ho, N, kh U C)
-  y = matrix @ toeplitz_matrix(kernel, t)  # (B, Ho, N, t F)
+  y = matrix @ toeplitz_matrix(kernel, t) + jnp.tile(bias, t)  # (B, Ho, N, t F)
   return y.reshape(b, h - kh + 1, w - kw + 1, f), (x, kernel)
 
 
@@ -123,7 +132,8 @@ def _kernel_conv_backward(t, residuals, dy):  # dy: (B, Ho, Wo, F)
   b, h, w, _ = x.shape
   drows = (dy @ toeplitz.T).reshape(b, h - kh + 1, (w - kw + 1) // t, -1)
   dx = kernels.toeplitz_rows_transpose(drows, kh, kw, t)
-  return dx, toeplitz_vjp(dtoeplitz)[0]
+  dbias = dy.reshape(-1, f).sum(0)
+  return dx, toeplitz_vjp(dtoeplitz)[0], dbias
 
 
 _kernel_toeplitz_conv.defvjp(_kernel_conv_forward, _kernel_conv_backward)
@@ -166,7 +176,7 @@ class ToeplitzConv(nn.Module):
       (*self.kernel_size, x.shape[-1], self.features),
     )
     bias = self.param('bias', nn.initializers.zeros, (self.features,))
-    return toeplitz_conv(x, kernel, self.tile, self.rows) + bias
+    return toeplitz_conv(x, kernel, self.tile, self.rows, bias)
 
 
 class BatchNormReLUPool(nn.Module):

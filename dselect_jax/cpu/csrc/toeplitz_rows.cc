@@ -34,6 +34,7 @@ using dselect_cpu::ParallelFor;
 using Map = ffi::BufferR4<ffi::F32>;  // x (N, H, W, C) or rows (N, Ho, S, K).
 
 constexpr int64_t kChunk = 4;  // Images per parallel task.
+constexpr int64_t kColumnChunk = 16;  // The same, for RowsByColumnImpl.
 
 struct Geometry {
   int64_t n, h, w, c, kh, ho, s, t, u;
@@ -139,15 +140,19 @@ ffi::Error RowsByColumnImpl(ffi::ThreadPool pool, Map x,
   }
   const float* px = x.typed_data();
   float* pc = columns->typed_data();
-  const int64_t row = m.w * m.c;
-  ParallelFor(pool, NumChunks(m.n, kChunk), [&](int64_t ch) {
-    for (int64_t b = ch * kChunk; b < std::min(m.n, (ch + 1) * kChunk); ++b) {
-      const float* img = px + b * m.h * row;
-      for (int64_t dy = 0; dy < m.kh; ++dy) {
-        for (int64_t u = 0; u < m.u; ++u) {
-          for (int64_t c = 0; c < m.c; ++c) {
-            float* out = pc + ((dy * m.u + u) * m.c + c) * cols + b * m.ho * m.s;
-            const float* in = img + dy * row + u * m.c + c;
+  const int64_t row = m.w * m.c, per_image = m.ho * m.s;
+  // Each matrix row gets kColumnChunk images' columns in one contiguous
+  // run: the images (small) are read many times from cache, the matrix
+  // (large) is written once, a run at a time.
+  ParallelFor(pool, NumChunks(m.n, kColumnChunk), [&](int64_t ch) {
+    const int64_t b0 = ch * kColumnChunk;
+    const int64_t b1 = std::min(m.n, b0 + kColumnChunk);
+    for (int64_t dy = 0; dy < m.kh; ++dy) {
+      for (int64_t u = 0; u < m.u; ++u) {
+        for (int64_t c = 0; c < m.c; ++c) {
+          float* out = pc + ((dy * m.u + u) * m.c + c) * cols + b0 * per_image;
+          for (int64_t b = b0; b < b1; ++b) {
+            const float* in = px + b * m.h * row + dy * row + u * m.c + c;
             for (int64_t i = 0; i < m.ho; ++i, in += row, out += m.s) {
               for (int64_t j = 0; j < m.s; ++j) out[j] = in[j * m.t * m.c];
             }
