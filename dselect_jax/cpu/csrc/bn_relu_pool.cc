@@ -155,6 +155,44 @@ inline void RowDx(int64_t l, const float* __restrict__ a,
   }
 }
 
+// Where each element of an image row (L = W * C) sits in its 2-wide pooling
+// window: odd[j] is 1 in the window's second column (its mate is j - C),
+// 0 in its first (mate j + C); source[j] is its window's element in the
+// pooled row (W / 2 * C).
+struct Layout {
+  std::vector<float> odd;
+  std::vector<int32_t> source;
+};
+
+Layout WindowLayout(int64_t w, int64_t c) {
+  Layout layout{std::vector<float>(w * c), std::vector<int32_t>(w * c)};
+  for (int64_t j = 0; j < w * c; ++j) {
+    layout.odd[j] = static_cast<float>((j / c) % 2);
+    layout.source[j] = static_cast<int32_t>((j / (2 * c)) * c + j % c);
+  }
+  return layout;
+}
+
+// out[j] = v[j] and its window mate's value, added (kSum) or their max.
+// v must be readable from v - c to v + l + c; both mates are read and one
+// kept, so the loop vectorizes.
+template <bool kSum>
+inline void Mates(int64_t l, int64_t c, const float* __restrict__ odd,
+                  const float* __restrict__ v, float* __restrict__ out) {
+  for (int64_t j = 0; j < l; ++j) {
+    const float before = v[j - c], after = v[j + c];
+    const float mate = odd[j] != 0.f ? before : after;
+    out[j] = kSum ? v[j] + mate : std::max(v[j], mate);
+  }
+}
+
+// out[j] = pooled[source[j]]: a pooled row's values on the full row.
+inline void Upsample(int64_t l, const int32_t* __restrict__ source,
+                     const float* __restrict__ pooled,
+                     float* __restrict__ out) {
+  for (int64_t j = 0; j < l; ++j) out[j] = pooled[source[j]];
+}
+
 // The backward of images [i0, i1), one pass over them: kSums adds the
 // per-channel sums of g and g * xhat into s (2, C), where g = dL/dz for
 // z = a x + b and xhat = (x - mean) * rstd; otherwise it writes
@@ -180,8 +218,14 @@ void Backward(const BackwardArgs& args, int64_t i0, int64_t i1, double* s,
   std::vector<float> k0(l), k1(l);
   if (!kSums) k0 = Repeat(args.k, c, l), k1 = Repeat(args.k + c, c, l);
   // z of the two rows of a window row; the window's max, count of maxima and
-  // share of dy, each repeated on the window's four positions.
+  // share of dy, each repeated on the window's four positions. The rows'
+  // max and count are padded by c floats on both sides, so that Mates may
+  // read past either end.
   std::vector<float> z0(l), z1(l), wmax(l), count(l), share(l);
+  std::vector<float> vmax_padded(l + 2 * c, 0.f), cnt_padded(l + 2 * c, 0.f);
+  float* vmax = vmax_padded.data() + c;
+  float* cnt = cnt_padded.data() + c;
+  const Layout layout = WindowLayout(args.w, c);
   std::vector<float> t1(l), t2(l);  // An image's partial sums.
   for (int64_t i = i0; i < i1; ++i) {
     std::fill(t1.begin(), t1.end(), 0.f);
@@ -190,23 +234,13 @@ void Backward(const BackwardArgs& args, int64_t i0, int64_t i1, double* s,
       const float* r0 = args.x + (i * h + 2 * rp) * l;
       const float* r1 = r0 + l;
       const float* dy = args.dy + (i * (h / 2) + rp) * wo * c;
-      RowZ(l, ar.data(), br.data(), r0, r1, z0.data(), z1.data(), wmax.data());
-      for (int64_t p = 0; p < wo; ++p) {
-        float* u = wmax.data() + 2 * p * c;
-        float* sh = share.data() + 2 * p * c;
-        for (int64_t k = 0; k < c; ++k) {
-          const float t = std::max(u[k], u[c + k]);
-          u[k] = u[c + k] = t;
-          sh[k] = sh[c + k] = dy[p * c + k];
-        }
-      }
+      RowZ(l, ar.data(), br.data(), r0, r1, z0.data(), z1.data(), vmax);
+      Mates<false>(l, c, layout.odd.data(), vmax, wmax.data());
+      Upsample(l, layout.source.data(), dy, share.data());
       for (int64_t j = 0; j < l; ++j)
-        count[j] = static_cast<float>(z0[j] == wmax[j]) +
-                   static_cast<float>(z1[j] == wmax[j]);
-      for (int64_t p = 0; p < wo; ++p) {
-        float* u = count.data() + 2 * p * c;
-        for (int64_t k = 0; k < c; ++k) u[k] = u[c + k] = u[k] + u[c + k];
-      }
+        cnt[j] = static_cast<float>(z0[j] == wmax[j]) +
+                 static_cast<float>(z1[j] == wmax[j]);
+      Mates<true>(l, c, layout.odd.data(), cnt, count.data());
       // count >= 1: the max is one of the window's values.
       for (int64_t j = 0; j < l; ++j)
         share[j] = (wmax[j] > 0.f ? share[j] : 0.f) / count[j];
