@@ -185,8 +185,9 @@ def test_bad_model_attributes_raise(kwargs, match):
     _model(**kwargs)
 
 
-@pytest.mark.parametrize('rows', ['xla', 'kernel'])
-@pytest.mark.parametrize('tile', [1, 2, 3, 8])
+@pytest.mark.parametrize(
+  'tile,rows', [(1, 'xla'), (2, 'kernel'), (3, 'xla'), (8, 'kernel')]
+)
 def test_toeplitz_conv_by_hand(tile, rows):
   # x = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]], kernel [[1, 2], [3, 4]]:
   # y[i, j] = x[i, j] + 2 x[i, j+1] + 3 x[i+1, j] + 4 x[i+1, j+1] + bias, so
@@ -203,14 +204,16 @@ def test_toeplitz_conv_by_hand(tile, rows):
   )
 
 
-@pytest.mark.parametrize('rows', ['xla', 'kernel'])
 @pytest.mark.parametrize(
-  'shape,features,kernel_size,tile',
+  'shape,features,kernel_size,tile,rows',
   [
-    ((2, 36, 36, 1), 10, (5, 5), 4),  # the experts' first convolution
-    ((2, 16, 16, 10), 20, (5, 5), 4),  # and their second
-    ((2, 16, 16, 10), 20, (5, 5), 5),  # tile 5 does not divide 12: uses 4
-    ((3, 9, 11, 3), 4, (3, 5), 100),  # non-square kernel, one segment
+    ((2, 36, 36, 1), 10, (5, 5), 4, 'xla'),  # the experts' first convolution
+    ((2, 16, 16, 10), 20, (5, 5), 4, 'xla'),  # and their second
+    ((2, 16, 16, 10), 20, (5, 5), 5, 'xla'),  # tile 5 does not divide 12: 4
+    ((3, 9, 11, 3), 4, (3, 5), 100, 'xla'),  # non-square kernel, one segment
+    ((2, 36, 36, 1), 10, (5, 5), 4, 'kernel'),  # the same, rows by kernels
+    ((2, 16, 16, 10), 20, (5, 5), 4, 'kernel'),
+    ((3, 9, 11, 3), 4, (3, 5), 100, 'kernel'),
   ],
 )
 def test_toeplitz_conv_equals_xla_conv(
