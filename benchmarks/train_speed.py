@@ -35,9 +35,10 @@ the order rotated from round to round, so a slow minute of a shared machine
 hits all of them alike; only one process computes at a time. The table gives
 the median images/s over the rounds, the spread (min-max), and the ratio of
 medians against the fastest PyTorch row of the same batch and mode, which is
-picked after the measurement, never beforehand. ``--threads`` (default 2)
-sets PyTorch's intra-op threads and, through the CPUs each process may
-use, XLA's CPU thread pool alike. torch is a
+picked after the measurement, never beforehand; the last column is the
+median of the process's minor page faults per step over the windows.
+``--threads`` (default 2) sets PyTorch's intra-op threads and, through the
+CPUs each process may use, XLA's CPU thread pool alike. torch is a
 benchmark-only dependency: ``pip install torch==2.13.0``.
 """
 
@@ -284,11 +285,19 @@ def worker_main(name: str, batches, threads: int, torch_device: str):
     if key not in runs:
       print(json.dumps({'seconds': None}), flush=True)
       continue
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     runs[key](int(n))
     seconds = time.perf_counter() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({'seconds': seconds, 'peak_rss_mb': rss}), flush=True)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(
+      json.dumps({
+        'seconds': seconds,
+        'peak_rss_mb': usage.ru_maxrss / 1024,
+        'faults_per_step': (usage.ru_minflt - faults) / int(n),
+      }),
+      flush=True,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -338,10 +347,11 @@ class Worker:
       self.proc.wait()
 
 
-def table(rates, workers, batches):
+def table(rates, workers, batches, faults):
   lines = [
-    '| batch | mode | contender | median img/s | min-max | x fastest PyTorch |',
-    '| --- | --- | --- | --- | --- | --- |',
+    '| batch | mode | contender | median img/s | min-max | x fastest PyTorch '
+    '| page faults / step |',
+    '| --- | --- | --- | --- | --- | --- | --- |',
   ]
   for batch in batches:
     for mode in _MODES.value:
@@ -358,7 +368,8 @@ def table(rates, workers, batches):
         med = statistics.median(r)
         lines.append(
           f'| {batch} | {mode} | {NAMES[name]} | {med:.0f} | '
-          f'{min(r):.0f}-{max(r):.0f} | {med / fastest:.2f} |'
+          f'{min(r):.0f}-{max(r):.0f} | {med / fastest:.2f} | '
+          f'{statistics.median(faults[name, mode, batch]):.0f} |'
         )
   return lines
 
@@ -374,7 +385,7 @@ def main(argv):
     w = Worker(name, batches, _THREADS.value)
     print(f'{NAMES[name]}: {w.error or w.info}', flush=True)
     (failed if w.error else workers).append(w)
-  rates = {}
+  rates, faults = {}, {}
   for r in range(_ROUNDS.value):
     order = workers[r % len(workers) :] + workers[: r % len(workers)]
     for batch in batches:
@@ -385,6 +396,9 @@ def main(argv):
             rates.setdefault((w.name, mode, batch), []).append(
               batch * _STEPS.value / out['seconds']
             )
+            faults.setdefault((w.name, mode, batch), []).append(
+              out['faults_per_step']
+            )
     print(f'round {r + 1}/{_ROUNDS.value} done', flush=True)
   for w in workers:
     w.close()
@@ -392,7 +406,7 @@ def main(argv):
     f'{os.cpu_count()} CPUs; {_THREADS.value} threads each; {_ROUNDS.value} '
     f'rounds of {_STEPS.value}-step windows, alternating.',
     '',
-    *table(rates, workers, batches),
+    *table(rates, workers, batches, faults),
     '',
     *(f'{NAMES[w.name]}: {w.info}' for w in workers),
     *(f'{NAMES[w.name]}: failed: {w.error}' for w in failed),

@@ -16,7 +16,7 @@ _KEEP_FREED_MEMORY = flags.DEFINE_bool(
   "Keep freed host memory in the process for reuse (glibc's malloc: one "
   'arena, no per-block mappings, no trimming), so that each jitted step '
   'reuses the pages of the last instead of faulting in new ones (about '
-  '1.25x faster training steps on a 2-core CPU, docs/performance.md); the '
+  '1.2x faster training steps on a 2-core CPU, docs/performance.md); the '
   'process keeps its peak memory until it exits. No effect without glibc.',
 )
 

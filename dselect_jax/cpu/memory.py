@@ -4,13 +4,12 @@ Each step of a jitted computation on XLA:CPU allocates its intermediate
 buffers (hundreds of MB for the MultiMNIST experts' training step at batch
 256) and frees them at the end. With glibc's defaults, blocks that large are
 mapped fresh from the kernel and handed back when freed, or trimmed off the
-heap, so the next step touches new pages again: in one profile of that step,
-about 88,000 page faults per step (5.5 million over 63 steps), a large part
-of its time. ``keep_freed_memory`` tells glibc's malloc to serve every block
-from one heap and never hand freed memory back, so the step reuses the same
-pages: the faults fell to a tenth and the step ran about 1.25x faster
-(docs/performance.md, ``benchmarks/train_speed.py``). The cost is that the
-process keeps its peak memory until it exits.
+heap, so the next step touches new pages again: 84,000 page faults per step.
+``keep_freed_memory`` tells glibc's malloc to serve every block from one
+heap and never hand freed memory back, so the step reuses the same pages:
+no page fault per step, and the step ran 1.22x faster
+(``results/benchmarks/keep_freed_memory.md``, docs/performance.md). The
+cost is that the process keeps its peak memory until it exits.
 
 It changes the allocator of the whole process, so the library never calls it
 on import: ``train.py`` and ``eval.py`` call it when the config's
