@@ -291,11 +291,13 @@ def worker_main(name: str, batches, threads: int, torch_device: str):
     seconds = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(
-      json.dumps({
-        'seconds': seconds,
-        'peak_rss_mb': usage.ru_maxrss / 1024,
-        'faults_per_step': (usage.ru_minflt - faults) / int(n),
-      }),
+      json.dumps(
+        {
+          'seconds': seconds,
+          'peak_rss_mb': usage.ru_maxrss / 1024,
+          'faults_per_step': (usage.ru_minflt - faults) / int(n),
+        }
+      ),
       flush=True,
     )
 

@@ -24,7 +24,11 @@ _KEEP_FREED_MEMORY = flags.DEFINE_bool(
 def setup_host_memory():
   """Applies --keep_freed_memory; call it before JAX computes anything (the
   allocator's arenas are fixed for threads that already allocated)."""
-  if _KEEP_FREED_MEMORY.value and not memory.keep_freed_memory():
+  if not _KEEP_FREED_MEMORY.value:
+    return
+  if memory.keep_freed_memory():
+    logging.info('--keep_freed_memory: freed host memory stays for reuse.')
+  else:
     logging.info('--keep_freed_memory: not glibc; the allocator is unchanged.')
 
 

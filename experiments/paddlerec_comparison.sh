@@ -7,7 +7,7 @@
 #      rate), the reference of the ablations where the long run is missing;
 #      paddlerec_30epochs (not in the default order): its first 30 epochs,
 #      what one session's CPU affords of the long run;
-#      multimnist_seed0_alone (not in the default order): multimnist_seed0
+#      timed_multimnist_seed0 (not in the default order): multimnist_seed0
 #      again, alone on the CPU with the Toeplitz row kernels and freed
 #      memory kept, for scripts/time_to_accuracy.py;
 #   3. one-factor ablations of configs/paddlerec.py, 15 epochs each, to set
@@ -31,7 +31,7 @@ declare -A ARGS=(
   [multimnist_seed0]="--config=configs/multimnist.py --config.seed=0"
   [multimnist_seed1]="--config=configs/multimnist.py --config.seed=1"
   [multimnist_seed2]="--config=configs/multimnist.py --config.seed=2"
-  [multimnist_seed0_alone]="--config=configs/multimnist.py --config.seed=0"
+  [timed_multimnist_seed0]="--config=configs/multimnist.py --config.seed=0"
   [paddlerec]="--config=configs/paddlerec.py"
   [paddlerec_15epochs]="--config=configs/paddlerec.py --config.num_epochs=15"
   [paddlerec_30epochs]="--config=configs/paddlerec.py --config.num_epochs=30"

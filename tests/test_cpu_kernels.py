@@ -299,7 +299,11 @@ def test_toeplitz_rows_transpose_by_hand():
 
 @pytest.mark.parametrize(
   'shape,kh,kw,t',
-  [((3, 36, 36, 1), 5, 5, 4), ((2, 16, 16, 10), 5, 5, 4), ((2, 9, 11, 3), 3, 2, 5)],
+  [
+    ((3, 36, 36, 1), 5, 5, 4),
+    ((2, 16, 16, 10), 5, 5, 4),
+    ((2, 9, 11, 3), 3, 2, 5),
+  ],
 )
 def test_toeplitz_rows_transpose_is_the_adjoint(shape, kh, kw, t):
   """<rows(x), g> = <x, rows^T(g)> for random x and g: the definition of the
@@ -312,7 +316,9 @@ def test_toeplitz_rows_transpose_is_the_adjoint(shape, kh, kw, t):
   np.testing.assert_allclose(
     float(jnp.vdot(rows, g)), float(jnp.vdot(x, dx)), rtol=1e-5
   )
-  grad = jax.grad(lambda x: jnp.vdot(cpu_kernels.toeplitz_rows(x, kh, kw, t), g))
+  grad = jax.grad(
+    lambda x: jnp.vdot(cpu_kernels.toeplitz_rows(x, kh, kw, t), g)
+  )
   np.testing.assert_array_equal(grad(x), dx)
   # The columns are the rows, transposed.
   np.testing.assert_array_equal(
@@ -327,7 +333,9 @@ def test_toeplitz_rows_transpose_is_the_adjoint(shape, kh, kw, t):
 
 
 def test_toeplitz_rows_refuse_what_does_not_fit():
-  with pytest.raises(ValueError, match=r'multiple of t; got float32 \(1, 3, 4, 1\)'):
+  with pytest.raises(
+    ValueError, match=r'multiple of t; got float32 \(1, 3, 4, 1\)'
+  ):
     cpu_kernels.toeplitz_rows(X34, 2, 2, 2)  # 3 output columns, t = 2.
   with pytest.raises(ValueError, match='must be float32'):
     cpu_kernels.toeplitz_rows(X34.astype(jnp.int32), 2, 2, 1)

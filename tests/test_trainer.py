@@ -461,6 +461,21 @@ def test_invalid_config_values(field, value, match):
     factory.validate_config(config, jax.device_count())
 
 
+@pytest.mark.parametrize(
+  'field,value', [('norm', 'kernel'), ('conv', 'toeplitz_kernel')]
+)
+def test_the_cpu_kernels_are_refused_off_the_cpu(monkeypatch, field, value):
+  config = multimnist.get_config()
+  config.model[field] = value
+  monkeypatch.setattr(factory.jax, 'default_backend', lambda: 'gpu')
+  with pytest.raises(
+    factory.ConfigError,
+    match=rf"config.model.{field}='{value}': the kernels are for the CPU, "
+    rf'and JAX runs on gpu; set --config.model.{field}=auto',
+  ):
+    factory.validate_config(config, 1)
+
+
 def test_conv_choice_reaches_the_experts():
   config = multimnist.get_config()
   # 'auto' is the Toeplitz formulation on CPU (the test machine), its rows

@@ -253,7 +253,7 @@ def build_failure() -> Optional[str]:
 
 def _call(target: str, shape, *args: Array) -> Array:
   return jax.ffi.ffi_call(
-    _PREFIX + target,
+    _PREFIX + 'BnReluPool' + target,
     jax.ShapeDtypeStruct(shape, jnp.float32),
     vmap_method='sequential',
   )(*args)
@@ -301,13 +301,13 @@ def _forward(x, scale, bias, epsilon, axis_name):
       f'H and W, got {x.dtype} {x.shape}.'
     )
   load()
-  sums = _psum(_call('BnReluPoolStats', (2, c), x), axis_name) / _count(x, axis_name)
+  sums = _psum(_call('Stats', (2, c), x), axis_name) / _count(x, axis_name)
   mean, mean2 = sums[0], sums[1]  # (C,), (C,)
   var = jnp.maximum(mean2 - mean * mean, 0.0)
   rstd = jax.lax.rsqrt(var + epsilon)
   a = scale * rstd  # z = a x + b is BatchNorm's output.
   b_ = bias - mean * a
-  y = _call('BnReluPoolForward', (b, h // 2, w // 2, c), x, a, b_)
+  y = _call('Forward', (b, h // 2, w // 2, c), x, a, b_)
   return (y, mean, var), (x, a, b_, mean, rstd)
 
 
@@ -329,13 +329,13 @@ def _backward(epsilon, axis_name, residuals, cotangents):
   dy, dmean, dvar = cotangents
   c = x.shape[-1]
   p = _count(x, axis_name)
-  local = _call('BnReluPoolBackwardSums', (2, c), x, a, b_, mean, rstd, dy)
+  local = _call('BackwardSums', (2, c), x, a, b_, mean, rstd, dy)
   dbias, dscale = local[0], local[1]  # This device's share of the grads.
   total = _psum(local, axis_name)
   k0 = (dmean - a * total[0]) / p
   k1 = (2.0 * dvar / rstd - a * total[1]) / p
   dx = _call(
-    'BnReluPoolBackwardDx', x.shape, x, a, b_, mean, rstd, dy, jnp.stack([k0, k1])
+    'BackwardDx', x.shape, x, a, b_, mean, rstd, dy, jnp.stack([k0, k1])
   )
   return dx, dscale, dbias
 

@@ -75,8 +75,8 @@ def toeplitz_conv(
   ``kernels.toeplitz_rows_transpose`` for the input's, so that no matrix is
   transposed; same values up to float summation order).
 
-  ``bias`` (F,), if given, is added to the matmul's (B, Ho, N, t F) output
-  (tiled t times), where XLA:CPU fuses the add into the matmul.
+  ``bias`` (F,), if given, is added to the matmul's (B, Ho, N, t F) output,
+  tiled t times (ToeplitzConv's bias; the same as adding it afterwards).
 
   Shape legend: Ho = H - kh + 1, Wo = W - kw + 1; N = Wo / t segments of t
   columns (t: the largest divisor of Wo <= tile); U = t + kw - 1 input columns.

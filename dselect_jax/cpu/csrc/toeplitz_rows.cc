@@ -13,7 +13,8 @@
 // forward is a copy of spans and the transpose (the gradient) adds them back
 // into a zeroed map. XLA:CPU builds the same rows with about four passes
 // (stack, slices, concatenation) and its transpose with pads and adds; these
-// kernels make one. Images are cut into chunks that XLA's CPU thread pool
+// kernels make one. A third writes the rows transposed, (K, N Ho S), for
+// the weight gradient rows^T @ dy. Images are cut into chunks that XLA's CPU thread pool
 // runs in parallel; every output element is written by one chunk, so the
 // result does not depend on the threads.
 
@@ -127,10 +128,12 @@ ffi::Error RowsByColumnImpl(ffi::ThreadPool pool, Map x,
                             ffi::Result<ffi::BufferR2<ffi::F32>> columns,
                             int64_t kh, int64_t kw, int64_t t) {
   const auto d = x.dimensions();
-  const int64_t ho = d[1] - kh + 1, s = (d[2] - kw + 1) / std::max<int64_t>(t, 1);
+  const int64_t ho = d[1] - kh + 1;
+  const int64_t s = (d[2] - kw + 1) / std::max<int64_t>(t, 1);
   const int64_t dims[4] = {d[0], ho, s, kh * (t + kw - 1) * d[3]};
   Geometry m;
-  ffi::Error error = Measure(d, ffi::Span<const int64_t>(dims, 4), kh, kw, t, &m);
+  ffi::Error error =
+      Measure(d, ffi::Span<const int64_t>(dims, 4), kh, kw, t, &m);
   if (error.failure()) return error;
   const auto cd = columns->dimensions();
   const int64_t cols = m.n * m.ho * m.s;
