@@ -14,13 +14,14 @@
 // into a zeroed map. XLA:CPU builds the same rows with about four passes
 // (stack, slices, concatenation) and its transpose with pads and adds; these
 // kernels make one. A third writes the rows transposed, (K, N Ho S), for
-// the weight gradient rows^T @ dy. Images are cut into chunks that XLA's CPU thread pool
-// runs in parallel; every output element is written by one chunk, so the
-// result does not depend on the threads.
+// the weight gradient rows^T @ dy. Images are cut into chunks that XLA's CPU
+// thread pool runs in parallel; every output element is written by one
+// chunk, so the result does not depend on the threads.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
@@ -43,11 +44,15 @@ struct Geometry {
   int64_t k() const { return kh * span(); }  // Floats of one segment's row.
 };
 
-// The geometry of x (N, H, W, C) and rows (N, Ho, S, K), or an error when
-// rows does not fit x and the kernel.
-template <typename Dims>
-ffi::Error Measure(const Dims& x, const Dims& rows, int64_t kh, int64_t kw,
-                   int64_t t, Geometry* g) {
+// How a kernel's output is laid out: the rows (N, Ho, S, K), or the rows
+// transposed (K, N Ho S).
+enum class Out { kRows, kColumns };
+
+// The geometry of x (N, H, W, C), or an error where the kernel and segment
+// do not fit x or `out`'s dimensions do not fit them.
+ffi::Error Measure(ffi::Span<const int64_t> x, ffi::Span<const int64_t> out,
+                   Out layout, int64_t kh, int64_t kw, int64_t t,
+                   Geometry* g) {
   *g = Geometry{x[0], x[1], x[2], x[3], kh, x[1] - kh + 1, 0, t, t + kw - 1};
   if (kh < 1 || kw < 1 || t < 1 || g->ho < 1 || x[2] < kw ||
       (x[2] - kw + 1) % t != 0) {
@@ -55,10 +60,13 @@ ffi::Error Measure(const Dims& x, const Dims& rows, int64_t kh, int64_t kw,
         "toeplitz_rows: the kernel and segment do not fit the input");
   }
   g->s = (x[2] - kw + 1) / t;
-  if (rows[0] != g->n || rows[1] != g->ho || rows[2] != g->s ||
-      rows[3] != g->k()) {
+  const std::vector<int64_t> want =
+      layout == Out::kRows
+          ? std::vector<int64_t>{g->n, g->ho, g->s, g->k()}
+          : std::vector<int64_t>{g->k(), g->n * g->ho * g->s};
+  if (!(out == ffi::Span<const int64_t>(want))) {
     return ffi::Error::InvalidArgument(
-        "toeplitz_rows: the rows' shape does not fit the input");
+        "toeplitz_rows: the output's shape does not fit the input");
   }
   return ffi::Error::Success();
 }
@@ -67,7 +75,8 @@ ffi::Error Measure(const Dims& x, const Dims& rows, int64_t kh, int64_t kw,
 ffi::Error RowsImpl(ffi::ThreadPool pool, Map x, ffi::Result<Map> rows,
                     int64_t kh, int64_t kw, int64_t t) {
   Geometry m;
-  ffi::Error error = Measure(x.dimensions(), rows->dimensions(), kh, kw, t, &m);
+  ffi::Error error =
+      Measure(x.dimensions(), rows->dimensions(), Out::kRows, kh, kw, t, &m);
   if (error.failure()) return error;
   const float* px = x.typed_data();
   float* pr = rows->typed_data();
@@ -100,7 +109,7 @@ ffi::Error RowsTransposeImpl(ffi::ThreadPool pool, Map drows,
                              int64_t t) {
   Geometry m;
   ffi::Error error =
-      Measure(dx->dimensions(), drows.dimensions(), kh, kw, t, &m);
+      Measure(dx->dimensions(), drows.dimensions(), Out::kRows, kh, kw, t, &m);
   if (error.failure()) return error;
   const float* pr = drows.typed_data();
   float* px = dx->typed_data();
@@ -127,20 +136,11 @@ ffi::Error RowsTransposeImpl(ffi::ThreadPool pool, Map drows,
 ffi::Error RowsByColumnImpl(ffi::ThreadPool pool, Map x,
                             ffi::Result<ffi::BufferR2<ffi::F32>> columns,
                             int64_t kh, int64_t kw, int64_t t) {
-  const auto d = x.dimensions();
-  const int64_t ho = d[1] - kh + 1;
-  const int64_t s = (d[2] - kw + 1) / std::max<int64_t>(t, 1);
-  const int64_t dims[4] = {d[0], ho, s, kh * (t + kw - 1) * d[3]};
   Geometry m;
-  ffi::Error error =
-      Measure(d, ffi::Span<const int64_t>(dims, 4), kh, kw, t, &m);
+  ffi::Error error = Measure(x.dimensions(), columns->dimensions(),
+                             Out::kColumns, kh, kw, t, &m);
   if (error.failure()) return error;
-  const auto cd = columns->dimensions();
   const int64_t cols = m.n * m.ho * m.s;
-  if (cd[0] != m.k() || cd[1] != cols) {
-    return ffi::Error::InvalidArgument(
-        "toeplitz_rows: the columns' shape does not fit the input");
-  }
   const float* px = x.typed_data();
   float* pc = columns->typed_data();
   const int64_t row = m.w * m.c, per_image = m.ho * m.s;
