@@ -17,6 +17,9 @@ of each output from the loop's:
 - ``shared xla, toeplitz``: the shared first convolution as XLA's.
 - ``grouped``: the shared XLA first convolution, then all second
   convolutions as one grouped XLA convolution.
+- ``shared kernel rows``, ``shared xla, kernel rows``, ``shared kernel rows,
+  xla``: Toeplitz convolutions whose rows the CPU kernels build
+  (``rows='kernel'``), for the first, the second or both convolutions.
 - ``fused``: ``models.multimnist_experts_eval`` (``model.fused_eval``):
   shared XLA first convolution, then XLA's convolution per expert.
 """
@@ -33,7 +36,9 @@ import numpy as np
 from configs import multimnist
 from dselect_jax import factory
 from dselect_jax import models
+from dselect_jax.cpu import kernels
 from dselect_jax.cpu import layers
+from dselect_jax.cpu import memory
 
 _BATCH = flags.DEFINE_integer('batch', 1000, 'Images per call.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating rounds.')
@@ -74,9 +79,14 @@ def _block(z, kernel, bias, conv):
 
 
 def variant(num_experts, first, second):
-  """first: 'per_expert', 'shared_toeplitz' or 'shared_xla'; second:
-  'toeplitz', 'xla' or 'grouped'."""
-  convs = {'toeplitz': layers.toeplitz_conv, 'xla': _xla_conv}
+  """first: 'per_expert' or 'shared_' + a convolution; second: a convolution
+  or 'grouped'. Convolutions: 'toeplitz' (XLA's rows), 'toeplitz_kernel'
+  (the kernels' rows) or 'xla'."""
+  convs = {
+    'toeplitz': layers.toeplitz_conv,
+    'toeplitz_kernel': functools.partial(layers.toeplitz_conv, rows='kernel'),
+    'xla': _xla_conv,
+  }
 
   def bank(p, s, x):
     experts = range(num_experts)
@@ -84,7 +94,7 @@ def variant(num_experts, first, second):
     if first == 'per_expert':
       firsts = [_block(x, k0[e], b0[e], layers.toeplitz_conv) for e in experts]
     else:
-      conv = convs['toeplitz' if first == 'shared_toeplitz' else 'xla']
+      conv = convs[first[len('shared_') :]]
       y = _block(x, jnp.concatenate(k0, -1), jnp.concatenate(b0), conv)
       firsts = [y[..., 10 * e : 10 * (e + 1)] for e in experts]
     k1, b1 = zip(*[_folded(p, s, e, 1) for e in experts])
@@ -107,6 +117,7 @@ def variant(num_experts, first, second):
 
 def main(argv):
   del argv
+  memory.keep_freed_memory()  # As eval.py does; before XLA starts threads.
   config = multimnist.get_config()
   with config.unlocked():
     config.model.fused_eval = False
@@ -131,8 +142,23 @@ def main(argv):
     'shared toeplitz': variant(num_experts, 'shared_toeplitz', 'toeplitz'),
     'shared xla, toeplitz': variant(num_experts, 'shared_xla', 'toeplitz'),
     'grouped': variant(num_experts, 'shared_xla', 'grouped'),
+    'shared kernel rows': variant(
+      num_experts, 'shared_toeplitz_kernel', 'toeplitz_kernel'
+    ),
+    'shared xla, kernel rows': variant(
+      num_experts, 'shared_xla', 'toeplitz_kernel'
+    ),
+    'shared kernel rows, xla': variant(
+      num_experts, 'shared_toeplitz_kernel', 'xla'
+    ),
     'fused': lambda p, s, x: models.multimnist_experts_eval(
       {'params': p, 'batch_stats': s}, x, tuple(range(num_experts))
+    ),
+    'fused, kernels': lambda p, s, x: models.multimnist_experts_eval(
+      {'params': p, 'batch_stats': s},
+      x,
+      tuple(range(num_experts)),
+      conv_relu_pool=kernels.conv_relu_pool,
     ),
   }
   contenders = {k: jax.jit(f) for k, f in contenders.items()}

@@ -413,8 +413,9 @@ def create_model(
     gate_kwargs['w_init'] = gates.symmetric_uniform(
       1.0
     )  # PaddleRec's U(-1, 1).
+  conv = conv_impl(config)
   expert_kwargs = {
-    **expert_modules(conv_impl(config), norm_impl(config)),
+    **expert_modules(conv, norm_impl(config)),
     'init_scheme': init,
   }
   return models.MultiTaskMoE(
@@ -428,6 +429,9 @@ def create_model(
     expert_kwargs=flax.core.FrozenDict(expert_kwargs),
     expert_bank=config.model.get('expert_bank', 'loop'),
     fused_eval=config.model.get('fused_eval', True) and not _vmapped(config),
+    eval_block=cpu_kernels.conv_relu_pool
+    if conv == 'toeplitz_kernel'
+    else None,
     tower_kwargs=flax.core.FrozenDict({'init_scheme': init}),
     bn_axis_name=bn_axis_name,
   )

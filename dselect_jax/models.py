@@ -183,6 +183,7 @@ def multimnist_experts_eval(
   x: Array,
   experts: Sequence[int],
   epsilon: float = 1e-5,
+  conv_relu_pool: Optional[Callable[[Array, Array, Array], Array]] = None,
 ) -> Array:
   """MultiMNISTExperts ``experts`` in evaluation mode, as one computation.
 
@@ -196,8 +197,12 @@ def multimnist_experts_eval(
     as one convolution with E' * F0 output channels, then ReLU and pooling
     on all of them at once;
   - the rest (second convolution, pooling, the dense layers) per expert.
-  Equal to the loop up to float rounding (the folding reorders it; tested),
-  and faster on the CPU (docs/performance.md).
+  ``conv_relu_pool``: None (XLA's convolutions), or a function computing
+  ``max_pool_2x2(relu(conv(x, kernel) + bias))`` per group, (B, H, W, G Cg),
+  (G, kh, kw, Cg, Fg), (G, Fg) -> (B, H', W', G Fg), which then runs both
+  blocks, the second for all experts at once (``cpu.kernels.
+  conv_relu_pool``). Equal to the loop up to float rounding (the folding
+  reorders it; tested), and faster on the CPU (docs/performance.md).
   """
   params, stats = variables['params'], variables['batch_stats']
 
@@ -211,13 +216,23 @@ def multimnist_experts_eval(
   first = [folded(e, 0) for e in experts]
   kernel = jnp.concatenate([k for k, _ in first], axis=-1)  # (5, 5, 1, E' F0)
   bias = jnp.concatenate([b for _, b in first])  # (E' F0,)
-  y = max_pool_2x2(nn.relu(_conv_valid(x, kernel) + bias))  # (B, 16, 16, E' F0)
   width = first[0][0].shape[-1]  # F0
+  second = [folded(e, 1) for e in experts]
+  if conv_relu_pool is None:
+    y = max_pool_2x2(nn.relu(_conv_valid(x, kernel) + bias))
+    pooled = []  # E' x (B, 6, 6, F1)
+    for i, (k, b) in enumerate(second):
+      z = y[..., i * width : (i + 1) * width]  # (B, 16, 16, F0)
+      pooled.append(max_pool_2x2(nn.relu(_conv_valid(z, k) + b)))
+  else:
+    y = conv_relu_pool(x, kernel[None], bias[None])  # (B, 16, 16, E' F0)
+    z = conv_relu_pool(
+      y, jnp.stack([k for k, _ in second]), jnp.stack([b for _, b in second])
+    )  # (B, 6, 6, E' F1)
+    out = second[0][0].shape[-1]  # F1
+    pooled = [z[..., i * out : (i + 1) * out] for i in range(len(experts))]
   outputs = []
-  for i, e in enumerate(experts):
-    kernel, bias = folded(e, 1)
-    z = y[..., i * width : (i + 1) * width]  # (B, 16, 16, F0)
-    z = max_pool_2x2(nn.relu(_conv_valid(z, kernel) + bias))  # (B, 6, 6, F1)
+  for e, z in zip(experts, pooled):
     z = z.reshape(z.shape[0], -1)  # (B, 720)
     for layer in ('Dense_0', 'Dense_1'):
       dense = params[f'expert_{e}'][layer]
@@ -264,7 +279,9 @@ class ExpertBank(nn.Module):
   after another (any expert module), or only the ``active`` ones. With
   ``fused_eval`` (MultiMNISTExperts only), evaluation computes the same
   function from the same variables as one computation instead
-  (``multimnist_experts_eval``); training and initialization are the loop.
+  (``multimnist_experts_eval``, its blocks by ``eval_block``: None for XLA's
+  convolutions, or ``cpu.kernels.conv_relu_pool``); training and
+  initialization are the loop.
   """
 
   num_experts: int
@@ -272,6 +289,7 @@ class ExpertBank(nn.Module):
   expert_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
   active: Optional[tuple[int, ...]] = None
   fused_eval: bool = False
+  eval_block: Optional[Callable[[Array, Array, Array], Array]] = None
 
   def __post_init__(self):
     if self.fused_eval and self.expert is not MultiMNISTExpert:
@@ -287,7 +305,9 @@ class ExpertBank(nn.Module):
     active = range(self.num_experts) if self.active is None else self.active
     if self.fused_eval and not train and not self.is_initializing():
       check_images(x, type(self).__name__)
-      return multimnist_experts_eval(self.variables, x, tuple(active))
+      return multimnist_experts_eval(
+        self.variables, x, tuple(active), conv_relu_pool=self.eval_block
+      )
     outputs = [
       self.expert(**self.expert_kwargs, name=f'expert_{e}')(x, train=train)
       for e in active
@@ -391,6 +411,8 @@ class MultiTaskMoE(nn.Module):
       ``'vmap'`` (VmappedExpertBank: the same function, stacked variables).
     fused_eval: the loop's MultiMNISTExperts evaluated as one computation
       (``multimnist_experts_eval``): the same function, faster.
+    eval_block: with ``fused_eval``, what computes each convolution-ReLU-pool
+      block: None (XLA's ops) or ``cpu.kernels.conv_relu_pool`` (CPU only).
     bn_axis_name: passed to the expert when it takes ``bn_axis_name``.
 
   Returns ``(logits, aux)`` with logits ``(T, B, C)`` and aux holding
@@ -413,6 +435,7 @@ class MultiTaskMoE(nn.Module):
   bn_axis_name: Optional[str] = None
   expert_bank: str = 'loop'
   fused_eval: bool = False
+  eval_block: Optional[Callable[[Array, Array, Array], Array]] = None
 
   def __post_init__(self):
     if self.expert_bank not in EXPERT_BANKS:
@@ -461,6 +484,7 @@ class MultiTaskMoE(nn.Module):
       flax.core.FrozenDict(expert_kwargs),
       active=self.active_experts,
       fused_eval=self.fused_eval,
+      eval_block=self.eval_block,
       name='experts',
     )(x, train=train)  # (E', B, H)
 

@@ -216,7 +216,8 @@ def test_failing_compiler_is_a_clear_error(monkeypatch, tmp_path):
   monkeypatch.setenv('CXX', 'false')  # Runs, and exits 1.
   with pytest.raises(
     cpu_kernels.KernelBuildError,
-    match=r'(?s)compiling .*bn_relu_pool.cc .*toeplitz_rows.cc failed.*'
+    match=r'(?s)compiling .*bn_relu_pool.cc .*toeplitz_rows.cc '
+    r'.*conv_relu_pool.cc failed.*'
     r'--config.model.norm=xla --config.model.conv=toeplitz',
   ):
     cpu_kernels._build_and_register()  # pylint: disable=protected-access
@@ -339,3 +340,112 @@ def test_toeplitz_rows_refuse_what_does_not_fit():
     cpu_kernels.toeplitz_rows(X34, 2, 2, 2)  # 3 output columns, t = 2.
   with pytest.raises(ValueError, match='must be float32'):
     cpu_kernels.toeplitz_rows(X34.astype(jnp.int32), 2, 2, 1)
+
+
+def _conv_relu_pool_reference(x, kernel, bias):
+  """Per group: XLA's convolution (highest precision), + bias, ReLU, Flax-
+  style 2x2 max pooling: an independent computation of conv_relu_pool."""
+  groups, _, _, cg, _ = kernel.shape
+  out = []
+  for g in range(groups):
+    z = jax.lax.conv_general_dilated(
+      x[..., g * cg : (g + 1) * cg],
+      kernel[g],
+      (1, 1),
+      'VALID',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision='highest',
+    )
+    out.append(models.max_pool_2x2(nn.relu(z + bias[g])))
+  return jnp.concatenate(out, axis=-1)
+
+
+def test_conv_relu_pool_by_hand():
+  # X34 (4 i + j) with a 2x2 kernel of ones: the window sums are
+  # 4 (4 i + j) + 10, i in 0..1, j in 0..2; keep columns 0..1 (an even
+  # width) by giving the kernel a 3x4 input's first 3 columns.
+  x = X34[:, :, :3]  # (1, 3, 3, 1): Ho = Wo = 2 with a 2x2 kernel.
+  ones = jnp.ones((1, 2, 2, 1, 1))
+  # Sums 10, 14 / 26, 30: the pool keeps 30; a bias of -31 makes it -1,
+  # which the ReLU clips to 0.
+  y = cpu_kernels.conv_relu_pool(x, ones, jnp.array([[-20.0]]))
+  np.testing.assert_array_equal(y, [[[[10.0]]]])
+  y = cpu_kernels.conv_relu_pool(x, ones, jnp.array([[-31.0]]))
+  np.testing.assert_array_equal(y, [[[[0.0]]]])
+  # Two groups on two channels, each its own kernel: group 0 reads channel
+  # 0 (x) with a kernel of ones; group 1 reads channel 1 (-x) with -1s and
+  # writes two outputs: the window sums again, then twice them.
+  x2 = jnp.concatenate([x, -x], axis=-1)
+  kernel = jnp.zeros((2, 2, 2, 1, 2))
+  kernel = kernel.at[0, ..., 0, 0].set(1).at[1, ..., 0, 0].set(-1)
+  kernel = kernel.at[1, ..., 0, 1].set(-2)
+  y = cpu_kernels.conv_relu_pool(x2, kernel, jnp.zeros((2, 2)))
+  np.testing.assert_array_equal(y[0, 0, 0], [30, 0, 30, 60])
+
+
+@pytest.mark.parametrize(
+  'shape,kernel_shape',
+  [
+    ((3, 36, 36, 1), (1, 5, 5, 1, 80)),  # The experts' first convolutions.
+    ((2, 16, 16, 80), (8, 5, 5, 10, 20)),  # Their second ones.
+    ((2, 9, 40, 6), (3, 2, 3, 2, 7)),  # Three blocks of 16 columns, odd Fg.
+    ((1, 7, 7, 4), (1, 4, 4, 4, 12)),  # Fg a multiple of 4.
+  ],
+)
+def test_conv_relu_pool_equals_xla(shape, kernel_shape):
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], shape)
+  kernel = jax.random.normal(keys[1], kernel_shape)
+  bias = jax.random.normal(keys[2], (kernel_shape[0], kernel_shape[-1]))
+  got = cpu_kernels.conv_relu_pool(x, kernel, bias)
+  np.testing.assert_allclose(
+    got, _conv_relu_pool_reference(x, kernel, bias), rtol=1e-5, atol=1e-5
+  )
+  # Under vmap, image by image.
+  np.testing.assert_array_equal(
+    jax.vmap(lambda x: cpu_kernels.conv_relu_pool(x, kernel, bias))(x[:, None]),
+    got[:, None],
+  )
+
+
+def test_conv_relu_pool_refuses_what_does_not_fit():
+  x = jnp.ones((1, 6, 6, 2))
+  with pytest.raises(ValueError, match='must be float32 with even'):
+    cpu_kernels.conv_relu_pool(x, jnp.ones((1, 2, 2, 2, 3)), jnp.ones((1, 3)))
+  with pytest.raises(ValueError, match='must be float32 with even'):
+    cpu_kernels.conv_relu_pool(x, jnp.ones((2, 3, 3, 2, 3)), jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match=r'kernel \(G, kh, kw, Cg, Fg\)'):
+    cpu_kernels.conv_relu_pool(x, jnp.ones((3, 3, 2, 3)), jnp.ones((1, 3)))
+
+
+def test_fused_evaluation_with_the_kernels_computes_the_loops_function():
+  """What the factory builds on the CPU: evaluation by conv_relu_pool, against
+  the loop of Flax's own modules (XLA's convolution and BatchNorm)."""
+  x = jax.random.uniform(jax.random.key(3), (5, 36, 36, 1))
+  loop = models.MultiTaskMoE(num_tasks=2, num_experts=3, gate_kwargs={'k': 2})
+  fused = loop.clone(fused_eval=True, eval_block=cpu_kernels.conv_relu_pool)
+  variables = loop.init(
+    {'params': jax.random.key(0), 'gating': jax.random.key(1)}, x, train=False
+  )
+  # Every BatchNorm off its identity, so that the folding matters.
+  rng = np.random.default_rng(0)
+  variables = jax.tree_util.tree_map_with_path(
+    lambda path, v: (
+      v * rng.uniform(0.5, 1.5, v.shape).astype(np.float32)
+      + (0 if 'var' in jax.tree_util.keystr(path) else 0.1)
+      if 'BatchNorm' in jax.tree_util.keystr(path)
+      else v
+    ),
+    variables,
+  )
+  expected, _ = loop.apply(variables, x, train=False)
+  logits, _ = fused.apply(variables, x, train=False)
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+  ffi = [
+    eqn.params['target_name']
+    for eqn in jax.make_jaxpr(functools.partial(fused.apply, train=False))(
+      variables, x
+    ).jaxpr.eqns
+    if eqn.primitive.name == 'ffi_call'
+  ]
+  assert ffi == ['DselectConvReluPool'] * 2

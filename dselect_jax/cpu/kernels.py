@@ -47,7 +47,8 @@ Array = jax.Array
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
 SOURCES = tuple(
-  os.path.join(CSRC, name) for name in ('bn_relu_pool.cc', 'toeplitz_rows.cc')
+  os.path.join(CSRC, name)
+  for name in ('bn_relu_pool.cc', 'toeplitz_rows.cc', 'conv_relu_pool.cc')
 )
 HEADERS = (os.path.join(CSRC, 'parallel_for.h'),)
 _PREFIX = 'Dselect'
@@ -59,6 +60,7 @@ _TARGETS = (
   'ToeplitzRows',
   'ToeplitzRowsTranspose',
   'ToeplitzRowsByColumn',
+  'ConvReluPool',
 )
 _FLAGS = ('-O3', '-fno-trapping-math', '-std=c++17', '-shared', '-fPIC')
 _NATIVE = '-march=native'  # Dropped if the compiler refuses it.
@@ -410,3 +412,45 @@ def toeplitz_columns(x: Array, kh: int, kw: int, t: int) -> Array:
   b, h, w, c = x.shape
   shape = (kh * (t + kw - 1) * c, b * (h - kh + 1) * ((w - kw + 1) // t))
   return _rows_call('ToeplitzRowsByColumn', shape, x, kh, kw, t)
+
+
+def conv_relu_pool(x: Array, kernel: Array, bias: Array) -> Array:
+  """``max_pool_2x2(relu(conv(x, kernel) + bias))`` per group, in one pass.
+
+  x (B, H, W, G Cg), kernel (G, kh, kw, Cg, Fg), bias (G, Fg), all float32
+  -> (B, Ho / 2, Wo / 2, G Fg): group g's VALID, stride-1 convolution
+  (NHWC, HWIO) reads input channels [g Cg, (g + 1) Cg) and writes output
+  channels [g Fg, (g + 1) Fg); Ho = H - kh + 1 and Wo = W - kw + 1 must be
+  even. The experts' blocks in evaluation, each BatchNorm folded into its
+  convolution (``models.multimnist_experts_eval``); the full-size
+  convolution output is never stored (csrc/conv_relu_pool.cc). No gradient:
+  evaluation only.
+  """
+  if kernel.ndim != 5 or x.ndim != 4 or bias.ndim != 2:
+    raise ValueError(
+      'conv_relu_pool: x must be (B, H, W, G Cg), kernel (G, kh, kw, Cg, '
+      f'Fg), bias (G, Fg); got {x.shape}, {kernel.shape}, {bias.shape}.'
+    )
+  g, kh, kw, cg, fg = kernel.shape
+  b, h, w, c = x.shape
+  ho, wo = h - kh + 1, w - kw + 1
+  if (
+    c != g * cg
+    or bias.shape != (g, fg)
+    or min(ho, wo) < 2
+    or ho % 2
+    or wo % 2
+    or not all(a.dtype == jnp.float32 for a in (x, kernel, bias))
+  ):
+    raise ValueError(
+      'conv_relu_pool: x (B, H, W, G Cg), kernel (G, kh, kw, Cg, Fg) and '
+      'bias (G, Fg) must be float32 with even H - kh + 1 and W - kw + 1 '
+      f'(>= 2); got {x.dtype} {x.shape}, {kernel.dtype} {kernel.shape}, '
+      f'{bias.dtype} {bias.shape}.'
+    )
+  load()
+  return jax.ffi.ffi_call(
+    _PREFIX + 'ConvReluPool',
+    jax.ShapeDtypeStruct((b, ho // 2, wo // 2, g * fg), jnp.float32),
+    vmap_method='sequential',
+  )(x, kernel, bias)
