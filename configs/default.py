@@ -51,10 +51,11 @@ def get_config() -> ml_collections.ConfigDict:
   # How the experts compute their convolutions: 'xla' (XLA's
   # convolution), 'toeplitz' (row matmuls, cpu.ToeplitzConv; faster on
   # XLA:CPU), 'toeplitz_kernel' (the same, its input rows and gradients
-  # built by hand-written CPU kernels; faster still), or 'auto'
-  # (toeplitz_kernel on CPU if the kernels build, else toeplitz; xla
-  # elsewhere). Same parameters either way: a checkpoint trained with one
-  # evaluates with the other.
+  # built by hand-written CPU kernels; faster still), 'kernel' (summed
+  # directly by hand-written CPU kernels, forward and backward,
+  # cpu.DirectConv; the fastest on CPU), or 'auto' (kernel on CPU if the
+  # kernels build, else toeplitz; xla elsewhere). Same parameters either
+  # way: a checkpoint trained with one evaluates with the other.
   config.model.conv = 'auto'
   # How the experts compute each BatchNorm-ReLU-pool block: 'xla'
   # (nn.BatchNorm, nn.relu, models.max_pool_2x2), 'kernel' (hand-written CPU
@@ -77,8 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Evaluate the loop's experts as one computation (models.
   # multimnist_experts_eval: BatchNorm folded into the convolutions, the
   # first convolution of all experts as one; with the CPU kernels'
-  # convolutions, model.conv 'toeplitz_kernel', each convolution-ReLU-pool
-  # block in one kernel, cpu.kernels.conv_relu_pool): the same function up
+  # convolutions, model.conv 'kernel' or 'toeplitz_kernel', each
+  # convolution-ReLU-pool block in one kernel, cpu.kernels.conv_relu_pool): the same function up
   # to float rounding, faster (docs/performance.md). Training is unchanged;
   # the vmap bank ignores it.
   config.model.fused_eval = True

@@ -38,13 +38,15 @@ GATE_ARGS = {
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 # The experts' convolution and BatchNorm-ReLU-pool block: XLA's ops, or the
 # CPU's (dselect_jax.cpu); 'auto' picks per backend (conv_impl, norm_impl).
-CONV_IMPLS = ('xla', 'toeplitz', 'toeplitz_kernel')
+CONV_IMPLS = ('xla', 'toeplitz', 'toeplitz_kernel', 'kernel')
 NORM_IMPLS = ('xla', 'kernel')
 _CONV_MODULES = {
   'xla': None,
   'toeplitz': cpu.ToeplitzConv,
   'toeplitz_kernel': functools.partial(cpu.ToeplitzConv, rows='kernel'),
+  'kernel': cpu.DirectConv,
 }
+_KERNEL_CONVS = ('toeplitz_kernel', 'kernel')  # Those that need the kernels.
 _NORM_MODULES = {'xla': None, 'kernel': cpu.BatchNormReLUPool}
 SCHEDULES = ('constant', 'warmup_cosine')
 # Aux terms with a loss weight; other aux entries are diagnostics.
@@ -429,9 +431,7 @@ def create_model(
     expert_kwargs=flax.core.FrozenDict(expert_kwargs),
     expert_bank=config.model.get('expert_bank', 'loop'),
     fused_eval=config.model.get('fused_eval', True) and not _vmapped(config),
-    eval_block=cpu_kernels.conv_relu_pool
-    if conv == 'toeplitz_kernel'
-    else None,
+    eval_block=cpu_kernels.conv_relu_pool if conv in _KERNEL_CONVS else None,
     tower_kwargs=flax.core.FrozenDict({'init_scheme': init}),
     bn_axis_name=bn_axis_name,
   )
@@ -454,9 +454,10 @@ def _vmapped(config) -> bool:
 def conv_impl(config) -> str:
   """The expert convolution a config asks for, with 'auto' resolved.
 
-  'auto' is the Toeplitz formulation on CPU (faster there, see
-  cpu.ToeplitzConv), its input rows built by the CPU kernels if they build
-  on this machine, and XLA's convolution on other backends or with
+  'auto' is the CPU kernels' direct convolution on CPU if they build on this
+  machine (cpu.DirectConv, the fastest there), else the Toeplitz
+  formulation (cpu.ToeplitzConv, faster than XLA's convolution on XLA:CPU),
+  and XLA's convolution on other backends or with
   ``model.expert_bank='vmap'``.
   """
   conv = config.model.get('conv', 'auto')
@@ -464,7 +465,7 @@ def conv_impl(config) -> str:
     return conv
   if jax.default_backend() != 'cpu' or _vmapped(config):
     return 'xla'
-  return 'toeplitz_kernel' if cpu_kernels.available() else 'toeplitz'
+  return 'kernel' if cpu_kernels.available() else 'toeplitz'
 
 
 def norm_impl(config) -> str:

@@ -6,6 +6,7 @@ JAX's max (whose gradient splits ties equally), differentiated by JAX.
 """
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -182,22 +183,28 @@ def test_pmap_statistics_span_the_devices():
 
 def test_expert_with_kernels_equals_expert_with_flax():
   x = jax.random.uniform(jax.random.key(0), (8, 36, 36, 1))
-  experts = {
-    norm: models.MultiMNISTExpert(**factory.expert_modules('toeplitz', norm))
-    for norm in factory.NORM_IMPLS
+  experts = {  # (conv, norm): Flax's own, the kernels' BatchNorm, all kernels.
+    pair: models.MultiMNISTExpert(**factory.expert_modules(*pair))
+    for pair in (
+      ('xla', 'xla'),
+      ('toeplitz', 'kernel'),
+      ('kernel', 'kernel'),
+    )
   }
-  variables = experts['xla'].init(jax.random.key(1), x, train=False)
-  assert jax.tree.structure(variables) == jax.tree.structure(
-    experts['kernel'].init(jax.random.key(1), x, train=False)
-  )
+  variables = experts['xla', 'xla'].init(jax.random.key(1), x, train=False)
+  for pair, expert in experts.items():
+    assert jax.tree.structure(variables) == jax.tree.structure(
+      expert.init(jax.random.key(1), x, train=False)
+    ), pair
   for train in (True, False):
-    outs = [
-      experts[n].apply(
+    outs = {
+      pair: expert.apply(
         variables, x, train=train, mutable=['batch_stats'] if train else False
       )
-      for n in ('kernel', 'xla')
-    ]
-    assert_trees_close(*outs, rtol=1e-4, atol=1e-5)
+      for pair, expert in experts.items()
+    }
+    for pair in (('toeplitz', 'kernel'), ('kernel', 'kernel')):
+      assert_trees_close(outs[pair], outs['xla', 'xla'], rtol=1e-4, atol=1e-5)
 
 
 def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
@@ -217,7 +224,7 @@ def test_failing_compiler_is_a_clear_error(monkeypatch, tmp_path):
   with pytest.raises(
     cpu_kernels.KernelBuildError,
     match=r'(?s)compiling .*bn_relu_pool.cc .*toeplitz_rows.cc '
-    r'.*conv_relu_pool.cc failed.*'
+    r'.*direct_conv.cc failed.*'
     r'--config.model.norm=xla --config.model.conv=toeplitz',
   ):
     cpu_kernels._build_and_register()  # pylint: disable=protected-access
@@ -410,9 +417,14 @@ def test_conv_relu_pool_equals_xla(shape, kernel_shape):
 
 def test_conv_relu_pool_refuses_what_does_not_fit():
   x = jnp.ones((1, 6, 6, 2))
-  with pytest.raises(ValueError, match='must be float32 with even'):
+  odd = re.escape(
+    'must be float32 with H >= kh and W >= kw and even H - kh + 1'
+  )
+  with pytest.raises(ValueError, match=odd):  # 5 x 5 outputs.
     cpu_kernels.conv_relu_pool(x, jnp.ones((1, 2, 2, 2, 3)), jnp.ones((1, 3)))
-  with pytest.raises(ValueError, match='must be float32 with even'):
+  with pytest.raises(
+    ValueError, match=r'float32 with H >= kh.*; got'
+  ):  # G Cg = 4
     cpu_kernels.conv_relu_pool(x, jnp.ones((2, 3, 3, 2, 3)), jnp.ones((2, 3)))
   with pytest.raises(ValueError, match=r'kernel \(G, kh, kw, Cg, Fg\)'):
     cpu_kernels.conv_relu_pool(x, jnp.ones((3, 3, 2, 3)), jnp.ones((1, 3)))
@@ -449,3 +461,67 @@ def test_fused_evaluation_with_the_kernels_computes_the_loops_function():
     if eqn.primitive.name == 'ffi_call'
   ]
   assert ffi == ['DselectConvReluPool'] * 2
+
+
+def test_direct_conv_by_hand():
+  # X34 (x[i, j] = 4 i + j, 3 x 4) with the 2x2 kernel [[1, 2], [3, 4]]:
+  # y[i, j] = x[i, j] + 2 x[i, j+1] + 3 x[i+1, j] + 4 x[i+1, j+1] + 0.5
+  #         = 10 (4 i + j) + 2 + 12 + 20 + 0.5 = 40 i + 10 j + 34.5.
+  kernel = jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(2, 2, 1, 1)
+  y = cpu_kernels.conv2d(X34, kernel, jnp.array([0.5]))
+  np.testing.assert_array_equal(
+    y[0, ..., 0], [[34.5, 44.5, 54.5], [74.5, 84.5, 94.5]]
+  )
+  # Gradients of sum(y): dkernel[dy, dx] sums the pixels that tap meets
+  # (rows dy..dy+1, columns dx..dx+2); dbias counts the 6 outputs; dx[i, j]
+  # sums the taps that reach pixel (i, j).
+  dx, dk, db = jax.grad(
+    lambda x, k, b: jnp.sum(cpu_kernels.conv2d(x, k, b)), argnums=(0, 1, 2)
+  )(X34, kernel, jnp.array([0.5]))
+  np.testing.assert_array_equal(dk[..., 0, 0], [[18, 24], [42, 48]])
+  np.testing.assert_array_equal(db, [6])
+  np.testing.assert_array_equal(
+    dx[0, ..., 0], [[1, 3, 3, 2], [4, 10, 10, 6], [3, 7, 7, 4]]
+  )
+
+
+@pytest.mark.parametrize(
+  'shape,features,kernel_size',
+  [
+    ((3, 36, 36, 1), 10, (5, 5)),  # The experts' first convolution.
+    ((2, 16, 16, 10), 20, (5, 5)),  # Their second.
+    ((2, 9, 40, 3), 7, (3, 5)),  # Three blocks of 16 columns, odd rows.
+    ((9, 7, 20, 2), 8, (2, 4)),  # More images than a chunk of the gradient.
+  ],
+)
+def test_direct_conv_equals_flax(shape, features, kernel_size):
+  x = jax.random.normal(jax.random.key(0), shape)
+  xla = nn.Conv(features, kernel_size, padding='VALID')
+  direct = cpu.DirectConv(features, kernel_size)
+  variables = xla.init(jax.random.key(1), x)
+  jax.tree.map(  # The same parameters, initialized alike.
+    np.testing.assert_array_equal, variables, direct.init(jax.random.key(1), x)
+  )
+  variables = jax.tree.map(lambda v: v + 0.1, variables)  # A non-zero bias.
+  np.testing.assert_allclose(
+    direct.apply(variables, x), xla.apply(variables, x), rtol=1e-5, atol=1e-5
+  )
+  grad = lambda conv: jax.grad(  # Through a non-linear loss.
+    lambda v, x: jnp.sum(jnp.sin(conv.apply(v, x))), argnums=(0, 1)
+  )(variables, x)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-4),
+    grad(direct),
+    grad(xla),
+  )
+
+
+def test_direct_conv_refuses_what_does_not_fit():
+  with pytest.raises(ValueError, match=r'H >= kh and W >= kw; got float32'):
+    cpu_kernels.conv2d(
+      jnp.ones((1, 3, 3, 1)), jnp.ones((4, 1, 1, 2)), jnp.ones(2)
+    )
+  with pytest.raises(ValueError, match=r'kernel must be \(kh, kw, C, F\)'):
+    cpu_kernels.conv2d(jnp.ones((1, 3, 3, 1)), jnp.ones((2, 2, 2)), jnp.ones(2))
+  with pytest.raises(ValueError, match='features and kernel_size must be >= 1'):
+    cpu.DirectConv(0)

@@ -296,9 +296,10 @@ def test_auto_picks_xlas_ops_off_the_cpu(monkeypatch, backend):
   kwargs = factory.create_model(config).expert_kwargs
   assert kwargs['conv_module'] is None and kwargs['block_module'] is None
   monkeypatch.setattr(factory.jax, 'default_backend', lambda: 'cpu')
-  assert factory.conv_impl(config) == 'toeplitz_kernel'
-  conv = factory.create_model(config).expert_kwargs['conv_module']
-  assert conv.func is cpu.ToeplitzConv and conv.keywords == {'rows': 'kernel'}
+  assert factory.conv_impl(config) == 'kernel'
+  assert factory.create_model(config).expert_kwargs['conv_module'] is (
+    cpu.DirectConv
+  )
   monkeypatch.setattr(factory.cpu_kernels, 'available', lambda: False)
   assert factory.conv_impl(config) == 'toeplitz'
 

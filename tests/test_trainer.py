@@ -30,6 +30,7 @@ from dselect_jax import input_pipeline
 from dselect_jax import metric_writers
 from dselect_jax import steps
 from dselect_jax import trainer
+from dselect_jax.cpu import kernels as cpu_kernels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -462,7 +463,8 @@ def test_invalid_config_values(field, value, match):
 
 
 @pytest.mark.parametrize(
-  'field,value', [('norm', 'kernel'), ('conv', 'toeplitz_kernel')]
+  'field,value',
+  [('norm', 'kernel'), ('conv', 'toeplitz_kernel'), ('conv', 'kernel')],
 )
 def test_the_cpu_kernels_are_refused_off_the_cpu(monkeypatch, field, value):
   config = multimnist.get_config()
@@ -478,12 +480,19 @@ def test_the_cpu_kernels_are_refused_off_the_cpu(monkeypatch, field, value):
 
 def test_conv_choice_reaches_the_experts():
   config = multimnist.get_config()
-  # 'auto' is the Toeplitz formulation on CPU (the test machine), its rows
-  # built by the CPU kernels.
+  # 'auto' is the CPU kernels' direct convolution on CPU (the test machine),
+  # and evaluation runs each block in one kernel.
   assert jax.default_backend() == 'cpu'
-  conv = factory.create_model(config).expert_kwargs['conv_module']
+  model = factory.create_model(config)
+  assert model.expert_kwargs['conv_module'] is cpu.DirectConv
+  assert model.eval_block is cpu_kernels.conv_relu_pool
+  config.model.conv = 'toeplitz_kernel'
+  model = factory.create_model(config)
+  conv = model.expert_kwargs['conv_module']
   assert conv.func is cpu.ToeplitzConv and conv.keywords == {'rows': 'kernel'}
+  assert model.eval_block is cpu_kernels.conv_relu_pool
   config.model.conv = 'toeplitz'
+  assert factory.create_model(config).eval_block is None
   kwargs = factory.create_model(config).expert_kwargs
   assert kwargs['conv_module'] is cpu.ToeplitzConv
   config.model.conv = 'xla'

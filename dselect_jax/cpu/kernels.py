@@ -48,7 +48,7 @@ Array = jax.Array
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
 SOURCES = tuple(
   os.path.join(CSRC, name)
-  for name in ('bn_relu_pool.cc', 'toeplitz_rows.cc', 'conv_relu_pool.cc')
+  for name in ('bn_relu_pool.cc', 'toeplitz_rows.cc', 'direct_conv.cc')
 )
 HEADERS = (os.path.join(CSRC, 'parallel_for.h'),)
 _PREFIX = 'Dselect'
@@ -60,7 +60,9 @@ _TARGETS = (
   'ToeplitzRows',
   'ToeplitzRowsTranspose',
   'ToeplitzRowsByColumn',
+  'Conv',
   'ConvReluPool',
+  'ConvWeightGrad',
 )
 _FLAGS = ('-O3', '-fno-trapping-math', '-std=c++17', '-shared', '-fPIC')
 _NATIVE = '-march=native'  # Dropped if the compiler refuses it.
@@ -414,6 +416,88 @@ def toeplitz_columns(x: Array, kh: int, kw: int, t: int) -> Array:
   return _rows_call('ToeplitzRowsByColumn', shape, x, kh, kw, t)
 
 
+def _check_conv(who: str, x: Array, kernel: Array, bias: Array, pooled: bool):
+  """A clear error where x (B, H, W, G Cg), kernel (G, kh, kw, Cg, Fg) and
+  bias (G, Fg) do not fit, or the output is not whole."""
+  ok = kernel.ndim == 5 and x.ndim == 4 and bias.ndim == 2
+  if ok:
+    g, kh, kw, cg, fg = kernel.shape
+    ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    ok = (
+      x.shape[3] == g * cg
+      and bias.shape == (g, fg)
+      and min(ho, wo) >= (2 if pooled else 1)
+      and not (pooled and (ho % 2 or wo % 2))
+      and all(a.dtype == jnp.float32 for a in (x, kernel, bias))
+    )
+  if not ok:
+    raise ValueError(
+      f'{who}: x (B, H, W, G Cg), kernel (G, kh, kw, Cg, Fg) and bias (G, '
+      f'Fg) must be float32 with H >= kh and W >= kw'
+      + (' and even H - kh + 1 and W - kw + 1' if pooled else '')
+      + f'; got {x.dtype} {x.shape}, {kernel.dtype} {kernel.shape}, '
+      f'{bias.dtype} {bias.shape}.'
+    )
+  load()
+
+
+def _conv_call(x, kernel, bias, pad_h: int = 0, pad_w: int = 0) -> Array:
+  """DselectConv: (B, H, W, G Cg) -> (B, Ho, Wo, G Fg), x zero-padded."""
+  b, h, w, _ = x.shape
+  g, kh, kw, _, fg = kernel.shape
+  shape = (b, h + 2 * pad_h - kh + 1, w + 2 * pad_w - kw + 1, g * fg)
+  return jax.ffi.ffi_call(
+    _PREFIX + 'Conv',
+    jax.ShapeDtypeStruct(shape, jnp.float32),
+    vmap_method='sequential',
+  )(x, kernel, bias, pad_h=np.int64(pad_h), pad_w=np.int64(pad_w))
+
+
+@jax.custom_vjp
+def conv2d(x: Array, kernel: Array, bias: Array) -> Array:
+  """``conv(x, kernel) + bias``, VALID and stride 1, by direct summation.
+
+  x (B, H, W, C), kernel (kh, kw, C, F), bias (F,), all float32 ->
+  (B, H - kh + 1, W - kw + 1, F): ``nn.Conv(F, (kh, kw), padding='VALID')``'s
+  function (NHWC, HWIO) up to float summation order. The backward is two
+  more kernels: dx is the convolution of dz, zero-padded, with the flipped
+  kernel, and dkernel, dbias come from one pass over x and dz
+  (csrc/direct_conv.cc).
+  """
+  return _conv2d_forward(x, kernel, bias)[0]
+
+
+def _conv2d_forward(x, kernel, bias):
+  if kernel.ndim != 4 or bias.ndim != 1:
+    raise ValueError(
+      'conv2d: kernel must be (kh, kw, C, F) and bias (F,); got '
+      f'{kernel.shape}, {bias.shape}.'
+    )
+  _check_conv('conv2d', x, kernel[None], bias[None], pooled=False)
+  return _conv_call(x, kernel[None], bias[None]), (x, kernel)
+
+
+def _conv2d_backward(residuals, dz):
+  x, kernel = residuals
+  kh, kw, c, _ = kernel.shape
+  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)  # (kh, kw, F, C)
+  dx = _conv_call(
+    dz, flipped[None], jnp.zeros((1, c), jnp.float32), kh - 1, kw - 1
+  )
+  dkernel, dbias = jax.ffi.ffi_call(
+    _PREFIX + 'ConvWeightGrad',
+    (
+      jax.ShapeDtypeStruct((1, *kernel.shape), jnp.float32),
+      jax.ShapeDtypeStruct(kernel.shape[-1:], jnp.float32),
+    ),
+    vmap_method='sequential',
+  )(x, dz)
+  return dx, dkernel[0], dbias
+
+
+conv2d.defvjp(_conv2d_forward, _conv2d_backward)
+
+
 def conv_relu_pool(x: Array, kernel: Array, bias: Array) -> Array:
   """``max_pool_2x2(relu(conv(x, kernel) + bias))`` per group, in one pass.
 
@@ -423,32 +507,13 @@ def conv_relu_pool(x: Array, kernel: Array, bias: Array) -> Array:
   channels [g Fg, (g + 1) Fg); Ho = H - kh + 1 and Wo = W - kw + 1 must be
   even. The experts' blocks in evaluation, each BatchNorm folded into its
   convolution (``models.multimnist_experts_eval``); the full-size
-  convolution output is never stored (csrc/conv_relu_pool.cc). No gradient:
+  convolution output is never stored (csrc/direct_conv.cc). No gradient:
   evaluation only.
   """
-  if kernel.ndim != 5 or x.ndim != 4 or bias.ndim != 2:
-    raise ValueError(
-      'conv_relu_pool: x must be (B, H, W, G Cg), kernel (G, kh, kw, Cg, '
-      f'Fg), bias (G, Fg); got {x.shape}, {kernel.shape}, {bias.shape}.'
-    )
-  g, kh, kw, cg, fg = kernel.shape
-  b, h, w, c = x.shape
+  _check_conv('conv_relu_pool', x, kernel, bias, pooled=True)
+  g, kh, kw, _, fg = kernel.shape
+  b, h, w, _ = x.shape
   ho, wo = h - kh + 1, w - kw + 1
-  if (
-    c != g * cg
-    or bias.shape != (g, fg)
-    or min(ho, wo) < 2
-    or ho % 2
-    or wo % 2
-    or not all(a.dtype == jnp.float32 for a in (x, kernel, bias))
-  ):
-    raise ValueError(
-      'conv_relu_pool: x (B, H, W, G Cg), kernel (G, kh, kw, Cg, Fg) and '
-      'bias (G, Fg) must be float32 with even H - kh + 1 and W - kw + 1 '
-      f'(>= 2); got {x.dtype} {x.shape}, {kernel.dtype} {kernel.shape}, '
-      f'{bias.dtype} {bias.shape}.'
-    )
-  load()
   return jax.ffi.ffi_call(
     _PREFIX + 'ConvReluPool',
     jax.ShapeDtypeStruct((b, ho // 2, wo // 2, g * fg), jnp.float32),

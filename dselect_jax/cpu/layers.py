@@ -185,6 +185,38 @@ class ToeplitzConv(nn.Module):
     return toeplitz_conv(x, kernel, self.tile, self.rows, bias)
 
 
+class DirectConv(nn.Module):
+  """``nn.Conv(features, kernel_size, padding='VALID')`` by ``kernels.conv2d``.
+
+  Same parameters (``kernel`` (kh, kw, C, F), ``bias`` (F,), nn.Conv's
+  initializers, so the same values from the same key) and outputs as
+  nn.Conv, summed directly by the CPU kernels, forward and backward (no
+  matrix of rows, none of the Toeplitz form's extra FLOPs). CPU backend only.
+  """
+
+  features: int
+  kernel_size: tuple[int, int] = (5, 5)
+  kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
+
+  def __post_init__(self):
+    if self.features < 1 or min(self.kernel_size) < 1:
+      raise ValueError(
+        'DirectConv: features and kernel_size must be >= 1, got '
+        f'features={self.features}, kernel_size={self.kernel_size}.'
+      )
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param(
+      'kernel',
+      self.kernel_init,
+      (*self.kernel_size, x.shape[-1], self.features),
+    )
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    return kernels.conv2d(x, kernel.astype(x.dtype), bias.astype(x.dtype))
+
+
 class BatchNormReLUPool(nn.Module):
   """``max_pool_2x2(nn.relu(nn.BatchNorm(...)(x)))`` on the CPU kernels.
 
