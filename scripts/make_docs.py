@@ -251,6 +251,44 @@ def _pool_needed() -> list[str]:
   ]
 
 
+def _faithful_details() -> list[str]:
+  """Once the 100-epoch faithful run is in: its four test statistics, and
+  the run folder's NOTE.md (how it was run) if it has one."""
+  faithful = _test(f'{COMPARISON}/paddlerec')
+  if faithful is None:
+    return []
+  stats = faithful['test_statistics']
+  lines = [
+    '',
+    f"The faithful run's four test figures ({stats['num_passes']} test "
+    f'passes, one after each epoch; `results/{COMPARISON}/paddlerec/'
+    'test_metrics.json`):',
+    '',
+    _row('statistic', 'task 1', 'task 2', 'points vs PaddleRec'),
+    _row(*['---'] * 4),
+  ]
+  for name, key in (
+    ("pooled over all epochs (PaddleRec's statistic)", 'pooled_over_epochs'),
+    ('best-validation checkpoint (fair)', 'best_validation'),
+    ('after the last epoch', 'last_epoch'),
+    ('maximum over epochs (chosen on test: not fair)', 'max_over_epochs'),
+  ):
+    acc = [stats[key]['accuracy_1'], stats[key]['accuracy_2']]
+    lines.append(
+      _row(
+        name,
+        f'{acc[0]:.4f}',
+        f'{acc[1]:.4f}',
+        f'{_vs([acc[0]], PADDLEREC[0])} / {_vs([acc[1]], PADDLEREC[1])}',
+      )
+    )
+  note = os.path.join(RESULTS, COMPARISON, 'paddlerec', 'NOTE.md')
+  if os.path.exists(note):
+    with open(note) as f:
+      lines += ['', f.read().strip()]
+  return lines
+
+
 def _epoch_pass(run, epoch):
   """The test pass after ``epoch`` and the pool of passes 1..epoch."""
   records = metric_writers.read_metrics(os.path.join(RESULTS, run))
@@ -447,7 +485,7 @@ def results_page() -> str:
     "## PaddleRec's data",
     '',
   ] + headline()
-  parts += _pool_needed()
+  parts += _pool_needed() + _faithful_details()
   parts += ['', '### What explains the gap: one-factor ablations', '']
   parts += ablations()
   parts += paddle_reference()
