@@ -9,8 +9,8 @@ images/s, the spread and the ratio to the loop, with the largest difference
 of each output from the loop's:
 
 - ``loop``: ExpertBank expert by expert, the CPU paths that ``model.conv``
-  and ``model.norm`` 'auto' pick (Toeplitz convolutions, plain JAX
-  BatchNorm in evaluation): what evaluation was before ``fused_eval``.
+  and ``model.norm`` 'auto' pick (the kernels' direct convolutions, plain
+  JAX BatchNorm in evaluation): what evaluation is without ``fused_eval``.
 - ``folded``: the same, each BatchNorm folded into its convolution.
 - ``shared toeplitz``: folded, and the experts' first convolutions as one
   Toeplitz convolution with E * 10 output channels.
@@ -20,8 +20,10 @@ of each output from the loop's:
 - ``shared kernel rows``, ``shared xla, kernel rows``, ``shared kernel rows,
   xla``: Toeplitz convolutions whose rows the CPU kernels build
   (``rows='kernel'``), for the first, the second or both convolutions.
-- ``fused``: ``models.multimnist_experts_eval`` (``model.fused_eval``):
-  shared XLA first convolution, then XLA's convolution per expert.
+- ``fused``: ``models.multimnist_experts_eval`` with XLA's convolutions:
+  shared first convolution, then XLA's convolution per expert.
+- ``fused, kernels``: the same with each block by
+  ``cpu.kernels.conv_relu_pool`` (what ``model.fused_eval`` runs on CPU).
 """
 
 import functools

@@ -10,6 +10,8 @@
 #      timed_multimnist_seed0 (not in the default order): multimnist_seed0
 #      again, alone on the CPU with the Toeplitz row kernels and freed
 #      memory kept, for scripts/time_to_accuracy.py;
+#      timed_direct_multimnist_seed0 (not in the default order): the same
+#      with the kernels' direct convolutions (model.conv 'auto' since);
 #   3. one-factor ablations of configs/paddlerec.py, 15 epochs each, to set
 #      beside its own first 15 epochs: the older data recipe, plain
 #      cross-entropy, Flax's initializers.
@@ -32,6 +34,7 @@ declare -A ARGS=(
   [multimnist_seed1]="--config=configs/multimnist.py --config.seed=1"
   [multimnist_seed2]="--config=configs/multimnist.py --config.seed=2"
   [timed_multimnist_seed0]="--config=configs/multimnist.py --config.seed=0"
+  [timed_direct_multimnist_seed0]="--config=configs/multimnist.py --config.seed=0"
   [paddlerec]="--config=configs/paddlerec.py"
   [paddlerec_15epochs]="--config=configs/paddlerec.py --config.num_epochs=15"
   [paddlerec_30epochs]="--config=configs/paddlerec.py --config.num_epochs=30"
