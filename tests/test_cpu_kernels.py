@@ -485,37 +485,6 @@ def test_direct_conv_by_hand():
   )
 
 
-@pytest.mark.parametrize(
-  'shape,features,kernel_size',
-  [
-    ((3, 36, 36, 1), 10, (5, 5)),  # The experts' first convolution.
-    ((2, 16, 16, 10), 20, (5, 5)),  # Their second.
-    ((2, 9, 40, 3), 7, (3, 5)),  # Three blocks of 16 columns, odd rows.
-    ((9, 7, 20, 2), 8, (2, 4)),  # More images than a chunk of the gradient.
-  ],
-)
-def test_direct_conv_equals_flax(shape, features, kernel_size):
-  x = jax.random.normal(jax.random.key(0), shape)
-  xla = nn.Conv(features, kernel_size, padding='VALID')
-  direct = cpu.DirectConv(features, kernel_size)
-  variables = xla.init(jax.random.key(1), x)
-  jax.tree.map(  # The same parameters, initialized alike.
-    np.testing.assert_array_equal, variables, direct.init(jax.random.key(1), x)
-  )
-  variables = jax.tree.map(lambda v: v + 0.1, variables)  # A non-zero bias.
-  np.testing.assert_allclose(
-    direct.apply(variables, x), xla.apply(variables, x), rtol=1e-5, atol=1e-5
-  )
-  grad = lambda conv: jax.grad(  # Through a non-linear loss.
-    lambda v, x: jnp.sum(jnp.sin(conv.apply(v, x))), argnums=(0, 1)
-  )(variables, x)
-  jax.tree.map(
-    functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-4),
-    grad(direct),
-    grad(xla),
-  )
-
-
 def test_direct_conv_refuses_what_does_not_fit():
   with pytest.raises(ValueError, match=r'H >= kh and W >= kw; got float32'):
     cpu_kernels.conv2d(

@@ -214,24 +214,30 @@ def test_toeplitz_conv_by_hand(tile, rows):
     ((2, 36, 36, 1), 10, (5, 5), 4, 'kernel'),  # the same, rows by kernels
     ((2, 16, 16, 10), 20, (5, 5), 4, 'kernel'),
     ((3, 9, 11, 3), 4, (3, 5), 100, 'kernel'),
+    # rows 'direct': cpu.DirectConv, the kernels' direct convolution.
+    ((2, 36, 36, 1), 10, (5, 5), None, 'direct'),
+    ((2, 16, 16, 10), 20, (5, 5), None, 'direct'),
+    ((2, 9, 40, 3), 7, (3, 5), None, 'direct'),  # 3 blocks of 16, odd rows
+    ((9, 7, 20, 2), 8, (2, 4), None, 'direct'),  # > 8 images per chunk
   ],
 )
-def test_toeplitz_conv_equals_xla_conv(
-  shape, features, kernel_size, tile, rows
-):
+def test_cpu_convs_equal_xla_conv(shape, features, kernel_size, tile, rows):
   x = jax.random.normal(jax.random.key(0), shape)
   xla = nn.Conv(features, kernel_size, padding='VALID')
-  toeplitz = cpu.ToeplitzConv(features, kernel_size, tile=tile, rows=rows)
+  if rows == 'direct':
+    conv = cpu.DirectConv(features, kernel_size)
+  else:
+    conv = cpu.ToeplitzConv(features, kernel_size, tile=tile, rows=rows)
   variables = xla.init(jax.random.key(1), x)
   # Same parameter tree, initialized alike from the same key.
   jax.tree.map(
     np.testing.assert_array_equal,
     variables,
-    toeplitz.init(jax.random.key(1), x),
+    conv.init(jax.random.key(1), x),
   )
   variables = jax.tree.map(lambda v: v + 0.1, variables)  # non-zero bias
   np.testing.assert_allclose(
-    toeplitz.apply(variables, x), xla.apply(variables, x), rtol=1e-5, atol=1e-5
+    conv.apply(variables, x), xla.apply(variables, x), rtol=1e-5, atol=1e-5
   )
   # Gradients w.r.t. the input and the parameters, through a non-linear loss.
   grad = lambda conv: jax.grad(
@@ -239,7 +245,7 @@ def test_toeplitz_conv_equals_xla_conv(
   )(variables, x)
   jax.tree.map(
     functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-4),
-    grad(toeplitz),
+    grad(conv),
     grad(xla),
   )
 

@@ -176,13 +176,19 @@ class ToeplitzConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param(
-      'kernel',
-      self.kernel_init,
-      (*self.kernel_size, x.shape[-1], self.features),
-    )
-    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    kernel, bias = _conv_params(self, x)
     return toeplitz_conv(x, kernel, self.tile, self.rows, bias)
+
+
+def _conv_params(conv: nn.Module, x: Array) -> tuple[Array, Array]:
+  """nn.Conv's parameters, ``kernel`` (kh, kw, C, F) and ``bias`` (F,),
+  declared in ``conv`` (with ``features``, ``kernel_size``, ``kernel_init``)
+  as nn.Conv declares them, so the same key gives the same values."""
+  kernel = conv.param(
+    'kernel', conv.kernel_init, (*conv.kernel_size, x.shape[-1], conv.features)
+  )
+  bias = conv.param('bias', nn.initializers.zeros, (conv.features,))
+  return kernel, bias
 
 
 class DirectConv(nn.Module):
@@ -208,12 +214,7 @@ class DirectConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param(
-      'kernel',
-      self.kernel_init,
-      (*self.kernel_size, x.shape[-1], self.features),
-    )
-    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    kernel, bias = _conv_params(self, x)
     return kernels.conv2d(x, kernel.astype(x.dtype), bias.astype(x.dtype))
 
 
