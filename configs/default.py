@@ -79,9 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
   # multimnist_experts_eval: BatchNorm folded into the convolutions, the
   # first convolution of all experts as one; with the CPU kernels'
   # convolutions, model.conv 'kernel' or 'toeplitz_kernel', each
-  # convolution-ReLU-pool block in one kernel, cpu.kernels.conv_relu_pool): the same function up
-  # to float rounding, faster (docs/performance.md). Training is unchanged;
-  # the vmap bank ignores it.
+  # convolution-ReLU-pool block in one kernel, cpu.kernels.conv_relu_pool):
+  # the same function up to float rounding, faster (docs/performance.md).
+  # Training is unchanged; the vmap bank ignores it.
   config.model.fused_eval = True
   # What a per-example gate routes on: 'input' (pixels) or 'experts' (mean
   # expert output).

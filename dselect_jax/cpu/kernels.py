@@ -1,5 +1,5 @@
-"""Hand-written CPU kernels: BatchNorm + ReLU + 2x2 max pooling in one, and
-the input rows of the Toeplitz convolution.
+"""Hand-written CPU kernels: BatchNorm + ReLU + 2x2 max pooling in one, the
+input rows of the Toeplitz convolution, and direct convolutions.
 
 The expert's ``BatchNorm -> ReLU -> max_pool_2x2`` block, in training mode,
 forward and backward, as XLA FFI custom calls (csrc/bn_relu_pool.cc). XLA:CPU
@@ -13,6 +13,8 @@ splits them), up to float rounding; tests/test_cpu_kernels.py checks both
 against Flax. ``toeplitz_rows`` (csrc/toeplitz_rows.cc) builds the matrix
 of input rows that ``cpu.toeplitz_conv`` multiplies, and its gradient, in one
 pass each where XLA:CPU's slices, concatenations and pads make several.
+``conv2d`` (custom VJP) and ``conv_relu_pool`` (evaluation's whole block)
+sum convolutions directly, in vector registers (csrc/direct_conv.cc).
 
 The C++ sources are compiled on first use with the system's C++ compiler
 (``$CXX``, else ``c++``), against the XLA FFI headers that jaxlib ships, into
