@@ -156,7 +156,9 @@ void Image(const Geometry& m, const float* planes, const float* kernel,
             for (int r = 0; r < 2 && i0 + r < m.ho; ++r) {
               std::memcpy(lanes, r ? &bottom[f] : &top[f], sizeof(Lanes));
               float* z = out + ((i0 + r) * m.wo + j0) * channels + at;
-              for (int64_t j = 0; j < cols; ++j) z[j * channels + f] = lanes[j] + b;
+              for (int64_t j = 0; j < cols; ++j) {
+                z[j * channels + f] = lanes[j] + b;
+              }
             }
           }
         }
@@ -186,8 +188,9 @@ ffi::Error Convolve(ffi::ThreadPool& pool, const Map& x, const Kernel& kernel,
       Measure(x.dimensions(), kernel.dimensions(), pad_h, pad_w);
   const auto bd = bias.dimensions(), od = out->dimensions();
   const int64_t oh = do_pool ? m.ho / 2 : m.ho, ow = do_pool ? m.wo / 2 : m.wo;
-  if (pad_h < 0 || pad_w < 0 || m.g * m.cg != x.dimensions()[3] || m.ho < 1 || m.wo < 1 ||
-      (do_pool && (m.ho % 2 || m.wo % 2)) || bd[0] != m.g || bd[1] != m.fg ||
+  if (pad_h < 0 || pad_w < 0 || m.g * m.cg != x.dimensions()[3] ||
+      m.ho < 1 || m.wo < 1 || (do_pool && (m.ho % 2 || m.wo % 2)) ||
+      bd[0] != m.g || bd[1] != m.fg ||
       od[0] != m.n || od[1] != oh || od[2] != ow || od[3] != m.g * m.fg) {
     return ffi::Error::InvalidArgument(
         "direct_conv: the kernel, bias and output do not fit the input");
