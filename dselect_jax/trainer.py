@@ -32,6 +32,7 @@ from dselect_jax import evaluate
 from dselect_jax import factory
 from dselect_jax import input_pipeline
 from dselect_jax import metric_writers
+from dselect_jax import provenance
 from dselect_jax import steps
 
 
@@ -132,8 +133,10 @@ def _train_and_evaluate(config, workdir, is_chief):
   # Written once the data and any checkpoint have loaded, so a run that fails
   # on bad input leaves the workdir's config.json as it was.
   if is_chief:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    provenance.write_atomically(
+      os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2)
+    )
+    provenance.record(workdir, start_step)
   state = steps.replicate(state)
   rng = jax.random.key(config.seed + 1)
 

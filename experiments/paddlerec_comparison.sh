@@ -12,6 +12,10 @@
 #      memory kept, for scripts/time_to_accuracy.py;
 #      timed_direct_multimnist_seed0 (not in the default order): the same
 #      with the kernels' direct convolutions (model.conv 'auto' since);
+#      multimnist_100epochs_seed{0,1,2} (not in the default order): our
+#      recipe with its schedule stretched to 100 epochs (warmup 1 epoch,
+#      cosine to 0 at epoch 100), tested after every epoch, for the pooled
+#      statistic PaddleRec reports;
 #   3. one-factor ablations of configs/paddlerec.py, 15 epochs each, to set
 #      beside its own first 15 epochs: the older data recipe, plain
 #      cross-entropy, Flax's initializers.
@@ -19,7 +23,8 @@
 #   bash experiments/paddlerec_comparison.sh RUNS_DIR [NAME ...]
 #
 # Checkpoints stay in RUNS_DIR/<name>; each finished run's config.json,
-# metrics.jsonl (gzipped), test_metrics.json and console log are copied to
+# run_info.json (the commits it ran on), metrics.jsonl (gzipped),
+# test_metrics.json and console log are copied to
 # results/paddlerec_comparison/<name>/. The raw MNIST files are read from
 # $DSELECT_DATA_DIR (default: the cache, downloading when missing). With
 # NAMEs, only those runs.
@@ -35,6 +40,9 @@ declare -A ARGS=(
   [multimnist_seed2]="--config=configs/multimnist.py --config.seed=2"
   [timed_multimnist_seed0]="--config=configs/multimnist.py --config.seed=0"
   [timed_direct_multimnist_seed0]="--config=configs/multimnist.py --config.seed=0"
+  [multimnist_100epochs_seed0]="--config=configs/multimnist.py --config.num_epochs=100 --config.seed=0"
+  [multimnist_100epochs_seed1]="--config=configs/multimnist.py --config.num_epochs=100 --config.seed=1"
+  [multimnist_100epochs_seed2]="--config=configs/multimnist.py --config.num_epochs=100 --config.seed=2"
   [paddlerec]="--config=configs/paddlerec.py"
   [paddlerec_15epochs]="--config=configs/paddlerec.py --config.num_epochs=15"
   [paddlerec_30epochs]="--config=configs/paddlerec.py --config.num_epochs=30"
@@ -60,7 +68,7 @@ for name in "${names[@]}"; do
   python train.py $args --workdir="$workdir" 2>&1 \
     | grep --line-buffered -v -e 'orbax' -e 'xla_bridge' >> "$workdir/train.log" || {
     echo "$name: stopped; run again to resume"; exit 1; }
-  cp "$workdir/config.json" "$workdir/train.log" "$out/$name/"
+  cp "$workdir/config.json" "$workdir/run_info.json" "$workdir/train.log" "$out/$name/"
   gzip -n -9 -c "$workdir/metrics.jsonl" > "$out/$name/metrics.jsonl.gz"
   cp "$workdir/test_metrics.json" "$out/$name/"
   echo "$name: done ($(date -u +%FT%TZ))"
