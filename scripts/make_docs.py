@@ -11,10 +11,12 @@ import glob
 import json
 import os
 import re
+import subprocess
 
 import numpy as np
 
 from dselect_jax import metric_writers
+from dselect_jax import provenance
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, 'results')
@@ -23,8 +25,6 @@ START, END = '<!-- results:start -->', '<!-- results:end -->'
 ML_START, ML_END = '<!-- movielens:start -->', '<!-- movielens:end -->'
 COMPARISON = 'paddlerec_comparison'
 ABLATION_EPOCH = 15
-# Runs of the faithful recipe's first epochs alone, longest first.
-PREFIX_EPOCHS = (30, ABLATION_EPOCH)
 
 
 def _json(path):
@@ -76,179 +76,199 @@ def _row(*cells):
 
 
 def _vs(values, reference):
-  mean = float(np.mean(values))
-  return f'{100 * (mean - reference):+.2f}'
+  """Points (percent) of the mean above ``reference``, to 2 decimals; a
+  difference that rounds to 0 is +0.00, never -0.00."""
+  points = round(100 * (float(np.mean(values)) - reference), 2)
+  return f'{points + 0.0:+.2f}'
+
+
+def _code(run: str) -> str:
+  """The commit(s) a run's code was at: from its run_info.json, or, for a
+  run from before run_info.json, 'unrecorded' and the last commit that
+  changed its test_metrics.json (else its folder): the code was at that
+  commit or an earlier one."""
+  folder = os.path.join(RESULTS, run)
+  try:
+    starts = provenance.read(folder)
+  except ValueError:
+    starts = []
+  if starts:
+    return ', '.join(f'`{c}`' for c in provenance.commits(starts))
+  # A run's test metrics change only when it is run again; other files of
+  # its folder may be touched up later.
+  metrics = os.path.join(folder, 'test_metrics.json')
+  path = metrics if os.path.exists(metrics) else folder
+  try:
+    last = subprocess.run(
+      ['git', '-C', REPO, 'log', '-1', '--format=%h', '--', path],
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    last = ''
+  return f'unrecorded (committed in `{last}`)' if last else 'unrecorded'
+
+
+def provenance_table() -> list[str]:
+  """Every folder of results/ that holds files, with the code it ran on."""
+  rows = []
+  for folder, _, files in sorted(os.walk(RESULTS)):
+    if not files or folder == RESULTS:
+      continue
+    run = os.path.relpath(folder, RESULTS)
+    rows.append(_row(f'`results/{run}`', _code(run)))
+  return [
+    'The commit of the code behind each folder of `results/`: from its '
+    '`run_info.json` (written by train.py since it records one), else '
+    '"unrecorded" with the last commit that changed its `test_metrics.json` '
+    '(else any of its files): its code was at that commit or an earlier '
+    'one.',
+    '',
+    _row('folder', 'code'),
+    _row('---', '---'),
+  ] + rows
+
+
+def _codes(runs: list[str]) -> str:
+  return '; '.join(dict.fromkeys(_code(r) for r in runs))
+
+
+def _runs(pattern: str) -> list[str]:
+  """The finished runs (with test_metrics.json) matching ``pattern`` under
+  results/, as paths relative to it."""
+  return [
+    os.path.relpath(r, RESULTS)
+    for r in sorted(glob.glob(os.path.join(RESULTS, pattern)))
+    if os.path.exists(os.path.join(r, 'test_metrics.json'))
+  ]
+
+
+def _statistic(runs: list[str], key: str) -> list[list[float]]:
+  """Per task, each run's test accuracy under ``key`` of test_statistics
+  ('pooled_over_epochs', 'best_validation')."""
+  stats = [_test(r)['test_statistics'][key] for r in runs]
+  return [[s[f'accuracy_{t}'] for s in stats] for t in (1, 2)]
+
+
+def _label(runs, what):
+  n = len(runs)
+  return f'{what}, {n} seed{"s" if n > 1 else ""}' + (
+    ', mean ± std' if n > 1 else ''
+  )
 
 
 def headline() -> list[str]:
-  """The comparison on PaddleRec's data (results/paddlerec_comparison/)."""
+  """The comparison on PaddleRec's data (results/paddlerec_comparison/):
+  one table per statistic, so that a figure is only set beside one of the
+  same statistic."""
+  faithful = _runs(f'{COMPARISON}/paddlerec')
+  recipe_100 = _runs(f'{COMPARISON}/multimnist_100epochs_seed*')
+  recipe_20 = _runs(f'{COMPARISON}/multimnist_seed*')
   lines = [
     "Test accuracy on the Pareto MTL MultiMNIST (PaddleRec's data: "
-    '100,000 train / 20,000 validation / 20,000 test; `paretomtl` recipe). '
-    '"pooled over epochs" is PaddleRec\'s statistic: correct answers over '
-    'the test passes after every epoch; "best validation" tests the one '
-    'checkpoint chosen on the validation split. Points: task accuracy '
-    "minus PaddleRec's. The pooled figure depends on the number of epochs: "
-    'over a 20-epoch run it averages in the weak first epochs, so it '
-    "compares with PaddleRec's only for the 100-epoch faithful run; the "
-    'best-validation figures are the fair estimate of one model (PaddleRec '
-    'reports none).',
+    '100,000 train / 20,000 validation / 20,000 test; `paretomtl` recipe), '
+    'one table per statistic. "Code" is the commit each run trained on '
+    '(its `run_info.json`; older runs recorded none).',
     '',
-    _row(
-      'run', 'statistic', 'task 1', 'task 2', 'points vs PaddleRec', 'files'
-    ),
+    "**Pooled over the 100 per-epoch test passes** (PaddleRec's statistic: "
+    'correct answers over the test passes after each of 100 epochs; it '
+    'averages in the weak early epochs, so it is lower than any one '
+    "model's accuracy). Points: accuracy minus PaddleRec's.",
+    '',
+    _row('run', 'task 1', 'task 2', 'points vs PaddleRec', 'code', 'files'),
     _row(*['---'] * 6),
     _row(
       'PaddleRec, reported (8 experts, shared gate, 100 epochs)',
-      'pooled over epochs',
       f'{PADDLEREC[0]:.6f}',
       f'{PADDLEREC[1]:.6f}',
+      '',
       '',
       "PaddleRec's readme",
     ),
   ]
-  faithful = _test(f'{COMPARISON}/paddlerec')
-  if faithful is None:
-    prefix = _longest_prefix()
-    minutes = prefix and _wall_minutes(os.path.join(RESULTS, prefix[0]))
-    estimate = (
-      f'about {minutes * 100 / prefix[1] / 60:.1f} h alone on a 2-core '
-      f"CPU, from its first {prefix[1]} epochs' {minutes:.0f} min; "
-      if minutes
-      else ''
-    )
+  for runs, what, files in (
+    (
+      faithful,
+      'ours, `configs/paddlerec.py` (faithful)',
+      f'`results/{COMPARISON}/paddlerec`',
+    ),
+    (
+      recipe_100,
+      'ours, `configs/multimnist.py` stretched to 100 epochs (recipe)',
+      f'`results/{COMPARISON}/multimnist_100epochs_seed*`',
+    ),
+  ):
+    if not runs:
+      lines.append(_row(what, 'not run yet', '', '', '', ''))
+      continue
+    acc = _statistic(runs, 'pooled_over_epochs')
     lines.append(
       _row(
-        'ours, `configs/paddlerec.py` (100 epochs)',
-        '',
-        f'not run yet ({estimate}`benchmarks/gpu.sh` runs it on one GPU)',
-        '',
-        '',
-        '',
+        _label(runs, what),
+        _mean_std(acc[0]),
+        _mean_std(acc[1]),
+        f'{_vs(acc[0], PADDLEREC[0])} / {_vs(acc[1], PADDLEREC[1])}',
+        _codes(runs),
+        files,
       )
     )
-    lines += _faithful_prefix()
-  else:
-    stats = faithful['test_statistics']
-    for name, key in (
-      ('pooled over epochs', 'pooled_over_epochs'),
-      ('best validation', 'best_validation'),
-    ):
-      acc = [stats[key]['accuracy_1'], stats[key]['accuracy_2']]
-      lines.append(
-        _row(
-          'ours, `configs/paddlerec.py` (faithful, 100 epochs)',
-          name,
-          f'{acc[0]:.4f}',
-          f'{acc[1]:.4f}',
-          f'{_vs([acc[0]], PADDLEREC[0])} / {_vs([acc[1]], PADDLEREC[1])}',
-          f'`results/{COMPARISON}/paddlerec`',
-        )
-      )
-  seeds = _seeds(f'{COMPARISON}/multimnist_seed*')
-  if not seeds:
-    lines.append(
-      _row('ours, `configs/multimnist.py`', '', 'not run yet', '', '', '')
-    )
-  else:
-    runs = sorted(
-      glob.glob(os.path.join(RESULTS, COMPARISON, 'multimnist_seed*'))
-    )
-    walls = [_wall_minutes(r) for r in runs]
-    walls = [w for w in walls if w is not None]
-    wall = (
-      f', {min(walls):.0f}-{max(walls):.0f} min each on a 2-core CPU shared with other work'
-      if walls
-      else ''
-    )
-    label = (
-      f'ours, `configs/multimnist.py` (20 epochs{wall}), '
-      f'{len(seeds)} seed{"s" if len(seeds) > 1 else ""}'
-    )
-    for name, get in (
-      ('best validation', lambda r, t: r[f'accuracy_{t}']),
-      (
-        'pooled over epochs',
-        lambda r, t: r['test_statistics']['pooled_over_epochs'][
-          f'accuracy_{t}'
-        ],
-      ),
-    ):
-      acc = [[get(r, t) for r in seeds] for t in (1, 2)]
-      lines.append(
-        _row(
-          label,
-          name + (', mean ± std' if len(seeds) > 1 else ''),
-          _mean_std(acc[0]),
-          _mean_std(acc[1]),
-          f'{_vs(acc[0], PADDLEREC[0])} / {_vs(acc[1], PADDLEREC[1])}',
-          f'`results/{COMPARISON}/multimnist_seed*`',
-        )
-      )
-  return lines
-
-
-def _longest_prefix():
-  """(run, epochs, (test after the last epoch, pool so far)) of the longest
-  committed run of the faithful recipe's first epochs (PREFIX_EPOCHS), or
-  None."""
-  for epochs in PREFIX_EPOCHS:
-    run = f'{COMPARISON}/paddlerec_{epochs}epochs'
-    got = _epoch_pass(run, epochs)
-    if got is not None:
-      return run, epochs, got
-  return None
-
-
-def _faithful_prefix() -> list[str]:
-  """Rows of the faithful recipe's first epochs, run alone, while the
-  100-epoch run is missing: its last epoch's pass and its pool so far."""
-  prefix = _longest_prefix()
-  if prefix is None:
-    return []
-  run, epochs, ((a1, a2), (p1, p2)) = prefix
-  name = (
-    f'ours, `configs/paddlerec.py`, its first {epochs} epochs '
-    '(the same steps: a constant learning rate)'
-  )
-  return [
-    _row(
-      name,
-      f'test after epoch {epochs}',
-      f'{a1:.4f}',
-      f'{a2:.4f}',
-      f'{_vs([a1], PADDLEREC[0])} / {_vs([a2], PADDLEREC[1])}',
-      f'`results/{run}`',
-    ),
-    _row(
-      name,
-      f'pooled over epochs 1-{epochs} (not the 100-epoch pool)',
-      f'{p1:.4f}',
-      f'{p2:.4f}',
-      '',
-      f'`results/{run}`',
-    ),
-  ]
-
-
-def _pool_needed() -> list[str]:
-  """While the 100-epoch run is missing: what its remaining epochs would
-  have to average for the 100-epoch pool to reach PaddleRec's figures."""
-  if _test(f'{COMPARISON}/paddlerec') is not None:
-    return []
-  prefix = _longest_prefix()
-  if prefix is None:
-    return []
-  _, n, (_, pooled) = prefix
-  rest = 100 - n
-  need = [(100 * p - n * q) / rest for p, q in zip(PADDLEREC, pooled)]
-  return [
+  lines += [
     '',
-    f"For the faithful run's pool over 100 epochs to reach PaddleRec's "
-    f'figures, its epochs {n + 1}-100 would have to average '
-    f'{need[0]:.4f} / {need[1]:.4f} test accuracy (from its pool over '
-    f'epochs 1-{n}, {pooled[0]:.4f} / {pooled[1]:.4f}).',
+    '**Best-validation checkpoint** (the checkpoint chosen on the '
+    'validation split, tested once: the fair estimate of one model; '
+    'PaddleRec reports none). Points: accuracy minus the faithful '
+    "config's.",
+    '',
+    _row('run', 'task 1', 'task 2', 'points vs faithful', 'code', 'files'),
+    _row(*['---'] * 6),
   ]
+  reference = None
+  walls = [_wall_minutes(os.path.join(RESULTS, r)) for r in recipe_20]
+  walls = [w for w in walls if w is not None]
+  wall = (
+    f'; {min(walls):.0f}-{max(walls):.0f} min each on a 2-core CPU shared '
+    'with other work'
+    if walls
+    else ''
+  )
+  for runs, what, files in (
+    (
+      faithful,
+      'ours, `configs/paddlerec.py` (faithful, 100 epochs)',
+      f'`results/{COMPARISON}/paddlerec`',
+    ),
+    (
+      recipe_20,
+      f'ours, `configs/multimnist.py` (recipe, 20 epochs{wall})',
+      f'`results/{COMPARISON}/multimnist_seed*`',
+    ),
+    (
+      recipe_100,
+      'ours, `configs/multimnist.py` stretched to 100 epochs (recipe)',
+      f'`results/{COMPARISON}/multimnist_100epochs_seed*`',
+    ),
+  ):
+    if not runs:
+      lines.append(_row(what, 'not run yet', '', '', '', ''))
+      continue
+    acc = _statistic(runs, 'best_validation')
+    if reference is None:
+      reference = [float(np.mean(a)) for a in acc]
+      points = ''
+    else:
+      points = f'{_vs(acc[0], reference[0])} / {_vs(acc[1], reference[1])}'
+    lines.append(
+      _row(
+        _label(runs, what),
+        _mean_std(acc[0]),
+        _mean_std(acc[1]),
+        points,
+        _codes(runs),
+        files,
+      )
+    )
+  return lines
 
 
 def _faithful_details() -> list[str]:
@@ -490,7 +510,7 @@ def results_page() -> str:
     "## PaddleRec's data",
     '',
   ] + headline()
-  parts += _pool_needed() + _faithful_details()
+  parts += _faithful_details()
   parts += ['', '### What explains the gap: one-factor ablations', '']
   parts += ablations()
   parts += paddle_reference()
@@ -552,6 +572,7 @@ def results_page() -> str:
       f'{entropy["accuracy_1"]:.3f} / {entropy["accuracy_2"]:.3f}, '
       f'experts used per task {entropy["selected_experts"]}.',
     ]
+  parts += ['', '## The code behind each result', ''] + provenance_table()
   return '\n'.join(parts) + '\n'
 
 

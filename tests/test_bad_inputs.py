@@ -9,11 +9,12 @@ workdir byte-identical afterwards.
 import ast
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 
+from conftest import write_idx
 import jax
+import numpy as np
 import pytest
 
 from dselect_jax import factory
@@ -34,24 +35,28 @@ def finished_run(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def bad_data(tmp_path_factory, data_dir):
-  """Folders of MNIST files: missing one, one truncated, one altered."""
+def bad_data(tmp_path_factory):
+  """Folders of MNIST-format files that are not the canonical ones (a few
+  random digits, written here): one with the train images missing, one
+  whole. The train images are the first file read, so each case fails on
+  them."""
   root = tmp_path_factory.mktemp('bad_data')
+  rng = np.random.default_rng(0)
   dirs = {}
-  for case in ('missing_file', 'truncated', 'altered'):
+  for case in ('missing_file', 'not_canonical'):
     dest = root / case / 'mnist'
-    shutil.copytree(os.path.join(data_dir, 'mnist'), dest)
-    for f in dest.iterdir():
-      f.chmod(0o644)
-    labels = dest / 'train-labels-idx1-ubyte.gz'
+    dest.mkdir(parents=True)
+    for split, n in (('train', 60), ('t10k', 10)):
+      write_idx(
+        dest / f'{split}-images-idx3-ubyte.gz',
+        rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+      )
+      write_idx(
+        dest / f'{split}-labels-idx1-ubyte.gz',
+        rng.integers(0, 10, n, dtype=np.uint8),
+      )
     if case == 'missing_file':
-      labels.unlink()
-    elif case == 'truncated':
-      labels.write_bytes(labels.read_bytes()[:5000])
-    else:
-      data = bytearray(labels.read_bytes())
-      data[100] ^= 1
-      labels.write_bytes(bytes(data))
+      (dest / 'train-images-idx3-ubyte.gz').unlink()
     dirs[case] = str(root / case)
   dirs['no_such_dir'] = str(root / 'nowhere')
   return dirs
@@ -168,10 +173,19 @@ CASES = {
   'data file missing': (
     'train',
     _data('missing_file'),
-    'train-labels-idx1-ubyte.gz: missing',
+    'train-images-idx3-ubyte.gz: missing',
   ),
-  'data file truncated': ('train', _data('truncated'), 'SHA-256 is'),
-  'data file altered': ('train', _data('altered'), 'expected 3552534a'),
+  # The published SHA-256 of MNIST's train images.
+  'data file not the canonical one': (
+    'train',
+    _data('not_canonical'),
+    'train-images-idx3-ubyte.gz: SHA-256 is',
+  ),
+  'data file not the canonical one, the digest it expects': (
+    'train',
+    _data('not_canonical'),
+    'expected 440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609',
+  ),
   'no config flag': ('train', None, '--config must have a value'),
   'cluster flags without multihost': (
     'train',

@@ -94,9 +94,13 @@ def assert_trees_close(a, b, rtol=2e-5, atol=2e-5):
     )
 
 
-@pytest.fixture(scope='module', autouse=True)
-def kernels():
-  cpu_kernels.load()  # Builds them (or fails with the compiler's message).
+@pytest.fixture(autouse=True)
+def kernels(request):
+  """Every test here but those marked ``without_kernels`` (the ones about
+  a missing or failing compiler) needs the kernels built: skipped, with the
+  compiler's message, where they do not build."""
+  if not request.node.get_closest_marker('without_kernels'):
+    request.getfixturevalue('cpu_kernels_built')
 
 
 @pytest.mark.parametrize(
@@ -207,6 +211,7 @@ def test_expert_with_kernels_equals_expert_with_flax():
       assert_trees_close(outs[pair], outs['xla', 'xla'], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.without_kernels
 def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
   monkeypatch.setenv('DSELECT_JAX_KERNEL_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', 'no-such-compiler')
@@ -218,6 +223,7 @@ def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
     cpu_kernels._build_and_register()  # pylint: disable=protected-access
 
 
+@pytest.mark.without_kernels
 def test_failing_compiler_is_a_clear_error(monkeypatch, tmp_path):
   monkeypatch.setenv('DSELECT_JAX_KERNEL_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', 'false')  # Runs, and exits 1.

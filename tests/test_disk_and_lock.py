@@ -126,10 +126,13 @@ def test_a_disk_that_fills_up_stops_the_run_and_loses_nothing(
 
     disk.free()
     metrics = trainer.train_and_evaluate(tiny_config(), workdir)
-    assert 0 <= metrics['accuracy_1'] <= 1
     ckpts = checkpointing.Checkpoints(workdir, create=False)
     assert ckpts.all_steps() == [3, 6]
     assert _tree_digest(os.path.join(workdir, 'checkpoints', '3')) == kept
+  # The resumed run ends where one that never stopped ends.
+  whole = trainer.train_and_evaluate(tiny_config(), str(tmp_path / 'whole'))
+  for key in ('step', 'accuracy_1', 'accuracy_2', 'loss_1', 'loss_2'):
+    assert metrics[key] == whole[key], key
 
 
 def test_a_disk_too_full_to_start_says_so_before_training(

@@ -3,6 +3,7 @@
 import json
 import os
 
+from conftest import assert_png
 import pytest
 
 from configs import multimnist_fast
@@ -82,4 +83,5 @@ def test_tabulate_means_and_sample_stds(tmp_path):
   assert '0.9200 ± 0.0283' in table
   # Per-run minutes with the convolution each run used (xla when unrecorded).
   assert '1.0 (xla), 2.0 (toeplitz)' in table
-  assert (tmp_path / 'accuracy.png').exists()
+  # One panel (multi_mnist accuracy): figsize (5, 3.5) inches at 100 dpi.
+  assert_png(tmp_path / 'accuracy.png', 500, 350)

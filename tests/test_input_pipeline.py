@@ -74,33 +74,90 @@ def test_fashion_files(fashion):
   assert list(labels[:10]) == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
 
 
-def _copy_mnist(data_dir, tmp_path):
-  dest = tmp_path / 'mnist'
-  shutil.copytree(os.path.join(data_dir, 'mnist'), dest)
-  for f in dest.iterdir():
-    f.chmod(0o644)
-  return dest
+def test_reader_returns_what_was_written(synthetic_mnist):
+  folder = synthetic_mnist['dir']
+  images, labels = synthetic_mnist['arrays']['train']
+  got = sources.read_idx(
+    str(folder / 'train-images-idx3-ubyte.gz'), sources.IMAGE_MAGIC, 300
+  )
+  assert got.shape == (300, 28, 28) and got.dtype == np.uint8
+  np.testing.assert_array_equal(got, images)
+  np.testing.assert_array_equal(
+    sources.read_idx(
+      str(folder / 'train-labels-idx1-ubyte.gz'), sources.LABEL_MAGIC, 300
+    ),
+    labels,
+  )
 
 
-def test_truncated_file_is_a_clear_error(data_dir, tmp_path):
-  dest = _copy_mnist(data_dir, tmp_path)
-  path = dest / 't10k-labels-idx1-ubyte.gz'
-  path.write_bytes(path.read_bytes()[:1000])
+def test_reader_refuses_a_wrong_header(synthetic_mnist):
+  folder = synthetic_mnist['dir']
+  labels = str(folder / 't10k-labels-idx1-ubyte.gz')
+  images = str(folder / 't10k-images-idx3-ubyte.gz')
+  with pytest.raises(DataError, match='magic number is 2049, expected 2051'):
+    sources.read_idx(labels, sources.IMAGE_MAGIC, 100)
+  with pytest.raises(DataError, match='holds 100 items, expected 10000'):
+    sources.read_idx(images, sources.IMAGE_MAGIC, 10000)
+  # A header that promises more bytes than follow: truncated.
+  with gzip.open(images, 'rb') as f:
+    data = f.read()
+  with gzip.open(images, 'wb') as f:
+    f.write(data[: 16 + 50 * 784])
+  with pytest.raises(DataError, match='39200 data bytes, expected 78400'):
+    sources.read_idx(images, sources.IMAGE_MAGIC, 100)
+
+
+@pytest.fixture
+def synthetic_sources(synthetic_mnist, monkeypatch):
+  """``sources`` taking the synthetic files as MNIST: their digests and
+  sizes in place of the canonical ones."""
+  monkeypatch.setitem(sources.CHECKSUMS, 'mnist', synthetic_mnist['sha256'])
+  monkeypatch.setattr(sources, 'SPLIT_SIZES', {'train': 300, 'test': 100})
+  return synthetic_mnist
+
+
+def test_load_source_checks_and_reads(synthetic_sources):
+  data_dir = str(synthetic_sources['dir'].parent)
+  for split in ('train', 'test'):
+    images, labels = sources.load_source('mnist', split, data_dir, False)
+    np.testing.assert_array_equal(images, synthetic_sources['arrays'][split][0])
+    np.testing.assert_array_equal(labels, synthetic_sources['arrays'][split][1])
+
+
+def test_truncated_file_is_a_clear_error(synthetic_sources):
+  path = synthetic_sources['dir'] / 't10k-labels-idx1-ubyte.gz'
+  path.write_bytes(path.read_bytes()[:50])
   with pytest.raises(DataError) as e:
-    sources.load_source('mnist', 'test', str(tmp_path), False)
+    sources.load_source(
+      'mnist', 'test', str(synthetic_sources['dir'].parent), False
+    )
   message = str(e.value)
   assert str(path) in message and 'SHA-256' in message
   assert 'delete it' in message and '\n' not in message
 
 
-def test_altered_file_is_a_clear_error(data_dir, tmp_path):
-  dest = _copy_mnist(data_dir, tmp_path)
-  path = dest / 'train-labels-idx1-ubyte.gz'
+def test_altered_file_is_a_clear_error(synthetic_sources):
+  path = synthetic_sources['dir'] / 'train-labels-idx1-ubyte.gz'
   data = bytearray(path.read_bytes())
   data[-20] ^= 0xFF
   path.write_bytes(bytes(data))
-  with pytest.raises(DataError, match='expected 3552534a'):
-    sources.load_source('mnist', 'train', str(tmp_path), False)
+  expected = synthetic_sources['sha256']['train-labels-idx1-ubyte.gz']
+  actual = hashlib.sha256(bytes(data)).hexdigest()
+  with pytest.raises(DataError, match=f'is {actual}, expected {expected}'):
+    sources.load_source(
+      'mnist', 'train', str(synthetic_sources['dir'].parent), False
+    )
+
+
+def test_canonical_digests_refuse_other_files(synthetic_mnist):
+  # The published digests (not the synthetic ones): any other file is
+  # refused, the train images first (read first).
+  with pytest.raises(
+    DataError,
+    match='train-images-idx3-ubyte.gz: SHA-256 is .*, expected '
+    '440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609',
+  ):
+    sources.load_source('mnist', 'train', str(synthetic_mnist['dir'].parent))
 
 
 def test_missing_file_says_where_to_put_it(tmp_path):
@@ -118,15 +175,33 @@ def test_missing_file_without_network_fails_clearly(tmp_path, monkeypatch):
   assert not (tmp_path / 'mnist' / 't10k-labels-idx1-ubyte.gz').exists()
 
 
-def test_download_checks_and_writes_atomically(data_dir, tmp_path):
-  src = os.path.join(data_dir, 'mnist', 't10k-labels-idx1-ubyte.gz')
-  good = sources.CHECKSUMS['mnist']['t10k-labels-idx1-ubyte.gz']
+def test_download_checks_and_writes_atomically(synthetic_mnist, tmp_path):
+  src = str(synthetic_mnist['dir'] / 't10k-labels-idx1-ubyte.gz')
+  good = synthetic_mnist['sha256']['t10k-labels-idx1-ubyte.gz']
   dest = tmp_path / 'out' / 'labels.gz'
   with pytest.raises(DataError, match='downloaded file has SHA-256'):
     sources.download('file://' + src, str(dest), '0' * 64)
   assert not dest.exists() and os.listdir(tmp_path / 'out') == []
   sources.download('file://' + src, str(dest), good)
   assert hashlib.sha256(dest.read_bytes()).hexdigest() == good
+
+
+def test_missing_files_are_downloaded_from_the_first_mirror_that_serves(
+  synthetic_sources, tmp_path, monkeypatch
+):
+  # Mirrors as file:// folders: the first lacks the files, the second has
+  # them; the data folder starts empty.
+  mirror = 'file://' + str(synthetic_sources['dir']) + '/'
+  monkeypatch.setitem(
+    sources.MIRRORS, 'mnist', ['file://' + str(tmp_path / 'none') + '/', mirror]
+  )
+  data_dir = tmp_path / 'fresh'
+  images, labels = sources.load_source('mnist', 'test', str(data_dir), True)
+  np.testing.assert_array_equal(labels, synthetic_sources['arrays']['test'][1])
+  assert sorted(os.listdir(data_dir / 'mnist')) == [
+    't10k-images-idx3-ubyte.gz',
+    't10k-labels-idx1-ubyte.gz',
+  ]
 
 
 def test_resolve_data_dir_order(tmp_path, monkeypatch):

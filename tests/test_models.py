@@ -188,7 +188,9 @@ def test_bad_model_attributes_raise(kwargs, match):
 @pytest.mark.parametrize(
   'tile,rows', [(1, 'xla'), (2, 'kernel'), (3, 'xla'), (8, 'kernel')]
 )
-def test_toeplitz_conv_by_hand(tile, rows):
+def test_toeplitz_conv_by_hand(tile, rows, request):
+  if rows != 'xla':
+    request.getfixturevalue('cpu_kernels_built')
   # x = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]], kernel [[1, 2], [3, 4]]:
   # y[i, j] = x[i, j] + 2 x[i, j+1] + 3 x[i+1, j] + 4 x[i+1, j+1] + bias, so
   # y[0, 0] = 0 + 2 + 12 + 20 = 34, +10 per column (1+2+3+4) and +40 per row.
@@ -221,7 +223,11 @@ def test_toeplitz_conv_by_hand(tile, rows):
     ((9, 7, 20, 2), 8, (2, 4), None, 'direct'),  # > 8 images per chunk
   ],
 )
-def test_cpu_convs_equal_xla_conv(shape, features, kernel_size, tile, rows):
+def test_cpu_convs_equal_xla_conv(
+  shape, features, kernel_size, tile, rows, request
+):
+  if rows != 'xla':
+    request.getfixturevalue('cpu_kernels_built')
   x = jax.random.normal(jax.random.key(0), shape)
   xla = nn.Conv(features, kernel_size, padding='VALID')
   if rows == 'direct':
@@ -302,6 +308,7 @@ def test_auto_picks_xlas_ops_off_the_cpu(monkeypatch, backend):
   kwargs = factory.create_model(config).expert_kwargs
   assert kwargs['conv_module'] is None and kwargs['block_module'] is None
   monkeypatch.setattr(factory.jax, 'default_backend', lambda: 'cpu')
+  monkeypatch.setattr(factory.cpu_kernels, 'available', lambda: True)
   assert factory.conv_impl(config) == 'kernel'
   assert factory.create_model(config).expert_kwargs['conv_module'] is (
     cpu.DirectConv

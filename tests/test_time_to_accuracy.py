@@ -5,6 +5,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SPEC = importlib.util.spec_from_file_location(
   'time_to_accuracy', os.path.join(REPO, 'scripts', 'time_to_accuracy.py')
@@ -59,7 +61,7 @@ def test_the_checkpoint_validation_chose_decides_and_time_crosses_midnight(
   rows = time_to_accuracy.epochs(str(tmp_path))
   assert [r['chosen_step'] for r in rows] == [10, 10, 30]
   assert [r['wall_s'] for r in rows] == [60.0, 180.0, 270.0]  # Midnight.
-  i, row = time_to_accuracy.first_above(rows)
+  i, row = time_to_accuracy.first_above(rows, (0.930460, 0.916088))
   assert (i, row['step'], row['chosen_test']) == (2, 30, (0.931, 0.917))
 
 
@@ -71,7 +73,7 @@ def test_a_run_that_never_gets_there(tmp_path):
     times={10: '23:59:00.000000'},
   )
   assert time_to_accuracy.first_above(
-    time_to_accuracy.epochs(str(tmp_path))
+    time_to_accuracy.epochs(str(tmp_path)), (0.930460, 0.916088)
   ) == (
     None,
     None,
@@ -91,3 +93,20 @@ def test_epoch_costs_split_training_from_evaluation(tmp_path):
   ]
   (tmp_path / 'train.log').write_text('\n'.join(log) + '\n')
   assert time_to_accuracy.epoch_costs(str(tmp_path)) == [(30.0, 6.0)]
+
+
+def test_the_default_target_is_the_faithful_runs_best_validation(tmp_path):
+  path = tmp_path / 'test_metrics.json'
+  path.write_text(
+    json.dumps(
+      {
+        'test_statistics': {
+          'pooled_over_epochs': {'accuracy_1': 0.90, 'accuracy_2': 0.91},
+          'best_validation': {'accuracy_1': 0.9394, 'accuracy_2': 0.928},
+        }
+      }
+    )
+  )
+  assert time_to_accuracy.faithful_target(str(path)) == (0.9394, 0.928)
+  with pytest.raises(SystemExit, match='give --target=A1,A2'):
+    time_to_accuracy.faithful_target(str(tmp_path / 'missing.json'))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 from absl import flags
+from conftest import assert_png
 import flax
 import jax
 from ml_collections import config_flags
@@ -28,6 +29,7 @@ from dselect_jax import evaluate
 from dselect_jax import factory
 from dselect_jax import input_pipeline
 from dselect_jax import metric_writers
+from dselect_jax import provenance
 from dselect_jax import steps
 from dselect_jax import trainer
 from dselect_jax.cpu import kernels as cpu_kernels
@@ -59,10 +61,6 @@ def set_fields(config, fields):
       section = section[name]
     section[last] = value
   return config
-
-
-def test_there_are_four_fake_devices():
-  assert jax.local_device_count() == 4
 
 
 @pytest.mark.parametrize(
@@ -237,6 +235,9 @@ def test_interrupted_run_resumes_to_the_same_state(tmp_path, monkeypatch):
   jax.tree.map(np.testing.assert_array_equal, arrays(state_a), arrays(state_b))
   with open(os.path.join(whole, 'test_metrics.json')) as f:
     assert json.load(f)['accuracy_1'] == resumed_result['accuracy_1']
+  # run_info.json: one record per start, the resume's at step 3.
+  assert [s['start_step'] for s in provenance.read(broken)] == [0, 3]
+  assert [s['start_step'] for s in provenance.read(whole)] == [0]
 
 
 @pytest.fixture(scope='module')
@@ -295,12 +296,9 @@ def test_eval_cli_writes_results_and_plots(sample_run, tmp_path):
   stem = os.path.join(out_dir, f'test_best_{result["step"]}')
   with open(stem + '.json') as f:
     assert json.load(f)['accuracy_2'] == result['accuracy_2']
-  for png in (
-    stem + '_expert_weights.png',
-    os.path.join(out_dir, 'training_curves.png'),
-  ):
-    with open(png, 'rb') as f:
-      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  # plots.py: figsize (4 per task, 3) and (10, 3.5) inches at 100 dpi.
+  assert_png(stem + '_expert_weights.png', 800, 300)
+  assert_png(os.path.join(out_dir, 'training_curves.png'), 1000, 350)
   assert not os.path.exists(os.path.join(workdir, 'eval'))
 
 
@@ -415,6 +413,46 @@ def test_config_overrides_reach_the_model():
   assert shapes['params']['gate_0']['z_logits'].shape == (4, 3)
 
 
+def test_train_py_without_a_compiler_trains_on_xlas_ops(tmp_path):
+  """The CPU kernels are optional: with no C++ compiler (CXX pointing
+  nowhere, an empty kernel cache) train.py warns, runs the experts on XLA's
+  ops (Toeplitz convolutions, nn.BatchNorm), trains and evaluates, and
+  writes the run's facts."""
+  env = dict(
+    os.environ,
+    CXX='/nonexistent/c++',
+    DSELECT_JAX_KERNEL_CACHE=str(tmp_path / 'kernels'),
+  )
+  workdir = tmp_path / 'w'
+  out = subprocess.run(
+    [
+      sys.executable,
+      'train.py',
+      '--config=configs/multimnist_sample.py',
+      f'--workdir={workdir}',
+      '--config.num_train_steps=2',
+      '--config.batch_size=32',
+      '--config.model.num_experts=2',
+      '--config.model.gate.k=1',
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "no C++ compiler: '/nonexistent/c++'" in out.stderr
+  assert 'experts with toeplitz convolutions and xla BatchNorm' in out.stderr
+  with open(workdir / 'test_metrics.json') as f:
+    assert json.load(f)['step'] == 2
+  kernels = tmp_path / 'kernels'  # Nothing half-built left there.
+  assert not kernels.exists() or not os.listdir(kernels)
+  with open(workdir / 'run_info.json') as f:
+    (start,) = json.load(f)['starts']
+  assert start['start_step'] == 0 and start['backend'] == 'cpu'
+
+
 def test_mistyped_override_fails(tmp_path):
   with pytest.raises(AttributeError, match='gamm'):
     _parse('--config.model.gate.gamm=0.5')
@@ -478,7 +516,7 @@ def test_the_cpu_kernels_are_refused_off_the_cpu(monkeypatch, field, value):
     factory.validate_config(config, 1)
 
 
-def test_conv_choice_reaches_the_experts():
+def test_conv_choice_reaches_the_experts(cpu_kernels_built):
   config = multimnist.get_config()
   # 'auto' is the CPU kernels' direct convolution on CPU (the test machine),
   # and evaluation runs each block in one kernel.
@@ -774,9 +812,49 @@ def test_sparse_train_needs_static_dselect_k_gates_and_no_weight_decay():
     if f.endswith('.py') and f not in ('__init__.py', 'default.py')
   ),
 )
-def test_every_shipped_config_is_valid(name):
+def test_every_shipped_config_is_valid(name, tmp_path):
+  """Valid: the schema of configs/default.py (its fields and their types),
+  accepted by the validator, a model and optimizer that build with a tower
+  and a gate per task (or one shared gate) over num_experts experts, and
+  the same config back from the config.json that eval.py reads."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+
   config = importlib.import_module(f'configs.{name}').get_config()
+  assert config.is_locked  # A typo in an override fails, not adds a field.
+  schema = factory.flat_fields(default.get_config())
+  fields = factory.flat_fields(config)
+  assert set(fields) == set(schema)
+  for field, value in fields.items():
+    expected = type(schema[field])
+    assert isinstance(value, expected) or (
+      expected is float and isinstance(value, int)
+    ), (field, value)
   factory.validate_config(config, 4)
+
+  model = factory.create_model(config)
+  tx = factory.create_optimizer(config, 100)
+  params = factory.abstract_state(config, model, tx).params
+  moe = params.get('moe', params)  # The recommender nests it.
+  tasks = input_pipeline.describe(config.data.name).num_tasks
+  experts = config.model.num_experts
+  gates = sorted(k for k in moe if k.startswith('gate'))
+  assert len(gates) == (1 if config.model.shared_gate else tasks)
+  assert sorted(k for k in moe if k.startswith('tower')) == [
+    f'tower_{t}' for t in range(tasks)
+  ]
+  if config.model.expert_bank == 'vmap':  # Stacked: E first.
+    leaves = jax.tree.leaves(moe['experts'])
+    assert leaves and all(x.shape[0] == experts for x in leaves)
+  else:
+    assert sorted(moe['experts']) == sorted(
+      f'expert_{i}' for i in range(experts)
+    )
+
+  with open(tmp_path / 'config.json', 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  assert factory.flat_fields(evaluate.load_workdir_config(str(tmp_path))) == (
+    json.loads(json.dumps(fields))
+  )
 
 
 def test_peak_rss_is_the_kernels_high_water_mark():
