@@ -90,6 +90,7 @@ NAMES = {
   'ours_vmap': 'ours, experts as one nn.vmap (model.expert_bank=vmap)',
   'ours_unfused': 'ours, evaluation expert by expert (model.fused_eval=False)',
   'ours_toeplitz': 'ours, Toeplitz convolutions on kernel rows (model.conv=toeplitz_kernel)',
+  'ours_direct': "ours, the kernels' direct convolutions (model.conv=kernel)",
   'torch_nchw': 'PyTorch eager, NCHW',
   'torch_channels_last': 'PyTorch eager, channels_last',
   'torch_compile': 'PyTorch torch.compile (inductor), NCHW',
@@ -130,6 +131,8 @@ def jax_worker(batches, loop: bool, variant: str = ''):
       config.model.fused_eval = False
     elif variant == 'toeplitz':
       config.model.conv = 'toeplitz_kernel'
+    elif variant == 'direct':
+      config.model.conv = 'kernel'
   model = factory.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 100_000)
   devices = jax.local_device_count()

@@ -28,6 +28,7 @@ from dselect_jax import cpu
 from dselect_jax import gates
 from dselect_jax import input_pipeline
 from dselect_jax import models
+from dselect_jax.cpu import calibrate
 from dselect_jax.cpu import kernels as cpu_kernels
 
 GATE_ARGS = {
@@ -455,17 +456,30 @@ def conv_impl(config) -> str:
   """The expert convolution a config asks for, with 'auto' resolved.
 
   'auto' is the CPU kernels' direct convolution on CPU if they build on this
-  machine (cpu.DirectConv, the fastest there), else the Toeplitz
-  formulation (cpu.ToeplitzConv, faster than XLA's convolution on XLA:CPU),
-  and XLA's convolution on other backends or with
-  ``model.expert_bank='vmap'``.
+  machine and beat the Toeplitz form there (cpu.DirectConv; measured once
+  per machine, ``cpu.calibrate``), else the Toeplitz formulation
+  (cpu.ToeplitzConv, faster than XLA's convolution on XLA:CPU), and XLA's
+  convolution on other backends or with ``model.expert_bank='vmap'``.
   """
   conv = config.model.get('conv', 'auto')
   if conv != 'auto':
     return conv
   if jax.default_backend() != 'cpu' or _vmapped(config):
     return 'xla'
-  return 'kernel' if cpu_kernels.available() else 'toeplitz'
+  if not cpu_kernels.available():
+    return 'toeplitz'
+  if calibrate.direct_conv_is_faster():
+    return 'kernel'
+  logging.log_first_n(
+    logging.INFO,
+    'model.conv=auto: the Toeplitz convolutions; on this CPU they ran the '
+    "experts' convolutions in %.1f ms against the direct kernels' %.1f ms "
+    '(dselect_jax/cpu/calibrate.py)',
+    1,
+    1e3 * calibrate.times()['toeplitz_s'],
+    1e3 * calibrate.times()['direct_s'],
+  )
+  return 'toeplitz'
 
 
 def norm_impl(config) -> str:

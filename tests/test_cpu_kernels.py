@@ -6,6 +6,7 @@ JAX's max (whose gradient splits ties equally), differentiated by JAX.
 """
 
 import functools
+import json
 import re
 
 import flax.linen as nn
@@ -500,3 +501,61 @@ def test_direct_conv_refuses_what_does_not_fit():
     cpu_kernels.conv2d(jnp.ones((1, 3, 3, 1)), jnp.ones((2, 2, 2)), jnp.ones(2))
   with pytest.raises(ValueError, match='features and kernel_size must be >= 1'):
     cpu.DirectConv(0)
+
+
+@pytest.mark.without_kernels
+def test_calibration_is_measured_once_and_kept_beside_the_kernels(
+  monkeypatch, tmp_path
+):
+  from dselect_jax.cpu import calibrate  # pylint: disable=g-import-not-at-top
+
+  library = tmp_path / 'cpu_kernels-key.so'
+  monkeypatch.setattr(calibrate.kernels, 'load', lambda: str(library))
+  monkeypatch.setattr(calibrate, '_times', None)
+  calls = []
+
+  def measure():
+    calls.append(1)
+    return {'direct_s': 0.05, 'toeplitz_s': 0.005}
+
+  monkeypatch.setattr(calibrate, 'measure', measure)
+  assert calibrate.direct_conv_is_faster() is False  # 50 ms > 5 ms.
+  assert calibrate.direct_conv_is_faster() is False
+  assert len(calls) == 1
+  stored = tmp_path / 'cpu_kernels-key.so.calibration.json'
+  assert json.loads(stored.read_text()) == {
+    'direct_s': 0.05,
+    'toeplitz_s': 0.005,
+  }
+  assert sorted(p.name for p in tmp_path.iterdir()) == [stored.name]
+  # A new process reads the file instead of measuring.
+  monkeypatch.setattr(calibrate, '_times', None)
+  stored.write_text(json.dumps({'direct_s': 0.001, 'toeplitz_s': 0.004}))
+  assert calibrate.direct_conv_is_faster() is True
+  assert len(calls) == 1
+  # A damaged file is measured again and replaced.
+  monkeypatch.setattr(calibrate, '_times', None)
+  stored.write_text('{"direct_s": 0.0')
+  assert calibrate.direct_conv_is_faster() is False
+  assert len(calls) == 2
+  assert json.loads(stored.read_text())['toeplitz_s'] == 0.005
+
+
+def test_calibration_times_the_same_work_both_ways():
+  """The two contenders compute the same gradients (so the race is fair),
+  and both are timed."""
+  from dselect_jax.cpu import calibrate  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  for x_shape, k_shape in calibrate.SHAPES:
+    args = (
+      jnp.asarray(rng.standard_normal(x_shape, np.float32)),
+      jnp.asarray(rng.standard_normal(k_shape, np.float32)),
+      jnp.asarray(rng.standard_normal(k_shape[-1:], np.float32)),
+    )
+    direct = calibrate._train_cost(calibrate._direct)(*args)  # pylint: disable=protected-access
+    toeplitz = calibrate._train_cost(calibrate._toeplitz)(*args)  # pylint: disable=protected-access
+    assert_trees_close(direct, toeplitz, rtol=1e-4, atol=1e-2)
+  times = calibrate.measure()
+  assert set(times) == {'direct_s', 'toeplitz_s'}
+  assert all(t > 0 for t in times.values())

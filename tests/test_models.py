@@ -309,10 +309,18 @@ def test_auto_picks_xlas_ops_off_the_cpu(monkeypatch, backend):
   assert kwargs['conv_module'] is None and kwargs['block_module'] is None
   monkeypatch.setattr(factory.jax, 'default_backend', lambda: 'cpu')
   monkeypatch.setattr(factory.cpu_kernels, 'available', lambda: True)
+  # On the CPU: the direct kernels where they measured faster than the
+  # Toeplitz form, else the Toeplitz form; it without the kernels.
+  monkeypatch.setattr(factory.calibrate, 'direct_conv_is_faster', lambda: True)
   assert factory.conv_impl(config) == 'kernel'
   assert factory.create_model(config).expert_kwargs['conv_module'] is (
     cpu.DirectConv
   )
+  monkeypatch.setattr(
+    factory.calibrate, 'times', lambda: {'direct_s': 2.0, 'toeplitz_s': 1.0}
+  )
+  monkeypatch.setattr(factory.calibrate, 'direct_conv_is_faster', lambda: False)
+  assert factory.conv_impl(config) == 'toeplitz'
   monkeypatch.setattr(factory.cpu_kernels, 'available', lambda: False)
   assert factory.conv_impl(config) == 'toeplitz'
 

@@ -524,14 +524,18 @@ def test_the_cpu_kernels_are_refused_off_the_cpu(monkeypatch, field, value):
     factory.validate_config(config, 1)
 
 
-def test_conv_choice_reaches_the_experts(cpu_kernels_built):
+def test_conv_choice_reaches_the_experts(cpu_kernels_built, monkeypatch):
   config = multimnist.get_config()
-  # 'auto' is the CPU kernels' direct convolution on CPU (the test machine),
-  # and evaluation runs each block in one kernel.
+  # 'auto' on the CPU is the kernels' direct convolution where it measured
+  # faster (forced here), and evaluation then runs each block in one kernel.
   assert jax.default_backend() == 'cpu'
-  model = factory.create_model(config)
+  with monkeypatch.context() as m:
+    m.setattr(factory.calibrate, 'direct_conv_is_faster', lambda: True)
+    model = factory.create_model(config)
   assert model.expert_kwargs['conv_module'] is cpu.DirectConv
   assert model.eval_block is cpu_kernels.conv_relu_pool
+  config.model.conv = 'kernel'  # By name: whatever the measurement.
+  assert factory.create_model(config).eval_block is cpu_kernels.conv_relu_pool
   config.model.conv = 'toeplitz_kernel'
   model = factory.create_model(config)
   conv = model.expert_kwargs['conv_module']
