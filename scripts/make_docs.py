@@ -158,6 +158,34 @@ def _label(runs, what):
   )
 
 
+def _statistic_rows(entries, key: str, reference=None) -> list[str]:
+  """A table row per ``(runs, what, files)`` entry: the runs' test accuracy
+  under ``key`` of test_statistics (mean ± std over seeds), its points
+  against ``reference`` (per task; None: the first entry that has runs,
+  whose own cell stays empty), their commits and files."""
+  rows = []
+  for runs, what, files in entries:
+    if not runs:
+      rows.append(_row(what, 'not run yet', '', '', '', ''))
+      continue
+    acc = _statistic(runs, key)
+    if reference is None:
+      reference, points = [float(np.mean(a)) for a in acc], ''
+    else:
+      points = f'{_vs(acc[0], reference[0])} / {_vs(acc[1], reference[1])}'
+    rows.append(
+      _row(
+        _label(runs, what),
+        _mean_std(acc[0]),
+        _mean_std(acc[1]),
+        points,
+        _codes(runs),
+        files,
+      )
+    )
+  return rows
+
+
 def headline() -> list[str]:
   """The comparison on PaddleRec's data (results/paddlerec_comparison/):
   one table per statistic, so that a figure is only set beside one of the
@@ -165,6 +193,16 @@ def headline() -> list[str]:
   faithful = _runs(f'{COMPARISON}/paddlerec')
   recipe_100 = _runs(f'{COMPARISON}/multimnist_100epochs_seed*')
   recipe_20 = _runs(f'{COMPARISON}/multimnist_seed*')
+  faithful_entry = (
+    faithful,
+    'ours, `configs/paddlerec.py` (faithful, 100 epochs)',
+    f'`results/{COMPARISON}/paddlerec`',
+  )
+  recipe_100_entry = (
+    recipe_100,
+    'ours, `configs/multimnist.py` stretched to 100 epochs (recipe)',
+    f'`results/{COMPARISON}/multimnist_100epochs_seed*`',
+  )
   lines = [
     "Test accuracy on the Pareto MTL MultiMNIST (PaddleRec's data: "
     '100,000 train / 20,000 validation / 20,000 test; `paretomtl` recipe), '
@@ -187,32 +225,9 @@ def headline() -> list[str]:
       "PaddleRec's readme",
     ),
   ]
-  for runs, what, files in (
-    (
-      faithful,
-      'ours, `configs/paddlerec.py` (faithful)',
-      f'`results/{COMPARISON}/paddlerec`',
-    ),
-    (
-      recipe_100,
-      'ours, `configs/multimnist.py` stretched to 100 epochs (recipe)',
-      f'`results/{COMPARISON}/multimnist_100epochs_seed*`',
-    ),
-  ):
-    if not runs:
-      lines.append(_row(what, 'not run yet', '', '', '', ''))
-      continue
-    acc = _statistic(runs, 'pooled_over_epochs')
-    lines.append(
-      _row(
-        _label(runs, what),
-        _mean_std(acc[0]),
-        _mean_std(acc[1]),
-        f'{_vs(acc[0], PADDLEREC[0])} / {_vs(acc[1], PADDLEREC[1])}',
-        _codes(runs),
-        files,
-      )
-    )
+  lines += _statistic_rows(
+    [faithful_entry, recipe_100_entry], 'pooled_over_epochs', PADDLEREC
+  )
   lines += [
     '',
     '**Best-validation checkpoint** (the checkpoint chosen on the '
@@ -223,7 +238,6 @@ def headline() -> list[str]:
     _row('run', 'task 1', 'task 2', 'points vs faithful', 'code', 'files'),
     _row(*['---'] * 6),
   ]
-  reference = None
   walls = [_wall_minutes(os.path.join(RESULTS, r)) for r in recipe_20]
   walls = [w for w in walls if w is not None]
   wall = (
@@ -232,42 +246,14 @@ def headline() -> list[str]:
     if walls
     else ''
   )
-  for runs, what, files in (
-    (
-      faithful,
-      'ours, `configs/paddlerec.py` (faithful, 100 epochs)',
-      f'`results/{COMPARISON}/paddlerec`',
-    ),
-    (
-      recipe_20,
-      f'ours, `configs/multimnist.py` (recipe, 20 epochs{wall})',
-      f'`results/{COMPARISON}/multimnist_seed*`',
-    ),
-    (
-      recipe_100,
-      'ours, `configs/multimnist.py` stretched to 100 epochs (recipe)',
-      f'`results/{COMPARISON}/multimnist_100epochs_seed*`',
-    ),
-  ):
-    if not runs:
-      lines.append(_row(what, 'not run yet', '', '', '', ''))
-      continue
-    acc = _statistic(runs, 'best_validation')
-    if reference is None:
-      reference = [float(np.mean(a)) for a in acc]
-      points = ''
-    else:
-      points = f'{_vs(acc[0], reference[0])} / {_vs(acc[1], reference[1])}'
-    lines.append(
-      _row(
-        _label(runs, what),
-        _mean_std(acc[0]),
-        _mean_std(acc[1]),
-        points,
-        _codes(runs),
-        files,
-      )
-    )
+  recipe_20_entry = (
+    recipe_20,
+    f'ours, `configs/multimnist.py` (recipe, 20 epochs{wall})',
+    f'`results/{COMPARISON}/multimnist_seed*`',
+  )
+  lines += _statistic_rows(
+    [faithful_entry, recipe_20_entry, recipe_100_entry], 'best_validation'
+  )
   return lines
 
 

@@ -43,7 +43,7 @@ def test_each_table_sets_a_figure_beside_one_of_its_own_statistic(
   # Pooled: PaddleRec's figure, the faithful run's pool (0.90 - 0.930460 =
   # -3.05 points, 0.91 - 0.916088 = -0.61), the 100-epoch recipe not run.
   assert '| 0.930460 | 0.916088 |' in pooled[1]
-  assert pooled[2].startswith('| ours, `configs/paddlerec.py` (faithful)')
+  assert pooled[2].startswith('| ours, `configs/paddlerec.py` (faithful, 100')
   assert '| 0.9000 | 0.9100 | -3.05 / -0.61 | `aaaaaaaaaaaa` |' in pooled[2]
   assert 'stretched to 100 epochs' in pooled[3]
   assert 'not run yet' in pooled[3]
