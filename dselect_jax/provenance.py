@@ -4,9 +4,15 @@
 starts in a workdir (a fresh run, then every resume), so a result that was
 trained over several sessions names every commit that trained it:
 
-  {"starts": [{"start_step": 0, "git": {"commit": "9649fee...", "dirty":
-    false}, "versions": {"python": "3.11.2", "jax": "0.8.1", ...},
-    "backend": "cpu", "device_kind": "cpu", "device_count": 4, ...}, ...]}
+  {"starts": [{"start_time": ..., "start_step": 0,
+               "git": {"commit": <40 hex digits>, "dirty": false},
+               "versions": {"python": ..., "jax": ..., "jaxlib": ...,
+                            "flax": ..., "optax": ...,
+                            "orbax-checkpoint": ..., "numpy": ...},
+               "backend": "cpu", "device_kind": ..., "device_count": ...,
+               "local_device_count": ..., "process_count": ...,
+               "host_cpu_count": ..., "platform": ...},
+              ...]}
 
 The commit is that of the checkout the ``dselect_jax`` package was imported
 from; an installed package (a wheel, a copy) is ``"not a git checkout"``.

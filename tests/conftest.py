@@ -61,7 +61,8 @@ def data_dir():
   missing = [d for d in REAL_DATA if not os.path.isdir(os.path.join(path, d))]
   if missing:
     pytest.skip(
-      f'needs the real data files ({", ".join(missing)}/ not in {path}); set '
+      f'needs the real data files ({", ".join(d + "/" for d in missing)} not in '
+      f'{path}); set '
       'DSELECT_DATA_DIR to a folder holding mnist/, fashion_mnist/ and '
       'paddlerec_sample/ to run it'
     )
