@@ -32,6 +32,8 @@ from typing import Any, Optional
 
 import jax
 
+from dselect_jax import files
+
 FILENAME = 'run_info.json'
 NOT_A_CHECKOUT = 'not a git checkout'
 # The distributions whose versions decide what a run computes.
@@ -130,23 +132,10 @@ def record(workdir: str, start_step: int) -> dict[str, Any]:
     os.replace(path, path + '.damaged')
     starts = []
   entry = collect(start_step)
-  write_atomically(path, json.dumps({'starts': starts + [entry]}, indent=2))
+  files.write_atomically(
+    path, json.dumps({'starts': starts + [entry]}, indent=2) + '\n'
+  )
   return entry
-
-
-def write_atomically(path: str, text: str):
-  """Writes ``text`` to ``path`` through a temporary file in the same folder
-  and a rename: readers (and a crash) see the old file or the whole new one."""
-  tmp = f'{path}.tmp.{os.getpid()}'
-  try:
-    with open(tmp, 'w', encoding='utf-8') as f:
-      f.write(text if text.endswith('\n') else text + '\n')
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def commits(starts: list[dict[str, Any]]) -> list[str]:

@@ -30,6 +30,7 @@ import numpy as np
 from dselect_jax import checkpointing
 from dselect_jax import evaluate
 from dselect_jax import factory
+from dselect_jax import files
 from dselect_jax import input_pipeline
 from dselect_jax import metric_writers
 from dselect_jax import provenance
@@ -133,8 +134,9 @@ def _train_and_evaluate(config, workdir, is_chief):
   # Written once the data and any checkpoint have loaded, so a run that fails
   # on bad input leaves the workdir's config.json as it was.
   if is_chief:
-    provenance.write_atomically(
-      os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2)
+    files.write_atomically(
+      os.path.join(workdir, 'config.json'),
+      config.to_json_best_effort(indent=2) + '\n',
     )
     provenance.record(workdir, start_step)
   state = steps.replicate(state)

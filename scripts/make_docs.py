@@ -37,13 +37,18 @@ def _test(run):
   return _json(path) if os.path.exists(path) else None
 
 
-def _seeds(pattern):
-  runs = sorted(glob.glob(os.path.join(RESULTS, pattern)))
+def _runs(pattern: str) -> list[str]:
+  """The finished runs (with test_metrics.json) matching ``pattern`` under
+  results/, as paths relative to it."""
   return [
-    _json(os.path.join(r, 'test_metrics.json'))
-    for r in runs
+    os.path.relpath(r, RESULTS)
+    for r in sorted(glob.glob(os.path.join(RESULTS, pattern)))
     if os.path.exists(os.path.join(r, 'test_metrics.json'))
   ]
+
+
+def _seeds(pattern):
+  return [_test(r) for r in _runs(pattern)]
 
 
 def _wall_minutes(run_dir):
@@ -134,16 +139,6 @@ def _codes(runs: list[str]) -> str:
   return '; '.join(dict.fromkeys(_code(r) for r in runs))
 
 
-def _runs(pattern: str) -> list[str]:
-  """The finished runs (with test_metrics.json) matching ``pattern`` under
-  results/, as paths relative to it."""
-  return [
-    os.path.relpath(r, RESULTS)
-    for r in sorted(glob.glob(os.path.join(RESULTS, pattern)))
-    if os.path.exists(os.path.join(r, 'test_metrics.json'))
-  ]
-
-
 def _statistic(runs: list[str], key: str) -> list[list[float]]:
   """Per task, each run's test accuracy under ``key`` of test_statistics
   ('pooled_over_epochs', 'best_validation')."""
@@ -159,12 +154,15 @@ def _label(runs, what):
 
 
 def _statistic_rows(entries, key: str, reference=None) -> list[str]:
-  """A table row per ``(runs, what, files)`` entry: the runs' test accuracy
+  """A table row per ``(pattern, what)`` entry, for the runs matching
+  ``pattern`` under results/paddlerec_comparison/: their test accuracy
   under ``key`` of test_statistics (mean ± std over seeds), its points
   against ``reference`` (per task; None: the first entry that has runs,
   whose own cell stays empty), their commits and files."""
   rows = []
-  for runs, what, files in entries:
+  for pattern, what in entries:
+    runs = _runs(f'{COMPARISON}/{pattern}')
+    files = f'`results/{COMPARISON}/{pattern}`'
     if not runs:
       rows.append(_row(what, 'not run yet', '', '', '', ''))
       continue
@@ -190,18 +188,13 @@ def headline() -> list[str]:
   """The comparison on PaddleRec's data (results/paddlerec_comparison/):
   one table per statistic, so that a figure is only set beside one of the
   same statistic."""
-  faithful = _runs(f'{COMPARISON}/paddlerec')
-  recipe_100 = _runs(f'{COMPARISON}/multimnist_100epochs_seed*')
-  recipe_20 = _runs(f'{COMPARISON}/multimnist_seed*')
-  faithful_entry = (
-    faithful,
+  faithful = (
+    'paddlerec',
     'ours, `configs/paddlerec.py` (faithful, 100 epochs)',
-    f'`results/{COMPARISON}/paddlerec`',
   )
-  recipe_100_entry = (
-    recipe_100,
+  recipe_100 = (
+    'multimnist_100epochs_seed*',
     'ours, `configs/multimnist.py` stretched to 100 epochs (recipe)',
-    f'`results/{COMPARISON}/multimnist_100epochs_seed*`',
   )
   lines = [
     "Test accuracy on the Pareto MTL MultiMNIST (PaddleRec's data: "
@@ -226,7 +219,7 @@ def headline() -> list[str]:
     ),
   ]
   lines += _statistic_rows(
-    [faithful_entry, recipe_100_entry], 'pooled_over_epochs', PADDLEREC
+    [faithful, recipe_100], 'pooled_over_epochs', PADDLEREC
   )
   lines += [
     '',
@@ -238,7 +231,10 @@ def headline() -> list[str]:
     _row('run', 'task 1', 'task 2', 'points vs faithful', 'code', 'files'),
     _row(*['---'] * 6),
   ]
-  walls = [_wall_minutes(os.path.join(RESULTS, r)) for r in recipe_20]
+  walls = [
+    _wall_minutes(os.path.join(RESULTS, r))
+    for r in _runs(f'{COMPARISON}/multimnist_seed*')
+  ]
   walls = [w for w in walls if w is not None]
   wall = (
     f'; {min(walls):.0f}-{max(walls):.0f} min each on a 2-core CPU shared '
@@ -246,14 +242,11 @@ def headline() -> list[str]:
     if walls
     else ''
   )
-  recipe_20_entry = (
-    recipe_20,
+  recipe_20 = (
+    'multimnist_seed*',
     f'ours, `configs/multimnist.py` (recipe, 20 epochs{wall})',
-    f'`results/{COMPARISON}/multimnist_seed*`',
   )
-  lines += _statistic_rows(
-    [faithful_entry, recipe_20_entry, recipe_100_entry], 'best_validation'
-  )
+  lines += _statistic_rows([faithful, recipe_20, recipe_100], 'best_validation')
   return lines
 
 

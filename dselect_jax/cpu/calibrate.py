@@ -20,7 +20,6 @@ both times, so each machine measures once.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from typing import Callable, Optional
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dselect_jax import files
 from dselect_jax.cpu import kernels
 from dselect_jax.cpu import layers
 
@@ -49,10 +49,6 @@ def _train_cost(conv: Callable) -> Callable:
     return jnp.sum(jnp.square(conv(x, kernel, bias)))
 
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
-
-def _direct(x, kernel, bias):
-  return kernels.conv2d(x, kernel, bias)
 
 
 def _toeplitz(x, kernel, bias):
@@ -82,7 +78,7 @@ def measure() -> dict[str, float]:
       jnp.asarray(rng.standard_normal(k_shape, np.float32)),
       jnp.zeros(k_shape[-1], jnp.float32),
     )
-    direct += _seconds(_train_cost(_direct), args)
+    direct += _seconds(_train_cost(kernels.conv2d), args)
     toeplitz += _seconds(_train_cost(_toeplitz), args)
   return {'direct_s': direct, 'toeplitz_s': toeplitz}
 
@@ -104,16 +100,10 @@ def times() -> dict[str, float]:
     except (OSError, ValueError, KeyError, TypeError):
       pass  # Not measured yet (or a damaged file): measure.
     _times = measure()
-    tmp = f'{path}.tmp.{os.getpid()}'
     try:
-      with open(tmp, 'w') as f:
-        json.dump(_times, f)
-      os.replace(tmp, path)
+      files.write_atomically(path, json.dumps(_times))
     except OSError:
       pass  # A read-only cache: measured again by the next process.
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
     return _times
 
 

@@ -45,6 +45,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from dselect_jax import files
+
 Array = jax.Array
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
@@ -212,7 +214,7 @@ def _build() -> str:
       ) from e
     try:
       _compile(compiler, tmp)
-      _write_atomically(path + '.sha256', _sha256(tmp).encode())
+      files.write_atomically(path + '.sha256', _sha256(tmp))
       os.replace(tmp, path)  # Atomic: other processes see all or nothing.
     finally:
       if os.path.exists(tmp):
@@ -232,13 +234,6 @@ def _intact(path: str) -> bool:
       return f.read().strip() == _sha256(path)
   except OSError:
     return False
-
-
-def _write_atomically(path: str, data: bytes):
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path))
-  with os.fdopen(fd, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
 
 
 def available() -> bool:
