@@ -22,11 +22,11 @@ from absl import flags
 
 from dselect_jax import checkpointing
 from dselect_jax import cli
+from dselect_jax import config_schema
 from dselect_jax import evaluate
-from dselect_jax import factory
 from dselect_jax import metric_writers
 from dselect_jax import plots
-from dselect_jax import sources
+from dselect_jax.datasets import sources
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The workdir of train.py.')
 _STEP = flags.DEFINE_integer('step', None, 'Evaluate this periodic checkpoint.')
@@ -81,7 +81,7 @@ def main(argv):
       f'error: {e} (eval.py reads the data folder named in '
       f'{workdir}/config.json; --data_dir=DIR reads DIR instead.)'
     )
-  except (checkpointing.CheckpointError, factory.ConfigError) as e:
+  except (checkpointing.CheckpointError, config_schema.ConfigError) as e:
     sys.exit(f'error: {e}')
   print(
     f'test split, {result["checkpoint"]} checkpoint at step '

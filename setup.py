@@ -16,7 +16,12 @@ setuptools.setup(
     include=['dselect_jax', 'dselect_jax.*', 'configs']
   ),
   package_data={
-    'dselect_jax': ['data/*.npz', 'data/*.md', 'cpu/csrc/*.cc', 'cpu/csrc/*.h']
+    'dselect_jax': [
+      'datasets/data/*.npz',
+      'datasets/data/*.md',
+      'cpu/csrc/*.cc',
+      'cpu/csrc/*.h',
+    ]
   },
   python_requires='>=3.11',
   install_requires=[

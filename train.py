@@ -27,9 +27,9 @@ from ml_collections import config_flags
 
 from dselect_jax import checkpointing
 from dselect_jax import cli
-from dselect_jax import factory
-from dselect_jax import sources
+from dselect_jax import config_schema
 from dselect_jax import trainer
+from dselect_jax.datasets import sources
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Config file, e.g. configs/multimnist.py.', lock_config=True
@@ -104,7 +104,7 @@ def main(argv):
   try:
     trainer.train_and_evaluate(config, _WORKDIR.value)
   except (
-    factory.ConfigError,
+    config_schema.ConfigError,
     sources.DataError,
     checkpointing.CheckpointError,
     trainer.TrainingError,

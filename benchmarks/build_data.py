@@ -12,8 +12,8 @@ import time
 from absl import app
 from absl import flags
 
-from dselect_jax import input_pipeline
-from dselect_jax import sources
+from dselect_jax.datasets import multimnist
+from dselect_jax.datasets import sources
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Raw files folder.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Builds per cell; best is kept.')
@@ -26,17 +26,17 @@ def main(argv):
     f'{"data set":22s} {"recipe":10s} {"images":>8s} {"read s":>7s} '
     f'{"build s":>8s} {"total/budget":>12s}'
   )
-  for dataset in sorted(input_pipeline.DATASETS):
-    for recipe in input_pipeline.RECIPES:
+  for dataset in sorted(multimnist.SOURCES):
+    for recipe in multimnist.RECIPES:
       best_total, best_read = float('inf'), float('inf')
       for _ in range(_REPEATS.value):
         start = time.perf_counter()
-        for source in set(input_pipeline.DATASETS[dataset]):
+        for source in set(multimnist.SOURCES[dataset]):
           for split in ('train', 'test'):
             sources.load_source(source, split, _DATA_DIR.value, False)
         read = time.perf_counter() - start
         start = time.perf_counter()
-        splits = input_pipeline.build(
+        splits = multimnist.build(
           dataset, recipe, 0, _DATA_DIR.value, download=False
         )
         total = time.perf_counter() - start  # Includes its own file reads.

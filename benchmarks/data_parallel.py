@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from configs import multimnist
+from dselect_jax import datasets
 from dselect_jax import factory
 from dselect_jax import steps
 
@@ -40,9 +41,10 @@ def main(argv):
   config = multimnist.get_config()
   config.model.conv, config.model.norm = _CONV.value, _NORM.value
   n = jax.local_device_count()
-  model = factory.create_model(config, bn_axis_name=steps.AXIS)
+  data_spec = datasets.resolve(config.data).spec
+  model = factory.create_model(config, data_spec, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 1000)
-  state = factory.initial_state(config, model, tx, jax.random.key(0))
+  state = factory.initial_state(model, tx, jax.random.key(0), data_spec)
   rng = np.random.default_rng(0)
   per_device = _BATCH.value // n
   batch = {  # (n, b, ...): one shard per device.
@@ -54,7 +56,7 @@ def main(argv):
   alone = functools.partial(  # BatchNorm without collectives.
     steps.train_step,
     loss_config=config.loss,
-    model=factory.create_model(config, bn_axis_name=None),
+    model=factory.create_model(config, data_spec, bn_axis_name=None),
   )
 
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (steps.AXIS,))

@@ -17,9 +17,6 @@ of each output from the loop's:
 - ``shared xla, toeplitz``: the shared first convolution as XLA's.
 - ``grouped``: the shared XLA first convolution, then all second
   convolutions as one grouped XLA convolution.
-- ``shared kernel rows``, ``shared xla, kernel rows``, ``shared kernel rows,
-  xla``: Toeplitz convolutions whose rows the CPU kernels build
-  (``rows='kernel'``), for the first, the second or both convolutions.
 - ``fused``: ``models.multimnist_experts_eval`` with XLA's convolutions:
   shared first convolution, then XLA's convolution per expert.
 - ``fused, kernels``: the same with each block by
@@ -36,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import multimnist
+from dselect_jax import datasets
 from dselect_jax import factory
 from dselect_jax import models
 from dselect_jax.cpu import kernels
@@ -82,13 +80,8 @@ def _block(z, kernel, bias, conv):
 
 def variant(num_experts, first, second):
   """first: 'per_expert' or 'shared_' + a convolution; second: a convolution
-  or 'grouped'. Convolutions: 'toeplitz' (XLA's rows), 'toeplitz_kernel'
-  (the kernels' rows) or 'xla'."""
-  convs = {
-    'toeplitz': layers.toeplitz_conv,
-    'toeplitz_kernel': functools.partial(layers.toeplitz_conv, rows='kernel'),
-    'xla': _xla_conv,
-  }
+  or 'grouped'. Convolutions: 'toeplitz' or 'xla'."""
+  convs = {'toeplitz': layers.toeplitz_conv, 'xla': _xla_conv}
 
   def bank(p, s, x):
     experts = range(num_experts)
@@ -123,9 +116,10 @@ def main(argv):
   config = multimnist.get_config()
   with config.unlocked():
     config.model.fused_eval = False
-  model = factory.create_model(config)
+  spec = datasets.resolve(config.data).spec
+  model = factory.create_model(config, spec)
   state = factory.initial_state(
-    config, model, factory.create_optimizer(config, 100), jax.random.key(0)
+    model, factory.create_optimizer(config, 100), jax.random.key(0), spec
   )
   rng = np.random.default_rng(0)
   stats = jax.tree.map(
@@ -144,15 +138,6 @@ def main(argv):
     'shared toeplitz': variant(num_experts, 'shared_toeplitz', 'toeplitz'),
     'shared xla, toeplitz': variant(num_experts, 'shared_xla', 'toeplitz'),
     'grouped': variant(num_experts, 'shared_xla', 'grouped'),
-    'shared kernel rows': variant(
-      num_experts, 'shared_toeplitz_kernel', 'toeplitz_kernel'
-    ),
-    'shared xla, kernel rows': variant(
-      num_experts, 'shared_xla', 'toeplitz_kernel'
-    ),
-    'shared kernel rows, xla': variant(
-      num_experts, 'shared_toeplitz_kernel', 'xla'
-    ),
     'fused': lambda p, s, x: models.multimnist_experts_eval(
       {'params': p, 'batch_stats': s}, x, tuple(range(num_experts))
     ),

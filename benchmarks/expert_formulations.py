@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dselect_jax import config_schema
 from dselect_jax import cpu
 from dselect_jax import factory
 from dselect_jax import models
@@ -135,7 +136,7 @@ def main(argv):
         models.ExpertBank, expert_kwargs=factory.expert_modules(conv, 'xla')
       ),
     )
-    for conv in factory.CONV_IMPLS
+    for conv in config_schema.CONV_IMPLS
   ]
   variants.append(
     (

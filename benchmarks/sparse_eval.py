@@ -19,11 +19,12 @@ import jax
 import numpy as np
 
 from configs import multimnist
+from dselect_jax import datasets
 from dselect_jax import evaluate
 from dselect_jax import factory
 from dselect_jax import gates
-from dselect_jax import input_pipeline
 from dselect_jax import steps
+from dselect_jax.datasets import multimnist as multimnist_data
 
 _EXPERTS = flags.DEFINE_integer('experts', 8, 'Experts.')
 _K = flags.DEFINE_integer('k', 2, 'Selectors per gate.')
@@ -50,9 +51,10 @@ def main(argv):
   config.model.num_experts = _EXPERTS.value
   config.model.gate.k = _K.value
   config.model.shared_gate = _SHARED.value
-  model = factory.create_model(config, bn_axis_name=steps.AXIS)
+  spec = datasets.resolve(config.data).spec
+  model = factory.create_model(config, spec, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 100)
-  state = factory.initial_state(config, model, tx, jax.random.key(0))
+  state = factory.initial_state(model, tx, jax.random.key(0), spec)
   state = state.replace(
     params=saturated_params(
       state.params, _EXPERTS.value, _K.value, np.random.default_rng(0)
@@ -60,7 +62,7 @@ def main(argv):
   )
   state = steps.replicate(state)
   rng = np.random.default_rng(1)
-  split = input_pipeline.Split(
+  split = multimnist_data.Split(
     rng.integers(0, 256, (_EXAMPLES.value, 36, 36), dtype=np.uint8),
     rng.integers(0, 10, (_EXAMPLES.value, 2)).astype(np.int32),
   )

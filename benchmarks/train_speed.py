@@ -14,7 +14,7 @@ its own, started one after another and then kept waiting on a pipe:
   kernels where ``model.conv``/``model.norm`` 'auto' picks them) on one batch
   that stays on the device; evaluation: the evaluator's ``eval_step``.
 - ``ours, train.py loop``: the same step fed as train.py feeds it, by
-  ``input_pipeline.train_batches`` over a 100,000-image split (gather,
+  ``batching.train_batches`` over a 100,000-image split (gather,
   uint8 -> float, shard, transfer), with the loop's host work (the metrics
   history, read back every ``log_every_steps``): against ``ours`` it shows
   what the input pipeline and the loop cost.
@@ -89,7 +89,7 @@ NAMES = {
   'ours_xla': "ours with XLA's convolution and BatchNorm (model.conv=xla, norm=xla)",
   'ours_vmap': 'ours, experts as one nn.vmap (model.expert_bank=vmap)',
   'ours_unfused': 'ours, evaluation expert by expert (model.fused_eval=False)',
-  'ours_toeplitz': 'ours, Toeplitz convolutions on kernel rows (model.conv=toeplitz_kernel)',
+  'ours_toeplitz': 'ours, Toeplitz convolutions (model.conv=toeplitz)',
   'ours_direct': "ours, the kernels' direct convolutions (model.conv=kernel)",
   'torch_nchw': 'PyTorch eager, NCHW',
   'torch_channels_last': 'PyTorch eager, channels_last',
@@ -117,9 +117,10 @@ def jax_worker(batches, loop: bool, variant: str = ''):
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from configs import multimnist  # pylint: disable=g-import-not-at-top
+  from dselect_jax import datasets  # pylint: disable=g-import-not-at-top
   from dselect_jax import factory  # pylint: disable=g-import-not-at-top
-  from dselect_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from dselect_jax import steps  # pylint: disable=g-import-not-at-top
+  from dselect_jax.datasets import batching  # pylint: disable=g-import-not-at-top
 
   config = multimnist.get_config()
   with config.unlocked():
@@ -130,10 +131,11 @@ def jax_worker(batches, loop: bool, variant: str = ''):
     elif variant == 'unfused':
       config.model.fused_eval = False
     elif variant == 'toeplitz':
-      config.model.conv = 'toeplitz_kernel'
+      config.model.conv = 'toeplitz'
     elif variant == 'direct':
       config.model.conv = 'kernel'
-  model = factory.create_model(config, bn_axis_name=steps.AXIS)
+  spec = datasets.resolve(config.data).spec
+  model = factory.create_model(config, spec, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 100_000)
   devices = jax.local_device_count()
   rng = np.random.default_rng(0)
@@ -144,14 +146,14 @@ def jax_worker(batches, loop: bool, variant: str = ''):
     'devices': devices,
   }
   p_eval = steps.parallel(functools.partial(steps.eval_step, model))
-  split = input_pipeline.Split(
+  split = datasets.multimnist.Split(
     images=rng.integers(0, 256, (100_000, 36, 36), np.uint8),
     labels=rng.integers(0, 10, (100_000, 2)).astype(np.int32),
   )
   for batch in batches:
     holder = {
       'state': steps.replicate(
-        factory.initial_state(config, model, tx, jax.random.key(0))
+        factory.initial_state(model, tx, jax.random.key(0), spec)
       ),
       'step': 0,
     }
@@ -167,7 +169,7 @@ def jax_worker(batches, loop: bool, variant: str = ''):
     eval_batch = dict(
       fixed, mask=jax.device_put(np.ones((devices, per_device)))
     )
-    batches_iter = input_pipeline.train_batches(split, batch, devices, seed=0)
+    batches_iter = batching.train_batches(split, batch, devices, seed=0)
 
     def train(
       n, p_train=p_train, holder=holder, fixed=fixed, key=key, it=batches_iter

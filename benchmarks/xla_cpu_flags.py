@@ -29,7 +29,7 @@ _CONV = flags.DEFINE_enum(
   'conv',
   'toeplitz',
   ['xla', 'toeplitz'],
-  "The experts' convolutions (factory.CONV_IMPLS).",
+  "The experts' convolutions (config_schema.CONV_IMPLS).",
 )
 
 SETTINGS = (

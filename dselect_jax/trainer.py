@@ -1,9 +1,10 @@
 """The training loop: resume, train, validate, test, checkpoint; read it top
 to bottom.
 
-``train_and_evaluate(config, workdir)`` is all of it: the config becomes a
-model, an optimizer and a state (``factory``), the mapped steps (``steps``)
-run over the batches of ``input_pipeline``, the ``evaluate.Evaluator``
+``train_and_evaluate(config, workdir)`` is all of it: the config's data set
+is resolved (``datasets``), the config checked (``config_schema``) and turned
+into a model, an optimizer and a state (``factory``), the mapped steps
+(``steps``) run over the batches of ``datasets.batching``, the ``evaluate.Evaluator``
 measures validation (and, with ``test_every_epoch``, test) after each epoch,
 ``checkpointing`` saves the latest and the best state, and the best
 checkpoint is tested at the end (``evaluate.final_test``).
@@ -28,13 +29,15 @@ import ml_collections
 import numpy as np
 
 from dselect_jax import checkpointing
+from dselect_jax import config_schema
+from dselect_jax import datasets
 from dselect_jax import evaluate
 from dselect_jax import factory
 from dselect_jax import files
-from dselect_jax import input_pipeline
 from dselect_jax import metric_writers
 from dselect_jax import provenance
 from dselect_jax import steps
+from dselect_jax.datasets import batching
 
 
 class TrainingError(Exception):
@@ -53,34 +56,35 @@ def train_and_evaluate(
 
   Returns the test metrics, also written to ``workdir/test_metrics.json``.
   """
-  factory.validate_config(config, jax.device_count())
+  config_schema.check_fields(config)
+  dataset = datasets.resolve(config.data)
+  config_schema.validate(config, jax.device_count(), dataset.spec)
   is_chief = jax.process_index() == 0
   _check_writable(workdir)
   # Every process of a multi-host run shares the workdir: process 0 holds
   # the lock for them all.
   lock = checkpointing.WorkdirLock(workdir) if is_chief else None
   try:
-    return _train_and_evaluate(config, workdir, is_chief)
+    return _train_and_evaluate(config, dataset, workdir, is_chief)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train_and_evaluate(config, workdir, is_chief):
+def _train_and_evaluate(config, dataset, workdir, is_chief):
   """The loop proper; train_and_evaluate holds the workdir lock around it."""
   num_devices = jax.local_device_count()
-  data = evaluate.load_data(config)
   train_split, valid_split, test_split = (
-    data['train'],
-    data['validation'],
-    data['test'],
+    dataset.train,
+    dataset.validation,
+    dataset.test,
   )
-  factory.validate_against_data(config, len(train_split), len(test_split))
+  spec = dataset.spec
+  config_schema.validate_against_data(config, len(train_split), len(test_split))
   steps_per_epoch = len(train_split) // config.batch_size
   num_train_steps = factory.num_train_steps(config, len(train_split))
   eval_every = _cadence(config.eval_every_steps, steps_per_epoch)
   ckpt_every = _cadence(config.checkpoint_every_steps, eval_every)
-  spec = input_pipeline.describe(config.data.name)
   logging.info(
     'data %s: tasks %s; %d train, %d validation, %d test; %d steps of '
     'batch %d on %d devices',
@@ -94,9 +98,9 @@ def _train_and_evaluate(config, workdir, is_chief):
     num_devices,
   )
 
-  model = factory.create_model(config, bn_axis_name=steps.AXIS)
+  model = factory.create_model(config, spec, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, num_train_steps)
-  abstract = factory.abstract_state(config, model, tx)
+  abstract = factory.abstract_state(model, tx, spec)
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   if spec.is_image:
     logging.info(
@@ -118,9 +122,7 @@ def _train_and_evaluate(config, workdir, is_chief):
   )
   ckpts.check_space('checkpoints')
   if ckpts.latest_step() is None:
-    state = factory.initial_state(
-      config, model, tx, jax.random.key(config.seed)
-    )
+    state = factory.initial_state(model, tx, jax.random.key(config.seed), spec)
     start_step = 0
   else:
     try:
@@ -142,8 +144,10 @@ def _train_and_evaluate(config, workdir, is_chief):
   state = steps.replicate(state)
   rng = jax.random.key(config.seed + 1)
 
-  evaluator = evaluate.make_evaluator(config, model)
-  train_steps = steps.SparseTrainSteps(model, config)
+  evaluator = evaluate.make_evaluator(config, model, spec)
+  train_steps = steps.SparseTrainSteps(
+    model, config, evaluate.feature_task_kinds(spec)
+  )
   p_train_step = train_steps(state, start_step)
   # Multi-host, only process 0 writes metrics: it cannot stop alone, so there
   # the collective check before each save is the only one.
@@ -152,17 +156,7 @@ def _train_and_evaluate(config, workdir, is_chief):
     enabled=is_chief,
     check_space=ckpts.check_space if jax.process_count() == 1 else None,
   )
-  fresh = None
-  if config.data.fresh_train:
-    fresh = input_pipeline.FreshTrainSplits(
-      config.data.name,
-      config.data.recipe,
-      config.data.seed,
-      train_split,
-      config.data.data_dir or None,
-      config.data.download,
-    )
-  batches = input_pipeline.train_batches(
+  batches = batching.train_batches(
     train_split,
     config.batch_size,
     num_devices,
@@ -171,7 +165,7 @@ def _train_and_evaluate(config, workdir, is_chief):
     process_index=jax.process_index(),
     process_count=jax.process_count(),
     shuffle=config.data.shuffle,
-    epoch_split=fresh,
+    epoch_split=dataset.fresh_train() if config.data.fresh_train else None,
   )
 
   history, last_good = [], ckpts.latest_step()
@@ -240,7 +234,7 @@ def _train_and_evaluate(config, workdir, is_chief):
 
   try:
     return evaluate.final_test(
-      config, workdir, model, tx, data, ckpts, evaluator, writer
+      config, workdir, abstract, test_split, ckpts, evaluator, writer
     )
   finally:
     writer.close()
@@ -267,11 +261,11 @@ def _config_difference(workdir: str, config) -> str:
   ``config.json`` (the config its checkpoints were made with), as a
   sentence to end an error with; empty when there is nothing to compare."""
   try:
-    saved = factory.flat_fields(evaluate.load_workdir_config(workdir))
+    saved = config_schema.flat_fields(evaluate.load_workdir_config(workdir))
   except (checkpointing.CheckpointError, OSError, ValueError):
     return ''
   # Through JSON as config.json went, so that tuples compare as lists.
-  here = factory.flat_fields(
+  here = config_schema.flat_fields(
     ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
   )
   fields = [

@@ -31,6 +31,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from dselect_jax import cli
+from dselect_jax import datasets
 from dselect_jax import evaluate
 from dselect_jax import factory
 from dselect_jax import metric_writers
@@ -147,7 +148,9 @@ def run_cell(gate, dataset, seed, out):
     'wall_seconds': time.time() - start,
     # What 'auto' meant on this machine ('mlp': a feature data set's experts).
     'conv': (
-      factory.conv_impl(config) if factory.task_kinds(config) is None else 'mlp'
+      factory.conv_impl(config)
+      if datasets.resolve(config.data).spec.is_image
+      else 'mlp'
     ),
     'config': json.loads(config.to_json_best_effort()),
   }

@@ -200,10 +200,10 @@ def load_ours_into(net, params):
 
 
 def _data(config):
-  from dselect_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from dselect_jax import datasets  # pylint: disable=g-import-not-at-top
 
-  data = evaluate.load_data(config)
-  return data['train'], data['test']
+  dataset = datasets.resolve(config.data)
+  return dataset.train, dataset.test
 
 
 def _images(images_uint8):
@@ -214,11 +214,13 @@ def _images(images_uint8):
 def _initial_params(config):
   import jax  # pylint: disable=g-import-not-at-top
 
+  from dselect_jax import datasets  # pylint: disable=g-import-not-at-top
   from dselect_jax import factory  # pylint: disable=g-import-not-at-top
 
-  model = factory.create_model(config)
+  spec = datasets.resolve(config.data).spec
+  model = factory.create_model(config, spec)
   tx = factory.create_optimizer(config, 1)
-  state = factory.initial_state(config, model, tx, jax.random.key(config.seed))
+  state = factory.initial_state(model, tx, jax.random.key(config.seed), spec)
   return model, state
 
 
@@ -227,8 +229,8 @@ def check(config):
   import jax  # pylint: disable=g-import-not-at-top
   import paddle  # pylint: disable=g-import-not-at-top
 
-  from dselect_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from dselect_jax import steps  # pylint: disable=g-import-not-at-top
+  from dselect_jax.datasets import multimnist  # pylint: disable=g-import-not-at-top
 
   train, _ = _data(config)
   images, labels = train.images[:256], train.labels[:256]
@@ -237,7 +239,7 @@ def check(config):
   def loss_fn(params):
     (logits, _), _ = model.apply(
       {'params': params, 'batch_stats': state.batch_stats},
-      input_pipeline.to_model_input(images),
+      multimnist.to_model_input(images),
       train=True,
       mutable=['batch_stats'],
       rngs={'gating': jax.random.key(0)},

@@ -16,6 +16,8 @@ from absl import flags
 
 from dselect_jax import checkpointing
 from dselect_jax import cli
+from dselect_jax import config_schema
+from dselect_jax import datasets
 from dselect_jax import evaluate
 from dselect_jax import factory
 
@@ -32,10 +34,11 @@ def main(argv):
   try:
     config = evaluate.load_workdir_config(_WORKDIR.value)
     ckpts = checkpointing.Checkpoints(_WORKDIR.value, create=False)
-    model = factory.create_model(config)
+    spec = datasets.resolve(config.data).spec
+    model = factory.create_model(config, spec)
     # The optimizer's structure does not matter: its state is not copied.
     abstract = factory.abstract_state(
-      config, model, factory.create_optimizer(config, 1)
+      model, factory.create_optimizer(config, 1), spec
     )
     if _STEP.value is None:
       step = ckpts.best_step()
@@ -43,7 +46,11 @@ def main(argv):
     else:
       step = _STEP.value
       state = ckpts.restore(abstract, step)
-  except (checkpointing.CheckpointError, factory.ConfigError) as e:
+  except (
+    checkpointing.CheckpointError,
+    config_schema.ConfigError,
+    datasets.DataError,
+  ) as e:
     sys.exit(f'error: {e}')
   os.makedirs(_OUT.value, exist_ok=True)
   target = os.path.join(_OUT.value, checkpointing.PARAMS_DIR, str(step))

@@ -1,4 +1,4 @@
-"""Regenerates dselect_jax/data/multi_mnist_sample.npz, the shipped sample.
+"""Regenerates dselect_jax/datasets/data/multi_mnist_sample.npz, the shipped sample.
 
   python scripts/make_sample_data.py --data_dir=../shared/data
 
@@ -12,7 +12,8 @@ import hashlib
 from absl import app
 from absl import flags
 
-from dselect_jax import input_pipeline
+from dselect_jax.datasets import multimnist
+from dselect_jax.datasets import stored
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Raw MNIST files folder.')
 SIZES = {'train': 4000, 'validation': 1000, 'test': 1000}
@@ -20,13 +21,13 @@ SIZES = {'train': 4000, 'validation': 1000, 'test': 1000}
 
 def main(argv):
   del argv
-  splits = input_pipeline.build('multi_mnist', 'comet', 0, _DATA_DIR.value)
+  splits = multimnist.build('multi_mnist', 'comet', 0, _DATA_DIR.value)
   arrays = {}
-  for name, array in input_pipeline.splits_to_arrays(splits).items():
+  for name, array in stored.splits_to_arrays(splits).items():
     arrays[name] = array[: SIZES[name.split('_')[0]]]
-  input_pipeline.save_npz(input_pipeline.SAMPLE_FILE, arrays, compress=True)
-  with open(input_pipeline.SAMPLE_FILE, 'rb') as f:
-    print(input_pipeline.SAMPLE_FILE, hashlib.sha256(f.read()).hexdigest())
+  stored.save_npz(stored.SAMPLE_FILE, arrays, compress=True)
+  with open(stored.SAMPLE_FILE, 'rb') as f:
+    print(stored.SAMPLE_FILE, hashlib.sha256(f.read()).hexdigest())
   for name, array in arrays.items():
     print(name, array.shape, array.dtype)
 

@@ -16,10 +16,10 @@ import jax
 import numpy as np
 
 from dselect_jax import checkpointing
+from dselect_jax import config_schema
 from dselect_jax import evaluate
-from dselect_jax import factory
-from dselect_jax import input_pipeline
-from dselect_jax import sources
+from dselect_jax.datasets import multimnist
+from dselect_jax.datasets import sources
 
 
 def main():
@@ -29,19 +29,19 @@ def main():
   parser.add_argument('--batch_size', type=int, default=1000)
   args = parser.parse_args()
   try:
-    config, model, data, state, _, step = evaluate.restore_workdir(
+    config, model, dataset, state, _, step = evaluate.restore_workdir(
       args.workdir, args.step, best=False
     )
   except (
     checkpointing.CheckpointError,
-    factory.ConfigError,
+    config_schema.ConfigError,
     sources.DataError,
   ) as e:
     sys.exit(f'error: {e}')
-  if factory.task_kinds(config) is not None:
+  if not dataset.spec.is_image:
     sys.exit(
       f'error: per-class accuracy is for the image data sets; '
-      f'{config.data.name!r} has tasks of kinds {factory.task_kinds(config)} '
+      f'{config.data.name!r} has tasks of kinds {dataset.spec.task_kinds} '
       '(eval.py reports their metrics).'
     )
 
@@ -50,19 +50,17 @@ def main():
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     return model.apply(variables, images, train=False)[0]
 
-  test = data['test']
+  test = dataset.test
   predicted = np.concatenate(
     [
       np.asarray(
-        logits(
-          input_pipeline.to_model_input(test.images[i : i + args.batch_size])
-        )
+        logits(multimnist.to_model_input(test.images[i : i + args.batch_size]))
       ).argmax(-1)
       for i in range(0, len(test.images), args.batch_size)
     ],
     axis=1,
   )  # (T, N)
-  num_classes = input_pipeline.describe(config.data.name).num_classes
+  num_classes = dataset.spec.num_classes
   print(
     f'{args.workdir}, checkpoint at step {step}, test split '
     f'({len(test.images)} examples)'

@@ -20,18 +20,19 @@ import sys
 from absl import app
 from absl import flags
 
-from dselect_jax import input_pipeline
 from dselect_jax import plots
-from dselect_jax import sources
+from dselect_jax.datasets import multimnist
+from dselect_jax.datasets import sources
+from dselect_jax.datasets import stored
 
 _OUT_DIR = flags.DEFINE_string(
   'out_dir', 'results/data_samples', 'Where the PNGs go.'
 )
 _DATASETS = flags.DEFINE_list(
-  'datasets', sorted(input_pipeline.DATASETS), 'Data sets to show.'
+  'datasets', list(multimnist.SOURCES), 'Data sets to show.'
 )
 _RECIPES = flags.DEFINE_list(
-  'recipes', list(input_pipeline.RECIPES), 'Recipes to show.'
+  'recipes', list(multimnist.RECIPES), 'Recipes to show.'
 )
 _SEED = flags.DEFINE_integer('seed', 0, 'Build seed.')
 _DATA_DIR = flags.DEFINE_string(
@@ -46,15 +47,19 @@ _PICKLE = flags.DEFINE_string(
 )
 
 
+def _train_split(dataset: str, recipe: str) -> multimnist.Split:
+  return stored.load_built(
+    dataset, recipe, _SEED.value, _DATA_DIR.value, names=('train',)
+  )['train']
+
+
 def write_npz(path: str, dataset: str, recipe: str, num: int):
-  split = input_pipeline.load(dataset, recipe, _SEED.value, _DATA_DIR.value)[
-    'train'
-  ]
+  split = _train_split(dataset, recipe)
   if not 1 <= num <= len(split):
     raise sources.DataError(
       f'--num={num}: must be in 1..{len(split)} (the train split)'
     )
-  input_pipeline.save_npz(
+  stored.save_npz(
     os.path.abspath(path),
     {'images': split.images[:num], 'labels': split.labels[:num]},
   )
@@ -81,9 +86,7 @@ def main(argv):
   try:
     for dataset in _DATASETS.value:
       for recipe in _RECIPES.value:
-        split = input_pipeline.load(
-          dataset, recipe, _SEED.value, _DATA_DIR.value
-        )['train']
+        split = _train_split(dataset, recipe)
         path = os.path.join(_OUT_DIR.value, f'{dataset}-{recipe}.png')
         print(
           plots.sample_grid(
@@ -93,7 +96,7 @@ def main(argv):
             path,
           )
         )
-    split = input_pipeline.load('multi_mnist_sample')['train']
+    split = stored.load_npz_splits(stored.SAMPLE_FILE, ('train',))['train']
     print(
       plots.sample_grid(
         split.images,
@@ -103,7 +106,7 @@ def main(argv):
       )
     )
     if _PICKLE.value:
-      x, y = sources.read_paddlerec_pickle(_PICKLE.value)
+      x, y = stored.read_paddlerec_pickle(_PICKLE.value)
       print(
         plots.sample_grid(
           x,

@@ -7,7 +7,6 @@ workdir byte-identical afterwards.
 """
 
 import ast
-import hashlib
 import os
 import subprocess
 import sys
@@ -17,9 +16,12 @@ import jax
 import numpy as np
 import pytest
 
+from dselect_jax import config_schema
+from dselect_jax import datasets
+from dselect_jax import evaluate
 from dselect_jax import factory
-from dselect_jax import input_pipeline
 from dselect_jax import trainer
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = 'configs/multimnist_sample.py'
@@ -27,10 +29,9 @@ SAMPLE = 'configs/multimnist_sample.py'
 
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
-  from tests.test_trainer import tiny_config  # pylint: disable=g-import-not-at-top
 
   workdir = str(tmp_path_factory.mktemp('finished'))
-  trainer.train_and_evaluate(tiny_config(), workdir)
+  trainer.train_and_evaluate(helpers.tiny_config(), workdir)
   return workdir
 
 
@@ -60,21 +61,6 @@ def bad_data(tmp_path_factory):
     dirs[case] = str(root / case)
   dirs['no_such_dir'] = str(root / 'nowhere')
   return dirs
-
-
-def _tree_digest(folder):
-  """SHA-256 of every file but the lock (which holds the last owner's pid)."""
-  digest = {}
-  for d, _, files in os.walk(folder):
-    for name in files:
-      if name == '.lock':
-        continue
-      path = os.path.join(d, name)
-      with open(path, 'rb') as f:
-        digest[os.path.relpath(path, folder)] = hashlib.sha256(
-          f.read()
-        ).hexdigest()
-  return digest
 
 
 def _data(case):
@@ -268,8 +254,8 @@ def test_bad_config_value(name):
     section = section[key]
   with config.unlocked():
     section[last] = _literal(value)
-  with pytest.raises(factory.ConfigError) as error:
-    factory.validate_config(config, jax.device_count())
+  with pytest.raises(config_schema.ConfigError) as error:
+    helpers.validate(config, jax.device_count())
   message = f'error: {error.value}'
   assert '\n' not in message and expected in message, message
 
@@ -290,7 +276,7 @@ def test_bad_input(name, finished_run, bad_data, tmp_path):
   else:
     argv = args
   argv = [a.format(**fields) for a in argv]
-  before = _tree_digest(finished_run)
+  before = helpers.tree_digest(finished_run)
   # A private cache: built data cached by other runs must not hide bad files.
   env = dict(
     os.environ,
@@ -311,7 +297,7 @@ def test_bad_input(name, finished_run, bad_data, tmp_path):
   assert 'Traceback' not in out.stderr, out.stderr[-3000:]
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and expected in last, last
-  assert _tree_digest(finished_run) == before
+  assert helpers.tree_digest(finished_run) == before
 
 
 def test_workdir_that_is_a_file(tmp_path):
@@ -349,7 +335,7 @@ def test_eval_stops_at_once_when_it_cannot_save(finished_run):
     f'sys.argv = ["eval.py", "--workdir={finished_run}"]\n'
     'runpy.run_path("eval.py", run_name="__main__")\n'
   )
-  before = _tree_digest(finished_run)
+  before = helpers.tree_digest(finished_run)
   out = subprocess.run(
     [sys.executable, '-c', inject],
     cwd=REPO,
@@ -364,7 +350,7 @@ def test_eval_stops_at_once_when_it_cannot_save(finished_run):
     f'error: cannot write the output folder {out_dir}: Read-only file '
     'system; give --out_dir=DIR on a writable file system.'
   )
-  assert _tree_digest(finished_run) == before
+  assert helpers.tree_digest(finished_run) == before
 
 
 # ---------------------------------------------------------------------------
@@ -461,7 +447,7 @@ def test_bad_config_file(case, expected, finished_run, tmp_path):
     path.write_text(
       'def get_config():\n  raise RuntimeError("no \'data\' section")\n'
     )
-  before = _tree_digest(finished_run)
+  before = helpers.tree_digest(finished_run)
   out = subprocess.run(
     [
       sys.executable,
@@ -478,15 +464,14 @@ def test_bad_config_file(case, expected, finished_run, tmp_path):
   assert out.returncode == 1 and 'Traceback' not in out.stderr, out.stderr
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith(f'error: --config={path} ') and expected in last, last
-  assert _tree_digest(finished_run) == before
+  assert helpers.tree_digest(finished_run) == before
 
 
 def test_batch_larger_than_the_training_set(tmp_path):
-  from tests.test_trainer import tiny_config  # pylint: disable=g-import-not-at-top
 
-  config = tiny_config(batch_size=8000)
+  config = helpers.tiny_config(batch_size=8000)
   with pytest.raises(
-    factory.ConfigError,
+    config_schema.ConfigError,
     match=r'config.batch_size=8000: larger than the 4000 training examples '
     r"of 'multi_mnist_sample'; lower it",
   ):
@@ -500,8 +485,6 @@ def test_an_unwritable_workdir_stops_before_training(tmp_path, monkeypatch):
   import errno  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
 
-  from tests.test_trainer import tiny_config  # pylint: disable=g-import-not-at-top
-
   def read_only(*args, **kwargs):
     del args, kwargs
     raise OSError(errno.EROFS, os.strerror(errno.EROFS))
@@ -509,22 +492,22 @@ def test_an_unwritable_workdir_stops_before_training(tmp_path, monkeypatch):
   monkeypatch.setattr(tempfile, 'NamedTemporaryFile', read_only)
   loaded = []
   monkeypatch.setattr(
-    trainer.evaluate, 'load_data', lambda config: loaded.append(1)
+    datasets.Dataset, 'split', lambda self, name: loaded.append(name)
   )
   with pytest.raises(
     trainer.checkpointing.CheckpointError,
     match=rf'cannot write the workdir {tmp_path}/w: Read-only file system; '
     'give a --workdir on a writable',
   ):
-    trainer.train_and_evaluate(tiny_config(), str(tmp_path / 'w'))
+    trainer.train_and_evaluate(helpers.tiny_config(), str(tmp_path / 'w'))
   assert not loaded  # Stopped before reading any data.
 
 
 def _invalid_values(spec, default):
   """Values a field's spec must refuse."""
-  if isinstance(spec, factory.OneOf):
+  if isinstance(spec, config_schema.OneOf):
     return ['bogus', 7]
-  if isinstance(spec, factory.Number):
+  if isinstance(spec, config_schema.Number):
     bad = [float('nan'), 'two', True]
     if spec.low > float('-inf'):
       bad.append(spec.low - 1)
@@ -545,17 +528,16 @@ def test_fuzz_every_field():
   import random  # pylint: disable=g-import-not-at-top
 
   from dselect_jax import steps  # pylint: disable=g-import-not-at-top
-  from tests.test_trainer import tiny_config  # pylint: disable=g-import-not-at-top
 
-  base = tiny_config()
-  fields = factory.flat_fields(base)
+  base = helpers.tiny_config()
+  fields = config_schema.flat_fields(base)
   rng = random.Random(0)
   outcomes = {'refused': 0, 'traced': 0}
   for _ in range(40):
     config = copy.deepcopy(base)
     changed = {}
     for field in rng.sample(sorted(fields), 3):
-      spec = factory.FIELDS[field]
+      spec = config_schema.FIELDS[field]
       valid = list(spec.values(fields[field]))
       invalid = _invalid_values(spec, fields[field])
       changed[field] = rng.choice(invalid if rng.random() < 0.2 else valid)
@@ -569,17 +551,17 @@ def test_fuzz_every_field():
         # any value, and validate_config must catch it.
         section._fields[last] = value  # pylint: disable=protected-access
     try:
-      factory.validate_config(config, jax.device_count())
-    except factory.ConfigError as e:
+      helpers.validate(config, jax.device_count())
+    except config_schema.ConfigError as e:
       message = str(e)
       assert '\n' not in message
       assert any(f'config.{f}' in message for f in changed), (changed, e)
       outcomes['refused'] += 1
       continue
-    model = factory.create_model(config, bn_axis_name=steps.AXIS)
+    model = helpers.create_model(config, bn_axis_name=steps.AXIS)
     tx = factory.create_optimizer(config, 10)
-    state = factory.abstract_state(config, model, tx)
-    spec = input_pipeline.describe(config.data.name)
+    state = helpers.abstract_state(config, model, tx)
+    spec = helpers.spec_of(config)
     if spec.is_image:
       batch = {
         'image': jax.ShapeDtypeStruct((1, 8, 36, 36, 1), 'float32'),
@@ -599,7 +581,7 @@ def test_fuzz_every_field():
       functools.partial(
         steps.train_step,
         loss_config=config.loss,
-        task_kinds=factory.task_kinds(config),
+        task_kinds=evaluate.feature_task_kinds(spec),
       ),
       in_axes=(0, 0, None),
     )

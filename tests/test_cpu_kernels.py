@@ -19,6 +19,7 @@ from dselect_jax import cpu
 from dselect_jax import factory
 from dselect_jax import models
 from dselect_jax.cpu import kernels as cpu_kernels
+from tests import helpers
 
 
 class FlaxBlock(nn.Module):
@@ -212,6 +213,10 @@ def test_expert_with_kernels_equals_expert_with_flax():
       assert_trees_close(outs[pair], outs['xla', 'xla'], rtol=1e-4, atol=1e-5)
 
 
+# x[0, i, j, 0] = 4 i + j on a 3 x 4 image, for the kernels by hand.
+X34 = jnp.arange(12.0).reshape(1, 3, 4, 1)
+
+
 @pytest.mark.without_kernels
 def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
   monkeypatch.setenv('DSELECT_JAX_KERNEL_CACHE', str(tmp_path))
@@ -230,8 +235,7 @@ def test_failing_compiler_is_a_clear_error(monkeypatch, tmp_path):
   monkeypatch.setenv('CXX', 'false')  # Runs, and exits 1.
   with pytest.raises(
     cpu_kernels.KernelBuildError,
-    match=r'(?s)compiling .*bn_relu_pool.cc .*toeplitz_rows.cc '
-    r'.*direct_conv.cc failed.*'
+    match=r'(?s)compiling .*bn_relu_pool.cc .*direct_conv.cc failed.*'
     r'--config.model.norm=xla --config.model.conv=toeplitz',
   ):
     cpu_kernels._build_and_register()  # pylint: disable=protected-access
@@ -248,13 +252,13 @@ def test_auto_falls_back_to_xla_without_the_kernels(monkeypatch):
   monkeypatch.setattr(cpu_kernels, 'available', lambda: False)
   assert factory.norm_impl(config) == 'xla'
   assert factory.conv_impl(config) == 'toeplitz'
-  kwargs = factory.create_model(config).expert_kwargs
+  kwargs = helpers.create_model(config).expert_kwargs
   assert kwargs['block_module'] is None
   assert kwargs['conv_module'] is cpu.ToeplitzConv
   config.model.norm = 'kernel'  # Asked for by name: no fallback.
-  config.model.conv = 'toeplitz_kernel'
+  config.model.conv = 'kernel'
   assert factory.norm_impl(config) == 'kernel'
-  assert factory.conv_impl(config) == 'toeplitz_kernel'
+  assert factory.conv_impl(config) == 'kernel'
 
 
 def test_a_truncated_library_is_rebuilt(monkeypatch, tmp_path):
@@ -282,78 +286,6 @@ def test_a_truncated_library_is_rebuilt(monkeypatch, tmp_path):
     assert len(f.read()) == len(whole)
   # Intact now: no second rebuild.
   assert build() == path and len(warnings) == 1
-
-
-# x[0, i, j, 0] = 4 i + j on a 3 x 4 image, for the row kernels by hand.
-X34 = jnp.arange(12.0).reshape(1, 3, 4, 1)
-
-
-def test_toeplitz_rows_by_hand():
-  # A 2x2 kernel, segments of t = 1 output column: a segment's row is the
-  # 2x2 window, row by row: [x[i, n], x[i, n+1], x[i+1, n], x[i+1, n+1]].
-  rows = cpu_kernels.toeplitz_rows(X34, 2, 2, 1)
-  assert rows.shape == (1, 2, 3, 4)
-  np.testing.assert_array_equal(rows[0, 0, 0], [0, 1, 4, 5])
-  np.testing.assert_array_equal(rows[0, 1, 2], [6, 7, 10, 11])
-  # t = 3: one segment of 3 output columns sees all 4 input columns.
-  rows = cpu_kernels.toeplitz_rows(X34, 2, 2, 3)
-  assert rows.shape == (1, 2, 1, 8)
-  np.testing.assert_array_equal(rows[0, 0, 0], np.arange(8))
-  np.testing.assert_array_equal(rows[0, 1, 0], np.arange(4, 12))
-
-
-def test_toeplitz_rows_transpose_by_hand():
-  # Each pixel gets one 1 per window piece that holds it: 2x2 windows on a
-  # 3x4 image cover corners once, edges twice, the middle four times.
-  ones = jnp.ones((1, 2, 3, 4))
-  dx = cpu_kernels.toeplitz_rows_transpose(ones, 2, 2, 1)
-  np.testing.assert_array_equal(
-    dx[0, ..., 0], [[1, 2, 2, 1], [2, 4, 4, 2], [1, 2, 2, 1]]
-  )
-
-
-@pytest.mark.parametrize(
-  'shape,kh,kw,t',
-  [
-    ((3, 36, 36, 1), 5, 5, 4),
-    ((2, 16, 16, 10), 5, 5, 4),
-    ((2, 9, 11, 3), 3, 2, 5),
-  ],
-)
-def test_toeplitz_rows_transpose_is_the_adjoint(shape, kh, kw, t):
-  """<rows(x), g> = <x, rows^T(g)> for random x and g: the definition of the
-  transpose, which is also the gradient that autodiff gets."""
-  x = jax.random.normal(jax.random.key(0), shape)
-  rows = cpu_kernels.toeplitz_rows(x, kh, kw, t)
-  g = jax.random.normal(jax.random.key(1), rows.shape)
-  dx = cpu_kernels.toeplitz_rows_transpose(g, kh, kw, t)
-  assert dx.shape == x.shape
-  np.testing.assert_allclose(
-    float(jnp.vdot(rows, g)), float(jnp.vdot(x, dx)), rtol=1e-5
-  )
-  grad = jax.grad(
-    lambda x: jnp.vdot(cpu_kernels.toeplitz_rows(x, kh, kw, t), g)
-  )
-  np.testing.assert_array_equal(grad(x), dx)
-  # The columns are the rows, transposed.
-  np.testing.assert_array_equal(
-    cpu_kernels.toeplitz_columns(x, kh, kw, t),
-    rows.reshape(-1, rows.shape[-1]).T,
-  )
-  # Under vmap (the trainer maps its step over devices), image by image.
-  np.testing.assert_array_equal(
-    jax.vmap(lambda x: cpu_kernels.toeplitz_rows(x, kh, kw, t))(x[:, None]),
-    rows[:, None],
-  )
-
-
-def test_toeplitz_rows_refuse_what_does_not_fit():
-  with pytest.raises(
-    ValueError, match=r'multiple of t; got float32 \(1, 3, 4, 1\)'
-  ):
-    cpu_kernels.toeplitz_rows(X34, 2, 2, 2)  # 3 output columns, t = 2.
-  with pytest.raises(ValueError, match='must be float32'):
-    cpu_kernels.toeplitz_rows(X34.astype(jnp.int32), 2, 2, 1)
 
 
 def _conv_relu_pool_reference(x, kernel, bias):

@@ -18,6 +18,7 @@ from dselect_jax import checkpointing
 from dselect_jax import factory
 from dselect_jax import metric_writers
 from dselect_jax import steps
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {
@@ -89,10 +90,10 @@ def _final_arrays(workdir):
     for name in path:
       section = section[name]
     section[last] = value
-  model = factory.create_model(config, bn_axis_name=steps.AXIS)
+  model = helpers.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, config.num_train_steps)
   ckpts = checkpointing.Checkpoints(workdir, create=False)
-  state = ckpts.restore(factory.abstract_state(config, model, tx))
+  state = ckpts.restore(helpers.abstract_state(config, model, tx))
   return ckpts.latest_step(), jax.device_get(
     (state.step, state.params, state.batch_stats, state.opt_state)
   )

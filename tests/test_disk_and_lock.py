@@ -13,10 +13,9 @@ import time
 import pytest
 
 from dselect_jax import checkpointing
-from dselect_jax import input_pipeline
 from dselect_jax import trainer
-from tests.test_bad_inputs import _tree_digest
-from tests.test_trainer import tiny_config
+from dselect_jax.datasets import batching
+from tests import helpers
 
 
 class _SmallDisk:
@@ -88,7 +87,7 @@ def _small_disk(tmp_path, monkeypatch):
 
 def _fill_before_step(monkeypatch, disk, step, leave):
   """Fills ``disk`` up to ``leave`` free bytes while step ``step`` runs."""
-  real = input_pipeline.train_batches
+  real = batching.train_batches
 
   def batches(*args, **kwargs):
     for i, batch in enumerate(real(*args, **kwargs)):
@@ -96,7 +95,7 @@ def _fill_before_step(monkeypatch, disk, step, leave):
         disk.fill(leave)
       yield batch
 
-  monkeypatch.setattr(input_pipeline, 'train_batches', batches)
+  monkeypatch.setattr(batching, 'train_batches', batches)
 
 
 def test_a_disk_that_fills_up_stops_the_run_and_loses_nothing(
@@ -109,7 +108,7 @@ def test_a_disk_that_fills_up_stops_the_run_and_loses_nothing(
       # less than two checkpoints and the margin need.
       _fill_before_step(m, disk, 5, leave=1 << 20)
       with pytest.raises(checkpointing.NoSpaceError) as e:
-        trainer.train_and_evaluate(tiny_config(), workdir)
+        trainer.train_and_evaluate(helpers.tiny_config(), workdir)
     message = str(e.value)
     assert message.startswith(
       f'no space left for the train metrics of step 6 in {workdir} (1.0 MiB '
@@ -122,15 +121,19 @@ def test_a_disk_that_fills_up_stops_the_run_and_loses_nothing(
     assert '\n' not in message
     ckpts = checkpointing.Checkpoints(workdir, create=False)
     assert ckpts.all_steps() == [3] and ckpts.best_step() == 3
-    kept = _tree_digest(os.path.join(workdir, 'checkpoints', '3'))
+    kept = helpers.tree_digest(os.path.join(workdir, 'checkpoints', '3'))
 
     disk.free()
-    metrics = trainer.train_and_evaluate(tiny_config(), workdir)
+    metrics = trainer.train_and_evaluate(helpers.tiny_config(), workdir)
     ckpts = checkpointing.Checkpoints(workdir, create=False)
     assert ckpts.all_steps() == [3, 6]
-    assert _tree_digest(os.path.join(workdir, 'checkpoints', '3')) == kept
+    assert (
+      helpers.tree_digest(os.path.join(workdir, 'checkpoints', '3')) == kept
+    )
   # The resumed run ends where one that never stopped ends.
-  whole = trainer.train_and_evaluate(tiny_config(), str(tmp_path / 'whole'))
+  whole = trainer.train_and_evaluate(
+    helpers.tiny_config(), str(tmp_path / 'whole')
+  )
   for key in ('step', 'accuracy_1', 'accuracy_2', 'loss_1', 'loss_2'):
     assert metrics[key] == whole[key], key
 
@@ -146,7 +149,7 @@ def test_a_disk_too_full_to_start_says_so_before_training(
       match=r'no space left for checkpoints in .*\(2\.0 MiB free, the run '
       r'needs .*\); no checkpoint was saved yet\.',
     ):
-      trainer.train_and_evaluate(tiny_config(), workdir)
+      trainer.train_and_evaluate(helpers.tiny_config(), workdir)
     assert not os.path.exists(os.path.join(workdir, 'checkpoints', '0'))
 
 
@@ -183,9 +186,9 @@ def test_a_write_that_fails_for_lack_of_space_keeps_the_complete_ones(
       match=r'^no space left for checkpoint step 6 \(best\) in .* \(the file '
       r'system is full\); the newest complete checkpoint is step 3\.',
     ):
-      trainer.train_and_evaluate(tiny_config(), workdir)
+      trainer.train_and_evaluate(helpers.tiny_config(), workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'best'))) == ['3']
-  trainer.train_and_evaluate(tiny_config(), workdir)
+  trainer.train_and_evaluate(helpers.tiny_config(), workdir)
   assert checkpointing.Checkpoints(workdir, create=False).latest_step() == 6
 
 

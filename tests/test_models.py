@@ -11,6 +11,7 @@ import pytest
 
 from dselect_jax import cpu
 from dselect_jax import models
+from tests import helpers
 
 X = jax.random.uniform(jax.random.key(0), (3, 36, 36, 1))
 RNGS = {'params': jax.random.key(1), 'gating': jax.random.key(2)}
@@ -185,12 +186,8 @@ def test_bad_model_attributes_raise(kwargs, match):
     _model(**kwargs)
 
 
-@pytest.mark.parametrize(
-  'tile,rows', [(1, 'xla'), (2, 'kernel'), (3, 'xla'), (8, 'kernel')]
-)
-def test_toeplitz_conv_by_hand(tile, rows, request):
-  if rows != 'xla':
-    request.getfixturevalue('cpu_kernels_built')
+@pytest.mark.parametrize('tile', [1, 2, 3, 8])
+def test_toeplitz_conv_by_hand(tile):
   # x = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]], kernel [[1, 2], [3, 4]]:
   # y[i, j] = x[i, j] + 2 x[i, j+1] + 3 x[i+1, j] + 4 x[i+1, j+1] + bias, so
   # y[0, 0] = 0 + 2 + 12 + 20 = 34, +10 per column (1+2+3+4) and +40 per row.
@@ -199,7 +196,7 @@ def test_toeplitz_conv_by_hand(tile, rows, request):
     'kernel': jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(2, 2, 1, 1),
     'bias': jnp.array([0.5]),
   }
-  conv = cpu.ToeplitzConv(1, (2, 2), tile=tile, rows=rows)
+  conv = cpu.ToeplitzConv(1, (2, 2), tile=tile)
   y = conv.apply({'params': params}, x)
   np.testing.assert_array_equal(
     y[0, ..., 0], [[34.5, 44.5, 54.5], [74.5, 84.5, 94.5]]
@@ -213,9 +210,6 @@ def test_toeplitz_conv_by_hand(tile, rows, request):
     ((2, 16, 16, 10), 20, (5, 5), 4, 'xla'),  # and their second
     ((2, 16, 16, 10), 20, (5, 5), 5, 'xla'),  # tile 5 does not divide 12: 4
     ((3, 9, 11, 3), 4, (3, 5), 100, 'xla'),  # non-square kernel, one segment
-    ((2, 36, 36, 1), 10, (5, 5), 4, 'kernel'),  # the same, rows by kernels
-    ((2, 16, 16, 10), 20, (5, 5), 4, 'kernel'),
-    ((3, 9, 11, 3), 4, (3, 5), 100, 'kernel'),
     # rows 'direct': cpu.DirectConv, the kernels' direct convolution.
     ((2, 36, 36, 1), 10, (5, 5), None, 'direct'),
     ((2, 16, 16, 10), 20, (5, 5), None, 'direct'),
@@ -233,7 +227,7 @@ def test_cpu_convs_equal_xla_conv(
   if rows == 'direct':
     conv = cpu.DirectConv(features, kernel_size)
   else:
-    conv = cpu.ToeplitzConv(features, kernel_size, tile=tile, rows=rows)
+    conv = cpu.ToeplitzConv(features, kernel_size, tile=tile)
   variables = xla.init(jax.random.key(1), x)
   # Same parameter tree, initialized alike from the same key.
   jax.tree.map(
@@ -274,8 +268,6 @@ def test_expert_convolutions_are_interchangeable():
 def test_bad_convolution_attributes_raise():
   with pytest.raises(ValueError, match='tile=0'):
     cpu.ToeplitzConv(4, tile=0)
-  with pytest.raises(ValueError, match=r"rows must be one of .*'gpu'"):
-    cpu.ToeplitzConv(4, rows='gpu')
   x = jnp.zeros((1, 4, 4, 1))
   with pytest.raises(ValueError, match='smaller than the kernel 5x5'):
     cpu.ToeplitzConv(4).init(jax.random.key(0), x)
@@ -305,7 +297,7 @@ def test_auto_picks_xlas_ops_off_the_cpu(monkeypatch, backend):
   monkeypatch.setattr(factory.jax, 'default_backend', lambda: backend)
   assert factory.conv_impl(config) == 'xla'
   assert factory.norm_impl(config) == 'xla'
-  kwargs = factory.create_model(config).expert_kwargs
+  kwargs = helpers.create_model(config).expert_kwargs
   assert kwargs['conv_module'] is None and kwargs['block_module'] is None
   monkeypatch.setattr(factory.jax, 'default_backend', lambda: 'cpu')
   monkeypatch.setattr(factory.cpu_kernels, 'available', lambda: True)
@@ -313,7 +305,7 @@ def test_auto_picks_xlas_ops_off_the_cpu(monkeypatch, backend):
   # Toeplitz form, else the Toeplitz form; it without the kernels.
   monkeypatch.setattr(factory.calibrate, 'direct_conv_is_faster', lambda: True)
   assert factory.conv_impl(config) == 'kernel'
-  assert factory.create_model(config).expert_kwargs['conv_module'] is (
+  assert helpers.create_model(config).expert_kwargs['conv_module'] is (
     cpu.DirectConv
   )
   monkeypatch.setattr(

@@ -8,8 +8,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from dselect_jax import movielens
-from dselect_jax import sources
+from dselect_jax.datasets import movielens
+from dselect_jax.datasets import sources
 
 GENRES_TOY_STORY = [0, 0, 0, 1, 1, 1] + [
   0

@@ -25,7 +25,7 @@ from dselect_jax import checkpointing
 from dselect_jax import factory
 from dselect_jax import steps
 from dselect_jax import trainer
-from tests.test_trainer import tiny_config
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,7 +103,7 @@ def test_two_processes_train_like_one(tmp_path):
   # size of its gradient, and the convolutions' biases (followed by
   # BatchNorm) have gradients of pure float noise, which differs between
   # the two runs; SGD keeps such differences as small as they are.
-  config = tiny_config(
+  config = helpers.tiny_config(
     **{'optimizer.name': 'sgd', 'optimizer.learning_rate': 0.05}
   )
   one = str(tmp_path / 'one')
@@ -113,9 +113,9 @@ def test_two_processes_train_like_one(tmp_path):
 
   # Both workdirs' checkpoints restore here, in one process: the multi-host
   # one was saved as arrays replicated over the 4 devices of 2 processes.
-  model = factory.create_model(config, bn_axis_name=steps.AXIS)
+  model = helpers.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, config.num_train_steps)
-  abstract = factory.abstract_state(config, model, tx)
+  abstract = helpers.abstract_state(config, model, tx)
   states = []
   for workdir in (one, two):
     ckpts = checkpointing.Checkpoints(workdir, create=False)
@@ -130,7 +130,7 @@ def test_two_processes_train_like_one(tmp_path):
   )
   # The parameters did move: the comparison above is not of two inits.
   first_kernel = lambda s: jax.tree.leaves(s.params)[0]
-  init = factory.initial_state(config, model, tx, jax.random.key(config.seed))
+  init = helpers.initial_state(config, model, tx, jax.random.key(config.seed))
   assert np.abs(first_kernel(states[1]) - first_kernel(init)).max() > 1e-3
 
   # Process 0 alone wrote the results: the test split, 500 rows a process.

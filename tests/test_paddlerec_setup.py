@@ -15,14 +15,15 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dselect_jax import config_schema
+from dselect_jax import datasets
 from dselect_jax import evaluate
-from dselect_jax import factory
-from dselect_jax import input_pipeline
 from dselect_jax import metric_writers
 from dselect_jax import models
 from dselect_jax import steps
 from dselect_jax import trainer
-from tests.test_trainer import tiny_config
+from dselect_jax.datasets import batching
+from tests import helpers
 
 
 def _loss_config(**fields):
@@ -88,12 +89,12 @@ def test_paddlerec_initializers():
   for layer in ('Conv_0', 'Dense_1'):
     assert not np.any(np.asarray(params[layer]['bias']))
   # The gate's weight logits: U(-1, 1) instead of U(-0.05, 0.05).
-  config = tiny_config(**{'model.init_scheme': 'paddlerec'})
-  w_init = factory.create_model(config).gate_kwargs['w_init']
+  config = helpers.tiny_config(**{'model.init_scheme': 'paddlerec'})
+  w_init = helpers.create_model(config).gate_kwargs['w_init']
   w = np.asarray(w_init(jax.random.key(1), (4000,)))
   assert -1 <= w.min() < -0.99 and 0.99 < w.max() <= 1
   assert abs(w.mean()) < 0.05
-  assert 'w_init' not in factory.create_model(tiny_config()).gate_kwargs
+  assert 'w_init' not in helpers.create_model(helpers.tiny_config()).gate_kwargs
 
 
 def _record(step, acc1, acc2, n=100):
@@ -144,8 +145,8 @@ def test_test_statistics_by_hand():
 
 
 def test_stored_order_batches():
-  split = input_pipeline.load('multi_mnist_sample')['train']
-  batches = input_pipeline.train_batches(split, 1000, 1, seed=0, shuffle=False)
+  split = helpers.sample('train')
+  batches = batching.train_batches(split, 1000, 1, seed=0, shuffle=False)
   for _ in range(2):  # Two epochs, the same order.
     for i in range(4):
       np.testing.assert_array_equal(
@@ -154,15 +155,15 @@ def test_stored_order_batches():
 
 
 def test_epoch_splits_feed_their_epoch():
-  split = input_pipeline.load('multi_mnist_sample')['train']
-  flipped = input_pipeline.Split(split.images[::-1], split.labels[::-1])
+  split = helpers.sample('train')
+  flipped = datasets.multimnist.Split(split.images[::-1], split.labels[::-1])
   seen = []
 
   def epoch_split(epoch):
     seen.append(epoch)
     return split if epoch % 2 == 0 else flipped
 
-  batches = input_pipeline.train_batches(
+  batches = batching.train_batches(
     split, 2000, 1, seed=0, shuffle=False, start_step=1, epoch_split=epoch_split
   )
   np.testing.assert_array_equal(
@@ -175,9 +176,9 @@ def test_epoch_splits_feed_their_epoch():
 
 
 def test_fresh_train_needs_a_built_data_set():
-  config = tiny_config(**{'data.fresh_train': True})
-  with pytest.raises(factory.ConfigError, match='data.fresh_train=True'):
-    factory.validate_config(config, 4)
+  config = helpers.tiny_config(**{'data.fresh_train': True})
+  with pytest.raises(config_schema.ConfigError, match='data.fresh_train=True'):
+    helpers.validate(config, 4)
 
 
 @pytest.mark.parametrize('with_validation', [True, False])
@@ -186,7 +187,7 @@ def test_a_run_with_test_passes_reports_the_four_statistics(
 ):
   """2 epochs of the sample at batch 500 (8 steps each): two test passes;
   without a validation split the last checkpoint is the one tested."""
-  config = tiny_config(
+  config = helpers.tiny_config(
     num_train_steps=16,
     **{
       'batch_size': 500,
@@ -198,16 +199,17 @@ def test_a_run_with_test_passes_reports_the_four_statistics(
     },
   )
   if not with_validation:
-    real = evaluate.load_data
+    real = datasets.resolve
 
-    def no_validation(config):
-      data = real(config)
-      empty = input_pipeline.Split(
-        data['validation'].images[:0], data['validation'].labels[:0]
+    def no_validation(data):
+      full = real(data)
+      empty = datasets.multimnist.Split(
+        full.validation.images[:0], full.validation.labels[:0]
       )
-      return dict(data, validation=empty)
+      splits = {'train': full.train, 'validation': empty, 'test': full.test}
+      return datasets.Dataset(full.name, full.spec, lambda names: splits)
 
-    monkeypatch.setattr(evaluate, 'load_data', no_validation)
+    monkeypatch.setattr(datasets, 'resolve', no_validation)
   result = trainer.train_and_evaluate(config, str(tmp_path))
   passes = [
     r

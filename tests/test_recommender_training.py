@@ -18,14 +18,16 @@ import numpy as np
 import pytest
 
 from configs import movielens as movielens_config
+from dselect_jax import config_schema
+from dselect_jax import datasets
 from dselect_jax import evaluate
 from dselect_jax import factory
-from dselect_jax import input_pipeline
-from dselect_jax import movielens
 from dselect_jax import steps
 from dselect_jax import tasks
 from dselect_jax import trainer
-from tests.test_trainer import set_fields
+from dselect_jax.datasets import batching
+from dselect_jax.datasets import movielens
+from tests import helpers
 
 NUM_USERS, NUM_MOVIES, PER_USER = 40, 60, 15
 
@@ -82,29 +84,27 @@ def tiny_config(data_dir, num_train_steps=40, **overrides):
   config.loss.entropy_start_step = 10
   config.loss.entropy_ramp_steps = 10
   config.optimizer.learning_rate = 1e-2
-  return set_fields(config, overrides)
+  return helpers.set_fields(config, overrides)
 
 
 def test_the_toy_data_are_what_the_tests_assume(movielens_dir):
-  data = input_pipeline.load('movielens', seed=0, data_dir=movielens_dir)
+  data = movielens.load(0, data_dir=movielens_dir)
   # 600 ratings and one unrated movie per rating: 1,200 examples, 80/10/10.
   assert [len(data[s]) for s in ('train', 'validation', 'test')] == [
     960,
     120,
     120,
   ]
-  spec = input_pipeline.describe('movielens')
+  spec = movielens.spec()
   assert spec.task_kinds == ('binary', 'regression') and not spec.is_image
 
 
 def test_feature_batches_hold_the_rows_of_each_device(movielens_dir):
-  split = input_pipeline.load('movielens', seed=0, data_dir=movielens_dir)[
-    'train'
-  ]
-  batch = next(input_pipeline.train_batches(split, 8, 2, seed=3))
+  split = movielens.load(0, data_dir=movielens_dir)['train']
+  batch = next(batching.train_batches(split, 8, 2, seed=3))
   # The first batch of epoch 0: the first 8 of that epoch's permutation,
   # sorted, 4 rows per device.
-  rows = np.sort(input_pipeline.epoch_permutation(len(split), 3, 0)[:8])
+  rows = np.sort(batching.epoch_permutation(len(split), 3, 0)[:8])
   assert batch['dense'].shape == (2, 4, movielens.NUM_DENSE)
   assert batch['target'].shape == batch['weight'].shape == (2, 4, 2)
   np.testing.assert_array_equal(
@@ -115,10 +115,8 @@ def test_feature_batches_hold_the_rows_of_each_device(movielens_dir):
 
 
 def test_eval_batches_pad_the_last_batch_with_masked_zeros(movielens_dir):
-  split = input_pipeline.load('movielens', seed=0, data_dir=movielens_dir)[
-    'test'
-  ]
-  batches = list(input_pipeline.eval_batches(split, 56, 4))
+  split = movielens.load(0, data_dir=movielens_dir)['test']
+  batches = list(batching.eval_batches(split, 56, 4))
   # 120 = 56 + 56 + 8: the third batch has 8 real rows, on device 0 (rows
   # 0-13 of the batch), and 48 zero rows.
   assert len(batches) == 3
@@ -170,11 +168,11 @@ def test_kind_losses_average_over_devices_to_the_whole_batch():
 
 def test_the_sharded_step_equals_the_step_on_the_whole_batch(movielens_dir):
   config = tiny_config(movielens_dir)
-  model = factory.create_model(config)
+  model = helpers.create_model(config)
   tx = factory.create_optimizer(config, 10)
-  state = factory.initial_state(config, model, tx, jax.random.key(0))
-  split = evaluate.load_data(config)['train']
-  batch = next(input_pipeline.train_batches(split, 32, 1, seed=0))
+  state = helpers.initial_state(config, model, tx, jax.random.key(0))
+  split = datasets.resolve(config.data).train
+  batch = next(batching.train_batches(split, 32, 1, seed=0))
   step = steps.one_device(
     functools.partial(
       steps.train_step, loss_config=config.loss, task_kinds=KINDS
@@ -219,12 +217,12 @@ def test_classification_kind_by_hand():
 
 def test_the_evaluator_scores_every_example_once(movielens_dir):
   config = tiny_config(movielens_dir)
-  data = evaluate.load_data(config)
-  model = factory.create_model(config)
+  dataset = datasets.resolve(config.data)
+  model = helpers.create_model(config)
   tx = factory.create_optimizer(config, 10)
-  state = factory.initial_state(config, model, tx, jax.random.key(0))
-  test = data['test']
-  result = evaluate.make_evaluator(config, model)(
+  state = helpers.initial_state(config, model, tx, jax.random.key(0))
+  test = dataset.test
+  result = evaluate.make_evaluator(config, model, dataset.spec)(
     steps.replicate(state), test, config.eval_batch_size
   )
   # The same outputs on the whole split at once, and the metrics by hand.
@@ -330,7 +328,7 @@ def test_image_only_fields_are_refused_for_movielens(
   movielens_dir, field, value
 ):
   config = tiny_config(movielens_dir, **{field: value})
-  with pytest.raises(factory.ConfigError) as e:
-    factory.validate_config(config, 1)
+  with pytest.raises(config_schema.ConfigError) as e:
+    helpers.validate(config, 1)
   assert str(e.value).startswith(f'config.{field}={value!r}: applies to the')
   assert 'leave it at' in str(e.value)

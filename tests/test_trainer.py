@@ -24,43 +24,20 @@ import pytest
 from configs import multimnist
 from configs import multimnist_sample
 from dselect_jax import checkpointing
+from dselect_jax import config_schema
 from dselect_jax import cpu
+from dselect_jax import datasets
 from dselect_jax import evaluate
 from dselect_jax import factory
-from dselect_jax import input_pipeline
 from dselect_jax import metric_writers
 from dselect_jax import provenance
 from dselect_jax import steps
 from dselect_jax import trainer
 from dselect_jax.cpu import kernels as cpu_kernels
+from dselect_jax.datasets import batching
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(num_train_steps=6, **overrides):
-  """The sample config shrunk to 2 experts, batch 32 and a few steps."""
-  config = multimnist_sample.get_config()
-  config.model.num_experts = 2
-  config.model.gate.k = 1
-  config.batch_size = 32
-  config.eval_batch_size = 200
-  config.num_train_steps = num_train_steps
-  config.log_every_steps = 3
-  config.eval_every_steps = 3
-  config.checkpoint_every_steps = 3
-  return set_fields(config, overrides)
-
-
-def set_fields(config, fields):
-  """``config`` with {'model.gate.k': 2, ...} set (type-checked by the
-  locked ConfigDict)."""
-  for key, value in fields.items():
-    section = config
-    *path, last = key.split('.')
-    for name in path:
-      section = section[name]
-    section[last] = value
-  return config
 
 
 @pytest.mark.parametrize(
@@ -75,7 +52,7 @@ def test_pmap_step_equals_single_device_step(gate, per_example):
   # SGD, not Adam: the conv biases feed BatchNorm, so their true gradient is
   # 0 and float noise is all they get; Adam's first step would blow that
   # noise up to +-learning_rate, SGD keeps it at noise.
-  config = tiny_config(
+  config = helpers.tiny_config(
     **{
       'model.gate.name': gate,
       'model.gate.per_example': per_example,
@@ -84,11 +61,11 @@ def test_pmap_step_equals_single_device_step(gate, per_example):
       'optimizer.learning_rate': 0.1,
     }
   )
-  model = factory.create_model(config, bn_axis_name=steps.AXIS)
+  model = helpers.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 10)
-  state = factory.initial_state(config, model, tx, jax.random.key(0))
-  split = input_pipeline.load('multi_mnist_sample')['train']
-  batch = next(input_pipeline.train_batches(split, 16, 1, seed=0))
+  state = helpers.initial_state(config, model, tx, jax.random.key(0))
+  split = helpers.sample('train')
+  batch = next(batching.train_batches(split, 16, 1, seed=0))
   rng = jax.random.key(1)
   step = functools.partial(steps.train_step, loss_config=config.loss)
 
@@ -157,12 +134,12 @@ def test_the_mapped_step_compiles_once_for_the_replicated_state():
   again for flax.jax_utils.replicate's, whose mesh axis has another name.)
   Counted as lowerings to MLIR, which a warm persistent compilation cache
   does not skip."""
-  config = tiny_config()
-  model = factory.create_model(config, bn_axis_name=steps.AXIS)
+  config = helpers.tiny_config()
+  model = helpers.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 10)
-  state = factory.initial_state(config, model, tx, jax.random.key(0))
-  split = input_pipeline.load('multi_mnist_sample')['train']
-  batch = next(input_pipeline.train_batches(split, 16, 4, seed=0))
+  state = helpers.initial_state(config, model, tx, jax.random.key(0))
+  split = helpers.sample('train')
+  batch = next(batching.train_batches(split, 16, 4, seed=0))
   step = steps.parallel(  # pylint: disable=protected-access
     functools.partial(steps.train_step, loss_config=config.loss),
     in_axes=(0, 0, None),
@@ -200,7 +177,7 @@ class _Crash(Exception):
 
 
 def _crashing_batches(crash_after):
-  real = input_pipeline.train_batches
+  real = batching.train_batches
 
   def batches(*args, **kwargs):
     for i, batch in enumerate(real(*args, **kwargs)):
@@ -212,23 +189,23 @@ def _crashing_batches(crash_after):
 
 
 def _restore_latest(workdir, config):
-  model = factory.create_model(config, bn_axis_name=steps.AXIS)
+  model = helpers.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, config.num_train_steps)
   ckpts = checkpointing.Checkpoints(workdir, create=False)
   return ckpts.latest_step(), ckpts.restore(
-    factory.abstract_state(config, model, tx)
+    helpers.abstract_state(config, model, tx)
   )
 
 
 def test_interrupted_run_resumes_to_the_same_state(tmp_path, monkeypatch):
-  config = tiny_config()
+  config = helpers.tiny_config()
   whole = str(tmp_path / 'whole')
   trainer.train_and_evaluate(config, whole)
 
   broken = str(tmp_path / 'broken')
   with monkeypatch.context() as m:
     # Dies while fetching the 5th batch: the last checkpoint is step 3.
-    m.setattr(input_pipeline, 'train_batches', _crashing_batches(4))
+    m.setattr(batching, 'train_batches', _crashing_batches(4))
     with pytest.raises(_Crash):
       trainer.train_and_evaluate(config, broken)
   assert checkpointing.Checkpoints(broken, create=False).latest_step() == 3
@@ -252,7 +229,7 @@ def test_interrupted_run_resumes_to_the_same_state(tmp_path, monkeypatch):
 def sample_run(tmp_path_factory):
   """A short run of the tiny config, finished and tested."""
   workdir = str(tmp_path_factory.mktemp('sample'))
-  result = trainer.train_and_evaluate(tiny_config(), workdir)
+  result = trainer.train_and_evaluate(helpers.tiny_config(), workdir)
   return workdir, result
 
 
@@ -319,7 +296,7 @@ def test_eval_reads_the_data_from_another_folder(
   elsewhere, with the trainer's own test metrics."""
   # A private cache of built data sets, so the raw files are really read.
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
-  config = tiny_config(
+  config = helpers.tiny_config(
     num_train_steps=3,
     **{
       'data.name': 'multi_mnist',
@@ -412,7 +389,7 @@ def _parse(*args):
 
 def test_config_overrides_reach_the_model():
   config = _parse('--config.model.gate.k=4', '--config.model.gate.gamma=0.5')
-  model = factory.create_model(config)
+  model = helpers.create_model(config)
   assert model.gate_kwargs['k'] == 4 and model.gate_kwargs['gamma'] == 0.5
   shapes = jax.eval_shape(
     lambda: model.init(jax.random.key(0), np.zeros((1, 36, 36, 1)), train=False)
@@ -504,24 +481,24 @@ def test_invalid_config_values(field, value, match):
   for name in path:
     section = section[name]
   section[last] = value
-  with pytest.raises(factory.ConfigError, match=match):
-    factory.validate_config(config, jax.device_count())
+  with pytest.raises(config_schema.ConfigError, match=match):
+    helpers.validate(config, jax.device_count())
 
 
 @pytest.mark.parametrize(
   'field,value',
-  [('norm', 'kernel'), ('conv', 'toeplitz_kernel'), ('conv', 'kernel')],
+  [('norm', 'kernel'), ('conv', 'kernel')],
 )
 def test_the_cpu_kernels_are_refused_off_the_cpu(monkeypatch, field, value):
   config = multimnist.get_config()
   config.model[field] = value
   monkeypatch.setattr(factory.jax, 'default_backend', lambda: 'gpu')
   with pytest.raises(
-    factory.ConfigError,
+    config_schema.ConfigError,
     match=rf"config.model.{field}='{value}': the kernels are for the CPU, "
     rf'and JAX runs on gpu; set --config.model.{field}=auto',
   ):
-    factory.validate_config(config, 1)
+    helpers.validate(config, 1)
 
 
 def test_conv_choice_reaches_the_experts(cpu_kernels_built, monkeypatch):
@@ -531,26 +508,21 @@ def test_conv_choice_reaches_the_experts(cpu_kernels_built, monkeypatch):
   assert jax.default_backend() == 'cpu'
   with monkeypatch.context() as m:
     m.setattr(factory.calibrate, 'direct_conv_is_faster', lambda: True)
-    model = factory.create_model(config)
+    model = helpers.create_model(config)
   assert model.expert_kwargs['conv_module'] is cpu.DirectConv
   assert model.eval_block is cpu_kernels.conv_relu_pool
   config.model.conv = 'kernel'  # By name: whatever the measurement.
-  assert factory.create_model(config).eval_block is cpu_kernels.conv_relu_pool
-  config.model.conv = 'toeplitz_kernel'
-  model = factory.create_model(config)
-  conv = model.expert_kwargs['conv_module']
-  assert conv.func is cpu.ToeplitzConv and conv.keywords == {'rows': 'kernel'}
-  assert model.eval_block is cpu_kernels.conv_relu_pool
+  assert helpers.create_model(config).eval_block is cpu_kernels.conv_relu_pool
   config.model.conv = 'toeplitz'
-  assert factory.create_model(config).eval_block is None
-  kwargs = factory.create_model(config).expert_kwargs
+  assert helpers.create_model(config).eval_block is None
+  kwargs = helpers.create_model(config).expert_kwargs
   assert kwargs['conv_module'] is cpu.ToeplitzConv
   config.model.conv = 'xla'
-  assert factory.create_model(config).expert_kwargs['conv_module'] is None
+  assert helpers.create_model(config).expert_kwargs['conv_module'] is None
 
 
 def test_entropy_weight_schedule_by_hand():
-  config = tiny_config(
+  config = helpers.tiny_config(
     **{
       'loss.entropy_weight': 0.2,
       'loss.entropy_start_step': 10,
@@ -577,7 +549,7 @@ def test_entropy_weight_schedule_by_hand():
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
   tmp_path, monkeypatch, poisoned_step, steps, saved, kept
 ):
-  real = input_pipeline.train_batches
+  real = batching.train_batches
 
   def poisoned(*args, **kwargs):
     for i, batch in enumerate(real(*args, **kwargs)):
@@ -585,10 +557,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
         batch = dict(batch, image=batch['image'] * np.nan)
       yield batch
 
-  monkeypatch.setattr(input_pipeline, 'train_batches', poisoned)
+  monkeypatch.setattr(batching, 'train_batches', poisoned)
   workdir = str(tmp_path / 'w')
   with pytest.raises(trainer.TrainingError) as e:
-    trainer.train_and_evaluate(tiny_config(), workdir)
+    trainer.train_and_evaluate(helpers.tiny_config(), workdir)
   message = str(e.value)
   assert f'NaN or Inf between {steps}' in message
   assert f'stopped without saving ({saved})' in message
@@ -605,7 +577,7 @@ def test_second_process_on_a_workdir_is_refused(tmp_path):
       checkpointing.CheckpointError,
       match=f'another training process \\(pid {os.getpid()}',
     ):
-      trainer.train_and_evaluate(tiny_config(), workdir)
+      trainer.train_and_evaluate(helpers.tiny_config(), workdir)
   finally:
     held.release()
   assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
@@ -614,7 +586,7 @@ def test_second_process_on_a_workdir_is_refused(tmp_path):
 def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path, monkeypatch):
   import signal  # pylint: disable=g-import-not-at-top
 
-  real = input_pipeline.train_batches
+  real = batching.train_batches
 
   def batches(*args, **kwargs):
     for i, batch in enumerate(real(*args, **kwargs)):
@@ -624,13 +596,13 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path, monkeypatch):
 
   workdir = str(tmp_path / 'w')
   with monkeypatch.context() as m:
-    m.setattr(input_pipeline, 'train_batches', batches)
+    m.setattr(batching, 'train_batches', batches)
     with pytest.raises(trainer.Interrupted, match='SIGTERM at step 4'):
-      trainer.train_and_evaluate(tiny_config(), workdir)
+      trainer.train_and_evaluate(helpers.tiny_config(), workdir)
   assert checkpointing.Checkpoints(workdir, create=False).all_steps() == [3, 4]
   # The handler is gone again, and the run resumes from step 4 to the end.
   assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
-  trainer.train_and_evaluate(tiny_config(), workdir)
+  trainer.train_and_evaluate(helpers.tiny_config(), workdir)
   assert checkpointing.Checkpoints(workdir, create=False).latest_step() == 6
 
 
@@ -641,7 +613,9 @@ def _largest_file(folder):
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
   workdir = str(tmp_path / 'w')
-  trainer.train_and_evaluate(tiny_config(), workdir)  # Checkpoints 3 and 6.
+  trainer.train_and_evaluate(
+    helpers.tiny_config(), workdir
+  )  # Checkpoints 3 and 6.
   victim = _largest_file(os.path.join(workdir, 'checkpoints', '6'))
   with open(victim, 'r+b') as f:
     f.truncate(os.path.getsize(victim) // 2)
@@ -651,7 +625,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     match='periodic checkpoint 6 .* cannot be restored',
   ):
     evaluate.evaluate_workdir(workdir, step=6)
-  config = tiny_config(num_train_steps=9)
+  config = helpers.tiny_config(num_train_steps=9)
   with caplog.at_level('WARNING'):
     trainer.train_and_evaluate(config, workdir)
   assert 'periodic checkpoint 6' in caplog.text and 'damaged' in caplog.text
@@ -683,14 +657,14 @@ def test_checkpoint_of_another_config_is_a_clear_error(
   tmp_path, monkeypatch, overrides, names, fields
 ):
   workdir = str(tmp_path / 'w')
-  trainer.train_and_evaluate(tiny_config(), workdir)
+  trainer.train_and_evaluate(helpers.tiny_config(), workdir)
 
   def no_reads(*args, **kwargs):
     raise AssertionError('a checkpoint of another config was read')
 
   # The metadata alone refuses it: Orbax starts no array reads.
   monkeypatch.setattr(ocp.CheckpointManager, 'restore', no_reads)
-  other = tiny_config(**overrides)
+  other = helpers.tiny_config(**overrides)
   with pytest.raises(
     checkpointing.CheckpointError,
     match=r'periodic checkpoint 6 .* cannot be restored into '
@@ -701,8 +675,8 @@ def test_checkpoint_of_another_config_is_a_clear_error(
   assert re.search(
     r" The workdir's config.json differs in " + fields, str(e.value)
   ), str(e.value)
-  model = factory.create_model(other, bn_axis_name=steps.AXIS)
-  abstract = factory.abstract_state(
+  model = helpers.create_model(other, bn_axis_name=steps.AXIS)
+  abstract = helpers.abstract_state(
     other, model, factory.create_optimizer(other, 6)
   )
   ckpts = checkpointing.Checkpoints(workdir, create=False)
@@ -718,9 +692,9 @@ def test_checkpoint_of_another_config_is_a_clear_error(
 def model_and_state(config, **bit_logits):
   """The config's model and a replicated initial state whose gates (by name)
   have the given DSelect-k bit logits."""
-  model = factory.create_model(config, bn_axis_name=steps.AXIS)
+  model = helpers.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 10)
-  state = factory.initial_state(config, model, tx, jax.random.key(0))
+  state = helpers.initial_state(config, model, tx, jax.random.key(0))
   params = flax.core.unfreeze(state.params)
   for gate, logits in bit_logits.items():
     params[gate]['z_logits'] = np.array(logits, np.float32)
@@ -729,7 +703,7 @@ def model_and_state(config, **bit_logits):
 
 @pytest.mark.parametrize('shared_gate', [True, False])
 def test_sparse_eval_equals_dense_eval(shared_gate):
-  config = tiny_config(
+  config = helpers.tiny_config(
     **{
       'model.num_experts': 5,
       'model.gate.k': 2,
@@ -742,7 +716,7 @@ def test_sparse_eval_equals_dense_eval(shared_gate):
   if not shared_gate:
     logits['gate_1'] = [[-1, -1, 1], [-1, 1, -1]]
   model, state = model_and_state(config, **logits)
-  split = input_pipeline.load('multi_mnist_sample')['test']
+  split = helpers.sample('test')
   dense = evaluate.Evaluator(model, 4, sparse=False)
   sparse = evaluate.Evaluator(model, 4, sparse=True)
   assert dense.active(state) is None
@@ -756,7 +730,7 @@ def test_sparse_eval_equals_dense_eval(shared_gate):
 
 
 def test_sparse_train_step_matches_the_dense_step():
-  config = tiny_config(
+  config = helpers.tiny_config(
     **{
       'model.num_experts': 4,
       'model.gate.k': 1,
@@ -765,21 +739,21 @@ def test_sparse_train_step_matches_the_dense_step():
       'optimizer.learning_rate': 0.1,
     }
   )
-  model = factory.create_model(config, bn_axis_name=steps.AXIS)
+  model = helpers.create_model(config, bn_axis_name=steps.AXIS)
   tx = factory.create_optimizer(config, 10)
-  state = factory.initial_state(config, model, tx, jax.random.key(0))
+  state = helpers.initial_state(config, model, tx, jax.random.key(0))
   params = flax.core.unfreeze(state.params)
   params['gate_0']['z_logits'] = np.array([[1.0, -1.0]], np.float32)  # 2
   params['gate_1']['z_logits'] = np.array([[-1.0, 1.0]], np.float32)  # 1
   state = state.replace(params=params)
-  split = input_pipeline.load('multi_mnist_sample')['train']
-  batch = next(input_pipeline.train_batches(split, 16, 4, seed=0))
+  split = helpers.sample('train')
+  batch = next(batching.train_batches(split, 16, 4, seed=0))
   replicated = flax.jax_utils.replicate(state)
   sparse = steps.SparseTrainSteps(model, config)
   sparse_step = sparse(replicated, 0)
   assert sparse.active == (1, 2)
   dense = steps.SparseTrainSteps(
-    model, tiny_config(**{'model.num_experts': 4, 'model.gate.k': 1})
+    model, helpers.tiny_config(**{'model.num_experts': 4, 'model.gate.k': 1})
   )
   dense_step = dense(replicated, 0)
   assert dense.active is None
@@ -811,9 +785,9 @@ def test_sparse_train_needs_static_dselect_k_gates_and_no_weight_decay():
     ('model.gate.name', 'top_k'),
     ('model.gate.name', 'softmax'),
   ):
-    config = tiny_config(**{'model.sparse_train': True, field: value})
-    with pytest.raises(factory.ConfigError, match='model.sparse_train'):
-      factory.validate_config(config, 4)
+    config = helpers.tiny_config(**{'model.sparse_train': True, field: value})
+    with pytest.raises(config_schema.ConfigError, match='model.sparse_train'):
+      helpers.validate(config, 4)
 
 
 @pytest.mark.parametrize(
@@ -833,21 +807,21 @@ def test_every_shipped_config_is_valid(name, tmp_path):
 
   config = importlib.import_module(f'configs.{name}').get_config()
   assert config.is_locked  # A typo in an override fails, not adds a field.
-  schema = factory.flat_fields(default.get_config())
-  fields = factory.flat_fields(config)
+  schema = config_schema.flat_fields(default.get_config())
+  fields = config_schema.flat_fields(config)
   assert set(fields) == set(schema)
   for field, value in fields.items():
     expected = type(schema[field])
     assert isinstance(value, expected) or (
       expected is float and isinstance(value, int)
     ), (field, value)
-  factory.validate_config(config, 4)
+  helpers.validate(config, 4)
 
-  model = factory.create_model(config)
+  model = helpers.create_model(config)
   tx = factory.create_optimizer(config, 100)
-  params = factory.abstract_state(config, model, tx).params
+  params = helpers.abstract_state(config, model, tx).params
   moe = params.get('moe', params)  # The recommender nests it.
-  tasks = input_pipeline.describe(config.data.name).num_tasks
+  tasks = helpers.spec_of(config).num_tasks
   experts = config.model.num_experts
   gates = sorted(k for k in moe if k.startswith('gate'))
   assert len(gates) == (1 if config.model.shared_gate else tasks)
@@ -864,9 +838,9 @@ def test_every_shipped_config_is_valid(name, tmp_path):
 
   with open(tmp_path / 'config.json', 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
-  assert factory.flat_fields(evaluate.load_workdir_config(str(tmp_path))) == (
-    json.loads(json.dumps(fields))
-  )
+  assert config_schema.flat_fields(
+    evaluate.load_workdir_config(str(tmp_path))
+  ) == (json.loads(json.dumps(fields)))
 
 
 def test_peak_rss_is_the_kernels_high_water_mark():
@@ -929,7 +903,7 @@ def test_per_class_script_agrees_with_the_evaluator(sample_run):
     check=True,
   ).stdout.splitlines()
   assert out[0].startswith(f'{workdir}, checkpoint at step {step}, test split')
-  labels = evaluate.load_data(evaluate.load_workdir_config(workdir))['test']
+  labels = datasets.resolve(evaluate.load_workdir_config(workdir).data).test
   for t in (1, 2):
     head, per_class, share = out[3 * t - 2 : 3 * t + 1]
     assert head == f'task {t}: accuracy {expected[f"accuracy_{t}"]:.4f}'

@@ -1,5 +1,5 @@
-"""Hand-written CPU kernels: BatchNorm + ReLU + 2x2 max pooling in one, the
-input rows of the Toeplitz convolution, and direct convolutions.
+"""Hand-written CPU kernels: BatchNorm + ReLU + 2x2 max pooling in one, and
+direct convolutions.
 
 The expert's ``BatchNorm -> ReLU -> max_pool_2x2`` block, in training mode,
 forward and backward, as XLA FFI custom calls (csrc/bn_relu_pool.cc). XLA:CPU
@@ -10,10 +10,7 @@ benchmarks/train_speed.py). Same function as ``nn.BatchNorm``
 (training mode, ``use_fast_variance``), ``nn.relu`` and
 ``models.max_pool_2x2``, gradients included (the pooling's ties split as JAX
 splits them), up to float rounding; tests/test_cpu_kernels.py checks both
-against Flax. ``toeplitz_rows`` (csrc/toeplitz_rows.cc) builds the matrix
-of input rows that ``cpu.toeplitz_conv`` multiplies, and its gradient, in one
-pass each where XLA:CPU's slices, concatenations and pads make several.
-``conv2d`` (custom VJP) and ``conv_relu_pool`` (evaluation's whole block)
+against Flax. ``conv2d`` (custom VJP) and ``conv_relu_pool`` (evaluation's whole block)
 sum convolutions directly, in vector registers (csrc/direct_conv.cc).
 
 The C++ sources are compiled on first use with the system's C++ compiler
@@ -51,8 +48,7 @@ Array = jax.Array
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
 SOURCES = tuple(
-  os.path.join(CSRC, name)
-  for name in ('bn_relu_pool.cc', 'toeplitz_rows.cc', 'direct_conv.cc')
+  os.path.join(CSRC, name) for name in ('bn_relu_pool.cc', 'direct_conv.cc')
 )
 HEADERS = (os.path.join(CSRC, 'parallel_for.h'),)
 _PREFIX = 'Dselect'
@@ -61,9 +57,6 @@ _TARGETS = (
   'BnReluPoolForward',
   'BnReluPoolBackwardSums',
   'BnReluPoolBackwardDx',
-  'ToeplitzRows',
-  'ToeplitzRowsTranspose',
-  'ToeplitzRowsByColumn',
   'Conv',
   'ConvReluPool',
   'ConvWeightGrad',
@@ -342,75 +335,6 @@ def _backward(epsilon, axis_name, residuals, cotangents):
 
 
 bn_relu_pool.defvjp(_forward, _backward)
-
-
-def _rows_call(target: str, shape, x: Array, kh: int, kw: int, t: int):
-  return jax.ffi.ffi_call(
-    _PREFIX + target,
-    jax.ShapeDtypeStruct(shape, jnp.float32),
-    vmap_method='sequential',
-  )(x, kh=np.int64(kh), kw=np.int64(kw), t=np.int64(t))
-
-
-def _check_rows(x: Array, kh: int, kw: int, t: int):
-  """A clear error where x, the kernel and the segment do not fit."""
-  if (
-    x.ndim != 4
-    or x.dtype != jnp.float32
-    or min(kh, kw, t) < 1
-    or x.shape[1] < kh
-    or x.shape[2] < kw
-    or (x.shape[2] - kw + 1) % t
-  ):
-    raise ValueError(
-      'toeplitz_rows: x must be float32 (B, H, W, C) with H >= kh, W >= kw '
-      f'and (W - kw + 1) a multiple of t; got {x.dtype} {x.shape}, kh={kh}, '
-      f'kw={kw}, t={t}.'
-    )
-  load()
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def toeplitz_rows(x: Array, kh: int, kw: int, t: int) -> Array:
-  """The input rows of ``cpu.toeplitz_conv``, (B, Ho, N, kh U C).
-
-  ``rows[b, i, n, (dy, u, c)] = x[b, i + dy, n t + u, c]`` for x (B, H, W, C)
-  float32, a kh x kw kernel and segments of t output columns (U = t + kw - 1,
-  Ho = H - kh + 1, N = (W - kw + 1) / t, which must be whole). Its gradient
-  is ``toeplitz_rows_transpose``.
-  """
-  _check_rows(x, kh, kw, t)
-  b, h, w, c = x.shape
-  shape = (b, h - kh + 1, (w - kw + 1) // t, kh * (t + kw - 1) * c)
-  return _rows_call('ToeplitzRows', shape, x, kh, kw, t)
-
-
-def toeplitz_rows_transpose(drows: Array, kh: int, kw: int, t: int) -> Array:
-  """The transpose of ``toeplitz_rows``: (B, Ho, N, kh U C) -> (B, H, W, C),
-  each piece of a row added back where it came from."""
-  b, ho, n, k = drows.shape
-  u = t + kw - 1
-  x_shape = (b, ho + kh - 1, n * t + kw - 1, k // (kh * u))
-  return _rows_call('ToeplitzRowsTranspose', x_shape, drows, kh, kw, t)
-
-
-toeplitz_rows.defvjp(
-  lambda x, kh, kw, t: (toeplitz_rows(x, kh, kw, t), None),
-  lambda kh, kw, t, _, drows: (toeplitz_rows_transpose(drows, kh, kw, t),),
-)
-
-
-def toeplitz_columns(x: Array, kh: int, kw: int, t: int) -> Array:
-  """``toeplitz_rows(x, kh, kw, t)`` as a (kh U C, B Ho N) matrix, transposed.
-
-  The layout in which a Toeplitz convolution's weight gradient
-  ``rows^T @ dy`` is a plain matmul; built from x in one pass (no gradient:
-  ``cpu.toeplitz_conv`` calls it only in its backward).
-  """
-  _check_rows(x, kh, kw, t)
-  b, h, w, c = x.shape
-  shape = (kh * (t + kw - 1) * c, b * (h - kh + 1) * ((w - kw + 1) // t))
-  return _rows_call('ToeplitzRowsByColumn', shape, x, kh, kw, t)
 
 
 def _check_conv(who: str, x: Array, kernel: Array, bias: Array, pooled: bool):

@@ -1,4 +1,5 @@
-"""The CPU's fast paths: Toeplitz convolutions and BatchNorm-ReLU-pool kernels.
+"""The CPU's fast paths: Toeplitz convolutions, direct convolutions and
+BatchNorm-ReLU-pool blocks on the CPU kernels.
 
 Both compute what the XLA path of ``models.MultiMNISTExpert`` computes, with
 the same parameters, so a checkpoint trained with one runs with the other;
@@ -9,7 +10,6 @@ package.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -21,9 +21,6 @@ from dselect_jax.cpu import kernels
 from dselect_jax.models import max_pool_2x2
 
 Array = jax.Array
-
-
-ROWS_IMPLS = ('xla', 'kernel')
 
 
 def _segment(wo: int, tile: int) -> int:
@@ -48,7 +45,6 @@ def toeplitz_conv(
   x: Array,
   kernel: Array,
   tile: int = 4,
-  rows: str = 'xla',
   bias: Optional[Array] = None,
 ) -> Array:
   """A VALID, stride-1 2-D convolution computed as matmuls on image rows.
@@ -68,13 +64,6 @@ def toeplitz_conv(
   faster than its convolution, forward and backward (docs/performance.md,
   benchmarks/expert_formulations.py).
 
-  ``rows`` says who builds the matrix of input rows: ``'xla'`` (slices and
-  concatenations; the gradient by autodiff) or ``'kernel'`` (the CPU kernels
-  ``kernels.toeplitz_rows`` forward, and in the backward
-  ``kernels.toeplitz_columns`` for the weight gradient and
-  ``kernels.toeplitz_rows_transpose`` for the input's, so that no matrix is
-  transposed; same values up to float summation order).
-
   ``bias`` (F,), if given, is added to the matmul's (B, Ho, N, t F) output,
   tiled t times (ToeplitzConv's bias; the same as adding it afterwards).
 
@@ -88,14 +77,8 @@ def toeplitz_conv(
     raise ValueError(
       f'toeplitz_conv: input {h}x{w} is smaller than the kernel {kh}x{kw}.'
     )
-  if rows not in ROWS_IMPLS:
-    raise ValueError(
-      f'toeplitz_conv: rows must be one of {ROWS_IMPLS}, got {rows!r}.'
-    )
   t = _segment(wo, tile)
   bias = jnp.zeros((f,), x.dtype) if bias is None else bias.astype(x.dtype)
-  if rows == 'kernel':
-    return _kernel_toeplitz_conv(x, kernel.astype(x.dtype), bias, t)
   n, u = wo // t, t + kw - 1
   segments = jnp.stack(
     [x[:, :, j * t : j * t + u] for j in range(n)], axis=2
@@ -109,56 +92,17 @@ def toeplitz_conv(
   return y.reshape(b, ho, wo, f)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _kernel_toeplitz_conv(x: Array, kernel: Array, bias: Array, t: int):
-  """toeplitz_conv with rows='kernel' and segments of t columns."""
-  return _kernel_conv_forward(x, kernel, bias, t)[0]
-
-
-def _kernel_conv_forward(x, kernel, bias, t):
-  b, h, w, _ = x.shape
-  kh, kw, _, f = kernel.shape
-  matrix = kernels.toeplitz_rows(x, kh, kw, t)  # (B, Ho, N, kh U C)
-  y = matrix @ toeplitz_matrix(kernel, t) + jnp.tile(bias, t)  # (B, Ho, N, t F)
-  return y.reshape(b, h - kh + 1, w - kw + 1, f), (x, kernel)
-
-
-def _kernel_conv_backward(t, residuals, dy):  # dy: (B, Ho, Wo, F)
-  """The weight gradient is rows^T @ dy, its transposed rows gathered from
-  the input in one pass (toeplitz_columns; XLA shares it between the
-  experts' first convolutions, which all read the same image). Keeping the
-  second convolution's forward rows and letting XLA transpose them instead
-  trained 0.86x as fast (one alternating run, 5 rounds at batch 256; not
-  committed)."""
-  x, kernel = residuals
-  kh, kw, _, f = kernel.shape
-  toeplitz, toeplitz_vjp = jax.vjp(lambda k: toeplitz_matrix(k, t), kernel)
-  dy = dy.reshape(-1, t * f)  # (B Ho N, t F)
-  dtoeplitz = kernels.toeplitz_columns(x, kh, kw, t) @ dy  # (kh U C, t F)
-  b, h, w, _ = x.shape
-  drows = (dy @ toeplitz.T).reshape(b, h - kh + 1, (w - kw + 1) // t, -1)
-  dx = kernels.toeplitz_rows_transpose(drows, kh, kw, t)
-  dbias = dy.reshape(-1, f).sum(0)
-  return dx, toeplitz_vjp(dtoeplitz)[0], dbias
-
-
-_kernel_toeplitz_conv.defvjp(_kernel_conv_forward, _kernel_conv_backward)
-
-
 class ToeplitzConv(nn.Module):
   """``nn.Conv(features, kernel_size, padding='VALID')`` by ``toeplitz_conv``.
 
   Same parameters (``kernel`` (kh, kw, C, F), ``bias`` (F,), nn.Conv's
   initializers, so the same values from the same key) and outputs as nn.Conv.
-  ``rows``: who builds the input rows, as in ``toeplitz_conv`` ('kernel'
-  needs the CPU kernels).
   """
 
   features: int
   kernel_size: tuple[int, int] = (5, 5)
   tile: int = 4
   kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
-  rows: str = 'xla'
 
   def __post_init__(self):
     if self.features < 1 or min(self.kernel_size) < 1 or self.tile < 1:
@@ -167,17 +111,12 @@ class ToeplitzConv(nn.Module):
         f'>= 1, got features={self.features}, kernel_size='
         f'{self.kernel_size}, tile={self.tile}.'
       )
-    if self.rows not in ROWS_IMPLS:
-      raise ValueError(
-        f'ToeplitzConv: rows must be one of {ROWS_IMPLS}, got '
-        f'rows={self.rows!r}.'
-      )
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel, bias = _conv_params(self, x)
-    return toeplitz_conv(x, kernel, self.tile, self.rows, bias)
+    return toeplitz_conv(x, kernel, self.tile, bias)
 
 
 def _conv_params(conv: nn.Module, x: Array) -> tuple[Array, Array]:

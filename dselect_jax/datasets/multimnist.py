@@ -14,7 +14,7 @@ Recipes:
     100,000 train, 20,000 validation and 20,000 test composites.
   ``paretomtl``: Pareto MTL's MultiMNIST (Lin et al., NeurIPS 2019), the
     data of PaddleRec's DSelect-k result, as its files are (checked pixel by
-    pixel against PaddleRec's sample, tests/test_input_pipeline.py): the
+    pixel against PaddleRec's sample, tests/test_datasets.py): the
     top-left images in source order, each source image twice; the
     bottom-right partner a random image of the same source split, of
     another class when both come from one source; each image shifted by the
@@ -29,48 +29,37 @@ Recipes:
     base images (x2) held out for validation (stratified).
 
 Data sets: ``multi_mnist`` (digit, digit), ``multi_fashion`` (article,
-article), ``multi_fashion_mnist`` (digit top-left, article bottom-right);
-``multi_mnist_sample``, a small ``comet`` MultiMNIST shipped in the package;
-``paddlerec``, PaddleRec's own ``train.pickle``/``test.pickle``.
+article), ``multi_fashion_mnist`` (digit top-left, article bottom-right).
+The stored MultiMNIST sets (the shipped sample, PaddleRec's pickles) are in
+``stored``.
 
 Everything is a deterministic function of (data set, recipe, seed, source
 files): NumPy's PCG64 generator gives the same stream on every machine, so the
-arrays are byte-identical everywhere. Built arrays are cached as ``.npz``.
+arrays are byte-identical everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 import dataclasses
-import hashlib
-import json
-import os
-import tempfile
 from typing import Optional
-import zipfile
 
-from absl import logging
 import numpy as np
 
-from dselect_jax import movielens
-from dselect_jax import sources
-from dselect_jax.sources import DataError
+from dselect_jax.datasets import sources
+from dselect_jax.datasets.sources import DataError
+from dselect_jax.datasets.spec import DataSpec
 
 CANVAS = 36
 DIGIT = 28
 # Bump when a builder changes, so stale caches are rebuilt.
 BUILD_VERSION = 2
 
-DATASETS = {
-  # name: (top-left source, bottom-right source)
+SOURCES = {
+  # data set: (top-left source, bottom-right source)
   'multi_mnist': ('mnist', 'mnist'),
   'multi_fashion': ('fashion_mnist', 'fashion_mnist'),
   'multi_fashion_mnist': ('mnist', 'fashion_mnist'),
 }
-SPECIAL_DATASETS = ('multi_mnist_sample', 'paddlerec')
-# Not images: a recommender data set of its own module (movielens.py).
-FEATURE_DATASETS = ('movielens',)
-ALL_DATASETS = tuple(sorted(DATASETS)) + SPECIAL_DATASETS + FEATURE_DATASETS
 RECIPES = ('comet', 'paretomtl', 'paretomtl_axes')
 # Seeds each recipe's generator; fixed, so adding a recipe changes no data.
 _RECIPE_SEED = {'comet': 0, 'paretomtl_axes': 1, 'paretomtl': 2}
@@ -79,57 +68,18 @@ _RECIPE_SEED = {'comet': 0, 'paretomtl_axes': 1, 'paretomtl': 2}
 PARETOMTL_TOP_LEFT = (1, 4)
 PARETOMTL_BOTTOM_RIGHT = (5, 8)
 PARETOMTL_VALIDATION = 20000
-SAMPLE_FILE = os.path.join(
-  os.path.dirname(__file__), 'data', 'multi_mnist_sample.npz'
-)
 
 
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-  """What a model and its losses need to know of a data set.
-
-  ``task_names`` and ``task_kinds`` (``tasks.KINDS``) name each task and
-  decide its output, loss and metric. Image data sets give ``num_classes``
-  per task and ``image_shape`` (H, W, channels); feature data sets give
-  ``cardinalities`` ((name, number of ids) of each categorical feature) and
-  ``num_dense`` (the dense features per example).
-  """
-
-  task_names: tuple[str, ...]
-  task_kinds: tuple[str, ...]
-  num_classes: int = 1
-  image_shape: Optional[tuple[int, int, int]] = None
-  cardinalities: tuple[tuple[str, int], ...] = ()
-  num_dense: int = 0
-
-  @property
-  def num_tasks(self) -> int:
-    return len(self.task_kinds)
-
-  @property
-  def is_image(self) -> bool:
-    return self.image_shape is not None
-
-
-def describe(dataset: str) -> DataSpec:
-  """The spec of a data set: the MultiMNIST family (two 10-class tasks on a
-  36x36 grey canvas) or MovieLens (``movielens``: watch and rating)."""
-  if dataset == 'movielens':
-    return DataSpec(
-      task_names=tuple(name for name, _ in movielens.TASKS),
-      task_kinds=tuple(kind for _, kind in movielens.TASKS),
-      cardinalities=tuple(movielens.CATEGORICAL.items()),
-      num_dense=movielens.NUM_DENSE,
-    )
-  if dataset not in DATASETS and dataset not in SPECIAL_DATASETS:
-    raise DataError(
-      f'Unknown data set {dataset!r}; choose one of {ALL_DATASETS}.'
-    )
+def spec(fresh_train: bool = True) -> DataSpec:
+  """Every MultiMNIST set's spec: two 10-class classifications on a 36x36
+  grey canvas. ``fresh_train``: built from the raw files, so its train
+  composites can be re-drawn (False for the stored sets)."""
   return DataSpec(
     task_names=('top_left', 'bottom_right'),
     task_kinds=('classification', 'classification'),
     num_classes=10,
     image_shape=(CANVAS, CANVAS, 1),
+    fresh_train=fresh_train,
   )
 
 
@@ -330,7 +280,7 @@ def _take(split: Split, rows) -> Split:
 
 
 def _raw(dataset, data_dir, download):
-  tl_source, br_source = DATASETS[dataset]
+  tl_source, br_source = SOURCES[dataset]
   return {
     (s, split): sources.load_source(s, split, data_dir, download)
     for s in {tl_source, br_source}
@@ -340,7 +290,7 @@ def _raw(dataset, data_dir, download):
 
 def _generator(dataset, recipe, seed, *more) -> np.random.Generator:
   return np.random.default_rng(
-    [seed, _RECIPE_SEED[recipe], list(DATASETS).index(dataset), *more]
+    [seed, _RECIPE_SEED[recipe], list(SOURCES).index(dataset), *more]
   )
 
 
@@ -360,7 +310,7 @@ def build(
   ``comet`` always holds out 10,000 bases.
   """
   _check_name(dataset, recipe)
-  tl_source, br_source = DATASETS[dataset]
+  tl_source, br_source = SOURCES[dataset]
   same_source = tl_source == br_source
   raw = _raw(dataset, data_dir, download)
   rng = _generator(dataset, recipe, seed)
@@ -451,7 +401,7 @@ class FreshTrainSplits:
         'paddlerec) have no source images to re-pair.'
       )
     self.dataset, self.recipe, self.seed = dataset, recipe, seed
-    tl_source, br_source = DATASETS[dataset]
+    tl_source, br_source = SOURCES[dataset]
     self._same_source = tl_source == br_source
     raw = _raw(dataset, data_dir, download)
     index = train.provenance['top_left_index']
@@ -487,9 +437,9 @@ class FreshTrainSplits:
 
 
 def _check_name(dataset: str, recipe: str):
-  if dataset not in DATASETS:
+  if dataset not in SOURCES:
     raise DataError(
-      f'Unknown data set {dataset!r}; choose one of {ALL_DATASETS}.'
+      f'Unknown data set {dataset!r}; choose one of {list(SOURCES)}.'
     )
   if recipe not in RECIPES:
     raise DataError(
@@ -497,291 +447,6 @@ def _check_name(dataset: str, recipe: str):
     )
 
 
-# ---------------------------------------------------------------------------
-# Loading, with an on-disk cache of built arrays.
-# ---------------------------------------------------------------------------
-
-
-def _cache_key(dataset, recipe, seed, num_validation) -> str:
-  srcs = sorted(set(DATASETS[dataset]))
-  blob = json.dumps(
-    [
-      BUILD_VERSION,
-      dataset,
-      recipe,
-      seed,
-      num_validation,
-      [sources.CHECKSUMS[s] for s in srcs],
-    ],
-    sort_keys=True,
-  )
-  return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def save_npz(path: str, arrays: dict[str, np.ndarray], compress=False):
-  """Writes arrays to ``path`` atomically (a reader never sees half a file)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.npz.part')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      (np.savez_compressed if compress else np.savez)(f, **arrays)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def splits_to_arrays(splits: dict[str, Split]) -> dict[str, np.ndarray]:
-  """Flat ``{split}_images`` / ``{split}_labels`` / ``{split}_{provenance}``."""
-  arrays = {}
-  for name, split in splits.items():
-    arrays[f'{name}_images'] = split.images
-    arrays[f'{name}_labels'] = split.labels
-    for key, value in (split.provenance or {}).items():
-      arrays[f'{name}_{key}'] = value
-  return arrays
-
-
-def _arrays_to_splits(arrays, path) -> dict[str, Split]:
-  def split(name):
-    provenance = {
-      k: arrays[f'{name}_{k}']
-      for k in PROVENANCE_KEYS
-      if f'{name}_{k}' in arrays
-    }
-    return Split(
-      arrays[f'{name}_images'], arrays[f'{name}_labels'], provenance or None
-    )
-
-  try:
-    return {name: split(name) for name in ('train', 'validation', 'test')}
-  except (KeyError, ValueError, OSError) as e:
-    raise DataError(
-      f'{path}: damaged or incomplete ({e}); delete it and '
-      'run again to rebuild.'
-    ) from None
-
-
-def load_npz_splits(path: str) -> dict[str, Split]:
-  if not os.path.exists(path):
-    raise DataError(f'{path}: missing; reinstall dselect_jax or rebuild it.')
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      return _arrays_to_splits({k: f[k] for k in f.files}, path)
-  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-    raise DataError(
-      f'{path}: damaged ({e}); delete it and run again to rebuild.'
-    ) from None
-
-
-def load_paddlerec(
-  paddlerec_dir: Optional[str], seed: int = 0, num_validation: int = 10000
-) -> dict[str, Split]:
-  """PaddleRec's ``train.pickle``/``test.pickle``, validation carved from
-  train (stratified on the task-1 label)."""
-  if not paddlerec_dir:
-    raise DataError(
-      'data.name="paddlerec" needs data.paddlerec_dir, the '
-      "folder holding PaddleRec's train.pickle and "
-      'test.pickle.'
-    )
-  train_x, train_y = sources.read_paddlerec_pickle(
-    os.path.join(paddlerec_dir, 'train.pickle')
-  )
-  test_x, test_y = sources.read_paddlerec_pickle(
-    os.path.join(paddlerec_dir, 'test.pickle')
-  )
-  num_validation = min(num_validation, len(train_x) // 5)
-  keep, held = stratified_split(
-    train_y[:, 0], num_validation, np.random.default_rng(seed)
-  )
-  return {
-    'train': Split(train_x[keep], train_y[keep]),
-    'validation': Split(train_x[held], train_y[held]),
-    'test': Split(test_x, test_y),
-  }
-
-
-def load(
-  dataset: str,
-  recipe: str = 'comet',
-  seed: int = 0,
-  data_dir: Optional[str] = None,
-  cache_dir: Optional[str] = None,
-  download: bool = True,
-  num_validation: Optional[int] = None,
-  paddlerec_dir: Optional[str] = None,
-  negatives: int = 1,
-) -> dict[str, Split | movielens.Split]:
-  """The three splits of a data set, from the cache when it has them.
-
-  Args:
-    dataset: one of ALL_DATASETS.
-    recipe: 'comet' or 'paretomtl' (ignored by the special data sets and
-      movielens).
-    seed: the pairing/offset seed.
-    data_dir: where the raw files are (see ``sources``).
-    cache_dir: where built arrays are cached; default
-      ``~/.cache/dselect_jax/built``.
-    download: fetch missing raw files from the public mirrors.
-    num_validation: see ``build`` (None: the recipe's default).
-    paddlerec_dir: for 'paddlerec', the folder of its pickles.
-    negatives: for 'movielens', unrated movies drawn per rating.
-  """
-  if dataset == 'movielens':
-    return movielens.load(seed, negatives, data_dir, download)
-  if dataset == 'multi_mnist_sample':
-    return load_npz_splits(SAMPLE_FILE)
-  if dataset == 'paddlerec':
-    return load_paddlerec(paddlerec_dir, seed)
-  _check_name(dataset, recipe)
-  key = _cache_key(dataset, recipe, seed, num_validation)
-  cache_dir = cache_dir or os.path.join(sources.default_cache_dir(), 'built')
-  path = os.path.join(cache_dir, f'{dataset}-{recipe}-seed{seed}-{key}.npz')
-  if os.path.exists(path):
-    try:
-      return load_npz_splits(path)
-    except DataError as e:  # Rebuilt below, and written over.
-      logging.warning(
-        'cached data set %s',
-        str(e).replace('delete it and run again to rebuild', 'rebuilding it'),
-      )
-  splits = build(dataset, recipe, seed, data_dir, download, num_validation)
-  try:
-    save_npz(path, splits_to_arrays(splits))
-  except OSError:
-    pass  # A read-only cache only costs a rebuild next time.
-  return splits
-
-
-# ---------------------------------------------------------------------------
-# Batching.
-# ---------------------------------------------------------------------------
-
-
 def to_model_input(images: np.ndarray) -> np.ndarray:
   """uint8 (..., 36, 36) -> float32 (..., 36, 36, 1) in [0, 1]."""
   return (images.astype(np.float32) * (1 / 255))[..., None]
-
-
-def check_batch_size(global_batch: int, num_devices: int) -> int:
-  """The per-device batch; a clear error when the division is not exact."""
-  if global_batch < 1 or global_batch % num_devices:
-    raise ValueError(
-      f'batch_size={global_batch} must be a positive multiple of the '
-      f'{num_devices} devices; set --config.batch_size to a multiple '
-      f'of {num_devices}.'
-    )
-  return global_batch // num_devices
-
-
-def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  """The shuffle order of one epoch: a function of (seed, epoch) only."""
-  return np.random.default_rng([seed, epoch]).permutation(num_examples)
-
-
-def _local_rows(global_batch, num_devices, process_index, process_count):
-  """(per_device, this process's slice of a global batch)."""
-  per_device = check_batch_size(global_batch, num_devices * process_count)
-  local = per_device * num_devices
-  return per_device, slice(process_index * local, (process_index + 1) * local)
-
-
-def _map(fn, tree):
-  """``fn`` on every array of a batch (a dict, nested for categorical
-  features)."""
-  if isinstance(tree, dict):
-    return {k: _map(fn, v) for k, v in tree.items()}
-  return fn(tree)
-
-
-def _per_device(batch, num_devices: int, per_device: int):
-  """(N, ...) leaves -> (devices, per_device, ...)."""
-  return _map(lambda x: x.reshape(num_devices, per_device, *x.shape[1:]), batch)
-
-
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-  """Zero rows appended to reach ``size``."""
-  return np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x.dtype)])
-
-
-def train_batches(
-  split,
-  global_batch: int,
-  num_devices: int,
-  seed: int,
-  start_step: int = 0,
-  process_index: int = 0,
-  process_count: int = 1,
-  shuffle: bool = True,
-  epoch_split: Optional[Callable[[int], Split]] = None,
-) -> Iterator[dict]:
-  """Endless shuffled batches, from global step ``start_step`` on.
-
-  ``split``: any split with ``len`` and ``batch(rows)`` (a ``Split``, a
-  ``movielens.Split``). Step s reads batch ``s % steps_per_epoch`` of epoch
-  ``s // steps_per_epoch`` (a partial last batch is dropped), so a resumed
-  run sees exactly the batches an uninterrupted one would have. With
-  several processes, each yields its own slice of the same global batch for
-  its local devices. ``shuffle=False`` reads the split in stored order
-  every epoch (as PaddleRec does); ``epoch_split(e)``, when given, is epoch
-  e's split (of ``len(split)`` examples; ``FreshTrainSplits``).
-
-  Yields:
-    ``split.batch(rows)`` with every array shaped (devices, per_device,
-    ...); for images ``{'image': float32 (devices, per_device, 36, 36, 1),
-    'label': int32 (devices, per_device, 2)}``.
-  """
-  per_device, local = _local_rows(
-    global_batch, num_devices, process_index, process_count
-  )
-  steps_per_epoch = len(split) // global_batch
-  if steps_per_epoch == 0:
-    raise ValueError(
-      f'batch_size={global_batch} is larger than the '
-      f'{len(split)} training examples; lower it.'
-    )
-  step = start_step
-  while True:
-    epoch, index = divmod(step, steps_per_epoch)
-    if epoch_split is not None:
-      split = epoch_split(epoch)
-    order = (
-      epoch_permutation(len(split), seed, epoch)
-      if shuffle
-      else np.arange(len(split))
-    )
-    while index < steps_per_epoch:
-      # Sorted before slicing: device d of the global batch reads the same
-      # rows whatever the number of processes.
-      rows = np.sort(order[index * global_batch : (index + 1) * global_batch])
-      yield _per_device(split.batch(rows[local]), num_devices, per_device)
-      index += 1
-      step += 1
-
-
-def eval_batches(
-  split,
-  global_batch: int,
-  num_devices: int,
-  process_index: int = 0,
-  process_count: int = 1,
-) -> Iterator[dict]:
-  """Every example exactly once, in order; the last batch padded with zeros.
-
-  Yields the train batches' keys plus ``mask``: float32 (devices,
-  per_device), 1 for real examples and 0 for padding.
-  """
-  per_device, local = _local_rows(
-    global_batch, num_devices, process_index, process_count
-  )
-  for start in range(0, len(split), global_batch):
-    batch = split.batch(np.arange(start, min(start + global_batch, len(split))))
-    mask = np.zeros(global_batch, np.float32)
-    mask[: len(split) - start] = 1
-    if len(split) - start < global_batch:
-      batch = _map(lambda x: _pad(x, global_batch), batch)
-    batch = _map(lambda x: x[local], batch)
-    batch['mask'] = mask[local]
-    yield _per_device(batch, num_devices, per_device)

@@ -1,4 +1,4 @@
-"""Raw data files: MNIST and Fashion-MNIST IDX files, and PaddleRec pickles.
+"""Raw data files: MNIST and Fashion-MNIST IDX files.
 
 NumPy and the standard library only. Every file is checked against its
 published SHA-256 before use; every problem is a :class:`DataError` whose
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import os
-import pickle
 import sys
 import tempfile
 from typing import Optional
@@ -270,71 +268,3 @@ def load_source(
       '0..9; use the canonical file.'
     )
   return images, labels
-
-
-# ---------------------------------------------------------------------------
-# PaddleRec's MultiMNIST pickles.
-# ---------------------------------------------------------------------------
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-  """Admits the three NumPy names a pickled ndarray needs, nothing else.
-
-  A pickle can name any callable and have it called while loading; refusing
-  every other global means a malicious file runs nothing.
-  """
-
-  _core = getattr(np, '_core', None) or np.core
-  ALLOWED = {
-    ('numpy.core.multiarray', '_reconstruct'): _core.multiarray._reconstruct,
-    ('numpy._core.multiarray', '_reconstruct'): _core.multiarray._reconstruct,
-    ('numpy', 'ndarray'): np.ndarray,
-    ('numpy', 'dtype'): np.dtype,
-  }
-
-  def find_class(self, module, name):
-    try:
-      return self.ALLOWED[(module, name)]
-    except KeyError:
-      raise pickle.UnpicklingError(
-        f'refusing to load {module}.{name}: only NumPy arrays are allowed'
-      ) from None
-
-
-def read_paddlerec_pickle(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """Reads PaddleRec's ``(x uint8 (N, 36, 36), y int (N, 2))`` pickle safely."""
-  try:
-    with open(path, 'rb') as f:
-      data = f.read()
-  except OSError as e:
-    raise DataError(
-      f'{path}: cannot read ({e.strerror}); give the path of '
-      "PaddleRec's train.pickle/test.pickle."
-    ) from None
-  try:
-    obj = _NumpyOnlyUnpickler(io.BytesIO(data)).load()
-  except pickle.UnpicklingError as e:
-    raise DataError(
-      f'{path}: not a PaddleRec data pickle ({e}); nothing in it was run.'
-    ) from None
-  except Exception as e:  # Truncated or garbled pickles raise many types.
-    raise DataError(
-      f'{path}: unreadable pickle ({type(e).__name__}: {e}); '
-      'fetch the file again.'
-    ) from None
-  if (
-    not isinstance(obj, tuple)
-    or len(obj) != 2
-    or not all(isinstance(a, np.ndarray) for a in obj)
-  ):
-    raise DataError(
-      f'{path}: expected a pickled tuple (x, y) of arrays, got '
-      f'{type(obj).__name__}.'
-    )
-  x, y = obj
-  if x.ndim != 3 or x.shape[1:] != (36, 36) or y.shape != (len(x), 2):
-    raise DataError(
-      f'{path}: expected x (N, 36, 36) and y (N, 2), got '
-      f'{x.shape} and {y.shape}.'
-    )
-  return x.astype(np.uint8), y.astype(np.int32)

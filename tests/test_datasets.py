@@ -9,9 +9,12 @@ import shutil
 import numpy as np
 import pytest
 
-from dselect_jax import input_pipeline as ip
-from dselect_jax import sources
-from dselect_jax.sources import DataError
+from dselect_jax import datasets
+from dselect_jax.datasets import batching
+from dselect_jax.datasets import multimnist
+from dselect_jax.datasets import sources
+from dselect_jax.datasets import stored
+from dselect_jax.datasets.sources import DataError
 
 # From the data folder's README (published with the files).
 MNIST_TRAIN_COUNTS = [
@@ -47,7 +50,7 @@ def fashion(data_dir):
 
 @pytest.fixture(scope='module')
 def comet(data_dir):
-  return ip.build('multi_mnist', 'comet', 0, data_dir, download=False)
+  return multimnist.build('multi_mnist', 'comet', 0, data_dir, download=False)
 
 
 # ----------------------------------------------------------------------------
@@ -310,7 +313,7 @@ def test_comet_multi_mnist(comet, mnist):
 
 def test_paretomtl_axes_multi_mnist(data_dir, mnist):
   """The older guess at Pareto MTL's data, kept for ablations."""
-  splits = ip.build(
+  splits = multimnist.build(
     'multi_mnist', 'paretomtl_axes', 0, data_dir, download=False
   )
   assert {k: len(v) for k, v in splits.items()} == {
@@ -441,7 +444,7 @@ SAMPLE_C = [
 
 
 def test_paretomtl_compose_reproduces_paddlerecs_sample(data_dir, mnist):
-  x, y = sources.read_paddlerec_pickle(
+  x, y = stored.read_paddlerec_pickle(
     os.path.join(data_dir, 'paddlerec_sample', 'sample_data.pickle')
   )
   images, labels = mnist['train']
@@ -451,7 +454,7 @@ def test_paretomtl_compose_reproduces_paddlerecs_sample(data_dir, mnist):
   # The recipe's placements: diagonal, a in 1..4, c in 5..8.
   assert set(a) <= {1, 2, 3, 4} and set(c) <= {5, 6, 7, 8}
   partner = np.array(SAMPLE_PARTNER)
-  ours = ip.compose(
+  ours = multimnist.compose(
     images[:n], images[partner], np.stack([a, a], 1), np.stack([c, c], 1)
   ).astype(int)
   # Equal up to the files' float-to-uint8 truncation: a pixel is at most 1
@@ -464,7 +467,7 @@ def test_paretomtl_compose_reproduces_paddlerecs_sample(data_dir, mnist):
   np.testing.assert_array_equal(y[:, 1], labels[partner])
   assert np.all(y[:, 0] != y[:, 1])
   # Not a match by accident: one pixel off on one axis is far off.
-  shifted = ip.compose(
+  shifted = multimnist.compose(
     images[:n],
     images[partner],
     np.stack([a, a], 1),
@@ -474,7 +477,9 @@ def test_paretomtl_compose_reproduces_paddlerecs_sample(data_dir, mnist):
 
 
 def test_paretomtl_multi_mnist(data_dir, mnist):
-  splits = ip.build('multi_mnist', 'paretomtl', 0, data_dir, download=False)
+  splits = multimnist.build(
+    'multi_mnist', 'paretomtl', 0, data_dir, download=False
+  )
   assert {k: len(v) for k, v in splits.items()} == {
     'train': 100000,
     'validation': 20000,
@@ -504,7 +509,7 @@ def test_paretomtl_multi_mnist(data_dir, mnist):
     _check_composites(split, source, source, rng, n=200)
   # Partners from the whole source split, not only the train part.
   assert prov['train']['bottom_right_index'].max() >= 59000
-  whole = ip.build(
+  whole = multimnist.build(
     'multi_mnist', 'paretomtl', 0, data_dir, download=False, num_validation=0
   )
   assert {k: len(v) for k, v in whole.items()} == {
@@ -518,12 +523,14 @@ def test_paretomtl_multi_mnist(data_dir, mnist):
 
 
 def test_fresh_train_splits_repair_the_same_top_left_digits(data_dir, mnist):
-  splits = ip.build('multi_mnist', 'paretomtl', 0, data_dir, download=False)
-  fresh = ip.FreshTrainSplits(
+  splits = multimnist.build(
+    'multi_mnist', 'paretomtl', 0, data_dir, download=False
+  )
+  fresh = multimnist.FreshTrainSplits(
     'multi_mnist', 'paretomtl', 0, splits['train'], data_dir, download=False
   )
   e0, e1 = fresh(0), fresh(1)
-  again = ip.FreshTrainSplits(
+  again = multimnist.FreshTrainSplits(
     'multi_mnist', 'paretomtl', 0, splits['train'], data_dir, download=False
   )(1)
   np.testing.assert_array_equal(e1.images, again.images)  # (seed, epoch).
@@ -546,8 +553,8 @@ def test_fresh_train_splits_repair_the_same_top_left_digits(data_dir, mnist):
       > 0.99
     )
   # comet: partners from the train bases only, never the base itself.
-  comet = ip.build('multi_mnist', 'comet', 0, data_dir, download=False)
-  epoch = ip.FreshTrainSplits(
+  comet = multimnist.build('multi_mnist', 'comet', 0, data_dir, download=False)
+  epoch = multimnist.FreshTrainSplits(
     'multi_mnist', 'comet', 0, comet['train'], data_dir, download=False
   )(3)
   bases = set(comet['train'].provenance['top_left_index'].tolist())
@@ -559,7 +566,9 @@ def test_fresh_train_splits_repair_the_same_top_left_digits(data_dir, mnist):
 
 
 def test_multi_fashion_mnist(data_dir, mnist, fashion):
-  splits = ip.build('multi_fashion_mnist', 'comet', 3, data_dir, download=False)
+  splits = multimnist.build(
+    'multi_fashion_mnist', 'comet', 3, data_dir, download=False
+  )
   _check_composites(
     splits['test'], mnist['test'], fashion['test'], np.random.default_rng(2)
   )
@@ -569,8 +578,8 @@ def test_multi_fashion_mnist(data_dir, mnist, fashion):
 
 
 def test_same_seed_same_bytes_other_seed_other_data(comet, data_dir):
-  again = ip.build('multi_mnist', 'comet', 0, data_dir, download=False)
-  other = ip.build('multi_mnist', 'comet', 1, data_dir, download=False)
+  again = multimnist.build('multi_mnist', 'comet', 0, data_dir, download=False)
+  other = multimnist.build('multi_mnist', 'comet', 1, data_dir, download=False)
   for name in comet:
     assert comet[name].images.tobytes() == again[name].images.tobytes()
     np.testing.assert_array_equal(comet[name].labels, again[name].labels)
@@ -578,7 +587,7 @@ def test_same_seed_same_bytes_other_seed_other_data(comet, data_dir):
 
 
 def test_cache_loads_instead_of_rebuilding(data_dir, tmp_path, monkeypatch):
-  first = ip.load(
+  first = stored.load_built(
     'multi_fashion', 'comet', 0, data_dir, str(tmp_path), download=False
   )
   assert len(list(tmp_path.glob('multi_fashion-comet-seed0-*.npz'))) == 1
@@ -586,8 +595,8 @@ def test_cache_loads_instead_of_rebuilding(data_dir, tmp_path, monkeypatch):
   def no_build(*args, **kwargs):
     raise AssertionError('rebuilt although cached')
 
-  monkeypatch.setattr(ip, 'build', no_build)
-  second = ip.load(
+  monkeypatch.setattr(multimnist, 'build', no_build)
+  second = stored.load_built(
     'multi_fashion', 'comet', 0, data_dir, str(tmp_path), download=False
   )
   for name in first:
@@ -599,7 +608,7 @@ def test_cache_loads_instead_of_rebuilding(data_dir, tmp_path, monkeypatch):
 
 
 def test_shipped_sample_is_a_subset_of_the_full_set(comet):
-  sample = ip.load('multi_mnist_sample')
+  sample = stored.load_npz_splits(stored.SAMPLE_FILE)
   assert {k: len(v) for k, v in sample.items()} == {
     'train': 4000,
     'validation': 1000,
@@ -623,12 +632,12 @@ def test_shipped_sample_is_a_subset_of_the_full_set(comet):
 )
 def test_unknown_names(dataset, recipe, match):
   with pytest.raises(DataError, match=match):
-    ip.load(dataset, recipe)
+    multimnist.build(dataset, recipe)
 
 
 def test_stratified_split_by_hand():
   labels = np.array([0] * 6 + [1] * 3 + [2] * 3)
-  keep, held = ip.stratified_split(labels, 4, np.random.default_rng(0))
+  keep, held = multimnist.stratified_split(labels, 4, np.random.default_rng(0))
   # Shares 2, 1, 1: exact, no remainders.
   assert list(np.bincount(labels[held], minlength=3)) == [2, 1, 1]
   assert sorted(np.concatenate([keep, held])) == list(range(12))
@@ -641,7 +650,7 @@ def test_stratified_split_by_hand():
 
 def test_paddlerec_sample_pickle(data_dir):
   path = os.path.join(data_dir, 'paddlerec_sample', 'sample_data.pickle')
-  x, y = sources.read_paddlerec_pickle(path)
+  x, y = stored.read_paddlerec_pickle(path)
   assert x.shape == (32, 36, 36) and x.dtype == np.uint8
   assert y.shape == (32, 2) and y.dtype == np.int32
   # Independent check: the file's published checksum, then the stock
@@ -676,7 +685,7 @@ def test_malicious_pickle_runs_nothing(tmp_path):
   marker.unlink()
   # ...and ours refuses it without running it.
   with pytest.raises(DataError, match=r'refusing to load (io|builtins)\.open'):
-    sources.read_paddlerec_pickle(str(evil))
+    stored.read_paddlerec_pickle(str(evil))
   assert not marker.exists()
 
 
@@ -684,14 +693,83 @@ def test_paddlerec_dataset_carves_validation(tmp_path, data_dir):
   src = os.path.join(data_dir, 'paddlerec_sample', 'sample_data.pickle')
   shutil.copy(src, tmp_path / 'train.pickle')
   shutil.copy(src, tmp_path / 'test.pickle')
-  splits = ip.load('paddlerec', paddlerec_dir=str(tmp_path))
+  splits = stored.load_paddlerec(str(tmp_path))
   assert {k: len(v) for k, v in splits.items()} == {
     'train': 26,
     'validation': 6,
     'test': 32,
   }
   with pytest.raises(DataError, match='paddlerec_dir'):
-    ip.load('paddlerec')
+    stored.load_paddlerec(None)
+
+
+# ----------------------------------------------------------------------------
+# Resolving a config's data set: its spec at once, each split when asked.
+# ----------------------------------------------------------------------------
+
+
+def _data_fields(**fields):
+  from configs import default  # pylint: disable=g-import-not-at-top
+
+  data = default.get_config().data
+  for key, value in fields.items():
+    data[key] = value
+  return data
+
+
+def _write_pickles(folder, sizes):
+  rng = np.random.default_rng(0)
+  folder.mkdir()
+  arrays = {}
+  for name, n in sizes.items():
+    x = rng.integers(0, 256, (n, 36, 36), dtype=np.uint8)
+    y = rng.integers(0, 10, (n, 2))
+    (folder / f'{name}.pickle').write_bytes(pickle.dumps((x, y)))
+    arrays[name] = (x, y)
+  return arrays
+
+
+def test_resolve_reads_nothing_and_each_split_on_first_use(tmp_path):
+  folder = tmp_path / 'paddlerec'
+  dataset = datasets.resolve(
+    _data_fields(name='paddlerec', paddlerec_dir=str(folder))
+  )
+  # The folder does not exist yet: resolving read nothing.
+  assert dataset.spec.task_kinds == ('classification', 'classification')
+  assert dataset.spec.is_image and not dataset.spec.fresh_train
+  arrays = _write_pickles(folder, {'test': 50})
+  # The test split alone, from test.pickle alone.
+  np.testing.assert_array_equal(dataset.test.images, arrays['test'][0])
+  with pytest.raises(DataError, match=r'train\.pickle: cannot read'):
+    dataset.split('train')
+  with pytest.raises(DataError, match='stored as it is'):
+    dataset.fresh_train()
+  # Read once: the split is kept even when its file is gone.
+  os.remove(folder / 'test.pickle')
+  assert len(dataset.test) == 50
+
+
+def test_a_cached_set_reads_only_the_asked_split(tmp_path, monkeypatch):
+  """The cache holds the test arrays only: asking for the test split reads
+  them; asking for train finds the cache incomplete and rebuilds from the
+  raw files, which are missing here, and says so."""
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  monkeypatch.setenv(sources.ENV_DATA_DIR, str(tmp_path / 'raw'))
+  fields = _data_fields(name='multi_mnist', download=False)
+  path = stored.cache_path(None, 'multi_mnist', 'comet', 0, None)
+  test = stored.load_npz_splits(stored.SAMPLE_FILE, ('test',))
+  stored.save_npz(path, stored.splits_to_arrays(test))
+  dataset = datasets.resolve(fields)
+  np.testing.assert_array_equal(dataset.test.images, test['test'].images)
+  with pytest.raises(DataError, match='train-images-idx3-ubyte.gz'):
+    datasets.resolve(fields).split('train')
+
+
+def test_an_unknown_data_set_names_the_field():
+  with pytest.raises(
+    DataError, match=r"config.data.name='cifar10': choose one of \["
+  ):
+    datasets.resolve(_data_fields(name='cifar10'))
 
 
 # ----------------------------------------------------------------------------
@@ -702,7 +780,7 @@ def test_paddlerec_dataset_carves_validation(tmp_path, data_dir):
 def _toy_split(n):
   images = (np.arange(n)[:, None, None] * np.ones((1, 36, 36))).astype(np.uint8)
   labels = np.stack([np.arange(n), np.arange(n)], 1).astype(np.int32)
-  return ip.Split(images, labels)
+  return multimnist.Split(images, labels)
 
 
 def _ids(batch):
@@ -711,7 +789,7 @@ def _ids(batch):
 
 def test_train_batches_shapes_and_epochs():
   split = _toy_split(50)
-  it = ip.train_batches(split, 12, 4, seed=7)
+  it = batching.train_batches(split, 12, 4, seed=7)
   batch = next(it)
   assert batch['image'].shape == (4, 3, 36, 36, 1)
   assert batch['image'].dtype == np.float32 and batch['label'].shape == (
@@ -732,28 +810,28 @@ def test_train_batches_shapes_and_epochs():
 
 def test_shuffle_depends_on_seed_and_epoch_only():
   np.testing.assert_array_equal(
-    ip.epoch_permutation(100, 3, 5), ip.epoch_permutation(100, 3, 5)
+    batching.epoch_permutation(100, 3, 5), batching.epoch_permutation(100, 3, 5)
   )
   assert not np.array_equal(
-    ip.epoch_permutation(100, 3, 5), ip.epoch_permutation(100, 3, 6)
+    batching.epoch_permutation(100, 3, 5), batching.epoch_permutation(100, 3, 6)
   )
   assert not np.array_equal(
-    ip.epoch_permutation(100, 3, 5), ip.epoch_permutation(100, 4, 5)
+    batching.epoch_permutation(100, 3, 5), batching.epoch_permutation(100, 4, 5)
   )
 
 
 @pytest.mark.parametrize('start', [0, 1, 4, 7, 9])
 def test_resume_at_any_step_sees_the_same_batches(start):
   split = _toy_split(50)
-  full = ip.train_batches(split, 12, 2, seed=1)
+  full = batching.train_batches(split, 12, 2, seed=1)
   reference = [_ids(next(full)) for _ in range(12)]
-  resumed = ip.train_batches(split, 12, 2, seed=1, start_step=start)
+  resumed = batching.train_batches(split, 12, 2, seed=1, start_step=start)
   assert [_ids(next(resumed)) for _ in range(12 - start)] == reference[start:]
 
 
 def test_eval_batches_pad_and_mask_each_example_once():
   split = _toy_split(23)
-  batches = list(ip.eval_batches(split, 8, 2))
+  batches = list(batching.eval_batches(split, 8, 2))
   assert len(batches) == 3
   seen = []
   for b in batches:
@@ -767,16 +845,18 @@ def test_processes_split_each_global_batch():
   split = _toy_split(50)
   # 3 processes of 2 devices: device d reads the rows it would read as
   # device d of one process with all 6.
-  whole = ip.train_batches(split, 12, 6, seed=4)
+  whole = batching.train_batches(split, 12, 6, seed=4)
   parts = [
-    ip.train_batches(split, 12, 2, seed=4, process_index=p, process_count=3)
+    batching.train_batches(
+      split, 12, 2, seed=4, process_index=p, process_count=3
+    )
     for p in range(3)
   ]
   for _ in range(6):
     want = next(whole)['label'][..., 0].tolist()  # (devices, per_device)
     got = sum((next(part)['label'][..., 0].tolist() for part in parts), [])
     assert got == want
-  evals = [list(ip.eval_batches(split, 12, 2, p, 3)) for p in range(3)]
+  evals = [list(batching.eval_batches(split, 12, 2, p, 3)) for p in range(3)]
   seen = [
     i
     for batches in evals
@@ -789,16 +869,16 @@ def test_processes_split_each_global_batch():
 
 def test_batch_not_divisible_by_devices():
   with pytest.raises(ValueError, match='multiple of the 3 devices'):
-    next(ip.train_batches(_toy_split(50), 10, 3, seed=0))
+    next(batching.train_batches(_toy_split(50), 10, 3, seed=0))
   with pytest.raises(ValueError, match='larger than the 50'):
-    next(ip.train_batches(_toy_split(50), 64, 1, seed=0))
+    next(batching.train_batches(_toy_split(50), 64, 1, seed=0))
 
 
 def test_a_damaged_cache_file_is_reported_and_rebuilt(
   data_dir, tmp_path, monkeypatch
 ):
   cache = str(tmp_path / 'cache')
-  built = ip.load(
+  built = stored.load_built(
     'multi_mnist', 'comet', data_dir=data_dir, cache_dir=cache, download=False
   )
   [name] = os.listdir(cache)
@@ -809,9 +889,9 @@ def test_a_damaged_cache_file_is_reported_and_rebuilt(
     f.write(whole[: len(whole) // 3])
   warnings = []
   monkeypatch.setattr(
-    ip.logging, 'warning', lambda msg, *args: warnings.append(msg % args)
+    stored.logging, 'warning', lambda msg, *args: warnings.append(msg % args)
   )
-  again = ip.load(
+  again = stored.load_built(
     'multi_mnist', 'comet', data_dir=data_dir, cache_dir=cache, download=False
   )
   assert len(warnings) == 1 and path in warnings[0]
@@ -819,7 +899,7 @@ def test_a_damaged_cache_file_is_reported_and_rebuilt(
   np.testing.assert_array_equal(again['test'].images, built['test'].images)
   # Written over with the rebuilt arrays.
   np.testing.assert_array_equal(
-    ip.load_npz_splits(path)['test'].images, built['test'].images
+    stored.load_npz_splits(path)['test'].images, built['test'].images
   )
 
 
@@ -846,7 +926,7 @@ def test_show_data_dumps_the_first_train_composites(data_dir, mnist, tmp_path):
   assert labels.shape == (40, 2)
   # Stored order: the top-left digits are MNIST train 0..39.
   np.testing.assert_array_equal(labels[:, 0], mnist['train'][1][:40])
-  train = ip.build('multi_mnist', 'paretomtl', 0, data_dir, download=False)[
-    'train'
-  ]
+  train = multimnist.build(
+    'multi_mnist', 'paretomtl', 0, data_dir, download=False
+  )['train']
   np.testing.assert_array_equal(images, train.images[:40])

@@ -50,7 +50,8 @@ import zipfile
 
 import numpy as np
 
-from dselect_jax import sources
+from dselect_jax.datasets import sources
+from dselect_jax.datasets.spec import DataSpec
 
 URL = 'https://files.grouplens.org/datasets/movielens/ml-100k.zip'
 ZIP_MD5 = '0e33842e24a9c977be4e0107933c0723'  # GroupLens's ml-100k.zip.md5.
@@ -106,6 +107,17 @@ CATEGORICAL = {
 TASKS = (('watch', 'binary'), ('rating', 'regression'))
 NUM_DENSE = NUM_GENRES + 2
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+def spec() -> DataSpec:
+  """The watch (binary) and rating (regression) tasks on the categorical
+  features and the dense ones."""
+  return DataSpec(
+    task_names=tuple(name for name, _ in TASKS),
+    task_kinds=tuple(kind for _, kind in TASKS),
+    cardinalities=tuple(CATEGORICAL.items()),
+    num_dense=NUM_DENSE,
+  )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,81 @@
+"""Helpers shared by the test modules (fixtures are in conftest.py).
+
+The factory's builders with the config's data set resolved here, the tiny
+config most trainer tests run, and a digest of a folder's files.
+"""
+
+import hashlib
+import os
+
+from configs import multimnist_sample
+from dselect_jax import config_schema
+from dselect_jax import datasets
+from dselect_jax import factory
+
+
+def tiny_config(num_train_steps=6, **overrides):
+  """The sample config shrunk to 2 experts, batch 32 and a few steps."""
+  config = multimnist_sample.get_config()
+  config.model.num_experts = 2
+  config.model.gate.k = 1
+  config.batch_size = 32
+  config.eval_batch_size = 200
+  config.num_train_steps = num_train_steps
+  config.log_every_steps = 3
+  config.eval_every_steps = 3
+  config.checkpoint_every_steps = 3
+  return set_fields(config, overrides)
+
+
+def set_fields(config, fields):
+  """``config`` with {'model.gate.k': 2, ...} set (type-checked by the
+  locked ConfigDict)."""
+  for key, value in fields.items():
+    section = config
+    *path, last = key.split('.')
+    for name in path:
+      section = section[name]
+    section[last] = value
+  return config
+
+
+def spec_of(config) -> datasets.DataSpec:
+  return datasets.resolve(config.data).spec
+
+
+def validate(config, num_devices: int):
+  """What train.py checks before reading any data."""
+  config_schema.check_fields(config)
+  config_schema.validate(config, num_devices, spec_of(config))
+
+
+def create_model(config, bn_axis_name=None):
+  return factory.create_model(config, spec_of(config), bn_axis_name)
+
+
+def initial_state(config, model, tx, rng):
+  return factory.initial_state(model, tx, rng, spec_of(config))
+
+
+def abstract_state(config, model, tx):
+  return factory.abstract_state(model, tx, spec_of(config))
+
+
+def tree_digest(folder):
+  """SHA-256 of every file but the lock (which holds the last owner's pid)."""
+  digest = {}
+  for d, _, files in os.walk(folder):
+    for name in files:
+      if name == '.lock':
+        continue
+      path = os.path.join(d, name)
+      with open(path, 'rb') as f:
+        digest[os.path.relpath(path, folder)] = hashlib.sha256(
+          f.read()
+        ).hexdigest()
+  return digest
+
+
+def sample(split: str):
+  """A split of the MultiMNIST sample shipped in the package."""
+  return datasets.resolve(multimnist_sample.get_config().data).split(split)
