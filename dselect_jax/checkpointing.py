@@ -22,6 +22,7 @@ import contextlib
 import errno
 import fcntl
 import logging as py_logging
+import math
 import os
 import shutil
 import tempfile
@@ -34,8 +35,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 BEST_METRIC = 'selection_score'
-# What runs saved with their best checkpoints before selection_score.
-_OLD_BEST_METRIC = 'accuracy_mean'
 
 
 class CheckpointError(Exception):
@@ -101,37 +100,40 @@ class Checkpoints:
     # Orbax writes each checkpoint to a *.orbax-checkpoint-tmp folder and
     # renames it when complete; a training process (create=True) removes the
     # half-written folders a killed run left behind.
-    # The handler is named so that item_metadata can read the tree's
-    # metadata before anything was saved or restored in this process.
+    # The handlers are registered up front so that the tree's metadata can
+    # be read before anything was saved or restored in this process.
     # Multi-host, the processes meet at barriers named after the step: the
     # two managers, which may save the same step at once, name theirs apart.
+    policies = ocp.checkpoint_managers
     self._latest = ocp.CheckpointManager(
       os.path.join(self.workdir, 'checkpoints'),
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
+        preservation_policy=policies.LatestN(max_to_keep),
         create=create,
         cleanup_tmp_directories=create,
         multiprocessing_options=ocp.options.MultiprocessingOptions(
           barrier_sync_key_prefix='latest'
         ),
       ),
-      item_handlers=ocp.StandardCheckpointHandler(),
+      handler_registry=_registry(),
     )
+    # best_fn beside BestN: best_step() ranks the saved steps with it. A
+    # best checkpoint saved without the score (by an older version, under
+    # another name) ranks below every scored one instead of failing.
+    best_fn = lambda metrics: metrics.get(BEST_METRIC, -math.inf)  # noqa: E731
     self._best = ocp.CheckpointManager(
       os.path.join(self.workdir, 'best'),
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=1,
+        preservation_policy=policies.BestN(get_metric_fn=best_fn, n=1),
+        best_fn=best_fn,
+        best_mode='max',
         create=create,
         cleanup_tmp_directories=create,
-        best_fn=lambda metrics: metrics.get(
-          BEST_METRIC, metrics.get(_OLD_BEST_METRIC)
-        ),
-        best_mode='max',
         multiprocessing_options=ocp.options.MultiprocessingOptions(
           barrier_sync_key_prefix='best'
         ),
       ),
-      item_handlers=ocp.StandardCheckpointHandler(),
+      handler_registry=_registry(),
     )
 
   def latest_step(self) -> Optional[int]:
@@ -509,6 +511,15 @@ def _restore_target(abstract_state: Any) -> Any:
   )
 
 
+def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  """The state as one item, saved and restored by Orbax's standard handler
+  (the layout Orbax calls its default item)."""
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+    registry.add('default', args, ocp.StandardCheckpointHandler)
+  return registry
+
+
 def _to_local(state: Any) -> Any:
   """Multi-host, this process's copy of each replicated array (numpy)."""
   if jax.process_count() == 1:
@@ -521,7 +532,7 @@ def _mismatch(manager, step: int, abstract_state: Any) -> Optional[str]:
   shapes, dtypes), or None when they match or the metadata cannot be read
   (a damaged checkpoint: the restore itself then says what is wrong)."""
   try:
-    stored = manager.item_metadata(step).tree
+    stored = manager.metadata(step).item_metadata.tree
   except Exception:  # pylint: disable=broad-except
     return None
   have = ocp.tree.to_flat_dict(stored, sep='/')

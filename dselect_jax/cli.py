@@ -15,9 +15,9 @@ _KEEP_FREED_MEMORY = flags.DEFINE_bool(
   True,
   "Keep freed host memory in the process for reuse (glibc's malloc: one "
   'arena, no per-block mappings, no trimming), so that each jitted step '
-  'reuses the pages of the last instead of faulting in new ones (about '
-  '1.2x faster training steps on a 2-core CPU, docs/performance.md); the '
-  'process keeps its peak memory until it exits. No effect without glibc.',
+  'reuses the pages of the last instead of faulting in new ones '
+  '(docs/performance.md says what it buys); the process keeps its peak '
+  'memory until it exits. No effect without glibc.',
 )
 
 

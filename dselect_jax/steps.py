@@ -222,10 +222,10 @@ def parallel(fn, in_axes=0, donate_argnums=()):
 
   ``jax.pmap`` over the local devices; on a single device (all hosts
   together), ``jax.jit(jax.vmap(...))`` over the same leading axis of size 1
-  instead: the same function, but the collectives, trivial there, vanish,
-  while XLA:CPU runs them as ops under pmap, at about 1/6 of the training
-  step (benchmarks/data_parallel.py, results/data_parallel.txt). The one
-  place to change for ``jax.shard_map`` over a ('batch',) mesh.
+  instead: the same function, but the collectives, trivial there, vanish
+  (XLA:CPU runs them as ops under pmap; benchmarks/data_parallel.py measures
+  what that costs). The one place to change for ``jax.shard_map`` over a
+  ('batch',) mesh.
   """
   if jax.device_count() > 1:
     return jax.pmap(

@@ -1,7 +1,6 @@
-"""Prints what results/headline/NOTES.md reports of a run, from its workdir.
+"""Prints the summary of a run that its notes report, from its workdir.
 
-  python scripts/run_summary.py results/headline/runs/multimnist_seed0 \
-      [--after=28080]
+  python scripts/run_summary.py WORKDIR [--after=28080]
 
 Reads the workdir's metrics.jsonl through metric_writers.read_metrics (so the
 records a resumed run wrote twice count once) and prints: the best

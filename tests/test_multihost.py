@@ -123,11 +123,7 @@ def test_two_processes_train_like_one(tmp_path):
     states.append(jax.device_get(ckpts.restore(abstract)))
   assert int(states[1].step) == 6
   arrays = lambda s: (s.params, s.batch_stats, s.opt_state)
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-    arrays(states[0]),
-    arrays(states[1]),
-  )
+  helpers.assert_states_close(arrays(states[0]), arrays(states[1]), 1e-5)
   # The parameters did move: the comparison above is not of two inits.
   first_kernel = lambda s: jax.tree.leaves(s.params)[0]
   init = helpers.initial_state(config, model, tx, jax.random.key(config.seed))

@@ -295,22 +295,22 @@ def test_a_new_run_sets_another_runs_best_checkpoint_aside(foreign, tmp_path):
   assert checkpointing.Checkpoints(workdir, create=False).best_step() in (1, 2)
 
 
-def test_a_best_checkpoint_saved_under_the_old_metric_name_still_competes(
+def test_a_best_checkpoint_without_a_score_ranks_below_scored_ones(
   tmp_path, monkeypatch
 ):
   state, _ = _state(_base())
-  # A run from before selection_score: its best checkpoint's metric is
-  # stored as accuracy_mean.
+  # A best checkpoint whose metric has another name (as an older version
+  # saved it) is still found, and any scored checkpoint replaces it.
   monkeypatch.setattr(checkpointing, 'BEST_METRIC', 'accuracy_mean')
   old = checkpointing.Checkpoints(str(tmp_path))
   old.save_best(1, state, 0.8)
   old.close()
   monkeypatch.undo()
   ckpts = checkpointing.Checkpoints(str(tmp_path))
-  ckpts.save_best(2, state, 0.7)  # Worse than 0.8: step 1 stays the best.
   assert ckpts.best_step() == 1
-  ckpts.save_best(3, state, 0.9)
-  assert ckpts.best_step() == 3
+  ckpts.save_best(2, state, 0.1)
+  assert ckpts.best_step() == 2
+  assert os.listdir(os.path.join(str(tmp_path), 'best')) == ['2']
   ckpts.close()
 
 

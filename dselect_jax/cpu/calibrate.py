@@ -1,16 +1,13 @@
 """Whether the direct convolution kernels are the fast choice on this CPU.
 
 The direct kernels (csrc/direct_conv.cc) keep a block of 2 rows x 16
-columns x up to 10 channels of sums in 16-float vectors. On the machine
-they were tuned on they beat the Toeplitz matmuls (1.22x in training,
-docs/performance.md); on a 2-core AMD EPYC with AVX2, whose 16 vector
-registers of 8 floats cannot hold those 20 accumulators, the same code ran
-11x slower than the Toeplitz form in training and its evaluation kernel 20x
-slower than XLA's fused evaluation (results/benchmarks/avx2_kernels.md).
-Which CPU a user has is not known in advance, so ``direct_conv_is_faster``
-times both on the experts' convolutions, once per machine, and
-``factory.conv_impl`` lets 'auto' pick the direct kernels only where they
-won.
+columns x up to 10 channels of sums in 16-float vectors: 20 accumulators
+that fit the 32 vector registers of an AVX-512 CPU, and not the 16 of an
+AVX2 one, where the sums spill to memory and the Toeplitz matmuls win
+(docs/performance.md has the measurements). Which CPU a user has is not
+known in advance, so ``direct_conv_is_faster`` times both on the experts'
+convolutions, once per machine, and ``factory.conv_impl`` lets 'auto' pick
+the direct kernels only where they won.
 
 The answer is stored beside the compiled kernels (its name carries their
 key, which covers the sources, the compiler and this CPU), as JSON with

@@ -6,16 +6,15 @@ buffers (hundreds of MB for the MultiMNIST experts' training step at batch
 mapped fresh from the kernel and handed back when freed, or trimmed off the
 heap, so the next step touches new pages again: 84,000 page faults per step.
 ``keep_freed_memory`` tells glibc's malloc to serve every block from one
-heap and never hand freed memory back, so the step reuses the same pages:
-no page fault per step, and the step ran 1.22x faster
-(``results/benchmarks/keep_freed_memory.md``, docs/performance.md). The
-cost is that the process keeps its peak memory until it exits.
+heap and never hand freed memory back, so the step reuses the same pages
+and faults in none (docs/performance.md says what it buys). The cost is
+that the process keeps its peak memory until it exits.
 
 It changes the allocator of the whole process, so the library never calls it
 on import: ``train.py``, ``eval.py`` and ``experiments/grid.py`` call it
 (``cli.setup_host_memory``) under their ``--keep_freed_memory`` flag (on by
 default) before JAX starts its threads: threads that already allocated keep
-their own arenas, and applied that late it measured no faster. The same as
+their own arenas, which the setting no longer reaches. The same as
 starting Python with ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
 MALLOC_TRIM_THRESHOLD_=<large>``.
 """
