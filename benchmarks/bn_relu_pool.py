@@ -7,7 +7,7 @@ the running-average update), forward and backward (d sum(y * dy) / d x,
 scale, bias), jitted, warm, best of --repeats, at the expert's two sizes:
 (B, 32, 32, 10) after the first convolution and (B, 12, 12, 20) after the
 second. The baseline, run in the same process, is what the expert computes
-with ``norm='xla'``: nn.BatchNorm, nn.relu and models.max_pool_2x2; the
+with ``norm='xla'``: nn.BatchNorm, nn.relu and blocks.max_pool_2x2; the
 other row is cpu.BatchNormReLUPool (``norm='kernel'``,
 dselect_jax/cpu/kernels.py).
 """
@@ -22,15 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dselect_jax import blocks
 from dselect_jax import cpu
-from dselect_jax import models
 
 _BATCHES = flags.DEFINE_list('batches', ['128', '256', '512'], 'Batch sizes.')
 _REPEATS = flags.DEFINE_integer('repeats', 30, 'Timed calls; best is kept.')
 
 
 class Block(nn.Module):
-  """The expert's block either way (models.MultiMNISTExpert's two norms)."""
+  """The expert's block either way (experts.MultiMNISTExpert's two norms)."""
 
   norm: str
 
@@ -38,7 +38,7 @@ class Block(nn.Module):
   def __call__(self, x):
     if self.norm == 'kernel':
       return cpu.BatchNormReLUPool(use_running_average=False)(x)
-    return models.max_pool_2x2(
+    return blocks.max_pool_2x2(
       nn.relu(
         nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)(x)
       )

@@ -17,7 +17,7 @@ of each output from the loop's:
 - ``shared xla, toeplitz``: the shared first convolution as XLA's.
 - ``grouped``: the shared XLA first convolution, then all second
   convolutions as one grouped XLA convolution.
-- ``fused``: ``models.multimnist_experts_eval`` with XLA's convolutions:
+- ``fused``: ``experts.MultiMNISTExpert.evaluate_bank`` with XLA's convolutions:
   shared first convolution, then XLA's convolution per expert.
 - ``fused, kernels``: the same with each block by
   ``cpu.kernels.conv_relu_pool`` (what ``model.fused_eval`` runs on CPU).
@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import multimnist
+from dselect_jax import blocks
 from dselect_jax import datasets
+from dselect_jax import experts
 from dselect_jax import factory
-from dselect_jax import models
 from dselect_jax.cpu import kernels
 from dselect_jax.cpu import layers
 from dselect_jax.cpu import memory
@@ -75,7 +76,7 @@ def _head(p, e, z):
 
 
 def _block(z, kernel, bias, conv):
-  return models.max_pool_2x2(jax.nn.relu(conv(z, kernel) + bias))
+  return blocks.max_pool_2x2(jax.nn.relu(conv(z, kernel) + bias))
 
 
 def variant(num_experts, first, second):
@@ -129,7 +130,7 @@ def main(argv):
   params = state.params['experts']
   x = jnp.asarray(rng.random((_BATCH.value, 36, 36, 1)), jnp.float32)
   num_experts = config.model.num_experts
-  loop = models.ExpertBank(num_experts, model.expert, model.expert_kwargs)
+  loop = experts.ExpertBank(num_experts, model.expert, model.expert_kwargs)
   contenders = {
     'loop': lambda p, s, x: loop.apply(
       {'params': p, 'batch_stats': s}, x, train=False
@@ -138,10 +139,10 @@ def main(argv):
     'shared toeplitz': variant(num_experts, 'shared_toeplitz', 'toeplitz'),
     'shared xla, toeplitz': variant(num_experts, 'shared_xla', 'toeplitz'),
     'grouped': variant(num_experts, 'shared_xla', 'grouped'),
-    'fused': lambda p, s, x: models.multimnist_experts_eval(
+    'fused': lambda p, s, x: experts.MultiMNISTExpert.evaluate_bank(
       {'params': p, 'batch_stats': s}, x, tuple(range(num_experts))
     ),
-    'fused, kernels': lambda p, s, x: models.multimnist_experts_eval(
+    'fused, kernels': lambda p, s, x: experts.MultiMNISTExpert.evaluate_bank(
       {'params': p, 'batch_stats': s},
       x,
       tuple(range(num_experts)),

@@ -27,10 +27,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dselect_jax import blocks
 from dselect_jax import config_schema
 from dselect_jax import cpu
 from dselect_jax import factory
-from dselect_jax import models
 
 _BATCH = flags.DEFINE_integer('batch', 256, 'Images per step.')
 _EXPERTS = flags.DEFINE_integer('experts', 8, 'Experts.')
@@ -56,7 +56,7 @@ class _AblatedExpert(nn.Module):
     for features in (10, 20):
       x = cpu.ToeplitzConv(features, (5, 5))(x)
       if self.relu_and_pool:
-        x = models.max_pool_2x2(nn.relu(x))
+        x = blocks.max_pool_2x2(nn.relu(x))
       else:
         x = x[:, ::2, ::2]  # The pooled shape, without the pooling.
     x = x.reshape(x.shape[0], -1)  # (B, 720)
@@ -133,7 +133,7 @@ def main(argv):
     (
       f'loop, {conv} conv',
       functools.partial(
-        models.ExpertBank, expert_kwargs=factory.expert_modules(conv, 'xla')
+        experts.ExpertBank, expert_kwargs=factory.expert_modules(conv, 'xla')
       ),
     )
     for conv in config_schema.CONV_IMPLS
@@ -142,7 +142,7 @@ def main(argv):
     (
       'loop, toeplitz, kernel BN',
       functools.partial(
-        models.ExpertBank,
+        experts.ExpertBank,
         expert_kwargs=factory.expert_modules('toeplitz', 'kernel'),
       ),
     )
@@ -151,12 +151,12 @@ def main(argv):
     variants += [
       (
         'ablation: no BatchNorm',
-        functools.partial(models.ExpertBank, expert=_AblatedExpert),
+        functools.partial(experts.ExpertBank, expert=_AblatedExpert),
       ),
       (
         'ablation: convs+dense',
         functools.partial(
-          models.ExpertBank,
+          experts.ExpertBank,
           expert=_AblatedExpert,
           expert_kwargs={'relu_and_pool': False},
         ),

@@ -7,7 +7,7 @@ from torch import nn
 
 
 def multimnist_expert() -> nn.Module:
-  """models.MultiMNISTExpert in PyTorch (NCHW): (B, 1, 36, 36) -> (B, 50)."""
+  """experts.MultiMNISTExpert in PyTorch (NCHW): (B, 1, 36, 36) -> (B, 50)."""
   return nn.Sequential(
     nn.Conv2d(1, 10, 5),
     nn.BatchNorm2d(10),

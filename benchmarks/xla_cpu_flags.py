@@ -62,11 +62,11 @@ def child(batch, repeats, conv):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
+  from dselect_jax import experts
   from dselect_jax import factory  # pylint: disable=g-import-not-at-top
-  from dselect_jax import models  # pylint: disable=g-import-not-at-top
 
   n = jax.local_device_count()
-  bank = models.ExpertBank(
+  bank = experts.ExpertBank(
     8,
     expert_kwargs={
       'bn_axis_name': 'batch',

@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   # other.
   config.model.conv = 'auto'
   # How the experts compute each BatchNorm-ReLU-pool block: 'xla'
-  # (nn.BatchNorm, nn.relu, models.max_pool_2x2), 'kernel' (hand-written CPU
+  # (nn.BatchNorm, nn.relu, blocks.max_pool_2x2), 'kernel' (hand-written CPU
   # kernels, cpu.BatchNormReLUPool; faster on CPU, built on first use
   # with the system's C++ compiler), or 'auto' (kernel on CPU if it builds,
   # else xla). Same parameters either way, as for conv.
@@ -67,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   # experts/expert_<e>/...) or 'vmap' (one nn.vmap over the experts,
   # variables stacked on a leading expert axis; XLA's ops only, so conv and
   # norm 'auto' resolve to xla; meant for GPUs, not yet run on one). The same
-  # function: models.stack_expert_variables converts the loop's variables.
+  # function: experts.stack_expert_variables converts the loop's variables.
   config.model.expert_bank = 'loop'
   # Evaluate only the experts some static gate still weighs (same logits as
   # computing all of them; faster once the gates have converged).

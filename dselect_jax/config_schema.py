@@ -15,8 +15,9 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
+from dselect_jax import blocks
 from dselect_jax import datasets
-from dselect_jax import models
+from dselect_jax import experts
 from dselect_jax.cpu import kernels as cpu_kernels
 from dselect_jax.datasets import multimnist
 from dselect_jax.datasets.spec import DataSpec
@@ -138,13 +139,13 @@ FIELDS = {
   'model.num_experts': _int(2, example=3),
   'model.shared_gate': BOOL,
   'model.conv': OneOf(('auto',) + CONV_IMPLS),
-  'model.expert_bank': OneOf(tuple(models.EXPERT_BANKS)),
+  'model.expert_bank': OneOf(tuple(experts.EXPERT_BANKS)),
   'model.norm': OneOf(('auto',) + NORM_IMPLS),
   'model.sparse_eval': BOOL,
   'model.sparse_train': BOOL,
   'model.fused_eval': BOOL,
   'model.routing_input': OneOf(('input', 'experts')),
-  'model.init_scheme': OneOf(models.INITS),
+  'model.init_scheme': OneOf(blocks.INITS),
   'model.embed_dim': _int(1, example=4),
   'model.expert_hidden': _int(1, example=16),
   'model.expert_features': _int(1, example=8),

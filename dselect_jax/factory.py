@@ -21,6 +21,7 @@ import optax
 
 from dselect_jax import config_schema
 from dselect_jax import cpu
+from dselect_jax import experts
 from dselect_jax import gates
 from dselect_jax import models
 from dselect_jax.cpu import calibrate
@@ -97,6 +98,12 @@ def create_model(
     **expert_modules(conv, norm_impl(config)),
     'init_scheme': init,
   }
+  bank_kwargs = {}
+  if not config_schema.vmapped(config):  # The loop's evaluation options.
+    bank_kwargs = {
+      'fused_eval': config.model.get('fused_eval', True),
+      'eval_block': cpu_kernels.conv_relu_pool if conv == 'kernel' else None,
+    }
   return models.MultiTaskMoE(
     num_tasks=spec.num_tasks,
     num_experts=config.model.num_experts,
@@ -106,10 +113,8 @@ def create_model(
     routing_input=config.model.routing_input,
     num_classes=spec.num_classes,
     expert_kwargs=flax.core.FrozenDict(expert_kwargs),
-    expert_bank=config.model.get('expert_bank', 'loop'),
-    fused_eval=config.model.get('fused_eval', True)
-    and not config_schema.vmapped(config),
-    eval_block=cpu_kernels.conv_relu_pool if conv == 'kernel' else None,
+    bank=experts.EXPERT_BANKS[config.model.get('expert_bank', 'loop')],
+    bank_kwargs=flax.core.FrozenDict(bank_kwargs),
     tower_kwargs=flax.core.FrozenDict({'init_scheme': init}),
     bn_axis_name=bn_axis_name,
   )

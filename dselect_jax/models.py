@@ -1,16 +1,17 @@
 """Multi-task mixture of experts: shared experts, a gate per task, towers.
 
+The experts and the banks that run them are in ``experts.py``.
+
 Shape legend (as in gates.py):
   B: batch   T: tasks   E: experts   G: gates (T, or 1 when shared)
   H: expert output features   C: classes   D: routing-input features
 
-The MultiMNIST expert and tower are the networks of PaddleRec's DSelect-k
-model (the reference recipe), with BatchNorm after each convolution.
+The MultiMNIST tower is the head of PaddleRec's DSelect-k model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 import functools
 from typing import Any, Callable, Optional
 
@@ -20,225 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dselect_jax import experts as experts_lib
 from dselect_jax import gates as gates_lib
+from dselect_jax.blocks import check_batch
+from dselect_jax.blocks import check_init
+from dselect_jax.blocks import truncated_normal_fan_in
 
 Array = jax.Array
 ModuleFactory = Callable[..., nn.Module]
-
-
-def check_batch(x: Array, who: str):
-  """A clear error for what is not a non-empty batch (B, ...)."""
-  shape = jnp.shape(x)
-  if len(shape) < 2:
-    raise ValueError(
-      f'{who}: inputs must have a batch axis and features, (B, ...); got '
-      f'shape {shape}.'
-    )
-  if shape[0] == 0:
-    raise ValueError(
-      f'{who}: the batch is empty (shape {shape}); pass at least one example.'
-    )
-
-
-def check_images(x: Array, who: str):
-  """A clear error for what is not a non-empty (B, H, W, C) image batch."""
-  shape = jnp.shape(x)
-  if len(shape) != 4:
-    hint = ' (add the channel axis: x[..., None])' if len(shape) == 3 else ''
-    raise ValueError(
-      f'{who}: images must have shape (B, H, W, C); got shape {shape}{hint}.'
-    )
-  check_batch(x, who)
-
-
-def max_pool_2x2(x: Array) -> Array:
-  """2x2 max pooling, stride 2, of (B, H, W, C) with even H and W.
-
-  Equal to ``nn.max_pool(x, (2, 2), strides=(2, 2))`` (tested); written as a
-  reshape and a max because XLA:CPU differentiates it faster than
-  ``nn.max_pool``'s reduce_window (the expert bank's forward+backward went
-  from 334 to 444 images/s in one session's run of
-  benchmarks/expert_formulations.py; not committed as a result file).
-  """
-  b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
-INITS = ('flax', 'paddlerec')
-
-
-def truncated_normal_fan_in(key, shape, dtype=jnp.float32) -> Array:
-  """PaddleRec's dense kernels: normal with std 1 / sqrt(fan_in), cut at 2
-  standard deviations and not rescaled (so the std is about 0.88 of it)."""
-  return jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype) / np.sqrt(
-    shape[0]
-  ).astype(dtype)
-
-
-# PaddleRec's convolution kernels: XavierNormal, std sqrt(2 / (fan_in +
-# fan_out)) with the receptive field in both fans; untruncated.
-xavier_normal = nn.initializers.variance_scaling(1.0, 'fan_avg', 'normal')
-
-
-def _check_init(module: nn.Module):
-  if module.init_scheme not in INITS:
-    raise ValueError(
-      f'{type(module).__name__}: init_scheme must be one of '
-      f'{INITS}, got init_scheme={module.init_scheme!r}.'
-    )
-
-
-class MultiMNISTExpert(nn.Module):
-  """conv5x5(10)-BN-ReLU-pool2-conv5x5(20)-BN-ReLU-pool2-Dense(50)-ReLU-Dense(50)-ReLU.
-
-  Valid convolutions on a (36, 36, 1) image: 36 -> 32 -> 16 -> 12 -> 6, so the
-  first Dense sees 6 * 6 * 20 = 720 features. About 2.0 MFLOP per image.
-
-  Attributes:
-    features: output width H.
-    bn_axis_name: pmap axis over which BatchNorm averages its batch statistics,
-      so that a data-parallel step equals one step on the whole batch.
-    conv_module: the convolution, called as ``conv_module(features,
-      kernel_size, kernel_init=..., name=...)`` with VALID padding; None is
-      ``nn.Conv`` (XLA's convolution). ``dselect_jax.cpu.ToeplitzConv`` (row
-      matmuls, faster on XLA:CPU) computes the same function with the same
-      parameters, so a checkpoint trained with one runs with the other.
-    block_module: each BatchNorm-ReLU-pool block, called as
-      ``block_module(use_running_average=..., momentum=..., epsilon=...,
-      axis_name=..., name=...)``; None is ``nn.BatchNorm``, ``nn.relu`` and
-      ``max_pool_2x2``. ``dselect_jax.cpu.BatchNormReLUPool`` (C++ kernels)
-      holds the same variables.
-    init_scheme: ``'flax'`` (Flax's LeCun-normal kernels) or
-      ``'paddlerec'`` (PaddleRec's: ``xavier_normal`` convolutions,
-      ``truncated_normal_fan_in`` dense layers); zero biases either way.
-  """
-
-  features: int = 50
-  bn_axis_name: Optional[str] = None
-  conv_module: Optional[ModuleFactory] = None
-  block_module: Optional[ModuleFactory] = None
-  init_scheme: str = 'flax'
-  MIN_SIZE = 16  # 16 -> 12 -> 6 -> 2 -> 1.
-
-  def __post_init__(self):
-    _check_init(self)
-    super().__post_init__()
-
-  @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Array:
-    check_images(x, 'MultiMNISTExpert')
-    if not all(n >= self.MIN_SIZE and n % 4 == 0 for n in x.shape[1:3]):
-      raise ValueError(
-        f'MultiMNISTExpert: images of {x.shape[1]}x{x.shape[2]} pixels do '
-        f'not fit: two valid 5x5 convolutions, each followed by 2x2 '
-        f'pooling, need H and W at least {self.MIN_SIZE} and multiples of '
-        '4 (the MultiMNIST canvas is 36x36).'
-      )
-    bn = dict(
-      use_running_average=not train,
-      momentum=0.9,
-      epsilon=1e-5,
-      axis_name=self.bn_axis_name,
-    )
-    if self.block_module is None:
-      block = lambda x, name: max_pool_2x2(
-        nn.relu(nn.BatchNorm(**bn, name=name)(x))
-      )
-    else:
-      block = lambda x, name: self.block_module(**bn, name=name)(x)
-    paddlerec = self.init_scheme == 'paddlerec'
-    conv_init = xavier_normal if paddlerec else nn.initializers.lecun_normal()
-    dense = functools.partial(
-      nn.Dense,
-      kernel_init=(
-        truncated_normal_fan_in if paddlerec else nn.initializers.lecun_normal()
-      ),
-    )
-    if self.conv_module is None:
-      conv = lambda f, name: nn.Conv(
-        f, (5, 5), padding='VALID', kernel_init=conv_init, name=name
-      )
-    else:
-      conv = lambda f, name: self.conv_module(
-        f, (5, 5), kernel_init=conv_init, name=name
-      )
-    x = conv(10, 'Conv_0')(x)  # (B, 32, 32, 10)
-    x = block(x, 'BatchNorm_0')  # (B, 16, 16, 10)
-    x = conv(20, 'Conv_1')(x)  # (B, 12, 12, 20)
-    x = block(x, 'BatchNorm_1')  # (B, 6, 6, 20)
-    x = x.reshape(x.shape[0], -1)  # (B, 720)
-    x = nn.relu(dense(50, name='Dense_0')(x))
-    return nn.relu(dense(self.features, name='Dense_1')(x))  # (B, H)
-
-
-def _conv_valid(x: Array, kernel: Array) -> Array:
-  """nn.Conv's VALID, stride-1 convolution (NHWC, HWIO), without bias."""
-  return jax.lax.conv_general_dilated(
-    x, kernel, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
-  )
-
-
-def multimnist_experts_eval(
-  variables: Mapping[str, Any],
-  x: Array,
-  experts: Sequence[int],
-  epsilon: float = 1e-5,
-  conv_relu_pool: Optional[Callable[[Array, Array, Array], Array]] = None,
-) -> Array:
-  """MultiMNISTExperts ``experts`` in evaluation mode, as one computation.
-
-  ``variables``: an ExpertBank's (``params`` and ``batch_stats`` of
-  ``expert_<e>``); ``x`` (B, H, W, 1) -> (E', B, H_out). The function of
-  each expert with running averages, arranged for speed:
-  - each BatchNorm, an affine map in evaluation, is folded into the
-    convolution before it: kernel * s, (bias - mean) * s + beta with
-    s = scale / sqrt(var + epsilon);
-  - the experts' first convolutions all read the same image, so they run
-    as one convolution with E' * F0 output channels, then ReLU and pooling
-    on all of them at once;
-  - the rest (second convolution, pooling, the dense layers) per expert.
-  ``conv_relu_pool``: None (XLA's convolutions), or a function computing
-  ``max_pool_2x2(relu(conv(x, kernel) + bias))`` per group, (B, H, W, G Cg),
-  (G, kh, kw, Cg, Fg), (G, Fg) -> (B, H', W', G Fg), which then runs both
-  blocks, the second for all experts at once (``cpu.kernels.
-  conv_relu_pool``). Equal to the loop up to float rounding (the folding
-  reorders it; tested), and faster on the CPU (docs/performance.md).
-  """
-  params, stats = variables['params'], variables['batch_stats']
-
-  def folded(e, i):
-    conv = params[f'expert_{e}'][f'Conv_{i}']
-    bn = params[f'expert_{e}'][f'BatchNorm_{i}']
-    st = stats[f'expert_{e}'][f'BatchNorm_{i}']
-    mul = jax.lax.rsqrt(st['var'] + epsilon) * bn['scale']
-    return conv['kernel'] * mul, (conv['bias'] - st['mean']) * mul + bn['bias']
-
-  first = [folded(e, 0) for e in experts]
-  kernel = jnp.concatenate([k for k, _ in first], axis=-1)  # (5, 5, 1, E' F0)
-  bias = jnp.concatenate([b for _, b in first])  # (E' F0,)
-  width = first[0][0].shape[-1]  # F0
-  second = [folded(e, 1) for e in experts]
-  if conv_relu_pool is None:
-    y = max_pool_2x2(nn.relu(_conv_valid(x, kernel) + bias))
-    pooled = []  # E' x (B, 6, 6, F1)
-    for i, (k, b) in enumerate(second):
-      z = y[..., i * width : (i + 1) * width]  # (B, 16, 16, F0)
-      pooled.append(max_pool_2x2(nn.relu(_conv_valid(z, k) + b)))
-  else:
-    y = conv_relu_pool(x, kernel[None], bias[None])  # (B, 16, 16, E' F0)
-    z = conv_relu_pool(
-      y, jnp.stack([k for k, _ in second]), jnp.stack([b for _, b in second])
-    )  # (B, 6, 6, E' F1)
-    out = second[0][0].shape[-1]  # F1
-    pooled = [z[..., i * out : (i + 1) * out] for i in range(len(experts))]
-  outputs = []
-  for e, z in zip(experts, pooled):
-    z = z.reshape(z.shape[0], -1)  # (B, 720)
-    for layer in ('Dense_0', 'Dense_1'):
-      dense = params[f'expert_{e}'][layer]
-      z = nn.relu(z @ dense['kernel'] + dense['bias'])
-    outputs.append(z)  # (B, H_out)
-  return jnp.stack(outputs)  # (E', B, H_out)
 
 
 class MLPTower(nn.Module):
@@ -253,7 +43,7 @@ class MLPTower(nn.Module):
   init_scheme: str = 'flax'  # Or 'paddlerec': truncated_normal_fan_in kernels.
 
   def __post_init__(self):
-    _check_init(self)
+    check_init(self)
     super().__post_init__()
 
   @nn.compact
@@ -270,118 +60,6 @@ class MLPTower(nn.Module):
     for i, width in enumerate(self.hidden):
       x = nn.relu(dense(width, name=f'Dense_{i}')(x))
     return dense(self.num_classes, name=f'Dense_{len(self.hidden)}')(x)
-
-
-class ExpertBank(nn.Module):
-  """All E experts on a shared input, stacked: ``(B, ...) -> (E, B, H)``.
-
-  The one place where the experts are computed: E ``expert`` modules, one
-  after another (any expert module), or only the ``active`` ones. With
-  ``fused_eval`` (MultiMNISTExperts only), evaluation computes the same
-  function from the same variables as one computation instead
-  (``multimnist_experts_eval``, its blocks by ``eval_block``: None for XLA's
-  convolutions, or ``cpu.kernels.conv_relu_pool``); training and
-  initialization are the loop.
-  """
-
-  num_experts: int
-  expert: ModuleFactory = MultiMNISTExpert
-  expert_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
-  active: Optional[tuple[int, ...]] = None
-  fused_eval: bool = False
-  eval_block: Optional[Callable[[Array, Array, Array], Array]] = None
-
-  def __post_init__(self):
-    if self.fused_eval and self.expert is not MultiMNISTExpert:
-      raise ValueError(
-        f'{type(self).__name__}: fused_eval computes MultiMNISTExperts only, '
-        f'not {getattr(self.expert, "__name__", self.expert)}; set '
-        'fused_eval=False.'
-      )
-    super().__post_init__()
-
-  @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Array:
-    active = range(self.num_experts) if self.active is None else self.active
-    if self.fused_eval and not train and not self.is_initializing():
-      check_images(x, type(self).__name__)
-      return multimnist_experts_eval(
-        self.variables, x, tuple(active), conv_relu_pool=self.eval_block
-      )
-    outputs = [
-      self.expert(**self.expert_kwargs, name=f'expert_{e}')(x, train=train)
-      for e in active
-    ]
-    return jnp.stack(outputs)  # (E, B, H), or (len(active), B, H)
-
-
-class _OneExpert(nn.Module):
-  """One expert with ``train`` fixed: what VmappedExpertBank maps."""
-
-  expert: ModuleFactory
-  expert_kwargs: Mapping[str, Any]
-  train: bool
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    return self.expert(**self.expert_kwargs, name='expert')(x, train=self.train)
-
-
-class VmappedExpertBank(ExpertBank):
-  """ExpertBank's function as one ``nn.vmap`` over the experts:
-  ``(B, ...) -> (E, B, H)``.
-
-  Every variable gets a leading expert axis instead of one subtree per
-  expert: ``experts/expert/expert/Conv_0/kernel`` has shape
-  ``(E, 5, 5, 1, 10)`` (``stack_expert_variables`` converts the loop's).
-  XLA sees the E experts as one batched computation, which is what a GPU
-  wants; the CPU paths (``cpu.ToeplitzConv``, the FFI kernels) are not
-  vmapped. ``active`` keeps
-  only those experts' outputs, computing all of them. Checked on the CPU
-  against ExpertBank; not yet run on a GPU. Its attributes are ExpertBank's.
-  """
-
-  def __post_init__(self):
-    if self.fused_eval:
-      raise ValueError(
-        'VmappedExpertBank: fused_eval is for the loop (ExpertBank); set '
-        'fused_eval=False.'
-      )
-    super().__post_init__()
-
-  @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Array:
-    bank = nn.vmap(
-      _OneExpert,
-      variable_axes={'params': 0, 'batch_stats': 0},
-      split_rngs={'params': True},
-      in_axes=None,
-      out_axes=0,
-      axis_size=self.num_experts,
-    )
-    out = bank(self.expert, self.expert_kwargs, train, name='expert')(x)
-    if self.active is not None:
-      out = out[jnp.asarray(self.active)]
-    return out  # (E, B, H), or (len(active), B, H)
-
-
-EXPERT_BANKS = {'loop': ExpertBank, 'vmap': VmappedExpertBank}
-
-
-def stack_expert_variables(variables, num_experts: int):
-  """A MultiTaskMoE's variables with ExpertBank's experts (``experts/
-  expert_<e>/...``) -> the same with VmappedExpertBank's (``experts/expert/
-  expert/...``, each leaf stacked over e). Other entries are kept."""
-
-  def convert(tree):
-    if not isinstance(tree, Mapping) or 'experts' not in tree:
-      return tree
-    bank = tree['experts']
-    per_expert = [bank[f'expert_{e}'] for e in range(num_experts)]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_expert)
-    return {**tree, 'experts': {'expert': {'expert': stacked}}}
-
-  return {name: convert(tree) for name, tree in variables.items()}
 
 
 class MultiTaskMoE(nn.Module):
@@ -402,17 +80,14 @@ class MultiTaskMoE(nn.Module):
       flattened model input, or ``'experts'``, the mean of the expert outputs.
     num_classes: C, classes per task.
     expert, expert_kwargs: the expert module factory and its arguments.
+    bank, bank_kwargs: what runs the experts (``experts.ExpertBank``, one
+      module per expert, or ``experts.VmappedExpertBank``) and its own
+      arguments (the loop's ``fused_eval`` and ``eval_block``).
     tower, tower_kwargs: the tower module factory and its arguments (it gets
       ``num_classes`` too).
     active_experts: compute only these experts (sorted indices), as when
       every static gate gives the others weight exactly 0: the output is the
       dense one, for a fraction of the cost. None computes all.
-    expert_bank: ``'loop'`` (ExpertBank: one module per expert) or
-      ``'vmap'`` (VmappedExpertBank: the same function, stacked variables).
-    fused_eval: the loop's MultiMNISTExperts evaluated as one computation
-      (``multimnist_experts_eval``): the same function, faster.
-    eval_block: with ``fused_eval``, what computes each convolution-ReLU-pool
-      block: None (XLA's ops) or ``cpu.kernels.conv_relu_pool`` (CPU only).
     bn_axis_name: passed to the expert when it takes ``bn_axis_name``.
 
   Returns ``(logits, aux)`` with logits ``(T, B, C)`` and aux holding
@@ -427,22 +102,16 @@ class MultiTaskMoE(nn.Module):
   shared_gate: bool = False
   routing_input: str = 'input'
   num_classes: int = 10
-  expert: ModuleFactory = MultiMNISTExpert
+  expert: ModuleFactory = experts_lib.MultiMNISTExpert
   expert_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
+  bank: ModuleFactory = experts_lib.ExpertBank
+  bank_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
   tower: ModuleFactory = MLPTower
   tower_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
   active_experts: Optional[tuple[int, ...]] = None
   bn_axis_name: Optional[str] = None
-  expert_bank: str = 'loop'
-  fused_eval: bool = False
-  eval_block: Optional[Callable[[Array, Array, Array], Array]] = None
 
   def __post_init__(self):
-    if self.expert_bank not in EXPERT_BANKS:
-      raise ValueError(
-        f'MultiTaskMoE: expert_bank must be one of {sorted(EXPERT_BANKS)}, '
-        f'got {self.expert_bank!r}.'
-      )
     if self.active_experts is not None and self.per_example:
       raise ValueError(
         'MultiTaskMoE: active_experts needs static gates; a '
@@ -478,13 +147,12 @@ class MultiTaskMoE(nn.Module):
     expert_kwargs = dict(self.expert_kwargs)
     if self.bn_axis_name is not None:
       expert_kwargs.setdefault('bn_axis_name', self.bn_axis_name)
-    experts = EXPERT_BANKS[self.expert_bank](
+    experts = self.bank(
       self.num_experts,
       self.expert,
       flax.core.FrozenDict(expert_kwargs),
       active=self.active_experts,
-      fused_eval=self.fused_eval,
-      eval_block=self.eval_block,
+      **self.bank_kwargs,
       name='experts',
     )(x, train=train)  # (E', B, H)
 
@@ -526,26 +194,6 @@ class MultiTaskMoE(nn.Module):
       'gate': jax.tree.map(lambda *xs: jnp.stack(xs), *gate_aux),  # (G, ...)
     }
     return jnp.stack(logits), aux  # (T, B, C)
-
-
-class MLPExpert(nn.Module):
-  """Dense-ReLU layers, ``(B, F) -> (B, H)``: an expert on feature vectors.
-
-  Attributes:
-    hidden: widths of the layers before the last.
-    features: H, the output width.
-  """
-
-  hidden: tuple[int, ...] = (64,)
-  features: int = 32
-
-  @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Array:
-    del train  # No dropout or BatchNorm.
-    check_batch(x, 'MLPExpert')
-    for i, width in enumerate(self.hidden):
-      x = nn.relu(nn.Dense(width, name=f'Dense_{i}')(x))
-    return nn.relu(nn.Dense(self.features, name=f'Dense_{len(self.hidden)}')(x))
 
 
 class FeatureEmbedding(nn.Module):
@@ -632,7 +280,7 @@ class RecommenderMoE(nn.Module):
       shared_gate=self.shared_gate,
       routing_input='input',
       num_classes=1,
-      expert=MLPExpert,
+      expert=experts_lib.MLPExpert,
       expert_kwargs=self.expert_kwargs,
       tower_kwargs=flax.core.FrozenDict({'hidden': self.tower_hidden}),
       active_experts=self.active_experts,

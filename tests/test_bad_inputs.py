@@ -19,6 +19,7 @@ import pytest
 from dselect_jax import config_schema
 from dselect_jax import datasets
 from dselect_jax import evaluate
+from dselect_jax import experts
 from dselect_jax import factory
 from dselect_jax import trainer
 from tests import helpers
@@ -395,9 +396,7 @@ def test_the_smallest_images_the_expert_takes():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from dselect_jax import models  # pylint: disable=g-import-not-at-top
-
-  variables = models.MultiMNISTExpert().init(
+  variables = experts.MultiMNISTExpert().init(
     jax.random.key(0), jnp.zeros((2, 16, 16, 1)), train=False
   )
   assert variables['params']['Dense_0']['kernel'].shape == (1 * 1 * 20, 50)

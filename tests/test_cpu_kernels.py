@@ -9,13 +9,16 @@ import functools
 import json
 import re
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dselect_jax import blocks
 from dselect_jax import cpu
+from dselect_jax import experts
 from dselect_jax import factory
 from dselect_jax import models
 from dselect_jax.cpu import kernels as cpu_kernels
@@ -152,7 +155,7 @@ def test_gradients_through_mean_and_var():
     mean = x.mean(axis=(0, 1, 2))
     var = jnp.maximum((x * x).mean(axis=(0, 1, 2)) - mean**2, 0.0)
     z = (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
-    y = models.max_pool_2x2(nn.relu(z))
+    y = blocks.max_pool_2x2(nn.relu(z))
     return y, mean, var
 
   grad = functools.partial(jax.grad, argnums=(0, 1, 2))
@@ -189,16 +192,16 @@ def test_pmap_statistics_span_the_devices():
 
 def test_expert_with_kernels_equals_expert_with_flax():
   x = jax.random.uniform(jax.random.key(0), (8, 36, 36, 1))
-  experts = {  # (conv, norm): Flax's own, the kernels' BatchNorm, all kernels.
-    pair: models.MultiMNISTExpert(**factory.expert_modules(*pair))
+  by_pair = {  # (conv, norm): Flax's own, the kernels' BatchNorm, all kernels.
+    pair: experts.MultiMNISTExpert(**factory.expert_modules(*pair))
     for pair in (
       ('xla', 'xla'),
       ('toeplitz', 'kernel'),
       ('kernel', 'kernel'),
     )
   }
-  variables = experts['xla', 'xla'].init(jax.random.key(1), x, train=False)
-  for pair, expert in experts.items():
+  variables = by_pair['xla', 'xla'].init(jax.random.key(1), x, train=False)
+  for pair, expert in by_pair.items():
     assert jax.tree.structure(variables) == jax.tree.structure(
       expert.init(jax.random.key(1), x, train=False)
     ), pair
@@ -207,7 +210,7 @@ def test_expert_with_kernels_equals_expert_with_flax():
       pair: expert.apply(
         variables, x, train=train, mutable=['batch_stats'] if train else False
       )
-      for pair, expert in experts.items()
+      for pair, expert in by_pair.items()
     }
     for pair in (('toeplitz', 'kernel'), ('kernel', 'kernel')):
       assert_trees_close(outs[pair], outs['xla', 'xla'], rtol=1e-4, atol=1e-5)
@@ -302,7 +305,7 @@ def _conv_relu_pool_reference(x, kernel, bias):
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
       precision='highest',
     )
-    out.append(models.max_pool_2x2(nn.relu(z + bias[g])))
+    out.append(blocks.max_pool_2x2(nn.relu(z + bias[g])))
   return jnp.concatenate(out, axis=-1)
 
 
@@ -374,7 +377,11 @@ def test_fused_evaluation_with_the_kernels_computes_the_loops_function():
   the loop of Flax's own modules (XLA's convolution and BatchNorm)."""
   x = jax.random.uniform(jax.random.key(3), (5, 36, 36, 1))
   loop = models.MultiTaskMoE(num_tasks=2, num_experts=3, gate_kwargs={'k': 2})
-  fused = loop.clone(fused_eval=True, eval_block=cpu_kernels.conv_relu_pool)
+  fused = loop.clone(
+    bank_kwargs=flax.core.FrozenDict(
+      fused_eval=True, eval_block=cpu_kernels.conv_relu_pool
+    )
+  )
   variables = loop.init(
     {'params': jax.random.key(0), 'gating': jax.random.key(1)}, x, train=False
   )

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dselect_jax import blocks
 from dselect_jax import cpu
+from dselect_jax import experts
 from dselect_jax import models
 from tests import helpers
 
@@ -117,7 +119,7 @@ def test_saturated_gate_routes_to_the_chosen_expert():
   np.testing.assert_allclose(
     aux['expert_weights'], [[0, 0, 1, 0], [0, 1, 0, 0]], atol=1e-6
   )
-  expert = models.MultiMNISTExpert()
+  expert = experts.MultiMNISTExpert()
   tower = models.MLPTower()
   for task, chosen in ((0, 2), (1, 1)):
     features = expert.apply(
@@ -251,8 +253,8 @@ def test_cpu_convs_equal_xla_conv(
 
 
 def test_expert_convolutions_are_interchangeable():
-  xla = models.MultiMNISTExpert()
-  toeplitz = models.MultiMNISTExpert(conv_module=cpu.ToeplitzConv)
+  xla = experts.MultiMNISTExpert()
+  toeplitz = experts.MultiMNISTExpert(conv_module=cpu.ToeplitzConv)
   variables = xla.init(jax.random.key(3), X, train=False)
   jax.tree.map(
     np.testing.assert_array_equal,
@@ -277,11 +279,11 @@ def test_max_pool_2x2_by_hand():
   x = jnp.arange(16.0).reshape(1, 4, 4, 1)
   # Windows [[0,1],[4,5]] -> 5, [[2,3],[6,7]] -> 7, ... (row-major 4x4).
   np.testing.assert_array_equal(
-    models.max_pool_2x2(x)[0, ..., 0], [[5, 7], [13, 15]]
+    blocks.max_pool_2x2(x)[0, ..., 0], [[5, 7], [13, 15]]
   )
   y = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
   np.testing.assert_array_equal(
-    models.max_pool_2x2(y), nn.max_pool(y, (2, 2), strides=(2, 2))
+    blocks.max_pool_2x2(y), nn.max_pool(y, (2, 2), strides=(2, 2))
   )
 
 
@@ -326,10 +328,10 @@ def test_the_vmapped_expert_bank_computes_the_loops_function():
     num_tasks=2, num_experts=3, gate='dselect_k', gate_kwargs={'k': 2}
   )
   loop = models.MultiTaskMoE(**kwargs)
-  vmapped = models.MultiTaskMoE(**kwargs, expert_bank='vmap')
+  vmapped = models.MultiTaskMoE(**kwargs, bank=experts.VmappedExpertBank)
   x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 1))
   variables = loop.init(jax.random.key(0), x, train=False)
-  stacked = models.stack_expert_variables(variables, 3)
+  stacked = experts.stack_expert_variables(variables, 3)
   shapes = lambda t: jax.tree.map(jnp.shape, t)
   assert shapes(stacked) == shapes(
     vmapped.init(jax.random.key(0), x, train=False)
@@ -349,14 +351,14 @@ def test_the_vmapped_expert_bank_computes_the_loops_function():
 
   grads, (logits, updates) = run(loop, variables)
   v_grads, (v_logits, v_updates) = run(vmapped, stacked)
-  stacked_grads = models.stack_expert_variables({'params': grads}, 3)
+  stacked_grads = experts.stack_expert_variables({'params': grads}, 3)
   assert len(jax.tree.leaves(v_grads)) == len(jax.tree.leaves(stacked_grads))
   np.testing.assert_allclose(v_logits, logits, rtol=1e-5, atol=1e-6)
   flat = lambda t: jax.tree_util.tree_leaves_with_path(t)
   for (path, a), (_, b) in zip(flat(stacked_grads), flat({'params': v_grads})):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=str(path))
   for (path, a), (_, b) in zip(
-    flat(models.stack_expert_variables(updates, 3)), flat(v_updates)
+    flat(experts.stack_expert_variables(updates, 3)), flat(v_updates)
   ):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=str(path))
   # Only experts 0 and 2 kept: the same as the loop computing only those.
@@ -392,7 +394,7 @@ def test_fused_evaluation_computes_the_loops_function(gate_kwargs, active):
   loop = models.MultiTaskMoE(
     num_tasks=2, num_experts=3, gate_kwargs=gate_kwargs, active_experts=active
   )
-  fused = loop.clone(fused_eval=True)
+  fused = loop.clone(bank_kwargs=flax.core.FrozenDict(fused_eval=True))
   variables = _random_variables(loop, x)
   expected, expected_aux = loop.apply(variables, x, train=False)
   logits, aux = fused.apply(variables, x, train=False)
@@ -426,7 +428,9 @@ def test_fused_evaluation_computes_the_loops_function(gate_kwargs, active):
 
 
 def test_fused_evaluation_needs_the_multimnist_expert():
-  with pytest.raises(ValueError, match='fused_eval computes MultiMNISTExperts'):
-    models.ExpertBank(2, models.MLPExpert, fused_eval=True)
+  with pytest.raises(
+    ValueError, match='fused_eval needs an expert with evaluate_bank'
+  ):
+    experts.ExpertBank(2, experts.MLPExpert, fused_eval=True)
   with pytest.raises(ValueError, match='fused_eval is for the loop'):
-    models.VmappedExpertBank(2, fused_eval=True)
+    experts.VmappedExpertBank(2, fused_eval=True)

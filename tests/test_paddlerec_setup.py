@@ -18,8 +18,8 @@ import pytest
 from dselect_jax import config_schema
 from dselect_jax import datasets
 from dselect_jax import evaluate
+from dselect_jax import experts
 from dselect_jax import metric_writers
-from dselect_jax import models
 from dselect_jax import steps
 from dselect_jax import trainer
 from dselect_jax.datasets import batching
@@ -72,7 +72,7 @@ def test_label_smoothing_by_hand():
 
 
 def test_paddlerec_initializers():
-  expert = models.MultiMNISTExpert(init_scheme='paddlerec')
+  expert = experts.MultiMNISTExpert(init_scheme='paddlerec')
   params = expert.init(
     jax.random.key(0), jnp.zeros((1, 36, 36, 1)), train=False
   )['params']

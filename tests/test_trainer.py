@@ -498,11 +498,13 @@ def test_conv_choice_reaches_the_experts(cpu_kernels_built, monkeypatch):
     m.setattr(factory.calibrate, 'direct_conv_is_faster', lambda: True)
     model = helpers.create_model(config)
   assert model.expert_kwargs['conv_module'] is cpu.DirectConv
-  assert model.eval_block is cpu_kernels.conv_relu_pool
+  assert model.bank_kwargs['eval_block'] is cpu_kernels.conv_relu_pool
   config.model.conv = 'kernel'  # By name: whatever the measurement.
-  assert helpers.create_model(config).eval_block is cpu_kernels.conv_relu_pool
+  assert helpers.create_model(config).bank_kwargs['eval_block'] is (
+    cpu_kernels.conv_relu_pool
+  )
   config.model.conv = 'toeplitz'
-  assert helpers.create_model(config).eval_block is None
+  assert helpers.create_model(config).bank_kwargs['eval_block'] is None
   kwargs = helpers.create_model(config).expert_kwargs
   assert kwargs['conv_module'] is cpu.ToeplitzConv
   config.model.conv = 'xla'

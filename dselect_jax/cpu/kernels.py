@@ -8,7 +8,7 @@ step; the kernels make 5 and split the batch over XLA's CPU threads (what
 that buys: docs/performance.md, benchmarks/bn_relu_pool.py and
 benchmarks/train_speed.py). Same function as ``nn.BatchNorm``
 (training mode, ``use_fast_variance``), ``nn.relu`` and
-``models.max_pool_2x2``, gradients included (the pooling's ties split as JAX
+``blocks.max_pool_2x2``, gradients included (the pooling's ties split as JAX
 splits them), up to float rounding; tests/test_cpu_kernels.py checks both
 against Flax. ``conv2d`` (custom VJP) and ``conv_relu_pool`` (evaluation's whole block)
 sum convolutions directly, in vector registers (csrc/direct_conv.cc).
@@ -427,7 +427,7 @@ def conv_relu_pool(x: Array, kernel: Array, bias: Array) -> Array:
   (NHWC, HWIO) reads input channels [g Cg, (g + 1) Cg) and writes output
   channels [g Fg, (g + 1) Fg); Ho = H - kh + 1 and Wo = W - kw + 1 must be
   even. The experts' blocks in evaluation, each BatchNorm folded into its
-  convolution (``models.multimnist_experts_eval``); the full-size
+  convolution (``experts.MultiMNISTExpert.evaluate_bank``); the full-size
   convolution output is never stored (csrc/direct_conv.cc). No gradient:
   evaluation only.
   """

@@ -1,7 +1,7 @@
 """The CPU's fast paths: Toeplitz convolutions, direct convolutions and
 BatchNorm-ReLU-pool blocks on the CPU kernels.
 
-Both compute what the XLA path of ``models.MultiMNISTExpert`` computes, with
+Both compute what the XLA path of ``experts.MultiMNISTExpert`` computes, with
 the same parameters, so a checkpoint trained with one runs with the other;
 ``factory.create_model`` plugs them into the expert on the CPU
 (``model.conv`` / ``model.norm`` 'auto'). ``models`` never imports this
@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dselect_jax.blocks import max_pool_2x2
 from dselect_jax.cpu import kernels
-from dselect_jax.models import max_pool_2x2
 
 Array = jax.Array
 

@@ -1,0 +1,73 @@
+"""Pieces shared by the experts and the towers: input checks, 2x2 max
+pooling and PaddleRec's initializers."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def check_batch(x: Array, who: str):
+  """A clear error for what is not a non-empty batch (B, ...)."""
+  shape = jnp.shape(x)
+  if len(shape) < 2:
+    raise ValueError(
+      f'{who}: inputs must have a batch axis and features, (B, ...); got '
+      f'shape {shape}.'
+    )
+  if shape[0] == 0:
+    raise ValueError(
+      f'{who}: the batch is empty (shape {shape}); pass at least one example.'
+    )
+
+
+def check_images(x: Array, who: str):
+  """A clear error for what is not a non-empty (B, H, W, C) image batch."""
+  shape = jnp.shape(x)
+  if len(shape) != 4:
+    hint = ' (add the channel axis: x[..., None])' if len(shape) == 3 else ''
+    raise ValueError(
+      f'{who}: images must have shape (B, H, W, C); got shape {shape}{hint}.'
+    )
+  check_batch(x, who)
+
+
+def max_pool_2x2(x: Array) -> Array:
+  """2x2 max pooling, stride 2, of (B, H, W, C) with even H and W.
+
+  Equal to ``nn.max_pool(x, (2, 2), strides=(2, 2))`` (tested); written as a
+  reshape and a max because XLA:CPU differentiates it faster than
+  ``nn.max_pool``'s reduce_window (the expert bank's forward+backward went
+  from 334 to 444 images/s in one session's run of
+  benchmarks/expert_formulations.py; not committed as a result file).
+  """
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+INITS = ('flax', 'paddlerec')
+
+
+def truncated_normal_fan_in(key, shape, dtype=jnp.float32) -> Array:
+  """PaddleRec's dense kernels: normal with std 1 / sqrt(fan_in), cut at 2
+  standard deviations and not rescaled (so the std is about 0.88 of it)."""
+  return jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype) / np.sqrt(
+    shape[0]
+  ).astype(dtype)
+
+
+# PaddleRec's convolution kernels: XavierNormal, std sqrt(2 / (fan_in +
+# fan_out)) with the receptive field in both fans; untruncated.
+xavier_normal = nn.initializers.variance_scaling(1.0, 'fan_avg', 'normal')
+
+
+def check_init(module: nn.Module):
+  if module.init_scheme not in INITS:
+    raise ValueError(
+      f'{type(module).__name__}: init_scheme must be one of '
+      f'{INITS}, got init_scheme={module.init_scheme!r}.'
+    )
