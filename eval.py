@@ -24,6 +24,7 @@ from dselect_jax import checkpointing
 from dselect_jax import cli
 from dselect_jax import config_schema
 from dselect_jax import evaluate
+from dselect_jax import files
 from dselect_jax import metric_writers
 from dselect_jax import plots
 from dselect_jax.datasets import sources
@@ -83,38 +84,11 @@ def main(argv):
     )
   except (checkpointing.CheckpointError, config_schema.ConfigError) as e:
     sys.exit(f'error: {e}')
-  print(
-    f'test split, {result["checkpoint"]} checkpoint at step '
-    f'{result["step"]} ({result["num_examples"]} examples):'
-  )
-  for t, (metric, value) in enumerate(evaluate.task_metrics(result), 1):
-    print(
-      f'  task {t}: {metric} {value:.6f}  loss '
-      f'{result[f"loss_{t}"]:.6f}  experts {result["selected_experts"][t - 1]}'
-      f'  weights {[round(w, 4) for w in result["expert_weights"][t - 1]]}'
-    )
-  stats = result.get('test_statistics')
-  if stats:
-    print(
-      f'test passes after each of {stats["num_passes"]} epochs '
-      '(test_metrics.json: test_statistics):'
-    )
-    num_tasks = len(result['selected_experts'])
-    for name, label in (
-      ('best_validation', 'best-validation checkpoint'),
-      ('last_epoch', 'last epoch'),
-      ('max_over_epochs', 'max over epochs (chosen on test: not fair)'),
-      ('pooled_over_epochs', "pooled over epochs (PaddleRec's statistic)"),
-    ):
-      accs = ' / '.join(
-        f'{stats[name][f"accuracy_{t}"]:.6f}' for t in range(1, num_tasks + 1)
-      )
-      print(f'  {label:44s} {accs}')
+  print('\n'.join(evaluate.report(result)))
   stem = os.path.join(out_dir, f'test_{result["checkpoint"]}_{result["step"]}')
   try:
     os.makedirs(out_dir, exist_ok=True)
-    with open(stem + '.json', 'w') as f:
-      json.dump(result, f, indent=2)
+    files.write_atomically(stem + '.json', json.dumps(result, indent=2))
     figures = [
       plots.expert_weights(
         result['expert_weights'], stem + '_expert_weights.png'

@@ -220,23 +220,38 @@ def final_test(config, workdir, abstract, test_split, ckpts, evaluator, writer):
   else:
     step, kind = ckpts.latest_step(), 'last'
     state = ckpts.restore(abstract, step)
-  result = evaluator(steps.replicate(state), test_split, config.eval_batch_size)
-  result['step'] = step
-  result['checkpoint'] = kind
+  result = test_checkpoint(
+    evaluator, state, test_split, config.eval_batch_size, step, kind
+  )
   logging.info(
     'test (%s checkpoint, step %d): %s', kind, step, headline(result)
   )
   writer.write(step, 'test', result)
   writer.flush()
-  statistics = test_statistics(metric_writers.read_metrics(workdir), result)
-  if statistics:
-    result['test_statistics'] = statistics
+  result = with_test_statistics(result, workdir)
   if jax.process_index() == 0:
     files.write_atomically(
       os.path.join(workdir, 'test_metrics.json'),
       json.dumps(result, indent=2),
     )
   return result
+
+
+def test_checkpoint(
+  evaluator: Evaluator, state, split, batch_size: int, step: int, kind: str
+) -> dict[str, Any]:
+  """The evaluator's result of one checkpoint's (unreplicated) ``state`` on
+  ``split``, with the checkpoint's ``step`` and ``kind`` ('best', 'last',
+  'periodic' or 'params')."""
+  result = evaluator(steps.replicate(state), split, batch_size)
+  return {**result, 'step': step, 'checkpoint': kind}
+
+
+def with_test_statistics(result: dict[str, Any], workdir: str):
+  """``result`` with ``test_statistics`` added when the run in ``workdir``
+  made test passes after its epochs."""
+  statistics = test_statistics(metric_writers.read_metrics(workdir), result)
+  return {**result, 'test_statistics': statistics} if statistics else result
 
 
 def test_statistics(records, selected: dict[str, Any]) -> dict[str, Any]:
@@ -406,13 +421,45 @@ def evaluate_workdir(
   config, model, dataset, state, kind, step = restore_workdir(
     workdir, step, best, data_dir
   )
-  evaluator = make_evaluator(config, model, dataset.spec)
-  result = evaluator(
-    steps.replicate(state), dataset.test, config.eval_batch_size
+  result = test_checkpoint(
+    make_evaluator(config, model, dataset.spec),
+    state,
+    dataset.test,
+    config.eval_batch_size,
+    step,
+    kind,
   )
-  result['step'] = step
-  result['checkpoint'] = kind
-  statistics = test_statistics(metric_writers.read_metrics(workdir), result)
-  if statistics:
-    result['test_statistics'] = statistics
-  return result
+  return with_test_statistics(result, workdir)
+
+
+def report(result: dict[str, Any]) -> list[str]:
+  """A test result as lines to print: each task's metric, loss, selected
+  experts and weights, then the statistics of the per-epoch test passes."""
+  lines = [
+    f'test split, {result["checkpoint"]} checkpoint at step '
+    f'{result["step"]} ({result["num_examples"]} examples):'
+  ]
+  for t, (metric, value) in enumerate(task_metrics(result), 1):
+    weights = [round(w, 4) for w in result['expert_weights'][t - 1]]
+    lines.append(
+      f'  task {t}: {metric} {value:.6f}  loss {result[f"loss_{t}"]:.6f}  '
+      f'experts {result["selected_experts"][t - 1]}  weights {weights}'
+    )
+  stats = result.get('test_statistics')
+  if stats:
+    lines.append(
+      f'test passes after each of {stats["num_passes"]} epochs '
+      '(test_metrics.json: test_statistics):'
+    )
+    num_tasks = len(result['selected_experts'])
+    for name, label in (
+      ('best_validation', 'best-validation checkpoint'),
+      ('last_epoch', 'last epoch'),
+      ('max_over_epochs', 'max over epochs (chosen on test: not fair)'),
+      ('pooled_over_epochs', "pooled over epochs (PaddleRec's statistic)"),
+    ):
+      accs = ' / '.join(
+        f'{stats[name][f"accuracy_{t}"]:.6f}' for t in range(1, num_tasks + 1)
+      )
+      lines.append(f'  {label:44s} {accs}')
+  return lines

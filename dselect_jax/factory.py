@@ -34,13 +34,6 @@ _CONV_MODULES = {
   'kernel': cpu.DirectConv,
 }
 _NORM_MODULES = {'xla': None, 'kernel': cpu.BatchNormReLUPool}
-# Aux terms with a loss weight; other aux entries are diagnostics.
-AUX_WEIGHTS = {
-  'entropy': 'entropy_weight',
-  'reachability': 'reachability_weight',
-  'importance': 'importance_weight',
-  'load': 'load_weight',
-}
 
 
 class TrainState(train_state.TrainState):
@@ -207,28 +200,6 @@ def create_optimizer(config, num_train_steps: int):
   if opt.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
   return tx
-
-
-def entropy_weight(loss_config, step) -> jax.Array:
-  """The entropy term's weight at ``step``: 0 up to entropy_start_step, then
-  a linear ramp reaching entropy_weight entropy_ramp_steps later (at once
-  when entropy_ramp_steps is 0)."""
-  start, ramp = loss_config.entropy_start_step, loss_config.entropy_ramp_steps
-  if ramp <= 0:
-    frac = (
-      (step >= start).astype(jnp.float32)
-      if isinstance(step, jax.Array)
-      else float(step >= start)
-    )
-  else:
-    frac = jnp.clip((step - start) / ramp, 0, 1)
-  return loss_config.entropy_weight * frac
-
-
-def aux_weights(loss_config, step) -> dict[str, jax.Array]:
-  weights = {name: loss_config[field] for name, field in AUX_WEIGHTS.items()}
-  weights['entropy'] = entropy_weight(loss_config, step)
-  return weights
 
 
 def example_inputs(spec: DataSpec) -> tuple:

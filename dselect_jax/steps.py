@@ -33,6 +33,37 @@ from dselect_jax import tasks
 AXIS = 'batch'
 
 
+# Aux terms with a loss weight; other aux entries are diagnostics.
+AUX_WEIGHTS = {
+  'entropy': 'entropy_weight',
+  'reachability': 'reachability_weight',
+  'importance': 'importance_weight',
+  'load': 'load_weight',
+}
+
+
+def entropy_weight(loss_config, step) -> jax.Array:
+  """The entropy term's weight at ``step``: 0 up to entropy_start_step, then
+  a linear ramp reaching entropy_weight entropy_ramp_steps later (at once
+  when entropy_ramp_steps is 0)."""
+  start, ramp = loss_config.entropy_start_step, loss_config.entropy_ramp_steps
+  if ramp <= 0:
+    frac = (
+      (step >= start).astype(jnp.float32)
+      if isinstance(step, jax.Array)
+      else float(step >= start)
+    )
+  else:
+    frac = jnp.clip((step - start) / ramp, 0, 1)
+  return loss_config.entropy_weight * frac
+
+
+def aux_weights(loss_config, step) -> dict[str, jax.Array]:
+  weights = {name: loss_config[field] for name, field in AUX_WEIGHTS.items()}
+  weights['entropy'] = entropy_weight(loss_config, step)
+  return weights
+
+
 def task_metrics(logits, labels, mask=None) -> dict[str, jax.Array]:
   """Per-task sums: cross-entropy, correct predictions, example count.
 
@@ -140,7 +171,7 @@ def train_step(
   step_rng = jax.random.fold_in(
     jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS)
   )
-  weights = factory.aux_weights(loss_config, state.step)
+  weights = aux_weights(loss_config, state.step)
 
   def loss_fn(params):
     (outputs, aux), updates = apply_fn(
@@ -166,7 +197,7 @@ def train_step(
     terms = {
       name: jnp.sum(value)
       for name, value in aux['gate'].items()
-      if name in factory.AUX_WEIGHTS
+      if name in AUX_WEIGHTS
     }
     loss = jnp.sum(task_loss) + sum(weights[n] * v for n, v in terms.items())
     return loss, (updates.get('batch_stats', {}), shown, terms, aux)

@@ -520,12 +520,12 @@ def test_entropy_weight_schedule_by_hand():
     }
   )
   # 0 up to step 10, then 1/4, 2/4, 3/4, 4/4 of 0.2 at steps 11..14.
-  got = [float(factory.entropy_weight(config.loss, s)) for s in range(8, 16)]
+  got = [float(steps.entropy_weight(config.loss, s)) for s in range(8, 16)]
   np.testing.assert_allclose(
     got, [0, 0, 0, 0.05, 0.1, 0.15, 0.2, 0.2], atol=1e-7
   )
   config.loss.entropy_ramp_steps = 0  # A step at entropy_start_step.
-  got = [float(factory.entropy_weight(config.loss, s)) for s in (9, 10, 11)]
+  got = [float(steps.entropy_weight(config.loss, s)) for s in (9, 10, 11)]
   assert got == [0, 0.2, 0.2]
 
 
