@@ -7,7 +7,9 @@ JAX's max (whose gradient splits ties equally), differentiated by JAX.
 
 import functools
 import json
+import os
 import re
+import shutil
 
 import flax
 import flax.linen as nn
@@ -264,23 +266,31 @@ def test_auto_falls_back_to_xla_without_the_kernels(monkeypatch):
   assert factory.conv_impl(config) == 'kernel'
 
 
-def test_a_truncated_library_is_rebuilt(monkeypatch, tmp_path):
+def test_a_truncated_library_is_rebuilt(
+  cpu_kernels_built, monkeypatch, tmp_path
+):
   """A library cut short (a full disk, a killed copy) would load and then
   crash the process when a kernel runs: its digest gives it away, and it is
   rebuilt with a warning that names it."""
-  monkeypatch.setenv('DSELECT_JAX_KERNEL_CACHE', str(tmp_path))
+  del cpu_kernels_built
   build = cpu_kernels._build  # pylint: disable=protected-access
-  path = build()
-  with open(path, 'rb') as f:
-    whole = f.read()
-  with open(path, 'wb') as f:
-    f.write(whole[: len(whole) // 2])
+  built = build()  # The session's library, and its digest beside it.
+  for name in os.listdir(os.path.dirname(built)):
+    if name.startswith(os.path.basename(built)):
+      shutil.copy(os.path.join(os.path.dirname(built), name), tmp_path)
+  monkeypatch.setenv('DSELECT_JAX_KERNEL_CACHE', str(tmp_path))
   warnings = []
   monkeypatch.setattr(
     cpu_kernels.logging,
     'warning',
     lambda msg, *args: warnings.append(msg % args),
   )
+  path = build()  # The copy: intact, so not rebuilt.
+  assert path == str(tmp_path / os.path.basename(built)) and not warnings
+  with open(path, 'rb') as f:
+    whole = f.read()
+  with open(path, 'wb') as f:
+    f.write(whole[: len(whole) // 2])
   assert build() == path
   assert (
     len(warnings) == 1 and path in warnings[0] and 'damaged' in (warnings[0])

@@ -347,7 +347,7 @@ def test_the_vmapped_expert_bank_computes_the_loops_function():
       )
       return jnp.sum(logits**2), (logits, updates)
 
-    return jax.grad(loss, has_aux=True)(variables['params'])
+    return jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
 
   grads, (logits, updates) = run(loop, variables)
   v_grads, (v_logits, v_updates) = run(vmapped, stacked)

@@ -6,6 +6,7 @@ Expected numbers are derived by hand in the comments.
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 
@@ -185,19 +186,30 @@ def test_fresh_train_needs_a_built_data_set():
 def test_a_run_with_test_passes_reports_the_four_statistics(
   with_validation, tmp_path, monkeypatch
 ):
-  """2 epochs of the sample at batch 500 (8 steps each): two test passes;
-  without a validation split the last checkpoint is the one tested."""
+  """2 epochs of 64 PaddleRec-format examples at batch 32 (2 steps each):
+  two test passes; without a validation split the last checkpoint is the
+  one tested."""
+  data = tmp_path / 'paddlerec'
+  data.mkdir()
+  sample = helpers.sample('train')
+  # 80 train examples, of which PaddleRec's split holds out a fifth for
+  # validation; 200 test examples.
+  for name, rows in (('train', slice(0, 80)), ('test', slice(80, 280))):
+    (data / f'{name}.pickle').write_bytes(
+      pickle.dumps((sample.images[rows], sample.labels[rows]))
+    )
   config = helpers.tiny_config(
-    num_train_steps=16,
+    num_train_steps=4,
     **{
-      'batch_size': 500,
-      'eval_batch_size': 1000,
+      'data.name': 'paddlerec',
+      'data.paddlerec_dir': str(data),
       'test_every_epoch': True,
       'eval_every_steps': -1,
       'checkpoint_every_steps': -1,
       'data.shuffle': False,
     },
   )
+  workdir = str(tmp_path / 'run')
   if not with_validation:
     real = datasets.resolve
 
@@ -210,13 +222,13 @@ def test_a_run_with_test_passes_reports_the_four_statistics(
       return datasets.Dataset(full.name, full.spec, lambda names: splits)
 
     monkeypatch.setattr(datasets, 'resolve', no_validation)
-  result = trainer.train_and_evaluate(config, str(tmp_path))
+  result = trainer.train_and_evaluate(config, workdir)
   passes = [
     r
-    for r in metric_writers.read_metrics(str(tmp_path))
+    for r in metric_writers.read_metrics(workdir)
     if r['split'] == evaluate.TEST_EPOCH
   ]
-  assert [r['step'] for r in passes] == [8, 16]
+  assert [r['step'] for r in passes] == [2, 4]
   stats = result['test_statistics']
   assert stats['num_passes'] == 2
   np.testing.assert_allclose(
@@ -225,14 +237,14 @@ def test_a_run_with_test_passes_reports_the_four_statistics(
   )
   assert stats['last_epoch']['accuracy_1'] == passes[1]['accuracy_1']
   if not with_validation:
-    assert result['checkpoint'] == 'last' and result['step'] == 16
+    assert result['checkpoint'] == 'last' and result['step'] == 4
     assert result['accuracy_1'] == passes[1]['accuracy_1']
-  with open(os.path.join(tmp_path, 'test_metrics.json')) as f:
+  with open(os.path.join(workdir, 'test_metrics.json')) as f:
     assert json.load(f)['test_statistics'] == stats
   if with_validation:  # eval.py prints the four side by side.
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
-      [sys.executable, 'eval.py', f'--workdir={tmp_path}'],
+      [sys.executable, 'eval.py', f'--workdir={workdir}'],
       cwd=repo,
       capture_output=True,
       text=True,
@@ -244,7 +256,7 @@ def test_a_run_with_test_passes_reports_the_four_statistics(
     assert f'{pooled["accuracy_1"]:.6f} / {pooled["accuracy_2"]:.6f}' in (
       out.stdout
     )
-  evaluated = evaluate.evaluate_workdir(str(tmp_path))
+  evaluated = evaluate.evaluate_workdir(workdir)
   assert (
     evaluated['test_statistics']['pooled_over_epochs']
     == (stats['pooled_over_epochs'])

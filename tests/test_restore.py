@@ -91,6 +91,12 @@ def structural_variants() -> tuple[tuple[str, object], ...]:
   return tuple(found)
 
 
+# Variants run alone, among the slow tests: the vmapped bank compiles for
+# about 20 s on the CPU (a GPU layout; tests/test_models.py checks that it
+# computes the loop's function in the default run).
+ALONE = (('model.expert_bank', 'vmap'),)
+
+
 @functools.cache
 def combined_runs() -> tuple[tuple[tuple[str, object], ...], ...]:
   """The structural variants packed into few runs: a variant joins the first
@@ -99,7 +105,10 @@ def combined_runs() -> tuple[tuple[tuple[str, object], ...], ...]:
   a softmax gate's state, so it does not join a softmax run)."""
   base = _base()
   runs = []
-  for field, value in structural_variants():
+  found = structural_variants()
+  for field, value in found:
+    if (field, value) in ALONE:
+      continue
     for run in runs:
       if field in run:
         continue
@@ -120,7 +129,9 @@ def combined_runs() -> tuple[tuple[tuple[str, object], ...], ...]:
         break
     else:
       runs.append({field: value})
-  return tuple(tuple(run.items()) for run in [{}] + runs)
+  return tuple(tuple(run.items()) for run in [{}] + runs) + tuple(
+    ((field, value),) for field, value in ALONE if (field, value) in found
+  )
 
 
 def test_every_field_of_every_config_has_a_spec():
@@ -163,7 +174,10 @@ def test_the_variants_include_the_states_that_broke_restore():
 
 @pytest.mark.parametrize(
   'changes',
-  combined_runs(),
+  [
+    pytest.param(run, marks=pytest.mark.slow) if run[:1] in [ALONE] else run
+    for run in combined_runs()
+  ],
   ids=lambda run: ','.join(f'{f}={v}' for f, v in run) or 'base',
 )
 def test_train_stop_resume_evaluate(changes, tmp_path):
