@@ -11,23 +11,43 @@ made on any device. Prints the results, writes them to
 workdir/eval/test_<checkpoint>_<step>.json (or to --out_dir=DIR), and PNGs
 beside them: each task's expert weights and, when the workdir has metrics,
 training curves. The output folder is checked before anything is evaluated.
+
+Ctrl-C (or SIGTERM) stops it at once with one line and exit status 130 (143
+for SIGTERM); the outputs are written with both signals held back, so none
+is ever left half written.
 """
 
-import json
 import os
+import signal
 import sys
 
-from absl import app
-from absl import flags
 
-from dselect_jax import checkpointing
-from dselect_jax import cli
-from dselect_jax import config_schema
-from dselect_jax import evaluate
-from dselect_jax import files
-from dselect_jax import metric_writers
-from dselect_jax import plots
-from dselect_jax.datasets import sources
+def _stop(signum, frame):
+  """Installed before anything else is imported, so a signal that lands
+  while JAX loads ends the same way as one during the evaluation."""
+  del frame
+  sys.stderr.write(
+    f'stopped: {signal.Signals(signum).name}; eval.py wrote nothing.\n'
+  )
+  os._exit(128 + signum)  # No teardown: nothing is left to save.
+
+
+signal.signal(signal.SIGINT, _stop)
+signal.signal(signal.SIGTERM, _stop)
+
+import json  # noqa: E402
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+from dselect_jax import checkpointing  # noqa: E402
+from dselect_jax import cli  # noqa: E402
+from dselect_jax import config_schema  # noqa: E402
+from dselect_jax import evaluate  # noqa: E402
+from dselect_jax import files  # noqa: E402
+from dselect_jax import metric_writers  # noqa: E402
+from dselect_jax import plots  # noqa: E402
+from dselect_jax.datasets import sources  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The workdir of train.py.')
 _STEP = flags.DEFINE_integer('step', None, 'Evaluate this periodic checkpoint.')
@@ -86,6 +106,9 @@ def main(argv):
     sys.exit(f'error: {e}')
   print('\n'.join(evaluate.report(result)))
   stem = os.path.join(out_dir, f'test_{result["checkpoint"]}_{result["step"]}')
+  # From here on a signal waits until the files are complete and the process
+  # exits: whatever it wrote is whole.
+  signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
   try:
     os.makedirs(out_dir, exist_ok=True)
     files.write_atomically(stem + '.json', json.dumps(result, indent=2))

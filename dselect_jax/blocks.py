@@ -1,5 +1,5 @@
-"""Pieces shared by the experts and the towers: input checks, 2x2 max
-pooling and PaddleRec's initializers."""
+"""Pieces shared by the experts and the towers: checks of their attributes
+and inputs, 2x2 max pooling and PaddleRec's initializers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,44 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+
+
+def check_int(module: nn.Module, name: str, low: int):
+  """A clear error, naming the attribute, where ``module.<name>`` is not an
+  integer >= ``low``."""
+  value = getattr(module, name)
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, (int, np.integer))
+    or value < low
+  ):
+    raise ValueError(
+      f'{type(module).__name__}: {name} must be an integer >= {low}, got '
+      f'{name}={value!r}.'
+    )
+
+
+def check_widths(module: nn.Module, name: str):
+  """A clear error where ``module.<name>`` is not a tuple of integers >= 1
+  (the widths of layers)."""
+  value = getattr(module, name)
+  if not isinstance(value, (tuple, list)) or not all(
+    isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w >= 1
+    for w in value
+  ):
+    raise ValueError(
+      f'{type(module).__name__}: {name} must be a tuple of integers >= 1 '
+      f'(layer widths), got {name}={value!r}.'
+    )
+
+
+def check_bool(module: nn.Module, name: str):
+  value = getattr(module, name)
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(
+      f'{type(module).__name__}: {name} must be True or False, got '
+      f'{name}={value!r}.'
+    )
 
 
 def check_batch(x: Array, who: str):

@@ -311,6 +311,18 @@ class Checkpoints:
 
   def _restore(self, manager, abstract_state, step, kind, strict=False):
     steps = list(manager.all_steps())
+    if step is None and kind == 'best':
+      periodic = self.all_steps()
+      hint = (
+        f'give --step=N for a periodic one (steps {periodic})'
+        if periodic
+        else 'train first'
+      )
+      raise CheckpointError(
+        f'{self.workdir} holds no best checkpoint (none was saved: no '
+        f'validation split, or the run stopped before its first '
+        f'validation); {hint}.'
+      )
     if step is None or step not in steps:
       raise CheckpointError(
         f'no {kind} checkpoint at step {step} in {self.workdir}; its {kind} '

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from dselect_jax.blocks import check_batch
 from dselect_jax.blocks import check_images
 from dselect_jax.blocks import check_init
+from dselect_jax.blocks import check_int
+from dselect_jax.blocks import check_widths
 from dselect_jax.blocks import max_pool_2x2
 from dselect_jax.blocks import truncated_normal_fan_in
 from dselect_jax.blocks import xavier_normal
@@ -78,6 +80,7 @@ class MultiMNISTExpert(nn.Module):
   EPSILON = 1e-5  # BatchNorm's.
 
   def __post_init__(self):
+    check_int(self, 'features', 1)
     check_init(self)
     super().__post_init__()
 
@@ -214,6 +217,7 @@ class ExpertBank(nn.Module):
   eval_block: Optional[Callable[[Array, Array, Array], Array]] = None
 
   def __post_init__(self):
+    check_int(self, 'num_experts', 1)
     if self.fused_eval and not hasattr(self.expert, 'evaluate_bank'):
       raise ValueError(
         f'{type(self).__name__}: fused_eval needs an expert with '
@@ -317,6 +321,11 @@ class MLPExpert(nn.Module):
 
   hidden: tuple[int, ...] = (64,)
   features: int = 32
+
+  def __post_init__(self):
+    check_widths(self, 'hidden')
+    check_int(self, 'features', 1)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:

@@ -440,6 +440,11 @@ def params_from_tf(tf_weights: Mapping[str, Any]) -> dict[str, Any]:
     "gate, or {'z_logits': {'kernel', 'bias'}, 'w_logits': "
     "{'kernel', 'bias'}} for a per-example gate"
   )
+  if not isinstance(tf_weights, Mapping):
+    raise TypeError(
+      f'params_from_tf: tf_weights must be a mapping, got '
+      f'{type(tf_weights).__name__}; expected {expected}.'
+    )
   for name in ('z_logits', 'w_logits'):
     if name not in tf_weights:
       raise ValueError(

@@ -24,7 +24,10 @@ import numpy as np
 from dselect_jax import experts as experts_lib
 from dselect_jax import gates as gates_lib
 from dselect_jax.blocks import check_batch
+from dselect_jax.blocks import check_bool
 from dselect_jax.blocks import check_init
+from dselect_jax.blocks import check_int
+from dselect_jax.blocks import check_widths
 from dselect_jax.blocks import truncated_normal_fan_in
 
 Array = jax.Array
@@ -43,6 +46,8 @@ class MLPTower(nn.Module):
   init_scheme: str = 'flax'  # Or 'paddlerec': truncated_normal_fan_in kernels.
 
   def __post_init__(self):
+    check_int(self, 'num_classes', 1)
+    check_widths(self, 'hidden')
     check_init(self)
     super().__post_init__()
 
@@ -117,10 +122,10 @@ class MultiTaskMoE(nn.Module):
         'MultiTaskMoE: active_experts needs static gates; a '
         'per-example gate can pick any expert.'
       )
-    if self.num_tasks < 1:
-      raise ValueError(
-        f'MultiTaskMoE: num_tasks must be >= 1, got num_tasks={self.num_tasks}.'
-      )
+    check_int(self, 'num_tasks', 1)
+    check_int(self, 'num_experts', 2)
+    check_int(self, 'num_classes', 1)
+    check_bool(self, 'shared_gate')
     if self.gate not in gates_lib.GATES:
       raise ValueError(
         f'MultiTaskMoE: unknown gate {self.gate!r}; choose one '
@@ -261,6 +266,14 @@ class RecommenderMoE(nn.Module):
   expert_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
   tower_hidden: tuple[int, ...] = (32,)
   active_experts: Optional[tuple[int, ...]] = None
+
+  def __post_init__(self):
+    check_int(self, 'num_tasks', 1)
+    check_int(self, 'embed_dim', 1)
+    check_int(self, 'num_experts', 2)
+    check_bool(self, 'shared_gate')
+    check_widths(self, 'tower_hidden')
+    super().__post_init__()
 
   @property
   def per_example(self) -> bool:

@@ -8,7 +8,6 @@ that checkpoint without training. Default: the best-on-validation checkpoint.
 """
 
 import os
-import shutil
 import sys
 
 from absl import app
@@ -20,6 +19,7 @@ from dselect_jax import config_schema
 from dselect_jax import datasets
 from dselect_jax import evaluate
 from dselect_jax import factory
+from dselect_jax import files
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A train.py workdir.')
 _OUT = flags.DEFINE_string('out', None, 'The folder to write.')
@@ -31,6 +31,10 @@ flags.mark_flags_as_required(['workdir', 'out'])
 
 def main(argv):
   del argv
+  out = _OUT.value
+  problem = _out_problem(out)
+  if problem:
+    sys.exit(f'error: --out={out}: {problem}')
   try:
     config = evaluate.load_workdir_config(_WORKDIR.value)
     ckpts = checkpointing.Checkpoints(_WORKDIR.value, create=False)
@@ -52,19 +56,37 @@ def main(argv):
     datasets.DataError,
   ) as e:
     sys.exit(f'error: {e}')
-  os.makedirs(_OUT.value, exist_ok=True)
-  target = os.path.join(_OUT.value, checkpointing.PARAMS_DIR, str(step))
+  target = os.path.join(out, checkpointing.PARAMS_DIR, str(step))
   if os.path.exists(target):
-    shutil.rmtree(target)
-  checkpointing.save_params(_OUT.value, step, state)
+    sys.exit(
+      f'error: {target} already holds an export of step {step}; give '
+      'another --out, or delete it first.'
+    )
+  checkpointing.save_params(out, step, state)
   # The run's config, with the data found as a user's machine finds it:
   # $DSELECT_DATA_DIR, else the cache, downloading when missing.
   config.data.data_dir = ''
   config.data.paddlerec_dir = ''
   config.data.download = True
-  with open(os.path.join(_OUT.value, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2) + '\n')
-  print(f'wrote {target} and {_OUT.value}/config.json')
+  files.write_atomically(
+    os.path.join(out, 'config.json'),
+    config.to_json_best_effort(indent=2) + '\n',
+  )
+  print(f'wrote {target} and {out}/config.json')
+
+
+def _out_problem(out: str):
+  """Why ``out`` cannot take the export, or None (checked before restoring
+  anything): a file in its place or above it, or a folder that cannot be
+  written."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    return 'a file is there; give a folder (new or existing).'
+  why = checkpointing.unwritable(out)
+  if why:
+    return (
+      f'cannot write there ({why}); give a folder on a writable file system.'
+    )
+  return None
 
 
 if __name__ == '__main__':

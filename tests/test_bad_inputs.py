@@ -211,6 +211,16 @@ CASES = {
     ['--workdir={workdir}', '--step=3', '--best'],
     'not both',
   ),
+  'export onto a file': (
+    'scripts/export_params',
+    ['--workdir={workdir}', '--out={workdir}/config.json'],
+    'config.json: a file is there; give a folder',
+  ),
+  'export under a file': (
+    'scripts/export_params',
+    ['--workdir={workdir}', '--out={workdir}/config.json/params'],
+    'cannot write there (Not a directory)',
+  ),
 }
 
 # Environment variables a case adds.

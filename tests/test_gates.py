@@ -375,6 +375,11 @@ def test_params_from_tf_static_and_per_example():
   assert jax.tree.map(jnp.shape, converted) == jax.tree.map(np.shape, dense)
   with pytest.raises(ValueError, match=r'\(K, 1, M\)'):
     gates.params_from_tf({'z_logits': np.zeros((3, 3)), 'w_logits': w_tf})
+  with pytest.raises(
+    TypeError,
+    match='params_from_tf: tf_weights must be a mapping, got NoneType',
+  ):
+    gates.params_from_tf(None)
 
 
 def test_param_shapes_by_eval_shape():

@@ -180,12 +180,49 @@ def test_per_example_routing_on_expert_outputs():
     (dict(gate_kwargs={'k': 9}), 'k=9'),
     (dict(gate_kwargs={'k': 2, 'gamma': 0.0}), 'gamma=0.0'),
     (dict(num_tasks=0), 'num_tasks=0'),
+    (
+      dict(num_tasks=2.5),
+      r'num_tasks must be an integer >= 1, got num_tasks=2\.5',
+    ),
+    (
+      dict(num_experts='8'),
+      "num_experts must be an integer >= 2, got num_experts='8'",
+    ),
+    (dict(num_classes=0), 'num_classes must be an integer >= 1'),
+    (
+      dict(shared_gate=1),
+      'shared_gate must be True or False, got shared_gate=1',
+    ),
     (dict(routing_input='pixels'), 'routing_input'),
   ],
 )
 def test_bad_model_attributes_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
     _model(**kwargs)
+
+
+@pytest.mark.parametrize(
+  'make,match',
+  [
+    (lambda: models.MLPTower(num_classes=True), 'MLPTower: num_classes'),
+    (lambda: models.MLPTower(hidden=(50, 0)), r'MLPTower: hidden must be'),
+    (lambda: experts.MLPExpert(hidden=64), 'MLPExpert: hidden must be a tuple'),
+    (lambda: experts.MLPExpert(features=0.5), 'MLPExpert: features'),
+    (lambda: experts.MultiMNISTExpert(features=-1), 'features=-1'),
+    (lambda: experts.ExpertBank(num_experts=0), 'ExpertBank: num_experts'),
+    (
+      lambda: models.RecommenderMoE(num_tasks=2, cardinalities=(), embed_dim=0),
+      'RecommenderMoE: embed_dim',
+    ),
+    (
+      lambda: models.RecommenderMoE(num_tasks='2', cardinalities=()),
+      'RecommenderMoE: num_tasks',
+    ),
+  ],
+)
+def test_bad_module_attributes_name_the_attribute(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
 
 
 @pytest.mark.parametrize('tile', [1, 2, 3, 8])

@@ -356,3 +356,17 @@ def test_a_workdir_is_evaluated_without_its_training_data(tmp_path):
   assert evaluated['num_examples'] == 100
   for t in (1, 2):
     assert evaluated[f'accuracy_{t}'] == trained[f'accuracy_{t}']
+
+
+def test_no_best_checkpoint_points_to_the_periodic_ones(tmp_path):
+  state, abstract = _state(_base())
+  ckpts = checkpointing.Checkpoints(str(tmp_path))
+  for step in (1, 2):
+    ckpts.save(step, state)
+  with pytest.raises(
+    checkpointing.CheckpointError,
+    match=r'holds no best checkpoint .*give --step=N for a periodic one '
+    r'\(steps \[1, 2\]\)\.$',
+  ):
+    ckpts.restore_best(abstract)
+  ckpts.close()

@@ -9,8 +9,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 from absl import flags
 from conftest import assert_png
@@ -273,6 +275,32 @@ def test_eval_cli_writes_results_and_plots(sample_run, tmp_path):
   assert_png(stem + '_expert_weights.png', 800, 300)
   assert_png(os.path.join(out_dir, 'training_curves.png'), 1000, 350)
   assert not os.path.exists(os.path.join(workdir, 'eval'))
+
+
+@pytest.mark.parametrize('after_s', [0.3, 2.5])
+def test_ctrl_c_stops_eval_in_one_line_and_it_writes_nothing(
+  sample_run, tmp_path, after_s
+):
+  """Ctrl-C while JAX loads (0.3 s) or while the checkpoint is restored and
+  evaluated (2.5 s; the evaluation takes longer than that here)."""
+  workdir, _ = sample_run
+  out_dir = tmp_path / 'out'
+  proc = subprocess.Popen(
+    [sys.executable, 'eval.py', f'--workdir={workdir}', f'--out_dir={out_dir}'],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  time.sleep(after_s)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130, err[-2000:]
+  assert 'Traceback' not in err
+  assert err.strip().splitlines()[-1] == (
+    'stopped: SIGINT; eval.py wrote nothing.'
+  )
+  assert not out_dir.exists() or not list(out_dir.iterdir())
 
 
 @pytest.mark.slow
