@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import logging as py_logging
 import math
 import os
@@ -105,6 +106,7 @@ class Checkpoints:
     # Multi-host, the processes meet at barriers named after the step: the
     # two managers, which may save the same step at once, name theirs apart.
     policies = ocp.checkpoint_managers
+    _check_best_scores(os.path.join(self.workdir, 'best'))
     self._latest = ocp.CheckpointManager(
       os.path.join(self.workdir, 'checkpoints'),
       options=ocp.CheckpointManagerOptions(
@@ -408,6 +410,34 @@ def restore_params(workdir: str, step: int, abstract_state: Any) -> Any:
   )
 
 
+# What a workdir holds: folders, and files.
+LAYOUT_FOLDERS = ('checkpoints', 'best', PARAMS_DIR, 'tensorboard')
+LAYOUT_FILES = (
+  'config.json',
+  'metrics.jsonl',
+  'run_info.json',
+  'test_metrics.json',
+  '.lock',
+)
+
+
+def check_layout(workdir: str):
+  """A CheckpointError, before any work, where something in ``workdir``
+  has another kind than the run reads or writes there (a file where a
+  folder belongs, or the other way round)."""
+  for names, want, is_kind in (
+    (LAYOUT_FOLDERS, 'a folder', os.path.isdir),
+    (LAYOUT_FILES, 'a file', os.path.isfile),
+  ):
+    for name in names:
+      path = os.path.join(workdir, name)
+      if os.path.lexists(path) and not is_kind(path):
+        raise CheckpointError(
+          f'{path} is not {want}, which the run keeps there; move it out '
+          'of the workdir, or give another --workdir.'
+        )
+
+
 def unwritable(folder: str) -> Optional[str]:
   """Why ``folder`` (created when missing) cannot be written, or None: a file
   is written and removed there, as a read-only or full file system or a
@@ -521,6 +551,31 @@ def _restore_target(abstract_state: Any) -> Any:
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
     abstract_state,
   )
+
+
+def _check_best_scores(folder: str):
+  """A CheckpointError naming the file where a best checkpoint's saved score
+  (``<step>/metrics/metrics``, which Orbax reads when it opens the folder)
+  is not the JSON it wrote."""
+  if not os.path.isdir(folder):
+    return
+  for step in sorted(os.listdir(folder)):
+    path = os.path.join(folder, step, 'metrics', 'metrics')
+    if not step.isdigit() or not os.path.lexists(path):
+      continue
+    try:
+      with open(path, encoding='utf-8') as f:
+        ok = isinstance(json.load(f), dict)
+      why = None if ok else 'not a JSON object'
+    except (OSError, ValueError) as e:
+      why = getattr(e, 'strerror', None) or str(e).splitlines()[0]
+    if why:
+      raise CheckpointError(
+        f'{path}: the score of best checkpoint {step} cannot be read '
+        f'({why}); move {os.path.join(folder, step)} out of the workdir '
+        '(training resumes from the periodic checkpoints, and eval.py '
+        '--step=N evaluates one of them).'
+      )
 
 
 def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:

@@ -199,6 +199,46 @@ IMAGE_ONLY = {
 }
 
 
+# Fields added after the first runs, with the value that gives a config.json
+# written before they existed its old behaviour; ``complete`` fills them in.
+ADDED_LATER = {
+  'data.num_validation': -1,
+  'data.negatives': 1,
+  'model.conv': 'auto',
+  'model.norm': 'auto',
+  'model.expert_bank': 'loop',
+  'model.fused_eval': True,
+  'model.sparse_eval': True,
+  'model.sparse_train': False,
+  'model.init_scheme': 'flax',
+  'loss.name': 'cross_entropy',
+  'loss.label_smoothing': 0.0,
+}
+
+
+def complete(config: ml_collections.ConfigDict, where: str):
+  """A saved config (``where`` names its file) made whole: the fields of
+  ``ADDED_LATER`` it lacks take their old values; any other missing field,
+  or a field of the wrong type or range, is a ConfigError naming it."""
+  fields = flat_fields(config)
+  for field, value in ADDED_LATER.items():
+    if field not in fields:
+      section, name = field.rsplit('.', 1)
+      with config.unlocked():
+        config[section][name] = value
+  missing = sorted(set(FIELDS) - set(flat_fields(config)))
+  if missing:
+    raise ConfigError(
+      f'{where} lacks the fields {missing} (cut short or edited); restore '
+      'it from a copy, or train again in a new workdir.'
+    )
+  try:
+    check_fields(config)
+  except ConfigError as e:
+    raise ConfigError(f'{where}: {e}') from None
+  return config
+
+
 def flat_fields(
   config: ml_collections.ConfigDict, prefix: str = ''
 ) -> dict[str, Any]:
@@ -346,4 +386,4 @@ def validate_against_data(
 
 def vmapped(config) -> bool:
   """The experts as one nn.vmap, which only XLA's own ops support."""
-  return config.model.get('expert_bank', 'loop') == 'vmap'
+  return config.model.expert_bank == 'vmap'

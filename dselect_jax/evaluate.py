@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from dselect_jax import checkpointing
+from dselect_jax import config_schema
 from dselect_jax import datasets
 from dselect_jax import factory
 from dselect_jax import files
@@ -198,7 +199,7 @@ def make_evaluator(config, model, spec: DataSpec) -> Evaluator:
   return Evaluator(
     model,
     jax.local_device_count(),
-    config.model.get('sparse_eval', True),
+    config.model.sparse_eval,
     feature_task_kinds(spec),
   )
 
@@ -314,11 +315,19 @@ def _listing(workdir: str) -> str:
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config train.py wrote into ``workdir/config.json``."""
+  """The resolved config train.py wrote into ``workdir/config.json``, made
+  whole (``config_schema.complete``) and checked; every problem with the
+  workdir or the file is one line that names it."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise checkpointing.CheckpointError(
+      f'{workdir} is a file, not a workdir; pass the --workdir given to '
+      'train.py.'
+    )
   if not os.path.isdir(workdir):
     raise checkpointing.CheckpointError(
       f'workdir {workdir} does not exist; pass the --workdir given to train.py.'
     )
+  checkpointing.check_layout(workdir)
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise checkpointing.CheckpointError(
@@ -326,8 +335,21 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
       f'holds: {_listing(workdir)}); run train.py with --workdir={workdir} '
       'first.'
     )
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError.
+    raise checkpointing.CheckpointError(
+      f'{path} cannot be read as the JSON train.py writes ({e}); it was cut '
+      'short or edited: restore it from a copy, or train again in a new '
+      'workdir.'
+    ) from None
+  if not isinstance(saved, dict):
+    raise checkpointing.CheckpointError(
+      f'{path} holds a JSON {type(saved).__name__}, not a config; restore '
+      'it from a copy, or train again in a new workdir.'
+    )
+  return config_schema.complete(ml_collections.ConfigDict(saved), path)
 
 
 class Restored(NamedTuple):

@@ -81,7 +81,7 @@ def create_model(
       ),
       tower_hidden=(config.model.tower_hidden,),
     )
-  init = config.model.get('init_scheme', 'flax')
+  init = config.model.init_scheme
   if init == 'paddlerec' and gate.name == 'dselect_k':
     gate_kwargs['w_init'] = gates.symmetric_uniform(
       1.0
@@ -94,7 +94,7 @@ def create_model(
   bank_kwargs = {}
   if not config_schema.vmapped(config):  # The loop's evaluation options.
     bank_kwargs = {
-      'fused_eval': config.model.get('fused_eval', True),
+      'fused_eval': config.model.fused_eval,
       'eval_block': cpu_kernels.conv_relu_pool if conv == 'kernel' else None,
     }
   return models.MultiTaskMoE(
@@ -106,7 +106,7 @@ def create_model(
     routing_input=config.model.routing_input,
     num_classes=spec.num_classes,
     expert_kwargs=flax.core.FrozenDict(expert_kwargs),
-    bank=experts.EXPERT_BANKS[config.model.get('expert_bank', 'loop')],
+    bank=experts.EXPERT_BANKS[config.model.expert_bank],
     bank_kwargs=flax.core.FrozenDict(bank_kwargs),
     tower_kwargs=flax.core.FrozenDict({'init_scheme': init}),
     bn_axis_name=bn_axis_name,
@@ -131,7 +131,7 @@ def conv_impl(config) -> str:
   (cpu.ToeplitzConv, faster than XLA's convolution on XLA:CPU), and XLA's
   convolution on other backends or with ``model.expert_bank='vmap'``.
   """
-  conv = config.model.get('conv', 'auto')
+  conv = config.model.conv
   if conv != 'auto':
     return conv
   if jax.default_backend() != 'cpu' or config_schema.vmapped(config):
@@ -159,7 +159,7 @@ def norm_impl(config) -> str:
   cpu.BatchNormReLUPool) if they build on this machine, and XLA's ops
   otherwise (on other backends, or without a C++ compiler: logged once).
   """
-  norm = config.model.get('norm', 'auto')
+  norm = config.model.norm
   if norm != 'auto':
     return norm
   if jax.default_backend() != 'cpu' or config_schema.vmapped(config):

@@ -8,6 +8,7 @@ import json
 import os
 from typing import Any, Optional
 
+from absl import logging
 import numpy as np
 
 METRICS_FILE = 'metrics.jsonl'
@@ -108,18 +109,26 @@ def read_records(path: str) -> list[dict[str, Any]]:
   validation records from that step on are dropped. Test records name the
   best step, not the current one, so they stay; a test record replaces an
   earlier one of the same step (train.py run again on a finished workdir
-  tests it again). A line that is not JSON can only be a record a killed run
-  cut short; it is skipped.
+  tests it again). A line that is not a whole record (a record a killed run
+  cut short, or damage) is skipped, and a warning says how many were.
   """
   if not os.path.exists(path):
     return []
-  records, last_train_step = [], None
+  records, last_train_step, skipped = [], None, 0
   opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rt') as f:
+  with opener(path, 'rt', encoding='utf-8', errors='replace') as f:
     for line in f:
       try:
         record = json.loads(line)
-      except json.JSONDecodeError:  # Also blank lines.
+      except json.JSONDecodeError:
+        skipped += bool(line.strip())  # Blank lines are not records.
+        continue
+      if not (
+        isinstance(record, dict)
+        and isinstance(record.get('step'), int)
+        and isinstance(record.get('split'), str)
+      ):
+        skipped += 1
         continue
       step = record['step']
       if record['split'] == 'train':
@@ -133,6 +142,13 @@ def read_records(path: str) -> list[dict[str, Any]]:
           r for r in records if not (r['split'] == 'test' and r['step'] == step)
         ]
       records.append(record)
+  if skipped:
+    logging.warning(
+      '%s: skipped %d line(s) that are not whole records (a run killed '
+      'while writing, or damage)',
+      path,
+      skipped,
+    )
   return records
 
 

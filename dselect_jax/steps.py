@@ -95,11 +95,11 @@ def task_losses(logits, labels, loss_config) -> jax.Array:
   logits (T, B, C), labels (B, T).
   """
   num_classes = logits.shape[-1]
-  if loss_config.get('name', 'cross_entropy') == 'double_softmax':
+  if loss_config.name == 'double_softmax':
     probs = jnp.clip(jax.nn.softmax(logits), 1e-15, 1 - 1e-15)
     ce = optax.softmax_cross_entropy_with_integer_labels(probs, labels.T)
   else:
-    eps = loss_config.get('label_smoothing', 0.0)
+    eps = loss_config.label_smoothing
     targets = optax.smooth_labels(jax.nn.one_hot(labels.T, num_classes), eps)
     ce = optax.softmax_cross_entropy(logits, targets)  # (T, B)
   return jnp.mean(ce, axis=1)
@@ -338,9 +338,7 @@ class SparseTrainSteps:
     self.model = model
     self.loss_config = config.loss
     self.task_kinds = task_kinds
-    self.sparse = (
-      config.model.get('sparse_train', False) and not model.per_example
-    )
+    self.sparse = config.model.sparse_train and not model.per_example
     self._steps = {}
     self.active = None
 

@@ -248,6 +248,8 @@ def _train_and_evaluate(config, dataset, workdir, is_chief):
 def _check_writable(workdir: str):
   """Before any training: a read-only or full file system is one line, not
   an error hours later."""
+  if os.path.isdir(workdir):
+    checkpointing.check_layout(workdir)
   why = checkpointing.unwritable(workdir)
   if why:
     raise checkpointing.CheckpointError(

@@ -8,6 +8,8 @@ workdir byte-identical afterwards.
 
 import ast
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from dselect_jax import checkpointing
 from dselect_jax import config_schema
 from dselect_jax import datasets
 from dselect_jax import evaluate
@@ -600,3 +603,127 @@ def test_fuzz_every_field():
     jax.eval_shape(step, batched, batch, jax.random.key(0))
     outcomes['traced'] += 1
   assert outcomes['refused'] > 10 and outcomes['traced'] > 5, outcomes
+
+
+# ---------------------------------------------------------------------------
+# A damaged workdir: resume and evaluation work or stop in one line.
+# ---------------------------------------------------------------------------
+
+# What a run may write when it resumes; everything else a user had stays.
+_RUN_OUTPUTS = ('config.json', 'run_info.json', 'test_metrics.json')
+_ONE_LINE_ERRORS = (
+  config_schema.ConfigError,
+  datasets.DataError,
+  checkpointing.CheckpointError,
+  trainer.TrainingError,
+)
+_DAMAGES = ('truncate', 'delete', 'folder', 'garbage', 'other_config')
+
+
+def _fuzz_cases(count=30, seed=0, default=8):
+  """(file pick, damage) of ``count`` seeded cases; the first ``default``
+  run by default, the rest among the slow tests (about 2 s each here)."""
+  rng = np.random.default_rng(seed)
+  return [
+    pytest.param(
+      int(rng.integers(1 << 30)),
+      _DAMAGES[i % len(_DAMAGES)],
+      marks=() if i < default else pytest.mark.slow,
+    )
+    for i in range(count)
+  ]
+
+
+def _candidates(workdir):
+  """The files to damage, the same in every copy of a run: each file with
+  a fixed name, and of the files Orbax names by a digest, each folder's
+  largest (the same array in every run of the config)."""
+  found = []
+  for d, _, names in os.walk(workdir):
+    fixed = [n for n in names if not re.fullmatch('[0-9a-f]{32}', n)]
+    found += [os.path.join(d, n) for n in fixed if n != '.lock']
+    digests = sorted(set(names) - set(fixed))
+    if digests:
+      sizes = [os.path.getsize(os.path.join(d, n)) for n in digests]
+      found.append(os.path.join(d, digests[int(np.argmax(sizes))]))
+  return sorted(os.path.relpath(p, workdir) for p in found)
+
+
+def _damage(workdir, pick, damage, other_config):
+  files = _candidates(workdir)
+  name = files[pick % len(files)]
+  path = os.path.join(workdir, name)
+  if damage == 'truncate':
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+  elif damage == 'delete':
+    os.remove(path)
+  elif damage == 'folder':
+    os.remove(path)
+    os.mkdir(path)
+  elif damage == 'garbage':
+    with open(path, 'wb') as f:
+      f.write(np.random.default_rng(pick).bytes(64))
+  else:  # Another config's config.json, whichever file was picked.
+    name = 'config.json'
+    with open(os.path.join(workdir, name), 'w') as f:
+      f.write(other_config.to_json_best_effort(indent=2))
+  return name
+
+
+def _contents(workdir):
+  return {
+    os.path.relpath(os.path.join(d, n), workdir): (
+      open(os.path.join(d, n), 'rb').read()
+    )
+    for d, _, names in os.walk(workdir)
+    for n in names
+    if n != '.lock'
+  }
+
+
+def _one_line_or_none(fn):
+  try:
+    fn()
+  except _ONE_LINE_ERRORS as e:
+    assert '\n' not in str(e) and str(e), repr(e)
+    return str(e)
+  return None
+
+
+@pytest.mark.parametrize('pick,damage', _fuzz_cases())
+def test_a_damaged_workdir_resumes_evaluates_or_stops_in_one_line(
+  finished_run, tmp_path, pick, damage
+):
+  """One file of a finished workdir damaged (cut short, deleted, replaced by
+  a folder or by garbage, or config.json swapped for another config's):
+  the resume and the evaluation each work, falling back to an older good
+  checkpoint where one exists, or stop with one line; no file is lost
+  except that damaged checkpoints are moved aside."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished_run, workdir)
+  damaged = _damage(
+    workdir, pick, damage, helpers.tiny_config(**{'model.num_experts': 3})
+  )
+  before = _contents(workdir)
+  # The evaluation first, on the workdir as the damage left it; then the
+  # resume, which rewrites the run's own files.
+  _one_line_or_none(lambda: evaluate.evaluate_workdir(workdir))
+  _one_line_or_none(
+    lambda: trainer.train_and_evaluate(helpers.tiny_config(), workdir)
+  )
+  after = _contents(workdir)
+  for name, content in before.items():
+    if name in _RUN_OUTPUTS:
+      continue
+    if name == 'metrics.jsonl':  # Appended to, never rewritten.
+      assert after.get(name, b'').startswith(content), damaged
+      continue
+    top, *rest = name.split(os.sep)
+    moved = {
+      'checkpoints': 'damaged',
+      'best': 'previous_best',
+    }.get(top)
+    kept = after.get(name) == content
+    set_aside = moved and after.get(os.path.join(moved, *rest)) == content
+    assert kept or set_aside or top == 'tensorboard', (damaged, name)

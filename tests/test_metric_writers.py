@@ -81,3 +81,27 @@ def test_test_records_survive_a_resume(tmp_path):
 
 def test_no_file_reads_as_no_records(tmp_path):
   assert metric_writers.read_metrics(str(tmp_path)) == []
+
+
+def test_lines_that_are_not_whole_records_are_skipped_with_a_warning(
+  tmp_path, monkeypatch
+):
+  path = tmp_path / metric_writers.METRICS_FILE
+  _append(path, (1, 'train', 'a'))
+  with open(path, 'ab') as f:
+    f.write(b'{"step": 2, "spl\n')  # Cut short.
+    f.write(b'\xf8\xff garbage\n')  # Not UTF-8.
+    f.write(b'[1, 2]\n')  # JSON, not a record.
+    f.write(b'{"split": "train"}\n')  # A record without its step.
+    f.write(b'\n')  # Blank: not counted.
+  _append(path, (3, 'train', 'b'))
+  warnings = []
+  monkeypatch.setattr(
+    metric_writers.logging,
+    'warning',
+    lambda msg, *args: warnings.append(msg % args),
+  )
+  records = metric_writers.read_records(str(path))
+  assert [(r['step'], r['loss']) for r in records] == [(1, 'a'), (3, 'b')]
+  assert len(warnings) == 1 and 'skipped 4 line(s)' in warnings[0]
+  assert str(path) in warnings[0]

@@ -94,7 +94,7 @@ def resolve(data) -> Dataset:
   name = data.name
   data_dir = data.data_dir or None
   if name == 'movielens':
-    negatives = data.get('negatives', 1)
+    negatives = data.negatives
     return Dataset(
       name,
       movielens.spec(),
@@ -118,7 +118,7 @@ def resolve(data) -> Dataset:
     )
   if name not in multimnist.SOURCES:
     raise DataError(f'config.data.name={name!r}: choose one of {list(NAMES)}.')
-  num_validation = data.get('num_validation', -1)
+  num_validation = data.num_validation
   num_validation = None if num_validation < 0 else num_validation
   return Dataset(
     name,

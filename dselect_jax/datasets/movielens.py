@@ -266,8 +266,14 @@ def _read_files(path: str) -> dict[str, str]:
           f'{full}: missing; an unpacked ml-100k/ folder holds '
           f'{", ".join(FILES)}.'
         )
-      with open(full, 'rb') as f:
-        texts[name] = f.read().decode('latin-1')
+      try:
+        with open(full, 'rb') as f:
+          texts[name] = f.read().decode('latin-1')
+      except OSError as e:
+        raise sources.DataError(
+          f'{full}: cannot be read ({e.strerror or e}); an unpacked '
+          f'ml-100k/ folder holds the files {", ".join(FILES)}.'
+        ) from None
     return texts
   with zipfile.ZipFile(path) as z:
     for name in FILES:

@@ -197,7 +197,17 @@ def fetch_checked(
         f'{path}: missing and could not be downloaded '
         f'({"; ".join(errors)}); {where_to_put}.'
       )
-  actual = file_digest(path, algorithm)
+  if not os.path.isfile(path):
+    raise DataError(
+      f'{path}: a folder or other non-file is where this file belongs; '
+      f'move it away, then {where_to_put}.'
+    )
+  try:
+    actual = file_digest(path, algorithm)
+  except OSError as e:
+    raise DataError(
+      f'{path}: cannot be read ({e.strerror or e}); {where_to_put}.'
+    ) from None
   if actual != expected:
     raise DataError(
       f'{path}: {_DIGEST_NAMES.get(algorithm, algorithm)} is {actual}, '
