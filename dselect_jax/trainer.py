@@ -4,10 +4,11 @@ to bottom.
 ``train_and_evaluate(config, workdir)`` is all of it: the config's data set
 is resolved (``datasets``), the config checked (``config_schema``) and turned
 into a model, an optimizer and a state (``factory``), the mapped steps
-(``steps``) run over the batches of ``datasets.batching``, the ``evaluate.Evaluator``
-measures validation (and, with ``test_every_epoch``, test) after each epoch,
-``checkpointing`` saves the latest and the best state, and the best
-checkpoint is tested at the end (``evaluate.final_test``).
+(``steps``) run over the batches of ``datasets.batching``, the
+``evaluate.Evaluator`` measures validation (and, with ``test_every_epoch``,
+test) after each epoch, ``checkpointing`` saves the latest and the best
+state, and the best checkpoint is tested at the end
+(``evaluate.final_test``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def train_and_evaluate(
 
   Returns the test metrics, also written to ``workdir/test_metrics.json``.
   """
-  config_schema.check_fields(config)
+  config_schema.check_fields(config)  # First: a bad data.name is a field's.
   dataset = datasets.resolve(config.data)
   config_schema.validate(config, jax.device_count(), dataset.spec)
   is_chief = jax.process_index() == 0
