@@ -522,6 +522,7 @@ def test_paretomtl_multi_mnist(data_dir, mnist):
   )
 
 
+@pytest.mark.slow  # Builds full-size sets from the real files.
 def test_fresh_train_splits_repair_the_same_top_left_digits(data_dir, mnist):
   splits = multimnist.build(
     'multi_mnist', 'paretomtl', 0, data_dir, download=False
@@ -903,6 +904,7 @@ def test_a_damaged_cache_file_is_reported_and_rebuilt(
   )
 
 
+@pytest.mark.slow  # Builds full-size sets from the real files.
 def test_show_data_dumps_the_first_train_composites(data_dir, mnist, tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top

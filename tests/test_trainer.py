@@ -414,6 +414,8 @@ def test_config_overrides_reach_the_model():
   assert shapes['params']['gate_0']['z_logits'].shape == (4, 3)
 
 
+@pytest.mark.slow  # A whole train.py run; the compiler-less paths are
+# tested in-process by the skipped-kernel tests and the fallback tests.
 def test_train_py_without_a_compiler_trains_on_xlas_ops(tmp_path):
   """The CPU kernels are optional: with no C++ compiler (CXX pointing
   nowhere, an empty kernel cache) train.py warns, runs the experts on XLA's
