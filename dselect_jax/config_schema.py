@@ -259,8 +259,10 @@ def flat_fields(
 
 
 def check_fields(config: ml_collections.ConfigDict):
-  """Every field known, and each value one that field may hold."""
-  for field, value in flat_fields(config).items():
+  """Every field known and present, and each value one that field may
+  hold."""
+  fields = flat_fields(config)
+  for field, value in fields.items():
     if field not in FIELDS:
       raise ConfigError(
         f'config.{field} is not a field of this version (known: the fields '
@@ -269,6 +271,12 @@ def check_fields(config: ml_collections.ConfigDict):
     why = FIELDS[field].problem(value)
     if why:
       _bad(field, value, why)
+  missing = sorted(set(FIELDS) - set(fields))
+  if missing:
+    raise ConfigError(
+      f'the config lacks the fields {missing}; build it on '
+      'configs/default.py get_config(), which sets every field.'
+    )
 
 
 def _bad(field, value, why):

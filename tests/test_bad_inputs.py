@@ -727,3 +727,14 @@ def test_a_damaged_workdir_resumes_evaluates_or_stops_in_one_line(
     kept = after.get(name) == content
     set_aside = moved and after.get(os.path.join(moved, *rest)) == content
     assert kept or set_aside or top == 'tensorboard', (damaged, name)
+
+
+def test_a_config_without_a_field_names_it():
+  config = helpers.tiny_config()
+  with config.unlocked():
+    del config.data['negatives']
+  with pytest.raises(
+    config_schema.ConfigError,
+    match=r"lacks the fields \['data.negatives'\]; build it on configs/",
+  ):
+    config_schema.check_fields(config)
