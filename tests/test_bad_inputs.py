@@ -228,7 +228,7 @@ CASES = {
 ENV = {'kernel norm without a compiler': {'CXX': 'no-such-compiler'}}
 
 
-# Bad config values: checked in-process against factory.validate_config,
+# Bad config values: checked in-process against config_schema.validate,
 # which train.py calls before anything else ('k zero' also runs the real
 # command, for the one-line exit).
 _PARSE_ERRORS = ('mistyped override', 'override of wrong type')
@@ -560,7 +560,7 @@ def test_fuzz_every_field():
         section = section[key]
       with config.unlocked():
         # Bypass the ConfigDict's own type check: a config file can hold
-        # any value, and validate_config must catch it.
+        # any value, and config_schema.validate must catch it.
         section._fields[last] = value  # pylint: disable=protected-access
     try:
       helpers.validate(config, jax.device_count())
