@@ -49,13 +49,19 @@ def main(argv):
   per_device = _BATCH.value // n
   batch = {  # (n, b, ...): one shard per device.
     'image': rng.random((n, per_device, 36, 36, 1), np.float32),
-    'label': rng.integers(0, 10, (n, per_device, 2)).astype(np.int32),
+    'target': rng.integers(0, 10, (n, per_device, 2)).astype(np.int32),
+    'weight': np.ones((n, per_device, 2), np.float32),
   }
   key = jax.random.key(1)
-  step = functools.partial(steps.train_step, loss_config=config.loss)
+  step = functools.partial(
+    steps.train_step,
+    loss_config=config.loss,
+    task_kinds=data_spec.task_kinds,
+  )
   alone = functools.partial(  # BatchNorm without collectives.
     steps.train_step,
     loss_config=config.loss,
+    task_kinds=data_spec.task_kinds,
     model=factory.create_model(config, data_spec, bn_axis_name=None),
   )
 

@@ -23,6 +23,7 @@ from dselect_jax import datasets
 from dselect_jax import evaluate
 from dselect_jax import factory
 from dselect_jax import gates
+from dselect_jax import metric_writers
 from dselect_jax import steps
 from dselect_jax.datasets import multimnist as multimnist_data
 
@@ -69,7 +70,7 @@ def main(argv):
   n = jax.local_device_count()
   results, rates = {}, {}
   for sparse in (False, True):
-    evaluator = evaluate.Evaluator(model, n, sparse=sparse)
+    evaluator = evaluate.Evaluator(model, n, spec.task_kinds, sparse=sparse)
     evaluator(state, split, _BATCH.value)  # Compile.
     best = float('inf')
     for _ in range(3):
@@ -83,14 +84,11 @@ def main(argv):
       'examples/s',
       flush=True,
     )
-  same = all(
-    results[False][k] == results[True][k]
-    for k in ('accuracy_1', 'accuracy_2', 'expert_weights')
+  dense, sparse = (results[s][metric_writers.PER_TASK] for s in (False, True))
+  same = np.array_equal(dense['metric'], sparse['metric']) and (
+    results[False]['expert_weights'] == results[True]['expert_weights']
   )
-  loss_diff = max(
-    abs(results[False][f'loss_{t}'] - results[True][f'loss_{t}'])
-    for t in (1, 2)
-  )
+  loss_diff = np.max(np.abs(dense['loss'] - sparse['loss']))
   print(
     f'sparse / dense speed: x{rates[True] / rates[False]:.2f}; same '
     f'accuracies and weights: {same}; largest loss difference: '

@@ -157,13 +157,18 @@ def jax_worker(batches, loop: bool, variant: str = ''):
       ),
       'step': 0,
     }
-    p_train = steps.SparseTrainSteps(model, config)(holder['state'], 0)
+    p_train = steps.SparseTrainSteps(model, config, spec.task_kinds)(
+      holder['state'], 0
+    )
     key = jax.random.key(1)
     per_device = batch // devices
     fixed = jax.device_put(
       {
         'image': rng.random((devices, per_device, 36, 36, 1), np.float32),
-        'label': rng.integers(0, 10, (devices, per_device, 2)).astype(np.int32),
+        'target': rng.integers(0, 10, (devices, per_device, 2)).astype(
+          np.int32
+        ),
+        'weight': np.ones((devices, per_device, 2), np.float32),
       }
     )
     eval_batch = dict(

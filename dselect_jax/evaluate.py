@@ -39,17 +39,16 @@ class Evaluator:
   """Each task's metric and mean loss over every example of a split once,
   and each task's expert weights (mean over examples per-example).
 
-  Image data sets: ``accuracy_<t>`` and the cross-entropy ``loss_<t>``,
-  summed on the devices. Feature data sets (``task_kinds`` given): the
-  outputs of all examples are gathered and each task gets its kind's metric
-  (``auc_<t>``, ``rmse_<t>``, ``tasks.METRIC``) and weighted loss. Every
-  result has ``selection_score``, higher is better, on which the trainer
-  keeps its best checkpoint: the mean accuracy, or minus the sum of the
-  task losses (the training objective without the gates' terms).
+  The outputs of all examples (of every process) are gathered and each
+  task gets its kind's metric (``tasks.metric``: accuracy, AUC, RMSE) and
+  weighted loss: ``per_task`` ``{'metric': (T,), 'loss': (T,)}`` with the
+  metrics' names in ``metric_names``, as ``metric_writers.flatten``
+  writes them. ``selection_score`` (``tasks.selection_score``, higher is
+  better) is what the trainer keeps its best checkpoint on.
 
   With ``sparse`` and static gates, only the experts that some task still
   weighs are computed (``MultiTaskMoE.active_experts``): the others have
-  weight exactly 0, so the logits are the dense ones. Once DSelect-k has
+  weight exactly 0, so the outputs are the dense ones. Once DSelect-k has
   converged to k experts per task, evaluation is that much cheaper. One
   compiled step is kept per set of active experts.
   """
@@ -58,13 +57,13 @@ class Evaluator:
     self,
     model: models.MultiTaskMoE | models.RecommenderMoE,
     num_devices: int,
+    task_kinds: tuple[str, ...],
     sparse: bool = True,
-    task_kinds: Optional[tuple[str, ...]] = None,
   ):
     self.model = model
     self.num_devices = num_devices
     self.sparse = sparse and not model.per_example
-    self.task_kinds = task_kinds
+    self.task_kinds = tuple(task_kinds)
     self._steps = {}
 
   def _step(self, active):
@@ -97,42 +96,27 @@ class Evaluator:
       totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
       if np.ndim(weights) == 3:  # (devices, T, E): static weights.
         gate_weights = np.asarray(weights)[0]
-      if self.task_kinds is not None:
-        gathered.append(_examples(outputs, batch))
-    if self.task_kinds is None:
-      result = _accuracies(totals)
-    else:
-      result = _kind_metrics(self.task_kinds, gathered)
-    return {**result, **_gate_summary(totals, gate_weights)}
+      gathered.append(_examples(outputs, batch))
+    return {
+      **_task_scores(self.task_kinds, gathered),
+      **_gate_summary(totals, gate_weights),
+    }
 
 
 def _examples(outputs, batch) -> tuple[np.ndarray, ...]:
-  """A feature batch's real examples: outputs (N, T), targets and weights
-  (N, T), from the devices' (devices, T, b) and (devices, b, T)."""
-  num_tasks = np.shape(outputs)[1]
+  """A batch's real examples: outputs (N, T, ...), targets and weights
+  (N, T), from the devices' (devices, T, b, ...) and (devices, b, T)."""
+  outputs = np.asarray(outputs)
+  num_tasks = outputs.shape[1]
   keep = np.asarray(batch['mask']).reshape(-1) > 0
-  outputs = np.moveaxis(np.asarray(outputs), 1, -1).reshape(-1, num_tasks)
+  outputs = np.moveaxis(outputs, 1, 2)
+  outputs = outputs.reshape(-1, num_tasks, *outputs.shape[3:])
   target = np.asarray(batch['target']).reshape(-1, num_tasks)
   weight = np.asarray(batch['weight']).reshape(-1, num_tasks)
   return outputs[keep], target[keep], weight[keep]
 
 
-def _accuracies(totals) -> dict[str, Any]:
-  """Accuracy and mean cross-entropy per task, from the devices' sums."""
-  count = totals['count']
-  result = {'num_examples': int(count[0])}
-  num_tasks = len(count)
-  for t in range(num_tasks):
-    result[f'accuracy_{t + 1}'] = float(totals['correct'][t] / count[t])
-    result[f'loss_{t + 1}'] = float(totals['ce_sum'][t] / count[t])
-  result['accuracy_mean'] = float(
-    np.mean([result[f'accuracy_{t + 1}'] for t in range(num_tasks)])
-  )
-  result['selection_score'] = result['accuracy_mean']
-  return result
-
-
-def _kind_metrics(task_kinds, gathered) -> dict[str, Any]:
+def _task_scores(task_kinds, gathered) -> dict[str, Any]:
   """Each task's metric and loss over all examples of every process."""
   outputs, target, weight = (np.concatenate(a) for a in zip(*gathered))
   if jax.process_count() > 1:
@@ -142,35 +126,26 @@ def _kind_metrics(task_kinds, gathered) -> dict[str, Any]:
       np.asarray(multihost_utils.process_allgather(a, tiled=True))
       for a in (outputs, target, weight)
     )
-  result = {'num_examples': len(outputs)}
-  for t, (kind, name) in enumerate(
-    zip(task_kinds, tasks.metric_names(task_kinds))
-  ):
+  metric, loss = [], []
+  for t, kind in enumerate(task_kinds):
     args = (outputs[:, t], target[:, t], weight[:, t])
-    result[name] = tasks.metric(kind, *args)
-    result[f'loss_{t + 1}'] = float(tasks.loss(kind, *args))
-  result['selection_score'] = -sum(
-    result[f'loss_{t + 1}'] for t in range(len(task_kinds))
-  )
-  return result
-
-
-def task_metrics(result: dict[str, Any]) -> list[tuple[str, float]]:
-  """Each task's (metric, value) in a result, in task order:
-  ``[('accuracy', 0.94), ...]`` or ``[('auc', 0.91), ('rmse', 0.94)]``."""
-  pairs, t = [], 1
-  while True:
-    names = [m for m in tasks.HIGHER_IS_BETTER if f'{m}_{t}' in result]
-    if not names:
-      return pairs
-    pairs.append((names[0], result[f'{names[0]}_{t}']))
-    t += 1
+    metric.append(tasks.metric(kind, *args))
+    loss.append(float(tasks.loss(kind, *args)))
+  return {
+    'num_examples': len(outputs),
+    'metric_names': [tasks.METRIC[kind] for kind in task_kinds],
+    metric_writers.PER_TASK: {
+      'metric': np.array(metric),
+      'loss': np.array(loss),
+    },
+    'selection_score': tasks.selection_score(task_kinds, metric, loss),
+  }
 
 
 def headline(result: dict[str, Any]) -> str:
-  """Each task's metric in one line: ``accuracy 0.9412 / 0.9301`` or
-  ``auc 0.9102, rmse 0.9431``."""
-  pairs = task_metrics(result)
+  """Each task's metric in one line, from a result or a stored record:
+  ``accuracy 0.9412 / 0.9301`` or ``auc 0.9102, rmse 0.9431``."""
+  pairs = metric_writers.task_metrics(result)
   if len({name for name, _ in pairs}) == 1:
     return f'{pairs[0][0]} ' + ' / '.join(f'{v:.4f}' for _, v in pairs)
   return ', '.join(f'{name} {v:.4f}' for name, v in pairs)
@@ -199,15 +174,9 @@ def make_evaluator(config, model, spec: DataSpec) -> Evaluator:
   return Evaluator(
     model,
     jax.local_device_count(),
+    spec.task_kinds,
     config.model.sparse_eval,
-    feature_task_kinds(spec),
   )
-
-
-def feature_task_kinds(spec: DataSpec) -> Optional[tuple[str, ...]]:
-  """A feature data set's task kinds, which decide its losses and metrics;
-  None for image data sets, whose tasks are classifications with labels."""
-  return None if spec.is_image else spec.task_kinds
 
 
 def final_test(config, workdir, abstract, test_split, ckpts, evaluator, writer):
@@ -242,10 +211,11 @@ def test_checkpoint(
   evaluator: Evaluator, state, split, batch_size: int, step: int, kind: str
 ) -> dict[str, Any]:
   """The evaluator's result of one checkpoint's (unreplicated) ``state`` on
-  ``split``, with the checkpoint's ``step`` and ``kind`` ('best', 'last',
-  'periodic' or 'params')."""
+  ``split`` as it is written (``metric_writers.flatten``), with the
+  checkpoint's ``step`` and ``kind`` ('best', 'last', 'periodic' or
+  'params')."""
   result = evaluator(steps.replicate(state), split, batch_size)
-  return {**result, 'step': step, 'checkpoint': kind}
+  return {**metric_writers.flatten(result), 'step': step, 'checkpoint': kind}
 
 
 def with_test_statistics(result: dict[str, Any], workdir: str):
@@ -273,40 +243,33 @@ def test_statistics(records, selected: dict[str, Any]) -> dict[str, Any]:
   if not by_step:  # A resumed run may have written a step twice: the last.
     return {}
   passes = [by_step[s] for s in sorted(by_step)]
-  num_tasks = sum(
-    1
-    for k in passes[0]
-    if k.startswith('accuracy_') and k[len('accuracy_') :].isdigit()
-  )
-  tasks = range(1, num_tasks + 1)
+  accuracy = np.array(
+    [metric_writers.task_values(p, 'accuracy') for p in passes]
+  )  # (passes, T)
   count = np.array([p['num_examples'] for p in passes], np.float64)
-  stats = {
+  best = np.argmax(accuracy, axis=0)  # (T,)
+
+  def per_task(values):
+    return {f'accuracy_{t + 1}': float(v) for t, v in enumerate(values)}
+
+  return {
     'num_passes': len(passes),
     'best_validation': {
       'step': selected['step'],
       'checkpoint': selected['checkpoint'],
-      **{f'accuracy_{t}': selected[f'accuracy_{t}'] for t in tasks},
+      **per_task(metric_writers.task_values(selected, 'accuracy')),
     },
-    'last_epoch': {
-      'step': passes[-1]['step'],
-      **{f'accuracy_{t}': passes[-1][f'accuracy_{t}'] for t in tasks},
-    },
+    'last_epoch': {'step': passes[-1]['step'], **per_task(accuracy[-1])},
     'max_over_epochs': {
-      'note': 'chosen on the test split: not a fair estimate'
+      'note': 'chosen on the test split: not a fair estimate',
+      **per_task(np.max(accuracy, axis=0)),
+      **{f'step_{t + 1}': passes[b]['step'] for t, b in enumerate(best)},
     },
     'pooled_over_epochs': {
-      'note': "PaddleRec's statistic: correct / examples over every pass"
+      'note': "PaddleRec's statistic: correct / examples over every pass",
+      **per_task(count @ accuracy / np.sum(count)),
     },
   }
-  for t in tasks:
-    acc = np.array([p[f'accuracy_{t}'] for p in passes])
-    best = int(np.argmax(acc))
-    stats['max_over_epochs'][f'accuracy_{t}'] = float(acc[best])
-    stats['max_over_epochs'][f'step_{t}'] = passes[best]['step']
-    stats['pooled_over_epochs'][f'accuracy_{t}'] = float(
-      np.sum(acc * count) / np.sum(count)
-    )
-  return stats
 
 
 def _listing(workdir: str) -> str:
@@ -461,10 +424,11 @@ def report(result: dict[str, Any]) -> list[str]:
     f'test split, {result["checkpoint"]} checkpoint at step '
     f'{result["step"]} ({result["num_examples"]} examples):'
   ]
-  for t, (metric, value) in enumerate(task_metrics(result), 1):
+  losses = metric_writers.task_values(result, 'loss')
+  for t, (metric, value) in enumerate(metric_writers.task_metrics(result), 1):
     weights = [round(w, 4) for w in result['expert_weights'][t - 1]]
     lines.append(
-      f'  task {t}: {metric} {value:.6f}  loss {result[f"loss_{t}"]:.6f}  '
+      f'  task {t}: {metric} {value:.6f}  loss {losses[t - 1]:.6f}  '
       f'experts {result["selected_experts"][t - 1]}  weights {weights}'
     )
   stats = result.get('test_statistics')
@@ -473,7 +437,6 @@ def report(result: dict[str, Any]) -> list[str]:
       f'test passes after each of {stats["num_passes"]} epochs '
       '(test_metrics.json: test_statistics):'
     )
-    num_tasks = len(result['selected_experts'])
     for name, label in (
       ('best_validation', 'best-validation checkpoint'),
       ('last_epoch', 'last epoch'),
@@ -481,7 +444,7 @@ def report(result: dict[str, Any]) -> list[str]:
       ('pooled_over_epochs', "pooled over epochs (PaddleRec's statistic)"),
     ):
       accs = ' / '.join(
-        f'{stats[name][f"accuracy_{t}"]:.6f}' for t in range(1, num_tasks + 1)
+        f'{a:.6f}' for a in metric_writers.task_values(stats[name], 'accuracy')
       )
       lines.append(f'  {label:44s} {accs}')
   return lines

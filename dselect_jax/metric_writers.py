@@ -1,4 +1,12 @@
-"""Metrics to a JSON-lines file and TensorBoard event files (no TensorFlow)."""
+"""Metrics to a JSON-lines file and TensorBoard event files (no TensorFlow).
+
+Inside the code a result keeps its per-task values as arrays over tasks,
+under ``per_task`` (``{'loss': (T,), 'metric': (T,), ...}``, each task's
+metric named in ``metric_names``); the files keep one scalar per task and
+name, ``loss_1``, ``accuracy_2``, ``auc_1``. ``flatten`` turns the first
+into the second wherever a result is written, and ``task_values`` /
+``task_metrics`` read either form back.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,54 @@ from typing import Any, Optional
 from absl import logging
 import numpy as np
 
+from dselect_jax import tasks
+
 METRICS_FILE = 'metrics.jsonl'
+PER_TASK = 'per_task'
+
+
+def flatten(values: Mapping[str, Any]) -> dict[str, Any]:
+  """A result as the files store it: each array of ``values['per_task']``
+  becomes one plain value per task, ``name_<t>`` from 1, the ``'metric'``
+  array under each task's own metric name (``values['metric_names']``).
+  Other values are kept, as plain Python values."""
+  record = {
+    k: _plain(v)
+    for k, v in values.items()
+    if k not in (PER_TASK, 'metric_names')
+  }
+  for name, array in values.get(PER_TASK, {}).items():
+    for t, value in enumerate(_plain(array)):
+      key = values['metric_names'][t] if name == 'metric' else name
+      record[f'{key}_{t + 1}'] = value
+  return record
+
+
+def task_values(values: Mapping[str, Any], name: str) -> list:
+  """One per-task value per task, in task order, from a result or a stored
+  record: ``per_task[name]``, or ``name_1``, ``name_2``, ..."""
+  if PER_TASK in values:
+    return list(_plain(values[PER_TASK].get(name, [])))
+  found, t = [], 1
+  while f'{name}_{t}' in values:
+    found.append(values[f'{name}_{t}'])
+    t += 1
+  return found
+
+
+def task_metrics(values: Mapping[str, Any]) -> list[tuple[str, float]]:
+  """Each task's (metric, value), in task order, from a result or a stored
+  record: ``[('accuracy', 0.94), ...]`` or ``[('auc', 0.91), ('rmse',
+  0.94)]``."""
+  if PER_TASK in values:
+    return list(zip(values['metric_names'], _plain(values[PER_TASK]['metric'])))
+  pairs, t = [], 1
+  while True:
+    names = [m for m in tasks.HIGHER_IS_BETTER if f'{m}_{t}' in values]
+    if not names:
+      return pairs
+    pairs.append((names[0], values[f'{names[0]}_{t}']))
+    t += 1
 
 
 class MetricWriter:
@@ -58,8 +113,7 @@ class MetricWriter:
       return
     if self._check_space is not None:
       self._check_space(f'the {split} metrics of step {step}')
-    record = {'step': int(step), 'split': split}
-    record.update({k: _plain(v) for k, v in values.items()})
+    record = {'step': int(step), 'split': split, **flatten(values)}
     with open(self._path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     if self._tb is None:

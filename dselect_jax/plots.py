@@ -12,7 +12,6 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from dselect_jax import metric_writers
-from dselect_jax import tasks
 
 
 def sample_grid(
@@ -71,23 +70,15 @@ def training_curves(metrics_file: str, path: str) -> str:
   ax_loss.set_xlabel('step')
   ax_loss.set_ylabel('train loss')
   ax_loss.set_yscale('log')
-  metric_keys = sorted(
-    {
-      k
-      for r in valid
-      for k in r
-      if k.rpartition('_')[0] in tasks.HIGHER_IS_BETTER
-      and k.rpartition('_')[2].isdigit()
-    },
-    key=lambda k: int(k.rpartition('_')[2]),
-  )
-  for key in metric_keys:
-    name, _, task = key.rpartition('_')
+  # Each task's metric (accuracy, AUC or RMSE), named as the first
+  # validation record names it.
+  metrics = [metric_writers.task_metrics(r) for r in valid]
+  for t, (name, _) in enumerate(metrics[0] if metrics else []):
     ax_acc.plot(
       [r['step'] for r in valid],
-      [r[key] for r in valid],
+      [pairs[t][1] for pairs in metrics],
       marker='.',
-      label=f'task {task} ({name})',
+      label=f'task {t + 1} ({name})',
     )
   ax_acc.set_xlabel('step')
   ax_acc.set_ylabel('validation metric')

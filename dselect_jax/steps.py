@@ -7,10 +7,11 @@ devices equals one step on the whole batch. ``parallel`` maps them; moving to
 ``jax.shard_map`` changes that one function. ``SparseTrainSteps`` keeps one
 compiled train step per set of experts still in use.
 
-Two kinds of batch: an image data set's ``{'image', 'label'}`` (every task
-a classification, logits (T, B, C), with ``task_losses``' options), and a
-feature data set's ``{'categorical', 'dense', 'target', 'weight'}`` (one
-output per task, (T, B), its loss by the task's kind, ``tasks.loss``).
+A batch holds the model's inputs (an image data set's ``image``, a
+feature data set's ``categorical`` and ``dense``) and each task's
+``target`` and ``weight``; each task's loss is its kind's
+(``tasks.example_losses``): logits (T, B, C) for classification, one
+output per task (T, B) otherwise.
 
 Shapes: B batch (per device), T tasks, C classes, E experts.
 """
@@ -64,47 +65,6 @@ def aux_weights(loss_config, step) -> dict[str, jax.Array]:
   return weights
 
 
-def task_metrics(logits, labels, mask=None) -> dict[str, jax.Array]:
-  """Per-task sums: cross-entropy, correct predictions, example count.
-
-  logits (T, B, C), labels (B, T), mask (B,) -> each value (T,).
-  """
-  if mask is None:
-    mask = jnp.ones(labels.shape[0], logits.dtype)
-  ce = optax.softmax_cross_entropy_with_integer_labels(
-    logits, labels.T
-  )  # (T, B)
-  correct = (jnp.argmax(logits, -1) == labels.T).astype(logits.dtype)
-  return {
-    'ce_sum': jnp.sum(ce * mask, axis=1),
-    'correct': jnp.sum(correct * mask, axis=1),
-    'count': jnp.sum(mask) * jnp.ones(logits.shape[0]),
-  }
-
-
-def task_losses(logits, labels, loss_config) -> jax.Array:
-  """Each task's training loss, the batch mean (T,), as ``loss.name`` says.
-
-  ``cross_entropy``: softmax cross-entropy of the logits against the labels
-  smoothed by ``loss.label_smoothing`` (eps: 1 - eps on the label, eps / C
-  on every class). ``double_softmax``: PaddleRec's loss, which applies
-  ``F.cross_entropy`` (a softmax inside) to the tower's softmax output
-  clipped to [1e-15, 1 - 1e-15]: -log softmax(p)[y]. It is bounded by
-  log(1 + (C - 1) e) and nearly linear in p[y], so confidently wrong
-  examples get almost no gradient.
-  logits (T, B, C), labels (B, T).
-  """
-  num_classes = logits.shape[-1]
-  if loss_config.name == 'double_softmax':
-    probs = jnp.clip(jax.nn.softmax(logits), 1e-15, 1 - 1e-15)
-    ce = optax.softmax_cross_entropy_with_integer_labels(probs, labels.T)
-  else:
-    eps = loss_config.label_smoothing
-    targets = optax.smooth_labels(jax.nn.one_hot(labels.T, num_classes), eps)
-    ce = optax.softmax_cross_entropy(logits, targets)  # (T, B)
-  return jnp.mean(ce, axis=1)
-
-
 def model_inputs(batch) -> tuple:
   """The model's positional inputs in a batch: the images, or the
   categorical and dense features."""
@@ -113,26 +73,51 @@ def model_inputs(batch) -> tuple:
   return (batch['categorical'], batch['dense'])
 
 
-def kind_losses(outputs, batch, task_kinds) -> jax.Array:
-  """Each task's loss (T,) on this device's shard of a feature batch, by
-  its kind, so that the mean over the devices (as the gradients are
-  averaged) is the weighted mean over the whole batch: the shard's weighted
-  sum over the devices' mean weight. Call it inside the mapped step.
+def task_losses(outputs, batch, task_kinds, loss_config) -> jax.Array:
+  """Each task's loss (T,) on this device's shard, by its kind
+  (``tasks.example_losses``, classification with ``loss_config``'s options),
+  so that the mean over the devices (as the gradients are averaged) is the
+  weighted mean over the whole batch: the shard's weighted sum over the
+  devices' mean weight. Call it inside the mapped step.
 
-  outputs (T, B), batch target and weight (B, T).
+  outputs (T, B, ...), batch target and weight (B, T).
   """
   weight = batch['weight']
   mean_weight = jax.lax.pmean(jnp.sum(weight, axis=0), AXIS)  # (T,)
+  options = {
+    'label_smoothing': loss_config.label_smoothing,
+    'double_softmax': loss_config.name == 'double_softmax',
+  }
   sums = jnp.stack(
     [
       jnp.sum(
         weight[:, t]
-        * tasks.example_losses(kind, outputs[t], batch['target'][:, t])
+        * tasks.example_losses(
+          kind,
+          outputs[t],
+          batch['target'][:, t],
+          **(options if kind == 'classification' else {}),
+        )
       )
       for t, kind in enumerate(task_kinds)
     ]
   )
   return sums / jnp.maximum(mean_weight, 1e-12)
+
+
+def batch_accuracies(outputs, batch, task_kinds) -> Optional[jax.Array]:
+  """Each task's accuracy on this device's shard (T,) when every task is a
+  classification, shown in the training log; else None."""
+  if any(kind != 'classification' for kind in task_kinds):
+    return None
+  return jnp.stack(
+    [
+      tasks.batch_accuracy(
+        outputs[t], batch['target'][:, t], batch['weight'][:, t]
+      )
+      for t in range(len(task_kinds))
+    ]
+  )
 
 
 def gate_summary(expert_weights) -> dict[str, jax.Array]:
@@ -157,15 +142,16 @@ def train_step(
   rng,
   *,
   loss_config,
+  task_kinds,
   model=None,
-  task_kinds=None,
 ):
   """One optimizer step on this device's shard; averages over AXIS.
 
-  batch: image (b, 36, 36, 1) and label (b, T), or a feature batch, whose
-  tasks' ``task_kinds`` decide their losses (``kind_losses``). ``model`` replaces ``state.apply_fn`` (sparse training
-  passes one computing fewer experts). Returns (state, metrics), the
-  metrics already averaged over devices.
+  batch: the model's inputs with ``target`` and ``weight`` (b, T); each
+  task's loss by its kind (``task_losses``). ``model`` replaces
+  ``state.apply_fn`` (sparse training passes one computing fewer experts).
+  Returns (state, metrics), the metrics already averaged over devices, the
+  per-task ones as arrays (T,) under ``per_task``.
   """
   apply_fn = state.apply_fn if model is None else model.apply
   step_rng = jax.random.fold_in(
@@ -181,18 +167,7 @@ def train_step(
       mutable=['batch_stats'],
       rngs={'gating': step_rng},
     )
-    if 'label' in batch:  # Logits (T, B, C).
-      sums = task_metrics(outputs, batch['label'])
-      task_loss = task_losses(outputs, batch['label'], loss_config)  # (T,)
-      # Batch means per task (T,), logged beside the loss.
-      shown = {
-        'ce': sums['ce_sum'] / sums['count'],
-        'loss': task_loss,
-        'accuracy': sums['correct'] / sums['count'],
-      }
-    else:  # One output per task (T, B).
-      task_loss = kind_losses(outputs, batch, task_kinds)
-      shown = {'loss': task_loss}
+    task_loss = task_losses(outputs, batch, task_kinds, loss_config)  # (T,)
     # Each aux term summed over the gates (G,).
     terms = {
       name: jnp.sum(value)
@@ -200,44 +175,54 @@ def train_step(
       if name in AUX_WEIGHTS
     }
     loss = jnp.sum(task_loss) + sum(weights[n] * v for n, v in terms.items())
-    return loss, (updates.get('batch_stats', {}), shown, terms, aux)
+    accuracy = batch_accuracies(outputs, batch, task_kinds)
+    return loss, (
+      updates.get('batch_stats', {}),
+      task_loss,
+      accuracy,
+      terms,
+      aux,
+    )
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (batch_stats, shown, terms, aux)), grads = grad_fn(state.params)
+  (loss, (batch_stats, task_loss, accuracy, terms, aux)), grads = grad_fn(
+    state.params
+  )
   grads = jax.lax.pmean(grads, AXIS)
   # BatchNorm already used cross-device statistics (bn_axis_name); this only
   # removes float noise so every replica holds identical running averages.
   batch_stats = jax.lax.pmean(batch_stats, AXIS)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
 
-  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
-  num_tasks = shown['loss'].shape[0]
-  for t in range(num_tasks):
-    for name, value in shown.items():
-      metrics[f'{name}_{t + 1}'] = value[t]
+  per_task = {
+    'loss': task_loss,
+    'num_nonzero': gate_summary(aux['expert_weights'])['num_nonzero'],
+  }
+  if accuracy is not None:
+    per_task['accuracy'] = accuracy
+  metrics = {
+    'loss': loss,
+    'grad_norm': optax.tree.norm(grads),
+    'per_task': per_task,
+  }
   for name, value in terms.items():
     metrics[f'aux_{name}'] = value
     metrics[f'weight_{name}'] = jnp.asarray(weights[name], jnp.float32)
-  gate = gate_summary(aux['expert_weights'])
-  for t in range(num_tasks):
-    metrics[f'num_nonzero_{t + 1}'] = gate['num_nonzero'][t]
   metrics = jax.lax.pmean(metrics, AXIS)
   return state, metrics
 
 
 def eval_step(model: models.MultiTaskMoE, state: factory.TrainState, batch):
-  """Sums over this device's (masked) shard, summed over AXIS; the expert
-  weights; and the outputs, (T, b, C) or (T, b), for the metrics that need
-  every example (AUC)."""
+  """The example count of this device's (masked) shard and, per-example,
+  the sums of its expert weights, summed over AXIS; the expert weights;
+  and the outputs, (T, b, C) or (T, b), from which the Evaluator computes
+  each task's metric and loss over the whole split."""
   outputs, aux = model.apply(
     {'params': state.params, 'batch_stats': state.batch_stats},
     *model_inputs(batch),
     train=False,
   )
-  if 'label' in batch:
-    sums = task_metrics(outputs, batch['label'], batch['mask'])
-  else:
-    sums = {'count': jnp.sum(batch['mask']) * jnp.ones(outputs.shape[0])}
+  sums = {'count': jnp.sum(batch['mask']) * jnp.ones(outputs.shape[0])}
   weights = aux['expert_weights']
   if weights.ndim == 3:  # Per-example: sum the masked weights and counts.
     mask = batch['mask'][None, :, None]
@@ -332,9 +317,9 @@ class SparseTrainSteps:
   active set is re-read from the parameters at every log step.
   """
 
-  def __init__(self, model, config, task_kinds=None):
-    """``task_kinds``: a feature data set's (``DataSpec.task_kinds``), which
-    decide its losses; None for image data sets."""
+  def __init__(self, model, config, task_kinds: tuple[str, ...]):
+    """``task_kinds``: the data set's (``DataSpec.task_kinds``), which decide
+    the tasks' losses."""
     self.model = model
     self.loss_config = config.loss
     self.task_kinds = task_kinds

@@ -9,11 +9,14 @@ reports:
   ROC curve, ties counted half).
 - ``'regression'``: one value; squared error; RMSE.
 
-Targets come with weights (0 where a task's target is unknown, as the
-rating of a movie nobody rated): a loss is the weighted mean over the batch,
-a metric is taken over the examples of weight > 0.
+Every batch holds ``target`` and ``weight`` (B, T), whatever its inputs
+(an image's digits are targets of weight 1; a movie nobody rated has a
+rating target of weight 0): a loss is the weighted mean over the batch, a
+metric is taken over the examples of weight > 0. ``selection_score`` turns
+a split's metrics and losses into the one number on which the best
+checkpoint is kept.
 
-Shapes: B batch.
+Shapes: B batch, C classes, T tasks.
 """
 
 from __future__ import annotations
@@ -39,14 +42,36 @@ def metric_names(kinds) -> list[str]:
   return [f'{METRIC[kind]}_{t + 1}' for t, kind in enumerate(kinds)]
 
 
-def example_losses(kind: str, output, target) -> jax.Array:
+def example_losses(
+  kind: str,
+  output,
+  target,
+  *,
+  label_smoothing: float = 0.0,
+  double_softmax: bool = False,
+) -> jax.Array:
   """One task's loss on each example: output (B,) or, for classification,
-  logits (B, C) with integer targets; target (B,) -> (B,)."""
+  logits (B, C) with integer targets; target (B,) -> (B,).
+
+  Classification's options (the training loss, ``config.loss``):
+  ``label_smoothing`` eps puts 1 - eps on the label and eps / C on every
+  class. ``double_softmax`` is PaddleRec's loss, which applies
+  ``F.cross_entropy`` (a softmax inside) to the tower's softmax output
+  clipped to [1e-15, 1 - 1e-15]: -log softmax(p)[y]. It is bounded by
+  log(1 + (C - 1) e) and nearly linear in p[y], so confidently wrong
+  examples get almost no gradient.
+  """
   check_kind(kind)
   if kind == 'classification':
-    return optax.softmax_cross_entropy_with_integer_labels(
-      output, target.astype(jnp.int32)
+    labels = jnp.asarray(target).astype(jnp.int32)
+    if double_softmax:
+      probs = jnp.clip(jax.nn.softmax(output), 1e-15, 1 - 1e-15)
+      return optax.softmax_cross_entropy_with_integer_labels(probs, labels)
+    num_classes = jnp.shape(output)[-1]
+    targets = optax.smooth_labels(
+      jax.nn.one_hot(labels, num_classes), label_smoothing
     )
+    return optax.softmax_cross_entropy(output, targets)
   if kind == 'binary':
     return optax.sigmoid_binary_cross_entropy(output, target)
   return jnp.square(output - target)
@@ -57,6 +82,13 @@ def loss(kind: str, output, target, weight) -> jax.Array:
   weighted by ``weight`` (B,)) -> ()."""
   per_example = example_losses(kind, output, target)
   return jnp.sum(weight * per_example) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def batch_accuracy(output, target, weight) -> jax.Array:
+  """A classification task's weighted accuracy on a batch (jit-able):
+  logits (B, C), target and weight (B,) -> ()."""
+  correct = jnp.argmax(output, -1) == jnp.asarray(target).astype(jnp.int32)
+  return jnp.sum(weight * correct) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -86,3 +118,16 @@ def metric(kind: str, output, target, weight) -> float:
   if kind == 'binary':
     return auc(output, target)
   return float(np.sqrt(np.mean(np.square(output - target))))
+
+
+def selection_score(kinds, metrics, losses) -> float:
+  """The number, higher is better, on which a run keeps its best checkpoint.
+
+  The mean accuracy when every task is a classification (as the paper and
+  PaddleRec select on MultiMNIST); otherwise minus the summed loss, the
+  training objective without the gates' terms, which puts tasks of
+  different metrics (AUC, RMSE) on one scale.
+  """
+  if all(kind == 'classification' for kind in kinds):
+    return float(np.mean(metrics))
+  return -float(np.sum(losses))

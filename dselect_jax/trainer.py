@@ -146,9 +146,7 @@ def _train_and_evaluate(config, dataset, workdir, is_chief):
   rng = jax.random.key(config.seed + 1)
 
   evaluator = evaluate.make_evaluator(config, model, spec)
-  train_steps = steps.SparseTrainSteps(
-    model, config, evaluate.feature_task_kinds(spec)
-  )
+  train_steps = steps.SparseTrainSteps(model, config, spec.task_kinds)
   p_train_step = train_steps(state, start_step)
   # Multi-host, only process 0 writes metrics: it cannot stop alone, so there
   # the collective check before each save is the only one.
@@ -184,7 +182,7 @@ def _train_and_evaluate(config, dataset, workdir, is_chief):
           or stop.signal
         ):
           history = [
-            jax.tree.map(lambda x: float(np.asarray(x)[0]), m) for m in history
+            jax.tree.map(lambda x: np.asarray(x)[0], m) for m in history
           ]
           _check_finite(history, interval_start + 1, step, last_good)
           _log_train(
@@ -360,7 +358,8 @@ def _log_train(
   expert_weights=None,
 ):
   steps_per_s = (step - interval_start) / max(elapsed, 1e-9)
-  summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+  # The mean over the interval's steps, per-task values as arrays (T,).
+  summary = jax.tree.map(lambda *v: np.mean(v, axis=0), *history)
   if expert_weights is not None:  # Static gates: (T, E) at this step.
     summary['expert_weights'] = expert_weights.tolist()
   summary['steps_per_second'] = steps_per_s
@@ -368,8 +367,8 @@ def _log_train(
   summary['peak_rss_mb'] = peak_rss_mb()
   writer.write(step, 'train', summary)
   eta = (num_train_steps - step) / max(steps_per_s, 1e-9)
-  # Accuracy for image tasks, else each task's loss.
-  shown = 'accuracy' if 'accuracy_1' in summary else 'loss'
+  # Accuracy when every task is a classification, else each task's loss.
+  shown = 'accuracy' if 'accuracy' in summary['per_task'] else 'loss'
   logging.info(
     'step %d/%d  loss %.4f  %s %s  experts %s  %.2f steps/s  %.0f examples/s'
     '  ETA %s',
@@ -377,21 +376,17 @@ def _log_train(
     num_train_steps,
     summary['loss'],
     'acc' if shown == 'accuracy' else 'task losses',
-    _per_task(summary, shown, 4),
-    _per_task(summary, 'num_nonzero', 1),
+    _per_task(summary['per_task'][shown], 4),
+    _per_task(summary['per_task']['num_nonzero'], 1),
     steps_per_s,
     summary['images_per_second'],
     _format_seconds(eta),
   )
 
 
-def _per_task(summary, name: str, digits: int) -> str:
-  """``name_1``, ``name_2``, ... of a summary as ``0.9412/0.9301``."""
-  values, t = [], 1
-  while f'{name}_{t}' in summary:
-    values.append(f'{summary[f"{name}_{t}"]:.{digits}f}')
-    t += 1
-  return '/'.join(values)
+def _per_task(values, digits: int) -> str:
+  """One value per task as ``0.9412/0.9301``."""
+  return '/'.join(f'{v:.{digits}f}' for v in values)
 
 
 def _format_seconds(seconds: float) -> str:

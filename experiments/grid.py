@@ -135,7 +135,7 @@ def run_cell(gate, dataset, seed, out):
     # Each task's test metric: accuracy_1, ... or auc_1, rmse_2.
     **{
       f'{name}_{t}': value
-      for t, (name, value) in enumerate(evaluate.task_metrics(result), 1)
+      for t, (name, value) in enumerate(metric_writers.task_metrics(result), 1)
     },
     'num_nonzero': result['num_nonzero'],
     'selected_experts': result['selected_experts'],
@@ -181,9 +181,12 @@ def tabulate(out):
   rows = []
   for (dataset, gate), group in sorted(groups.items()):
     row = {'dataset': dataset, 'gate': gate, 'seeds': len(group)}
+    # Each task's metric (accuracy, auc, rmse) and its key in the cells.
+    row['metric_names'] = [
+      name for name, _ in metric_writers.task_metrics(group[0])
+    ]
     row['metrics'] = [
-      f'{name}_{t}'
-      for t, (name, _) in enumerate(evaluate.task_metrics(group[0]), 1)
+      f'{name}_{t}' for t, name in enumerate(row['metric_names'], 1)
     ]
     for key in row['metrics']:
       values = np.array([c[key] for c in group])
@@ -221,8 +224,8 @@ def tabulate(out):
   ]
   for r in rows:
     metrics = ' | '.join(
-      f'{key.rpartition("_")[0]} {r[f"{key}_mean"]:.4f} ± {r[f"{key}_std"]:.4f}'
-      for key in r['metrics']
+      f'{name} {r[f"{key}_mean"]:.4f} ± {r[f"{key}_std"]:.4f}'
+      for name, key in zip(r['metric_names'], r['metrics'])
     )
     lines.append(
       f'| {r["dataset"]} | {r["gate"]} | {r["seeds"]} | {metrics} | '
@@ -250,24 +253,24 @@ def _plots(out, rows, cells):
   panels = []
   for dataset in sorted({r['dataset'] for r in rows}):
     sub = [r for r in rows if r['dataset'] == dataset]
-    for metric in dict.fromkeys(
-      k.rpartition('_')[0] for k in sub[0]['metrics']
-    ):
-      keys = [k for k in sub[0]['metrics'] if k.rpartition('_')[0] == metric]
-      panels.append((dataset, metric, sub, keys))
+    names = sub[0]['metric_names']
+    for metric in dict.fromkeys(names):
+      tasks_of = [t for t, name in enumerate(names) if name == metric]
+      panels.append((dataset, metric, sub, tasks_of))
   fig, axes = plt.subplots(
     1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False
   )
-  for ax, (dataset, metric, sub, keys) in zip(axes[0], panels):
+  for ax, (dataset, metric, sub, tasks_of) in zip(axes[0], panels):
     x = np.arange(len(sub))
+    keys = [sub[0]['metrics'][t] for t in tasks_of]
     width = 0.8 / len(keys)
-    for i, key in enumerate(keys):
+    for i, (t, key) in enumerate(zip(tasks_of, keys)):
       ax.bar(
         x + (i - (len(keys) - 1) / 2) * width,
         [r[f'{key}_mean'] for r in sub],
         width,
         yerr=[r[f'{key}_std'] for r in sub],
-        label=f'task {key.rpartition("_")[2]}',
+        label=f'task {t + 1}',
         capsize=3,
       )
     ax.set_xticks(x)

@@ -17,7 +17,6 @@ import sys
 
 import numpy as np
 
-from dselect_jax import evaluate
 from dselect_jax import metric_writers
 
 
@@ -90,7 +89,7 @@ def main():
 def _keys(record) -> list[tuple[str, str]]:
   """Each task's metric key in a record, and how to name it in a line:
   nothing for accuracies, else ``auc ``, ``rmse ``."""
-  pairs = evaluate.task_metrics(record)
+  pairs = metric_writers.task_metrics(record)
   plain = all(name == 'accuracy' for name, _ in pairs)
   return [
     (f'{name}_{t}', '' if plain else f'{name} ')

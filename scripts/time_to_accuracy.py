@@ -70,6 +70,13 @@ def _timestamps(folder, pattern=_TEST):
   return out
 
 
+def _score(record) -> float:
+  """The trainer's choice of the best checkpoint: the validation record's
+  selection_score (the mean accuracy; records older than the score hold
+  only accuracy_mean)."""
+  return record.get('selection_score', record.get('accuracy_mean'))
+
+
 def epochs(folder):
   """Per epoch: step, wall_s, test (2,), chosen_step, chosen_test (2,)."""
   records = _records(folder)
@@ -78,9 +85,7 @@ def epochs(folder):
   test = {r['step']: r for r in records if r['split'] == 'test_epoch'}
   rows, best = [], None
   for step in sorted(test):
-    if step in val and (
-      best is None or val[step]['accuracy_mean'] > val[best]['accuracy_mean']
-    ):
+    if step in val and (best is None or _score(val[step]) > _score(val[best])):
       best = step
     if best is None or step not in seconds:
       continue

@@ -574,26 +574,23 @@ def test_fuzz_every_field():
     tx = factory.create_optimizer(config, 10)
     state = helpers.abstract_state(config, model, tx)
     spec = helpers.spec_of(config)
+    batch = {
+      'target': jax.ShapeDtypeStruct((1, 8, 2), 'float32'),
+      'weight': jax.ShapeDtypeStruct((1, 8, 2), 'float32'),
+    }
     if spec.is_image:
-      batch = {
-        'image': jax.ShapeDtypeStruct((1, 8, 36, 36, 1), 'float32'),
-        'label': jax.ShapeDtypeStruct((1, 8, 2), 'int32'),
-      }
+      batch['image'] = jax.ShapeDtypeStruct((1, 8, 36, 36, 1), 'float32')
     else:
-      batch = {
-        'categorical': {
-          name: jax.ShapeDtypeStruct((1, 8), 'int32')
-          for name, _ in spec.cardinalities
-        },
-        'dense': jax.ShapeDtypeStruct((1, 8, spec.num_dense), 'float32'),
-        'target': jax.ShapeDtypeStruct((1, 8, 2), 'float32'),
-        'weight': jax.ShapeDtypeStruct((1, 8, 2), 'float32'),
+      batch['categorical'] = {
+        name: jax.ShapeDtypeStruct((1, 8), 'int32')
+        for name, _ in spec.cardinalities
       }
+      batch['dense'] = jax.ShapeDtypeStruct((1, 8, spec.num_dense), 'float32')
     step = steps.one_device(
       functools.partial(
         steps.train_step,
         loss_config=config.loss,
-        task_kinds=evaluate.feature_task_kinds(spec),
+        task_kinds=spec.task_kinds,
       ),
       in_axes=(0, 0, None),
     )

@@ -785,7 +785,7 @@ def _toy_split(n):
 
 
 def _ids(batch):
-  return batch['label'][..., 0].ravel().tolist()
+  return batch['target'][..., 0].ravel().tolist()
 
 
 def test_train_batches_shapes_and_epochs():
@@ -793,14 +793,16 @@ def test_train_batches_shapes_and_epochs():
   it = batching.train_batches(split, 12, 4, seed=7)
   batch = next(it)
   assert batch['image'].shape == (4, 3, 36, 36, 1)
-  assert batch['image'].dtype == np.float32 and batch['label'].shape == (
+  assert batch['image'].dtype == np.float32 and batch['target'].shape == (
     4,
     3,
     2,
   )
+  # Every digit is a known target: weight 1.
+  np.testing.assert_array_equal(batch['weight'], np.ones((4, 3, 2)))
   # Pixels are the id / 255.
   np.testing.assert_allclose(
-    batch['image'][..., 0, 0, 0], batch['label'][..., 0] / 255, rtol=1e-6
+    batch['image'][..., 0, 0, 0], batch['target'][..., 0] / 255, rtol=1e-6
   )
   epoch0 = _ids(batch) + sum((_ids(next(it)) for _ in range(3)), [])
   # 4 batches of 12 per epoch (2 of 50 dropped), no example twice.
@@ -854,8 +856,8 @@ def test_processes_split_each_global_batch():
     for p in range(3)
   ]
   for _ in range(6):
-    want = next(whole)['label'][..., 0].tolist()  # (devices, per_device)
-    got = sum((next(part)['label'][..., 0].tolist() for part in parts), [])
+    want = next(whole)['target'][..., 0].tolist()  # (devices, per_device)
+    got = sum((next(part)['target'][..., 0].tolist() for part in parts), [])
     assert got == want
   evals = [list(batching.eval_batches(split, 12, 2, p, 3)) for p in range(3)]
   seen = [

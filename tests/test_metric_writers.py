@@ -3,6 +3,8 @@ ones an uninterrupted run would have written."""
 
 import json
 
+import numpy as np
+
 from dselect_jax import metric_writers
 
 
@@ -105,3 +107,34 @@ def test_lines_that_are_not_whole_records_are_skipped_with_a_warning(
   assert [(r['step'], r['loss']) for r in records] == [(1, 'a'), (3, 'b')]
   assert len(warnings) == 1 and 'skipped 4 line(s)' in warnings[0]
   assert str(path) in warnings[0]
+
+
+def test_per_task_arrays_are_flattened_once_where_written(tmp_path):
+  result = {
+    'num_examples': 10,
+    'metric_names': ['auc', 'rmse'],
+    metric_writers.PER_TASK: {
+      'metric': np.array([0.75, 1.5]),
+      'loss': np.array([0.5, 2.25]),
+    },
+    'expert_weights': np.array([[0.5, 0.5], [1.0, 0.0]]),
+  }
+  want = {
+    'num_examples': 10,
+    'auc_1': 0.75,
+    'rmse_2': 1.5,
+    'loss_1': 0.5,
+    'loss_2': 2.25,
+    'expert_weights': [[0.5, 0.5], [1.0, 0.0]],
+  }
+  assert metric_writers.flatten(result) == want
+  writer = metric_writers.MetricWriter(str(tmp_path))
+  writer.write(3, 'validation', result)
+  writer.close()
+  (record,) = metric_writers.read_metrics(str(tmp_path))
+  assert record == {'step': 3, 'split': 'validation', **want}
+  # Either form reads back the same, in task order.
+  for form in (result, record):
+    assert metric_writers.task_metrics(form) == [('auc', 0.75), ('rmse', 1.5)]
+    assert metric_writers.task_values(form, 'loss') == [0.5, 2.25]
+  assert metric_writers.task_values(record, 'accuracy') == []

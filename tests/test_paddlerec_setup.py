@@ -3,6 +3,7 @@
 Expected numbers are derived by hand in the comments.
 """
 
+import functools
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from dselect_jax import evaluate
 from dselect_jax import experts
 from dselect_jax import metric_writers
 from dselect_jax import steps
+from dselect_jax import tasks
 from dselect_jax import trainer
 from dselect_jax.datasets import batching
 from tests import helpers
@@ -33,20 +35,38 @@ def _loss_config(**fields):
   )
 
 
+def _classification_losses(logits, labels, loss_config):
+  """steps.task_losses of one classification task on one device: logits
+  (1, B, C), labels (B, 1), every example of weight 1."""
+  batch = {
+    'target': jnp.asarray(labels)[None],
+    'weight': jnp.ones((1,) + np.shape(labels)),
+  }
+  return steps.one_device(
+    functools.partial(
+      steps.task_losses,
+      task_kinds=('classification',),
+      loss_config=loss_config,
+    )
+  )(jnp.asarray(logits)[None], batch)[0]
+
+
 def test_double_softmax_by_hand():
   # One task, two examples, three classes.
   logits = np.array([[[2.0, 0.0, 0.0], [0.0, 0.0, 9.0]]])  # (T, B, C)
   labels = np.array([[0], [0]])  # (B, T): the second is confidently wrong.
-  got = steps.task_losses(
-    jnp.asarray(logits),
-    jnp.asarray(labels),
-    _loss_config(name='double_softmax'),
-  )
   want = []
   for row in logits[0]:
     p = np.exp(row) / np.exp(row).sum()
     p = np.clip(p, 1e-15, 1 - 1e-15)
     want.append(-np.log(np.exp(p[0]) / np.exp(p).sum()))
+  per_example = tasks.example_losses(
+    'classification', jnp.asarray(logits[0]), labels[:, 0], double_softmax=True
+  )
+  np.testing.assert_allclose(per_example, want, rtol=1e-6)
+  got = _classification_losses(
+    logits, labels, _loss_config(name='double_softmax')
+  )
   np.testing.assert_allclose(got, [np.mean(want)], rtol=1e-6)
   # Bounded by log(1 + (C - 1) e) (p = 0 on the label, 1 elsewhere); the
   # confidently wrong example (p ~ (0, 0, 1)) is at log(2 + e), almost
@@ -62,13 +82,11 @@ def test_label_smoothing_by_hand():
   log_p = logits[0, 0] - np.log(np.exp(logits[0, 0]).sum())
   target = np.full(4, eps / 4)
   target[3] += 1 - eps  # 0.85 on the label, 0.05 elsewhere.
-  got = steps.task_losses(
-    jnp.asarray(logits), jnp.asarray(labels), _loss_config(label_smoothing=eps)
+  got = _classification_losses(
+    logits, labels, _loss_config(label_smoothing=eps)
   )
   np.testing.assert_allclose(got, [-(target * log_p).sum()], rtol=1e-6)
-  plain = steps.task_losses(
-    jnp.asarray(logits), jnp.asarray(labels), _loss_config()
-  )
+  plain = _classification_losses(logits, labels, _loss_config())
   np.testing.assert_allclose(plain, [-log_p[3]], rtol=1e-6)
 
 
@@ -151,7 +169,7 @@ def test_stored_order_batches():
   for _ in range(2):  # Two epochs, the same order.
     for i in range(4):
       np.testing.assert_array_equal(
-        next(batches)['label'][0], split.labels[i * 1000 : (i + 1) * 1000]
+        next(batches)['target'][0], split.labels[i * 1000 : (i + 1) * 1000]
       )
 
 
@@ -168,10 +186,10 @@ def test_epoch_splits_feed_their_epoch():
     split, 2000, 1, seed=0, shuffle=False, start_step=1, epoch_split=epoch_split
   )
   np.testing.assert_array_equal(
-    next(batches)['label'][0], split.labels[2000:]
+    next(batches)['target'][0], split.labels[2000:]
   )  # Epoch 0, batch 1.
   np.testing.assert_array_equal(
-    next(batches)['label'][0], flipped.labels[:2000]
+    next(batches)['target'][0], flipped.labels[:2000]
   )  # Epoch 1, batch 0.
   assert seen[:2] == [0, 1]
 

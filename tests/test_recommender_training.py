@@ -22,6 +22,7 @@ from dselect_jax import config_schema
 from dselect_jax import datasets
 from dselect_jax import evaluate
 from dselect_jax import factory
+from dselect_jax import metric_writers
 from dselect_jax import steps
 from dselect_jax import tasks
 from dselect_jax import trainer
@@ -129,6 +130,8 @@ def test_eval_batches_pad_the_last_batch_with_masked_zeros(movielens_dir):
 
 
 KINDS = ('binary', 'regression')
+# Options of classification tasks only: no effect on these.
+LOSS_CONFIG = movielens_config.get_config().loss
 
 
 def test_kind_losses_by_hand():
@@ -141,7 +144,9 @@ def test_kind_losses_by_hand():
     'weight': jnp.array([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]]),
   }
   losses = steps.one_device(
-    functools.partial(steps.kind_losses, task_kinds=KINDS)
+    functools.partial(
+      steps.task_losses, task_kinds=KINDS, loss_config=LOSS_CONFIG
+    )
   )(outputs[None], jax.tree.map(lambda x: x[None], batch))[0]
   expected = (
     math.log(2) + math.log(1 + math.e**2) + math.log1p(math.e**-1)
@@ -160,7 +165,9 @@ def test_kind_losses_average_over_devices_to_the_whole_batch():
     'weight': jnp.array([[[1.0, 1.0], [1.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]]),
   }
   per_device = steps.one_device(
-    functools.partial(steps.kind_losses, task_kinds=KINDS)
+    functools.partial(
+      steps.task_losses, task_kinds=KINDS, loss_config=LOSS_CONFIG
+    )
   )(outputs, batch)
   np.testing.assert_allclose(per_device[:, 1], [1 / 1.5, 13 / 1.5], rtol=1e-6)
   assert float(per_device[:, 1].mean()) == pytest.approx(14 / 3)
@@ -222,9 +229,11 @@ def test_the_evaluator_scores_every_example_once(movielens_dir):
   tx = factory.create_optimizer(config, 10)
   state = helpers.initial_state(config, model, tx, jax.random.key(0))
   test = dataset.test
-  result = evaluate.make_evaluator(config, model, dataset.spec)(
+  scores = evaluate.make_evaluator(config, model, dataset.spec)(
     steps.replicate(state), test, config.eval_batch_size
   )
+  assert scores['metric_names'] == ['auc', 'rmse']
+  result = metric_writers.flatten(scores)  # As the metrics files hold it.
   # The same outputs on the whole split at once, and the metrics by hand.
   outputs, _ = model.apply(
     {'params': state.params},

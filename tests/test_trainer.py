@@ -39,6 +39,8 @@ from dselect_jax.cpu import kernels as cpu_kernels
 from dselect_jax.datasets import batching
 from tests import helpers
 
+# MultiMNIST's tasks (``multimnist.spec``): two digit classifications.
+KINDS = ('classification', 'classification')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -69,7 +71,9 @@ def test_pmap_step_equals_single_device_step(gate, per_example):
   split = helpers.sample('train')
   batch = next(batching.train_batches(split, 16, 1, seed=0))
   rng = jax.random.key(1)
-  step = functools.partial(steps.train_step, loss_config=config.loss)
+  step = functools.partial(
+    steps.train_step, loss_config=config.loss, task_kinds=KINDS
+  )
 
   results = []
   for n in (1, 4):
@@ -131,7 +135,9 @@ def test_the_mapped_step_compiles_once_for_the_replicated_state():
   split = helpers.sample('train')
   batch = next(batching.train_batches(split, 16, 4, seed=0))
   step = steps.parallel(  # pylint: disable=protected-access
-    functools.partial(steps.train_step, loss_config=config.loss),
+    functools.partial(
+      steps.train_step, loss_config=config.loss, task_kinds=KINDS
+    ),
     in_axes=(0, 0, None),
     donate_argnums=(0,),
   )
@@ -362,8 +368,9 @@ def test_metrics_file_and_tensorboard(sample_run):
   train = [r for r in records if r['split'] == 'train']
   for key in (
     'loss',
-    'ce_1',
-    'ce_2',
+    'loss_1',
+    'loss_2',
+    'accuracy_1',
     'aux_entropy',
     'aux_reachability',
     'weight_entropy',
@@ -375,8 +382,8 @@ def test_metrics_file_and_tensorboard(sample_run):
   # The loss is the sum of the task losses plus the weighted aux terms.
   for r in train:
     want = (
-      r['ce_1']
-      + r['ce_2']
+      r['loss_1']
+      + r['loss_2']
       + r['weight_entropy'] * r['aux_entropy']
       + r['weight_reachability'] * r['aux_reachability']
     )
@@ -721,6 +728,38 @@ def model_and_state(config, **bit_logits):
   return model, flax.jax_utils.replicate(state.replace(params=params))
 
 
+def test_the_evaluator_scores_every_image_once():
+  """Accuracy and cross-entropy of each task over the whole split, by hand
+  from the model's logits, against the Evaluator's padded batches on the
+  four devices (96 does not divide the split)."""
+  config = helpers.tiny_config()
+  model = helpers.create_model(config, bn_axis_name=steps.AXIS)
+  tx = factory.create_optimizer(config, 10)
+  state = helpers.initial_state(config, model, tx, jax.random.key(0))
+  split = helpers.sample('test')
+  assert len(split) % 96
+  result = evaluate.Evaluator(model, 4, KINDS)(
+    steps.replicate(state), split, 96
+  )
+  logits, _ = helpers.create_model(config).apply(
+    {'params': state.params, 'batch_stats': state.batch_stats},
+    split.batch(np.arange(len(split)))['image'],
+    train=False,
+  )
+  logits = np.asarray(logits, np.float64)  # (T, N, C)
+  assert result['num_examples'] == len(split)
+  assert result['metric_names'] == ['accuracy', 'accuracy']
+  scores = result[metric_writers.PER_TASK]
+  for t in range(2):
+    labels = split.labels[:, t]
+    accuracy = np.mean(np.argmax(logits[t], -1) == labels)
+    log_z = np.log(np.sum(np.exp(logits[t]), -1))
+    ce = np.mean(log_z - logits[t][np.arange(len(split)), labels])
+    assert scores['metric'][t] == accuracy
+    np.testing.assert_allclose(scores['loss'][t], ce, rtol=1e-5)
+  assert result['selection_score'] == pytest.approx(np.mean(scores['metric']))
+
+
 @pytest.mark.parametrize('shared_gate', [True, False])
 def test_sparse_eval_equals_dense_eval(shared_gate):
   config = helpers.tiny_config(
@@ -737,16 +776,17 @@ def test_sparse_eval_equals_dense_eval(shared_gate):
     logits['gate_1'] = [[-1, -1, 1], [-1, 1, -1]]
   model, state = model_and_state(config, **logits)
   split = helpers.sample('test')
-  dense = evaluate.Evaluator(model, 4, sparse=False)
-  sparse = evaluate.Evaluator(model, 4, sparse=True)
+  dense = evaluate.Evaluator(model, 4, KINDS, sparse=False)
+  sparse = evaluate.Evaluator(model, 4, KINDS, sparse=True)
   assert dense.active(state) is None
   assert sparse.active(state) == ((1, 4) if shared_gate else (1, 2, 4))
   want, got = dense(state, split, 200), sparse(state, split, 200)
   assert want['selected_experts'] == got['selected_experts']
-  for key in ('accuracy_1', 'accuracy_2', 'num_examples'):
-    assert want[key] == got[key]
-  for key in ('loss_1', 'loss_2'):
-    np.testing.assert_allclose(got[key], want[key], rtol=1e-6)
+  assert want['num_examples'] == got['num_examples'] == len(split)
+  assert want['metric_names'] == got['metric_names'] == ['accuracy'] * 2
+  want, got = want[metric_writers.PER_TASK], got[metric_writers.PER_TASK]
+  np.testing.assert_array_equal(got['metric'], want['metric'])
+  np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-6)
 
 
 def test_sparse_train_step_matches_the_dense_step():
@@ -769,11 +809,13 @@ def test_sparse_train_step_matches_the_dense_step():
   split = helpers.sample('train')
   batch = next(batching.train_batches(split, 16, 4, seed=0))
   replicated = flax.jax_utils.replicate(state)
-  sparse = steps.SparseTrainSteps(model, config)
+  sparse = steps.SparseTrainSteps(model, config, KINDS)
   sparse_step = sparse(replicated, 0)
   assert sparse.active == (1, 2)
   dense = steps.SparseTrainSteps(
-    model, helpers.tiny_config(**{'model.num_experts': 4, 'model.gate.k': 1})
+    model,
+    helpers.tiny_config(**{'model.num_experts': 4, 'model.gate.k': 1}),
+    KINDS,
   )
   dense_step = dense(replicated, 0)
   assert dense.active is None

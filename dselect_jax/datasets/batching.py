@@ -82,7 +82,7 @@ def train_batches(
   Yields:
     ``split.batch(rows)`` with every array shaped (devices, per_device,
     ...); for images ``{'image': float32 (devices, per_device, 36, 36, 1),
-    'label': int32 (devices, per_device, 2)}``.
+    'target': int32 (devices, per_device, 2), 'weight': ...}``.
   """
   per_device, local = _local_rows(
     global_batch, num_devices, process_index, process_count

@@ -41,7 +41,7 @@ arrays are byte-identical everywhere.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -110,11 +110,14 @@ class Split:
     return len(self.images)
 
   def batch(self, rows) -> dict[str, np.ndarray]:
-    """The model's input and the labels of ``rows``: ``image`` float32
-    (N, 36, 36, 1), ``label`` int32 (N, 2)."""
+    """The model's input and the tasks' targets of ``rows``: ``image``
+    float32 (N, 36, 36, 1), ``target`` int32 (N, 2) (the digits) and
+    ``weight`` float32 (N, 2) (all 1: every digit is known)."""
+    labels = self.labels[rows]
     return {
       'image': to_model_input(self.images[rows]),
-      'label': self.labels[rows],
+      'target': labels,
+      'weight': np.ones(labels.shape, np.float32),
     }
 
 
@@ -226,20 +229,27 @@ def _offsets(rng, recipe: str, n: int) -> tuple[np.ndarray, np.ndarray]:
   )
 
 
+class Pool(NamedTuple):
+  """Source images one corner of the composites draws from: ``index`` (N,)
+  in their source's split, ``images`` uint8 (N, 28, 28), ``labels`` (N,)."""
+
+  index: np.ndarray
+  images: np.ndarray
+  labels: np.ndarray
+
+
 def _build_split(
-  rng,
-  tl_index,
-  tl_images,
-  tl_labels,
-  br_index,
-  br_images,
-  br_labels,
-  recipe,
-  same_source,
-  base=None,
+  rng: np.random.Generator,
+  top_left: Pool,
+  bottom_right: Pool,
+  recipe: str,
+  same_source: bool,
+  base: Optional[np.ndarray] = None,
 ) -> Split:
   """Composites of the top-left images at positions ``base`` (default: each
   one twice, in order) with random partners and the recipe's placements."""
+  tl_index, tl_images, tl_labels = top_left
+  br_index, br_images, br_labels = bottom_right
   different_class = recipe != 'comet' and same_source
   if base is None:
     rounds = [np.arange(len(tl_images))] * 2
@@ -320,21 +330,11 @@ def build(
     )
     full = {}
     for split in ('train', 'test'):
-      (tl_images, tl_labels), (br_images, br_labels) = (
-        raw[(tl_source, split)],
-        raw[(br_source, split)],
+      tl, br = (
+        Pool(np.arange(len(raw[(s, split)][1])), *raw[(s, split)])
+        for s in (tl_source, br_source)
       )
-      full[split] = _build_split(
-        rng,
-        np.arange(len(tl_labels)),
-        tl_images,
-        tl_labels,
-        np.arange(len(br_labels)),
-        br_images,
-        br_labels,
-        recipe,
-        same_source,
-      )
+      full[split] = _build_split(rng, tl, br, recipe, same_source)
     n = len(full['train'].labels)
     if not 0 <= num_validation < n:
       raise DataError(
@@ -358,15 +358,15 @@ def build(
     keep, held = stratified_split(labels, holdout, rng)
     test_images, test_labels = raw[(s, 'test')]
     parts[s] = {
-      'train': (keep, images[keep], labels[keep]),
-      'validation': (held, images[held], labels[held]),
-      'test': (np.arange(len(test_labels)), test_images, test_labels),
+      'train': Pool(keep, images[keep], labels[keep]),
+      'validation': Pool(held, images[held], labels[held]),
+      'test': Pool(np.arange(len(test_labels)), test_images, test_labels),
     }
   return {
     split: _build_split(
       rng,
-      *parts[tl_source][split],
-      *parts[br_source][split],
+      parts[tl_source][split],
+      parts[br_source][split],
       recipe,
       same_source,
     )
@@ -415,10 +415,10 @@ class FreshTrainSplits:
         np.arange(len(labels)) if recipe == 'paretomtl' else np.unique(used)
       )
       if self._same_source and side == 'br':
-        pool = pools['tl'][0]  # One pool: "never itself" holds.
-      pools[side] = (pool, images[pool], labels[pool])
+        pool = pools['tl'].index  # One pool: "never itself" holds.
+      pools[side] = Pool(pool, images[pool], labels[pool])
     self._pools = pools
-    self._base = np.searchsorted(pools['tl'][0], index)
+    self._base = np.searchsorted(pools['tl'].index, index)
     self._cached = (None, None)
 
   def __call__(self, epoch: int) -> Split:
@@ -426,8 +426,8 @@ class FreshTrainSplits:
       rng = _generator(self.dataset, self.recipe, self.seed, 1, epoch)
       split = _build_split(
         rng,
-        *self._pools['tl'],
-        *self._pools['br'],
+        self._pools['tl'],
+        self._pools['br'],
         self.recipe,
         self._same_source,
         base=self._base,
