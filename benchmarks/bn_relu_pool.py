@@ -15,7 +15,6 @@ dselect_jax/cpu/kernels.py).
 import os
 import time
 
-from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
@@ -23,10 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from dselect_jax import blocks
+from dselect_jax import cli
 from dselect_jax import cpu
 
 _BATCHES = flags.DEFINE_list('batches', ['128', '256', '512'], 'Batch sizes.')
-_REPEATS = flags.DEFINE_integer('repeats', 30, 'Timed calls; best is kept.')
+_REPEATS = flags.DEFINE_integer(
+  'repeats', 30, 'Timed calls; best is kept.', lower_bound=1
+)
 
 
 class Block(nn.Module):
@@ -81,7 +83,7 @@ def main(argv):
   )
   print('| input (B, H, W, C) | XLA (nn.BatchNorm) ms | kernels ms | x XLA |')
   print('| --- | --- | --- | --- |')
-  for batch in map(int, _BATCHES.value):
+  for batch in cli.positive_ints('batches', _BATCHES.value):
     for shape in ((batch, 32, 32, 10), (batch, 12, 12, 20)):
       xla = time_block('xla', shape, _REPEATS.value)
       kernel = time_block('kernel', shape, _REPEATS.value)
@@ -92,4 +94,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -9,14 +9,16 @@ the total to the 10 s budget of the data issue.
 
 import time
 
-from absl import app
 from absl import flags
 
+from dselect_jax import cli
 from dselect_jax.datasets import multimnist
 from dselect_jax.datasets import sources
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Raw files folder.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Builds per cell; best is kept.')
+_REPEATS = flags.DEFINE_integer(
+  'repeats', 3, 'Builds per cell; best is kept.', lower_bound=1
+)
 BUDGET_S = 10.0
 
 
@@ -49,4 +51,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -18,22 +18,33 @@ way.
 import functools
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 import optax
 
 from configs import multimnist
+from dselect_jax import cli
+from dselect_jax import config_schema
 from dselect_jax import datasets
 from dselect_jax import factory
 from dselect_jax import steps
 
-_BATCH = flags.DEFINE_integer('batch', 256, 'Images per step, all devices.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Steps per timed window.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows per way.')
-_CONV = flags.DEFINE_string('conv', 'auto', 'config.model.conv')
-_NORM = flags.DEFINE_string('norm', 'auto', 'config.model.norm')
+_BATCH = flags.DEFINE_integer(
+  'batch', 256, 'Images per step, all devices.', lower_bound=1
+)
+_STEPS = flags.DEFINE_integer(
+  'steps', 10, 'Steps per timed window.', lower_bound=1
+)
+_REPEATS = flags.DEFINE_integer(
+  'repeats', 3, 'Timed windows per way.', lower_bound=1
+)
+_CONV = flags.DEFINE_enum(
+  'conv', 'auto', config_schema.CONV_IMPLS + ('auto',), 'config.model.conv'
+)
+_NORM = flags.DEFINE_enum(
+  'norm', 'auto', config_schema.NORM_IMPLS + ('auto',), 'config.model.norm'
+)
 
 
 def main(argv):
@@ -160,4 +171,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -26,7 +26,6 @@ of each output from the loop's:
 import functools
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -34,6 +33,7 @@ import numpy as np
 
 from configs import multimnist
 from dselect_jax import blocks
+from dselect_jax import cli
 from dselect_jax import datasets
 from dselect_jax import experts
 from dselect_jax import factory
@@ -41,8 +41,10 @@ from dselect_jax.cpu import kernels
 from dselect_jax.cpu import layers
 from dselect_jax.cpu import memory
 
-_BATCH = flags.DEFINE_integer('batch', 1000, 'Images per call.')
-_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating rounds.')
+_BATCH = flags.DEFINE_integer('batch', 1000, 'Images per call.', lower_bound=1)
+_ROUNDS = flags.DEFINE_integer(
+  'rounds', 5, 'Alternating rounds.', lower_bound=1
+)
 EPS = 1e-5
 
 
@@ -179,4 +181,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -21,20 +21,21 @@ prints every rate against it too.
 import functools
 import time
 
-from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from dselect_jax import blocks
+from dselect_jax import cli
 from dselect_jax import config_schema
 from dselect_jax import cpu
+from dselect_jax import experts
 from dselect_jax import factory
 
-_BATCH = flags.DEFINE_integer('batch', 256, 'Images per step.')
-_EXPERTS = flags.DEFINE_integer('experts', 8, 'Experts.')
-_REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed steps.')
+_BATCH = flags.DEFINE_integer('batch', 256, 'Images per step.', lower_bound=1)
+_EXPERTS = flags.DEFINE_integer('experts', 8, 'Experts.', lower_bound=2)
+_REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed steps.', lower_bound=1)
 _ABLATIONS = flags.DEFINE_bool(
   'ablations',
   False,
@@ -121,14 +122,14 @@ def bench_torch(batch, experts, repeats):
 
 def main(argv):
   del argv
-  batch, experts = _BATCH.value, _EXPERTS.value
+  batch, num_experts = _BATCH.value, _EXPERTS.value
   print(
-    f'{jax.devices()[0].platform}, batch {batch}, {experts} experts; '
+    f'{jax.devices()[0].platform}, batch {batch}, {num_experts} experts; '
     'forward+backward of the expert bank'
   )
   torch_rate = None
   if _TORCH.value:
-    torch_rate, warm_s = bench_torch(batch, experts, _REPEATS.value)
+    torch_rate, warm_s = bench_torch(batch, num_experts, _REPEATS.value)
   variants = [
     (
       f'loop, {conv} conv',
@@ -164,7 +165,7 @@ def main(argv):
     ]
   base = None
   for name, make_bank in variants:
-    rate, compile_s = bench(make_bank(experts), batch, _REPEATS.value)
+    rate, compile_s = bench(make_bank(num_experts), batch, _REPEATS.value)
     base = base or rate
     vs_torch = f'  x{rate / torch_rate:5.2f} vs PyTorch' if torch_rate else ''
     print(
@@ -181,4 +182,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

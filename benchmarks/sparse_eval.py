@@ -12,13 +12,13 @@ the same accuracies, losses and weights.
 
 import time
 
-from absl import app
 from absl import flags
 import flax
 import jax
 import numpy as np
 
 from configs import multimnist
+from dselect_jax import cli
 from dselect_jax import datasets
 from dselect_jax import evaluate
 from dselect_jax import factory
@@ -27,11 +27,13 @@ from dselect_jax import metric_writers
 from dselect_jax import steps
 from dselect_jax.datasets import multimnist as multimnist_data
 
-_EXPERTS = flags.DEFINE_integer('experts', 8, 'Experts.')
-_K = flags.DEFINE_integer('k', 2, 'Selectors per gate.')
+_EXPERTS = flags.DEFINE_integer('experts', 8, 'Experts.', lower_bound=2)
+_K = flags.DEFINE_integer('k', 2, 'Selectors per gate.', lower_bound=1)
 _SHARED = flags.DEFINE_bool('shared_gate', True, 'One gate for both tasks.')
-_EXAMPLES = flags.DEFINE_integer('examples', 10000, 'Examples evaluated.')
-_BATCH = flags.DEFINE_integer('batch', 1000, 'Eval batch.')
+_EXAMPLES = flags.DEFINE_integer(
+  'examples', 10000, 'Examples evaluated.', lower_bound=1
+)
+_BATCH = flags.DEFINE_integer('batch', 1000, 'Eval batch.', lower_bound=1)
 
 
 def saturated_params(params, num_experts, k, rng):
@@ -97,4 +99,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

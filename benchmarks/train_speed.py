@@ -52,15 +52,21 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
 
+from dselect_jax import cli
 from dselect_jax.cpu import memory
 
 _BATCHES = flags.DEFINE_list('batches', ['128', '256', '512'], 'Batch sizes.')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Steps per timed window.')
-_ROUNDS = flags.DEFINE_integer('rounds', 7, 'Windows of each contender.')
-_THREADS = flags.DEFINE_integer('threads', 2, 'Threads of each contender.')
+_STEPS = flags.DEFINE_integer(
+  'steps', 20, 'Steps per timed window.', lower_bound=1
+)
+_ROUNDS = flags.DEFINE_integer(
+  'rounds', 7, 'Windows of each contender.', lower_bound=1
+)
+_THREADS = flags.DEFINE_integer(
+  'threads', 2, 'Threads of each contender.', lower_bound=1
+)
 _CONTENDERS = flags.DEFINE_list(
   'contenders',
   [
@@ -391,7 +397,8 @@ def table(rates, workers, batches, faults):
 
 def main(argv):
   del argv
-  batches = [int(b) for b in _BATCHES.value]
+  batches = cli.positive_ints('batches', _BATCHES.value)
+  cli.output_file('out', _OUT.value)
   if _WORKER.value:
     worker_main(_WORKER.value, batches, _THREADS.value, _TORCH_DEVICE.value)
     return
@@ -437,4 +444,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -18,11 +18,16 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
 
-_BATCH = flags.DEFINE_integer('batch', 256, 'Images per step (all devices).')
-_REPEATS = flags.DEFINE_integer('repeats', 8, 'Timed steps; best is kept.')
+from dselect_jax import cli
+
+_BATCH = flags.DEFINE_integer(
+  'batch', 256, 'Images per step (all devices).', lower_bound=1
+)
+_REPEATS = flags.DEFINE_integer(
+  'repeats', 8, 'Timed steps; best is kept.', lower_bound=1
+)
 _CHILD = flags.DEFINE_bool('child', False, 'Internal: time one setting.')
 _OUT = flags.DEFINE_string('out', None, 'Also write the table here.')
 _CONV = flags.DEFINE_enum(
@@ -109,6 +114,7 @@ def main(argv):
       json.dumps({'rate': child(_BATCH.value, _REPEATS.value, _CONV.value)})
     )
     return
+  cli.output_file('out', _OUT.value)
   lines = [
     f'$ python {" ".join(sys.argv)}',
     f'# forward+backward of the 8-expert bank ({_CONV.value} '
@@ -148,4 +154,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

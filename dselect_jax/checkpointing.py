@@ -25,7 +25,9 @@ import json
 import logging as py_logging
 import math
 import os
+import re
 import shutil
+import sys
 import tempfile
 from typing import Any, Optional
 
@@ -98,6 +100,7 @@ class Checkpoints:
     ``SPACE_MARGIN`` still fit (:meth:`check_space`)."""
     self.workdir = os.path.abspath(workdir)
     self.reserve_bytes = 2 * state_bytes + SPACE_MARGIN
+    _silence_abandoned_reads()  # Before any read: see there.
     # Orbax writes each checkpoint to a *.orbax-checkpoint-tmp folder and
     # renames it when complete; a training process (create=True) removes the
     # half-written folders a killed run left behind.
@@ -250,7 +253,7 @@ class Checkpoints:
           'damaged/%d and resumed from step %d.',
           bad_step,
           self.workdir,
-          reason(error, 200),
+          restore_failure(error, 200),
           bad_step,
           step,
         )
@@ -262,7 +265,7 @@ class Checkpoints:
     raise CheckpointError(
       f'none of the periodic checkpoints {steps} in {self.workdir} can be '
       'restored into the model of this config (made with another config, '
-      f'or all damaged); newest, step {step}: {reason(error)}'
+      f'or all damaged); newest, step {step}: {restore_failure(error)}'
     )
 
   def _quarantine(self, step: int):
@@ -350,7 +353,7 @@ class Checkpoints:
       raise CheckpointError(
         f'{kind} checkpoint {step} in {self.workdir} cannot be restored into '
         f'the model of this config (damaged, or made with another config): '
-        f'{reason(e)}'
+        f'{restore_failure(e)}'
       ) from None
 
   def wait(self):
@@ -390,13 +393,15 @@ def restore_params(workdir: str, step: int, abstract_state: Any) -> Any:
   target = _restore_target(
     {'params': abstract_state.params, 'batch_stats': abstract_state.batch_stats}
   )
+  _silence_abandoned_reads()
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       restored = checkpointer.restore(path, target)
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(
       f'params checkpoint {path} cannot be restored into the model of '
-      f'this config (damaged, or made with another config): {reason(e)}'
+      f'this config (damaged, or made with another config): '
+      f'{restore_failure(e)}'
     ) from None
   # Nothing to resume from: a zero optimizer state, for evaluation only.
   zeros = jax.tree.map(
@@ -516,6 +521,85 @@ def reason(error: BaseException, limit: int = 300) -> str:
     )
     text = f'{type(error).__name__}{where}'
   return text[:limit]
+
+
+# TensorStore's read errors: which array's chunk, in which file, and why.
+_READ_ERROR = re.compile(
+  r'([A-Z_]+): (?:Error opening "[^"]+" driver: )*Error reading "([^"]+)" '
+  r'in OCDBT database at local file "([^"]+)": (.*)'
+)
+
+
+def restore_failure(error: BaseException, limit: int = 300) -> str:
+  """Why a checkpoint did not restore, in words: the array whose data
+  could not be read and what was wrong with its file, found in the chain of
+  causes (Orbax's own message holds a TensorStore object's repr instead)."""
+  chain, seen = [], error
+  while seen is not None and len(chain) < 10:
+    chain.append(seen)
+    seen = seen.__cause__ or seen.__context__
+  for e in chain:
+    found = _READ_ERROR.search(' '.join(str(e).split()))
+    if found:
+      code, key, folder, why = found.groups()
+      array, _, chunk = key.rpartition('/')
+      part = 'metadata' if chunk.startswith('.z') else 'data'
+      why = why.rstrip('.')
+      why = why if len(why) <= 160 else why[:157] + '...'
+      return (
+        f'the {part} of array {array or key} cannot be read: a file of the '
+        f'checkpoint in {folder} is cut short or damaged ({code}: {why})'
+      )
+  text = reason(error, 10 * limit)
+  return text.split(' See full TensorStore details')[0][:limit]
+
+
+def _silence_abandoned_reads():
+  """Drops the late callbacks of reads that a failed restore abandoned.
+
+  When one array of a checkpoint fails to read, Orbax's restore returns
+  while TensorStore still completes the other reads; their callbacks reach
+  an event loop that Orbax has closed, and each prints a RuntimeError
+  ('Event loop is closed') through ``sys.unraisablehook``, a few or
+  thousands, at any time up to exit, starting before the error reaches the
+  caller; the read coroutines of other arrays of the same damaged file
+  report their own errors when they are dropped. Their results are not
+  wanted, so once checkpoints are opened the hook drops exactly those: the
+  closed loop's error raised with no object, and errors of Orbax's
+  coroutines; asyncio's log of futures whose read error nobody retrieved
+  is filtered too. Anything else still goes where it went.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_abandoned_reads', False):
+    return
+
+  def hook(unraisable):
+    closed_loop = (
+      isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == 'Event loop is closed'
+      and unraisable.object is None
+    )
+    code = getattr(unraisable.object, 'cr_code', None)  # A coroutine's.
+    orbax_read = code is not None and (
+      os.sep + 'orbax' + os.sep in code.co_filename
+    )
+    if not (closed_loop or orbax_read):
+      previous(unraisable)
+
+  hook.drops_abandoned_reads = True
+  sys.unraisablehook = hook
+  py_logging.getLogger('asyncio').addFilter(_abandoned_read_logs)
+
+
+def _abandoned_read_logs(record: py_logging.LogRecord) -> bool:
+  """False for asyncio's reports of a failed read's future that nobody
+  awaited (the other arrays of a damaged checkpoint; see
+  ``_silence_abandoned_reads``)."""
+  text = record.getMessage()
+  return not (
+    text.split('\n', 1)[0].endswith('exception was never retrieved')
+    and ('in OCDBT database' in text or 'while reading array' in text)
+  )
 
 
 def _replicated() -> jax.sharding.NamedSharding:

@@ -1,10 +1,13 @@
-"""What train.py and eval.py share: flag parsing with one-line errors, the
+"""What the command-line tools share: flag parsing with one-line errors,
+``run`` (absl's app.run whose bad input ends in one line), flag checks, the
 host allocator's setting, and a quieter console."""
 
+from collections.abc import Callable, Sequence
 import logging as std_logging
 import os
 import sys
 
+from absl import app
 from absl import flags
 from absl import logging
 
@@ -32,9 +35,97 @@ def setup_host_memory():
     logging.info('--keep_freed_memory: not glibc; the allocator is unchanged.')
 
 
+def input_errors() -> tuple[type[BaseException], ...]:
+  """The errors that mean bad input, whose message names the problem and
+  the fix: a bad config value, missing or damaged data, a damaged workdir
+  or checkpoint, a stopped run."""
+  # pylint: disable=g-import-not-at-top
+  from dselect_jax import checkpointing
+  from dselect_jax import config_schema
+  from dselect_jax import trainer
+  from dselect_jax.datasets import sources
+
+  return (
+    config_schema.ConfigError,
+    sources.DataError,
+    checkpointing.CheckpointError,
+    trainer.TrainingError,
+    UsageError,
+  )
+
+
+class UsageError(Exception):
+  """A tool's own check of its flags or paths failed; the message says how
+  to call it instead."""
+
+
+def run(main: Callable[[list[str]], object]):
+  """absl's ``app.run(main)`` for a tool: flag errors as one line and exit
+  status 1 (``parse_flags``), bad input (``input_errors``) as one line and
+  exit status 1, Ctrl-C as one line and exit status 130."""
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except input_errors() as e:
+      sys.exit(f'error: {" ".join(str(e).split())}')
+    except KeyboardInterrupt:
+      print('interrupted (Ctrl-C).', file=sys.stderr)
+      sys.exit(130)
+
+  app.run(guarded, flags_parser=parse_flags)
+
+
+def positive_ints(name: str, values: Sequence[str], minimum: int = 1):
+  """A list flag's values as integers >= ``minimum``, or a UsageError
+  naming the flag."""
+  try:
+    numbers = [int(v) for v in values]
+  except ValueError:
+    numbers = None
+  if not values or numbers is None or min(numbers) < minimum:
+    raise UsageError(
+      f'--{name}={",".join(values)}: give integers >= {minimum}, separated '
+      'by commas.'
+    )
+  return numbers
+
+
+def output_file(name: str, path: str | None) -> str | None:
+  """Checks before any work that ``path`` (a file flag's value) can be
+  written: its folder exists or can be made, and it is not a folder."""
+  if path is None:
+    return None
+  if os.path.isdir(path):
+    raise UsageError(f'--{name}={path} is a folder; give a file path.')
+  _check_writable_below(name, path, os.path.dirname(os.path.abspath(path)))
+  return path
+
+
+def output_folder(name: str, path: str) -> str:
+  """Checks before any work that ``path`` (a folder flag's value) is a
+  folder or can be made one."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UsageError(f'--{name}={path} is a file; give a folder.')
+  _check_writable_below(name, path, os.path.abspath(path))
+  return path
+
+
+def _check_writable_below(name: str, path: str, folder: str):
+  """The nearest existing folder at or above ``folder`` is writable."""
+  parent = folder
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    raise UsageError(
+      f'--{name}={path}: {parent} is not a writable folder; give a path '
+      'under one.'
+    )
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with any error, a mistyped config override
-  included, as one line on stderr and exit status 2 instead of a traceback."""
+  included, as one line on stderr and exit status 1 instead of a traceback."""
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:

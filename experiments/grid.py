@@ -25,7 +25,6 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 import numpy as np
@@ -326,7 +325,17 @@ def main(argv):
   del argv
   cli.setup_host_memory()  # As train.py does: before JAX starts.
   cli.quiet_orbax()
-  out = _OUT.value
+  out = cli.output_folder('out', _OUT.value)
+  seeds = cli.positive_ints('seeds', _SEEDS.value, minimum=0)
+  shard = _SHARD.value.split('/')
+  if not (
+    len(shard) == 2
+    and all(p.isdigit() for p in shard)
+    and int(shard[0]) < int(shard[1])
+  ):
+    raise cli.UsageError(
+      f'--shard={_SHARD.value}: give i/n with 0 <= i < n, e.g. 0/2.'
+    )
   unknown = sorted(set(_GATES.value) - set(GATE_VARIANTS))
   if unknown:
     sys.exit(
@@ -334,12 +343,9 @@ def main(argv):
       f'{sorted(GATE_VARIANTS)}.'
     )
   if not _TABLE_ONLY.value:
-    index, count = map(int, _SHARD.value.split('/'))
+    index, count = map(int, shard)
     cells = [
-      (g, d, s)
-      for d in _DATASETS.value
-      for g in _GATES.value
-      for s in _SEEDS.value
+      (g, d, s) for d in _DATASETS.value for g in _GATES.value for s in seeds
     ]
     for i, (gate, dataset, seed) in enumerate(cells):
       if i % count == index:
@@ -356,4 +362,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -30,12 +30,15 @@ import json
 import math
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from dselect_jax import cli
+
 _CHECK = flags.DEFINE_bool('check', False, 'Compare losses and gradients.')
-_EPOCHS = flags.DEFINE_integer('epochs', 0, 'Epochs to train in Paddle.')
+_EPOCHS = flags.DEFINE_integer(
+  'epochs', 0, 'Epochs to train in Paddle.', lower_bound=0
+)
 _INIT = flags.DEFINE_enum(
   'init', 'paddle', ['paddle', 'ours'], 'Initial parameters of the training.'
 )
@@ -379,7 +382,13 @@ def train(config):
 
 def main(argv):
   del argv
-  import paddle  # pylint: disable=g-import-not-at-top
+  cli.output_file('out', _OUT.value)
+  try:
+    import paddle  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise cli.UsageError(
+      'this experiment runs PaddlePaddle: pip install paddlepaddle (CPU).'
+    ) from None
 
   paddle.set_device('cpu')
   config = _config()
@@ -394,4 +403,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -10,7 +10,6 @@ that checkpoint without training. Default: the best-on-validation checkpoint.
 import os
 import sys
 
-from absl import app
 from absl import flags
 
 from dselect_jax import checkpointing
@@ -31,10 +30,7 @@ flags.mark_flags_as_required(['workdir', 'out'])
 
 def main(argv):
   del argv
-  out = _OUT.value
-  problem = _out_problem(out)
-  if problem:
-    sys.exit(f'error: --out={out}: {problem}')
+  out = cli.output_folder('out', _OUT.value)  # Before any work.
   try:
     config = evaluate.load_workdir_config(_WORKDIR.value)
     ckpts = checkpointing.Checkpoints(_WORKDIR.value, create=False)
@@ -56,6 +52,9 @@ def main(argv):
     datasets.DataError,
   ) as e:
     sys.exit(f'error: {e}')
+  problem = _out_problem(out)  # Makes the folder: only now that it is due.
+  if problem:
+    sys.exit(f'error: --out={out}: {problem}')
   target = os.path.join(out, checkpointing.PARAMS_DIR, str(step))
   if os.path.exists(target):
     sys.exit(
@@ -76,9 +75,9 @@ def main(argv):
 
 
 def _out_problem(out: str):
-  """Why ``out`` cannot take the export, or None (checked before restoring
-  anything): a file in its place or above it, or a folder that cannot be
-  written."""
+  """Why ``out`` cannot take the export, or None: a file in its place or
+  above it, or a folder that cannot be written (a full or read-only file
+  system)."""
   if os.path.exists(out) and not os.path.isdir(out):
     return 'a file is there; give a folder (new or existing).'
   why = checkpointing.unwritable(out)
@@ -90,4 +89,4 @@ def _out_problem(out: str):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -9,9 +9,9 @@ of the full data set), compressed.
 
 import hashlib
 
-from absl import app
 from absl import flags
 
+from dselect_jax import cli
 from dselect_jax.datasets import multimnist
 from dselect_jax.datasets import stored
 
@@ -33,4 +33,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

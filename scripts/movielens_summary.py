@@ -1,23 +1,25 @@
-"""What dselect_jax.movielens reads: counts to check against the release's
+"""What dselect_jax.datasets.movielens reads: counts to check against the release's
 README (100,000 ratings, 943 users with at least 20 each, 1,682 movies).
 
   python scripts/movielens_summary.py [--data_dir=DIR] [--negatives=1]
 """
 
-import argparse
-
+from absl import flags
 import numpy as np
 
-from dselect_jax import movielens
+from dselect_jax import cli
+from dselect_jax.datasets import movielens
+
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'MovieLens folder.')
+_NEGATIVES = flags.DEFINE_integer(
+  'negatives', 1, 'Unwatched movies sampled per rating.', lower_bound=0
+)
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the sampling and split.')
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--data_dir', default=None)
-  parser.add_argument('--negatives', type=int, default=1)
-  parser.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args()
-  raw = movielens.load_raw(args.data_dir, download=True)
+def main(argv):
+  del argv
+  raw = movielens.load_raw(_DATA_DIR.value, download=True)
   per_user = np.bincount(raw.ratings[:, 0], minlength=movielens.NUM_USERS)
   print(
     f'{len(raw.ratings)} ratings by {np.count_nonzero(per_user)} users of '
@@ -30,7 +32,7 @@ def main():
     f'women: {int(raw.user_gender.sum())}; movies without a year: '
     f'{int((raw.movie_year == 0).sum())}'
   )
-  splits = movielens.load(args.seed, args.negatives, args.data_dir)
+  splits = movielens.load(_SEED.value, _NEGATIVES.value, _DATA_DIR.value)
   for name, split in splits.items():
     watched = split.weights[:, 1] > 0
     print(
@@ -40,4 +42,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

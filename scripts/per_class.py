@@ -28,6 +28,8 @@ def main():
   parser.add_argument('--step', type=int, default=None)
   parser.add_argument('--batch_size', type=int, default=1000)
   args = parser.parse_args()
+  if args.batch_size < 1:
+    sys.exit(f'error: --batch_size={args.batch_size}: give a positive integer.')
   try:
     config, model, dataset, state, _, step = evaluate.restore_workdir(
       args.workdir, args.step, best=False

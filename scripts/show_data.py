@@ -17,9 +17,9 @@ paretomtl): ``images`` uint8 (N, 36, 36) and ``labels`` int (N, 2).
 import os
 import sys
 
-from absl import app
 from absl import flags
 
+from dselect_jax import cli
 from dselect_jax import plots
 from dselect_jax.datasets import multimnist
 from dselect_jax.datasets import sources
@@ -41,7 +41,9 @@ _DATA_DIR = flags.DEFINE_string(
 _NPZ = flags.DEFINE_string(
   'npz', None, 'Write the first --num train composites to this .npz file.'
 )
-_NUM = flags.DEFINE_integer('num', 64, 'Composites written by --npz.')
+_NUM = flags.DEFINE_integer(
+  'num', 64, 'Composites written by --npz.', lower_bound=1
+)
 _PICKLE = flags.DEFINE_string(
   'paddlerec_pickle', None, 'Also show this PaddleRec pickle.'
 )
@@ -82,7 +84,7 @@ def main(argv):
     except (sources.DataError, OSError) as e:
       sys.exit(f'error: {e}')
     return
-  os.makedirs(_OUT_DIR.value, exist_ok=True)
+  os.makedirs(cli.output_folder('out_dir', _OUT_DIR.value), exist_ok=True)
   try:
     for dataset in _DATASETS.value:
       for recipe in _RECIPES.value:
@@ -120,4 +122,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -215,12 +215,12 @@ CASES = {
   'export onto a file': (
     'scripts/export_params',
     ['--workdir={workdir}', '--out={workdir}/config.json'],
-    'config.json: a file is there; give a folder',
+    'config.json is a file; give a folder',
   ),
   'export under a file': (
     'scripts/export_params',
     ['--workdir={workdir}', '--out={workdir}/config.json/params'],
-    'cannot write there (Not a directory)',
+    'config.json is not a writable folder; give a path under one',
   ),
 }
 
@@ -735,3 +735,216 @@ def test_a_config_without_a_field_names_it():
     match=r"lacks the fields \['data.negatives'\]; build it on configs/",
   ):
     config_schema.check_fields(config)
+
+
+# ---------------------------------------------------------------------------
+# A damaged checkpoint: one line, every time.
+# ---------------------------------------------------------------------------
+
+# train.py's flags for helpers.tiny_config().
+_TINY_FLAGS = [
+  f'--config={SAMPLE}',
+  '--config.model.num_experts=2',
+  '--config.model.gate.k=1',
+  '--config.batch_size=32',
+  '--config.eval_batch_size=200',
+  '--config.num_train_steps=6',
+  '--config.log_every_steps=3',
+  '--config.eval_every_steps=3',
+  '--config.checkpoint_every_steps=3',
+]
+
+
+def _cut_every_checkpoint(workdir):
+  """Cuts each data file of every checkpoint (periodic and best) to half
+  its size, as a crash or a full disk during a copy would."""
+  for folder in ('checkpoints', 'best'):
+    for d, _, names in os.walk(os.path.join(workdir, folder)):
+      if os.path.basename(d) == 'd':  # OCDBT's data files.
+        for name in names:
+          path = os.path.join(d, name)
+          with open(path, 'r+b') as f:
+            f.truncate(os.path.getsize(path) // 2)
+
+
+def _messages(stderr: str) -> list[str]:
+  """stderr without absl's informational and warning log lines."""
+  return [
+    line
+    for line in stderr.splitlines()
+    if line.strip() and not re.match(r'[IW]\d{4} ', line)
+  ]
+
+
+@pytest.mark.parametrize(
+  'script,runs',
+  [('eval.py', 2), pytest.param('eval.py', 10, marks=pytest.mark.slow)]
+  + [pytest.param('train.py', 4, marks=pytest.mark.slow)],
+)
+def test_a_damaged_checkpoint_is_one_line_every_time(
+  finished_run, tmp_path, script, runs
+):
+  """Orbax's abandoned reads print 'Event loop is closed' tracebacks and
+  unretrieved futures' errors at random times up to exit, from none to
+  thousands of lines: the error must be the only output on every run, and
+  name the array it could not read in words."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished_run, workdir)
+  _cut_every_checkpoint(workdir)
+  flags = _TINY_FLAGS if script == 'train.py' else ['--step=6']
+  for _ in range(runs):
+    out = subprocess.run(
+      [sys.executable, script, f'--workdir={workdir}', *flags],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+    )
+    assert out.returncode == 1, out.stderr[-3000:]
+    messages = _messages(out.stderr)
+    assert len(messages) == 1, '\n'.join(messages)[-3000:]
+    (line,) = messages
+    assert re.match(r'error: .* can(not)? be restored', line), line
+    assert re.search(r'the (meta)?data of array \S+ cannot be read: ', line), (
+      line
+    )
+    assert 'cut short or damaged' in line and 'TensorStore' not in line, line
+  # Nothing was moved aside when no checkpoint restores.
+  assert not os.path.exists(os.path.join(workdir, 'damaged'))
+
+
+def test_the_abandoned_reads_of_a_failed_restore_are_silenced(
+  monkeypatch, caplog
+):
+  """Deterministically, what the test above can only sample: the errors
+  that Orbax's abandoned reads raise are dropped, any other unraisable
+  error or asyncio log still reaches its previous destination."""
+  import logging  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+
+  reached = []
+  monkeypatch.setattr(sys, 'unraisablehook', reached.append)
+  asyncio_logger = logging.getLogger('asyncio')
+  monkeypatch.setattr(asyncio_logger, 'filters', [])
+  checkpointing._silence_abandoned_reads()  # pylint: disable=protected-access
+  checkpointing._silence_abandoned_reads()  # Once only.
+
+  async def orbax_read():
+    pass
+
+  coroutine = orbax_read()
+  coroutine.close()
+  orbax_code = orbax_read.__code__.replace(
+    co_filename=os.path.join(os.sep, 'site-packages', 'orbax', 'x.py')
+  )
+
+  def unraisable(error, obj):
+    return types.SimpleNamespace(
+      exc_type=type(error),
+      exc_value=error,
+      exc_traceback=None,
+      err_msg=None,
+      object=obj,
+    )
+
+  dropped = [
+    unraisable(RuntimeError('Event loop is closed'), None),
+    unraisable(
+      ValueError('read failed'), types.SimpleNamespace(cr_code=orbax_code)
+    ),
+  ]
+  kept = [
+    unraisable(RuntimeError('Event loop is closed'), object()),
+    unraisable(RuntimeError('something else'), None),
+    unraisable(ValueError('read failed'), coroutine),  # Not Orbax's.
+  ]
+  for u in dropped + kept:
+    sys.unraisablehook(u)
+  assert reached == kept
+  with caplog.at_level(logging.ERROR, logger='asyncio'):
+    asyncio_logger.error(
+      'Future exception was never retrieved\nfuture: <Future finished '
+      'exception=ValueError(\'OUT_OF_RANGE: Error reading "a/0" in OCDBT '
+      'database at local file "/w/": cut\')>'
+    )
+    asyncio_logger.error(
+      '_GatheringFuture exception was never retrieved\nfuture: ... '
+      'Encountered error while reading array index: ...'
+    )
+    asyncio_logger.error('Task exception was never retrieved\nother error')
+  assert [r.getMessage() for r in caplog.records] == [
+    'Task exception was never retrieved\nother error'
+  ]
+
+
+# ---------------------------------------------------------------------------
+# Every command-line tool: bad values and paths in one line.
+# ---------------------------------------------------------------------------
+
+# (tool, arguments, what the line must say); the first of each folder runs
+# by default, the rest among the slow tests (a few seconds each: a process
+# that imports JAX).
+_TOOL_CASES = [
+  (
+    'scripts/export_params.py',
+    ['--workdir={tmp}/none', '--out={tmp}/p'],
+    'does not exist',
+  ),
+  ('experiments/grid.py', ['--out={file}'], '--out={file} is a file'),
+  (
+    'benchmarks/train_speed.py',
+    ['--batches=8,x'],
+    '--batches=8,x: give integers',
+  ),
+  ('scripts/make_sample_data.py', ['--data_dir={tmp}/none'], 'missing'),
+  ('scripts/movielens_summary.py', ['--negatives=-1'], 'flag --negatives=-1'),
+  ('scripts/per_class.py', ['{tmp}', '--batch_size=0'], '--batch_size=0'),
+  ('scripts/show_data.py', ['--out_dir={file}'], 'is a file; give a folder'),
+  ('experiments/grid.py', ['--out={tmp}/g', '--shard=2/2'], '--shard=2/2'),
+  ('experiments/grid.py', ['--out={tmp}/g', '--seeds=a'], '--seeds=a'),
+  (
+    'experiments/paddle_reference.py',
+    ['--out={file}/x'],
+    'not a writable folder',
+  ),
+  ('benchmarks/bn_relu_pool.py', ['--batches=0'], '--batches=0'),
+  ('benchmarks/build_data.py', ['--data_dir={tmp}/none'], 'missing'),
+  ('benchmarks/data_parallel.py', ['--conv=nope'], 'flag --conv=nope'),
+  ('benchmarks/eval_formulations.py', ['--batch=0'], 'flag --batch=0'),
+  ('benchmarks/expert_formulations.py', ['--experts=1'], 'flag --experts=1'),
+  ('benchmarks/sparse_eval.py', ['--k=0'], 'flag --k=0'),
+  ('benchmarks/train_speed.py', ['--out={file}/t.md'], 'not a writable folder'),
+  ('benchmarks/xla_cpu_flags.py', ['--repeats=0'], 'flag --repeats=0'),
+]
+
+
+@pytest.mark.parametrize(
+  'tool,args,expected',
+  [
+    pytest.param(*case, marks=() if i < 3 else pytest.mark.slow)
+    for i, case in enumerate(_TOOL_CASES)
+  ],
+  ids=[f'{t} {" ".join(a)}' for t, a, _ in _TOOL_CASES],
+)
+def test_every_tool_ends_bad_input_in_one_line(tmp_path, tool, args, expected):
+  file = tmp_path / 'a_file'
+  file.write_text('x')
+  fill = {'tmp': tmp_path, 'file': file}
+  out = subprocess.run(
+    [sys.executable, tool, *(a.format(**fill) for a in args)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+    env=dict(os.environ, DSELECT_DATA_DIR=str(tmp_path / 'none')),
+  )
+  assert out.returncode == 1, out.stderr[-3000:]
+  messages = _messages(out.stderr)
+  assert len(messages) == 1, '\n'.join(messages)[-3000:]
+  assert messages[0].startswith('error: '), messages[0]
+  assert expected.format(**fill) in messages[0], messages[0]
+  # Nothing written (a data folder made for a download may stay, empty).
+  written = [f for _, _, names in os.walk(tmp_path) for f in names]
+  assert written == ['a_file'], written
