@@ -78,10 +78,8 @@ def max_pool_2x2(x: Array) -> Array:
   """2x2 max pooling, stride 2, of (B, H, W, C) with even H and W.
 
   Equal to ``nn.max_pool(x, (2, 2), strides=(2, 2))`` (tested); written as a
-  reshape and a max because XLA:CPU differentiates it faster than
-  ``nn.max_pool``'s reduce_window (the expert bank's forward+backward went
-  from 334 to 444 images/s in one session's run of
-  benchmarks/expert_formulations.py; not committed as a result file).
+  reshape and a max because XLA:CPU differentiates that faster than
+  ``nn.max_pool``'s reduce_window.
   """
   b, h, w, c = x.shape
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))

@@ -141,7 +141,34 @@ def reachability(r: Array, num_experts: int) -> Array:
   return jnp.sum(1 / jnp.sum(r, axis=-1), axis=-1)
 
 
-def _check_routing_inputs(gate: nn.Module, routing_inputs: Optional[Array]):
+def dselect_k_weights(
+  z_logits: Array, w_logits: Array, num_experts: int, gamma: float
+) -> tuple[Array, dict[str, Array]]:
+  """DSelect-k's expert weights and aux terms from its logits (Section 3):
+  each selector's output r from its bits, mixed by softmax(w).
+
+  Args:
+    z_logits: ``([B,] K, M)`` bit logits.
+    w_logits: ``([B,] K)`` selector-weight logits.
+    num_experts: E.
+    gamma: the smooth step's width.
+
+  Returns:
+    ``([B,] E)`` weights and ``{'selector_outputs': ([B,] K, E), 'entropy':
+    (), 'reachability': ()}``, the terms averaged over the batch.
+  """
+  r = selector_outputs(z_logits, num_experts, gamma)  # ([B,] K, E)
+  alpha = jax.nn.softmax(w_logits, axis=-1)  # ([B,] K)
+  weights = jnp.sum(alpha[..., None] * r, axis=-2)  # ([B,] E)
+  aux = {
+    'selector_outputs': r,
+    'entropy': jnp.mean(entropy(r)),
+    'reachability': jnp.mean(reachability(r, num_experts)),
+  }
+  return weights, aux
+
+
+def _check_routing_inputs(gate, routing_inputs: Optional[Array]):
   name = type(gate).__name__
   if gate.per_example and routing_inputs is None:
     raise ValueError(
@@ -161,7 +188,7 @@ def _check_routing_inputs(gate: nn.Module, routing_inputs: Optional[Array]):
     )
 
 
-def _check_num_experts(gate: nn.Module):
+def _check_num_experts(gate):
   if (
     not isinstance(gate.num_experts, (int, np.integer)) or gate.num_experts < 2
   ):
@@ -171,7 +198,7 @@ def _check_num_experts(gate: nn.Module):
     )
 
 
-def _check_k(gate: nn.Module):
+def _check_k(gate):
   if (
     not isinstance(gate.k, (int, np.integer))
     or not 1 <= gate.k <= gate.num_experts
@@ -179,6 +206,18 @@ def _check_k(gate: nn.Module):
     raise ValueError(
       f'{type(gate).__name__}: k must be an integer with 1 <= k <= '
       f'num_experts={gate.num_experts}, got k={gate.k!r}.'
+    )
+
+
+def _check_gamma(gate):
+  if not (
+    isinstance(gate.gamma, (int, float, np.number))
+    and math.isfinite(gate.gamma)
+    and gate.gamma > 0
+  ):
+    raise ValueError(
+      f'{type(gate).__name__}: gamma must be a finite number > 0 (the width '
+      f'of the smooth step), got gamma={gate.gamma!r}.'
     )
 
 
@@ -223,15 +262,7 @@ class DSelectKGate(nn.Module):
   def __post_init__(self):
     _check_num_experts(self)
     _check_k(self)
-    if not (
-      isinstance(self.gamma, (int, float, np.number))
-      and math.isfinite(self.gamma)
-      and self.gamma > 0
-    ):
-      raise ValueError(
-        'DSelectKGate: gamma must be a finite number > 0 (the width of the '
-        f'smooth step), got gamma={self.gamma!r}.'
-      )
+    _check_gamma(self)
     super().__post_init__()
 
   @nn.compact
@@ -253,15 +284,7 @@ class DSelectKGate(nn.Module):
       z = self.param('z_logits', z_init, (k, m))  # (K, M)
       w = self.param('w_logits', w_init, (k,))  # (K,)
 
-    r = selector_outputs(z, self.num_experts, self.gamma)  # ([B,] K, E)
-    alpha = jax.nn.softmax(w, axis=-1)  # ([B,] K)
-    weights = jnp.sum(alpha[..., None] * r, axis=-2)  # ([B,] E)
-    aux = {
-      'selector_outputs': r,
-      'entropy': jnp.mean(entropy(r)),
-      'reachability': jnp.mean(reachability(r, self.num_experts)),
-    }
-    return weights, aux
+    return dselect_k_weights(z, w, self.num_experts, self.gamma)
 
 
 class SoftmaxGate(nn.Module):
@@ -361,42 +384,66 @@ class TopKGate(nn.Module):
   ):
     _check_routing_inputs(self, routing_inputs)
     clean = self._logits('logits', routing_inputs)  # (B, E)
-    use_noise = self.noisy and not deterministic
+    noise_std = noise = None
     if self.noisy:
-      noise_std = (
-        jax.nn.softplus(self._logits('noise_logits', routing_inputs)) + 1e-2
-      )  # (B, E)
-    if use_noise:
+      noise_std = self._logits('noise_logits', routing_inputs)  # (B, E)
+    if self.noisy and not deterministic:
       noise = jax.random.normal(self.make_rng('gating'), clean.shape)
-      logits = clean + noise * noise_std
-    else:
-      logits = clean
-
-    top_logits, top_idx = jax.lax.top_k(logits, self.k)  # (B, k)
-    top_weights = jax.nn.softmax(top_logits, axis=-1)  # (B, k)
-    one_hot = jax.nn.one_hot(top_idx, self.num_experts, dtype=logits.dtype)
-    weights = jnp.einsum('bk,bke->be', top_weights, one_hot)  # (B, E)
-
-    if use_noise and self.k < self.num_experts:
-      # P(expert e stays in the top k under fresh noise), Appendix A: compare
-      # its clean logit with the k-th (or, for kept experts, (k+1)-th) largest
-      # noisy logit of the others.
-      top_kp1, _ = jax.lax.top_k(logits, self.k + 1)  # (B, k+1)
-      in_top = logits >= top_kp1[:, self.k - 1 : self.k]  # (B, E)
-      threshold = jnp.where(
-        in_top, top_kp1[:, self.k : self.k + 1], top_kp1[:, self.k - 1 : self.k]
-      )  # (B, E)
-      prob = jax.scipy.stats.norm.cdf((clean - threshold) / noise_std)
-      load = jnp.sum(prob, axis=0)  # (E,)
-    else:
-      load = jnp.sum((weights > 0).astype(weights.dtype), axis=0)  # (E,)
-    aux = {
-      'importance': cv_squared(jnp.sum(weights, axis=0)),
-      'load': cv_squared(load),
-    }
+    weights, aux = top_k_weights(clean, noise_std, noise, self.k)
     if not self.per_example:
       weights = weights[0]  # (E,)
     return weights, aux
+
+
+def top_k_weights(
+  clean: Array,
+  noise_logits: Optional[Array],
+  noise: Optional[Array],
+  k: int,
+) -> tuple[Array, dict[str, Array]]:
+  """The noisy top-k gate's weights and aux terms from its logits.
+
+  Args:
+    clean: ``(B, E)`` logits x W_g.
+    noise_logits: ``(B, E)`` x W_noise (the noise's scale is their softplus,
+      + 0.01), or None for a gate without noise.
+    noise: ``(B, E)`` N(0, 1) samples, or None (evaluation, or no noise).
+    k: experts kept per example.
+
+  Returns:
+    ``(B, E)`` weights and ``{'importance': (), 'load': ()}``.
+  """
+  num_experts = clean.shape[-1]
+  use_noise = noise_logits is not None and noise is not None
+  if use_noise:
+    noise_std = jax.nn.softplus(noise_logits) + 1e-2  # (B, E)
+    logits = clean + noise * noise_std
+  else:
+    logits = clean
+
+  top_logits, top_idx = jax.lax.top_k(logits, k)  # (B, k)
+  top_weights = jax.nn.softmax(top_logits, axis=-1)  # (B, k)
+  one_hot = jax.nn.one_hot(top_idx, num_experts, dtype=logits.dtype)
+  weights = jnp.einsum('bk,bke->be', top_weights, one_hot)  # (B, E)
+
+  if use_noise and k < num_experts:
+    # P(expert e stays in the top k under fresh noise), Appendix A: compare
+    # its clean logit with the k-th (or, for kept experts, (k+1)-th) largest
+    # noisy logit of the others.
+    top_kp1, _ = jax.lax.top_k(logits, k + 1)  # (B, k+1)
+    in_top = logits >= top_kp1[:, k - 1 : k]  # (B, E)
+    threshold = jnp.where(
+      in_top, top_kp1[:, k : k + 1], top_kp1[:, k - 1 : k]
+    )  # (B, E)
+    prob = jax.scipy.stats.norm.cdf((clean - threshold) / noise_std)
+    load = jnp.sum(prob, axis=0)  # (E,)
+  else:
+    load = jnp.sum((weights > 0).astype(weights.dtype), axis=0)  # (E,)
+  aux = {
+    'importance': cv_squared(jnp.sum(weights, axis=0)),
+    'load': cv_squared(load),
+  }
+  return weights, aux
 
 
 GATES: Mapping[str, type[nn.Module]] = {

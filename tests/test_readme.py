@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _using_the_gate_block() -> str:
+def _using_the_gate_block(index: int = 0) -> str:
+  """The section's ``index``-th python block: 0 linen, 1 NNX."""
   with open(os.path.join(REPO, 'README.md')) as f:
     readme = f.read()
-  section = readme.split('## Using the gate', 1)[1]
-  return re.search(r'```python\n(.*?)```', section, re.S).group(1)
+  section = readme.split('## Using the gate', 1)[1].split('\n## ', 1)[0]
+  return re.findall(r'```python\n(.*?)```', section, re.S)[index]
 
 
 def _dselect_k_by_hand(z, w, num_experts, gamma=1.0):
@@ -107,3 +108,18 @@ def test_using_the_gate_example_runs_as_its_comments_say():
       _dselect_k_by_hand(gate['z_logits'], gate['w_logits'], 8)[0],
       atol=1e-6,
     )
+
+
+def test_the_nnx_example_runs_as_its_comments_say():
+  namespace = {}
+  exec(_using_the_gate_block(1), namespace)  # pylint: disable=exec-used
+  gate = namespace['gate']
+  want, _ = _dselect_k_by_hand(
+    np.asarray(gate.z_logits[...]), np.asarray(gate.w_logits[...]), 8
+  )
+  weights = namespace['weights']
+  assert weights.shape == (8,)
+  np.testing.assert_allclose(weights, want, rtol=1e-5)
+  outputs, aux = namespace['outputs'], namespace['aux']
+  assert outputs.shape == (2, 4, 10) and np.all(np.isfinite(outputs))
+  assert aux['expert_weights'].shape == (2, 8)
