@@ -117,11 +117,19 @@ def main(argv):
         result['expert_weights'], stem + '_expert_weights.png'
       )
     ]
-    if metric_writers.read_metrics(workdir):
+    records = metric_writers.read_metrics(workdir)
+    metrics_file = os.path.join(workdir, metric_writers.METRICS_FILE)
+    if records:
       figures.append(
         plots.training_curves(
-          os.path.join(workdir, metric_writers.METRICS_FILE),
-          os.path.join(out_dir, 'training_curves.png'),
+          metrics_file, os.path.join(out_dir, 'training_curves.png')
+        )
+      )
+    if any('expert_weights' in r for r in records if r['split'] == 'train'):
+      figures.append(  # Static gates: their weights at each log step.
+        plots.expert_weights_over_training(
+          metrics_file,
+          os.path.join(out_dir, 'expert_weights_over_training.png'),
         )
       )
   except OSError as e:

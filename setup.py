@@ -47,6 +47,10 @@ setuptools.setup(
       'ruff==0.17.6',
       'pyarrow>=14',
       'setuptools>=70.1',
+      # Running docs/tutorial.ipynb (tests/test_tutorial.py).
+      'nbclient>=0.10',
+      'nbformat>=5.10',
+      'ipykernel>=6.29',
     ],
   },
 )

@@ -58,6 +58,51 @@ def expert_weights(
   return path
 
 
+def expert_weights_over_training(
+  metrics_file: str, path: str, title: str = ''
+) -> str:
+  """Each task's static gate weights against the training step, a line per
+  expert (the train records' ``expert_weights``, (T, E) per log step), on
+  a log step axis: the gates settle early in a long run."""
+  records = metric_writers.read_records(metrics_file)
+  train = [r for r in records if r.get('split') == 'train']
+  train = [r for r in train if 'expert_weights' in r]
+  if not train:
+    raise ValueError(
+      f'{metrics_file}: no train record holds expert_weights (per-example '
+      'gates log none); nothing to plot.'
+    )
+  steps = np.array([r['step'] for r in train])
+  weights = np.array([r['expert_weights'] for r in train])  # (N, T, E)
+  num_tasks, num_experts = weights.shape[1:]
+  fig, axes = plt.subplots(
+    1, num_tasks, figsize=(5 * num_tasks, 3.2), sharey=True, squeeze=False
+  )
+  colors = plt.get_cmap('tab10')
+  for t, ax in enumerate(axes[0]):
+    final = weights[-1, t]
+    for e in range(num_experts):
+      ax.plot(
+        steps,
+        weights[:, t, e],
+        color=colors(e % 10),
+        lw=1.6 if final[e] > 0 else 0.8,
+        ls='-' if final[e] > 0 else ':',
+        label=f'expert {e}',
+      )
+    ax.set_xscale('log')
+    ax.set_xlabel('training step')
+    ax.set_title(f'task {t + 1}')
+  axes[0][0].set_ylabel('gate weight')
+  axes[0][-1].legend(fontsize=7, ncol=2)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
 def training_curves(metrics_file: str, path: str) -> str:
   """Train loss and each task's validation metric (accuracy, AUC, RMSE)
   against the step."""

@@ -558,7 +558,25 @@ def results_page() -> str:
   return '\n'.join(parts) + '\n'
 
 
+# The run whose gates README.md shows converging.
+WEIGHTS_RUN = os.path.join(COMPARISON, 'multimnist_100epochs_seed0')
+
+
+def gate_weights_plot() -> str:
+  """WEIGHTS_RUN's gate weights over training, next to its metrics."""
+  from dselect_jax import plots  # pylint: disable=g-import-not-at-top
+
+  folder = os.path.join(RESULTS, WEIGHTS_RUN)
+  return plots.expert_weights_over_training(
+    os.path.join(folder, 'metrics.jsonl.gz'),
+    os.path.join(folder, 'expert_weights.png'),
+    title="configs/multimnist.py for 100 epochs, seed 0: each task's "
+    'DSelect-k gate (k = 2) over 8 experts',
+  )
+
+
 def main():
+  gate_weights_plot()
   block = '\n'.join([START] + headline() + ['', END])
   readme_path = os.path.join(REPO, 'README.md')
   with open(readme_path) as f:

@@ -280,6 +280,10 @@ def test_eval_cli_writes_results_and_plots(sample_run, tmp_path):
   # plots.py: figsize (4 per task, 3) and (10, 3.5) inches at 100 dpi.
   assert_png(stem + '_expert_weights.png', 800, 300)
   assert_png(os.path.join(out_dir, 'training_curves.png'), 1000, 350)
+  # (5 per task, 3.2) inches: the static gates' weights at each log step.
+  assert_png(
+    os.path.join(out_dir, 'expert_weights_over_training.png'), 1000, 320
+  )
   assert not os.path.exists(os.path.join(workdir, 'eval'))
 
 
