@@ -84,7 +84,7 @@ def main(argv):
   out_dir = _OUT_DIR.value or os.path.join(workdir, 'eval')
   # Checked before evaluating; a missing workdir is evaluate's to report.
   why = (
-    checkpointing.unwritable(out_dir)
+    checkpointing.unwritable(out_dir, keep=False)  # Made when writing.
     if _OUT_DIR.value or os.path.isdir(workdir)
     else None
   )

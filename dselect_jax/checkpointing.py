@@ -443,16 +443,26 @@ def check_layout(workdir: str):
         )
 
 
-def unwritable(folder: str) -> Optional[str]:
+def unwritable(folder: str, keep: bool = True) -> Optional[str]:
   """Why ``folder`` (created when missing) cannot be written, or None: a file
   is written and removed there, as a read-only or full file system or a
-  missing permission would stop it."""
+  missing permission would stop it. ``keep=False`` removes again the
+  folders the check made, for a caller that writes only at its end."""
+  made, parent = [], os.path.abspath(folder)
+  while not os.path.exists(parent):
+    made.append(parent)
+    parent = os.path.dirname(parent)
   try:
     os.makedirs(folder, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, prefix='.write_check'):
       pass
   except OSError as e:
     return e.strerror or str(e)
+  finally:
+    if not keep:
+      for path in made:  # Deepest first; each is empty.
+        with contextlib.suppress(OSError):
+          os.rmdir(path)
   return None
 
 

@@ -146,3 +146,29 @@ def no_network(monkeypatch):
     return real(url, *args, **kwargs)
 
   monkeypatch.setattr(urllib.request, 'urlopen', guarded)
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+  """(workdir, test result) of a finished run of ``helpers.tiny_config()``,
+  trained once for the whole session: the first pytest-xdist worker to get
+  here trains it under a lock, the others wait and reuse it. Tests read it
+  and must not change it (copy it first: the bad-input tests check that
+  nothing in it changed)."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+
+  from dselect_jax import trainer  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # Shared by the workers.
+  workdir = root / 'tiny_run'
+  with open(root / 'tiny_run.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (workdir / 'test_metrics.json').exists():
+      shutil.rmtree(workdir, ignore_errors=True)  # A half-made one.
+      trainer.train_and_evaluate(helpers.tiny_config(), str(workdir))
+  with open(workdir / 'test_metrics.json') as f:
+    return str(workdir), json.load(f)

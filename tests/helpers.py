@@ -65,9 +65,12 @@ def abstract_state(config, model, tx):
 
 
 def tree_digest(folder):
-  """SHA-256 of every file but the lock (which holds the last owner's pid)."""
+  """SHA-256 of every file but the lock (which holds the last owner's pid),
+  and every folder (as None), so that an empty folder left behind shows."""
   digest = {}
-  for d, _, files in os.walk(folder):
+  for d, folders, files in os.walk(folder):
+    for name in folders:
+      digest[os.path.relpath(os.path.join(d, name), folder)] = None
     for name in files:
       if name == '.lock':
         continue

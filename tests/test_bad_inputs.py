@@ -31,12 +31,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = 'configs/multimnist_sample.py'
 
 
-@pytest.fixture(scope='module')
-def finished_run(tmp_path_factory):
-
-  workdir = str(tmp_path_factory.mktemp('finished'))
-  trainer.train_and_evaluate(helpers.tiny_config(), workdir)
-  return workdir
+@pytest.fixture
+def finished_run(tiny_run):
+  """The session's finished tiny run (conftest.tiny_run): read only."""
+  return tiny_run[0]
 
 
 @pytest.fixture(scope='module')

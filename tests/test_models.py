@@ -356,6 +356,7 @@ def test_auto_picks_xlas_ops_off_the_cpu(monkeypatch, backend):
   assert factory.conv_impl(config) == 'toeplitz'
 
 
+@pytest.mark.slow  # 16 s: two banks compiled, forward and backward.
 def test_the_vmapped_expert_bank_computes_the_loops_function():
   """Same variables (stacked) -> same logits, BatchNorm statistics and
   gradients as the loop of modules in training; the same logits in

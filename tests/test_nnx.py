@@ -158,7 +158,10 @@ def _linen_moe(config, **overrides):
       {'model.shared_gate': True, 'model.num_experts': 3, 'model.gate.k': 2},
       marks=pytest.mark.slow,
     ),
-    {'model.gate.per_example': True, 'model.num_experts': 4},
+    pytest.param(
+      {'model.gate.per_example': True, 'model.num_experts': 4},
+      marks=pytest.mark.slow,
+    ),
   ],
 )
 def test_the_nnx_moe_computes_the_linen_moe_function(fields):

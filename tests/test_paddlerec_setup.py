@@ -200,7 +200,9 @@ def test_fresh_train_needs_a_built_data_set():
     helpers.validate(config, 4)
 
 
-@pytest.mark.parametrize('with_validation', [True, False])
+@pytest.mark.parametrize(
+  'with_validation', [pytest.param(True, marks=pytest.mark.slow), False]
+)
 def test_a_run_with_test_passes_reports_the_four_statistics(
   with_validation, tmp_path, monkeypatch
 ):

@@ -173,6 +173,7 @@ def test_kind_losses_average_over_devices_to_the_whole_batch():
   assert float(per_device[:, 1].mean()) == pytest.approx(14 / 3)
 
 
+@pytest.mark.slow  # 18 s; the image steps' equivalent runs by default.
 def test_the_sharded_step_equals_the_step_on_the_whole_batch(movielens_dir):
   config = tiny_config(movielens_dir)
   model = helpers.create_model(config)

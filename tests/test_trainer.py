@@ -221,12 +221,11 @@ def test_interrupted_run_resumes_to_the_same_state(tmp_path, monkeypatch):
   assert [s['start_step'] for s in provenance.read(whole)] == [0]
 
 
-@pytest.fixture(scope='module')
-def sample_run(tmp_path_factory):
-  """A short run of the tiny config, finished and tested."""
-  workdir = str(tmp_path_factory.mktemp('sample'))
-  result = trainer.train_and_evaluate(helpers.tiny_config(), workdir)
-  return workdir, result
+@pytest.fixture
+def sample_run(tiny_run):
+  """A short run of the tiny config, finished and tested (conftest's
+  tiny_run, shared by the session: read only)."""
+  return tiny_run
 
 
 @pytest.mark.slow
