@@ -228,8 +228,22 @@ class ExpertBank(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Array:
+  def __call__(
+    self, x: Array, *, train: bool, per_expert_inputs: bool = False
+  ) -> Array:
+    """``x`` (B, ...) shared by the experts, or with
+    ``per_expert_inputs`` (E', C, ...), row e for the e-th computed expert
+    (sparse dispatch, ``dispatch.gather``) -> (E', B or C, H)."""
     active = range(self.num_experts) if self.active is None else self.active
+    if per_expert_inputs:
+      return jnp.stack(
+        [
+          self.expert(**self.expert_kwargs, name=f'expert_{e}')(
+            x[i], train=train
+          )
+          for i, e in enumerate(active)
+        ]
+      )  # (E', C, H)
     if self.fused_eval and not train and not self.is_initializing():
       check_images(x, type(self).__name__)
       return self.expert.evaluate_bank(
@@ -277,12 +291,19 @@ class VmappedExpertBank(ExpertBank):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Array:
+  def __call__(
+    self, x: Array, *, train: bool, per_expert_inputs: bool = False
+  ) -> Array:
+    if per_expert_inputs and self.active is not None:
+      raise ValueError(
+        'VmappedExpertBank: per-expert inputs are for all experts; '
+        'active must be None.'
+      )
     bank = nn.vmap(
       _OneExpert,
       variable_axes={'params': 0, 'batch_stats': 0},
       split_rngs={'params': True},
-      in_axes=None,
+      in_axes=0 if per_expert_inputs else None,
       out_axes=0,
       axis_size=self.num_experts,
     )

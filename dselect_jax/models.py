@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dselect_jax import dispatch
 from dselect_jax import experts as experts_lib
 from dselect_jax import gates as gates_lib
 from dselect_jax.blocks import check_batch
@@ -94,6 +95,12 @@ class MultiTaskMoE(nn.Module):
       every static gate gives the others weight exactly 0: the output is the
       dense one, for a fraction of the cost. None computes all.
     bn_axis_name: passed to the expert when it takes ``bn_axis_name``.
+    dispatch_capacity: with per-example gates routing on the input, compute
+      each expert only on the examples some task weighs it for, at most
+      this many per expert (``dispatch``): the caller picks it from the
+      batch's routing counts (``dispatch.capacity_for``) so that none is
+      dropped, and ``aux['dispatch_overflow']`` counts any that were. None
+      computes every expert on every example.
 
   Returns ``(logits, aux)`` with logits ``(T, B, C)`` and aux holding
   ``expert_weights`` (``(T, E)`` static, ``(T, B, E)`` per-example) and
@@ -115,8 +122,18 @@ class MultiTaskMoE(nn.Module):
   tower_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
   active_experts: Optional[tuple[int, ...]] = None
   bn_axis_name: Optional[str] = None
+  dispatch_capacity: Optional[int] = None
 
   def __post_init__(self):
+    if self.dispatch_capacity is not None:
+      check_int(self, 'dispatch_capacity', 1)
+      if not self.per_example or self.routing_input != 'input':
+        raise ValueError(
+          'MultiTaskMoE: dispatch_capacity needs per-example gates routing '
+          f'on the input (per_example=True, routing_input="input"); got '
+          f'per_example={self.per_example}, routing_input='
+          f'{self.routing_input!r}.'
+        )
     if self.active_experts is not None and self.per_example:
       raise ValueError(
         'MultiTaskMoE: active_experts needs static gates; a '
@@ -152,21 +169,26 @@ class MultiTaskMoE(nn.Module):
     expert_kwargs = dict(self.expert_kwargs)
     if self.bn_axis_name is not None:
       expert_kwargs.setdefault('bn_axis_name', self.bn_axis_name)
-    experts = self.bank(
+    bank = self.bank(
       self.num_experts,
       self.expert,
       flax.core.FrozenDict(expert_kwargs),
       active=self.active_experts,
       **self.bank_kwargs,
       name='experts',
-    )(x, train=train)  # (E', B, H)
-
-    routing = None
-    if self.per_example:
-      if self.routing_input == 'input':
-        routing = x.reshape(x.shape[0], -1)  # (B, D)
-      else:
-        routing = jnp.mean(experts, axis=0)  # (B, H)
+    )
+    dispatched = self.dispatch_capacity is not None
+    if dispatched:  # The gates first: they decide what the experts compute.
+      experts = None
+      routing = x.reshape(x.shape[0], -1)  # (B, D)
+    else:
+      experts = bank(x, train=train)  # (E', B, H)
+      routing = None
+      if self.per_example:
+        if self.routing_input == 'input':
+          routing = x.reshape(x.shape[0], -1)  # (B, D)
+        else:
+          routing = jnp.mean(experts, axis=0)  # (B, H)
     call_kwargs = {'deterministic': not train} if self.gate == 'top_k' else {}
 
     num_gates = 1 if self.shared_gate else self.num_tasks
@@ -180,23 +202,37 @@ class MultiTaskMoE(nn.Module):
       gate_aux.append(aux)
     weights = [weights[0]] * self.num_tasks if self.shared_gate else weights
 
+    extra = {}
+    if dispatched:
+      stacked = jnp.stack(weights)  # (T, B, E)
+      capacity = min(self.dispatch_capacity, x.shape[0])
+      index, valid = dispatch.slots(dispatch.routed(stacked), capacity)
+      outputs = bank(
+        dispatch.gather(x, index), train=train, per_expert_inputs=True
+      )  # (E, C, H)
+      mixed = dispatch.combine(outputs, index, valid, stacked)  # (T, B, H)
+      extra['dispatch_overflow'] = dispatch.overflow(stacked, capacity)
+
     logits = []
     for t in range(self.num_tasks):
-      if self.per_example:
-        mixed = jnp.einsum('be,ebh->bh', weights[t], experts)  # (B, H)
+      if dispatched:
+        mixed_t = mixed[t]  # (B, H)
+      elif self.per_example:
+        mixed_t = jnp.einsum('be,ebh->bh', weights[t], experts)  # (B, H)
       elif self.active_experts is not None:
         used = weights[t][jnp.asarray(self.active_experts)]  # (E',)
-        mixed = jnp.einsum('e,ebh->bh', used, experts)  # (B, H)
+        mixed_t = jnp.einsum('e,ebh->bh', used, experts)  # (B, H)
       else:
-        mixed = jnp.einsum('e,ebh->bh', weights[t], experts)  # (B, H)
+        mixed_t = jnp.einsum('e,ebh->bh', weights[t], experts)  # (B, H)
       tower = self.tower(
         num_classes=self.num_classes, **self.tower_kwargs, name=f'tower_{t}'
       )
-      logits.append(tower(mixed, train=train))  # (B, C)
+      logits.append(tower(mixed_t, train=train))  # (B, C)
 
     aux = {
       'expert_weights': jnp.stack(weights),  # (T, E) or (T, B, E)
       'gate': jax.tree.map(lambda *xs: jnp.stack(xs), *gate_aux),  # (G, ...)
+      **extra,
     }
     return jnp.stack(logits), aux  # (T, B, C)
 
@@ -254,6 +290,7 @@ class RecommenderMoE(nn.Module):
       MultiTaskMoE's (its variables are under ``moe``).
     expert_kwargs: MLPExpert's (``hidden``, ``features``).
     tower_hidden: widths of each task's tower before its single output.
+    dispatch_capacity: as MultiTaskMoE's (per-example gates).
   """
 
   num_tasks: int
@@ -266,6 +303,7 @@ class RecommenderMoE(nn.Module):
   expert_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
   tower_hidden: tuple[int, ...] = (32,)
   active_experts: Optional[tuple[int, ...]] = None
+  dispatch_capacity: Optional[int] = None
 
   def __post_init__(self):
     check_int(self, 'num_tasks', 1)
@@ -297,6 +335,7 @@ class RecommenderMoE(nn.Module):
       expert_kwargs=self.expert_kwargs,
       tower_kwargs=flax.core.FrozenDict({'hidden': self.tower_hidden}),
       active_experts=self.active_experts,
+      dispatch_capacity=self.dispatch_capacity,
       name='moe',
     )(x, train=train)  # (T, B, 1)
     return outputs[..., 0], aux  # (T, B)

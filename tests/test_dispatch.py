@@ -1,0 +1,257 @@
+"""Sparse dispatch for per-example gates: the slots and the mixture by hand,
+and the dispatched models against the dense ones (outputs and gradients,
+MLP experts in training, CNN experts in evaluation, on one device and on
+four)."""
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dselect_jax import dispatch
+from dselect_jax import experts
+from dselect_jax import models
+from dselect_jax import steps
+
+
+def test_slots_by_hand():
+  # 5 examples, 3 experts: expert 0 gets examples 1 and 3, expert 1 all
+  # but 2, expert 2 none.
+  mask = jnp.array(
+    [[0, 1, 0], [1, 1, 0], [0, 0, 0], [1, 1, 0], [0, 1, 0]], bool
+  )
+  index, valid = dispatch.slots(mask, capacity=3)
+  np.testing.assert_array_equal(index, [[1, 3, 0], [0, 1, 3], [0, 0, 0]])
+  np.testing.assert_array_equal(valid, [[1, 1, 0], [1, 1, 1], [0, 0, 0]])
+  # Capacity 3 drops expert 1's fourth example (4).
+  weights = mask[None].astype(jnp.float32)
+  assert int(dispatch.overflow(weights, 3)) == 1
+  assert int(dispatch.overflow(weights, 4)) == 0
+  np.testing.assert_array_equal(dispatch.counts(weights), [2, 4, 0])
+
+
+def test_combine_by_hand():
+  # T = 2 tasks, B = 3 examples, E = 2 experts, H = 1 feature; expert e's
+  # output on example b is 10 * e + b.
+  weights = jnp.array(
+    [
+      [[0.5, 0.5], [1.0, 0.0], [0.0, 0.0]],
+      [[0.0, 1.0], [0.0, 0.0], [0.25, 0.75]],
+    ]
+  )  # (T, B, E)
+  index, valid = dispatch.slots(dispatch.routed(weights), capacity=3)
+  outputs = (10.0 * jnp.arange(2)[:, None] + index)[..., None]  # (E, C, 1)
+  mixed = dispatch.combine(outputs, index, valid, weights)
+  want = [
+    [0.5 * 0 + 0.5 * 10, 1.0 * 1, 0.0],
+    [1.0 * 10, 0.0, 0.25 * 2 + 0.75 * 12],
+  ]
+  np.testing.assert_allclose(mixed[..., 0], want)
+
+
+@pytest.mark.parametrize(
+  'max_count,batch,want',
+  [
+    (0, 256, 8),
+    (8, 256, 8),
+    (9, 256, 16),
+    (100, 256, 128),
+    (128, 256, 128),
+    (129, 256, None),
+    (3, 8, None),
+  ],
+)
+def test_capacity_buckets(max_count, batch, want):
+  assert dispatch.capacity_for(max_count, batch) == want
+
+
+def _recommender(dispatch_capacity=None, num_experts=8):
+  return models.RecommenderMoE(
+    num_tasks=2,
+    cardinalities=(('user', 5), ('item', 7)),
+    num_experts=num_experts,
+    gate_kwargs=flax.core.FrozenDict({'k': 2, 'per_example': True}),
+    expert_kwargs=flax.core.FrozenDict({'hidden': (16,), 'features': 8}),
+    dispatch_capacity=dispatch_capacity,
+  )
+
+
+def _inputs(batch, seed=0):
+  rng = np.random.default_rng(seed)
+  categorical = {
+    'user': jnp.asarray(rng.integers(0, 5, batch)),
+    'item': jnp.asarray(rng.integers(0, 7, batch)),
+  }
+  return categorical, jnp.asarray(rng.normal(size=(batch, 3)), jnp.float32)
+
+
+def _saturate(params, scale):
+  """Bit logits scaled so most examples' selectors are saturated."""
+  params = flax.core.unfreeze(params)
+  for g in ('gate_0', 'gate_1'):
+    dense = params['moe'][g]['z_logits']
+    dense['kernel'] = dense['kernel'] * scale
+    dense['bias'] = dense['bias'] * scale
+  return params
+
+
+@pytest.mark.parametrize(
+  'scale', [pytest.param(1.0, marks=pytest.mark.slow), 300.0]
+)
+def test_dispatched_mlp_experts_equal_the_dense_ones_with_gradients(scale):
+  """Exact for any weights: unsaturated (scale 1, every expert routed
+  nearly everywhere) and saturated (at most 2 x 2 experts per example)."""
+  categorical, dense_features = _inputs(64)
+  model = _recommender()
+  params = _saturate(
+    model.init(jax.random.key(0), categorical, dense_features, train=False)[
+      'params'
+    ],
+    scale,
+  )
+  _, aux = model.apply(
+    {'params': params}, categorical, dense_features, train=True
+  )
+  busiest = int(jnp.max(dispatch.counts(aux['expert_weights'])))
+  if scale > 1:
+    assert busiest < 64  # Saturated: experts skip examples.
+  sparse = model.clone(dispatch_capacity=max(busiest, 1))
+
+  def loss(params, model):
+    outputs, aux = model.apply(
+      {'params': params}, categorical, dense_features, train=True
+    )
+    return jnp.sum(jnp.sin(outputs)) + aux['gate']['entropy'].sum(), aux
+
+  (want, _), want_grads = jax.jit(
+    jax.value_and_grad(functools.partial(loss, model=model), has_aux=True)
+  )(params)
+  (got, got_aux), got_grads = jax.jit(
+    jax.value_and_grad(functools.partial(loss, model=sparse), has_aux=True)
+  )(params)
+  assert int(got_aux['dispatch_overflow']) == 0
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+    got_grads,
+    want_grads,
+  )
+
+
+def test_an_overflowing_capacity_is_reported():
+  categorical, dense_features = _inputs(32)
+  model = _recommender(dispatch_capacity=2)
+  variables = model.init(
+    jax.random.key(0), categorical, dense_features, train=False
+  )
+  _, aux = model.apply(variables, categorical, dense_features, train=False)
+  assert int(aux['dispatch_overflow']) > 0
+
+
+@pytest.mark.slow  # 11 s: the CNN bank compiled twice.
+def test_dispatched_cnn_experts_equal_the_dense_ones_in_evaluation():
+  model = models.MultiTaskMoE(
+    num_experts=4,
+    gate_kwargs=flax.core.FrozenDict({'k': 1, 'per_example': True}),
+    expert=experts.MultiMNISTExpert,
+  )
+  images = jax.random.uniform(jax.random.key(1), (16, 36, 36, 1))
+  variables = model.init(jax.random.key(0), images, train=False)
+  params = flax.core.unfreeze(variables['params'])
+  for g in ('gate_0', 'gate_1'):
+    for leaf in ('kernel', 'bias'):
+      params[g]['z_logits'][leaf] = params[g]['z_logits'][leaf] * 3000
+  variables = {**variables, 'params': params}
+  want, want_aux = jax.jit(functools.partial(model.apply, train=False))(
+    variables, images
+  )
+  busiest = int(jnp.max(dispatch.counts(want_aux['expert_weights'])))
+  assert busiest < 16
+  sparse = model.clone(dispatch_capacity=busiest)
+  got, aux = jax.jit(functools.partial(sparse.apply, train=False))(
+    variables, images
+  )
+  assert int(aux['dispatch_overflow']) == 0
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_dispatched_step_on_four_devices_equals_the_dense_step():
+  """steps.train_step with the dispatched model as ``model``, mapped over
+  the 4 fake devices: the same parameters as the dense step."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  from dselect_jax import factory  # pylint: disable=g-import-not-at-top
+
+  categorical, dense_features = _inputs(32, seed=3)
+  model = _recommender()
+  params = _saturate(
+    model.init(jax.random.key(0), categorical, dense_features, train=False)[
+      'params'
+    ],
+    300.0,
+  )
+  state = factory.TrainState.create(
+    apply_fn=model.apply, params=params, tx=optax.sgd(0.1), batch_stats={}
+  )
+  rng = np.random.default_rng(4)
+  batch = {
+    'categorical': categorical,
+    'dense': dense_features,
+    'target': jnp.asarray(rng.integers(0, 2, (32, 2)), jnp.float32),
+    'weight': jnp.ones((32, 2)),
+  }
+  sharded = jax.tree.map(lambda x: x.reshape((4, 8) + x.shape[1:]), batch)
+  # Each device's busiest expert: the capacity that drops nothing.
+  busiest = max(
+    int(
+      jnp.max(
+        dispatch.counts(
+          model.apply(
+            {'params': params},
+            jax.tree.map(lambda x, d=d: x[d], sharded['categorical']),
+            sharded['dense'][d],
+            train=False,
+          )[1]['expert_weights']
+        )
+      )
+    )
+    for d in range(4)
+  )
+  assert busiest < 8  # Some expert skips some example on every device.
+  loss_config = ml_collections.ConfigDict(
+    {
+      'name': 'cross_entropy',
+      'label_smoothing': 0.0,
+      'entropy_weight': 0.1,
+      'entropy_start_step': 0,
+      'entropy_ramp_steps': 0,
+      'reachability_weight': 0.0,
+      'importance_weight': 0.0,
+      'load_weight': 0.0,
+    }
+  )
+  results = []
+  for capacity in (None, busiest):
+    step = jax.pmap(
+      functools.partial(
+        steps.train_step,
+        loss_config=loss_config,
+        task_kinds=('binary', 'regression'),
+        model=model.clone(dispatch_capacity=capacity),
+      ),
+      axis_name=steps.AXIS,
+      in_axes=(0, 0, None),
+    )
+    new_state, _ = step(
+      flax.jax_utils.replicate(state), sharded, jax.random.key(5)
+    )
+    results.append(jax.tree.map(lambda x: np.asarray(x)[0], new_state.params))
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+    results[1],
+    results[0],
+  )
