@@ -69,11 +69,15 @@ def get_config() -> ml_collections.ConfigDict:
   # norm 'auto' resolve to xla; meant for GPUs, not yet run on one). The same
   # function: experts.stack_expert_variables converts the loop's variables.
   config.model.expert_bank = 'loop'
-  # Evaluate only the experts some static gate still weighs (same logits as
-  # computing all of them; faster once the gates have converged).
+  # Evaluate only the experts some static gate still weighs; with
+  # per-example gates, each expert on the examples routed to it (sparse
+  # dispatch, steps.Dispatcher). The same logits as computing all of them;
+  # faster once the gates have converged.
   config.model.sparse_eval = True
   # Train only the experts some static gate still weighs (checked at every
-  # log step); exact for adam and sgd, see steps.SparseTrainSteps.
+  # log step; exact for adam and sgd, see steps.SparseTrainSteps); with
+  # per-example dselect_k gates and MLP experts, sparse dispatch at every
+  # step (exact).
   config.model.sparse_train = False
   # Evaluate the loop's experts as one computation (models.
   # multimnist_experts_eval: BatchNorm folded into the convolutions, the

@@ -326,15 +326,29 @@ def validate(
       cpu_kernels.load()
     except cpu_kernels.KernelBuildError as e:
       _bad(f'model.{field}', value, f'the CPU kernels do not build here: {e}')
-  if model.sparse_train and (
-    gate.name != 'dselect_k'
-    or gate.per_example
-    or config.optimizer.name == 'adamw'
+  if (
+    model.sparse_train
+    and gate.per_example
+    and (gate.name != 'dselect_k' or spec.is_image)
   ):
     _bad(
       'model.sparse_train',
       True,
-      'needs static dselect_k gates (a top_k gate can bring a dropped '
+      'with per-example gates it dispatches each expert its routed '
+      'examples (steps.Dispatcher), which needs dselect_k gates and experts '
+      "without batch statistics (a feature data set's MLP experts; the "
+      "image experts' BatchNorm would see only their examples); set "
+      '--config.model.sparse_train=False',
+    )
+  if (
+    model.sparse_train
+    and not gate.per_example
+    and (gate.name != 'dselect_k' or config.optimizer.name == 'adamw')
+  ):
+    _bad(
+      'model.sparse_train',
+      True,
+      'with static gates needs dselect_k (a top_k gate can bring a dropped '
       'expert back, a softmax gate drops none) and an optimizer without '
       'weight decay (adam or sgd; weight decay can also bring one back); '
       'set --config.model.sparse_train=False',

@@ -103,13 +103,15 @@ def combine(
 
 def capacity_for(max_count: int, batch: int, minimum: int = 8) -> Optional[int]:
   """The capacity bucket for a batch whose busiest expert gets
-  ``max_count`` examples: the next power of two (at least ``minimum``), so
-  that few programs are compiled; None (compute densely) when that is not
-  below the batch, where dispatch would only add work."""
+  ``max_count`` examples: the next multiple of an eighth of the batch (at
+  least ``minimum``), so that at most eight programs are compiled; None
+  (compute densely) when that is not below the batch, where dispatch would
+  only add work."""
   if max_count < 0 or batch < 1:
     raise ValueError(
       f'capacity_for: max_count={max_count} and batch={batch} must be >= 0 '
       'and >= 1.'
     )
-  capacity = max(minimum, 1 << max(int(max_count) - 1, 0).bit_length())
+  step = max(minimum, batch // 8)
+  capacity = step * max(1, -(-int(max_count) // step))
   return None if capacity >= batch else int(capacity)

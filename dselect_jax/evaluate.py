@@ -50,7 +50,10 @@ class Evaluator:
   weighs are computed (``MultiTaskMoE.active_experts``): the others have
   weight exactly 0, so the outputs are the dense ones. Once DSelect-k has
   converged to k experts per task, evaluation is that much cheaper. One
-  compiled step is kept per set of active experts.
+  compiled step is kept per set of active experts. With ``sparse`` and
+  per-example gates (``models.dispatches``), each batch is dispatched:
+  each expert computes only the examples routed to it
+  (``steps.Dispatcher``), again the dense outputs.
   """
 
   def __init__(
@@ -65,6 +68,12 @@ class Evaluator:
     self.sparse = sparse and not model.per_example
     self.task_kinds = tuple(task_kinds)
     self._steps = {}
+    self.dispatcher = None
+    if sparse and models.dispatches(model, train=False):
+      self.dispatcher = steps.Dispatcher(
+        model,
+        lambda m: steps.parallel(functools.partial(steps.eval_step, m)),
+      )
 
   def _step(self, active):
     if active not in self._steps:
@@ -91,6 +100,8 @@ class Evaluator:
       jax.process_index(),
       jax.process_count(),
     ):
+      if self.dispatcher is not None:
+        p_eval_step = self.dispatcher(state, batch)
       sums, weights, outputs = p_eval_step(state, batch)
       sums = jax.tree.map(lambda x: np.asarray(x, np.float64)[0], sums)
       totals = sums if totals is None else jax.tree.map(np.add, totals, sums)

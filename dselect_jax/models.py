@@ -353,6 +353,45 @@ def active_experts(expert_weights) -> tuple[int, ...]:
   return tuple(int(e) for e in np.flatnonzero(np.any(weights > 0, axis=0)))
 
 
+def dispatches(model: nn.Module, train: bool) -> bool:
+  """Whether ``model`` can run with ``dispatch_capacity`` (sparse dispatch
+  of its examples to its experts): per-example gates routing on the input,
+  DSelect-k (or in evaluation the deterministic top-k), and in training
+  experts without batch statistics (the recommender's MLP experts; the CNN
+  experts' BatchNorm would see only their examples and the padding)."""
+  if not model.per_example or getattr(model, 'routing_input', 'input') != (
+    'input'
+  ):
+    return False
+  if train:
+    return model.gate == 'dselect_k' and isinstance(model, RecommenderMoE)
+  return model.gate in ('dselect_k', 'top_k')
+
+
+def per_example_weights(model: nn.Module, params, *inputs) -> Array:
+  """Each task's expert weights per example (T, B, E), from the gates
+  alone with no expert computed: what sparse dispatch routes by. Inputs
+  as the model's (the images, or the categorical and dense features); a
+  top-k gate is taken without noise."""
+  if not model.per_example:
+    raise ValueError('per_example_weights: the gates are static.')
+  if isinstance(model, RecommenderMoE):
+    x = FeatureEmbedding(model.cardinalities, model.embed_dim).apply(
+      {'params': params['embed']}, *inputs
+    )
+  else:
+    (x,) = inputs
+  routing = x.reshape(x.shape[0], -1)  # (B, D)
+  params = gate_params(params)
+  gate = gates_lib.make_gate(model.gate, model.num_experts, **model.gate_kwargs)
+  num_gates = 1 if model.shared_gate else model.num_tasks
+  weights = [
+    gate.apply({'params': params[f'gate_{g}']}, routing)[0]
+    for g in range(num_gates)
+  ]
+  return jnp.stack(weights * model.num_tasks if model.shared_gate else weights)
+
+
 def static_expert_weights(model: nn.Module, params) -> np.ndarray:
   """Each task's expert weights (T, E) from the params of a static-gated
   MultiTaskMoE or RecommenderMoE.

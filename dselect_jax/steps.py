@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dselect_jax import dispatch
 from dselect_jax import factory
 from dselect_jax import models
 from dselect_jax import tasks
@@ -304,6 +305,64 @@ def used_experts(model, state) -> Optional[tuple[int, ...]]:
   return None if len(active) == model.num_experts else active
 
 
+def busiest_expert(model, state, batch) -> jax.Array:
+  """Per device: the examples of this shard routed to its busiest expert
+  (``dispatch.counts`` of the gates' weights, no expert computed)."""
+  weights = models.per_example_weights(
+    model, state.params, *model_inputs(batch)
+  )
+  return jnp.max(dispatch.counts(weights))
+
+
+class Dispatcher:
+  """Sparse dispatch for per-example gates, batch by batch.
+
+  Before each batch, the gates alone give the examples routed to the
+  busiest expert on any device (of any process); ``dispatch.capacity_for``
+  turns that into a capacity bucket, and the batch runs on the step
+  compiled for the model with that ``dispatch_capacity`` (one per bucket,
+  kept), or on the dense step when dispatch would not save work (before
+  the gates saturate). No routed example is ever dropped, so every step is
+  the dense step up to float summation order.
+
+  ``make_step(model)`` compiles a mapped step for a model.
+  """
+
+  def __init__(self, model, make_step):
+    self.model = model
+    self._make_step = make_step
+    self._steps = {}
+    self._busiest = parallel(functools.partial(busiest_expert, model))
+    self.capacity = 'unset'
+
+  def __call__(self, state, batch):
+    """The compiled step for this batch."""
+    busiest = np.max(np.asarray(self._busiest(state, batch)))
+    if jax.process_count() > 1:  # Every process compiles the same program.
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+      busiest = np.max(multihost_utils.process_allgather(busiest))
+    per_device = jax.tree.leaves(batch)[0].shape[1]
+    capacity = dispatch.capacity_for(int(busiest), per_device)
+    if capacity != self.capacity:
+      logging.info(
+        'sparse dispatch: %s',
+        f'each expert computes at most {capacity} of {per_device} examples '
+        'per device'
+        if capacity
+        else 'every expert computes every example (dense)',
+      )
+      self.capacity = capacity
+    if capacity not in self._steps:
+      model = (
+        self.model
+        if capacity is None
+        else self.model.clone(dispatch_capacity=capacity)
+      )
+      self._steps[capacity] = self._make_step(model)
+    return self._steps[capacity]
+
+
 class SparseTrainSteps:
   """The compiled train step, computing only the experts still in use.
 
@@ -315,6 +374,11 @@ class SparseTrainSteps:
   Adam's or SGD's momentum keeps moving it outward, so a dropped expert stays
   dropped; weight decay could pull it back, hence adam or sgd only. The
   active set is re-read from the parameters at every log step.
+
+  With per-example DSelect-k gates and experts without batch statistics
+  (``models.dispatches``), ``model.sparse_train`` is sparse dispatch
+  instead: every batch computes each expert on its routed examples only
+  (``Dispatcher``), exact at every step.
   """
 
   def __init__(self, model, config, task_kinds: tuple[str, ...]):
@@ -326,8 +390,27 @@ class SparseTrainSteps:
     self.sparse = config.model.sparse_train and not model.per_example
     self._steps = {}
     self.active = None
+    self.dispatcher = None
+    if config.model.sparse_train and models.dispatches(model, train=True):
+      self.dispatcher = Dispatcher(model, self._compile)
+
+  def _compile(self, model):
+    return parallel(
+      functools.partial(
+        train_step,
+        loss_config=self.loss_config,
+        model=model,
+        task_kinds=self.task_kinds,
+      ),
+      donate_argnums=(0,),
+      in_axes=(0, 0, None),
+    )
 
   def __call__(self, state, step):
+    if self.dispatcher is not None:
+      return lambda state, batch, rng: self.dispatcher(state, batch)(
+        state, batch, rng
+      )
     active = used_experts(self.model, state) if self.sparse else None
     if active != self.active:
       logging.info(
@@ -337,17 +420,7 @@ class SparseTrainSteps:
       )
     self.active = active
     if active not in self._steps:
-      model = (
+      self._steps[active] = self._compile(
         None if active is None else self.model.clone(active_experts=active)
-      )
-      self._steps[active] = parallel(
-        functools.partial(
-          train_step,
-          loss_config=self.loss_config,
-          model=model,
-          task_kinds=self.task_kinds,
-        ),
-        donate_argnums=(0,),
-        in_axes=(0, 0, None),
       )
     return self._steps[active]

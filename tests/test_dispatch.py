@@ -55,12 +55,14 @@ def test_combine_by_hand():
 @pytest.mark.parametrize(
   'max_count,batch,want',
   [
-    (0, 256, 8),
-    (8, 256, 8),
-    (9, 256, 16),
-    (100, 256, 128),
-    (128, 256, 128),
-    (129, 256, None),
+    # Multiples of an eighth of the batch (32 of 256), at least 8.
+    (0, 256, 32),
+    (32, 256, 32),
+    (33, 256, 64),
+    (129, 256, 160),
+    (224, 256, 224),
+    (225, 256, None),  # 256: no work saved.
+    (17, 32, 24),  # Multiples of 8 (an eighth of 32 is 4).
     (3, 8, None),
   ],
 )

@@ -342,3 +342,70 @@ def test_image_only_fields_are_refused_for_movielens(
     helpers.validate(config, 1)
   assert str(e.value).startswith(f'config.{field}={value!r}: applies to the')
   assert 'leave it at' in str(e.value)
+
+
+def test_sparse_dispatch_trains_and_evaluates_as_the_dense_model(movielens_dir):
+  """Per-example DSelect-k gates, saturated (bit logits scaled far outside
+  [-gamma/2, gamma/2]): with model.sparse_train and sparse_eval each batch
+  is dispatched (each expert computes only its routed examples), and the
+  steps and the evaluation give what the dense model gives."""
+  fields = {
+    'model.gate.per_example': True,
+    'model.num_experts': 8,
+    'model.gate.k': 1,
+    'batch_size': 128,
+    'eval_batch_size': 120,
+    'optimizer.name': 'sgd',
+  }
+  config = tiny_config(movielens_dir, **fields, **{'model.sparse_train': True})
+  dense_config = tiny_config(
+    movielens_dir,
+    **fields,
+    **{'model.sparse_train': False, 'model.sparse_eval': False},
+  )
+  helpers.validate(config, 4)
+  dataset = datasets.resolve(config.data)
+  model = helpers.create_model(config, bn_axis_name=steps.AXIS)
+  tx = factory.create_optimizer(config, 10)
+  state = helpers.initial_state(config, model, tx, jax.random.key(0))
+  params = jax.tree.map(np.asarray, state.params)
+  for g in ('gate_0', 'gate_1'):
+    for leaf in ('kernel', 'bias'):
+      params['moe'][g]['z_logits'][leaf] = (
+        params['moe'][g]['z_logits'][leaf] * 1000
+      )
+  state = state.replace(params=params)
+  rng = jax.random.key(1)
+
+  finals = []
+  for run_config in (config, dense_config):
+    train_steps = steps.SparseTrainSteps(model, run_config, KINDS)
+    assert (train_steps.dispatcher is not None) == (run_config is config)
+    run_state = steps.replicate(state)
+    batches = batching.train_batches(dataset.train, 128, 4, seed=0)
+    for _ in range(3):
+      run_state, _ = train_steps(run_state, 0)(run_state, next(batches), rng)
+    if run_config is config:  # Each expert computed a part of the batch.
+      assert train_steps.dispatcher.capacity in (8, 16, 24)
+    finals.append(run_state)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+    jax.device_get(finals[0].params),
+    jax.device_get(finals[1].params),
+  )
+
+  sparse_eval = evaluate.make_evaluator(config, model, dataset.spec)
+  dense_eval = evaluate.make_evaluator(dense_config, model, dataset.spec)
+  assert dense_eval.dispatcher is None
+  got = sparse_eval(finals[0], dataset.test, config.eval_batch_size)
+  want = dense_eval(finals[0], dataset.test, config.eval_batch_size)
+  assert sparse_eval.dispatcher.capacity is not None
+  np.testing.assert_allclose(
+    got['per_task']['metric'], want['per_task']['metric'], rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    got['per_task']['loss'], want['per_task']['loss'], rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    got['expert_weights'], want['expert_weights'], rtol=1e-6
+  )
