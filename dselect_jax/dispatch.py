@@ -65,6 +65,45 @@ def slots(mask: Array, capacity: int) -> tuple[Array, Array]:
   return jnp.where(valid, index, 0), valid
 
 
+def pairs(mask: Array, size: int) -> tuple[Array, Array, Array, Array]:
+  """The routed (example, expert) pairs sorted by expert, then example:
+  the rows of a grouped matmul (``jax.lax.ragged_dot``), dropless when
+  ``size`` is at least the number of routed pairs.
+
+  Args:
+    mask: (B, E) bool, ``routed``.
+    size: M, the rows: routed pairs first, then padding.
+
+  Returns:
+    ``example`` and ``expert`` (M,) int32 (0 on padding rows), ``valid``
+    (M,) bool, and ``group_sizes`` (E,) int32, each expert's routed pairs
+    among the M rows, in expert order (what ragged_dot groups by).
+  """
+  batch, num_experts = mask.shape
+  flat = mask.T.reshape(-1)  # (E * B,): row e * B + b.
+  order = jnp.argsort(~flat, stable=True)[:size]  # Routed pairs first.
+  valid = flat[order]
+  example = jnp.where(valid, order % batch, 0).astype(jnp.int32)
+  expert = jnp.where(valid, order // batch, 0).astype(jnp.int32)
+  group_sizes = jnp.sum(
+    jax.nn.one_hot(expert, num_experts, dtype=jnp.int32) * valid[:, None],
+    axis=0,
+  )
+  return example, expert, valid, group_sizes
+
+
+def combine_pairs(
+  outputs: Array, example: Array, expert: Array, valid: Array, weights: Array
+) -> Array:
+  """Each task's mixture from the experts' outputs on the routed pairs:
+  outputs (M, H), pairs from ``pairs``, weights (T, B, E) -> (T, B, H)."""
+  pair_weights = weights[:, example, expert] * valid  # (T, M)
+  mixed = jnp.zeros(
+    (weights.shape[0], weights.shape[1], outputs.shape[-1]), outputs.dtype
+  )
+  return mixed.at[:, example].add(pair_weights[..., None] * outputs[None])
+
+
 def overflow(weights: Array, capacity: int) -> Array:
   """Routed examples that a capacity would drop, over all experts: 0 when
   the dispatch is exact."""

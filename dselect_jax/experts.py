@@ -235,6 +235,12 @@ class ExpertBank(nn.Module):
     ``per_expert_inputs`` (E', C, ...), row e for the e-th computed expert
     (sparse dispatch, ``dispatch.gather``) -> (E', B or C, H)."""
     active = range(self.num_experts) if self.active is None else self.active
+    if (
+      per_expert_inputs
+      and hasattr(self.expert, 'padded_bank')
+      and not self.is_initializing()
+    ):
+      return self.expert.padded_bank(self.variables, x, tuple(active))
     if per_expert_inputs:
       return jnp.stack(
         [
@@ -355,3 +361,46 @@ class MLPExpert(nn.Module):
     for i, width in enumerate(self.hidden):
       x = nn.relu(nn.Dense(width, name=f'Dense_{i}')(x))
     return nn.relu(nn.Dense(self.features, name=f'Dense_{len(self.hidden)}')(x))
+
+  @staticmethod
+  def _stacked_layers(variables, experts: Sequence[int]):
+    """Each layer's kernels (E', F, H) and biases (E', H), stacked over
+    ``experts`` from an ExpertBank's variables."""
+    banks = [variables['params'][f'expert_{e}'] for e in experts]
+    names = sorted(banks[0], key=lambda name: int(name.rpartition('_')[2]))
+    return [
+      (
+        jnp.stack([bank[name]['kernel'] for bank in banks]),
+        jnp.stack([bank[name]['bias'] for bank in banks]),
+      )
+      for name in names
+    ]
+
+  @staticmethod
+  def padded_bank(
+    variables: Mapping[str, Any], x: Array, experts: Sequence[int]
+  ) -> Array:
+    """``experts`` of an ExpertBank, each on its own rows: x (E', C, F) ->
+    (E', C, H), each layer one batched matmul over the experts' stacked
+    kernels (the same function as each expert's Dense layers; what sparse
+    dispatch's padded buckets run)."""
+    for kernel, bias in MLPExpert._stacked_layers(variables, experts):
+      x = nn.relu(jnp.einsum('ecf,efh->ech', x, kernel) + bias[:, None])
+    return x
+
+  @staticmethod
+  def ragged_bank(
+    variables: Mapping[str, Any],
+    x: Array,
+    expert: Array,
+    group_sizes: Array,
+  ) -> Array:
+    """An ExpertBank's experts on rows sorted by expert: x (M, F), row i
+    for expert ``expert[i]`` (``group_sizes`` (E,) rows each, in order;
+    ``dispatch.pairs``) -> (M, H), each layer one ``jax.lax.ragged_dot``
+    over the stacked kernels. Rows past the groups give ReLU(bias), for
+    the caller to mask."""
+    experts = range(group_sizes.shape[0])
+    for kernel, bias in MLPExpert._stacked_layers(variables, experts):
+      x = nn.relu(jax.lax.ragged_dot(x, kernel, group_sizes) + bias[expert])
+    return x

@@ -101,6 +101,9 @@ class MultiTaskMoE(nn.Module):
       batch's routing counts (``dispatch.capacity_for``) so that none is
       dropped, and ``aux['dispatch_overflow']`` counts any that were. None
       computes every expert on every example.
+    dispatch_pairs: the same for ``MLPExpert``s in the loop bank, as
+      grouped matmuls (``MLPExpert.ragged_bank``) over the routed
+      (example, expert) pairs, at most this many (``dispatch.pairs``).
 
   Returns ``(logits, aux)`` with logits ``(T, B, C)`` and aux holding
   ``expert_weights`` (``(T, E)`` static, ``(T, B, E)`` per-example) and
@@ -123,10 +126,20 @@ class MultiTaskMoE(nn.Module):
   active_experts: Optional[tuple[int, ...]] = None
   bn_axis_name: Optional[str] = None
   dispatch_capacity: Optional[int] = None
+  dispatch_pairs: Optional[int] = None
 
   def __post_init__(self):
-    if self.dispatch_capacity is not None:
-      check_int(self, 'dispatch_capacity', 1)
+    if self.dispatch_pairs is not None:
+      check_int(self, 'dispatch_pairs', 1)
+      if not ragged_experts(self) or self.dispatch_capacity is not None:
+        raise ValueError(
+          'MultiTaskMoE: dispatch_pairs needs MLPExpert experts in the loop '
+          'bank (ExpertBank) with every expert active, and no '
+          'dispatch_capacity.'
+        )
+    if self.dispatch_capacity is not None or self.dispatch_pairs is not None:
+      if self.dispatch_capacity is not None:
+        check_int(self, 'dispatch_capacity', 1)
       if not self.per_example or self.routing_input != 'input':
         raise ValueError(
           'MultiTaskMoE: dispatch_capacity needs per-example gates routing '
@@ -177,7 +190,9 @@ class MultiTaskMoE(nn.Module):
       **self.bank_kwargs,
       name='experts',
     )
-    dispatched = self.dispatch_capacity is not None
+    dispatched = (
+      self.dispatch_capacity is not None or self.dispatch_pairs is not None
+    )
     if dispatched:  # The gates first: they decide what the experts compute.
       experts = None
       routing = x.reshape(x.shape[0], -1)  # (B, D)
@@ -203,7 +218,23 @@ class MultiTaskMoE(nn.Module):
     weights = [weights[0]] * self.num_tasks if self.shared_gate else weights
 
     extra = {}
-    if dispatched:
+    if self.dispatch_pairs is not None:
+      stacked = jnp.stack(weights)  # (T, B, E)
+      mask = dispatch.routed(stacked)  # (B, E)
+      size = min(self.dispatch_pairs, mask.size)
+      example, expert, valid, group_sizes = dispatch.pairs(mask, size)
+      if self.is_initializing():  # The loop creates the experts' variables.
+        outputs = bank(x, train=train)[expert, example]  # (M, H)
+      else:
+        outputs = experts_lib.MLPExpert.ragged_bank(
+          {'params': self.variables['params']['experts']},
+          x[example],
+          expert,
+          group_sizes,
+        )  # (M, H)
+      mixed = dispatch.combine_pairs(outputs, example, expert, valid, stacked)
+      extra['dispatch_overflow'] = jnp.maximum(jnp.sum(mask) - size, 0)
+    elif dispatched:
       stacked = jnp.stack(weights)  # (T, B, E)
       capacity = min(self.dispatch_capacity, x.shape[0])
       index, valid = dispatch.slots(dispatch.routed(stacked), capacity)
@@ -290,7 +321,8 @@ class RecommenderMoE(nn.Module):
       MultiTaskMoE's (its variables are under ``moe``).
     expert_kwargs: MLPExpert's (``hidden``, ``features``).
     tower_hidden: widths of each task's tower before its single output.
-    dispatch_capacity: as MultiTaskMoE's (per-example gates).
+    dispatch_capacity, dispatch_pairs: as MultiTaskMoE's (per-example
+      gates).
   """
 
   num_tasks: int
@@ -304,6 +336,7 @@ class RecommenderMoE(nn.Module):
   tower_hidden: tuple[int, ...] = (32,)
   active_experts: Optional[tuple[int, ...]] = None
   dispatch_capacity: Optional[int] = None
+  dispatch_pairs: Optional[int] = None
 
   def __post_init__(self):
     check_int(self, 'num_tasks', 1)
@@ -336,6 +369,7 @@ class RecommenderMoE(nn.Module):
       tower_kwargs=flax.core.FrozenDict({'hidden': self.tower_hidden}),
       active_experts=self.active_experts,
       dispatch_capacity=self.dispatch_capacity,
+      dispatch_pairs=self.dispatch_pairs,
       name='moe',
     )(x, train=train)  # (T, B, 1)
     return outputs[..., 0], aux  # (T, B)
@@ -351,6 +385,18 @@ def active_experts(expert_weights) -> tuple[int, ...]:
   """Experts with non-zero weight for some task, from static weights (T, E)."""
   weights = np.asarray(expert_weights)
   return tuple(int(e) for e in np.flatnonzero(np.any(weights > 0, axis=0)))
+
+
+def ragged_experts(model: nn.Module) -> bool:
+  """Whether the experts can run as grouped matmuls: MLPExperts in the
+  loop bank, all active (``MultiTaskMoE.dispatch_pairs``)."""
+  if isinstance(model, RecommenderMoE):
+    return model.active_experts is None
+  return (
+    model.expert is experts_lib.MLPExpert
+    and model.bank is experts_lib.ExpertBank
+    and model.active_experts is None
+  )
 
 
 def dispatches(model: nn.Module, train: bool) -> bool:

@@ -305,59 +305,71 @@ def used_experts(model, state) -> Optional[tuple[int, ...]]:
   return None if len(active) == model.num_experts else active
 
 
-def busiest_expert(model, state, batch) -> jax.Array:
+def routing_load(model, state, batch) -> jax.Array:
   """Per device: the examples of this shard routed to its busiest expert
-  (``dispatch.counts`` of the gates' weights, no expert computed)."""
+  and the routed (example, expert) pairs, (2,) (``dispatch.counts`` of the
+  gates' weights, no expert computed)."""
   weights = models.per_example_weights(
     model, state.params, *model_inputs(batch)
   )
-  return jnp.max(dispatch.counts(weights))
+  counts = dispatch.counts(weights)
+  return jnp.stack([jnp.max(counts), jnp.sum(counts)])
 
 
 class Dispatcher:
   """Sparse dispatch for per-example gates, batch by batch.
 
   Before each batch, the gates alone give the examples routed to the
-  busiest expert on any device (of any process); ``dispatch.capacity_for``
-  turns that into a capacity bucket, and the batch runs on the step
-  compiled for the model with that ``dispatch_capacity`` (one per bucket,
-  kept), or on the dense step when dispatch would not save work (before
-  the gates saturate). No routed example is ever dropped, so every step is
+  busiest expert and the routed pairs on any device (of any process);
+  ``dispatch.capacity_for`` turns that into a bucket, and the batch runs on
+  the step compiled for the model with that ``dispatch_capacity`` (a
+  padded slot per routed example in each expert's bucket) or, with
+  ``ragged``, ``dispatch_pairs`` (MLP experts as grouped matmuls over the
+  routed pairs, ``models.ragged_experts``: on XLA:CPU ``ragged_dot`` is
+  slower than the padded buckets, ``benchmarks/dispatch_speed.py``), one
+  per bucket, kept; or on the dense step when dispatch would not save work
+  (before the gates saturate). No routed example is ever dropped, so every step is
   the dense step up to float summation order.
 
   ``make_step(model)`` compiles a mapped step for a model.
   """
 
-  def __init__(self, model, make_step):
+  def __init__(self, model, make_step, ragged: bool = False):
     self.model = model
     self._make_step = make_step
     self._steps = {}
-    self._busiest = parallel(functools.partial(busiest_expert, model))
+    self._load = parallel(functools.partial(routing_load, model))
+    self.ragged = ragged and models.ragged_experts(model)
     self.capacity = 'unset'
 
   def __call__(self, state, batch):
     """The compiled step for this batch."""
-    busiest = np.max(np.asarray(self._busiest(state, batch)))
+    load = np.max(np.asarray(self._load(state, batch)), axis=0)  # (2,)
     if jax.process_count() > 1:  # Every process compiles the same program.
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-      busiest = np.max(multihost_utils.process_allgather(busiest))
+      load = np.max(multihost_utils.process_allgather(load), axis=0)
     per_device = jax.tree.leaves(batch)[0].shape[1]
-    capacity = dispatch.capacity_for(int(busiest), per_device)
+    if self.ragged:  # Rows of the grouped matmuls, of E x B dense ones.
+      rows = per_device * self.model.num_experts
+      capacity = dispatch.capacity_for(int(load[1]), rows)
+      what = f'{capacity} of {rows} expert rows per device'
+      field = 'dispatch_pairs'
+    else:
+      capacity = dispatch.capacity_for(int(load[0]), per_device)
+      what = f'at most {capacity} of {per_device} examples per expert'
+      field = 'dispatch_capacity'
     if capacity != self.capacity:
       logging.info(
         'sparse dispatch: %s',
-        f'each expert computes at most {capacity} of {per_device} examples '
-        'per device'
-        if capacity
-        else 'every expert computes every example (dense)',
+        what if capacity else 'every expert computes every example (dense)',
       )
       self.capacity = capacity
     if capacity not in self._steps:
       model = (
         self.model
         if capacity is None
-        else self.model.clone(dispatch_capacity=capacity)
+        else self.model.clone(**{field: capacity})
       )
       self._steps[capacity] = self._make_step(model)
     return self._steps[capacity]

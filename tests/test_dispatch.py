@@ -70,6 +70,42 @@ def test_capacity_buckets(max_count, batch, want):
   assert dispatch.capacity_for(max_count, batch) == want
 
 
+def test_pairs_by_hand():
+  # 3 examples, 2 experts: expert 0 gets examples 0 and 2, expert 1 gets 1.
+  mask = jnp.array([[1, 0], [0, 1], [1, 0]], bool)
+  example, expert, valid, sizes = dispatch.pairs(mask, size=4)
+  np.testing.assert_array_equal(example, [0, 2, 1, 0])
+  np.testing.assert_array_equal(expert, [0, 0, 1, 0])
+  np.testing.assert_array_equal(valid, [1, 1, 1, 0])
+  np.testing.assert_array_equal(sizes, [2, 1])
+  # Expert e's output on example b is 10 * e + b; task weights by hand.
+  outputs = (10.0 * expert + example)[:, None]  # (M, 1)
+  weights = jnp.array([[[0.25, 0.0], [0.0, 1.0], [1.0, 0.0]]])  # (1, B, E)
+  mixed = dispatch.combine_pairs(outputs, example, expert, valid, weights)
+  np.testing.assert_allclose(mixed[0, :, 0], [0.25 * 0, 1.0 * 11, 1.0 * 2])
+
+
+def test_the_ragged_mlp_experts_are_each_experts_layers():
+  bank = experts.ExpertBank(
+    3, experts.MLPExpert, flax.core.FrozenDict({'hidden': (5,), 'features': 4})
+  )
+  x = jax.random.normal(jax.random.key(0), (7, 6))
+  variables = bank.init(jax.random.key(1), x, train=False)
+  dense = bank.apply(variables, x, train=False)  # (E, B, H)
+  expert = jnp.array([0, 0, 1, 2, 2, 2, 0], jnp.int32)  # Rows sorted by
+  sizes = jnp.array([2, 1, 3], jnp.int32)  # expert, then one padding row.
+  rows = experts.MLPExpert.ragged_bank(variables, x, expert, sizes)
+  for i in range(6):
+    np.testing.assert_allclose(rows[i], dense[expert[i], i], rtol=1e-5)
+  # The padded buckets: expert e on its own rows, one batched matmul.
+  per_expert = jnp.stack([x[:4], x[2:6], x[3:7]])  # (E, C, F)
+  padded = experts.MLPExpert.padded_bank(variables, per_expert, (0, 1, 2))
+  for e, start in enumerate((0, 2, 3)):
+    np.testing.assert_allclose(
+      padded[e], dense[e, start : start + 4], rtol=1e-5
+    )
+
+
 def _recommender(dispatch_capacity=None, num_experts=8):
   return models.RecommenderMoE(
     num_tasks=2,
@@ -100,10 +136,13 @@ def _saturate(params, scale):
   return params
 
 
+@pytest.mark.parametrize('field', ['dispatch_capacity', 'dispatch_pairs'])
 @pytest.mark.parametrize(
   'scale', [pytest.param(1.0, marks=pytest.mark.slow), 300.0]
 )
-def test_dispatched_mlp_experts_equal_the_dense_ones_with_gradients(scale):
+def test_dispatched_mlp_experts_equal_the_dense_ones_with_gradients(
+  scale, field
+):
   """Exact for any weights: unsaturated (scale 1, every expert routed
   nearly everywhere) and saturated (at most 2 x 2 experts per example)."""
   categorical, dense_features = _inputs(64)
@@ -117,10 +156,12 @@ def test_dispatched_mlp_experts_equal_the_dense_ones_with_gradients(scale):
   _, aux = model.apply(
     {'params': params}, categorical, dense_features, train=True
   )
-  busiest = int(jnp.max(dispatch.counts(aux['expert_weights'])))
+  counts = dispatch.counts(aux['expert_weights'])
+  busiest, routed = int(jnp.max(counts)), int(jnp.sum(counts))
   if scale > 1:
     assert busiest < 64  # Saturated: experts skip examples.
-  sparse = model.clone(dispatch_capacity=max(busiest, 1))
+  size = busiest if field == 'dispatch_capacity' else routed
+  sparse = model.clone(**{field: max(size, 1)})
 
   def loss(params, model):
     outputs, aux = model.apply(

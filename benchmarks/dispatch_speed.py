@@ -1,0 +1,239 @@
+"""Per-example DSelect-k: dense against sparse dispatch, as E grows.
+
+  python benchmarks/dispatch_speed.py [--experts=8,16,32,64] [--batches=256]
+      [--kinds=mlp,cnn] [--modes=train,eval] [--rounds=5] [--steps=5]
+      [--out=FILE]
+
+The multi-task MoE with per-example DSelect-k gates (T = 2 tasks, k = 2),
+its gates saturated (bit logits scaled far outside [-gamma/2, gamma/2], so
+each example routes to at most T·k experts, unevenly, as trained gates
+do), on one device. ``mlp``: the recommender's MLP experts on 64 features;
+``cnn``: the MultiMNIST CNN experts on 36x36 images (evaluation only:
+dispatch does not train experts with BatchNorm). ``train``: forward and
+backward of the loss; ``eval``: the forward pass.
+
+The sparse contenders do what ``steps.Dispatcher`` does for every batch:
+the gates alone, the routing counts to the host, a bucket, then the step
+compiled for it. ``padded``: a slot per routed example in each expert's
+capacity bucket (``dispatch_capacity``, any expert); ``ragged``: the
+routed (example, expert) pairs as grouped matmuls (``jax.lax.ragged_dot``,
+``dispatch_pairs``, MLP experts only). Each (kind, E, batch, mode) times
+``--rounds`` alternating windows of ``--steps`` calls of each contender and
+prints the median rates, each sparse one against the fastest dense way
+(the loop bank, and the vmapped bank for MLP experts or the fused
+evaluation for CNN experts).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import sys
+import time
+
+from absl import flags
+import flax
+import jax
+import jax.numpy as jnp
+
+from dselect_jax import cli
+from dselect_jax import dispatch
+from dselect_jax import experts
+from dselect_jax import models
+
+_EXPERTS = flags.DEFINE_list('experts', ['8', '16', '32', '64'], 'E values.')
+_BATCHES = flags.DEFINE_list('batches', ['256'], 'Batch sizes.')
+_KINDS = flags.DEFINE_list('kinds', ['mlp', 'cnn'], 'Experts: mlp, cnn.')
+_MODES = flags.DEFINE_list('modes', ['train', 'eval'], 'train, eval.')
+_ROUNDS = flags.DEFINE_integer(
+  'rounds', 5, 'Alternating windows of each contender.', lower_bound=1
+)
+_STEPS = flags.DEFINE_integer('steps', 5, 'Calls per window.', lower_bound=1)
+_OUT = flags.DEFINE_string('out', None, 'Also write the table here.')
+
+FEATURES = 64  # The MLP experts' input width.
+
+
+def _model(kind: str, num_experts: int, **kwargs) -> models.MultiTaskMoE:
+  gate = flax.core.FrozenDict({'k': 2, 'per_example': True})
+  if kind == 'mlp':
+    return models.MultiTaskMoE(
+      num_experts=num_experts,
+      gate_kwargs=gate,
+      num_classes=1,
+      expert=experts.MLPExpert,
+      expert_kwargs=flax.core.FrozenDict({'hidden': (64,), 'features': 32}),
+      tower_kwargs=flax.core.FrozenDict({'hidden': (32,)}),
+      **kwargs,
+    )
+  return models.MultiTaskMoE(
+    num_experts=num_experts,
+    gate_kwargs=gate,
+    expert=experts.MultiMNISTExpert,
+    **kwargs,
+  )
+
+
+def _dense_variants(kind: str, num_experts: int, mode: str, variables):
+  """The dense model's other ways, each with its variables: the vmapped
+  bank (MLP experts), the fused evaluation (CNN experts, XLA's
+  convolutions)."""
+  if kind == 'mlp':
+    model = _model(kind, num_experts, bank=experts.VmappedExpertBank)
+    stacked = experts.stack_expert_variables(variables, num_experts)
+    return {'dense (vmap bank)': (_work(model, mode), stacked)}
+  if mode == 'eval':
+    model = _model(
+      kind, num_experts, bank_kwargs=flax.core.FrozenDict({'fused_eval': True})
+    )
+    return {'dense (fused eval)': (_work(model, mode), variables)}
+  return {}
+
+
+def _inputs(kind: str, batch: int) -> jax.Array:
+  key = jax.random.key(1)
+  if kind == 'mlp':
+    return jax.random.normal(key, (batch, FEATURES))
+  return jax.random.uniform(key, (batch, 36, 36, 1))
+
+
+def _saturated(model, x):
+  variables = flax.core.unfreeze(model.init(jax.random.key(0), x, train=False))
+  for name, gate in variables['params'].items():
+    if name.startswith('gate_'):
+      for leaf in ('kernel', 'bias'):
+        gate['z_logits'][leaf] = gate['z_logits'][leaf] * 1000
+  return variables
+
+
+def _work(model, mode: str):
+  """The timed computation of one batch: the loss's value and gradients,
+  or the forward pass."""
+  if mode == 'eval':
+    return jax.jit(functools.partial(model.apply, train=False))
+
+  def loss(params, variables, x):
+    outputs, aux = model.apply(
+      {**variables, 'params': params},
+      x,
+      train=True,
+      mutable=['batch_stats'],
+    )[0]
+    return jnp.mean(outputs**2) + aux['gate']['entropy'].sum()
+
+  grad = jax.jit(jax.grad(loss))
+  return lambda variables, x: grad(variables['params'], variables, x)
+
+
+def _contenders(kind: str, num_experts: int, batch: int, mode: str):
+  model = _model(kind, num_experts)
+  x = _inputs(kind, batch)
+  variables = _saturated(model, x)
+  dense = _work(model, mode)
+  load = jax.jit(
+    lambda params, x: (
+      lambda counts: jnp.stack([jnp.max(counts), jnp.sum(counts)])
+    )(dispatch.counts(models.per_example_weights(model, params, x)))
+  )
+
+  def sparse(field, rows):
+    compiled = {}
+
+    def run(variables, x):
+      busiest, routed = (int(v) for v in load(variables['params'], x))
+      size = dispatch.capacity_for(  # On the host, as the Dispatcher does.
+        busiest if field == 'dispatch_capacity' else routed, rows
+      )
+      if size not in compiled:
+        compiled[size] = (
+          dense if size is None else _work(model.clone(**{field: size}), mode)
+        )
+      return compiled[size](variables, x)
+
+    return run
+
+  contenders = {
+    'dense (loop bank)': (dense, variables),
+    **_dense_variants(kind, num_experts, mode, variables),
+    'padded': (sparse('dispatch_capacity', batch), variables),
+  }
+  if models.ragged_experts(model):
+    contenders['ragged'] = (
+      sparse('dispatch_pairs', batch * num_experts),
+      variables,
+    )
+  busiest = int(load(variables['params'], x)[0])
+  return contenders, x, busiest
+
+
+def _window(fn, variables, x, steps: int) -> float:
+  start = time.perf_counter()
+  for _ in range(steps):
+    out = fn(variables, x)
+  jax.block_until_ready(out)
+  return steps / (time.perf_counter() - start)
+
+
+def main(argv):
+  del argv
+  cli.output_file('out', _OUT.value)
+  for name, values, allowed in (
+    ('kinds', _KINDS.value, ('mlp', 'cnn')),
+    ('modes', _MODES.value, ('train', 'eval')),
+  ):
+    if not values or set(values) - set(allowed):
+      raise cli.UsageError(
+        f'--{name}={",".join(values)}: choose among {",".join(allowed)}.'
+      )
+  expert_counts = cli.positive_ints('experts', _EXPERTS.value, minimum=2)
+  batches = cli.positive_ints('batches', _BATCHES.value)
+  lines = [
+    f'$ python {" ".join(sys.argv)}',
+    f'# {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; T = 2 tasks, '
+    'k = 2, saturated per-example DSelect-k gates; median of '
+    f'{_ROUNDS.value} alternating windows of {_STEPS.value} calls',
+    '',
+    '| experts | E | batch | mode | busiest expert / batch | fastest dense '
+    'examples/s | padded examples/s (x dense) | ragged examples/s '
+    '(x dense) |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- |',
+  ]
+  print('\n'.join(lines), flush=True)
+  for kind in _KINDS.value:
+    for mode in _MODES.value:
+      if kind == 'cnn' and mode == 'train':
+        continue  # BatchNorm: dispatch evaluates CNN experts only.
+      for batch in batches:
+        for num_experts in expert_counts:
+          contenders, x, busiest = _contenders(kind, num_experts, batch, mode)
+          for fn, variables in contenders.values():  # Compile first.
+            jax.block_until_ready(fn(variables, x))
+          rates = {name: [] for name in contenders}
+          for _ in range(_ROUNDS.value):
+            for name, (fn, variables) in contenders.items():
+              rates[name].append(
+                batch * _window(fn, variables, x, _STEPS.value)
+              )
+          median = {n: statistics.median(r) for n, r in rates.items()}
+          fastest = max(
+            (n for n in median if n.startswith('dense')), key=median.get
+          )
+          base = median[fastest]
+          cells = [
+            f'{median[n]:.0f} (x{median[n] / base:.2f})' if n in median else '-'
+            for n in ('padded', 'ragged')
+          ]
+          lines.append(
+            f'| {kind} | {num_experts} | {batch} | {mode} | {busiest} / '
+            f'{batch} | {base:.0f} ({fastest[7:-1]}) | {cells[0]} | '
+            f'{cells[1]} |'
+          )
+          print(lines[-1], flush=True)
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      f.write('\n'.join(lines) + '\n')
+
+
+if __name__ == '__main__':
+  cli.run(main)
