@@ -95,7 +95,10 @@ def _inputs(kind: str, batch: int) -> jax.Array:
   key = jax.random.key(1)
   if kind == 'mlp':
     return jax.random.normal(key, (batch, FEATURES))
-  return jax.random.uniform(key, (batch, 36, 36, 1))
+  # Centred pixels: the gates' projections then differ from image to image,
+  # and saturated routing spreads over the experts as trained gates do
+  # (uniform noise images all look alike to a random projection).
+  return jax.random.normal(key, (batch, 36, 36, 1))
 
 
 def _saturated(model, x):
