@@ -69,16 +69,18 @@ def get_config() -> ml_collections.ConfigDict:
   # norm 'auto' resolve to xla; meant for GPUs, not yet run on one). The same
   # function: experts.stack_expert_variables converts the loop's variables.
   config.model.expert_bank = 'loop'
-  # Evaluate only the experts some static gate still weighs; with
-  # per-example gates, each expert on the examples routed to it (sparse
-  # dispatch, steps.Dispatcher). The same logits as computing all of them;
-  # faster once the gates have converged.
+  # Evaluate only the experts some static gate still weighs (same logits as
+  # computing all of them; faster once the gates have converged).
   config.model.sparse_eval = True
   # Train only the experts some static gate still weighs (checked at every
-  # log step; exact for adam and sgd, see steps.SparseTrainSteps); with
-  # per-example dselect_k gates and MLP experts, sparse dispatch at every
-  # step (exact).
+  # log step); exact for adam and sgd, see steps.SparseTrainSteps.
   config.model.sparse_train = False
+  # Per-example gates: compute each expert only on the examples some task
+  # weighs it for, batch by batch (steps.Dispatcher; exact). Evaluation,
+  # and training of experts without BatchNorm (the MLP experts). Off by
+  # default: on this CPU it pays only for many experts and large batches
+  # (results/benchmarks/dispatch_speed_*.md).
+  config.model.sparse_dispatch = False
   # Evaluate the loop's experts as one computation (models.
   # multimnist_experts_eval: BatchNorm folded into the convolutions, the
   # first convolution of all experts as one; with the CPU kernels'

@@ -143,6 +143,7 @@ FIELDS = {
   'model.norm': OneOf(('auto',) + NORM_IMPLS),
   'model.sparse_eval': BOOL,
   'model.sparse_train': BOOL,
+  'model.sparse_dispatch': BOOL,
   'model.fused_eval': BOOL,
   'model.routing_input': OneOf(('input', 'experts')),
   'model.init_scheme': OneOf(blocks.INITS),
@@ -210,6 +211,7 @@ ADDED_LATER = {
   'model.fused_eval': True,
   'model.sparse_eval': True,
   'model.sparse_train': False,
+  'model.sparse_dispatch': False,
   'model.init_scheme': 'flax',
   'loss.name': 'cross_entropy',
   'loss.label_smoothing': 0.0,
@@ -326,30 +328,30 @@ def validate(
       cpu_kernels.load()
     except cpu_kernels.KernelBuildError as e:
       _bad(f'model.{field}', value, f'the CPU kernels do not build here: {e}')
-  if (
-    model.sparse_train
-    and gate.per_example
-    and (gate.name != 'dselect_k' or spec.is_image)
+  if model.sparse_dispatch and not (
+    gate.per_example
+    and gate.name in ('dselect_k', 'top_k')
+    and model.routing_input == 'input'
   ):
     _bad(
-      'model.sparse_train',
+      'model.sparse_dispatch',
       True,
-      'with per-example gates it dispatches each expert its routed '
-      'examples (steps.Dispatcher), which needs dselect_k gates and experts '
-      "without batch statistics (a feature data set's MLP experts; the "
-      "image experts' BatchNorm would see only their examples); set "
-      '--config.model.sparse_train=False',
+      'dispatches each expert the examples a per-example gate routes to it: '
+      'it needs per-example dselect_k (or top_k, in evaluation) gates '
+      'routing on the input (model.gate.per_example=True, '
+      'model.routing_input=input); set --config.model.sparse_dispatch=False',
     )
-  if (
-    model.sparse_train
-    and not gate.per_example
-    and (gate.name != 'dselect_k' or config.optimizer.name == 'adamw')
+  if model.sparse_train and (
+    gate.name != 'dselect_k'
+    or gate.per_example
+    or config.optimizer.name == 'adamw'
   ):
     _bad(
       'model.sparse_train',
       True,
-      'with static gates needs dselect_k (a top_k gate can bring a dropped '
-      'expert back, a softmax gate drops none) and an optimizer without '
+      'needs static dselect_k gates (a top_k gate can bring a dropped '
+      'expert back, a softmax gate drops none; per-example gates: '
+      'model.sparse_dispatch) and an optimizer without '
       'weight decay (adam or sgd; weight decay can also bring one back); '
       'set --config.model.sparse_train=False',
     )

@@ -50,7 +50,7 @@ class Evaluator:
   weighs are computed (``MultiTaskMoE.active_experts``): the others have
   weight exactly 0, so the outputs are the dense ones. Once DSelect-k has
   converged to k experts per task, evaluation is that much cheaper. One
-  compiled step is kept per set of active experts. With ``sparse`` and
+  compiled step is kept per set of active experts. With ``dispatch`` and
   per-example gates (``models.dispatches``), each batch is dispatched:
   each expert computes only the examples routed to it
   (``steps.Dispatcher``), again the dense outputs.
@@ -62,6 +62,7 @@ class Evaluator:
     num_devices: int,
     task_kinds: tuple[str, ...],
     sparse: bool = True,
+    dispatch: bool = False,
   ):
     self.model = model
     self.num_devices = num_devices
@@ -69,7 +70,7 @@ class Evaluator:
     self.task_kinds = tuple(task_kinds)
     self._steps = {}
     self.dispatcher = None
-    if sparse and models.dispatches(model, train=False):
+    if dispatch and models.dispatches(model, train=False):
       self.dispatcher = steps.Dispatcher(
         model,
         lambda m: steps.parallel(functools.partial(steps.eval_step, m)),
@@ -187,6 +188,7 @@ def make_evaluator(config, model, spec: DataSpec) -> Evaluator:
     jax.local_device_count(),
     spec.task_kinds,
     config.model.sparse_eval,
+    config.model.sparse_dispatch,
   )
 
 

@@ -387,10 +387,10 @@ class SparseTrainSteps:
   dropped; weight decay could pull it back, hence adam or sgd only. The
   active set is re-read from the parameters at every log step.
 
-  With per-example DSelect-k gates and experts without batch statistics
-  (``models.dispatches``), ``model.sparse_train`` is sparse dispatch
-  instead: every batch computes each expert on its routed examples only
-  (``Dispatcher``), exact at every step.
+  With ``model.sparse_dispatch``, per-example DSelect-k gates and experts
+  without batch statistics (``models.dispatches``), every batch computes
+  each expert on its routed examples only (``Dispatcher``), exact at every
+  step.
   """
 
   def __init__(self, model, config, task_kinds: tuple[str, ...]):
@@ -403,7 +403,7 @@ class SparseTrainSteps:
     self._steps = {}
     self.active = None
     self.dispatcher = None
-    if config.model.sparse_train and models.dispatches(model, train=True):
+    if config.model.sparse_dispatch and models.dispatches(model, train=True):
       self.dispatcher = Dispatcher(model, self._compile)
 
   def _compile(self, model):

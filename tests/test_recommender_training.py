@@ -346,7 +346,7 @@ def test_image_only_fields_are_refused_for_movielens(
 
 def test_sparse_dispatch_trains_and_evaluates_as_the_dense_model(movielens_dir):
   """Per-example DSelect-k gates, saturated (bit logits scaled far outside
-  [-gamma/2, gamma/2]): with model.sparse_train and sparse_eval each batch
+  [-gamma/2, gamma/2]): with model.sparse_dispatch each batch
   is dispatched (each expert computes only its routed examples), and the
   steps and the evaluation give what the dense model gives."""
   fields = {
@@ -357,12 +357,10 @@ def test_sparse_dispatch_trains_and_evaluates_as_the_dense_model(movielens_dir):
     'eval_batch_size': 120,
     'optimizer.name': 'sgd',
   }
-  config = tiny_config(movielens_dir, **fields, **{'model.sparse_train': True})
-  dense_config = tiny_config(
-    movielens_dir,
-    **fields,
-    **{'model.sparse_train': False, 'model.sparse_eval': False},
+  config = tiny_config(
+    movielens_dir, **fields, **{'model.sparse_dispatch': True}
   )
+  dense_config = tiny_config(movielens_dir, **fields)
   helpers.validate(config, 4)
   dataset = datasets.resolve(config.data)
   model = helpers.create_model(config, bn_axis_name=steps.AXIS)

@@ -855,6 +855,25 @@ def test_sparse_train_needs_static_dselect_k_gates_and_no_weight_decay():
       helpers.validate(config, 4)
 
 
+def test_sparse_dispatch_needs_per_example_gates_routing_on_the_input():
+  for fields in (
+    {},  # Static gates.
+    {'model.gate.per_example': True, 'model.gate.name': 'softmax'},
+    {'model.gate.per_example': True, 'model.routing_input': 'experts'},
+  ):
+    config = helpers.tiny_config(**{'model.sparse_dispatch': True, **fields})
+    with pytest.raises(
+      config_schema.ConfigError, match='model.sparse_dispatch'
+    ):
+      helpers.validate(config, 4)
+  helpers.validate(
+    helpers.tiny_config(
+      **{'model.sparse_dispatch': True, 'model.gate.per_example': True}
+    ),
+    4,
+  )
+
+
 @pytest.mark.parametrize(
   'name',
   sorted(
