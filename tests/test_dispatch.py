@@ -136,7 +136,10 @@ def _saturate(params, scale):
   return params
 
 
-@pytest.mark.parametrize('field', ['dispatch_capacity', 'dispatch_pairs'])
+@pytest.mark.parametrize(
+  'field',
+  ['dispatch_capacity', pytest.param('dispatch_pairs', marks=pytest.mark.slow)],
+)
 @pytest.mark.parametrize(
   'scale', [pytest.param(1.0, marks=pytest.mark.slow), 300.0]
 )

@@ -344,6 +344,7 @@ def test_image_only_fields_are_refused_for_movielens(
   assert 'leave it at' in str(e.value)
 
 
+@pytest.mark.slow  # 18 s; tests/test_dispatch.py covers the parts by default.
 def test_sparse_dispatch_trains_and_evaluates_as_the_dense_model(movielens_dir):
   """Per-example DSelect-k gates, saturated (bit logits scaled far outside
   [-gamma/2, gamma/2]): with model.sparse_dispatch each batch
