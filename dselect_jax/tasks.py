@@ -37,11 +37,6 @@ def check_kind(kind: str):
     raise ValueError(f'unknown task kind {kind!r}; choose one of {KINDS}.')
 
 
-def metric_names(kinds) -> list[str]:
-  """Each task's metric key in results: ``auc_1``, ``rmse_2``, ..."""
-  return [f'{METRIC[kind]}_{t + 1}' for t, kind in enumerate(kinds)]
-
-
 def example_losses(
   kind: str,
   output,
