@@ -12,12 +12,13 @@ do), on one device. ``mlp``: the recommender's MLP experts on 64 features;
 dispatch does not train experts with BatchNorm). ``train``: forward and
 backward of the loss; ``eval``: the forward pass.
 
-The sparse contenders do what ``steps.Dispatcher`` does for every batch:
-the gates alone, the routing counts to the host, a bucket, then the step
-compiled for it. ``padded``: a slot per routed example in each expert's
-capacity bucket (``dispatch_capacity``, any expert); ``ragged``: the
-routed (example, expert) pairs as grouped matmuls (``jax.lax.ragged_dot``,
-``dispatch_pairs``, MLP experts only). Each (kind, E, batch, mode) times
+The sparse contenders run through ``steps.Dispatcher``, as training and
+evaluation do. ``padded``: a slot per routed example in each expert's
+capacity bucket (``dispatch_capacity``, any expert), routed inside the
+step, the bounds from the steps' own reports; ``ragged``: the routed
+(example, expert) pairs as grouped matmuls (``jax.lax.ragged_dot``,
+``dispatch_pairs``, MLP experts only), sized by a gates-only pass and a
+read of its counts before each batch. Each (kind, E, batch, mode) times
 ``--rounds`` alternating windows of ``--steps`` calls of each contender and
 prints the median rates, each sparse one against the fastest dense way
 (the loop bank, and the vmapped bank for MLP experts or the fused
@@ -26,11 +27,11 @@ evaluation for CNN experts).
 
 from __future__ import annotations
 
-import functools
 import os
 import statistics
 import sys
 import time
+from typing import Any, NamedTuple
 
 from absl import flags
 import flax
@@ -41,6 +42,7 @@ from dselect_jax import cli
 from dselect_jax import dispatch
 from dselect_jax import experts
 from dselect_jax import models
+from dselect_jax import steps
 
 _EXPERTS = flags.DEFINE_list('experts', ['8', '16', '32', '64'], 'E values.')
 _BATCHES = flags.DEFINE_list('batches', ['256'], 'Batch sizes.')
@@ -112,9 +114,19 @@ def _saturated(model, x):
 
 def _work(model, mode: str):
   """The timed computation of one batch: the loss's value and gradients,
-  or the forward pass."""
+  or the forward pass; with the dispatched model's routing report (a
+  device axis of 1, as the mapped steps give it) for the Dispatcher."""
+
+  def report(aux):
+    return {n: aux[n][None] for n in steps.DISPATCH_REPORT if n in aux}
+
   if mode == 'eval':
-    return jax.jit(functools.partial(model.apply, train=False))
+
+    def forward(variables, x):
+      outputs, aux = model.apply(variables, x, train=False)
+      return outputs, report(aux)
+
+    return jax.jit(forward)
 
   def loss(params, variables, x):
     outputs, aux = model.apply(
@@ -123,10 +135,14 @@ def _work(model, mode: str):
       train=True,
       mutable=['batch_stats'],
     )[0]
-    return jnp.mean(outputs**2) + aux['gate']['entropy'].sum()
+    return jnp.mean(outputs**2) + aux['gate']['entropy'].sum(), report(aux)
 
-  grad = jax.jit(jax.grad(loss))
+  grad = jax.jit(jax.grad(loss, has_aux=True))
   return lambda variables, x: grad(variables['params'], variables, x)
+
+
+class _State(NamedTuple):
+  params: Any  # What steps.routing_load reads.
 
 
 def _contenders(kind: str, num_experts: int, batch: int, mode: str):
@@ -134,39 +150,35 @@ def _contenders(kind: str, num_experts: int, batch: int, mode: str):
   x = _inputs(kind, batch)
   variables = _saturated(model, x)
   dense = _work(model, mode)
-  load = jax.jit(
-    lambda params, x: (
-      lambda counts: jnp.stack([jnp.max(counts), jnp.sum(counts)])
-    )(dispatch.counts(models.per_example_weights(model, params, x)))
-  )
 
-  def sparse(field, rows):
-    compiled = {}
+  def sparse(ragged: bool, measure: int = 0):
+    """steps.Dispatcher's bounds, from the steps' own routing reports, read
+    one step late (padded), or from a gates-only pass before each batch
+    (ragged); ``measure``: its timed choice against dense, as the trainer
+    and the Evaluator run it."""
+    dispatcher = steps.Dispatcher(
+      model, lambda m: _work(m, mode), ragged, axis_name=None, measure=measure
+    )
+    state = _State(jax.tree.map(lambda v: v[None], variables['params']))
+    device_batch = {'image': x[None]}  # One device.
 
     def run(variables, x):
-      busiest, routed = (int(v) for v in load(variables['params'], x))
-      size = dispatch.capacity_for(  # On the host, as the Dispatcher does.
-        busiest if field == 'dispatch_capacity' else routed, rows
-      )
-      if size not in compiled:
-        compiled[size] = (
-          dense if size is None else _work(model.clone(**{field: size}), mode)
-        )
-      return compiled[size](variables, x)
+      result, report = dispatcher(state, device_batch)(variables, x)
+      dispatcher.observe(report)
+      return result
 
     return run
 
   contenders = {
     'dense (loop bank)': (dense, variables),
     **_dense_variants(kind, num_experts, mode, variables),
-    'padded': (sparse('dispatch_capacity', batch), variables),
+    'padded': (sparse(ragged=False), variables),
+    'chosen': (sparse(ragged=False, measure=3), variables),
   }
   if models.ragged_experts(model):
-    contenders['ragged'] = (
-      sparse('dispatch_pairs', batch * num_experts),
-      variables,
-    )
-  busiest = int(load(variables['params'], x)[0])
+    contenders['ragged'] = (sparse(ragged=True), variables)
+  weights = models.per_example_weights(model, variables['params'], x)
+  busiest = int(jnp.max(dispatch.counts(weights)))
   return contenders, x, busiest
 
 
@@ -199,8 +211,8 @@ def main(argv):
     '',
     '| experts | E | batch | mode | busiest expert / batch | fastest dense '
     'examples/s | padded examples/s (x dense) | ragged examples/s '
-    '(x dense) |',
-    '| --- | --- | --- | --- | --- | --- | --- | --- |',
+    "(x dense) | Dispatcher's choice examples/s (x dense) |",
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- |',
   ]
   print('\n'.join(lines), flush=True)
   for kind in _KINDS.value:
@@ -210,8 +222,9 @@ def main(argv):
       for batch in batches:
         for num_experts in expert_counts:
           contenders, x, busiest = _contenders(kind, num_experts, batch, mode)
-          for fn, variables in contenders.values():  # Compile first.
-            jax.block_until_ready(fn(variables, x))
+          for fn, variables in contenders.values():  # Compile, measure.
+            for _ in range(8):
+              jax.block_until_ready(fn(variables, x))
           rates = {name: [] for name in contenders}
           for _ in range(_ROUNDS.value):
             for name, (fn, variables) in contenders.items():
@@ -225,12 +238,12 @@ def main(argv):
           base = median[fastest]
           cells = [
             f'{median[n]:.0f} (x{median[n] / base:.2f})' if n in median else '-'
-            for n in ('padded', 'ragged')
+            for n in ('padded', 'ragged', 'chosen')
           ]
           lines.append(
             f'| {kind} | {num_experts} | {batch} | {mode} | {busiest} / '
             f'{batch} | {base:.0f} ({fastest[7:-1]}) | {cells[0]} | '
-            f'{cells[1]} |'
+            f'{cells[1]} | {cells[2]} |'
           )
           print(lines[-1], flush=True)
   if _OUT.value:

@@ -10,12 +10,14 @@ example's mixture, and (DSelect-k's smooth step being flat outside
 factor) exactly 0 to every gradient, so leaving it out changes nothing
 but the order of float sums.
 
-Shapes stay static under jit through a capacity C: expert e gets the
-first C examples routed to it, in batch order (a stable sort of the
-routing mask per expert), padded with example 0 and masked. The caller
-picks C from the routing counts of the batch at hand
-(``capacity_for``), so that no expert overflows; ``overflow`` says how many
-routed examples a capacity would drop, for the callers that check.
+Shapes stay static under jit through two bounds. A capacity C: expert e
+gets the first C examples routed to it, in batch order (each example's
+rank from a running count of the routing mask), padded with example 0
+and masked. A fanout R: each example reads back the outputs of at most R
+experts (T·k once DSelect-k saturates). The caller picks both from the
+routing of the batch at hand (``capacity_for``, ``fanout``), so that
+nothing is dropped; ``overflow`` says how many routed pairs the bounds
+would drop, for the callers that check.
 
 Experts with batch statistics (BatchNorm in training) would see the
 padding and only their routed examples: in training, dispatch is for
@@ -23,7 +25,7 @@ experts without them (``MLPExpert``); in evaluation every expert computes
 what the dense bank does.
 
 Shape legend: B batch, T tasks, E experts, C capacity (examples per
-expert), H expert output features.
+expert), R fanout (experts per example), H expert output features.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ def counts(weights: Array) -> Array:
   return jnp.sum(routed(weights), axis=0, dtype=jnp.int32)
 
 
+def positions(mask: Array) -> Array:
+  """Each routed example's rank among its expert's routed examples, in
+  batch order: (B, E) bool -> (B, E) int32 (meaningless where not routed).
+  A running count, so no sort: the slot an example takes in the expert's
+  bucket."""
+  return jnp.cumsum(mask, axis=0, dtype=jnp.int32) - 1
+
+
 def slots(mask: Array, capacity: int) -> tuple[Array, Array]:
   """Each expert's first ``capacity`` routed examples, in batch order.
 
@@ -58,11 +68,25 @@ def slots(mask: Array, capacity: int) -> tuple[Array, Array]:
     ``index`` (E, C) int32, the examples (0 where a slot is empty), and
     ``valid`` (E, C) bool, which slots hold a routed example.
   """
-  # Stable: routed examples first, each group in batch order.
-  order = jnp.argsort(~mask, axis=0, stable=True)[:capacity]  # (C, E)
-  index = order.T.astype(jnp.int32)  # (E, C)
-  valid = jnp.take_along_axis(mask.T, index, axis=1)  # (E, C)
-  return jnp.where(valid, index, 0), valid
+  batch, num_experts = mask.shape
+  position = positions(mask)  # (B, E)
+  # Each routed example written at (its expert, its rank); the rest, and
+  # the ranks past the capacity, land out of bounds and are dropped.
+  slot = jnp.where(mask & (position < capacity), position, capacity)
+  example = jnp.broadcast_to(
+    jnp.arange(batch, dtype=jnp.int32)[:, None], mask.shape
+  )
+  index = jnp.zeros((num_experts, capacity), jnp.int32)
+  index = index.at[jnp.arange(num_experts)[None, :], slot].set(
+    example, mode='drop'
+  )
+  valid = jnp.arange(capacity)[None, :] < jnp.sum(mask, axis=0)[:, None]
+  return jax.lax.optimization_barrier((index, valid))  # As in ``combine``.
+
+
+def fanout(mask: Array) -> Array:
+  """The most experts any one example is routed to: (B, E) -> () int32."""
+  return jnp.max(jnp.sum(mask, axis=1, dtype=jnp.int32))
 
 
 def pairs(mask: Array, size: int) -> tuple[Array, Array, Array, Array]:
@@ -104,10 +128,16 @@ def combine_pairs(
   return mixed.at[:, example].add(pair_weights[..., None] * outputs[None])
 
 
-def overflow(weights: Array, capacity: int) -> Array:
-  """Routed examples that a capacity would drop, over all experts: 0 when
-  the dispatch is exact."""
-  return jnp.sum(jnp.maximum(counts(weights) - capacity, 0))
+def overflow(
+  weights: Array, capacity: int, fanout_bound: Optional[int] = None
+) -> Array:
+  """Routed (example, expert) pairs that a capacity and a fanout bound
+  (``combine``'s) would drop: 0 when the dispatch is exact."""
+  mask = routed(weights)
+  dropped = jnp.sum(jnp.maximum(jnp.sum(mask, axis=0) - capacity, 0))
+  if fanout_bound is not None:
+    dropped += jnp.sum(jnp.maximum(jnp.sum(mask, axis=1) - fanout_bound, 0))
+  return dropped
 
 
 def gather(x: Array, index: Array) -> Array:
@@ -116,28 +146,42 @@ def gather(x: Array, index: Array) -> Array:
 
 
 def combine(
-  outputs: Array, index: Array, valid: Array, weights: Array
+  outputs: Array, mask: Array, weights: Array, fanout_bound: int
 ) -> Array:
-  """Each task's mixture from the experts' outputs on their examples.
+  """Each task's mixture from the experts' outputs on their slots.
+
+  Each example reads back its own rows: the (at most ``fanout_bound``)
+  experts it was routed to, at the slot it took in each (``positions``),
+  and sums them with its tasks' weights. A gather, not a scatter-add over
+  the slots: on XLA:CPU the scatter and its gradient cost more than the
+  experts themselves (``benchmarks/dispatch_speed.py``).
 
   Args:
-    outputs: (E, C, H), expert e on its slots' examples.
-    index, valid: (E, C), from ``slots``.
+    outputs: (E, C, H), expert e on its slots' examples (``slots``).
+    mask: (B, E), ``routed``.
     weights: (T, B, E).
+    fanout_bound: R, 1 <= R <= E, at least ``fanout(mask)`` for an exact
+      mixture; an example routed to more experts loses those past its R
+      lowest-numbered ones (``overflow`` counts them).
 
   Returns:
     (T, B, H): sum over e of weights[t, b, e] * expert_e(x_b), as the dense
     ``einsum('be,ebh->bh')`` gives when no routed example was dropped.
   """
-  num_experts = outputs.shape[0]
-  expert = jnp.arange(num_experts)[:, None]  # (E, 1)
-  slot_weights = weights[:, index, expert] * valid  # (T, E, C)
-  contributions = slot_weights[..., None] * outputs[None]  # (T, E, C, H)
-  mixed = jnp.zeros(
-    (weights.shape[0], weights.shape[1], outputs.shape[-1]), outputs.dtype
+  capacity = outputs.shape[1]
+  # (B, R): the example's routed experts first (lowest-numbered on ties;
+  # XLA:CPU's top-k is fast for floats, a sort for integers).
+  _, expert = jax.lax.top_k(mask.astype(jnp.float32), fanout_bound)
+  position = jnp.take_along_axis(positions(mask), expert, axis=1)  # (B, R)
+  kept = jnp.take_along_axis(mask, expert, axis=1) & (position < capacity)
+  # Computed once: XLA:CPU would otherwise fuse the running count into the
+  # gather and its gradient's scatter, recomputed for every element.
+  expert, slot, kept = jax.lax.optimization_barrier(
+    (expert, jnp.where(kept, position, 0), kept)
   )
-  flat = contributions.reshape(weights.shape[0], -1, outputs.shape[-1])
-  return mixed.at[:, index.reshape(-1)].add(flat)  # (T, B, H)
+  rows = outputs[expert, slot]  # (B, R, H)
+  row_weights = jnp.take_along_axis(weights, expert[None], axis=2)  # (T, B, R)
+  return jnp.einsum('tbr,brh->tbh', row_weights * kept, rows)
 
 
 def capacity_for(max_count: int, batch: int, minimum: int = 8) -> Optional[int]:

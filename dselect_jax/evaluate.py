@@ -104,6 +104,10 @@ class Evaluator:
       if self.dispatcher is not None:
         p_eval_step = self.dispatcher(state, batch)
       sums, weights, outputs = p_eval_step(state, batch)
+      if self.dispatcher is not None:
+        self.dispatcher.observe(
+          {n: sums.pop(n) for n in steps.DISPATCH_REPORT if n in sums}
+        )
       sums = jax.tree.map(lambda x: np.asarray(x, np.float64)[0], sums)
       totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
       if np.ndim(weights) == 3:  # (devices, T, E): static weights.

@@ -115,9 +115,15 @@ def selector_outputs(z_logits: Array, num_experts: int, gamma: float) -> Array:
     ``(..., K, E)`` selector outputs. Each row sums to 1 over all 2^M codes, so
     it sums to less than 1 over the E reachable experts when E < 2^M.
   """
-  codes = jnp.asarray(binary_codes(num_experts))  # (E, M)
+  codes = binary_codes(num_experts)  # (E, M)
   s = smooth_step(z_logits, gamma)[..., None, :]  # (..., K, 1, M)
-  return jnp.prod(jnp.where(codes, s, 1 - s), axis=-1)  # (..., K, E)
+  # The M factors multiplied one by one rather than by jnp.prod, whose
+  # gradient (products of all the other factors, by cumulative products)
+  # cost the per-example gate more than its forward pass.
+  r = jnp.where(codes[:, 0], s[..., 0], 1 - s[..., 0])  # (..., K, E)
+  for j in range(1, codes.shape[1]):
+    r = r * jnp.where(codes[:, j], s[..., j], 1 - s[..., j])
+  return r
 
 
 def entropy(r: Array) -> Array:

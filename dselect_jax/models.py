@@ -97,10 +97,19 @@ class MultiTaskMoE(nn.Module):
     bn_axis_name: passed to the expert when it takes ``bn_axis_name``.
     dispatch_capacity: with per-example gates routing on the input, compute
       each expert only on the examples some task weighs it for, at most
-      this many per expert (``dispatch``): the caller picks it from the
-      batch's routing counts (``dispatch.capacity_for``) so that none is
-      dropped, and ``aux['dispatch_overflow']`` counts any that were. None
-      computes every expert on every example.
+      this many per expert (``dispatch``). A batch routing more to some
+      expert (or more experts to some example than ``dispatch_fanout``)
+      computes every expert on every example instead, so the outputs are
+      the dense ones always; ``aux['dispatch_load']`` holds the busiest
+      expert's examples and the largest fanout, (2,), from which the
+      caller picks the bounds (``steps.Dispatcher``), and
+      ``aux['dispatch_dense']`` whether the batch fell back. None computes
+      every expert on every example, with no routing first.
+    dispatch_fanout: with ``dispatch_capacity``, each example reads back at
+      most this many experts' outputs (``dispatch.combine``; T·k once
+      DSelect-k saturates). None: all E.
+    dispatch_axis_name: the mapped axis over which the devices agree on
+      the branch (``steps.AXIS`` in the mapped steps), or None.
     dispatch_pairs: the same for ``MLPExpert``s in the loop bank, as
       grouped matmuls (``MLPExpert.ragged_bank``) over the routed
       (example, expert) pairs, at most this many (``dispatch.pairs``).
@@ -126,9 +135,18 @@ class MultiTaskMoE(nn.Module):
   active_experts: Optional[tuple[int, ...]] = None
   bn_axis_name: Optional[str] = None
   dispatch_capacity: Optional[int] = None
+  dispatch_fanout: Optional[int] = None
+  dispatch_axis_name: Optional[str] = None
   dispatch_pairs: Optional[int] = None
 
   def __post_init__(self):
+    if self.dispatch_fanout is not None:
+      check_int(self, 'dispatch_fanout', 1)
+      if self.dispatch_capacity is None:
+        raise ValueError(
+          'MultiTaskMoE: dispatch_fanout bounds what dispatch_capacity '
+          'dispatches; set both, or neither.'
+        )
     if self.dispatch_pairs is not None:
       check_int(self, 'dispatch_pairs', 1)
       if not ragged_experts(self) or self.dispatch_capacity is not None:
@@ -235,14 +253,10 @@ class MultiTaskMoE(nn.Module):
       mixed = dispatch.combine_pairs(outputs, example, expert, valid, stacked)
       extra['dispatch_overflow'] = jnp.maximum(jnp.sum(mask) - size, 0)
     elif dispatched:
-      stacked = jnp.stack(weights)  # (T, B, E)
-      capacity = min(self.dispatch_capacity, x.shape[0])
-      index, valid = dispatch.slots(dispatch.routed(stacked), capacity)
-      outputs = bank(
-        dispatch.gather(x, index), train=train, per_expert_inputs=True
-      )  # (E, C, H)
-      mixed = dispatch.combine(outputs, index, valid, stacked)  # (T, B, H)
-      extra['dispatch_overflow'] = dispatch.overflow(stacked, capacity)
+      # Materialized once: XLA:CPU would otherwise fuse the gates into each
+      # of the routing's consumers and compute them again in each.
+      stacked = jax.lax.optimization_barrier(jnp.stack(weights))  # (T, B, E)
+      mixed, extra = self._dispatch(bank, x, stacked, train)
 
     logits = []
     for t in range(self.num_tasks):
@@ -266,6 +280,39 @@ class MultiTaskMoE(nn.Module):
       **extra,
     }
     return jnp.stack(logits), aux  # (T, B, C)
+
+  def _dispatch(self, bank, x: Array, weights: Array, train: bool):
+    """The mixtures (T, B, H) with each expert on its routed examples when
+    the batch fits ``dispatch_capacity`` and ``dispatch_fanout``, else
+    (in the same program, ``nn.cond``) with every expert on every example:
+    exact either way. With ``dispatch_axis_name`` every device takes the
+    branch that fits all of them (and under ``jit(vmap)`` the condition
+    stays one, rather than a select computing both)."""
+    capacity = min(self.dispatch_capacity, x.shape[0])
+    fanout = min(self.dispatch_fanout or self.num_experts, self.num_experts)
+    mask = dispatch.routed(weights)  # (B, E)
+    load = jnp.stack([jnp.max(jnp.sum(mask, axis=0)), dispatch.fanout(mask)])
+    fits = jnp.all(load <= jnp.array([capacity, fanout]))
+    if self.dispatch_axis_name is not None:
+      fits = jax.lax.pmin(fits.astype(jnp.int32), self.dispatch_axis_name) > 0
+
+    def sparse(module, x, weights, mask):
+      del module
+      index, _ = dispatch.slots(mask, capacity)
+      outputs = bank(
+        dispatch.gather(x, index), train=train, per_expert_inputs=True
+      )  # (E, C, H)
+      return dispatch.combine(outputs, mask, weights, fanout)
+
+    def dense(module, x, weights, mask):
+      del module, mask
+      return jnp.einsum('tbe,ebh->tbh', weights, bank(x, train=train))
+
+    if self.is_initializing():  # The dense way creates every expert.
+      mixed = dense(self, x, weights, mask)
+    else:
+      mixed = nn.cond(fits, sparse, dense, self, x, weights, mask)
+    return mixed, {'dispatch_load': load, 'dispatch_dense': ~fits}
 
 
 class FeatureEmbedding(nn.Module):
@@ -321,8 +368,8 @@ class RecommenderMoE(nn.Module):
       MultiTaskMoE's (its variables are under ``moe``).
     expert_kwargs: MLPExpert's (``hidden``, ``features``).
     tower_hidden: widths of each task's tower before its single output.
-    dispatch_capacity, dispatch_pairs: as MultiTaskMoE's (per-example
-      gates).
+    dispatch_capacity, dispatch_fanout, dispatch_axis_name, dispatch_pairs:
+      as MultiTaskMoE's (per-example gates).
   """
 
   num_tasks: int
@@ -336,6 +383,8 @@ class RecommenderMoE(nn.Module):
   tower_hidden: tuple[int, ...] = (32,)
   active_experts: Optional[tuple[int, ...]] = None
   dispatch_capacity: Optional[int] = None
+  dispatch_fanout: Optional[int] = None
+  dispatch_axis_name: Optional[str] = None
   dispatch_pairs: Optional[int] = None
 
   def __post_init__(self):
@@ -369,6 +418,8 @@ class RecommenderMoE(nn.Module):
       tower_kwargs=flax.core.FrozenDict({'hidden': self.tower_hidden}),
       active_experts=self.active_experts,
       dispatch_capacity=self.dispatch_capacity,
+      dispatch_fanout=self.dispatch_fanout,
+      dispatch_axis_name=self.dispatch_axis_name,
       dispatch_pairs=self.dispatch_pairs,
       name='moe',
     )(x, train=train)  # (T, B, 1)

@@ -18,7 +18,9 @@ Shapes: B batch (per device), T tasks, C classes, E experts.
 
 from __future__ import annotations
 
+import collections
 import functools
+import time
 from typing import Optional
 
 from absl import logging
@@ -33,6 +35,8 @@ from dselect_jax import models
 from dselect_jax import tasks
 
 AXIS = 'batch'
+# What a dispatched model reports of its routing (``dispatch_report``).
+DISPATCH_REPORT = ('dispatch_load', 'dispatch_dense')
 
 
 # Aux terms with a loss weight; other aux entries are diagnostics.
@@ -210,7 +214,7 @@ def train_step(
     metrics[f'aux_{name}'] = value
     metrics[f'weight_{name}'] = jnp.asarray(weights[name], jnp.float32)
   metrics = jax.lax.pmean(metrics, AXIS)
-  return state, metrics
+  return state, {**metrics, **dispatch_report(aux)}
 
 
 def eval_step(model: models.MultiTaskMoE, state: factory.TrainState, batch):
@@ -231,7 +235,18 @@ def eval_step(model: models.MultiTaskMoE, state: factory.TrainState, batch):
     sums['nonzero_sum'] = jnp.sum(
       jnp.sum(weights > 0, -1) * mask[..., 0], axis=1
     )  # (T,)
-  return jax.lax.psum(sums, AXIS), weights, outputs
+  return {**jax.lax.psum(sums, AXIS), **dispatch_report(aux)}, weights, outputs
+
+
+def dispatch_report(aux) -> dict[str, jax.Array]:
+  """A dispatched model's routing load and fallback (``MultiTaskMoE``'s
+  ``dispatch_load``, ``dispatch_dense``), the largest over the devices,
+  for ``Dispatcher.observe``; nothing for other models."""
+  return {
+    name: jax.lax.pmax(aux[name], AXIS)
+    for name in DISPATCH_REPORT
+    if name in aux
+  }
 
 
 def parallel(fn, in_axes=0, donate_argnums=()):
@@ -306,73 +321,207 @@ def used_experts(model, state) -> Optional[tuple[int, ...]]:
 
 
 def routing_load(model, state, batch) -> jax.Array:
-  """Per device: the examples of this shard routed to its busiest expert
-  and the routed (example, expert) pairs, (2,) (``dispatch.counts`` of the
-  gates' weights, no expert computed)."""
+  """Per device: the examples of this shard routed to its busiest expert,
+  the routed (example, expert) pairs and the most experts one example is
+  routed to, (3,) (from the gates' weights, no expert computed)."""
   weights = models.per_example_weights(
     model, state.params, *model_inputs(batch)
   )
   counts = dispatch.counts(weights)
-  return jnp.stack([jnp.max(counts), jnp.sum(counts)])
+  fanout = dispatch.fanout(dispatch.routed(weights))
+  return jnp.stack([jnp.max(counts), jnp.sum(counts), fanout])
 
 
 class Dispatcher:
-  """Sparse dispatch for per-example gates, batch by batch.
+  """Sparse dispatch for per-example gates: the bounds for each batch.
 
-  Before each batch, the gates alone give the examples routed to the
-  busiest expert and the routed pairs on any device (of any process);
-  ``dispatch.capacity_for`` turns that into a bucket, and the batch runs on
-  the step compiled for the model with that ``dispatch_capacity`` (a
-  padded slot per routed example in each expert's bucket) or, with
-  ``ragged``, ``dispatch_pairs`` (MLP experts as grouped matmuls over the
-  routed pairs, ``models.ragged_experts``: on XLA:CPU ``ragged_dot`` is
-  slower than the padded buckets, ``benchmarks/dispatch_speed.py``), one
-  per bucket, kept; or on the dense step when dispatch would not save work
-  (before the gates saturate). No routed example is ever dropped, so every step is
-  the dense step up to float summation order.
+  The dispatched step (``MultiTaskMoE.dispatch_capacity``) routes inside
+  the step and falls back to every expert on every example when a batch
+  does not fit its bounds, so the bounds only decide the speed, never the
+  result. They come from the routing the recent steps reported
+  (``observe``: the busiest expert's examples and the largest fanout, the
+  largest over devices, read one step late so the host never waits for
+  the step it just started): the capacity bucket of the busiest of the
+  last ``window`` batches (``dispatch.capacity_for``) and their largest
+  fanout; one compiled step per pair of bounds, kept.
 
-  ``make_step(model)`` compiles a mapped step for a model.
+  Whether dispatch pays depends on the experts and the machine (small MLP
+  experts at E = 8 run faster densely on XLA:CPU, where the routing's
+  gathers cost more than the half of the expert rows they save), so with
+  ``measure`` each new pair of bounds is timed on its first batches
+  against the dense step and kept only if faster (every such batch waits
+  for its result; ``measure=0`` dispatches whenever a bucket is below the
+  batch). When the dense step runs (no bucket below the batch, before the
+  gates saturate, or measured slower), every ``probe_every`` batches a
+  gates-only pass (``routing_load``, the same on every process) looks
+  again.
+
+  With ``ragged``, MLP experts run as grouped matmuls over the routed
+  pairs (``dispatch_pairs``, ``models.ragged_experts``), sized by a
+  gates-only pass before every batch, as that path has no fallback (on
+  XLA:CPU ``ragged_dot`` is slower than the padded buckets,
+  ``benchmarks/dispatch_speed.py``).
+
+  ``make_step(model)`` compiles a step for a model, mapped over
+  ``axis_name``; its outputs carry ``dispatch_report``'s entries, which
+  the caller hands to ``observe``.
   """
 
-  def __init__(self, model, make_step, ragged: bool = False):
+  def __init__(
+    self,
+    model,
+    make_step,
+    ragged: bool = False,
+    window: int = 8,
+    probe_every: int = 50,
+    axis_name: Optional[str] = AXIS,
+    measure: int = 3,
+  ):
     self.model = model
+    self.measure = measure
+    self.faster = {}  # Bounds -> whether the dispatched step beat dense.
+    self._times = {}  # Bounds (None: dense) -> seconds per timed batch.
+    self.axis_name = axis_name  # The steps' mapped axis (None: unmapped).
     self._make_step = make_step
     self._steps = {}
     self._load = parallel(functools.partial(routing_load, model))
     self.ragged = ragged and models.ragged_experts(model)
-    self.capacity = 'unset'
+    self.window = window
+    self.probe_every = probe_every
+    self._recent = collections.deque(maxlen=window)  # (busiest, pairs, fanout)
+    self._pending = collections.deque()  # Reports not read yet.
+    self._since_probe = 0
+    self._ran = None  # The bounds of the last step handed out (None: dense).
+    self._observed = 0  # Loads appended to _recent so far.
+    self._seen = None  # The loads and batch the bounds were decided for.
+    self._key, self._what = None, ''
+    self.bounds = 'unset'  # The last batch's: a dict of the model's fields.
+    self.dispatched = 0  # Batches that ran on the routed examples only,
+    self.fallbacks = 0  # and those that did not fit and ran densely.
 
-  def __call__(self, state, batch):
-    """The compiled step for this batch."""
-    load = np.max(np.asarray(self._load(state, batch)), axis=0)  # (2,)
-    if jax.process_count() > 1:  # Every process compiles the same program.
+  def observe(self, report) -> None:
+    """A dispatched step's ``dispatch_report`` (device arrays; read later)."""
+    if report:
+      self._pending.append(report)
+
+  def read_reports(self, keep: int = 0) -> None:
+    """Reads the reports of all but the ``keep`` latest steps (waiting for
+    those steps to finish)."""
+    while len(self._pending) > keep:
+      # Every device holds the same (pmax) report: device 0's.
+      report = jax.tree.map(lambda x: np.asarray(x)[0], self._pending.popleft())
+      busiest, fanout = (int(v) for v in report['dispatch_load'])
+      self._recent.append((busiest, 0, fanout))
+      self._observed += 1
+      self.fallbacks += int(report['dispatch_dense'])
+      self.dispatched += 1 - int(report['dispatch_dense'])
+
+  def _probe(self, state, batch) -> None:
+    """A gates-only pass on this batch: its load, the same on every
+    process."""
+    if self._ran is None:  # The dense steps report nothing: this alone.
+      self._recent.clear()
+    load = np.max(np.asarray(self._load(state, batch)), axis=0)  # (3,)
+    if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
       load = np.max(multihost_utils.process_allgather(load), axis=0)
+    self._recent.append(tuple(int(v) for v in load))
+    self._observed += 1
+    self._since_probe = 0
+
+  def __call__(self, state, batch):
+    """The compiled step for this batch."""
+    self.read_reports(keep=1)
+    self._since_probe += 1
+    if (
+      self.ragged
+      or not self._recent
+      or (self._ran is None and self._since_probe >= self.probe_every)
+    ):
+      self._probe(state, batch)
     per_device = jax.tree.leaves(batch)[0].shape[1]
+    if self._seen != (self._observed, per_device):
+      self._seen = (self._observed, per_device)
+      self._decide(per_device)
+    key = self._key
+    if key is not None and self.measure:
+      if key not in self.faster:
+        return self._measuring(key)
+      if not self.faster[key]:
+        key = None  # Measured slower than the dense step here.
+    return self._step(key)
+
+  def _decide(self, per_device: int) -> None:
+    """The bounds for the recent loads (only when they changed: the host's
+    time per step is the steps' own when they are small)."""
     if self.ragged:  # Rows of the grouped matmuls, of E x B dense ones.
       rows = per_device * self.model.num_experts
-      capacity = dispatch.capacity_for(int(load[1]), rows)
-      what = f'{capacity} of {rows} expert rows per device'
-      field = 'dispatch_pairs'
+      size = dispatch.capacity_for(self._recent[-1][1], rows)
+      bounds = None if size is None else {'dispatch_pairs': size}
+      what = f'{size} of {rows} expert rows per device'
     else:
-      capacity = dispatch.capacity_for(int(load[0]), per_device)
-      what = f'at most {capacity} of {per_device} examples per expert'
-      field = 'dispatch_capacity'
-    if capacity != self.capacity:
-      logging.info(
-        'sparse dispatch: %s',
-        what if capacity else 'every expert computes every example (dense)',
-      )
-      self.capacity = capacity
-    if capacity not in self._steps:
-      model = (
-        self.model
+      busiest, _, fanout = np.max(np.array(self._recent), axis=0)
+      capacity = dispatch.capacity_for(int(busiest), per_device)
+      fanout = max(int(fanout), 1)
+      bounds = (
+        None
         if capacity is None
-        else self.model.clone(**{field: capacity})
+        else {
+          'dispatch_capacity': capacity,
+          'dispatch_fanout': fanout,
+          'dispatch_axis_name': self.axis_name,
+        }
       )
-      self._steps[capacity] = self._make_step(model)
-    return self._steps[capacity]
+      what = (
+        f'at most {capacity} of {per_device} examples per expert, '
+        f'{fanout} experts per example'
+      )
+    if bounds != self.bounds:
+      logging.info(
+        'sparse dispatch: %s (%d batches fell back so far)',
+        what if bounds else 'every expert computes every example (dense)',
+        self.fallbacks,
+      )
+      self.bounds = bounds
+      self._what = what
+    self._key = None if bounds is None else tuple(sorted(bounds.items()))
+
+  def _step(self, key):
+    self._ran = key
+    if key not in self._steps:
+      model = self.model if key is None else self.model.clone(**dict(key))
+      self._steps[key] = self._make_step(model)
+    return self._steps[key]
+
+  def _measuring(self, key):
+    """The next step to time for ``key``'s bounds: ``measure`` of the
+    dispatched step, then (once per Dispatcher) of the dense one, each
+    after an untimed first call (it compiles); then the decision."""
+    times = self._times.setdefault(key, [])
+    dense_times = self._times.setdefault(None, [])
+    if len(times) > self.measure and len(dense_times) > self.measure:
+      sparse, dense = np.median(times[1:]), np.median(dense_times[1:])
+      self.faster[key] = bool(sparse < dense)
+      logging.info(
+        'sparse dispatch with %s: %.2fx the dense step (median of %d '
+        'timed batches each): %s',
+        self._what,
+        dense / sparse,
+        self.measure,
+        'dispatched' if self.faster[key] else 'dense',
+      )
+      return self._step(key if self.faster[key] else None)
+    timed = key if len(times) <= self.measure else None
+    step, record = self._step(timed), self._times[timed]
+
+    def run(*args):
+      start = time.perf_counter()
+      out = jax.block_until_ready(step(*args))
+      record.append(time.perf_counter() - start)
+      return out
+
+    return run
 
 
 class SparseTrainSteps:
@@ -418,11 +567,16 @@ class SparseTrainSteps:
       in_axes=(0, 0, None),
     )
 
+  def _dispatched(self, state, batch, rng):
+    state, metrics = self.dispatcher(state, batch)(state, batch, rng)
+    self.dispatcher.observe(
+      {name: metrics.pop(name) for name in DISPATCH_REPORT if name in metrics}
+    )
+    return state, metrics
+
   def __call__(self, state, step):
     if self.dispatcher is not None:
-      return lambda state, batch, rng: self.dispatcher(state, batch)(
-        state, batch, rng
-      )
+      return self._dispatched
     active = used_experts(self.model, state) if self.sparse else None
     if active != self.active:
       logging.info(

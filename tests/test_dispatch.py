@@ -4,6 +4,8 @@ MLP experts in training, CNN experts in evaluation, on one device and on
 four)."""
 
 import functools
+import time
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -42,14 +44,40 @@ def test_combine_by_hand():
       [[0.0, 1.0], [0.0, 0.0], [0.25, 0.75]],
     ]
   )  # (T, B, E)
-  index, valid = dispatch.slots(dispatch.routed(weights), capacity=3)
+  mask = dispatch.routed(weights)
+  index, _ = dispatch.slots(mask, capacity=3)
+  # Expert 0 has examples 0, 1, 2 in its slots; expert 1 examples 0 and 2.
+  np.testing.assert_array_equal(index, [[0, 1, 2], [0, 2, 0]])
+  assert int(dispatch.fanout(mask)) == 2  # Examples 0 and 2 use both.
   outputs = (10.0 * jnp.arange(2)[:, None] + index)[..., None]  # (E, C, 1)
-  mixed = dispatch.combine(outputs, index, valid, weights)
+  mixed = dispatch.combine(outputs, mask, weights, fanout_bound=2)
   want = [
     [0.5 * 0 + 0.5 * 10, 1.0 * 1, 0.0],
     [1.0 * 10, 0.0, 0.25 * 2 + 0.75 * 12],
   ]
   np.testing.assert_allclose(mixed[..., 0], want)
+  # A fanout bound of 1 keeps each example's lowest-numbered expert only:
+  # examples 0 and 2 lose expert 1, and the overflow counts those 2 pairs.
+  mixed = dispatch.combine(outputs, mask, weights, fanout_bound=1)
+  want = [[0.5 * 0, 1.0 * 1, 0.0], [0.0, 0.0, 0.25 * 2]]
+  np.testing.assert_allclose(mixed[..., 0], want)
+  assert int(dispatch.overflow(weights, 3, fanout_bound=1)) == 2
+  assert int(dispatch.overflow(weights, 3, fanout_bound=2)) == 0
+
+
+def test_a_capacity_drops_the_last_examples_from_the_mixture():
+  # 4 examples all on expert 0 (weight 1, task 0); capacity 2 keeps the
+  # first two in batch order, the others get nothing from it.
+  weights = jnp.zeros((1, 4, 2)).at[0, :, 0].set(1.0)
+  mask = dispatch.routed(weights)
+  index, valid = dispatch.slots(mask, capacity=2)
+  np.testing.assert_array_equal(index, [[0, 1], [0, 0]])
+  np.testing.assert_array_equal(valid, [[1, 1], [0, 0]])
+  np.testing.assert_array_equal(dispatch.positions(mask)[:, 0], [0, 1, 2, 3])
+  outputs = jnp.array([[[5.0], [7.0]], [[0.0], [0.0]]])  # (E, C, 1)
+  mixed = dispatch.combine(outputs, mask, weights, fanout_bound=2)
+  np.testing.assert_allclose(mixed[0, :, 0], [5.0, 7.0, 0.0, 0.0])
+  assert int(dispatch.overflow(weights, 2)) == 2
 
 
 @pytest.mark.parametrize(
@@ -163,8 +191,11 @@ def test_dispatched_mlp_experts_equal_the_dense_ones_with_gradients(
   busiest, routed = int(jnp.max(counts)), int(jnp.sum(counts))
   if scale > 1:
     assert busiest < 64  # Saturated: experts skip examples.
-  size = busiest if field == 'dispatch_capacity' else routed
-  sparse = model.clone(**{field: max(size, 1)})
+  if field == 'dispatch_capacity':  # The tightest exact bounds.
+    fanout = int(dispatch.fanout(dispatch.routed(aux['expert_weights'])))
+    sparse = model.clone(dispatch_capacity=busiest, dispatch_fanout=fanout)
+  else:
+    sparse = model.clone(dispatch_pairs=routed)
 
   def loss(params, model):
     outputs, aux = model.apply(
@@ -178,7 +209,11 @@ def test_dispatched_mlp_experts_equal_the_dense_ones_with_gradients(
   (got, got_aux), got_grads = jax.jit(
     jax.value_and_grad(functools.partial(loss, model=sparse), has_aux=True)
   )(params)
-  assert int(got_aux['dispatch_overflow']) == 0
+  if field == 'dispatch_capacity':
+    assert not got_aux['dispatch_dense']  # The sparse branch ran.
+    np.testing.assert_array_equal(got_aux['dispatch_load'], [busiest, fanout])
+  else:
+    assert int(got_aux['dispatch_overflow']) == 0
   np.testing.assert_allclose(got, want, rtol=1e-5)
   jax.tree.map(
     functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
@@ -187,14 +222,32 @@ def test_dispatched_mlp_experts_equal_the_dense_ones_with_gradients(
   )
 
 
-def test_an_overflowing_capacity_is_reported():
+@pytest.mark.parametrize(
+  'bounds',
+  [{'dispatch_capacity': 2}, {'dispatch_capacity': 32, 'dispatch_fanout': 1}],
+)
+def test_a_batch_past_the_bounds_is_computed_densely(bounds):
+  """Unsaturated gates route most examples to every expert: a capacity of 2
+  (or a fanout of 1) cannot hold them, and the model computes every expert
+  on every example instead, the dense outputs."""
   categorical, dense_features = _inputs(32)
-  model = _recommender(dispatch_capacity=2)
+  model = _recommender()
   variables = model.init(
     jax.random.key(0), categorical, dense_features, train=False
   )
-  _, aux = model.apply(variables, categorical, dense_features, train=False)
-  assert int(aux['dispatch_overflow']) > 0
+  want, want_aux = model.apply(
+    variables, categorical, dense_features, train=False
+  )
+  got, aux = model.clone(**bounds).apply(
+    variables, categorical, dense_features, train=False
+  )
+  assert aux['dispatch_dense']
+  mask = np.asarray(want_aux['expert_weights']) > 0  # (T, B, E)
+  routed = mask.any(axis=0)  # (B, E)
+  np.testing.assert_array_equal(
+    aux['dispatch_load'], [routed.sum(0).max(), routed.sum(1).max()]
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 @pytest.mark.slow  # 11 s: the CNN bank compiled twice.
@@ -220,7 +273,7 @@ def test_dispatched_cnn_experts_equal_the_dense_ones_in_evaluation():
   got, aux = jax.jit(functools.partial(sparse.apply, train=False))(
     variables, images
   )
-  assert int(aux['dispatch_overflow']) == 0
+  assert not aux['dispatch_dense']
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -281,23 +334,97 @@ def test_the_dispatched_step_on_four_devices_equals_the_dense_step():
     }
   )
   results = []
-  for capacity in (None, busiest):
+  # Dense; each device's examples dispatched; the busiest device's not
+  # fitting, so that all of them compute densely.
+  for capacity, fell_back in (
+    (None, None),
+    (busiest, False),
+    (busiest - 1, True),
+  ):
+    bounds = {}
+    if capacity is not None:
+      bounds = {'dispatch_capacity': capacity, 'dispatch_axis_name': steps.AXIS}
     step = jax.pmap(
       functools.partial(
         steps.train_step,
         loss_config=loss_config,
         task_kinds=('binary', 'regression'),
-        model=model.clone(dispatch_capacity=capacity),
+        model=model.clone(**bounds),
       ),
       axis_name=steps.AXIS,
       in_axes=(0, 0, None),
     )
-    new_state, _ = step(
+    new_state, metrics = step(
       flax.jax_utils.replicate(state), sharded, jax.random.key(5)
     )
+    if fell_back is not None:
+      np.testing.assert_array_equal(metrics['dispatch_dense'], [fell_back] * 4)
+      assert int(metrics['dispatch_load'][0][0]) == busiest
     results.append(jax.tree.map(lambda x: np.asarray(x)[0], new_state.params))
-  jax.tree.map(
-    functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
-    results[1],
-    results[0],
+  for result in results[1:]:
+    jax.tree.map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+      result,
+      results[0],
+    )
+
+
+class _State(NamedTuple):
+  params: Any  # What steps.routing_load reads.
+
+
+@pytest.mark.parametrize('dispatch_faster', [True, False])
+def test_the_dispatcher_keeps_dispatch_only_where_it_measured_faster(
+  dispatch_faster,
+):
+  """Steps that sleep instead of computing (1 ms for the faster way, 8 ms
+  for the other): the Dispatcher times the dispatched step, then the dense
+  one, each after an untimed first call, and then hands out the faster
+  one only."""
+  categorical, dense_features = _inputs(128, seed=3)
+  model = _recommender(num_experts=16)
+  params = _saturate(
+    model.init(jax.random.key(0), categorical, dense_features, train=False)[
+      'params'
+    ],
+    300.0,
   )
+  state = _State(steps.replicate(params))
+  batch = jax.tree.map(
+    lambda x: x.reshape((4, 32) + x.shape[1:]),
+    {'categorical': categorical, 'dense': dense_features},
+  )
+  busiest, _, fanout = np.max(
+    np.asarray(
+      steps.parallel(functools.partial(steps.routing_load, model))(state, batch)
+    ),
+    axis=0,
+  )
+  assert busiest <= 24  # A capacity bucket below 32 examples per device.
+  ran = []
+
+  def make_step(model):
+    dispatched = model.dispatch_capacity is not None
+
+    def step():
+      time.sleep(0.001 if dispatched == dispatch_faster else 0.008)
+      ran.append(dispatched)
+      if not dispatched:
+        return {}
+      load = np.array([[busiest, fanout]] * 4)
+      return {'dispatch_load': load, 'dispatch_dense': np.zeros(4, bool)}
+
+    return step
+
+  dispatcher = steps.Dispatcher(model, make_step, measure=2)
+  for _ in range(10):
+    dispatcher.observe(dispatcher(state, batch)())
+  # 3 dispatched batches and 3 dense ones (the first of each untimed), then
+  # the faster way only.
+  assert ran[:6] == [True] * 3 + [False] * 3
+  assert ran[6:] == [dispatch_faster] * 4
+  assert list(dispatcher.faster.values()) == [dispatch_faster]
+  assert dispatcher.bounds['dispatch_capacity'] == dispatch.capacity_for(
+    busiest, 32
+  )
+  assert dispatcher.bounds['dispatch_fanout'] == fanout
