@@ -13,12 +13,16 @@ dispatch does not train experts with BatchNorm). ``train``: forward and
 backward of the loss; ``eval``: the forward pass.
 
 The sparse contenders run through ``steps.Dispatcher``, as training and
-evaluation do. ``padded``: a slot per routed example in each expert's
-capacity bucket (``dispatch_capacity``, any expert), routed inside the
-step, the bounds from the steps' own reports; ``ragged``: the routed
-(example, expert) pairs as grouped matmuls (``jax.lax.ragged_dot``,
-``dispatch_pairs``, MLP experts only), sized by a gates-only pass and a
-read of its counts before each batch. Each (kind, E, batch, mode) times
+evaluation do, each with one layout and dispatching whenever a bucket is
+below the batch: ``capacity``, a slot per routed example in each
+expert's capacity bucket (``dispatch_capacity``, any expert); ``blocks``,
+the routed pairs in blocks of rows, one expert's each
+(``dispatch_blocks``, MLP experts); ``ragged``, the routed pairs as
+grouped matmuls (``jax.lax.ragged_dot``, ``dispatch_pairs``, MLP
+experts), sized by a gates-only pass before each batch. The first two
+route inside the step, their bounds from the steps' own reports. ``chosen``
+is what training and evaluation run: the Dispatcher's layout for the
+experts, kept only where its timing beat the dense step. Each (kind, E, batch, mode) times
 ``--rounds`` alternating windows of ``--steps`` calls of each contender and
 prints the median rates, each sparse one against the fastest dense way
 (the loop bank, and the vmapped bank for MLP experts or the fused
@@ -151,13 +155,13 @@ def _contenders(kind: str, num_experts: int, batch: int, mode: str):
   variables = _saturated(model, x)
   dense = _work(model, mode)
 
-  def sparse(ragged: bool, measure: int = 0):
-    """steps.Dispatcher's bounds, from the steps' own routing reports, read
-    one step late (padded), or from a gates-only pass before each batch
-    (ragged); ``measure``: its timed choice against dense, as the trainer
-    and the Evaluator run it."""
+  def sparse(layout: str, measure: int = 0):
+    """steps.Dispatcher with a layout: its bounds from the steps' own
+    routing reports, read one step late (or, ragged, from a gates-only
+    pass before each batch); ``measure``: its timed choice against dense,
+    as the trainer and the Evaluator run it."""
     dispatcher = steps.Dispatcher(
-      model, lambda m: _work(m, mode), ragged, axis_name=None, measure=measure
+      model, lambda m: _work(m, mode), layout, axis_name=None, measure=measure
     )
     state = _State(jax.tree.map(lambda v: v[None], variables['params']))
     device_batch = {'image': x[None]}  # One device.
@@ -172,11 +176,12 @@ def _contenders(kind: str, num_experts: int, batch: int, mode: str):
   contenders = {
     'dense (loop bank)': (dense, variables),
     **_dense_variants(kind, num_experts, mode, variables),
-    'padded': (sparse(ragged=False), variables),
-    'chosen': (sparse(ragged=False, measure=3), variables),
+    'capacity': (sparse('capacity'), variables),
   }
   if models.ragged_experts(model):
-    contenders['ragged'] = (sparse(ragged=True), variables)
+    contenders['blocks'] = (sparse('blocks'), variables)
+    contenders['ragged'] = (sparse('ragged'), variables)
+  contenders['chosen'] = (sparse('auto', measure=3), variables)
   weights = models.per_example_weights(model, variables['params'], x)
   busiest = int(jnp.max(dispatch.counts(weights)))
   return contenders, x, busiest
@@ -210,9 +215,9 @@ def main(argv):
     f'{_ROUNDS.value} alternating windows of {_STEPS.value} calls',
     '',
     '| experts | E | batch | mode | busiest expert / batch | fastest dense '
-    'examples/s | padded examples/s (x dense) | ragged examples/s '
-    "(x dense) | Dispatcher's choice examples/s (x dense) |",
-    '| --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+    'examples/s | capacity examples/s (x dense) | blocks (x dense) | '
+    'ragged (x dense) | the Dispatcher, measured choice (x dense) |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
   ]
   print('\n'.join(lines), flush=True)
   for kind in _KINDS.value:
@@ -238,12 +243,12 @@ def main(argv):
           base = median[fastest]
           cells = [
             f'{median[n]:.0f} (x{median[n] / base:.2f})' if n in median else '-'
-            for n in ('padded', 'ragged', 'chosen')
+            for n in ('capacity', 'blocks', 'ragged', 'chosen')
           ]
           lines.append(
             f'| {kind} | {num_experts} | {batch} | {mode} | {busiest} / '
             f'{batch} | {base:.0f} ({fastest[7:-1]}) | {cells[0]} | '
-            f'{cells[1]} | {cells[2]} |'
+            f'{cells[1]} | {cells[2]} | {cells[3]} |'
           )
           print(lines[-1], flush=True)
   if _OUT.value:

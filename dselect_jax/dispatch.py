@@ -10,14 +10,20 @@ example's mixture, and (DSelect-k's smooth step being flat outside
 factor) exactly 0 to every gradient, so leaving it out changes nothing
 but the order of float sums.
 
-Shapes stay static under jit through two bounds. A capacity C: expert e
-gets the first C examples routed to it, in batch order (each example's
-rank from a running count of the routing mask), padded with example 0
-and masked. A fanout R: each example reads back the outputs of at most R
-experts (T·k once DSelect-k saturates). The caller picks both from the
-routing of the batch at hand (``capacity_for``, ``fanout``), so that
-nothing is dropped; ``overflow`` says how many routed pairs the bounds
-would drop, for the callers that check.
+Shapes stay static under jit through bounds, in one of two layouts. A
+capacity C (``slots``): expert e gets the first C examples routed to it,
+in batch order (each example's rank from a running count of the routing
+mask), padded with example 0 and masked; any expert module runs on its
+(C, ...) inputs, but C must hold the busiest expert's examples. Blocks
+(``block_rows``): the routed pairs sorted by expert into N blocks of
+``BLOCK`` rows, each block one expert's, so the rows follow the number
+of routed pairs however unevenly they load the experts; for experts that
+are matmuls (``MLPExpert.block_bank``). In both, a fanout R: each example
+reads back the outputs of at most R experts (``combine``; T·k once
+DSelect-k saturates). The caller picks the bounds from the routing of
+recent batches (``capacity_for``, ``fanout``, ``block_counts``), and the
+model computes a batch that does not fit them densely
+(``MultiTaskMoE``), so nothing is ever dropped.
 
 Experts with batch statistics (BatchNorm in training) would see the
 padding and only their routed examples: in training, dispatch is for
@@ -25,7 +31,8 @@ experts without them (``MLPExpert``); in evaluation every expert computes
 what the dense bank does.
 
 Shape legend: B batch, T tasks, E experts, C capacity (examples per
-expert), R fanout (experts per example), H expert output features.
+expert), N blocks of G = ``BLOCK`` rows, R fanout (experts per example),
+M flattened rows, H expert output features.
 """
 
 from __future__ import annotations
@@ -36,6 +43,14 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+# Rows per block in ``block_rows``: each expert's segment wastes under one
+# block; small enough for that, large enough for the batched matmuls.
+BLOCK = 16
+# The largest fanout bound the callers give ``combine`` (a gather, B x R
+# rows); beyond it they use ``combine_pairs`` (a scatter-add over the
+# routed pairs), cheaper when a few unsaturated examples use many experts.
+GATHER_FANOUT = 8
 
 
 def routed(weights: Array) -> Array:
@@ -120,24 +135,17 @@ def combine_pairs(
   outputs: Array, example: Array, expert: Array, valid: Array, weights: Array
 ) -> Array:
   """Each task's mixture from the experts' outputs on the routed pairs:
-  outputs (M, H), pairs from ``pairs``, weights (T, B, E) -> (T, B, H)."""
+  outputs (M, H), the pairs' examples, experts and validity (M,) (from
+  ``pairs``, or the rows of ``slots`` or ``block_rows`` flattened),
+  weights (T, B, E) -> (T, B, H). A scatter-add over the rows: its cost
+  follows the routed pairs where ``combine``'s follows B x R, the way for
+  batches whose examples are not all saturated (some routed to many
+  experts)."""
   pair_weights = weights[:, example, expert] * valid  # (T, M)
   mixed = jnp.zeros(
     (weights.shape[0], weights.shape[1], outputs.shape[-1]), outputs.dtype
   )
   return mixed.at[:, example].add(pair_weights[..., None] * outputs[None])
-
-
-def overflow(
-  weights: Array, capacity: int, fanout_bound: Optional[int] = None
-) -> Array:
-  """Routed (example, expert) pairs that a capacity and a fanout bound
-  (``combine``'s) would drop: 0 when the dispatch is exact."""
-  mask = routed(weights)
-  dropped = jnp.sum(jnp.maximum(jnp.sum(mask, axis=0) - capacity, 0))
-  if fanout_bound is not None:
-    dropped += jnp.sum(jnp.maximum(jnp.sum(mask, axis=1) - fanout_bound, 0))
-  return dropped
 
 
 def gather(x: Array, index: Array) -> Array:
@@ -146,42 +154,108 @@ def gather(x: Array, index: Array) -> Array:
 
 
 def combine(
-  outputs: Array, mask: Array, weights: Array, fanout_bound: int
+  outputs: Array, row: Array, kept: Array, weights: Array, fanout_bound: int
 ) -> Array:
-  """Each task's mixture from the experts' outputs on their slots.
+  """Each task's mixture from the experts' outputs on their rows.
 
   Each example reads back its own rows: the (at most ``fanout_bound``)
-  experts it was routed to, at the slot it took in each (``positions``),
-  and sums them with its tasks' weights. A gather, not a scatter-add over
-  the slots: on XLA:CPU the scatter and its gradient cost more than the
-  experts themselves (``benchmarks/dispatch_speed.py``).
+  experts it was routed to, at the row it took in each, and sums them
+  with its tasks' weights. A gather, not a scatter-add over the rows: on
+  XLA:CPU the scatter and its gradient cost more than the experts
+  themselves (``benchmarks/dispatch_speed.py``).
 
   Args:
-    outputs: (E, C, H), expert e on its slots' examples (``slots``).
-    mask: (B, E), ``routed``.
+    outputs: (M, H), the experts' outputs on their rows, flat
+      (``slot_rows`` or ``block_rows`` say which row holds what).
+    row: (B, E) int32, the row of example b in expert e's computation.
+    kept: (B, E) bool, the routed pairs that have a row.
     weights: (T, B, E).
-    fanout_bound: R, 1 <= R <= E, at least ``fanout(mask)`` for an exact
+    fanout_bound: R, 1 <= R <= E, at least ``fanout`` for an exact
       mixture; an example routed to more experts loses those past its R
-      lowest-numbered ones (``overflow`` counts them).
+      lowest-numbered ones.
 
   Returns:
     (T, B, H): sum over e of weights[t, b, e] * expert_e(x_b), as the dense
-    ``einsum('be,ebh->bh')`` gives when no routed example was dropped.
+    ``einsum('be,ebh->bh')`` gives when no routed pair was dropped.
   """
-  capacity = outputs.shape[1]
-  # (B, R): the example's routed experts first (lowest-numbered on ties;
+  # (B, R): the example's kept experts first (lowest-numbered on ties;
   # XLA:CPU's top-k is fast for floats, a sort for integers).
-  _, expert = jax.lax.top_k(mask.astype(jnp.float32), fanout_bound)
-  position = jnp.take_along_axis(positions(mask), expert, axis=1)  # (B, R)
-  kept = jnp.take_along_axis(mask, expert, axis=1) & (position < capacity)
+  _, expert = jax.lax.top_k(kept.astype(jnp.float32), fanout_bound)
+  taken = jnp.take_along_axis(kept, expert, axis=1)  # (B, R)
+  where = jnp.where(taken, jnp.take_along_axis(row, expert, axis=1), 0)
   # Computed once: XLA:CPU would otherwise fuse the running count into the
   # gather and its gradient's scatter, recomputed for every element.
-  expert, slot, kept = jax.lax.optimization_barrier(
-    (expert, jnp.where(kept, position, 0), kept)
-  )
-  rows = outputs[expert, slot]  # (B, R, H)
+  expert, where, taken = jax.lax.optimization_barrier((expert, where, taken))
+  rows = outputs[where]  # (B, R, H)
   row_weights = jnp.take_along_axis(weights, expert[None], axis=2)  # (T, B, R)
-  return jnp.einsum('tbr,brh->tbh', row_weights * kept, rows)
+  return jnp.einsum('tbr,brh->tbh', row_weights * taken, rows)
+
+
+def slot_rows(mask: Array, capacity: int) -> tuple[Array, Array]:
+  """Each routed pair's row among the slots' outputs flattened, (E, C) ->
+  E * C, and whether it has one (its rank below the capacity): for
+  ``combine``."""
+  position = positions(mask)  # (B, E)
+  row = jnp.arange(mask.shape[1])[None, :] * capacity + position
+  return row, mask & (position < capacity)
+
+
+def block_counts(mask: Array, block: int) -> Array:
+  """Blocks of ``block`` rows each expert needs for its routed examples:
+  (B, E) -> (E,) int32."""
+  return -(-jnp.sum(mask, axis=0, dtype=jnp.int32) // block)
+
+
+def block_rows(
+  mask: Array, num_blocks: int, block: int
+) -> tuple[Array, Array, Array, Array]:
+  """The routed examples in blocks of ``block`` rows, each block one
+  expert's: the experts' segments one after another, in expert order, each
+  padded to whole blocks, so the rows cost what the routed pairs cost
+  (plus under a block per expert) however unevenly they spread over the
+  experts: the layout of a grouped matmul, as dense batched matmuls.
+
+  Args:
+    mask: (B, E) bool, ``routed``.
+    num_blocks: N, at least ``block_counts(mask, block).sum()`` for every
+      routed pair to have a row.
+    block: G, rows per block.
+
+  Returns:
+    ``example`` (N, G) int32, the example in each row (0 on padding);
+    ``valid`` (N, G) bool, the rows that hold a routed pair; ``expert``
+    (N,) int32, each block's expert; ``row`` (B, E) int32, each pair's
+    row in the N * G flattened rows; ``kept`` (B, E) bool, the routed
+    pairs that have one (``combine``).
+  """
+  batch, num_experts = mask.shape
+  blocks = block_counts(mask, block)  # (E,)
+  ends = jnp.cumsum(blocks)  # (E,): each segment's end, in blocks.
+  start = (ends - blocks) * block  # (E,): each segment's first row.
+  row = start[None, :] + positions(mask)  # (B, E)
+  total = num_blocks * block
+  kept = mask & (row < total)
+  where = jnp.where(kept, row, total)  # Out of range: dropped.
+  example = (
+    jnp.zeros((total,), jnp.int32)
+    .at[where]
+    .set(
+      jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], mask.shape),
+      mode='drop',
+    )
+  )
+  valid = jnp.zeros((total,), bool).at[where].set(True, mode='drop')
+  expert = jnp.searchsorted(ends, jnp.arange(num_blocks), side='right')
+  expert = jnp.minimum(expert, num_experts - 1).astype(jnp.int32)  # (N,)
+  return jax.lax.optimization_barrier(  # As in ``combine``.
+    (
+      example.reshape(num_blocks, block),
+      valid.reshape(num_blocks, block),
+      expert,
+      row,
+      kept,
+    )
+  )
 
 
 def capacity_for(max_count: int, batch: int, minimum: int = 8) -> Optional[int]:

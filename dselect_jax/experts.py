@@ -389,6 +389,21 @@ class MLPExpert(nn.Module):
     return x
 
   @staticmethod
+  def block_bank(
+    variables: Mapping[str, Any], x: Array, expert: Array, num_experts: int
+  ) -> Array:
+    """An ExpertBank's experts on blocks of rows, each block one expert's:
+    x (N, G, F), ``expert`` (N,) -> (N, G, H), each layer one batched
+    matmul over each block's own kernel (``dispatch.block_rows``)."""
+    for kernel, bias in MLPExpert._stacked_layers(
+      variables, range(num_experts)
+    ):
+      x = nn.relu(
+        jnp.einsum('ngf,nfh->ngh', x, kernel[expert]) + bias[expert][:, None]
+      )
+    return x
+
+  @staticmethod
   def ragged_bank(
     variables: Mapping[str, Any],
     x: Array,

@@ -101,13 +101,20 @@ class MultiTaskMoE(nn.Module):
       expert (or more experts to some example than ``dispatch_fanout``)
       computes every expert on every example instead, so the outputs are
       the dense ones always; ``aux['dispatch_load']`` holds the busiest
-      expert's examples and the largest fanout, (2,), from which the
+      expert's examples, the largest fanout and the blocks
+      ``dispatch_blocks`` would need, (3,), from which the
       caller picks the bounds (``steps.Dispatcher``), and
       ``aux['dispatch_dense']`` whether the batch fell back. None computes
       every expert on every example, with no routing first.
-    dispatch_fanout: with ``dispatch_capacity``, each example reads back at
-      most this many experts' outputs (``dispatch.combine``; T·k once
-      DSelect-k saturates). None: all E.
+    dispatch_blocks: the same for ``MLPExpert``s in the loop bank, their
+      routed examples in at most this many blocks of ``dispatch.BLOCK``
+      rows, each block one expert's (``dispatch.block_rows``): the rows
+      follow the routed pairs, however unevenly the gates load the
+      experts, where a capacity follows the busiest expert.
+    dispatch_fanout: with either, each example reads back at most this
+      many experts' outputs (``dispatch.combine``, a gather; T·k once
+      DSelect-k saturates). None: no bound, the outputs scatter-added to
+      their examples instead (``dispatch.combine_pairs``).
     dispatch_axis_name: the mapped axis over which the devices agree on
       the branch (``steps.AXIS`` in the mapped steps), or None.
     dispatch_pairs: the same for ``MLPExpert``s in the loop bank, as
@@ -135,36 +142,44 @@ class MultiTaskMoE(nn.Module):
   active_experts: Optional[tuple[int, ...]] = None
   bn_axis_name: Optional[str] = None
   dispatch_capacity: Optional[int] = None
+  dispatch_blocks: Optional[int] = None
   dispatch_fanout: Optional[int] = None
   dispatch_axis_name: Optional[str] = None
   dispatch_pairs: Optional[int] = None
 
   def __post_init__(self):
+    layouts = [
+      name
+      for name in ('dispatch_capacity', 'dispatch_blocks', 'dispatch_pairs')
+      if getattr(self, name) is not None
+    ]
+    for name in layouts:
+      check_int(self, name, 1)
+    if len(layouts) > 1:
+      raise ValueError(
+        f'MultiTaskMoE: {" and ".join(layouts)} are different ways to '
+        'dispatch; set one.'
+      )
     if self.dispatch_fanout is not None:
       check_int(self, 'dispatch_fanout', 1)
-      if self.dispatch_capacity is None:
+      if layouts not in (['dispatch_capacity'], ['dispatch_blocks']):
         raise ValueError(
-          'MultiTaskMoE: dispatch_fanout bounds what dispatch_capacity '
-          'dispatches; set both, or neither.'
+          'MultiTaskMoE: dispatch_fanout bounds what dispatch_capacity or '
+          'dispatch_blocks dispatches; set one of them too.'
         )
-    if self.dispatch_pairs is not None:
-      check_int(self, 'dispatch_pairs', 1)
-      if not ragged_experts(self) or self.dispatch_capacity is not None:
+    if set(layouts) & {'dispatch_blocks', 'dispatch_pairs'}:
+      if not ragged_experts(self):
         raise ValueError(
-          'MultiTaskMoE: dispatch_pairs needs MLPExpert experts in the loop '
-          'bank (ExpertBank) with every expert active, and no '
-          'dispatch_capacity.'
+          f'MultiTaskMoE: {layouts[-1]} needs MLPExpert experts in the loop '
+          'bank (ExpertBank) with every expert active.'
         )
-    if self.dispatch_capacity is not None or self.dispatch_pairs is not None:
-      if self.dispatch_capacity is not None:
-        check_int(self, 'dispatch_capacity', 1)
-      if not self.per_example or self.routing_input != 'input':
-        raise ValueError(
-          'MultiTaskMoE: dispatch_capacity needs per-example gates routing '
-          f'on the input (per_example=True, routing_input="input"); got '
-          f'per_example={self.per_example}, routing_input='
-          f'{self.routing_input!r}.'
-        )
+    if layouts and (not self.per_example or self.routing_input != 'input'):
+      raise ValueError(
+        f'MultiTaskMoE: {layouts[0]} needs per-example gates routing '
+        f'on the input (per_example=True, routing_input="input"); got '
+        f'per_example={self.per_example}, routing_input='
+        f'{self.routing_input!r}.'
+      )
     if self.active_experts is not None and self.per_example:
       raise ValueError(
         'MultiTaskMoE: active_experts needs static gates; a '
@@ -208,8 +223,9 @@ class MultiTaskMoE(nn.Module):
       **self.bank_kwargs,
       name='experts',
     )
-    dispatched = (
-      self.dispatch_capacity is not None or self.dispatch_pairs is not None
+    dispatched = any(
+      getattr(self, name) is not None
+      for name in ('dispatch_capacity', 'dispatch_blocks', 'dispatch_pairs')
     )
     if dispatched:  # The gates first: they decide what the experts compute.
       experts = None
@@ -283,26 +299,56 @@ class MultiTaskMoE(nn.Module):
 
   def _dispatch(self, bank, x: Array, weights: Array, train: bool):
     """The mixtures (T, B, H) with each expert on its routed examples when
-    the batch fits ``dispatch_capacity`` and ``dispatch_fanout``, else
-    (in the same program, ``nn.cond``) with every expert on every example:
-    exact either way. With ``dispatch_axis_name`` every device takes the
-    branch that fits all of them (and under ``jit(vmap)`` the condition
-    stays one, rather than a select computing both)."""
-    capacity = min(self.dispatch_capacity, x.shape[0])
-    fanout = min(self.dispatch_fanout or self.num_experts, self.num_experts)
+    the batch fits the bounds (``dispatch_capacity`` or
+    ``dispatch_blocks``, and ``dispatch_fanout``), else (in the same
+    program, ``nn.cond``) with every expert on every example: exact either
+    way. With ``dispatch_axis_name`` every device takes the branch that
+    fits all of them (and under ``jit(vmap)`` the condition stays one,
+    rather than a select computing both)."""
+    fanout = self.dispatch_fanout or self.num_experts
     mask = dispatch.routed(weights)  # (B, E)
-    load = jnp.stack([jnp.max(jnp.sum(mask, axis=0)), dispatch.fanout(mask)])
-    fits = jnp.all(load <= jnp.array([capacity, fanout]))
+    blocks = dispatch.block_counts(mask, dispatch.BLOCK)  # (E,)
+    load = jnp.stack(
+      [jnp.max(jnp.sum(mask, axis=0)), dispatch.fanout(mask), jnp.sum(blocks)]
+    )
+    if self.dispatch_blocks is not None:
+      bounds = [x.shape[0], fanout, self.dispatch_blocks]
+    else:
+      bounds = [min(self.dispatch_capacity, x.shape[0]), fanout, jnp.inf]
+    fits = jnp.all(load <= jnp.array(bounds))
     if self.dispatch_axis_name is not None:
       fits = jax.lax.pmin(fits.astype(jnp.int32), self.dispatch_axis_name) > 0
 
     def sparse(module, x, weights, mask):
       del module
-      index, _ = dispatch.slots(mask, capacity)
-      outputs = bank(
-        dispatch.gather(x, index), train=train, per_expert_inputs=True
-      )  # (E, C, H)
-      return dispatch.combine(outputs, mask, weights, fanout)
+      if self.dispatch_blocks is not None:  # MLP experts, blocks of rows.
+        example, valid, expert, row, kept = dispatch.block_rows(
+          mask, self.dispatch_blocks, dispatch.BLOCK
+        )
+        outputs = experts_lib.MLPExpert.block_bank(
+          bank.variables, x[example], expert, self.num_experts
+        )  # (N, G, H)
+        expert = jnp.broadcast_to(expert[:, None], example.shape)  # (N, G)
+      else:  # Any experts, a capacity of slots each.
+        capacity = bounds[0]
+        example, valid = dispatch.slots(mask, capacity)  # (E, C)
+        outputs = bank(
+          dispatch.gather(x, example), train=train, per_expert_inputs=True
+        )  # (E, C, H)
+        expert = jnp.broadcast_to(
+          jnp.arange(mask.shape[1])[:, None], example.shape
+        )
+        row, kept = dispatch.slot_rows(mask, capacity)
+      outputs = outputs.reshape(-1, outputs.shape[-1])  # (M, H)
+      if self.dispatch_fanout is None:  # A scatter-add over the rows.
+        return dispatch.combine_pairs(
+          outputs,
+          example.reshape(-1),
+          expert.reshape(-1),
+          valid.reshape(-1),
+          weights,
+        )
+      return dispatch.combine(outputs, row, kept, weights, fanout)
 
     def dense(module, x, weights, mask):
       del module, mask
@@ -368,8 +414,9 @@ class RecommenderMoE(nn.Module):
       MultiTaskMoE's (its variables are under ``moe``).
     expert_kwargs: MLPExpert's (``hidden``, ``features``).
     tower_hidden: widths of each task's tower before its single output.
-    dispatch_capacity, dispatch_fanout, dispatch_axis_name, dispatch_pairs:
-      as MultiTaskMoE's (per-example gates).
+    dispatch_capacity, dispatch_blocks, dispatch_fanout,
+      dispatch_axis_name, dispatch_pairs: as MultiTaskMoE's (per-example
+      gates).
   """
 
   num_tasks: int
@@ -383,6 +430,7 @@ class RecommenderMoE(nn.Module):
   tower_hidden: tuple[int, ...] = (32,)
   active_experts: Optional[tuple[int, ...]] = None
   dispatch_capacity: Optional[int] = None
+  dispatch_blocks: Optional[int] = None
   dispatch_fanout: Optional[int] = None
   dispatch_axis_name: Optional[str] = None
   dispatch_pairs: Optional[int] = None
@@ -418,6 +466,7 @@ class RecommenderMoE(nn.Module):
       tower_kwargs=flax.core.FrozenDict({'hidden': self.tower_hidden}),
       active_experts=self.active_experts,
       dispatch_capacity=self.dispatch_capacity,
+      dispatch_blocks=self.dispatch_blocks,
       dispatch_fanout=self.dispatch_fanout,
       dispatch_axis_name=self.dispatch_axis_name,
       dispatch_pairs=self.dispatch_pairs,
@@ -440,7 +489,7 @@ def active_experts(expert_weights) -> tuple[int, ...]:
 
 def ragged_experts(model: nn.Module) -> bool:
   """Whether the experts can run as grouped matmuls: MLPExperts in the
-  loop bank, all active (``MultiTaskMoE.dispatch_pairs``)."""
+  loop bank, all active (``MultiTaskMoE.dispatch_blocks``, ``dispatch_pairs``)."""
   if isinstance(model, RecommenderMoE):
     return model.active_experts is None
   return (

@@ -35,6 +35,8 @@ from dselect_jax import models
 from dselect_jax import tasks
 
 AXIS = 'batch'
+# The Dispatcher's layouts of the routed examples (``Dispatcher``).
+LAYOUTS = ('capacity', 'blocks', 'ragged')
 # What a dispatched model reports of its routing (``dispatch_report``).
 DISPATCH_REPORT = ('dispatch_load', 'dispatch_dense')
 
@@ -322,28 +324,36 @@ def used_experts(model, state) -> Optional[tuple[int, ...]]:
 
 def routing_load(model, state, batch) -> jax.Array:
   """Per device: the examples of this shard routed to its busiest expert,
-  the routed (example, expert) pairs and the most experts one example is
-  routed to, (3,) (from the gates' weights, no expert computed)."""
+  the routed (example, expert) pairs, the most experts one example is
+  routed to, and the blocks of ``dispatch.BLOCK`` rows they fill, (4,)
+  (from the gates' weights, no expert computed)."""
   weights = models.per_example_weights(
     model, state.params, *model_inputs(batch)
   )
-  counts = dispatch.counts(weights)
-  fanout = dispatch.fanout(dispatch.routed(weights))
-  return jnp.stack([jnp.max(counts), jnp.sum(counts), fanout])
+  mask = dispatch.routed(weights)
+  counts = jnp.sum(mask, axis=0)
+  blocks = jnp.sum(dispatch.block_counts(mask, dispatch.BLOCK))
+  return jnp.stack(
+    [jnp.max(counts), jnp.sum(counts), dispatch.fanout(mask), blocks]
+  )
 
 
 class Dispatcher:
   """Sparse dispatch for per-example gates: the bounds for each batch.
 
-  The dispatched step (``MultiTaskMoE.dispatch_capacity``) routes inside
-  the step and falls back to every expert on every example when a batch
-  does not fit its bounds, so the bounds only decide the speed, never the
-  result. They come from the routing the recent steps reported
-  (``observe``: the busiest expert's examples and the largest fanout, the
-  largest over devices, read one step late so the host never waits for
-  the step it just started): the capacity bucket of the busiest of the
-  last ``window`` batches (``dispatch.capacity_for``) and their largest
-  fanout; one compiled step per pair of bounds, kept.
+  The dispatched step routes inside the step and falls back to every
+  expert on every example when a batch does not fit its bounds, so the
+  bounds only decide the speed, never the result. Its layout: ``blocks``
+  for MLP experts in the loop bank (``dispatch_blocks``: rows that follow
+  the routed pairs, however unevenly the experts are loaded), else
+  ``capacity`` (``dispatch_capacity``: slots for the busiest expert's
+  examples in every expert, any expert module). The bounds come from the
+  routing the recent steps reported (``observe``: the busiest expert's
+  examples, the largest fanout and the blocks needed, the largest over
+  devices, read one step late so the host never waits for the step it
+  just started): the bucket (``dispatch.capacity_for``) of the largest of
+  the last ``window`` batches and their largest fanout; one compiled step
+  per pair of bounds, kept.
 
   Whether dispatch pays depends on the experts and the machine (small MLP
   experts at E = 8 run faster densely on XLA:CPU, where the routing's
@@ -356,10 +366,10 @@ class Dispatcher:
   gates-only pass (``routing_load``, the same on every process) looks
   again.
 
-  With ``ragged``, MLP experts run as grouped matmuls over the routed
-  pairs (``dispatch_pairs``, ``models.ragged_experts``), sized by a
+  ``layout='ragged'``: MLP experts as ``jax.lax.ragged_dot`` grouped
+  matmuls over the routed pairs (``dispatch_pairs``), sized by a
   gates-only pass before every batch, as that path has no fallback (on
-  XLA:CPU ``ragged_dot`` is slower than the padded buckets,
+  XLA:CPU ``ragged_dot`` is slower than the blocks,
   ``benchmarks/dispatch_speed.py``).
 
   ``make_step(model)`` compiles a step for a model, mapped over
@@ -371,7 +381,7 @@ class Dispatcher:
     self,
     model,
     make_step,
-    ragged: bool = False,
+    layout: str = 'auto',
     window: int = 8,
     probe_every: int = 50,
     axis_name: Optional[str] = AXIS,
@@ -385,10 +395,19 @@ class Dispatcher:
     self._make_step = make_step
     self._steps = {}
     self._load = parallel(functools.partial(routing_load, model))
-    self.ragged = ragged and models.ragged_experts(model)
+    grouped = models.ragged_experts(model)
+    if layout == 'auto':
+      layout = 'blocks' if grouped else 'capacity'
+    if layout not in LAYOUTS or (layout != 'capacity' and not grouped):
+      raise ValueError(
+        f'Dispatcher: layout {layout!r} is not one of {LAYOUTS} or needs '
+        'MLP experts in the loop bank; use "auto".'
+      )
+    self.layout = layout
     self.window = window
     self.probe_every = probe_every
-    self._recent = collections.deque(maxlen=window)  # (busiest, pairs, fanout)
+    # (busiest, pairs, fanout, blocks); pairs only from the gates-only pass.
+    self._recent = collections.deque(maxlen=window)
     self._pending = collections.deque()  # Reports not read yet.
     self._since_probe = 0
     self._ran = None  # The bounds of the last step handed out (None: dense).
@@ -410,8 +429,8 @@ class Dispatcher:
     while len(self._pending) > keep:
       # Every device holds the same (pmax) report: device 0's.
       report = jax.tree.map(lambda x: np.asarray(x)[0], self._pending.popleft())
-      busiest, fanout = (int(v) for v in report['dispatch_load'])
-      self._recent.append((busiest, 0, fanout))
+      busiest, fanout, blocks = (int(v) for v in report['dispatch_load'])
+      self._recent.append((busiest, 0, fanout, blocks))
       self._observed += 1
       self.fallbacks += int(report['dispatch_dense'])
       self.dispatched += 1 - int(report['dispatch_dense'])
@@ -421,7 +440,7 @@ class Dispatcher:
     process."""
     if self._ran is None:  # The dense steps report nothing: this alone.
       self._recent.clear()
-    load = np.max(np.asarray(self._load(state, batch)), axis=0)  # (3,)
+    load = np.max(np.asarray(self._load(state, batch)), axis=0)  # (4,)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
@@ -435,7 +454,7 @@ class Dispatcher:
     self.read_reports(keep=1)
     self._since_probe += 1
     if (
-      self.ragged
+      self.layout == 'ragged'
       or not self._recent
       or (self._ran is None and self._since_probe >= self.probe_every)
     ):
@@ -455,28 +474,34 @@ class Dispatcher:
   def _decide(self, per_device: int) -> None:
     """The bounds for the recent loads (only when they changed: the host's
     time per step is the steps' own when they are small)."""
-    if self.ragged:  # Rows of the grouped matmuls, of E x B dense ones.
-      rows = per_device * self.model.num_experts
-      size = dispatch.capacity_for(self._recent[-1][1], rows)
+    busiest, pairs, fanout, blocks = np.max(np.array(self._recent), axis=0)
+    rows = per_device * self.model.num_experts  # Of the dense step.
+    fanout = max(int(fanout), 1)
+    if self.layout == 'ragged':
+      size = dispatch.capacity_for(int(self._recent[-1][1]), rows)
       bounds = None if size is None else {'dispatch_pairs': size}
       what = f'{size} of {rows} expert rows per device'
-    else:
-      busiest, _, fanout = np.max(np.array(self._recent), axis=0)
-      capacity = dispatch.capacity_for(int(busiest), per_device)
-      fanout = max(int(fanout), 1)
-      bounds = (
-        None
-        if capacity is None
-        else {
-          'dispatch_capacity': capacity,
-          'dispatch_fanout': fanout,
-          'dispatch_axis_name': self.axis_name,
-        }
-      )
+    elif self.layout == 'blocks':
+      dense_blocks = -(-rows // dispatch.BLOCK)
+      size = dispatch.capacity_for(int(blocks), dense_blocks, minimum=1)
+      bounds = None if size is None else {'dispatch_blocks': size}
       what = (
-        f'at most {capacity} of {per_device} examples per expert, '
+        f'{size} blocks of {dispatch.BLOCK} rows of {rows} expert rows per '
+        f'device, {fanout} experts per example'
+      )
+    else:
+      size = dispatch.capacity_for(int(busiest), per_device)
+      bounds = None if size is None else {'dispatch_capacity': size}
+      what = (
+        f'at most {size} of {per_device} examples per expert, '
         f'{fanout} experts per example'
       )
+    if bounds is not None and self.layout != 'ragged':
+      # Examples read back their rows (a gather) while few experts serve
+      # each; past that (examples not yet saturated), rows are scattered.
+      if fanout > dispatch.GATHER_FANOUT:
+        fanout, what = None, what.replace(f'{fanout} experts', 'any experts')
+      bounds.update(dispatch_fanout=fanout, dispatch_axis_name=self.axis_name)
     if bounds != self.bounds:
       logging.info(
         'sparse dispatch: %s (%d batches fell back so far)',

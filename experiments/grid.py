@@ -72,6 +72,14 @@ GATE_VARIANTS = {
     'model.gate.name': 'dselect_k',
     'model.gate.per_example': True,
     'model.sparse_train': False,
+    'model.sparse_dispatch': False,
+  },
+  # The same, each batch dispatched to the experts its examples use.
+  'dselect_k_per_example_dispatch': {
+    'model.gate.name': 'dselect_k',
+    'model.gate.per_example': True,
+    'model.sparse_train': False,
+    'model.sparse_dispatch': True,
   },
 }
 

@@ -28,11 +28,36 @@ def test_slots_by_hand():
   index, valid = dispatch.slots(mask, capacity=3)
   np.testing.assert_array_equal(index, [[1, 3, 0], [0, 1, 3], [0, 0, 0]])
   np.testing.assert_array_equal(valid, [[1, 1, 0], [1, 1, 1], [0, 0, 0]])
-  # Capacity 3 drops expert 1's fourth example (4).
-  weights = mask[None].astype(jnp.float32)
-  assert int(dispatch.overflow(weights, 3)) == 1
-  assert int(dispatch.overflow(weights, 4)) == 0
-  np.testing.assert_array_equal(dispatch.counts(weights), [2, 4, 0])
+  np.testing.assert_array_equal(dispatch.counts(mask[None] * 1.0), [2, 4, 0])
+  # Slot rows flattened (E, C) -> 3 E + slot; capacity 3 has none for
+  # expert 1's fourth example (4).
+  row, kept = dispatch.slot_rows(mask, capacity=3)
+  np.testing.assert_array_equal(row[[0, 1, 3, 4], 1], [3, 4, 5, 6])
+  np.testing.assert_array_equal(row[[1, 3], 0], [0, 1])
+  np.testing.assert_array_equal(kept[:, 1], [1, 1, 0, 1, 0])
+
+
+def test_blocks_by_hand():
+  # 5 examples, 3 experts, blocks of 2 rows: expert 0 has examples 1, 3
+  # (one block), expert 1 has 0, 1, 3, 4 (two blocks), expert 2 has 2 (one
+  # block, half padding): 4 blocks, then a spare one.
+  mask = jnp.array(
+    [[0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 0]], bool
+  )
+  np.testing.assert_array_equal(dispatch.block_counts(mask, 2), [1, 2, 1])
+  example, valid, expert, row, kept = dispatch.block_rows(mask, 5, 2)
+  np.testing.assert_array_equal(
+    example, [[1, 3], [0, 1], [3, 4], [2, 0], [0, 0]]
+  )
+  np.testing.assert_array_equal(valid, [[1, 1], [1, 1], [1, 1], [1, 0], [0, 0]])
+  np.testing.assert_array_equal(expert, [0, 1, 1, 2, 2])
+  np.testing.assert_array_equal(row[[1, 3], 0], [0, 1])
+  np.testing.assert_array_equal(row[[0, 1, 3, 4], 1], [2, 3, 4, 5])
+  assert int(row[2, 2]) == 6 and bool(np.all(np.asarray(kept) == mask))
+  # Three blocks hold experts 0 and 1 only: expert 2's example has no row.
+  *_, kept = dispatch.block_rows(mask, 3, 2)
+  np.testing.assert_array_equal(kept[:, 2], [0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(kept[:, :2], mask[:, :2])
 
 
 def test_combine_by_hand():
@@ -49,20 +74,19 @@ def test_combine_by_hand():
   # Expert 0 has examples 0, 1, 2 in its slots; expert 1 examples 0 and 2.
   np.testing.assert_array_equal(index, [[0, 1, 2], [0, 2, 0]])
   assert int(dispatch.fanout(mask)) == 2  # Examples 0 and 2 use both.
-  outputs = (10.0 * jnp.arange(2)[:, None] + index)[..., None]  # (E, C, 1)
-  mixed = dispatch.combine(outputs, mask, weights, fanout_bound=2)
+  outputs = (10.0 * jnp.arange(2)[:, None] + index).reshape(6, 1)  # (E C, 1)
+  row, kept = dispatch.slot_rows(mask, capacity=3)
+  mixed = dispatch.combine(outputs, row, kept, weights, fanout_bound=2)
   want = [
     [0.5 * 0 + 0.5 * 10, 1.0 * 1, 0.0],
     [1.0 * 10, 0.0, 0.25 * 2 + 0.75 * 12],
   ]
   np.testing.assert_allclose(mixed[..., 0], want)
   # A fanout bound of 1 keeps each example's lowest-numbered expert only:
-  # examples 0 and 2 lose expert 1, and the overflow counts those 2 pairs.
-  mixed = dispatch.combine(outputs, mask, weights, fanout_bound=1)
+  # examples 0 and 2 lose expert 1.
+  mixed = dispatch.combine(outputs, row, kept, weights, fanout_bound=1)
   want = [[0.5 * 0, 1.0 * 1, 0.0], [0.0, 0.0, 0.25 * 2]]
   np.testing.assert_allclose(mixed[..., 0], want)
-  assert int(dispatch.overflow(weights, 3, fanout_bound=1)) == 2
-  assert int(dispatch.overflow(weights, 3, fanout_bound=2)) == 0
 
 
 def test_a_capacity_drops_the_last_examples_from_the_mixture():
@@ -74,10 +98,10 @@ def test_a_capacity_drops_the_last_examples_from_the_mixture():
   np.testing.assert_array_equal(index, [[0, 1], [0, 0]])
   np.testing.assert_array_equal(valid, [[1, 1], [0, 0]])
   np.testing.assert_array_equal(dispatch.positions(mask)[:, 0], [0, 1, 2, 3])
-  outputs = jnp.array([[[5.0], [7.0]], [[0.0], [0.0]]])  # (E, C, 1)
-  mixed = dispatch.combine(outputs, mask, weights, fanout_bound=2)
+  outputs = jnp.array([[5.0], [7.0], [0.0], [0.0]])  # (E C, 1)
+  row, kept = dispatch.slot_rows(mask, capacity=2)
+  mixed = dispatch.combine(outputs, row, kept, weights, fanout_bound=2)
   np.testing.assert_allclose(mixed[0, :, 0], [5.0, 7.0, 0.0, 0.0])
-  assert int(dispatch.overflow(weights, 2)) == 2
 
 
 @pytest.mark.parametrize(
@@ -132,6 +156,11 @@ def test_the_ragged_mlp_experts_are_each_experts_layers():
     np.testing.assert_allclose(
       padded[e], dense[e, start : start + 4], rtol=1e-5
     )
+  # Blocks of 2 rows, each block one expert's: experts 2, 0, 2.
+  blocks = jnp.stack([x[:2], x[2:4], x[4:6]])  # (N, G, F)
+  got = experts.MLPExpert.block_bank(variables, blocks, jnp.array([2, 0, 2]), 3)
+  for n, (e, start) in enumerate(((2, 0), (0, 2), (2, 4))):
+    np.testing.assert_allclose(got[n], dense[e, start : start + 2], rtol=1e-5)
 
 
 def _recommender(dispatch_capacity=None, num_experts=8):
@@ -166,7 +195,11 @@ def _saturate(params, scale):
 
 @pytest.mark.parametrize(
   'field',
-  ['dispatch_capacity', pytest.param('dispatch_pairs', marks=pytest.mark.slow)],
+  [
+    'dispatch_capacity',
+    'dispatch_blocks',
+    pytest.param('dispatch_pairs', marks=pytest.mark.slow),
+  ],
 )
 @pytest.mark.parametrize(
   'scale', [pytest.param(1.0, marks=pytest.mark.slow), 300.0]
@@ -191,11 +224,17 @@ def test_dispatched_mlp_experts_equal_the_dense_ones_with_gradients(
   busiest, routed = int(jnp.max(counts)), int(jnp.sum(counts))
   if scale > 1:
     assert busiest < 64  # Saturated: experts skip examples.
-  if field == 'dispatch_capacity':  # The tightest exact bounds.
-    fanout = int(dispatch.fanout(dispatch.routed(aux['expert_weights'])))
-    sparse = model.clone(dispatch_capacity=busiest, dispatch_fanout=fanout)
-  else:
-    sparse = model.clone(dispatch_pairs=routed)
+  mask = dispatch.routed(aux['expert_weights'])
+  fanout = int(dispatch.fanout(mask))
+  blocks = int(jnp.sum(dispatch.block_counts(mask, dispatch.BLOCK)))
+  if field == 'dispatch_pairs':
+    sparse = [model.clone(dispatch_pairs=routed)]
+  else:  # The tightest bounds that hold the batch; gather and scatter.
+    size = busiest if field == 'dispatch_capacity' else blocks
+    sparse = [
+      model.clone(**{field: size}, dispatch_fanout=fanout),
+      model.clone(**{field: size}, dispatch_fanout=None),
+    ]
 
   def loss(params, model):
     outputs, aux = model.apply(
@@ -206,25 +245,34 @@ def test_dispatched_mlp_experts_equal_the_dense_ones_with_gradients(
   (want, _), want_grads = jax.jit(
     jax.value_and_grad(functools.partial(loss, model=model), has_aux=True)
   )(params)
-  (got, got_aux), got_grads = jax.jit(
-    jax.value_and_grad(functools.partial(loss, model=sparse), has_aux=True)
-  )(params)
-  if field == 'dispatch_capacity':
-    assert not got_aux['dispatch_dense']  # The sparse branch ran.
-    np.testing.assert_array_equal(got_aux['dispatch_load'], [busiest, fanout])
-  else:
-    assert int(got_aux['dispatch_overflow']) == 0
-  np.testing.assert_allclose(got, want, rtol=1e-5)
-  jax.tree.map(
-    functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
-    got_grads,
-    want_grads,
-  )
+  for dispatched in sparse:
+    (got, got_aux), got_grads = jax.jit(
+      jax.value_and_grad(
+        functools.partial(loss, model=dispatched), has_aux=True
+      )
+    )(params)
+    if field == 'dispatch_pairs':
+      assert int(got_aux['dispatch_overflow']) == 0
+    else:
+      assert not got_aux['dispatch_dense']  # The sparse branch ran.
+      np.testing.assert_array_equal(
+        got_aux['dispatch_load'], [busiest, fanout, blocks]
+      )
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree.map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+      got_grads,
+      want_grads,
+    )
 
 
 @pytest.mark.parametrize(
   'bounds',
-  [{'dispatch_capacity': 2}, {'dispatch_capacity': 32, 'dispatch_fanout': 1}],
+  [
+    {'dispatch_capacity': 2},
+    {'dispatch_capacity': 32, 'dispatch_fanout': 1},
+    {'dispatch_blocks': 1},
+  ],
 )
 def test_a_batch_past_the_bounds_is_computed_densely(bounds):
   """Unsaturated gates route most examples to every expert: a capacity of 2
@@ -244,8 +292,9 @@ def test_a_batch_past_the_bounds_is_computed_densely(bounds):
   assert aux['dispatch_dense']
   mask = np.asarray(want_aux['expert_weights']) > 0  # (T, B, E)
   routed = mask.any(axis=0)  # (B, E)
+  blocks = np.sum(-(-routed.sum(0) // dispatch.BLOCK))
   np.testing.assert_array_equal(
-    aux['dispatch_load'], [routed.sum(0).max(), routed.sum(1).max()]
+    aux['dispatch_load'], [routed.sum(0).max(), routed.sum(1).max(), blocks]
   )
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
@@ -394,24 +443,26 @@ def test_the_dispatcher_keeps_dispatch_only_where_it_measured_faster(
     lambda x: x.reshape((4, 32) + x.shape[1:]),
     {'categorical': categorical, 'dense': dense_features},
   )
-  busiest, _, fanout = np.max(
+  busiest, _, fanout, blocks = np.max(
     np.asarray(
       steps.parallel(functools.partial(steps.routing_load, model))(state, batch)
     ),
     axis=0,
   )
-  assert busiest <= 24  # A capacity bucket below 32 examples per device.
+  # Blocks (the recommender's MLP experts) below the dense step's 16 x 32.
+  dense_blocks = 16 * 32 // dispatch.BLOCK
+  assert dispatch.capacity_for(int(blocks), dense_blocks, 1) is not None
   ran = []
 
   def make_step(model):
-    dispatched = model.dispatch_capacity is not None
+    dispatched = model.dispatch_blocks is not None
 
     def step():
       time.sleep(0.001 if dispatched == dispatch_faster else 0.008)
       ran.append(dispatched)
       if not dispatched:
         return {}
-      load = np.array([[busiest, fanout]] * 4)
+      load = np.array([[busiest, fanout, blocks]] * 4)
       return {'dispatch_load': load, 'dispatch_dense': np.zeros(4, bool)}
 
     return step
@@ -424,7 +475,9 @@ def test_the_dispatcher_keeps_dispatch_only_where_it_measured_faster(
   assert ran[:6] == [True] * 3 + [False] * 3
   assert ran[6:] == [dispatch_faster] * 4
   assert list(dispatcher.faster.values()) == [dispatch_faster]
-  assert dispatcher.bounds['dispatch_capacity'] == dispatch.capacity_for(
-    busiest, 32
+  assert dispatcher.bounds['dispatch_blocks'] == dispatch.capacity_for(
+    int(blocks), dense_blocks, minimum=1
   )
-  assert dispatcher.bounds['dispatch_fanout'] == fanout
+  # Few experts per example: a gather; many (unsaturated): a scatter.
+  want = fanout if fanout <= dispatch.GATHER_FANOUT else None
+  assert dispatcher.bounds['dispatch_fanout'] == want
