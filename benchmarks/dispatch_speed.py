@@ -2,7 +2,7 @@
 
   python benchmarks/dispatch_speed.py [--experts=8,16,32,64] [--batches=256]
       [--kinds=mlp,cnn] [--modes=train,eval] [--rounds=5] [--steps=5]
-      [--out=FILE]
+      [--out=FILE] [--plot=PNG]
 
 The multi-task MoE with per-example DSelect-k gates (T = 2 tasks, k = 2),
 its gates saturated (bit logits scaled far outside [-gamma/2, gamma/2], so
@@ -26,7 +26,9 @@ experts, kept only where its timing beat the dense step. Each (kind, E, batch, m
 ``--rounds`` alternating windows of ``--steps`` calls of each contender and
 prints the median rates, each sparse one against the fastest dense way
 (the loop bank, and the vmapped bank for MLP experts or the fused
-evaluation for CNN experts).
+evaluation for CNN experts, on XLA's convolutions and on the CPU kernels'
+where they build; the dispatched CNN experts evaluate fused, on the
+kernels where they build).
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ _ROUNDS = flags.DEFINE_integer(
 )
 _STEPS = flags.DEFINE_integer('steps', 5, 'Calls per window.', lower_bound=1)
 _OUT = flags.DEFINE_string('out', None, 'Also write the table here.')
+_PLOT = flags.DEFINE_string(
+  'plot', None, 'Also draw examples/s against E here (PNG).'
+)
 
 FEATURES = 64  # The MLP experts' input width.
 
@@ -81,20 +86,38 @@ def _model(kind: str, num_experts: int, **kwargs) -> models.MultiTaskMoE:
   )
 
 
+def _fused(kernels: bool) -> flax.core.FrozenDict:
+  """The CNN bank's fused evaluation: XLA's convolutions, or the CPU
+  kernels' (as ``model.conv='auto'`` picks them where they build)."""
+  block = None
+  if kernels:
+    from dselect_jax.cpu import kernels as cpu_kernels  # pylint: disable=g-import-not-at-top
+
+    block = cpu_kernels.conv_relu_pool
+  return flax.core.FrozenDict({'fused_eval': True, 'eval_block': block})
+
+
+def _kernels_built() -> bool:
+  from dselect_jax.cpu import kernels as cpu_kernels  # pylint: disable=g-import-not-at-top
+
+  return cpu_kernels.available()
+
+
 def _dense_variants(kind: str, num_experts: int, mode: str, variables):
   """The dense model's other ways, each with its variables: the vmapped
   bank (MLP experts), the fused evaluation (CNN experts, XLA's
-  convolutions)."""
+  convolutions and, where they build, the CPU kernels')."""
   if kind == 'mlp':
     model = _model(kind, num_experts, bank=experts.VmappedExpertBank)
     stacked = experts.stack_expert_variables(variables, num_experts)
     return {'dense (vmap bank)': (_work(model, mode), stacked)}
+  variants = {}
   if mode == 'eval':
-    model = _model(
-      kind, num_experts, bank_kwargs=flax.core.FrozenDict({'fused_eval': True})
-    )
-    return {'dense (fused eval)': (_work(model, mode), variables)}
-  return {}
+    for kernels in (False, True) if _kernels_built() else (False,):
+      model = _model(kind, num_experts, bank_kwargs=_fused(kernels))
+      name = 'dense (fused eval, kernels)' if kernels else 'dense (fused eval)'
+      variants[name] = (_work(model, mode), variables)
+  return variants
 
 
 def _inputs(kind: str, batch: int) -> jax.Array:
@@ -154,6 +177,10 @@ def _contenders(kind: str, num_experts: int, batch: int, mode: str):
   x = _inputs(kind, batch)
   variables = _saturated(model, x)
   dense = _work(model, mode)
+  # The dispatched CNN experts evaluate fused, on the kernels where built.
+  dispatched = model
+  if kind == 'cnn':
+    dispatched = _model(kind, num_experts, bank_kwargs=_fused(_kernels_built()))
 
   def sparse(layout: str, measure: int = 0):
     """steps.Dispatcher with a layout: its bounds from the steps' own
@@ -161,7 +188,11 @@ def _contenders(kind: str, num_experts: int, batch: int, mode: str):
     pass before each batch); ``measure``: its timed choice against dense,
     as the trainer and the Evaluator run it."""
     dispatcher = steps.Dispatcher(
-      model, lambda m: _work(m, mode), layout, axis_name=None, measure=measure
+      dispatched,
+      lambda m: _work(m, mode),
+      layout,
+      axis_name=None,
+      measure=measure,
     )
     state = _State(jax.tree.map(lambda v: v[None], variables['params']))
     device_batch = {'image': x[None]}  # One device.
@@ -198,6 +229,7 @@ def _window(fn, variables, x, steps: int) -> float:
 def main(argv):
   del argv
   cli.output_file('out', _OUT.value)
+  cli.output_file('plot', _PLOT.value)
   for name, values, allowed in (
     ('kinds', _KINDS.value, ('mlp', 'cnn')),
     ('modes', _MODES.value, ('train', 'eval')),
@@ -220,6 +252,7 @@ def main(argv):
     '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
   ]
   print('\n'.join(lines), flush=True)
+  panels = {}  # (kind, mode, batch) -> {contender: [(E, examples/s)]}
   for kind in _KINDS.value:
     for mode in _MODES.value:
       if kind == 'cnn' and mode == 'train':
@@ -251,9 +284,43 @@ def main(argv):
             f'{cells[1]} | {cells[2]} | {cells[3]} |'
           )
           print(lines[-1], flush=True)
+          panel = panels.setdefault((kind, mode, batch), {})
+          for name, rate in (('fastest dense', base), *median.items()):
+            if not name.startswith('dense'):
+              panel.setdefault(name, []).append((num_experts, rate))
   if _OUT.value:
     with open(_OUT.value, 'w') as f:
       f.write('\n'.join(lines) + '\n')
+  if _PLOT.value:
+    _draw(panels, _PLOT.value)
+
+
+def _draw(panels, path: str) -> None:
+  """One panel per (experts, mode, batch): examples/s against E, the
+  fastest dense way and each dispatched one, log-log."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, axes = plt.subplots(
+    1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False
+  )
+  for ax, ((kind, mode, batch), lines) in zip(axes[0], panels.items()):
+    for name, points in lines.items():
+      e, rate = zip(*points)
+      style = '--' if name == 'fastest dense' else '-'
+      ax.plot(e, rate, style, marker='o', label=name)
+    ax.set_xscale('log', base=2)
+    ax.set_yscale('log')
+    ax.set_title(f'{kind} experts, {mode}, batch {batch}')
+    ax.set_xlabel('experts E (k = 2, T = 2)')
+    ax.set_ylabel('examples/s')
+    ax.grid(True, which='both', alpha=0.3)
+  axes[0][0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 if __name__ == '__main__':

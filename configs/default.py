@@ -76,10 +76,11 @@ def get_config() -> ml_collections.ConfigDict:
   # log step); exact for adam and sgd, see steps.SparseTrainSteps.
   config.model.sparse_train = False
   # Per-example gates: compute each expert only on the examples some task
-  # weighs it for, batch by batch (steps.Dispatcher; exact). Evaluation,
-  # and training of experts without BatchNorm (the MLP experts). Off by
-  # default: on this CPU it pays only for many experts and large batches
-  # (results/benchmarks/dispatch_speed_*.md).
+  # weighs it for (steps.Dispatcher; exact, and kept only where it timed
+  # faster than the dense step). Evaluation, and training of experts
+  # without BatchNorm (the MLP experts). It needs per-example gates, so it
+  # is off here and on in the per-example recipes where it pays
+  # (configs/movielens_experts64.py; results/benchmarks/dispatch_speed_*.md).
   config.model.sparse_dispatch = False
   # Evaluate the loop's experts as one computation (models.
   # multimnist_experts_eval: BatchNorm folded into the convolutions, the

@@ -258,17 +258,30 @@ def block_rows(
   )
 
 
-def capacity_for(max_count: int, batch: int, minimum: int = 8) -> Optional[int]:
-  """The capacity bucket for a batch whose busiest expert gets
-  ``max_count`` examples: the next multiple of an eighth of the batch (at
-  least ``minimum``), so that at most eight programs are compiled; None
-  (compute densely) when that is not below the batch, where dispatch would
-  only add work."""
-  if max_count < 0 or batch < 1:
+def capacity_for(needed: int, dense: int, minimum: int = 8) -> Optional[int]:
+  """The bucket for a batch that needs ``needed`` rows (or slots, or
+  blocks) of the ``dense`` ones: the smallest of dense / 2, dense / 4, ...
+  that holds them, not below ``minimum`` unless dense / 2 is; None
+  (compute densely) when not even dense / 2 does, where dispatch saves too
+  little to pay for itself. Halves, so that few programs are compiled (a
+  compilation of the dispatched step takes seconds to tens of seconds)."""
+  if needed < 0 or dense < 1:
     raise ValueError(
-      f'capacity_for: max_count={max_count} and batch={batch} must be >= 0 '
-      'and >= 1.'
+      f'capacity_for: needed={needed} and dense={dense} must be >= 0 and >= 1.'
     )
-  step = max(minimum, batch // 8)
-  capacity = step * max(1, -(-int(max_count) // step))
-  return None if capacity >= batch else int(capacity)
+  bucket = dense // 2
+  if bucket < max(needed, 1):
+    return None
+  while bucket // 2 >= max(needed, minimum, 1):
+    bucket //= 2
+  return int(bucket)
+
+
+def fanout_bound(fanout_needed: int) -> Optional[int]:
+  """The fanout bound for a batch whose examples use at most
+  ``fanout_needed`` experts: the next power of two, or None (no bound:
+  ``combine_pairs``) past ``GATHER_FANOUT``."""
+  bound = 1
+  while bound < fanout_needed:
+    bound *= 2
+  return bound if bound <= GATHER_FANOUT else None

@@ -34,10 +34,16 @@ Array = jax.Array
 ModuleFactory = Callable[..., nn.Module]
 
 
-def _conv_valid(x: Array, kernel: Array) -> Array:
-  """nn.Conv's VALID, stride-1 convolution (NHWC, HWIO), without bias."""
+def _conv_valid(x: Array, kernel: Array, groups: int = 1) -> Array:
+  """nn.Conv's VALID, stride-1 convolution (NHWC, HWIO), without bias;
+  ``groups`` splits the channels as ``feature_group_count``."""
   return jax.lax.conv_general_dilated(
-    x, kernel, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    x,
+    kernel,
+    (1, 1),
+    'VALID',
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=groups,
   )
 
 
@@ -136,18 +142,22 @@ class MultiMNISTExpert(nn.Module):
     x: Array,
     experts: Sequence[int],
     conv_relu_pool: Optional[Callable[[Array, Array, Array], Array]] = None,
+    per_expert_inputs: bool = False,
   ) -> Array:
     """MultiMNISTExperts ``experts`` in evaluation mode, as one computation.
 
     ``variables``: an ExpertBank's (``params`` and ``batch_stats`` of
-    ``expert_<e>``); ``x`` (B, H, W, 1) -> (E', B, H_out). The function of
-    each expert with running averages, arranged for speed:
+    ``expert_<e>``); ``x`` (B, H, W, 1) -> (E', B, H_out), or with
+    ``per_expert_inputs`` (E', C, H, W, 1), row e for the e-th expert
+    (sparse dispatch) -> (E', C, H_out). The function of each expert with
+    running averages, arranged for speed:
     - each BatchNorm, an affine map in evaluation, is folded into the
       convolution before it: kernel * s, (bias - mean) * s + beta with
       s = scale / sqrt(var + EPSILON);
     - the experts' first convolutions all read the same image, so they run
       as one convolution with E' * F0 output channels, then ReLU and pooling
-      on all of them at once;
+      on all of them at once (per-expert inputs: the images of the experts
+      as E' input channels, a grouped convolution, one group per expert);
     - the rest (second convolution, pooling, the dense layers) per expert.
     ``conv_relu_pool``: None (XLA's convolutions), or a function computing
     ``max_pool_2x2(relu(conv(x, kernel) + bias))`` per group, (B, H, W, G Cg),
@@ -174,14 +184,22 @@ class MultiMNISTExpert(nn.Module):
     bias = jnp.concatenate([b for _, b in first])  # (E' F0,)
     width = first[0][0].shape[-1]  # F0
     second = [folded(e, 1) for e in experts]
+    groups = 1
+    if per_expert_inputs:  # (E', C, H, W, 1) -> (C, H, W, E').
+      groups = len(experts)
+      x = jnp.moveaxis(x[..., 0], 0, -1)
     if conv_relu_pool is None:
-      y = max_pool_2x2(nn.relu(_conv_valid(x, kernel) + bias))
+      y = max_pool_2x2(nn.relu(_conv_valid(x, kernel, groups) + bias))
       pooled = []  # E' x (B, 6, 6, F1)
       for i, (k, b) in enumerate(second):
         z = y[..., i * width : (i + 1) * width]  # (B, 16, 16, F0)
         pooled.append(max_pool_2x2(nn.relu(_conv_valid(z, k) + b)))
     else:
-      y = conv_relu_pool(x, kernel[None], bias[None])  # (B, 16, 16, E' F0)
+      y = conv_relu_pool(  # (B, 16, 16, E' F0)
+        x,
+        jnp.moveaxis(kernel.reshape(*kernel.shape[:3], groups, -1), 3, 0),
+        bias.reshape(groups, -1),
+      )
       z = conv_relu_pool(
         y, jnp.stack([k for k, _ in second]), jnp.stack([b for _, b in second])
       )  # (B, 6, 6, E' F1)
@@ -241,6 +259,19 @@ class ExpertBank(nn.Module):
       and not self.is_initializing()
     ):
       return self.expert.padded_bank(self.variables, x, tuple(active))
+    if (
+      per_expert_inputs
+      and self.fused_eval
+      and not train
+      and not self.is_initializing()
+    ):
+      return self.expert.evaluate_bank(
+        self.variables,
+        x,
+        tuple(active),
+        conv_relu_pool=self.eval_block,
+        per_expert_inputs=True,
+      )
     if per_expert_inputs:
       return jnp.stack(
         [

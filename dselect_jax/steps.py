@@ -351,9 +351,10 @@ class Dispatcher:
   routing the recent steps reported (``observe``: the busiest expert's
   examples, the largest fanout and the blocks needed, the largest over
   devices, read one step late so the host never waits for the step it
-  just started): the bucket (``dispatch.capacity_for``) of the largest of
-  the last ``window`` batches and their largest fanout; one compiled step
-  per pair of bounds, kept.
+  just started): the bucket (``dispatch.capacity_for``: a half, a
+  quarter, ... of the dense rows) of the largest of the last ``window``
+  batches and their largest fanout (``dispatch.fanout_bound``); one
+  compiled step per pair of bounds, kept.
 
   Whether dispatch pays depends on the experts and the machine (small MLP
   experts at E = 8 run faster densely on XLA:CPU, where the routing's
@@ -476,7 +477,10 @@ class Dispatcher:
     time per step is the steps' own when they are small)."""
     busiest, pairs, fanout, blocks = np.max(np.array(self._recent), axis=0)
     rows = per_device * self.model.num_experts  # Of the dense step.
-    fanout = max(int(fanout), 1)
+    # Examples read back their rows (a gather) while few experts serve
+    # each; past that (examples not yet saturated), rows are scattered.
+    fanout = dispatch.fanout_bound(int(fanout))
+    experts = f'{fanout} experts' if fanout else 'any experts'
     if self.layout == 'ragged':
       size = dispatch.capacity_for(int(self._recent[-1][1]), rows)
       bounds = None if size is None else {'dispatch_pairs': size}
@@ -487,20 +491,16 @@ class Dispatcher:
       bounds = None if size is None else {'dispatch_blocks': size}
       what = (
         f'{size} blocks of {dispatch.BLOCK} rows of {rows} expert rows per '
-        f'device, {fanout} experts per example'
+        f'device, {experts} per example'
       )
     else:
       size = dispatch.capacity_for(int(busiest), per_device)
       bounds = None if size is None else {'dispatch_capacity': size}
       what = (
         f'at most {size} of {per_device} examples per expert, '
-        f'{fanout} experts per example'
+        f'{experts} per example'
       )
     if bounds is not None and self.layout != 'ragged':
-      # Examples read back their rows (a gather) while few experts serve
-      # each; past that (examples not yet saturated), rows are scattered.
-      if fanout > dispatch.GATHER_FANOUT:
-        fanout, what = None, what.replace(f'{fanout} experts', 'any experts')
       bounds.update(dispatch_fanout=fanout, dispatch_axis_name=self.axis_name)
     if bounds != self.bounds:
       logging.info(

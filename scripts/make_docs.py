@@ -480,6 +480,54 @@ def movielens() -> list[str]:
   return lines
 
 
+def movielens_dispatch() -> list[str]:
+  """Dense against dispatched per-example gates over 64 experts
+  (results/movielens_experts64/table.json)."""
+  path = os.path.join(RESULTS, 'movielens_experts64', 'table.json')
+  if not os.path.exists(path):
+    return []
+  cells = _json(path)['cells']
+  lines = [
+    '',
+    '### Per-example gates over 64 experts, dense and dispatched',
+    '',
+    '`configs/movielens_experts64.py` (the recipe above with E = 64 '
+    'experts and per-example DSelect-k gates, k = 2), with '
+    '`model.sparse_dispatch` off and on, seeds alternating on the same '
+    'otherwise idle 2-core CPU (`results/movielens_experts64/run.sh`): '
+    'test metrics of the checkpoint chosen on the validation loss, '
+    'mean ± std over seeds, and the wall time of each run (training, '
+    'validation after every epoch, the test pass).',
+    '',
+    _row(
+      'model.sparse_dispatch',
+      'seeds',
+      'watch AUC',
+      'rating RMSE',
+      'minutes per run',
+    ),
+    _row(*['---'] * 5),
+  ]
+  for gate, dispatched in (
+    ('dselect_k_per_example', 'off'),
+    ('dselect_k_per_example_dispatch', 'on'),
+  ):
+    group = sorted(
+      (c for c in cells if c['gate'] == gate), key=lambda c: c['seed']
+    )
+    if group:
+      lines.append(
+        _row(
+          dispatched,
+          len(group),
+          _mean_std([c['auc_1'] for c in group]),
+          _mean_std([c['rmse_2'] for c in group]),
+          ', '.join(f'{c["wall_seconds"] / 60:.1f}' for c in group),
+        )
+      )
+  return lines
+
+
 def results_page() -> str:
   parts = [
     '# Results',
@@ -527,6 +575,7 @@ def results_page() -> str:
       '![accuracy per gate](../results/grid/accuracy.png)',
     ]
   parts += ['', '## Recommendation: MovieLens-100K', ''] + movielens()
+  parts += movielens_dispatch()
   plots = sorted(
     glob.glob(
       os.path.join(RESULTS, 'movielens', 'expert_weights_*dselect_k*-seed0.png')

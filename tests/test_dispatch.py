@@ -105,21 +105,31 @@ def test_a_capacity_drops_the_last_examples_from_the_mixture():
 
 
 @pytest.mark.parametrize(
-  'max_count,batch,want',
+  'needed,dense,want',
   [
-    # Multiples of an eighth of the batch (32 of 256), at least 8.
-    (0, 256, 32),
+    # Halves of the dense 256 rows, the smallest that holds the need, not
+    # below 8.
+    (0, 256, 8),
+    (3, 256, 8),
     (32, 256, 32),
     (33, 256, 64),
-    (129, 256, 160),
-    (224, 256, 224),
-    (225, 256, None),  # 256: no work saved.
-    (17, 32, 24),  # Multiples of 8 (an eighth of 32 is 4).
-    (3, 8, None),
+    (128, 256, 128),
+    (129, 256, None),  # Over half: dispatch would save too little.
+    (16, 32, 16),
+    (17, 32, None),
+    (3, 8, 4),  # Half of 8 is below the minimum, and allowed.
+    (0, 1, None),
   ],
 )
-def test_capacity_buckets(max_count, batch, want):
-  assert dispatch.capacity_for(max_count, batch) == want
+def test_capacity_buckets(needed, dense, want):
+  assert dispatch.capacity_for(needed, dense) == want
+
+
+@pytest.mark.parametrize(
+  'needed,want', [(0, 1), (1, 1), (2, 2), (3, 4), (5, 8), (8, 8), (9, None)]
+)
+def test_fanout_bounds(needed, want):
+  assert dispatch.fanout_bound(needed) == want
 
 
 def test_pairs_by_hand():
@@ -430,7 +440,7 @@ def test_the_dispatcher_keeps_dispatch_only_where_it_measured_faster(
   for the other): the Dispatcher times the dispatched step, then the dense
   one, each after an untimed first call, and then hands out the faster
   one only."""
-  categorical, dense_features = _inputs(128, seed=3)
+  categorical, dense_features = _inputs(512, seed=3)
   model = _recommender(num_experts=16)
   params = _saturate(
     model.init(jax.random.key(0), categorical, dense_features, train=False)[
@@ -440,7 +450,7 @@ def test_the_dispatcher_keeps_dispatch_only_where_it_measured_faster(
   )
   state = _State(steps.replicate(params))
   batch = jax.tree.map(
-    lambda x: x.reshape((4, 32) + x.shape[1:]),
+    lambda x: x.reshape((4, 128) + x.shape[1:]),
     {'categorical': categorical, 'dense': dense_features},
   )
   busiest, _, fanout, blocks = np.max(
@@ -449,8 +459,8 @@ def test_the_dispatcher_keeps_dispatch_only_where_it_measured_faster(
     ),
     axis=0,
   )
-  # Blocks (the recommender's MLP experts) below the dense step's 16 x 32.
-  dense_blocks = 16 * 32 // dispatch.BLOCK
+  # Blocks (the recommender's MLP experts) below the dense step's 16 x 128.
+  dense_blocks = 16 * 128 // dispatch.BLOCK
   assert dispatch.capacity_for(int(blocks), dense_blocks, 1) is not None
   ran = []
 
@@ -478,6 +488,47 @@ def test_the_dispatcher_keeps_dispatch_only_where_it_measured_faster(
   assert dispatcher.bounds['dispatch_blocks'] == dispatch.capacity_for(
     int(blocks), dense_blocks, minimum=1
   )
-  # Few experts per example: a gather; many (unsaturated): a scatter.
-  want = fanout if fanout <= dispatch.GATHER_FANOUT else None
-  assert dispatcher.bounds['dispatch_fanout'] == want
+  assert dispatcher.bounds['dispatch_fanout'] == dispatch.fanout_bound(fanout)
+
+
+def _cnn_bank_on_own_inputs(block):
+  """Three CNN experts with BatchNorm statistics of their own, each on its
+  own 4 images: the fused evaluation (``block``: XLA's convolutions or the
+  CPU kernels) against each expert module applied to its rows."""
+  bank = experts.ExpertBank(3, experts.MultiMNISTExpert)
+  images = jax.random.normal(jax.random.key(2), (3, 4, 36, 36, 1))
+  variables = flax.core.unfreeze(
+    bank.init(jax.random.key(0), images[0], train=False)
+  )
+  rng = np.random.default_rng(0)
+  for e in range(3):  # Running averages away from 0 and 1.
+    for stats in variables['batch_stats'][f'expert_{e}'].values():
+      stats['mean'] = jnp.asarray(rng.normal(size=stats['mean'].shape))
+      stats['var'] = jnp.asarray(rng.uniform(0.5, 2, stats['var'].shape))
+  fused = experts.ExpertBank(
+    3, experts.MultiMNISTExpert, fused_eval=True, eval_block=block
+  )
+  got = jax.jit(
+    functools.partial(fused.apply, train=False, per_expert_inputs=True)
+  )(variables, images)  # (E, C, H)
+  for e in range(3):
+    want = experts.MultiMNISTExpert().apply(
+      {
+        'params': variables['params'][f'expert_{e}'],
+        'batch_stats': variables['batch_stats'][f'expert_{e}'],
+      },
+      images[e],
+      train=False,
+    )
+    np.testing.assert_allclose(got[e], want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_fused_cnn_evaluation_takes_each_experts_own_inputs():
+  _cnn_bank_on_own_inputs(None)
+
+
+def test_the_cpu_kernels_take_each_experts_own_inputs(cpu_kernels_built):
+  del cpu_kernels_built  # Built, or the test is skipped.
+  from dselect_jax.cpu import kernels  # pylint: disable=g-import-not-at-top
+
+  _cnn_bank_on_own_inputs(kernels.conv_relu_pool)
