@@ -527,7 +527,12 @@ class Dispatcher:
     dense_times = self._times.setdefault(None, [])
     if len(times) > self.measure and len(dense_times) > self.measure:
       sparse, dense = np.median(times[1:]), np.median(dense_times[1:])
-      self.faster[key] = bool(sparse < dense)
+      faster = sparse < dense
+      if jax.process_count() > 1:  # Process 0 decides: one program for all.
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+        faster = multihost_utils.broadcast_one_to_all(np.asarray(faster))
+      self.faster[key] = bool(faster)
       logging.info(
         'sparse dispatch with %s: %.2fx the dense step (median of %d '
         'timed batches each): %s',
