@@ -529,6 +529,7 @@ def _invalid_values(spec, default):
   return [3]  # Text fields take strings only.
 
 
+@pytest.mark.slow  # For the 5-minute default run.
 def test_fuzz_every_field():
   """Random combinations of valid and invalid values of every field: each
   config is refused with a one-line ConfigError that names a field it

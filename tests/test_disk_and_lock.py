@@ -98,6 +98,7 @@ def _fill_before_step(monkeypatch, disk, step, leave):
   monkeypatch.setattr(batching, 'train_batches', batches)
 
 
+@pytest.mark.slow  # For the 5-minute default run.
 def test_a_disk_that_fills_up_stops_the_run_and_loses_nothing(
   tmp_path, monkeypatch
 ):

@@ -206,7 +206,9 @@ def _saturate(params, scale):
 @pytest.mark.parametrize(
   'field',
   [
-    'dispatch_capacity',
+    # The capacity layout's default tests: the four-device step, a batch
+    # past its bounds.
+    pytest.param('dispatch_capacity', marks=pytest.mark.slow),
     'dispatch_blocks',
     pytest.param('dispatch_pairs', marks=pytest.mark.slow),
   ],
@@ -523,6 +525,7 @@ def _cnn_bank_on_own_inputs(block):
     np.testing.assert_allclose(got[e], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # 6 s; the CPU kernels' variant below runs by default.
 def test_the_fused_cnn_evaluation_takes_each_experts_own_inputs():
   _cnn_bank_on_own_inputs(None)
 

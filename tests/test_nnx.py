@@ -225,6 +225,7 @@ def test_the_nnx_moe_computes_the_linen_moe_function(fields):
   )
 
 
+@pytest.mark.slow  # For the 5-minute default run.
 def test_a_train_py_checkpoint_loads_into_the_nnx_model(tmp_path):
   """A tiny run's best checkpoint, restored as eval.py restores it, loads
   into the NNX model, which then gives the restored linen model's logits;

@@ -193,6 +193,7 @@ def _restore_latest(workdir, config):
   )
 
 
+@pytest.mark.slow  # For the 5-minute default run.
 def test_interrupted_run_resumes_to_the_same_state(tmp_path, monkeypatch):
   config = helpers.tiny_config()
   whole = str(tmp_path / 'whole')
@@ -255,6 +256,7 @@ def test_eval_reproduces_the_trainers_test_metrics(sample_run):
     assert evaluated[key] == result[key], key
 
 
+@pytest.mark.slow  # For the 5-minute default run.
 def test_eval_cli_writes_results_and_plots(sample_run, tmp_path):
   workdir, result = sample_run
   out_dir = str(tmp_path / 'out')
@@ -641,6 +643,7 @@ def _largest_file(folder):
   return max(files, key=os.path.getsize)
 
 
+@pytest.mark.slow  # For the 5-minute default run.
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
   workdir = str(tmp_path / 'w')
   trainer.train_and_evaluate(
@@ -792,6 +795,7 @@ def test_sparse_eval_equals_dense_eval(shared_gate):
   np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-6)
 
 
+@pytest.mark.slow  # For the 5-minute default run.
 def test_sparse_train_step_matches_the_dense_step():
   config = helpers.tiny_config(
     **{
@@ -942,6 +946,7 @@ def test_peak_rss_is_the_kernels_high_water_mark():
   assert abs(after - status_mb('VmHWM')) < 2
 
 
+@pytest.mark.slow  # For the 5-minute default run.
 def test_a_params_only_export_evaluates_like_its_checkpoint(
   sample_run, tmp_path
 ):
@@ -970,6 +975,7 @@ def test_a_params_only_export_evaluates_like_its_checkpoint(
     assert got[key] == result[key], key
 
 
+@pytest.mark.slow  # For the 5-minute default run.
 def test_per_class_script_agrees_with_the_evaluator(sample_run):
   """scripts/per_class.py predicts on its own (jit of model.apply, argmax);
   its accuracy must be the evaluator's for the same checkpoint, its class
