@@ -266,6 +266,7 @@ def test_auto_falls_back_to_xla_without_the_kernels(monkeypatch):
   assert factory.conv_impl(config) == 'kernel'
 
 
+@pytest.mark.slow  # For the 5-minute default run.
 def test_a_truncated_library_is_rebuilt(
   cpu_kernels_built, monkeypatch, tmp_path
 ):

@@ -154,6 +154,7 @@ def test_a_disk_too_full_to_start_says_so_before_training(
     assert not os.path.exists(os.path.join(workdir, 'checkpoints', '0'))
 
 
+@pytest.mark.slow  # For the 5-minute default run.
 def test_a_write_that_fails_for_lack_of_space_keeps_the_complete_ones(
   tmp_path, monkeypatch
 ):

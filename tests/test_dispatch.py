@@ -338,6 +338,7 @@ def test_dispatched_cnn_experts_equal_the_dense_ones_in_evaluation():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # For the 5-minute default run.
 def test_the_dispatched_step_on_four_devices_equals_the_dense_step():
   """steps.train_step with the dispatched model as ``model``, mapped over
   the 4 fake devices: the same parameters as the dense step."""

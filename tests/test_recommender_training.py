@@ -224,6 +224,7 @@ def test_classification_kind_by_hand():
   )
 
 
+@pytest.mark.slow  # For the 5-minute default run.
 def test_the_evaluator_scores_every_example_once(movielens_dir):
   config = tiny_config(movielens_dir)
   dataset = datasets.resolve(config.data)

@@ -615,6 +615,7 @@ def test_second_process_on_a_workdir_is_refused(tmp_path):
   assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
 
 
+@pytest.mark.slow  # For the 5-minute default run.
 def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path, monkeypatch):
   import signal  # pylint: disable=g-import-not-at-top
 
