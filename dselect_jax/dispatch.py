@@ -160,9 +160,8 @@ def combine(
 
   Each example reads back its own rows: the (at most ``fanout_bound``)
   experts it was routed to, at the row it took in each, and sums them
-  with its tasks' weights. A gather, not a scatter-add over the rows: on
-  XLA:CPU the scatter and its gradient cost more than the experts
-  themselves (``benchmarks/dispatch_speed.py``).
+  with its tasks' weights. A gather, not a scatter-add over the rows
+  (``combine_pairs``): on XLA:CPU the scatter's gradient is the slower.
 
   Args:
     outputs: (M, H), the experts' outputs on their rows, flat
@@ -208,7 +207,7 @@ def block_counts(mask: Array, block: int) -> Array:
 
 def block_rows(
   mask: Array, num_blocks: int, block: int
-) -> tuple[Array, Array, Array, Array]:
+) -> tuple[Array, Array, Array, Array, Array]:
   """The routed examples in blocks of ``block`` rows, each block one
   expert's: the experts' segments one after another, in expert order, each
   padded to whole blocks, so the rows cost what the routed pairs cost
