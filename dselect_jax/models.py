@@ -148,11 +148,7 @@ class MultiTaskMoE(nn.Module):
   dispatch_pairs: Optional[int] = None
 
   def __post_init__(self):
-    layouts = [
-      name
-      for name in ('dispatch_capacity', 'dispatch_blocks', 'dispatch_pairs')
-      if getattr(self, name) is not None
-    ]
+    layouts = self._dispatch_layouts
     for name in layouts:
       check_int(self, name, 1)
     if len(layouts) > 1:
@@ -209,6 +205,15 @@ class MultiTaskMoE(nn.Module):
   def per_example(self) -> bool:
     return bool(self.gate_kwargs.get('per_example', False))
 
+  @property
+  def _dispatch_layouts(self) -> list[str]:
+    """The dispatch fields set (one at most, once validated)."""
+    return [
+      name
+      for name in ('dispatch_capacity', 'dispatch_blocks', 'dispatch_pairs')
+      if getattr(self, name) is not None
+    ]
+
   @nn.compact
   def __call__(self, x: Array, *, train: bool):
     check_batch(x, 'MultiTaskMoE')  # Each expert checks its own input shape.
@@ -223,10 +228,7 @@ class MultiTaskMoE(nn.Module):
       **self.bank_kwargs,
       name='experts',
     )
-    dispatched = any(
-      getattr(self, name) is not None
-      for name in ('dispatch_capacity', 'dispatch_blocks', 'dispatch_pairs')
-    )
+    dispatched = bool(self._dispatch_layouts)
     if dispatched:  # The gates first: they decide what the experts compute.
       experts = None
       routing = x.reshape(x.shape[0], -1)  # (B, D)

@@ -405,7 +405,6 @@ class Dispatcher:
         'MLP experts in the loop bank; use "auto".'
       )
     self.layout = layout
-    self.window = window
     self.probe_every = probe_every
     # (busiest, pairs, fanout, blocks); pairs only from the gates-only pass.
     self._recent = collections.deque(maxlen=window)
