@@ -193,6 +193,7 @@ def _contenders(kind: str, num_experts: int, batch: int, mode: str):
       layout,
       axis_name=None,
       measure=measure,
+      compile_ahead=False,  # Its programs compile in the warm-up calls.
     )
     state = _State(jax.tree.map(lambda v: v[None], variables['params']))
     device_batch = {'image': x[None]}  # One device.

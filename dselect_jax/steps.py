@@ -19,6 +19,7 @@ Shapes: B batch (per device), T tasks, C classes, E experts.
 from __future__ import annotations
 
 import collections
+from concurrent import futures
 import functools
 import time
 from typing import Optional
@@ -353,8 +354,23 @@ class Dispatcher:
   devices, read one step late so the host never waits for the step it
   just started): the bucket (``dispatch.capacity_for``: a half, a
   quarter, ... of the dense rows) of the largest of the last ``window``
-  batches and their largest fanout (``dispatch.fanout_bound``); one
-  compiled step per pair of bounds, kept.
+  batches and their largest fanout (``dispatch.fanout_bound``). So the
+  bounds loosen at the first batch past them and tighten only once
+  ``window`` batches in a row fit tighter ones: fewer programs, and few
+  batches that fall back. One compiled step per pair of bounds, kept.
+
+  Each program holds the dense fallback too, and takes as long to compile
+  as the dense step. With ``compile_ahead`` a new pair of bounds' program
+  compiles in a thread (``jit(...).lower(...).compile()`` on the step's
+  argument shapes, which fills the jitted step's cache) while the steps
+  already compiled go on: the tightest of them whose bounds hold the new
+  ones (and that was measured faster), else the dense step. While the
+  gates saturate, the load falls from one look to the next, and the
+  bounds of a passing load would compile for nothing: new bounds compile
+  once the load stops falling (bounds that hold the last look's). With
+  several processes every process must run the same program at each
+  step, so there they compile in the foreground, at the first batch that
+  needs them.
 
   Whether dispatch pays depends on the experts and the machine (small MLP
   experts at E = 8 run faster densely on XLA:CPU, where the routing's
@@ -383,13 +399,17 @@ class Dispatcher:
     model,
     make_step,
     layout: str = 'auto',
-    window: int = 8,
+    window: int = 32,
     probe_every: int = 50,
     axis_name: Optional[str] = AXIS,
     measure: int = 3,
+    compile_ahead: bool = True,
   ):
     self.model = model
     self.measure = measure
+    self.compile_ahead = compile_ahead and jax.process_count() == 1
+    self._compiler = None  # One thread compiling ahead, made when needed.
+    self._compiling = {}  # Bounds -> (their step, its compilation Future).
     self.faster = {}  # Bounds -> whether the dispatched step beat dense.
     self._times = {}  # Bounds (None: dense) -> seconds per timed batch.
     self.axis_name = axis_name  # The steps' mapped axis (None: unmapped).
@@ -414,6 +434,7 @@ class Dispatcher:
     self._observed = 0  # Loads appended to _recent so far.
     self._seen = None  # The loads and batch the bounds were decided for.
     self._key, self._what = None, ''
+    self._settled = False  # Whether the load stopped falling (_decide).
     self.bounds = 'unset'  # The last batch's: a dict of the model's fields.
     self.dispatched = 0  # Batches that ran on the routed examples only,
     self.fallbacks = 0  # and those that did not fit and ran densely.
@@ -449,8 +470,9 @@ class Dispatcher:
     self._observed += 1
     self._since_probe = 0
 
-  def __call__(self, state, batch):
-    """The compiled step for this batch."""
+  def __call__(self, state, batch, *rest):
+    """The compiled step for this batch: the step's arguments, state and
+    batch first."""
     self.read_reports(keep=1)
     self._since_probe += 1
     if (
@@ -464,12 +486,69 @@ class Dispatcher:
       self._seen = (self._observed, per_device)
       self._decide(per_device)
     key = self._key
+    if key is not None and not self._ready(key, (state, batch, *rest)):
+      key = self._stand_in(key)
     if key is not None and self.measure:
       if key not in self.faster:
         return self._measuring(key)
       if not self.faster[key]:
         key = None  # Measured slower than the dense step here.
     return self._step(key)
+
+  def wait(self) -> None:
+    """Waits for the programs compiling ahead (raising what failed)."""
+    for _, future in self._compiling.values():
+      future.result()
+
+  def _ready(self, key, args) -> bool:
+    """Whether ``key``'s program is compiled; when not, it starts
+    compiling, in a thread (one at a time) with ``compile_ahead``."""
+    if not self.compile_ahead or key in self._steps:
+      return True
+    if key in self._compiling:
+      step, future = self._compiling[key]
+      if not future.done():
+        return False
+      future.result()  # Raises what the compilation raised.
+      self._steps[key] = step
+      del self._compiling[key]
+      return True
+    if any(not f.done() for _, f in self._compiling.values()):
+      return False  # One at a time: this one later.
+    if not self._settled:  # The load fell since the last look: wait.
+      return False
+    step = self._make_step(self.model.clone(**dict(key)))
+    shapes = jax.tree.map(_shape_of, args)
+    if self._compiler is None:
+      self._compiler = futures.ThreadPoolExecutor(
+        1, thread_name_prefix='dispatch-compile'
+      )
+    what, start = self._what, time.perf_counter()
+
+    def compile_step():
+      step.lower(*shapes).compile()
+      logging.info(
+        'sparse dispatch: compiled %s in %.0f s, ahead of its use',
+        what,
+        time.perf_counter() - start,
+      )
+
+    self._compiling[key] = (step, self._compiler.submit(compile_step))
+    return False
+
+  def _stand_in(self, key):
+    """While ``key``'s program compiles: the tightest program compiled
+    whose bounds hold ``key``'s (and that was measured faster, if
+    measured), else None (dense)."""
+    bounds = dict(key)
+    covering = [
+      have
+      for have in self._steps
+      if have is not None
+      and self.faster.get(have, not self.measure)
+      and _covers(dict(have), bounds)
+    ]
+    return min(covering, key=_looseness, default=None)
 
   def _decide(self, per_device: int) -> None:
     """The bounds for the recent loads (only when they changed: the host's
@@ -509,7 +588,11 @@ class Dispatcher:
       )
       self.bounds = bounds
       self._what = what
-    self._key = None if bounds is None else tuple(sorted(bounds.items()))
+    key = None if bounds is None else tuple(sorted(bounds.items()))
+    previous, self._key = self._key, key
+    self._settled = None not in (key, previous) and _covers(
+      dict(key), dict(previous)
+    )
 
   def _step(self, key):
     self._ran = key
@@ -551,6 +634,51 @@ class Dispatcher:
       return out
 
     return run
+
+
+def _shape_of(x):
+  """A step argument's shape, dtype and (for a device array placed by a
+  step or ``replicate``) placement, to compile for without holding on to
+  the array (it may be donated). An array not committed to its device
+  (a key made on the host's default device) compiles as a host array:
+  with its placement, pmap's cache would miss it at the call."""
+  committed = getattr(x, 'committed', False)
+  return jax.ShapeDtypeStruct(
+    np.shape(x),
+    x.dtype,
+    sharding=x.sharding if committed else None,
+    weak_type=getattr(x, 'weak_type', False),
+  )
+
+
+def _looseness(key) -> tuple[int, bool]:
+  """A dispatched step's bounds, to order them: its rows (blocks, slots
+  per expert or pairs), then whether its fanout is unbounded."""
+  bounds = dict(key)
+  size = next(
+    bounds[name]
+    for name in ('dispatch_blocks', 'dispatch_capacity', 'dispatch_pairs')
+    if bounds.get(name) is not None
+  )
+  return size, bounds.get('dispatch_fanout') is None
+
+
+def _covers(have: dict, need: dict) -> bool:
+  """Whether a dispatched step with bounds ``have`` runs any batch that fits
+  ``need`` (same layout): sizes at least as large, a fanout at least as
+  large (None: any), the same axis."""
+  if have.keys() != need.keys():
+    return False
+  for name, value in need.items():
+    if name == 'dispatch_axis_name':
+      fits = have[name] == value
+    elif have[name] is None or value is None:  # An unbounded fanout.
+      fits = have[name] is None
+    else:
+      fits = have[name] >= value
+    if not fits:
+      return False
+  return True
 
 
 class SparseTrainSteps:
@@ -597,7 +725,7 @@ class SparseTrainSteps:
     )
 
   def _dispatched(self, state, batch, rng):
-    state, metrics = self.dispatcher(state, batch)(state, batch, rng)
+    state, metrics = self.dispatcher(state, batch, rng)(state, batch, rng)
     self.dispatcher.observe(
       {name: metrics.pop(name) for name in DISPATCH_REPORT if name in metrics}
     )

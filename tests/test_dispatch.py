@@ -4,6 +4,7 @@ MLP experts in training, CNN experts in evaluation, on one device and on
 four)."""
 
 import functools
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -435,14 +436,9 @@ class _State(NamedTuple):
   params: Any  # What steps.routing_load reads.
 
 
-@pytest.mark.parametrize('dispatch_faster', [True, False])
-def test_the_dispatcher_keeps_dispatch_only_where_it_measured_faster(
-  dispatch_faster,
-):
-  """Steps that sleep instead of computing (1 ms for the faster way, 8 ms
-  for the other): the Dispatcher times the dispatched step, then the dense
-  one, each after an untimed first call, and then hands out the faster
-  one only."""
+def _saturated_routing():
+  """A 16-expert recommender's saturated gates on 4 devices' batches of
+  128, with their routing load: busiest expert, fanout, blocks."""
   categorical, dense_features = _inputs(512, seed=3)
   model = _recommender(num_experts=16)
   params = _saturate(
@@ -462,9 +458,32 @@ def test_the_dispatcher_keeps_dispatch_only_where_it_measured_faster(
     ),
     axis=0,
   )
-  # Blocks (the recommender's MLP experts) below the dense step's 16 x 128.
-  dense_blocks = 16 * 128 // dispatch.BLOCK
-  assert dispatch.capacity_for(int(blocks), dense_blocks, 1) is not None
+  return model, state, batch, (int(busiest), int(fanout), int(blocks))
+
+
+# Blocks (the recommender's MLP experts) of the dense step's 16 x 128 rows.
+_DENSE_BLOCKS = 16 * 128 // dispatch.BLOCK
+
+
+def _report(busiest, fanout, blocks):
+  """A dispatched step's report on 4 devices: its load, no fallback."""
+  return {
+    'dispatch_load': np.array([[busiest, fanout, blocks]] * 4),
+    'dispatch_dense': np.zeros(4, bool),
+  }
+
+
+@pytest.mark.parametrize('dispatch_faster', [True, False])
+def test_the_dispatcher_keeps_dispatch_only_where_it_measured_faster(
+  dispatch_faster,
+):
+  """Steps that sleep instead of computing (1 ms for the faster way, 8 ms
+  for the other): the Dispatcher times the dispatched step, then the dense
+  one, each after an untimed first call, and then hands out the faster
+  one only."""
+  model, state, batch, load = _saturated_routing()
+  busiest, fanout, blocks = load
+  assert dispatch.capacity_for(blocks, _DENSE_BLOCKS, 1) is not None
   ran = []
 
   def make_step(model):
@@ -473,14 +492,13 @@ def test_the_dispatcher_keeps_dispatch_only_where_it_measured_faster(
     def step():
       time.sleep(0.001 if dispatched == dispatch_faster else 0.008)
       ran.append(dispatched)
-      if not dispatched:
-        return {}
-      load = np.array([[busiest, fanout, blocks]] * 4)
-      return {'dispatch_load': load, 'dispatch_dense': np.zeros(4, bool)}
+      return _report(*load) if dispatched else {}
 
     return step
 
-  dispatcher = steps.Dispatcher(model, make_step, measure=2)
+  dispatcher = steps.Dispatcher(
+    model, make_step, measure=2, compile_ahead=False
+  )
   for _ in range(10):
     dispatcher.observe(dispatcher(state, batch)())
   # 3 dispatched batches and 3 dense ones (the first of each untimed), then
@@ -489,9 +507,78 @@ def test_the_dispatcher_keeps_dispatch_only_where_it_measured_faster(
   assert ran[6:] == [dispatch_faster] * 4
   assert list(dispatcher.faster.values()) == [dispatch_faster]
   assert dispatcher.bounds['dispatch_blocks'] == dispatch.capacity_for(
-    int(blocks), dense_blocks, minimum=1
+    blocks, _DENSE_BLOCKS, minimum=1
   )
   assert dispatcher.bounds['dispatch_fanout'] == dispatch.fanout_bound(fanout)
+
+
+def test_the_dispatcher_compiles_new_bounds_ahead_while_others_run():
+  """Steps whose compilation waits for the test's go: while a pair of
+  bounds compiles (in the Dispatcher's thread, for the shapes of the
+  batch's arguments) the dense step runs, or, once one was compiled, the
+  tightest compiled bounds that hold the new ones; the new program takes
+  over once compiled."""
+  model, state, batch, (busiest, fanout, blocks) = _saturated_routing()
+  first = dispatch.capacity_for(blocks, _DENSE_BLOCKS, minimum=1)
+  assert first is not None and first >= 2
+  ran, made, lowered, go = [], [], [], {}
+  load = [busiest, fanout, blocks]  # What the dispatched steps report.
+
+  class Step:
+    def __init__(self, bound):
+      self.bound = bound  # dispatch_blocks (None: dense).
+
+    def __call__(self):
+      ran.append(self.bound)
+      return {} if self.bound is None else _report(*load)
+
+    def lower(self, *shapes):
+      lowered.append(shapes)
+      return self
+
+    def compile(self):
+      go[self.bound].wait()
+
+  def make_step(model):  # Called as the compilation starts.
+    made.append(model.dispatch_blocks)
+    go.setdefault(model.dispatch_blocks, threading.Event())
+    return Step(model.dispatch_blocks)
+
+  dispatcher = steps.Dispatcher(
+    model, make_step, window=1, probe_every=1, measure=0
+  )
+  rng = jax.random.key(0)
+
+  def run(times):
+    for _ in range(times):
+      dispatcher.observe(dispatcher(state, batch, rng)())
+
+  run(1)  # Bounds seen once compile nothing,
+  assert ran == [None] and first not in made
+  run(1)  # and seen again, they compile; meanwhile the dense step runs.
+  assert ran == [None] * 2 and made.count(first) == 1
+  go[first].set()
+  dispatcher.wait()
+  (shapes,) = lowered  # For the step's arguments' shapes and dtypes.
+  assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == jax.tree.map(
+    lambda x: (x.shape, x.dtype), (state, batch, rng)
+  )
+  run(2)
+  assert ran[2:] == [first] * 2
+  # Fewer blocks (reports read one step late): the first bounds run on
+  # while the tighter ones are seen once, then twice and compiling.
+  load[2] = dispatch.BLOCK
+  run(3)
+  tighter = dispatch.capacity_for(dispatch.BLOCK, _DENSE_BLOCKS, minimum=1)
+  assert dispatcher.bounds['dispatch_blocks'] == tighter < first
+  assert tighter not in made
+  run(1)
+  assert made.count(tighter) == 1
+  assert ran[4:] == [first] * 4
+  go[tighter].set()
+  dispatcher.wait()
+  run(1)
+  assert ran[-1] == tighter
 
 
 def _cnn_bank_on_own_inputs(block):

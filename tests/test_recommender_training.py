@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -346,6 +347,35 @@ def test_image_only_fields_are_refused_for_movielens(
   assert 'leave it at' in str(e.value)
 
 
+def _assert_compiled_ahead(model, config, state, dataset, rng):
+  """The Dispatcher compiles new bounds in its thread for the shapes of
+  the step's arguments (weak types and placements too): running the
+  compiled step then compiles nothing more."""
+  train_steps = steps.SparseTrainSteps(model, config, KINDS)
+  dispatcher = train_steps.dispatcher
+  dispatcher.probe_every = 1  # A look at every dense batch.
+  run_state = steps.replicate(state)
+  batch = next(batching.train_batches(dataset.train, 128, 4, seed=0))
+  for _ in range(2):  # The same load twice: its bounds compile, in a thread.
+    run_state, _ = train_steps(run_state, 0)(run_state, batch, rng)
+  dispatcher.wait()
+  compiled = []  # The threads that compiled an XLA program since.
+
+  def on_compile(event, *_, **__):
+    if event == '/jax/core/compile/backend_compile_duration':  # XLA's.
+      compiled.append(threading.current_thread().name)
+
+  jax.monitoring.register_event_duration_secs_listener(on_compile)
+  try:
+    run_state, _ = train_steps(run_state, 0)(run_state, batch, rng)
+    jax.block_until_ready(run_state)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_compile)
+  dispatcher.read_reports()
+  assert dispatcher.dispatched == 1
+  assert compiled == []
+
+
 @pytest.mark.slow  # 18 s; tests/test_dispatch.py covers the parts by default.
 def test_sparse_dispatch_trains_and_evaluates_as_the_dense_model(movielens_dir):
   """Per-example DSelect-k gates, saturated (bit logits scaled far outside
@@ -384,6 +414,8 @@ def test_sparse_dispatch_trains_and_evaluates_as_the_dense_model(movielens_dir):
   for run_config in (config, dense_config):
     train_steps = steps.SparseTrainSteps(model, run_config, KINDS)
     assert (train_steps.dispatcher is not None) == (run_config is config)
+    if run_config is config:  # Compiled at the batch that needs it.
+      train_steps.dispatcher.compile_ahead = False
     run_state = steps.replicate(state)
     batches = batching.train_batches(dataset.train, 128, 4, seed=0)
     for _ in range(3):
@@ -400,6 +432,7 @@ def test_sparse_dispatch_trains_and_evaluates_as_the_dense_model(movielens_dir):
       assert dispatcher.dispatched >= 1
       assert dispatcher.dispatched + dispatcher.fallbacks == 3
     finals.append(run_state)
+  _assert_compiled_ahead(model, config, state, dataset, rng)
   jax.tree.map(
     functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
     jax.device_get(finals[0].params),
@@ -409,6 +442,7 @@ def test_sparse_dispatch_trains_and_evaluates_as_the_dense_model(movielens_dir):
   sparse_eval = evaluate.make_evaluator(config, model, dataset.spec)
   dense_eval = evaluate.make_evaluator(dense_config, model, dataset.spec)
   assert dense_eval.dispatcher is None
+  sparse_eval.dispatcher.compile_ahead = False
   got = sparse_eval(finals[0], dataset.test, config.eval_batch_size)
   want = dense_eval(finals[0], dataset.test, config.eval_batch_size)
   sparse_eval.dispatcher.read_reports()
