@@ -40,6 +40,9 @@ AXIS = 'batch'
 LAYOUTS = ('capacity', 'blocks', 'ragged')
 # What a dispatched model reports of its routing (``dispatch_report``).
 DISPATCH_REPORT = ('dispatch_load', 'dispatch_dense')
+# The Dispatcher compiles new bounds once the load stops falling: at
+# least this fraction of the last look's.
+SETTLED = 0.9
 
 
 # Aux terms with a loss weight; other aux entries are diagnostics.
@@ -367,7 +370,8 @@ class Dispatcher:
   ones (and that was measured faster), else the dense step. While the
   gates saturate, the load falls from one look to the next, and the
   bounds of a passing load would compile for nothing: new bounds compile
-  once the load stops falling (bounds that hold the last look's). With
+  once the load stops falling (bounds that hold the last look's, and a
+  load at least ``SETTLED`` of the last look's). With
   several processes every process must run the same program at each
   step, so there they compile in the foreground, at the first batch that
   needs them.
@@ -435,6 +439,7 @@ class Dispatcher:
     self._seen = None  # The loads and batch the bounds were decided for.
     self._key, self._what = None, ''
     self._settled = False  # Whether the load stopped falling (_decide).
+    self._needed = 0  # The rows, blocks or slots the last look needed.
     self.bounds = 'unset'  # The last batch's: a dict of the model's fields.
     self.dispatched = 0  # Batches that ran on the routed examples only,
     self.fallbacks = 0  # and those that did not fit and ran densely.
@@ -560,19 +565,21 @@ class Dispatcher:
     fanout = dispatch.fanout_bound(int(fanout))
     experts = f'{fanout} experts' if fanout else 'any experts'
     if self.layout == 'ragged':
-      size = dispatch.capacity_for(int(self._recent[-1][1]), rows)
+      needed = int(self._recent[-1][1])
+      size = dispatch.capacity_for(needed, rows)
       bounds = None if size is None else {'dispatch_pairs': size}
       what = f'{size} of {rows} expert rows per device'
     elif self.layout == 'blocks':
-      dense_blocks = -(-rows // dispatch.BLOCK)
-      size = dispatch.capacity_for(int(blocks), dense_blocks, minimum=1)
+      dense_blocks, needed = -(-rows // dispatch.BLOCK), int(blocks)
+      size = dispatch.capacity_for(needed, dense_blocks, minimum=1)
       bounds = None if size is None else {'dispatch_blocks': size}
       what = (
         f'{size} blocks of {dispatch.BLOCK} rows of {rows} expert rows per '
         f'device, {experts} per example'
       )
     else:
-      size = dispatch.capacity_for(int(busiest), per_device)
+      needed = int(busiest)
+      size = dispatch.capacity_for(needed, per_device)
       bounds = None if size is None else {'dispatch_capacity': size}
       what = (
         f'at most {size} of {per_device} examples per expert, '
@@ -590,8 +597,12 @@ class Dispatcher:
       self._what = what
     key = None if bounds is None else tuple(sorted(bounds.items()))
     previous, self._key = self._key, key
-    self._settled = None not in (key, previous) and _covers(
-      dict(key), dict(previous)
+    falling = needed < SETTLED * self._needed
+    self._needed = needed
+    self._settled = (
+      None not in (key, previous)
+      and _covers(dict(key), dict(previous))
+      and not falling
     )
 
   def _step(self, key):

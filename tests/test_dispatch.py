@@ -565,16 +565,23 @@ def test_the_dispatcher_compiles_new_bounds_ahead_while_others_run():
   )
   run(2)
   assert ran[2:] == [first] * 2
-  # Fewer blocks (reports read one step late): the first bounds run on
-  # while the tighter ones are seen once, then twice and compiling.
-  load[2] = dispatch.BLOCK
-  run(3)
-  tighter = dispatch.capacity_for(dispatch.BLOCK, _DENSE_BLOCKS, minimum=1)
-  assert dispatcher.bounds['dispatch_blocks'] == tighter < first
-  assert tighter not in made
-  run(1)
-  assert made.count(tighter) == 1
-  assert ran[4:] == [first] * 4
+  # Fewer blocks, falling from batch to batch, then steady: the first
+  # bounds run on, and tighter ones compile only once the load stops
+  # falling (reports are read one step late: two calls behind).
+  tighter = dispatch.capacity_for(12, _DENSE_BLOCKS, minimum=1)
+  looser = dispatch.capacity_for(24, _DENSE_BLOCKS, minimum=1)
+  assert tighter == dispatch.capacity_for(16, _DENSE_BLOCKS, minimum=1)
+  assert tighter < looser < first
+  bounds, compiling = [], []
+  for needed in (24, 16, 12, 12, 12, 12):
+    load[2] = needed
+    run(1)
+    bounds.append(dispatcher.bounds['dispatch_blocks'])
+    compiling.append(made.count(tighter))
+  assert bounds == [first, first, looser, tighter, tighter, tighter]
+  # Passing: 24 blocks, then 16, then 12 (a tenth below), then 12 again.
+  assert compiling == [0, 0, 0, 0, 0, 1] and looser not in made
+  assert ran[4:] == [first] * 6
   go[tighter].set()
   dispatcher.wait()
   run(1)
