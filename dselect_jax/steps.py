@@ -505,6 +505,15 @@ class Dispatcher:
     for _, future in self._compiling.values():
       future.result()
 
+  def close(self) -> None:
+    """Waits for the program compiling ahead, if any, and ends the thread:
+    a finished run leaves nothing running (its time counts in the run's,
+    and the next run in the process has the CPU to itself)."""
+    if self._compiler is not None:
+      self._compiler.shutdown(wait=True)
+      self._compiler = None
+    self._compiling.clear()
+
   def _ready(self, key, args) -> bool:
     """Whether ``key``'s program is compiled; when not, it starts
     compiling, in a thread (one at a time) with ``compile_ahead``."""

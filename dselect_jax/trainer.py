@@ -237,6 +237,9 @@ def _train_and_evaluate(config, dataset, workdir, is_chief):
     )
   finally:
     writer.close()
+    for dispatcher in (train_steps.dispatcher, evaluator.dispatcher):
+      if dispatcher is not None:  # Its compilation ahead, if any, ends.
+        dispatcher.close()
 
 
 # ---------------------------------------------------------------------------
