@@ -497,7 +497,8 @@ def movielens_dispatch() -> list[str]:
     'otherwise idle 2-core CPU (`results/movielens_experts64/run.sh`): '
     'test metrics of the checkpoint chosen on the validation loss, '
     'mean ± std over seeds, and the wall time of each run (training, '
-    'validation after every epoch, the test pass).',
+    'validation after every epoch, the test pass); code at '
+    f'{_code("movielens_experts64")}.',
     '',
     _row(
       'model.sparse_dispatch',
