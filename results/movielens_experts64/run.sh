@@ -9,6 +9,9 @@
 # with nothing else running on the machine.
 #
 # DATA is a folder holding movielens/ (see results/movielens/run.sh).
+# grid.py skips the cells already in $out/cells: to run again, remove
+# them first (run_info.json then records the tree as dirty by those
+# removed result files; the code is its commit's).
 # Run from the repository root:
 #   bash results/movielens_experts64/run.sh DATA > results/movielens_experts64/run.log 2>&1
 set -euo pipefail
