@@ -357,10 +357,11 @@ class Dispatcher:
   devices, read one step late so the host never waits for the step it
   just started): the bucket (``dispatch.capacity_for``: a half, a
   quarter, ... of the dense rows) of the largest of the last ``window``
-  batches and their largest fanout (``dispatch.fanout_bound``). So the
-  bounds loosen at the first batch past them and tighten only once
-  ``window`` batches in a row fit tighter ones: fewer programs, and few
-  batches that fall back. One compiled step per pair of bounds, kept.
+  batches, and the largest fanout of the last ``8 * window``
+  (``dispatch.fanout_bound``). So the bounds loosen at the first batch
+  past them and tighten only once that many batches in a row fit tighter
+  ones: fewer programs, and few batches that fall back. One compiled step
+  per pair of bounds, kept.
 
   Each program holds the dense fallback too, and takes as long to compile
   as the dense step. With ``compile_ahead`` a new pair of bounds' program
@@ -371,10 +372,9 @@ class Dispatcher:
   gates saturate, the load falls from one look to the next, and the
   bounds of a passing load would compile for nothing: new bounds compile
   once the load stops falling (bounds that hold the last look's, and a
-  load at least ``SETTLED`` of the last look's). With
-  several processes every process must run the same program at each
-  step, so there they compile in the foreground, at the first batch that
-  needs them.
+  load at least ``SETTLED`` of the last look's). With several processes
+  every process must run the same program at each step, so there they
+  compile in the foreground, at the first batch that needs them.
 
   Whether dispatch pays depends on the experts and the machine (small MLP
   experts at E = 8 run faster densely on XLA:CPU, where the routing's
@@ -415,7 +415,9 @@ class Dispatcher:
     self._compiler = None  # One thread compiling ahead, made when needed.
     self._compiling = {}  # Bounds -> (their step, its compilation Future).
     self.faster = {}  # Bounds -> whether the dispatched step beat dense.
-    self._times = {}  # Bounds (None: dense) -> seconds per timed batch.
+    # Bounds (and ('dense', bounds): the dense step timed beside them) ->
+    # seconds per timed batch.
+    self._times = {}
     self.axis_name = axis_name  # The steps' mapped axis (None: unmapped).
     self._make_step = make_step
     self._steps = {}
@@ -432,10 +434,14 @@ class Dispatcher:
     self.probe_every = probe_every
     # (busiest, pairs, fanout, blocks); pairs only from the gates-only pass.
     self._recent = collections.deque(maxlen=window)
+    # The fanouts of the last 8 windows: a bound on them saves little (a
+    # gather instead of a scatter-add) and a few examples not yet
+    # saturated keep coming back, so it tightens only slowly.
+    self._fanouts = collections.deque(maxlen=8 * window)
     self._pending = collections.deque()  # Reports not read yet.
     self._since_probe = 0
     self._ran = None  # The bounds of the last step handed out (None: dense).
-    self._observed = 0  # Loads appended to _recent so far.
+    self._observed = 0  # Loads looked at so far (_look).
     self._seen = None  # The loads and batch the bounds were decided for.
     self._key, self._what = None, ''
     self._settled = False  # Whether the load stopped falling (_decide).
@@ -456,8 +462,7 @@ class Dispatcher:
       # Every device holds the same (pmax) report: device 0's.
       report = jax.tree.map(lambda x: np.asarray(x)[0], self._pending.popleft())
       busiest, fanout, blocks = (int(v) for v in report['dispatch_load'])
-      self._recent.append((busiest, 0, fanout, blocks))
-      self._observed += 1
+      self._look((busiest, 0, fanout, blocks))
       self.fallbacks += int(report['dispatch_dense'])
       self.dispatched += 1 - int(report['dispatch_dense'])
 
@@ -466,14 +471,20 @@ class Dispatcher:
     process."""
     if self._ran is None:  # The dense steps report nothing: this alone.
       self._recent.clear()
+      self._fanouts.clear()
     load = np.max(np.asarray(self._load(state, batch)), axis=0)  # (4,)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
       load = np.max(multihost_utils.process_allgather(load), axis=0)
-    self._recent.append(tuple(int(v) for v in load))
-    self._observed += 1
+    self._look(tuple(int(v) for v in load))
     self._since_probe = 0
+
+  def _look(self, load: tuple[int, int, int, int]) -> None:
+    """A batch's (busiest, pairs, fanout, blocks) among the recent ones."""
+    self._recent.append(load)
+    self._fanouts.append(load[2])
+    self._observed += 1
 
   def __call__(self, state, batch, *rest):
     """The compiled step for this batch: the step's arguments, state and
@@ -567,7 +578,8 @@ class Dispatcher:
   def _decide(self, per_device: int) -> None:
     """The bounds for the recent loads (only when they changed: the host's
     time per step is the steps' own when they are small)."""
-    busiest, pairs, fanout, blocks = np.max(np.array(self._recent), axis=0)
+    busiest, _, _, blocks = np.max(np.array(self._recent), axis=0)
+    fanout = max(self._fanouts)
     rows = per_device * self.model.num_experts  # Of the dense step.
     # Examples read back their rows (a gather) while few experts serve
     # each; past that (examples not yet saturated), rows are scattered.
@@ -623,10 +635,11 @@ class Dispatcher:
 
   def _measuring(self, key):
     """The next step to time for ``key``'s bounds: ``measure`` of the
-    dispatched step, then (once per Dispatcher) of the dense one, each
-    after an untimed first call (it compiles); then the decision."""
+    dispatched step, then of the dense one right after (the machine
+    alike for both: a compilation ahead may be running), each after an
+    untimed first call; then the decision."""
     times = self._times.setdefault(key, [])
-    dense_times = self._times.setdefault(None, [])
+    dense_times = self._times.setdefault(('dense', key), [])
     if len(times) > self.measure and len(dense_times) > self.measure:
       sparse, dense = np.median(times[1:]), np.median(dense_times[1:])
       faster = sparse < dense
@@ -644,8 +657,10 @@ class Dispatcher:
         'dispatched' if self.faster[key] else 'dense',
       )
       return self._step(key if self.faster[key] else None)
-    timed = key if len(times) <= self.measure else None
-    step, record = self._step(timed), self._times[timed]
+    if len(times) <= self.measure:
+      step, record = self._step(key), times
+    else:
+      step, record = self._step(None), dense_times
 
     def run(*args):
       start = time.perf_counter()
