@@ -440,6 +440,7 @@ class Dispatcher:
     self._fanouts = collections.deque(maxlen=8 * window)
     self._pending = collections.deque()  # Reports not read yet.
     self._since_probe = 0
+    self._reported = 0  # Reports read since the last gates-only look.
     self._ran = None  # The bounds of the last step handed out (None: dense).
     self._observed = 0  # Loads looked at so far (_look).
     self._seen = None  # The loads and batch the bounds were decided for.
@@ -463,15 +464,22 @@ class Dispatcher:
       report = jax.tree.map(lambda x: np.asarray(x)[0], self._pending.popleft())
       busiest, fanout, blocks = (int(v) for v in report['dispatch_load'])
       self._look((busiest, 0, fanout, blocks))
+      self._reported += 1
       self.fallbacks += int(report['dispatch_dense'])
       self.dispatched += 1 - int(report['dispatch_dense'])
 
   def _probe(self, state, batch) -> None:
     """A gates-only pass on this batch: its load, the same on every
     process."""
-    if self._ran is None:  # The dense steps report nothing: this alone.
+    if not self._reported:
+      # No step reported since the last look (the dense steps report
+      # nothing): the recent looks are gates-only ones, probe_every
+      # batches apart, stale while the gates saturate: this one alone.
+      # (A few dense batches amid dispatched ones, timed or standing in
+      # for a program compiling ahead, keep the reports.)
       self._recent.clear()
       self._fanouts.clear()
+    self._reported = 0
     load = np.max(np.asarray(self._load(state, batch)), axis=0)  # (4,)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

@@ -436,16 +436,17 @@ class _State(NamedTuple):
   params: Any  # What steps.routing_load reads.
 
 
-def _saturated_routing():
-  """A 16-expert recommender's saturated gates on 4 devices' batches of
-  128, with their routing load: busiest expert, fanout, blocks."""
+def _saturated_routing(scale=300.0):
+  """A 16-expert recommender's saturated gates (bit logits times
+  ``scale``) on 4 devices' batches of 128, with their routing load:
+  busiest expert, fanout, blocks."""
   categorical, dense_features = _inputs(512, seed=3)
   model = _recommender(num_experts=16)
   params = _saturate(
     model.init(jax.random.key(0), categorical, dense_features, train=False)[
       'params'
     ],
-    300.0,
+    scale,
   )
   state = _State(steps.replicate(params))
   batch = jax.tree.map(
@@ -510,6 +511,33 @@ def test_the_dispatcher_keeps_dispatch_only_where_it_measured_faster(
     blocks, _DENSE_BLOCKS, minimum=1
   )
   assert dispatcher.bounds['dispatch_fanout'] == dispatch.fanout_bound(fanout)
+
+
+def test_dense_batches_amid_dispatched_ones_keep_the_recent_loads():
+  """The dense batches that time a pair of bounds (or stand in while one
+  compiles) run amid dispatched ones: the gates-only look they bring
+  joins the loads the dispatched steps reported, so an unbounded fanout
+  reported just before is kept, not forgotten for that one look."""
+  model, state, batch, (_, fanout, _) = _saturated_routing(1e5)
+  bounded = dispatch.fanout_bound(fanout)
+  assert bounded is not None  # A few experts per example: T = 2, k = 2.
+
+  def make_step(model):
+    def step():  # Dispatched steps see an example routed to 12 experts.
+      return {} if model.dispatch_blocks is None else _report(70, 12, 52)
+
+    return step
+
+  dispatcher = steps.Dispatcher(
+    model, make_step, window=1, probe_every=1, measure=1, compile_ahead=False
+  )
+  fanouts = []
+  for _ in range(6):
+    dispatcher.observe(dispatcher(state, batch)())
+    fanouts.append(dispatcher.bounds['dispatch_fanout'])
+  # Bounded at the first look (the gates'); unbounded once a report said
+  # 12; the 6th call's look (the 5th ran densely, timed) keeps it.
+  assert fanouts == [bounded, bounded, None, None, None, None]
 
 
 def test_the_dispatcher_compiles_new_bounds_ahead_while_others_run():
