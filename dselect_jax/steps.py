@@ -474,11 +474,11 @@ class Dispatcher:
     if not self._reported:
       # No step reported since the last look (the dense steps report
       # nothing): the recent looks are gates-only ones, probe_every
-      # batches apart, stale while the gates saturate: this one alone.
-      # (A few dense batches amid dispatched ones, timed or standing in
-      # for a program compiling ahead, keep the reports.)
+      # batches apart, their loads stale while the gates saturate: this
+      # one alone. (A few dense batches amid dispatched ones, timed or
+      # standing in for a program compiling ahead, keep the reports.) The
+      # fanouts stay: an unbounded one seen lately is likely seen again.
       self._recent.clear()
-      self._fanouts.clear()
     self._reported = 0
     load = np.max(np.asarray(self._load(state, batch)), axis=0)  # (4,)
     if jax.process_count() > 1:
