@@ -33,6 +33,8 @@ from dselect_jax.blocks import truncated_normal_fan_in
 
 Array = jax.Array
 ModuleFactory = Callable[..., nn.Module]
+# The fields that size a dispatched step, one per layout (at most one set).
+DISPATCH_SIZES = ('dispatch_capacity', 'dispatch_blocks', 'dispatch_pairs')
 
 
 class MLPTower(nn.Module):
@@ -208,11 +210,7 @@ class MultiTaskMoE(nn.Module):
   @property
   def _dispatch_layouts(self) -> list[str]:
     """The dispatch fields set (one at most, once validated)."""
-    return [
-      name
-      for name in ('dispatch_capacity', 'dispatch_blocks', 'dispatch_pairs')
-      if getattr(self, name) is not None
-    ]
+    return [name for name in DISPATCH_SIZES if getattr(self, name) is not None]
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool):
