@@ -77,10 +77,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.sparse_train = False
   # Per-example gates: compute each expert only on the examples some task
   # weighs it for (steps.Dispatcher; exact, and kept only where it timed
-  # faster than the dense step). Evaluation, and training of experts
-  # without BatchNorm (the MLP experts). It needs per-example gates, so it
-  # is off here and on in the per-example recipes where it pays
-  # (configs/movielens_experts64.py; results/benchmarks/dispatch_speed_*.md).
+  # faster than the dense step), in training and evaluation. In training
+  # the CNN experts' BatchNorm then normalizes over each expert's routed
+  # examples (models.MultiTaskMoE.routed_statistics), in every step: the
+  # whole batch's statistics until the gates saturate. It needs per-example
+  # gates, so it is off here and on in the per-example recipes where it
+  # pays (configs/movielens_experts64.py; results/benchmarks/
+  # dispatch_speed_*.md).
   config.model.sparse_dispatch = False
   # Evaluate the loop's experts as one computation (models.
   # multimnist_experts_eval: BatchNorm folded into the convolutions, the

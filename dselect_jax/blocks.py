@@ -1,7 +1,10 @@
 """Pieces shared by the experts and the towers: checks of their attributes
-and inputs, 2x2 max pooling and PaddleRec's initializers."""
+and inputs, 2x2 max pooling, BatchNorm over the routed examples and
+PaddleRec's initializers."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -83,6 +86,87 @@ def max_pool_2x2(x: Array) -> Array:
   """
   b, h, w, c = x.shape
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class RoutedBatchNorm(nn.Module):
+  """``nn.BatchNorm`` whose batch statistics are over the examples a mask
+  selects: in a mixture of experts, those some task routes to this expert.
+
+  Sparse dispatch computes an expert only on its routed examples (and on
+  padding), so batch statistics over the whole batch are not available
+  there; this is the function both the dispatched and the dense step
+  compute, so that they agree: each expert normalizes by the mean and
+  variance of what it actually mixes in. Before per-example gates
+  saturate every example is routed to every expert and this is
+  nn.BatchNorm. Across devices (``axis_name``) the sums and the counts
+  are summed, so a device with fewer routed examples weighs less (where
+  nn.BatchNorm's ``pmean`` of per-device means weighs devices equally, the
+  same when every example counts). With no routed example anywhere the
+  output is (x * rsqrt(epsilon)) * scale + bias, which the mixture weighs
+  0, and the running averages keep their values.
+
+  Same variables as nn.BatchNorm (params ``scale``, ``bias``;
+  batch_stats ``mean``, ``var``) and the same arithmetic (the biased
+  variance as E[x^2] - E[x]^2, Flax's fast variance; the running
+  averages updated as m * old + (1 - m) * new, not at initialization),
+  so a checkpoint trained with either runs with the other.
+
+  Attributes:
+    use_running_average: normalize with the running averages
+      (evaluation; the mask is then unused) instead of the statistics of
+      the routed examples (training, which updates them).
+    momentum, epsilon, axis_name: as nn.BatchNorm's.
+  """
+
+  use_running_average: bool
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array) -> Array:
+    """x (B, ..., F), mask (B,) bool -> (B, ..., F)."""
+    features = x.shape[-1]
+    if jnp.shape(mask) != x.shape[:1]:
+      raise ValueError(
+        f'RoutedBatchNorm: the mask must have shape ({x.shape[0]},), one '
+        f'entry per example of x {x.shape}; got {jnp.shape(mask)}.'
+      )
+    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    ra_mean = self.variable(
+      'batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32)
+    )
+    ra_var = self.variable(
+      'batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32)
+    )
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      x32 = x.astype(jnp.float32)
+      weight = mask.astype(jnp.float32).reshape(
+        mask.shape + (1,) * (x.ndim - 1)
+      )
+      sums = jnp.stack(
+        [jnp.sum(x32 * weight, axes), jnp.sum(x32 * x32 * weight, axes)]
+      )
+      count = jnp.sum(weight) * np.prod(x.shape[1:-1], dtype=np.float32)
+      if self.axis_name is not None:
+        sums, count = jax.lax.psum((sums, count), self.axis_name)
+      mean, mean_square = sums / jnp.maximum(count, 1.0)
+      var = jnp.maximum(0.0, mean_square - mean * mean)
+      if not self.is_initializing():
+        m, seen = self.momentum, count > 0
+        ra_mean.value = jnp.where(
+          seen, m * ra_mean.value + (1 - m) * mean, ra_mean.value
+        )
+        ra_var.value = jnp.where(
+          seen, m * ra_var.value + (1 - m) * var, ra_var.value
+        )
+    # nn.BatchNorm's order: (x - mean) * (rsqrt(var + eps) * scale) + bias.
+    mul = jax.lax.rsqrt(var + self.epsilon) * scale
+    return ((x - mean) * mul + bias).astype(x.dtype)
 
 
 INITS = ('flax', 'paddlerec')

@@ -25,10 +25,11 @@ recent batches (``capacity_for``, ``fanout``, ``block_counts``), and the
 model computes a batch that does not fit them densely
 (``MultiTaskMoE``), so nothing is ever dropped.
 
-Experts with batch statistics (BatchNorm in training) would see the
-padding and only their routed examples: in training, dispatch is for
-experts without them (``MLPExpert``); in evaluation every expert computes
-what the dense bank does.
+Experts with batch statistics (BatchNorm in training) see only their
+routed examples and the padding: in training they normalize over their
+routed examples (the valid slots; ``MultiTaskMoE.routed_statistics``,
+which the dense fallback computes too); in evaluation every expert
+computes what the dense bank does.
 
 Shape legend: B batch, T tasks, E experts, C capacity (examples per
 expert), N blocks of G = ``BLOCK`` rows, R fanout (experts per example),

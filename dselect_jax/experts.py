@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dselect_jax.blocks import RoutedBatchNorm
 from dselect_jax.blocks import check_batch
 from dselect_jax.blocks import check_images
 from dselect_jax.blocks import check_init
@@ -84,6 +85,9 @@ class MultiMNISTExpert(nn.Module):
   NORMS = ('BatchNorm_0', 'BatchNorm_1')
   DENSES = ('Dense_0', 'Dense_1')
   EPSILON = 1e-5  # BatchNorm's.
+  # Its training normalizes over a batch: a mask can restrict that to the
+  # examples routed to it (``__call__``'s ``mask``).
+  BATCH_STATISTICS = True
 
   def __post_init__(self):
     check_int(self, 'features', 1)
@@ -91,7 +95,18 @@ class MultiMNISTExpert(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Array:
+  def __call__(
+    self, x: Array, *, train: bool, mask: Optional[Array] = None
+  ) -> Array:
+    """x (B, H, W, 1) -> (B, features). ``mask`` (B,) bool: in training,
+    each BatchNorm's statistics are over these examples of this device
+    only (``blocks.RoutedBatchNorm``, in XLA's ops whatever
+    ``block_module``: sparse dispatch, where the expert sees its routed
+    examples and padding); unused with running averages. Not summed over
+    ``bn_axis_name``: the dispatched step computes them inside a
+    conditional, and under pmap XLA:CPU ran all-reduces there beside the
+    step's others, which met at the same rendezvous (crashes on 4
+    devices)."""
     check_images(x, 'MultiMNISTExpert')
     if not all(n >= self.MIN_SIZE and n % 4 == 0 for n in x.shape[1:3]):
       raise ValueError(
@@ -106,7 +121,13 @@ class MultiMNISTExpert(nn.Module):
       epsilon=self.EPSILON,
       axis_name=self.bn_axis_name,
     )
-    if self.block_module is None:
+    if train and mask is not None:
+      # This device's routed examples (see the docstring).
+      routed = {**bn, 'axis_name': None}
+      block = lambda x, name: max_pool_2x2(
+        nn.relu(RoutedBatchNorm(**routed, name=name)(x, mask))
+      )
+    elif self.block_module is None:
       block = lambda x, name: max_pool_2x2(
         nn.relu(nn.BatchNorm(**bn, name=name)(x))
       )
@@ -247,50 +268,68 @@ class ExpertBank(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: Array, *, train: bool, per_expert_inputs: bool = False
+    self,
+    x: Array,
+    *,
+    train: bool,
+    per_expert_inputs: bool = False,
+    mask: Optional[Array] = None,
   ) -> Array:
     """``x`` (B, ...) shared by the experts, or with
     ``per_expert_inputs`` (E', C, ...), row e for the e-th computed expert
-    (sparse dispatch, ``dispatch.gather``) -> (E', B or C, H)."""
+    (sparse dispatch, ``dispatch.gather``) -> (E', B or C, H). ``mask``
+    (E', B or C) bool: in training, the examples each expert's batch
+    statistics are over (experts with ``BATCH_STATISTICS``: the routed
+    ones, ``MultiTaskMoE.routed_statistics``)."""
     active = range(self.num_experts) if self.active is None else self.active
+    _check_mask(self, mask, x, len(active), per_expert_inputs)
+    # Each expert's row of the mask, where one is given and used.
+    masked = lambda i: {} if mask is None or not train else {'mask': mask[i]}
     if (
       per_expert_inputs
       and hasattr(self.expert, 'padded_bank')
       and not self.is_initializing()
     ):
       return self.expert.padded_bank(self.variables, x, tuple(active))
-    if (
-      per_expert_inputs
-      and self.fused_eval
-      and not train
-      and not self.is_initializing()
-    ):
+    if self.fused_eval and not train and not self.is_initializing():
+      if not per_expert_inputs:
+        check_images(x, type(self).__name__)
       return self.expert.evaluate_bank(
         self.variables,
         x,
         tuple(active),
         conv_relu_pool=self.eval_block,
-        per_expert_inputs=True,
+        per_expert_inputs=per_expert_inputs,
       )
-    if per_expert_inputs:
-      return jnp.stack(
-        [
-          self.expert(**self.expert_kwargs, name=f'expert_{e}')(
-            x[i], train=train
-          )
-          for i, e in enumerate(active)
-        ]
-      )  # (E', C, H)
-    if self.fused_eval and not train and not self.is_initializing():
-      check_images(x, type(self).__name__)
-      return self.expert.evaluate_bank(
-        self.variables, x, tuple(active), conv_relu_pool=self.eval_block
+    outputs = []
+    for i, e in enumerate(active):
+      inputs = x[i] if per_expert_inputs else x
+      outputs.append(
+        self.expert(**self.expert_kwargs, name=f'expert_{e}')(
+          inputs, train=train, **masked(i)
+        )
       )
-    outputs = [
-      self.expert(**self.expert_kwargs, name=f'expert_{e}')(x, train=train)
-      for e in active
-    ]
-    return jnp.stack(outputs)  # (E, B, H), or (len(active), B, H)
+    return jnp.stack(outputs)  # (E', B or C, H)
+
+
+def _check_mask(bank, mask, x, num_experts: int, per_expert_inputs: bool):
+  """A clear error for a mask the bank cannot use: experts without batch
+  statistics, or not one row per computed expert and input example."""
+  if mask is None:
+    return
+  if not getattr(bank.expert, 'BATCH_STATISTICS', False):
+    raise ValueError(
+      f'{type(bank).__name__}: a mask restricts batch statistics, and '
+      f'{getattr(bank.expert, "__name__", bank.expert)} has none; pass '
+      'mask=None.'
+    )
+  rows = x.shape[1] if per_expert_inputs else x.shape[0]
+  if jnp.shape(mask) != (num_experts, rows):
+    raise ValueError(
+      f'{type(bank).__name__}: the mask must have shape ({num_experts}, '
+      f'{rows}), one row per computed expert and one entry per example; '
+      f'got {jnp.shape(mask)}.'
+    )
 
 
 class _OneExpert(nn.Module):
@@ -301,8 +340,11 @@ class _OneExpert(nn.Module):
   train: bool
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    return self.expert(**self.expert_kwargs, name='expert')(x, train=self.train)
+  def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
+    masked = {} if mask is None or not self.train else {'mask': mask}
+    return self.expert(**self.expert_kwargs, name='expert')(
+      x, train=self.train, **masked
+    )
 
 
 class VmappedExpertBank(ExpertBank):
@@ -329,22 +371,30 @@ class VmappedExpertBank(ExpertBank):
 
   @nn.compact
   def __call__(
-    self, x: Array, *, train: bool, per_expert_inputs: bool = False
+    self,
+    x: Array,
+    *,
+    train: bool,
+    per_expert_inputs: bool = False,
+    mask: Optional[Array] = None,
   ) -> Array:
-    if per_expert_inputs and self.active is not None:
+    if (per_expert_inputs or mask is not None) and self.active is not None:
       raise ValueError(
-        'VmappedExpertBank: per-expert inputs are for all experts; '
-        'active must be None.'
+        'VmappedExpertBank: per-expert inputs and masks are for all '
+        'experts; active must be None.'
       )
+    _check_mask(self, mask, x, self.num_experts, per_expert_inputs)
+    x_axis = 0 if per_expert_inputs else None
     bank = nn.vmap(
       _OneExpert,
       variable_axes={'params': 0, 'batch_stats': 0},
       split_rngs={'params': True},
-      in_axes=0 if per_expert_inputs else None,
+      in_axes=x_axis if mask is None else (x_axis, 0),
       out_axes=0,
       axis_size=self.num_experts,
     )
-    out = bank(self.expert, self.expert_kwargs, train, name='expert')(x)
+    inputs = (x,) if mask is None else (x, mask)
+    out = bank(self.expert, self.expert_kwargs, train, name='expert')(*inputs)
     if self.active is not None:
       out = out[jnp.asarray(self.active)]
     return out  # (E, B, H), or (len(active), B, H)
@@ -379,6 +429,7 @@ class MLPExpert(nn.Module):
 
   hidden: tuple[int, ...] = (64,)
   features: int = 32
+  BATCH_STATISTICS = False  # No BatchNorm: a batch's examples are independent.
 
   def __post_init__(self):
     check_widths(self, 'hidden')

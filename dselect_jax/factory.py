@@ -110,6 +110,9 @@ def create_model(
     bank_kwargs=flax.core.FrozenDict(bank_kwargs),
     tower_kwargs=flax.core.FrozenDict({'init_scheme': init}),
     bn_axis_name=bn_axis_name,
+    # Dispatched training normalizes each expert over its routed examples,
+    # its dense steps too, so that both are one function.
+    routed_statistics=config.model.sparse_dispatch and gate.name == 'dselect_k',
   )
 
 

@@ -122,6 +122,15 @@ class MultiTaskMoE(nn.Module):
     dispatch_pairs: the same for ``MLPExpert``s in the loop bank, as
       grouped matmuls (``MLPExpert.ragged_bank``) over the routed
       (example, expert) pairs, at most this many (``dispatch.pairs``).
+    routed_statistics: in training, each expert's batch statistics
+      (BatchNorm) are over the examples some task routes to it (weight >
+      0) on this device, not the whole batch (``blocks.RoutedBatchNorm``),
+      with or without dispatch: what a dispatched expert can compute, as
+      it sees only those examples, so the dispatched and the dense step
+      are one function. Before the gates saturate every example is routed
+      everywhere and it is BatchNorm over the device's shard (not over
+      ``bn_axis_name``: see ``MultiMNISTExpert``). Needs per-example gates
+      routing on the input and experts with ``BATCH_STATISTICS``.
 
   Returns ``(logits, aux)`` with logits ``(T, B, C)`` and aux holding
   ``expert_weights`` (``(T, E)`` static, ``(T, B, E)`` per-example) and
@@ -148,6 +157,7 @@ class MultiTaskMoE(nn.Module):
   dispatch_fanout: Optional[int] = None
   dispatch_axis_name: Optional[str] = None
   dispatch_pairs: Optional[int] = None
+  routed_statistics: bool = False
 
   def __post_init__(self):
     layouts = self._dispatch_layouts
@@ -177,6 +187,19 @@ class MultiTaskMoE(nn.Module):
         f'on the input (per_example=True, routing_input="input"); got '
         f'per_example={self.per_example}, routing_input='
         f'{self.routing_input!r}.'
+      )
+    check_bool(self, 'routed_statistics')
+    if self.routed_statistics and (
+      not self.per_example
+      or self.routing_input != 'input'
+      or not getattr(self.expert, 'BATCH_STATISTICS', False)
+    ):
+      raise ValueError(
+        "MultiTaskMoE: routed_statistics restricts each expert's batch "
+        'statistics to its routed examples: it needs per-example gates '
+        'routing on the input (per_example=True, routing_input="input") '
+        'and experts with BatchNorm (MultiMNISTExpert); set '
+        'routed_statistics=False.'
       )
     if self.active_experts is not None and self.per_example:
       raise ValueError(
@@ -215,19 +238,11 @@ class MultiTaskMoE(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool):
     check_batch(x, 'MultiTaskMoE')  # Each expert checks its own input shape.
-    expert_kwargs = dict(self.expert_kwargs)
-    if self.bn_axis_name is not None:
-      expert_kwargs.setdefault('bn_axis_name', self.bn_axis_name)
-    bank = self.bank(
-      self.num_experts,
-      self.expert,
-      flax.core.FrozenDict(expert_kwargs),
-      active=self.active_experts,
-      **self.bank_kwargs,
-      name='experts',
-    )
+    bank = self._bank()
     dispatched = bool(self._dispatch_layouts)
-    if dispatched:  # The gates first: they decide what the experts compute.
+    if dispatched or self.routed_statistics:
+      # The gates first: they decide what the experts compute, or over
+      # which examples they normalize.
       experts = None
       routing = x.reshape(x.shape[0], -1)  # (B, D)
     else:
@@ -250,6 +265,9 @@ class MultiTaskMoE(nn.Module):
       weights.append(w)
       gate_aux.append(aux)
     weights = [weights[0]] * self.num_tasks if self.shared_gate else weights
+    if experts is None and not dispatched:  # routed_statistics, not dispatched.
+      mask = dispatch.routed(jnp.stack(weights))  # (B, E)
+      experts = bank(x, train=train, **self._routed(mask.T, train))
 
     extra = {}
     if self.dispatch_pairs is not None:
@@ -297,6 +315,30 @@ class MultiTaskMoE(nn.Module):
     }
     return jnp.stack(logits), aux  # (T, B, C)
 
+  def _bank(self, parent: Optional[nn.Module] = None) -> nn.Module:
+    """The experts' bank, a child of this module, or of ``parent``: the
+    module a lifted transform (``nn.cond``) hands its branches, so that
+    what the experts write (BatchNorm's running averages) goes through
+    the transform rather than leaking out of it."""
+    expert_kwargs = dict(self.expert_kwargs)
+    if self.bn_axis_name is not None:
+      expert_kwargs.setdefault('bn_axis_name', self.bn_axis_name)
+    kwargs = {} if parent is None else {'parent': parent}
+    return self.bank(
+      self.num_experts,
+      self.expert,
+      flax.core.FrozenDict(expert_kwargs),
+      active=self.active_experts,
+      **self.bank_kwargs,
+      name='experts',
+      **kwargs,
+    )
+
+  def _routed(self, mask: Array, train: bool) -> dict[str, Array]:
+    """The bank's ``mask`` argument: each expert's rows (E, B or C) its
+    batch statistics are over, with ``routed_statistics`` in training."""
+    return {'mask': mask} if self.routed_statistics and train else {}
+
   def _dispatch(self, bank, x: Array, weights: Array, train: bool):
     """The mixtures (T, B, H) with each expert on its routed examples when
     the batch fits the bounds (``dispatch_capacity`` or
@@ -320,7 +362,7 @@ class MultiTaskMoE(nn.Module):
       fits = jax.lax.pmin(fits.astype(jnp.int32), self.dispatch_axis_name) > 0
 
     def sparse(module, x, weights, mask):
-      del module
+      bank = self._bank(parent=module)
       if self.dispatch_blocks is not None:  # MLP experts, blocks of rows.
         example, valid, expert, row, kept = dispatch.block_rows(
           mask, self.dispatch_blocks, dispatch.BLOCK
@@ -333,7 +375,10 @@ class MultiTaskMoE(nn.Module):
         capacity = bounds[0]
         example, valid = dispatch.slots(mask, capacity)  # (E, C)
         outputs = bank(
-          dispatch.gather(x, example), train=train, per_expert_inputs=True
+          dispatch.gather(x, example),
+          train=train,
+          per_expert_inputs=True,
+          **self._routed(valid, train),
         )  # (E, C, H)
         expert = jnp.broadcast_to(
           jnp.arange(mask.shape[1])[:, None], example.shape
@@ -351,8 +396,9 @@ class MultiTaskMoE(nn.Module):
       return dispatch.combine(outputs, row, kept, weights, fanout)
 
     def dense(module, x, weights, mask):
-      del module, mask
-      return jnp.einsum('tbe,ebh->tbh', weights, bank(x, train=train))
+      bank = self._bank(parent=module)
+      experts = bank(x, train=train, **self._routed(mask.T, train))
+      return jnp.einsum('tbe,ebh->tbh', weights, experts)
 
     if self.is_initializing():  # The dense way creates every expert.
       mixed = dense(self, x, weights, mask)
@@ -503,14 +549,19 @@ def dispatches(model: nn.Module, train: bool) -> bool:
   """Whether ``model`` can run with ``dispatch_capacity`` (sparse dispatch
   of its examples to its experts): per-example gates routing on the input,
   DSelect-k (or in evaluation the deterministic top-k), and in training
-  experts without batch statistics (the recommender's MLP experts; the CNN
-  experts' BatchNorm would see only their examples and the padding)."""
+  experts without batch statistics (the recommender's MLP experts) or
+  with ``routed_statistics`` (the CNN experts' BatchNorm over their routed
+  examples, what a dispatched expert sees)."""
   if not model.per_example or getattr(model, 'routing_input', 'input') != (
     'input'
   ):
     return False
   if train:
-    return model.gate == 'dselect_k' and isinstance(model, RecommenderMoE)
+    return model.gate == 'dselect_k' and (
+      isinstance(model, RecommenderMoE)
+      or not getattr(model.expert, 'BATCH_STATISTICS', True)
+      or model.routed_statistics
+    )
   return model.gate in ('dselect_k', 'top_k')
 
 

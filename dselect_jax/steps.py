@@ -201,7 +201,9 @@ def train_step(
   )
   grads = jax.lax.pmean(grads, AXIS)
   # BatchNorm already used cross-device statistics (bn_axis_name); this only
-  # removes float noise so every replica holds identical running averages.
+  # removes float noise so every replica holds identical running averages
+  # (and averages the per-device ones of routed statistics,
+  # models.MultiTaskMoE.routed_statistics).
   batch_stats = jax.lax.pmean(batch_stats, AXIS)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
 
@@ -734,10 +736,11 @@ class SparseTrainSteps:
   dropped; weight decay could pull it back, hence adam or sgd only. The
   active set is re-read from the parameters at every log step.
 
-  With ``model.sparse_dispatch``, per-example DSelect-k gates and experts
-  without batch statistics (``models.dispatches``), every batch computes
-  each expert on its routed examples only (``Dispatcher``), exact at every
-  step.
+  With ``model.sparse_dispatch`` and per-example DSelect-k gates
+  (``models.dispatches``), every batch computes each expert on its routed
+  examples only (``Dispatcher``), exact at every step: experts with
+  BatchNorm normalize over their routed examples, in the dense steps too
+  (``MultiTaskMoE.routed_statistics``).
   """
 
   def __init__(self, model, config, task_kinds: tuple[str, ...]):
