@@ -8,9 +8,11 @@ The multi-task MoE with per-example DSelect-k gates (T = 2 tasks, k = 2),
 its gates saturated (bit logits scaled far outside [-gamma/2, gamma/2], so
 each example routes to at most T·k experts, unevenly, as trained gates
 do), on one device. ``mlp``: the recommender's MLP experts on 64 features;
-``cnn``: the MultiMNIST CNN experts on 36x36 images (evaluation only:
-dispatch does not train experts with BatchNorm). ``train``: forward and
-backward of the loss; ``eval``: the forward pass.
+``cnn``: the MultiMNIST CNN experts on 36x36 images (trained dispatched
+with BatchNorm over each expert's routed examples,
+``MultiTaskMoE.routed_statistics``, as ``model.sparse_dispatch`` trains
+them). ``train``: forward and backward of the loss; ``eval``: the
+forward pass.
 
 The sparse contenders run through ``steps.Dispatcher``, as training and
 evaluation do, each with one layout and dispatching whenever a bucket is
@@ -24,11 +26,13 @@ route inside the step, their bounds from the steps' own reports. ``chosen``
 is what training and evaluation run: the Dispatcher's layout for the
 experts, kept only where its timing beat the dense step. Each (kind, E, batch, mode) times
 ``--rounds`` alternating windows of ``--steps`` calls of each contender and
-prints the median rates, each sparse one against the fastest dense way
-(the loop bank, and the vmapped bank for MLP experts or the fused
-evaluation for CNN experts, on XLA's convolutions and on the CPU kernels'
-where they build; the dispatched CNN experts evaluate fused, on the
-kernels where they build).
+prints the median rates, each sparse one against the fastest dense way:
+the loop bank, and the vmapped bank for MLP experts; for CNN experts the
+fused evaluation on XLA's convolutions and on the CPU kernels', and in
+training the CPU kernels' convolutions and BatchNorm blocks (direct and
+Toeplitz), where they build. The dispatched CNN experts evaluate fused,
+on the kernels where they build, and train on the convolutions
+``model.conv='auto'`` picks.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from dselect_jax import cli
 from dselect_jax import dispatch
 from dselect_jax import experts
 from dselect_jax import models
+from dselect_jax import provenance
 from dselect_jax import steps
 
 _EXPERTS = flags.DEFINE_list('experts', ['8', '16', '32', '64'], 'E values.')
@@ -86,6 +91,23 @@ def _model(kind: str, num_experts: int, **kwargs) -> models.MultiTaskMoE:
   )
 
 
+def _cnn_modules(conv: str, norm: str) -> flax.core.FrozenDict:
+  """The CNN experts' convolution and BatchNorm block (``factory``'s
+  names: 'xla', 'toeplitz', 'kernel')."""
+  from dselect_jax import factory  # pylint: disable=g-import-not-at-top
+
+  return flax.core.FrozenDict(factory.expert_modules(conv, norm))
+
+
+def _trained_conv() -> str:
+  """The convolution ``model.conv='auto'`` trains with on this CPU."""
+  if not _kernels_built():
+    return 'toeplitz'
+  from dselect_jax.cpu import calibrate  # pylint: disable=g-import-not-at-top
+
+  return 'kernel' if calibrate.direct_conv_is_faster() else 'toeplitz'
+
+
 def _fused(kernels: bool) -> flax.core.FrozenDict:
   """The CNN bank's fused evaluation: XLA's convolutions, or the CPU
   kernels' (as ``model.conv='auto'`` picks them where they build)."""
@@ -112,6 +134,12 @@ def _dense_variants(kind: str, num_experts: int, mode: str, variables):
     stacked = experts.stack_expert_variables(variables, num_experts)
     return {'dense (vmap bank)': (_work(model, mode), stacked)}
   variants = {}
+  if mode == 'train' and _kernels_built():
+    for conv in ('kernel', 'toeplitz'):
+      modules = _cnn_modules(conv, 'kernel')
+      model = _model(kind, num_experts, expert_kwargs=modules)
+      name = f'dense ({"direct" if conv == "kernel" else conv} conv, kernels)'
+      variants[name] = (_work(model, mode), variables)
   if mode == 'eval':
     for kernels in (False, True) if _kernels_built() else (False,):
       model = _model(kind, num_experts, bank_kwargs=_fused(kernels))
@@ -177,10 +205,19 @@ def _contenders(kind: str, num_experts: int, batch: int, mode: str):
   x = _inputs(kind, batch)
   variables = _saturated(model, x)
   dense = _work(model, mode)
-  # The dispatched CNN experts evaluate fused, on the kernels where built.
+  # The dispatched CNN experts evaluate fused, on the kernels where built,
+  # and train on model.conv='auto''s convolutions, BatchNorm over each
+  # expert's routed examples.
   dispatched = model
-  if kind == 'cnn':
+  if kind == 'cnn' and mode == 'eval':
     dispatched = _model(kind, num_experts, bank_kwargs=_fused(_kernels_built()))
+  elif kind == 'cnn':
+    dispatched = _model(
+      kind,
+      num_experts,
+      routed_statistics=True,
+      expert_kwargs=_cnn_modules(_trained_conv(), 'xla'),
+    )
 
   def sparse(layout: str, measure: int = 0):
     """steps.Dispatcher with a layout: its bounds from the steps' own
@@ -241,8 +278,10 @@ def main(argv):
       )
   expert_counts = cli.positive_ints('experts', _EXPERTS.value, minimum=2)
   batches = cli.positive_ints('batches', _BATCHES.value)
+  git = provenance.git_state()
   lines = [
     f'$ python {" ".join(sys.argv)}',
+    f'# code at {git["commit"]}{"+dirty" if git.get("dirty") else ""}',
     f'# {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; T = 2 tasks, '
     'k = 2, saturated per-example DSelect-k gates; median of '
     f'{_ROUNDS.value} alternating windows of {_STEPS.value} calls',
@@ -256,8 +295,6 @@ def main(argv):
   panels = {}  # (kind, mode, batch) -> {contender: [(E, examples/s)]}
   for kind in _KINDS.value:
     for mode in _MODES.value:
-      if kind == 'cnn' and mode == 'train':
-        continue  # BatchNorm: dispatch evaluates CNN experts only.
       for batch in batches:
         for num_experts in expert_counts:
           contenders, x, busiest = _contenders(kind, num_experts, batch, mode)
