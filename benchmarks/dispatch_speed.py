@@ -32,7 +32,8 @@ fused evaluation on XLA's convolutions and on the CPU kernels', and in
 training the CPU kernels' convolutions and BatchNorm blocks (direct and
 Toeplitz), where they build. The dispatched CNN experts evaluate fused,
 on the kernels where they build, and train on the convolutions
-``model.conv='auto'`` picks.
+``model.conv='auto'`` picks and the kernels' BatchNorm blocks (masked to
+the routed examples) where they build.
 """
 
 from __future__ import annotations
@@ -206,8 +207,8 @@ def _contenders(kind: str, num_experts: int, batch: int, mode: str):
   variables = _saturated(model, x)
   dense = _work(model, mode)
   # The dispatched CNN experts evaluate fused, on the kernels where built,
-  # and train on model.conv='auto''s convolutions, BatchNorm over each
-  # expert's routed examples.
+  # and train on model.conv='auto''s convolutions and blocks, BatchNorm over
+  # each expert's routed examples.
   dispatched = model
   if kind == 'cnn' and mode == 'eval':
     dispatched = _model(kind, num_experts, bank_kwargs=_fused(_kernels_built()))
@@ -216,7 +217,9 @@ def _contenders(kind: str, num_experts: int, batch: int, mode: str):
       kind,
       num_experts,
       routed_statistics=True,
-      expert_kwargs=_cnn_modules(_trained_conv(), 'xla'),
+      expert_kwargs=_cnn_modules(
+        _trained_conv(), 'kernel' if _kernels_built() else 'xla'
+      ),
     )
 
   def sparse(layout: str, measure: int = 0):

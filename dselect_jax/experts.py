@@ -67,7 +67,8 @@ class MultiMNISTExpert(nn.Module):
       ``block_module(use_running_average=..., momentum=..., epsilon=...,
       axis_name=..., name=...)``; None is ``nn.BatchNorm``, ``nn.relu`` and
       ``max_pool_2x2``. ``dselect_jax.cpu.BatchNormReLUPool`` (C++ kernels)
-      holds the same variables.
+      holds the same variables. Called on ``(x)``, or ``(x, mask)`` for
+      statistics over the masked examples (``__call__``'s ``mask``).
     init_scheme: ``'flax'`` (Flax's LeCun-normal kernels) or
       ``'paddlerec'`` (PaddleRec's: ``xavier_normal`` convolutions,
       ``truncated_normal_fan_in`` dense layers); zero biases either way.
@@ -100,9 +101,9 @@ class MultiMNISTExpert(nn.Module):
   ) -> Array:
     """x (B, H, W, 1) -> (B, features). ``mask`` (B,) bool: in training,
     each BatchNorm's statistics are over these examples of this device
-    only (``blocks.RoutedBatchNorm``, in XLA's ops whatever
-    ``block_module``: sparse dispatch, where the expert sees its routed
-    examples and padding); unused with running averages. Not summed over
+    only (``blocks.RoutedBatchNorm``, or ``block_module`` called with the
+    mask: sparse dispatch, where the expert sees its routed examples and
+    padding); unused with running averages. Not summed over
     ``bn_axis_name``: the dispatched step computes them inside a
     conditional, and under pmap XLA:CPU ran all-reduces there beside the
     step's others, which met at the same rendezvous (crashes on 4
@@ -121,12 +122,13 @@ class MultiMNISTExpert(nn.Module):
       epsilon=self.EPSILON,
       axis_name=self.bn_axis_name,
     )
-    if train and mask is not None:
-      # This device's routed examples (see the docstring).
-      routed = {**bn, 'axis_name': None}
+    routed = {**bn, 'axis_name': None}  # This device's (see the docstring).
+    if train and mask is not None and self.block_module is None:
       block = lambda x, name: max_pool_2x2(
         nn.relu(RoutedBatchNorm(**routed, name=name)(x, mask))
       )
+    elif train and mask is not None:
+      block = lambda x, name: self.block_module(**routed, name=name)(x, mask)
     elif self.block_module is None:
       block = lambda x, name: max_pool_2x2(
         nn.relu(nn.BatchNorm(**bn, name=name)(x))

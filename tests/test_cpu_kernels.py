@@ -49,10 +49,10 @@ class KernelBlock(nn.Module):
   axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
     return cpu.BatchNormReLUPool(
       self.use_running_average, axis_name=self.axis_name, name='bn'
-    )(x)
+    )(x, mask)
 
 
 def random_variables(rng, c):
@@ -509,3 +509,51 @@ def test_calibration_times_the_same_work_both_ways():
   times = calibrate.measure()
   assert set(times) == {'direct_s', 'toeplitz_s'}
   assert all(t > 0 for t in times.values())
+
+
+class RoutedBlock(nn.Module):
+  """BatchNorm over the masked examples (blocks.RoutedBatchNorm), ReLU,
+  pooling: the XLA ops the masked kernel must match."""
+
+  @nn.compact
+  def __call__(self, x, mask):
+    x = blocks.RoutedBatchNorm(use_running_average=False, name='bn')(x, mask)
+    return blocks.max_pool_2x2(nn.relu(x))
+
+
+@pytest.mark.parametrize('selected', [[1, 0, 1, 1, 0], [0, 0, 0, 0, 0]])
+def test_the_masked_block_is_batchnorm_over_the_masked_examples(selected):
+  """Outputs of the selected examples, the gradients of the parameters and
+  of x (zero for the others), and the running averages: the XLA ops'
+  (with none selected, the averages kept and no gradient)."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(1.0, 2.0, size=(5, 6, 4, 3)), jnp.float32)
+  mask = np.asarray(selected, bool)
+  probe = jnp.asarray(rng.normal(size=(5, 3, 2, 3)), jnp.float32)
+  variables = random_variables(rng, 3)
+
+  def loss(block, params, x):
+    y, updates = block.apply(
+      {**variables, 'params': params},
+      x,
+      jnp.asarray(mask),
+      mutable=['batch_stats'],
+    )
+    # Only the selected examples' outputs count (as in the mixture).
+    value = jnp.sum(jnp.sin(y) * probe * mask[:, None, None, None])
+    return value, (y[mask], updates)
+
+  def run(block):
+    grad = jax.grad(functools.partial(loss, block), (0, 1), has_aux=True)
+    return grad(variables['params'], x)
+
+  got = run(KernelBlock(False))
+  want = run(RoutedBlock())
+  assert_trees_close(got, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(got[0][1][~mask], 0.0)
+  if not mask.any():
+    jax.tree.map(
+      np.testing.assert_array_equal,
+      got[1][1]['batch_stats'],
+      variables['batch_stats'],
+    )

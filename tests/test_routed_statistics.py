@@ -289,14 +289,24 @@ def _trained(model, variables, images):
   return value, grads, stats, aux
 
 
-@pytest.mark.slow  # 20 s: three CNN banks compiled with their gradients.
-def test_dispatched_cnn_experts_train_as_the_dense_ones():
+@pytest.mark.slow  # 20 s each: three CNN banks compiled with their gradients.
+@pytest.mark.parametrize('modules', ['xla', 'kernel'])
+def test_dispatched_cnn_experts_train_as_the_dense_ones(modules, request):
   """Saturated gates: the dispatched step (each expert on its routed
   examples, BatchNorm over them) gives the dense step's loss, gradients
   and running averages, and so does a capacity too small (the dense
   fallback); each expert's running averages are nn.BatchNorm's over its
-  routed examples alone."""
-  model, variables, images = _cnn_moe(3000.0)
+  routed examples alone. On XLA's ops and on the CPU kernels'
+  convolutions and masked BatchNorm blocks."""
+  kwargs = {}
+  if modules == 'kernel':
+    request.getfixturevalue('cpu_kernels_built')
+    from dselect_jax import factory  # pylint: disable=g-import-not-at-top
+
+    kwargs['expert_kwargs'] = flax.core.FrozenDict(
+      factory.expert_modules('kernel', 'kernel')
+    )
+  model, variables, images = _cnn_moe(3000.0, **kwargs)
   want, want_grads, want_stats, want_aux = _trained(model, variables, images)
   mask = dispatch.routed(want_aux['expert_weights'])  # (B, E)
   busiest = int(jnp.max(jnp.sum(mask, axis=0)))

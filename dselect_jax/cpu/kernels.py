@@ -337,6 +337,66 @@ def _backward(epsilon, axis_name, residuals, cotangents):
 bn_relu_pool.defvjp(_forward, _backward)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def masked_bn_relu_pool(
+  x: Array, scale: Array, bias: Array, mask: Array, epsilon: float = 1e-5
+) -> tuple[Array, Array, Array]:
+  """``bn_relu_pool`` with the statistics over the examples ``mask``
+  (B,) bool selects (``blocks.RoutedBatchNorm``'s, on this device):
+  their mean and variance normalize every example, and only they get a
+  gradient. The same kernels: the statistics of x times the mask over the
+  selected count, and in the backward pass the other examples' output
+  cotangents and input gradients zeroed (their outputs are not used
+  where the statistics are theirs). Returns (y, mean, var) as
+  ``bn_relu_pool``; with no example selected, mean and var are 0."""
+  return _masked_forward(x, scale, bias, mask, epsilon)[0]
+
+
+def _selected(mask: Array) -> Array:
+  return mask.astype(jnp.float32)[:, None, None, None]  # (B, 1, 1, 1)
+
+
+def _masked_forward(x, scale, bias, mask, epsilon):
+  b, h, w, c = x.shape
+  if x.dtype != jnp.float32 or h % 2 or w % 2 or jnp.shape(mask) != (b,):
+    raise ValueError(
+      f'masked_bn_relu_pool: x must be float32 (B, H, W, C) with even H '
+      f'and W and the mask (B,), got {x.dtype} {x.shape} and mask '
+      f'{jnp.shape(mask)}.'
+    )
+  load()
+  count = jnp.maximum(jnp.sum(mask, dtype=jnp.float32) * (h * w), 1.0)
+  sums = _call('Stats', (2, c), x * _selected(mask)) / count
+  mean, mean2 = sums[0], sums[1]
+  var = jnp.maximum(mean2 - mean * mean, 0.0)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  a = scale * rstd
+  b_ = bias - mean * a
+  y = _call('Forward', (b, h // 2, w // 2, c), x, a, b_)
+  return (y, mean, var), (x, a, b_, mean, rstd, mask, count)
+
+
+def _masked_backward(epsilon, residuals, cotangents):
+  """``_backward`` over the selected examples: P their positions, the
+  sums over them (the others' output cotangents zeroed first), and dx
+  zero on the others."""
+  del epsilon
+  x, a, b_, mean, rstd, mask, count = residuals
+  dy, dmean, dvar = cotangents
+  dy = dy * _selected(mask)
+  local = _call('BackwardSums', (2, a.shape[0]), x, a, b_, mean, rstd, dy)
+  dbias, dscale = local[0], local[1]
+  k0 = (dmean - a * dbias) / count
+  k1 = (2.0 * dvar / rstd - a * dscale) / count
+  dx = _call(
+    'BackwardDx', x.shape, x, a, b_, mean, rstd, dy, jnp.stack([k0, k1])
+  )
+  return dx * _selected(mask), dscale, dbias, None
+
+
+masked_bn_relu_pool.defvjp(_masked_forward, _masked_backward)
+
+
 def _check_conv(who: str, x: Array, kernel: Array, bias: Array, pooled: bool):
   """A clear error where x (B, H, W, G Cg), kernel (G, kh, kw, Cg, Fg) and
   bias (G, Fg) do not fit, or the output is not whole."""

@@ -179,7 +179,16 @@ class BatchNormReLUPool(nn.Module):
   axis_name: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:  # (B, H, W, C) -> (B, H/2, W/2, C)
+  def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
+    """(B, H, W, C) -> (B, H/2, W/2, C). ``mask`` (B,) bool: in training,
+    the statistics over these examples of this device only, as
+    ``blocks.RoutedBatchNorm`` (``kernels.masked_bn_relu_pool``; the
+    running averages kept when none is selected); needs axis_name None."""
+    if mask is not None and self.axis_name is not None:
+      raise ValueError(
+        "BatchNormReLUPool: a mask selects this device's examples; set "
+        f'axis_name=None (got {self.axis_name!r}).'
+      )
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
@@ -192,11 +201,22 @@ class BatchNormReLUPool(nn.Module):
     if self.use_running_average:  # nn.BatchNorm's arithmetic, in its order.
       mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
       return max_pool_2x2(nn.relu((x - ra_mean.value) * mul + bias))
-    y, mean, var = kernels.bn_relu_pool(
-      x, scale, bias, self.epsilon, self.axis_name
-    )
+    if mask is None:
+      y, mean, var = kernels.bn_relu_pool(
+        x, scale, bias, self.epsilon, self.axis_name
+      )
+      seen = True
+    else:
+      y, mean, var = kernels.masked_bn_relu_pool(
+        x, scale, bias, mask, self.epsilon
+      )
+      seen = jnp.any(mask)
     if not self.is_initializing():
       m = self.momentum
-      ra_mean.value = m * ra_mean.value + (1 - m) * mean
-      ra_var.value = m * ra_var.value + (1 - m) * var
+      ra_mean.value = jnp.where(
+        seen, m * ra_mean.value + (1 - m) * mean, ra_mean.value
+      )
+      ra_var.value = jnp.where(
+        seen, m * ra_var.value + (1 - m) * var, ra_var.value
+      )
     return y
