@@ -88,6 +88,32 @@ def max_pool_2x2(x: Array) -> Array:
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def batch_norm_variables(module: nn.Module, features: int):
+  """nn.BatchNorm's variables, declared in ``module`` as nn.BatchNorm
+  declares them: params ``scale`` (ones) and ``bias`` (zeros), and the
+  running averages batch_stats ``mean`` (zeros) and ``var`` (ones), (F,)
+  each. Returns (scale, bias, mean variable, var variable)."""
+  shape = (features,)
+  scale = module.param('scale', nn.initializers.ones, shape, jnp.float32)
+  bias = module.param('bias', nn.initializers.zeros, shape, jnp.float32)
+  mean = module.variable('batch_stats', 'mean', jnp.zeros, shape, jnp.float32)
+  var = module.variable('batch_stats', 'var', jnp.ones, shape, jnp.float32)
+  return scale, bias, mean, var
+
+
+def update_running_averages(module, ra_mean, ra_var, mean, var, seen=True):
+  """nn.BatchNorm's update, m * old + (1 - m) * new with m the module's
+  momentum, where ``seen`` (some example counted) and not at
+  initialization."""
+  if module.is_initializing():
+    return
+  m = module.momentum
+  ra_mean.value = jnp.where(
+    seen, m * ra_mean.value + (1 - m) * mean, ra_mean.value
+  )
+  ra_var.value = jnp.where(seen, m * ra_var.value + (1 - m) * var, ra_var.value)
+
+
 class RoutedBatchNorm(nn.Module):
   """``nn.BatchNorm`` whose batch statistics are over the examples a mask
   selects: in a mixture of experts, those some task routes to this expert.
@@ -132,14 +158,7 @@ class RoutedBatchNorm(nn.Module):
         f'RoutedBatchNorm: the mask must have shape ({x.shape[0]},), one '
         f'entry per example of x {x.shape}; got {jnp.shape(mask)}.'
       )
-    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
-    ra_mean = self.variable(
-      'batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32)
-    )
-    ra_var = self.variable(
-      'batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32)
-    )
+    scale, bias, ra_mean, ra_var = batch_norm_variables(self, features)
     if self.use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
@@ -156,14 +175,7 @@ class RoutedBatchNorm(nn.Module):
         sums, count = jax.lax.psum((sums, count), self.axis_name)
       mean, mean_square = sums / jnp.maximum(count, 1.0)
       var = jnp.maximum(0.0, mean_square - mean * mean)
-      if not self.is_initializing():
-        m, seen = self.momentum, count > 0
-        ra_mean.value = jnp.where(
-          seen, m * ra_mean.value + (1 - m) * mean, ra_mean.value
-        )
-        ra_var.value = jnp.where(
-          seen, m * ra_var.value + (1 - m) * var, ra_var.value
-        )
+      update_running_averages(self, ra_mean, ra_var, mean, var, count > 0)
     # nn.BatchNorm's order: (x - mean) * (rsqrt(var + eps) * scale) + bias.
     mul = jax.lax.rsqrt(var + self.epsilon) * scale
     return ((x - mean) * mul + bias).astype(x.dtype)

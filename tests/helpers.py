@@ -4,6 +4,7 @@ The factory's builders with the config's data set resolved here, the tiny
 config most trainer tests run, and a digest of a folder's files.
 """
 
+import functools
 import hashlib
 import os
 
@@ -102,3 +103,51 @@ def assert_states_close(a, b, rtol: float):
     )
 
   jax.tree_util.tree_map_with_path(close, a, b)
+
+
+def dispatched_train_steps(model, state, sharded, task_kinds, capacities):
+  """steps.train_step mapped over the 4 fake devices on ``sharded`` (4,
+  b, ...), from ``state``, once for each capacity: None the dense step,
+  else ``model`` dispatched at that capacity (devices agreeing on the
+  branch). Returns each step's (device 0's new params and batch_stats,
+  metrics)."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from dselect_jax import steps  # pylint: disable=g-import-not-at-top
+
+  loss_config = ml_collections.ConfigDict(
+    {
+      'name': 'cross_entropy',
+      'label_smoothing': 0.0,
+      'entropy_weight': 0.1,
+      'entropy_start_step': 0,
+      'entropy_ramp_steps': 0,
+      'reachability_weight': 0.0,
+      'importance_weight': 0.0,
+      'load_weight': 0.0,
+    }
+  )
+  results = []
+  for capacity in capacities:
+    bounds = {}
+    if capacity is not None:
+      bounds = {'dispatch_capacity': capacity, 'dispatch_axis_name': steps.AXIS}
+    step = jax.pmap(
+      functools.partial(
+        steps.train_step,
+        loss_config=loss_config,
+        task_kinds=task_kinds,
+        model=model.clone(**bounds),
+      ),
+      axis_name=steps.AXIS,
+      in_axes=(0, 0, None),
+    )
+    new_state, metrics = step(
+      flax.jax_utils.replicate(state), sharded, jax.random.key(5)
+    )
+    first = jax.tree.map(
+      lambda x: np.asarray(x)[0], (new_state.params, new_state.batch_stats)
+    )
+    results.append((first, metrics))
+  return results

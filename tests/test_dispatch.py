@@ -18,6 +18,7 @@ from dselect_jax import dispatch
 from dselect_jax import experts
 from dselect_jax import models
 from dselect_jax import steps
+from tests import helpers
 
 
 def test_slots_by_hand():
@@ -343,7 +344,6 @@ def test_dispatched_cnn_experts_equal_the_dense_ones_in_evaluation():
 def test_the_dispatched_step_on_four_devices_equals_the_dense_step():
   """steps.train_step with the dispatched model as ``model``, mapped over
   the 4 fake devices: the same parameters as the dense step."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
 
   from dselect_jax import factory  # pylint: disable=g-import-not-at-top
@@ -384,51 +384,26 @@ def test_the_dispatched_step_on_four_devices_equals_the_dense_step():
     for d in range(4)
   )
   assert busiest < 8  # Some expert skips some example on every device.
-  loss_config = ml_collections.ConfigDict(
-    {
-      'name': 'cross_entropy',
-      'label_smoothing': 0.0,
-      'entropy_weight': 0.1,
-      'entropy_start_step': 0,
-      'entropy_ramp_steps': 0,
-      'reachability_weight': 0.0,
-      'importance_weight': 0.0,
-      'load_weight': 0.0,
-    }
-  )
-  results = []
   # Dense; each device's examples dispatched; the busiest device's not
   # fitting, so that all of them compute densely.
-  for capacity, fell_back in (
-    (None, None),
-    (busiest, False),
-    (busiest - 1, True),
-  ):
-    bounds = {}
-    if capacity is not None:
-      bounds = {'dispatch_capacity': capacity, 'dispatch_axis_name': steps.AXIS}
-    step = jax.pmap(
-      functools.partial(
-        steps.train_step,
-        loss_config=loss_config,
-        task_kinds=('binary', 'regression'),
-        model=model.clone(**bounds),
-      ),
-      axis_name=steps.AXIS,
-      in_axes=(0, 0, None),
+  (want, _), (got, metrics), (fell_back, fallback_metrics) = (
+    helpers.dispatched_train_steps(
+      model,
+      state,
+      sharded,
+      ('binary', 'regression'),
+      (None, busiest, busiest - 1),
     )
-    new_state, metrics = step(
-      flax.jax_utils.replicate(state), sharded, jax.random.key(5)
-    )
-    if fell_back is not None:
-      np.testing.assert_array_equal(metrics['dispatch_dense'], [fell_back] * 4)
-      assert int(metrics['dispatch_load'][0][0]) == busiest
-    results.append(jax.tree.map(lambda x: np.asarray(x)[0], new_state.params))
-  for result in results[1:]:
+  )
+  np.testing.assert_array_equal(metrics['dispatch_dense'], [False] * 4)
+  np.testing.assert_array_equal(fallback_metrics['dispatch_dense'], [True] * 4)
+  for m in (metrics, fallback_metrics):
+    assert int(m['dispatch_load'][0][0]) == busiest
+  for result in (got, fell_back):
     jax.tree.map(
       functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
       result,
-      results[0],
+      want,
     )
 
 

@@ -365,7 +365,6 @@ def test_the_dispatched_cnn_step_on_four_devices_equals_the_dense_step():
   device past its capacity (all fall back), the dense step's parameters
   and running averages; these, each expert's nn.BatchNorm statistics over
   each device's routed examples, averaged over the devices."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
 
   from dselect_jax import factory  # pylint: disable=g-import-not-at-top
@@ -388,45 +387,16 @@ def test_the_dispatched_cnn_step_on_four_devices_equals_the_dense_step():
   mask = np.asarray(dispatch.routed(aux['expert_weights'])).reshape(4, 4, 4)
   busiest = int(mask.sum(axis=1).max())  # Over devices and experts.
   assert 2 <= busiest < 4  # Capacity 1 then falls back.
-  loss_config = ml_collections.ConfigDict(
-    {
-      'name': 'cross_entropy',
-      'label_smoothing': 0.0,
-      'entropy_weight': 0.1,
-      'entropy_start_step': 0,
-      'entropy_ramp_steps': 0,
-      'reachability_weight': 0.0,
-      'importance_weight': 0.0,
-      'load_weight': 0.0,
-    }
+  # Dense; dispatched; one device past its capacity, so all fall back.
+  (want, _), (got, metrics), (fell_back, fallback_metrics) = (
+    helpers.dispatched_train_steps(
+      model, state, sharded, ('classification',) * 2, (None, busiest, 1)
+    )
   )
-  results = []
-  for capacity, fell_back in ((None, None), (busiest, False), (1, True)):
-    bounds = {}
-    if capacity is not None:
-      bounds = {'dispatch_capacity': capacity, 'dispatch_axis_name': steps.AXIS}
-    step = jax.pmap(
-      functools.partial(
-        steps.train_step,
-        loss_config=loss_config,
-        task_kinds=('classification', 'classification'),
-        model=model.clone(**bounds),
-      ),
-      axis_name=steps.AXIS,
-      in_axes=(0, 0, None),
-    )
-    new_state, metrics = step(
-      flax.jax_utils.replicate(state), sharded, jax.random.key(5)
-    )
-    if fell_back is not None:
-      np.testing.assert_array_equal(metrics['dispatch_dense'], [fell_back] * 4)
-    results.append(
-      jax.tree.map(
-        lambda x: np.asarray(x)[0], (new_state.params, new_state.batch_stats)
-      )
-    )
-  for result in results[1:]:
-    jax.tree.map(CLOSE, result, results[0])
+  np.testing.assert_array_equal(metrics['dispatch_dense'], [False] * 4)
+  np.testing.assert_array_equal(fallback_metrics['dispatch_dense'], [True] * 4)
+  for result in (got, fell_back):
+    jax.tree.map(CLOSE, result, want)
   for e in range(4):
     expert_variables = {
       name: variables[name]['experts'][f'expert_{e}']
@@ -445,5 +415,5 @@ def test_the_dispatched_cnn_step_on_four_devices_equals_the_dense_step():
         mutable=['batch_stats'],
       )
       per_device.append(updates['batch_stats'])
-    want = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *per_device)
-    jax.tree.map(CLOSE, results[0][1]['experts'][f'expert_{e}'], want)
+    expected = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *per_device)
+    jax.tree.map(CLOSE, want[1]['experts'][f'expert_{e}'], expected)

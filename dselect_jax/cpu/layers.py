@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dselect_jax.blocks import batch_norm_variables
 from dselect_jax.blocks import max_pool_2x2
+from dselect_jax.blocks import update_running_averages
 from dselect_jax.cpu import kernels
 
 Array = jax.Array
@@ -189,15 +191,7 @@ class BatchNormReLUPool(nn.Module):
         "BatchNormReLUPool: a mask selects this device's examples; set "
         f'axis_name=None (got {self.axis_name!r}).'
       )
-    c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    ra_mean = self.variable(
-      'batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32)
-    )
-    ra_var = self.variable(
-      'batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32)
-    )
+    scale, bias, ra_mean, ra_var = batch_norm_variables(self, x.shape[-1])
     if self.use_running_average:  # nn.BatchNorm's arithmetic, in its order.
       mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
       return max_pool_2x2(nn.relu((x - ra_mean.value) * mul + bias))
@@ -211,12 +205,5 @@ class BatchNormReLUPool(nn.Module):
         x, scale, bias, mask, self.epsilon
       )
       seen = jnp.any(mask)
-    if not self.is_initializing():
-      m = self.momentum
-      ra_mean.value = jnp.where(
-        seen, m * ra_mean.value + (1 - m) * mean, ra_mean.value
-      )
-      ra_var.value = jnp.where(
-        seen, m * ra_var.value + (1 - m) * var, ra_var.value
-      )
+    update_running_averages(self, ra_mean, ra_var, mean, var, seen)
     return y
