@@ -417,3 +417,41 @@ def test_the_dispatched_cnn_step_on_four_devices_equals_the_dense_step():
       per_device.append(updates['batch_stats'])
     expected = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *per_device)
     jax.tree.map(CLOSE, want[1]['experts'][f'expert_{e}'], expected)
+
+
+def test_the_vmapped_bank_takes_the_mask_as_the_loop_does():
+  """Each expert's rows of the mask, on shared inputs and on its own:
+  the same outputs and running averages from the same (stacked)
+  variables."""
+  rng = np.random.default_rng(8)
+  images = jnp.asarray(rng.normal(size=(2, 4, 16, 16, 1)), jnp.float32)
+  mask = jnp.asarray([[1, 0, 1, 1], [0, 1, 1, 0]], bool)
+  loop = experts.ExpertBank(2)
+  variables = loop.init(jax.random.key(0), images[0], train=False)
+
+  def stack(bank_variables):  # The bank's own variables, stacked.
+    moe = {name: {'experts': tree} for name, tree in bank_variables.items()}
+    stacked = experts.stack_expert_variables(moe, num_experts=2)
+    return {name: tree['experts'] for name, tree in stacked.items()}
+
+  stacked = stack(dict(variables))
+  vmapped = experts.VmappedExpertBank(2)
+  for x, own in ((images[0], False), (images, True)):
+    want, want_stats = loop.apply(
+      variables,
+      x,
+      train=True,
+      per_expert_inputs=own,
+      mask=mask,
+      mutable=['batch_stats'],
+    )
+    got, got_stats = vmapped.apply(
+      stacked,
+      x,
+      train=True,
+      per_expert_inputs=own,
+      mask=mask,
+      mutable=['batch_stats'],
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    jax.tree.map(CLOSE, got_stats, stack(want_stats))
