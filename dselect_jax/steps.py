@@ -41,8 +41,11 @@ LAYOUTS = ('capacity', 'blocks', 'ragged')
 # What a dispatched model reports of its routing (``dispatch_report``).
 DISPATCH_REPORT = ('dispatch_load', 'dispatch_dense')
 # The Dispatcher compiles new bounds once the load stops falling: at
-# least this fraction of the last look's.
+# least this fraction of the largest of the last SETTLE_LOOKS looks' (in
+# the dense phase, gates-only looks 50 batches apart: a load falling a
+# few percent a look still falls).
 SETTLED = 0.9
+SETTLE_LOOKS = 3
 
 
 # Aux terms with a loss weight; other aux entries are diagnostics.
@@ -376,7 +379,8 @@ class Dispatcher:
   gates saturate, the load falls from one look to the next, and the
   bounds of a passing load would compile for nothing: new bounds compile
   once the load stops falling (bounds that hold the last look's, and a
-  load at least ``SETTLED`` of the last look's). With several processes
+  load at least ``SETTLED`` of the largest of the last ``SETTLE_LOOKS``
+  looks'). With several processes
   every process must run the same program at each step, so there they
   compile in the foreground, at the first batch that needs them.
 
@@ -450,7 +454,8 @@ class Dispatcher:
     self._seen = None  # The loads and batch the bounds were decided for.
     self._key, self._what = None, ''
     self._settled = False  # Whether the load stopped falling (_decide).
-    self._needed = 0  # The rows, blocks or slots the last look needed.
+    # The rows, blocks or slots the last looks needed.
+    self._needed = collections.deque(maxlen=SETTLE_LOOKS)
     self.bounds = 'unset'  # The last batch's: a dict of the model's fields.
     self.dispatched = 0  # Batches that ran on the routed examples only,
     self.fallbacks = 0  # and those that did not fit and ran densely.
@@ -630,8 +635,8 @@ class Dispatcher:
       self._what = what
     key = None if bounds is None else tuple(sorted(bounds.items()))
     previous, self._key = self._key, key
-    falling = needed < SETTLED * self._needed
-    self._needed = needed
+    falling = needed < SETTLED * max(self._needed, default=0)
+    self._needed.append(needed)
     self._settled = (
       None not in (key, previous)
       and _covers(dict(key), dict(previous))

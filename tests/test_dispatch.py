@@ -576,15 +576,16 @@ def test_the_dispatcher_compiles_new_bounds_ahead_while_others_run():
   assert tighter == dispatch.capacity_for(16, _DENSE_BLOCKS, minimum=1)
   assert tighter < looser < first
   bounds, compiling = [], []
-  for needed in (24, 16, 12, 12, 12, 12):
+  for needed in (24, 16, 12, 12, 12, 12, 12, 12):
     load[2] = needed
     run(1)
     bounds.append(dispatcher.bounds['dispatch_blocks'])
     compiling.append(made.count(tighter))
-  assert bounds == [first, first, looser, tighter, tighter, tighter]
-  # Passing: 24 blocks, then 16, then 12 (a tenth below), then 12 again.
-  assert compiling == [0, 0, 0, 0, 0, 1] and looser not in made
-  assert ran[4:] == [first] * 6
+  assert bounds == [first, first, looser] + [tighter] * 5
+  # Passing: 24 blocks, then 16, then 12s: the tighter bounds compile once
+  # the last SETTLE_LOOKS looks before this one all needed 12.
+  assert compiling == [0] * 7 + [1] and looser not in made
+  assert ran[4:] == [first] * 8
   go[tighter].set()
   dispatcher.wait()
   run(1)
