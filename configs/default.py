@@ -79,10 +79,10 @@ def get_config() -> ml_collections.ConfigDict:
   # weighs it for (steps.Dispatcher; exact, and kept only where it timed
   # faster than the dense step), in training and evaluation. In training
   # the CNN experts' BatchNorm then normalizes over each expert's routed
-  # examples (models.MultiTaskMoE.routed_statistics), in every step: the
-  # whole batch's statistics until the gates saturate. It needs per-example
-  # gates, so it is off here and on in the per-example recipes where it
-  # pays (configs/movielens_experts64.py; results/benchmarks/
+  # examples on each device (models.MultiTaskMoE.routed_statistics), in
+  # every step: the device's whole batch until the gates saturate. It needs
+  # per-example gates, so it is off here and on in the per-example recipes
+  # where it pays (configs/movielens_experts64.py; results/benchmarks/
   # dispatch_speed_*.md).
   config.model.sparse_dispatch = False
   # Evaluate the loop's experts as one computation (models.

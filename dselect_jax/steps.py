@@ -380,9 +380,9 @@ class Dispatcher:
   bounds of a passing load would compile for nothing: new bounds compile
   once the load stops falling (bounds that hold the last look's, and a
   load at least ``SETTLED`` of the largest of the last ``SETTLE_LOOKS``
-  looks'). With several processes
-  every process must run the same program at each step, so there they
-  compile in the foreground, at the first batch that needs them.
+  looks'). With several processes every process must run the same
+  program at each step, so there they compile in the foreground, at the
+  first batch that needs them.
 
   Whether dispatch pays depends on the experts and the machine (small MLP
   experts at E = 8 run faster densely on XLA:CPU, where the routing's
