@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 from typing import Any, Optional
+import warnings
 
 from absl import logging
 import jax
@@ -577,7 +578,9 @@ def _silence_abandoned_reads():
   wanted, so once checkpoints are opened the hook drops exactly those: the
   closed loop's error raised with no object, and errors of Orbax's
   coroutines; asyncio's log of futures whose read error nobody retrieved
-  is filtered too. Anything else still goes where it went.
+  is filtered too, and the warning that Orbax's array-metadata read
+  (``Store._get_array_metadatas``) was never awaited, which interpreter
+  shutdown sometimes prints. Anything else still goes where it went.
   """
   previous = sys.unraisablehook
   if getattr(previous, 'drops_abandoned_reads', False):
@@ -598,6 +601,11 @@ def _silence_abandoned_reads():
 
   hook.drops_abandoned_reads = True
   sys.unraisablehook = hook
+  warnings.filterwarnings(
+    'ignore',
+    message=r"coroutine 'Store\._get_array_metadatas' was never awaited",
+    category=RuntimeWarning,
+  )
   py_logging.getLogger('asyncio').addFilter(_abandoned_read_logs)
 
 
