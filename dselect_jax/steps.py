@@ -46,6 +46,11 @@ DISPATCH_REPORT = ('dispatch_load', 'dispatch_dense')
 # few percent a look still falls).
 SETTLED = 0.9
 SETTLE_LOOKS = 3
+# Once its window is full, the Dispatcher's bounds hold all but this many
+# of the window's batches: a batch past them falls back inside the
+# dispatched program, and the looser bounds (a program compiling for tens
+# of seconds) come only at the SPIKES + 1-th such batch in the window.
+SPIKES = 2
 
 
 # Aux terms with a loss weight; other aux entries are diagnostics.
@@ -363,10 +368,12 @@ class Dispatcher:
   just started): the bucket (``dispatch.capacity_for``: a half, a
   quarter, ... of the dense rows) of the largest of the last ``window``
   batches, and the largest fanout of the last ``8 * window``
-  (``dispatch.fanout_bound``). So the bounds loosen at the first batch
-  past them and tighten only once that many batches in a row fit tighter
-  ones: fewer programs, and few batches that fall back. One compiled step
-  per pair of bounds, kept.
+  (``dispatch.fanout_bound``); once a window is full, the largest but its
+  ``SPIKES`` largest (``_needed_by``). So the bounds loosen at the
+  ``SPIKES + 1``-th batch of a window past them (the ones before fall
+  back inside the program) and tighten only once that many batches in a
+  row fit tighter ones: fewer programs, and few batches that fall back.
+  One compiled step per pair of bounds, kept.
 
   Each program holds the dense fallback too, and an E = 64 train step's
   takes tens of seconds to compile here (40-60 s each beside the
@@ -595,8 +602,10 @@ class Dispatcher:
   def _decide(self, per_device: int) -> None:
     """The bounds for the recent loads (only when they changed: the host's
     time per step is the steps' own when they are small)."""
-    busiest, _, _, blocks = np.max(np.array(self._recent), axis=0)
-    fanout = max(self._fanouts)
+    busiest, _, _, blocks = (
+      _needed_by(column, self._recent.maxlen) for column in zip(*self._recent)
+    )
+    fanout = _needed_by(self._fanouts, self._fanouts.maxlen)
     rows = per_device * self.model.num_experts  # Of the dense step.
     # Examples read back their rows (a gather) while few experts serve
     # each; past that (examples not yet saturated), rows are scattered.
@@ -686,6 +695,15 @@ class Dispatcher:
       return out
 
     return run
+
+
+def _needed_by(values, window: int) -> int:
+  """What the bounds must hold of the recent batches' ``values`` (a
+  window of at most ``window``): the largest, or once the window is full,
+  the largest but its ``SPIKES`` largest."""
+  values = sorted(values)
+  spikes = min(SPIKES, len(values) - 1) if len(values) == window else 0
+  return int(values[-1 - spikes])
 
 
 def _shape_of(x):

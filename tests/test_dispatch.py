@@ -515,6 +515,45 @@ def test_dense_batches_amid_dispatched_ones_keep_the_recent_loads():
   assert fanouts == [bounded, bounded, None, None, None, None]
 
 
+def test_the_dispatcher_loosens_at_the_third_batch_past_its_bounds():
+  """With a window of 4 batches full of loads that fit 8 blocks, batches
+  that need 12 (a bucket of 16) keep the 8-block bounds for two batches
+  of the window (they fall back inside the program) and loosen them at
+  the third; fanouts likewise, over their window of 32 looks."""
+  model, state, batch, (busiest, _, _) = _saturated_routing(1e5)
+  assert steps.SPIKES == 2
+  load = [busiest, 2, 8]  # What the dispatched steps report.
+
+  def make_step(model):
+    def step():
+      return {} if model.dispatch_blocks is None else _report(*load)
+
+    return step
+
+  dispatcher = steps.Dispatcher(
+    model, make_step, window=4, measure=0, compile_ahead=False
+  )
+
+  def bounds_after(blocks, fanout, calls):
+    load[1:] = [fanout, blocks]
+    got = []
+    for _ in range(calls):
+      dispatcher.observe(dispatcher(state, batch)())
+      bounds = dispatcher.bounds
+      got.append((bounds['dispatch_blocks'], bounds['dispatch_fanout']))
+    return got
+
+  # The gates-only look, then reports of 8 blocks and fanout 2 until both
+  # windows hold nothing else. Reports are read two calls late.
+  assert bounds_after(8, 2, 40)[-1] == (8, 2)
+  # Reports of 12 blocks: the bounds follow at the third one read.
+  assert bounds_after(12, 2, 5) == [(8, 2)] * 4 + [(16, 2)]
+  # Back to 8: 16 until at most two 12s are left in the window.
+  assert bounds_after(8, 2, 5) == [(16, 2)] * 3 + [(8, 2)] * 2
+  # A fanout of 3 (bound 4): the fanout bound follows at the third too.
+  assert bounds_after(8, 3, 5) == [(8, 2)] * 4 + [(8, 4)]
+
+
 def test_the_dispatcher_compiles_new_bounds_ahead_while_others_run():
   """Steps whose compilation waits for the test's go: while a pair of
   bounds compiles (in the Dispatcher's thread, for the shapes of the
