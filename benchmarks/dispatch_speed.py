@@ -1,13 +1,17 @@
 """Per-example DSelect-k: dense against sparse dispatch, as E grows.
 
   python benchmarks/dispatch_speed.py [--experts=8,16,32,64] [--batches=256]
-      [--kinds=mlp,cnn] [--modes=train,eval] [--rounds=5] [--steps=5]
-      [--out=FILE] [--plot=PNG]
+      [--kinds=mlp,cnn] [--modes=train,eval] [--routing=spread]
+      [--rounds=5] [--steps=5] [--out=FILE] [--plot=PNG]
 
 The multi-task MoE with per-example DSelect-k gates (T = 2 tasks, k = 2),
 its gates saturated (bit logits scaled far outside [-gamma/2, gamma/2], so
-each example routes to at most T·k experts, unevenly, as trained gates
-do), on one device. ``mlp``: the recommender's MLP experts on 64 features;
+each example routes to at most T·k experts), on one device. ``--routing``:
+``spread``, the scaled logits of the initial gates (the routing spreads
+unevenly over all experts), or ``few``, every selector's bits but its
+lowest fixed (a random value each), so that each of the T·k selectors
+picks one of 2 experts per example, at most 2·T·k experts used whatever
+E: what trained gates do, which send most examples to a few experts. ``mlp``: the recommender's MLP experts on 64 features;
 ``cnn``: the MultiMNIST CNN experts on 36x36 images (trained dispatched
 with BatchNorm over each expert's routed examples,
 ``MultiTaskMoE.routed_statistics``, as ``model.sparse_dispatch`` trains
@@ -17,7 +21,9 @@ forward pass.
 The sparse contenders run through ``steps.Dispatcher``, as training and
 evaluation do, each with one layout and dispatching whenever a bucket is
 below the batch: ``capacity``, a slot per routed example in each
-expert's capacity bucket (``dispatch_capacity``, any expert); ``blocks``,
+expert's capacity bucket (``dispatch_capacity``, any expert);
+``buckets``, a bucket per expert sized by its own load, none for unused
+experts (``dispatch_buckets``, experts in the loop bank); ``blocks``,
 the routed pairs in blocks of rows, one expert's each
 (``dispatch_blocks``, MLP experts); ``ragged``, the routed pairs as
 grouped matmuls (``jax.lax.ragged_dot``, ``dispatch_pairs``, MLP
@@ -38,6 +44,7 @@ the routed examples) where they build.
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import sys
@@ -48,6 +55,7 @@ from absl import flags
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dselect_jax import cli
 from dselect_jax import dispatch
@@ -60,6 +68,9 @@ _EXPERTS = flags.DEFINE_list('experts', ['8', '16', '32', '64'], 'E values.')
 _BATCHES = flags.DEFINE_list('batches', ['256'], 'Batch sizes.')
 _KINDS = flags.DEFINE_list('kinds', ['mlp', 'cnn'], 'Experts: mlp, cnn.')
 _MODES = flags.DEFINE_list('modes', ['train', 'eval'], 'train, eval.')
+_ROUTING = flags.DEFINE_list(
+  'routing', ['spread'], 'Saturated routing: spread, few (see above).'
+)
 _ROUNDS = flags.DEFINE_integer(
   'rounds', 5, 'Alternating windows of each contender.', lower_bound=1
 )
@@ -159,12 +170,20 @@ def _inputs(kind: str, batch: int) -> jax.Array:
   return jax.random.normal(key, (batch, 36, 36, 1))
 
 
-def _saturated(model, x):
+def _saturated(model, x, routing: str):
   variables = flax.core.unfreeze(model.init(jax.random.key(0), x, train=False))
+  bits = (model.num_experts - 1).bit_length()  # M per selector.
+  rng = np.random.default_rng(0)
   for name, gate in variables['params'].items():
     if name.startswith('gate_'):
+      z = gate['z_logits']
       for leaf in ('kernel', 'bias'):
-        gate['z_logits'][leaf] = gate['z_logits'][leaf] * 1000
+        z[leaf] = z[leaf] * 1000
+      if routing == 'few':  # Bits 1.. of each selector fixed: 2 experts.
+        fixed = np.arange(z['bias'].shape[-1]) % bits != 0  # (K*M,)
+        signs = rng.choice([-1e4, 1e4], size=fixed.shape)
+        z['kernel'] = jnp.where(fixed, 0.0, z['kernel'])
+        z['bias'] = jnp.where(fixed, signs, z['bias'])
   return variables
 
 
@@ -201,10 +220,12 @@ class _State(NamedTuple):
   params: Any  # What steps.routing_load reads.
 
 
-def _contenders(kind: str, num_experts: int, batch: int, mode: str):
+def _contenders(
+  kind: str, num_experts: int, batch: int, mode: str, routing: str
+):
   model = _model(kind, num_experts)
   x = _inputs(kind, batch)
-  variables = _saturated(model, x)
+  variables = _saturated(model, x, routing)
   dense = _work(model, mode)
   # The dispatched CNN experts evaluate fused, on the kernels where built,
   # and train on model.conv='auto''s convolutions and blocks, BatchNorm over
@@ -250,13 +271,16 @@ def _contenders(kind: str, num_experts: int, batch: int, mode: str):
     **_dense_variants(kind, num_experts, mode, variables),
     'capacity': (sparse('capacity'), variables),
   }
+  if models.bucketed_experts(dispatched):
+    contenders['buckets'] = (sparse('buckets'), variables)
   if models.ragged_experts(model):
     contenders['blocks'] = (sparse('blocks'), variables)
     contenders['ragged'] = (sparse('ragged'), variables)
   contenders['chosen'] = (sparse('auto', measure=3), variables)
   weights = models.per_example_weights(model, variables['params'], x)
-  busiest = int(jnp.max(dispatch.counts(weights)))
-  return contenders, x, busiest
+  counts = dispatch.counts(weights)
+  load = (int(jnp.max(counts)), int(jnp.sum(counts > 0)))
+  return contenders, x, load
 
 
 def _window(fn, variables, x, steps: int) -> float:
@@ -274,6 +298,7 @@ def main(argv):
   for name, values, allowed in (
     ('kinds', _KINDS.value, ('mlp', 'cnn')),
     ('modes', _MODES.value, ('train', 'eval')),
+    ('routing', _ROUTING.value, ('spread', 'few')),
   ):
     if not values or set(values) - set(allowed):
       raise cli.UsageError(
@@ -289,46 +314,42 @@ def main(argv):
     'k = 2, saturated per-example DSelect-k gates; median of '
     f'{_ROUNDS.value} alternating windows of {_STEPS.value} calls',
     '',
-    '| experts | E | batch | mode | busiest expert / batch | fastest dense '
-    'examples/s | capacity examples/s (x dense) | blocks (x dense) | '
-    'ragged (x dense) | the Dispatcher, measured choice (x dense) |',
-    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+    '| experts | E | batch | mode | routing | busiest expert / batch, '
+    'experts used | fastest dense examples/s | capacity examples/s (x '
+    'dense) | buckets (x dense) | blocks (x dense) | ragged (x dense) | '
+    'the Dispatcher, measured choice (x dense) |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
   ]
   print('\n'.join(lines), flush=True)
-  panels = {}  # (kind, mode, batch) -> {contender: [(E, examples/s)]}
-  for kind in _KINDS.value:
-    for mode in _MODES.value:
-      for batch in batches:
-        for num_experts in expert_counts:
-          contenders, x, busiest = _contenders(kind, num_experts, batch, mode)
-          for fn, variables in contenders.values():  # Compile, measure.
-            for _ in range(8):
-              jax.block_until_ready(fn(variables, x))
-          rates = {name: [] for name in contenders}
-          for _ in range(_ROUNDS.value):
-            for name, (fn, variables) in contenders.items():
-              rates[name].append(
-                batch * _window(fn, variables, x, _STEPS.value)
-              )
-          median = {n: statistics.median(r) for n, r in rates.items()}
-          fastest = max(
-            (n for n in median if n.startswith('dense')), key=median.get
-          )
-          base = median[fastest]
-          cells = [
-            f'{median[n]:.0f} (x{median[n] / base:.2f})' if n in median else '-'
-            for n in ('capacity', 'blocks', 'ragged', 'chosen')
-          ]
-          lines.append(
-            f'| {kind} | {num_experts} | {batch} | {mode} | {busiest} / '
-            f'{batch} | {base:.0f} ({fastest[7:-1]}) | {cells[0]} | '
-            f'{cells[1]} | {cells[2]} | {cells[3]} |'
-          )
-          print(lines[-1], flush=True)
-          panel = panels.setdefault((kind, mode, batch), {})
-          for name, rate in (('fastest dense', base), *median.items()):
-            if not name.startswith('dense'):
-              panel.setdefault(name, []).append((num_experts, rate))
+  panels = {}  # (kind, mode, batch, routing) -> {contender: [(E, rate)]}
+  for kind, mode, batch, routing, num_experts in itertools.product(
+    _KINDS.value, _MODES.value, batches, _ROUTING.value, expert_counts
+  ):
+    contenders, x, load = _contenders(kind, num_experts, batch, mode, routing)
+    for fn, variables in contenders.values():  # Compile, measure.
+      for _ in range(8):
+        jax.block_until_ready(fn(variables, x))
+    rates = {name: [] for name in contenders}
+    for _ in range(_ROUNDS.value):
+      for name, (fn, variables) in contenders.items():
+        rates[name].append(batch * _window(fn, variables, x, _STEPS.value))
+    median = {n: statistics.median(r) for n, r in rates.items()}
+    fastest = max((n for n in median if n.startswith('dense')), key=median.get)
+    base = median[fastest]
+    cells = [
+      f'{median[n]:.0f} (x{median[n] / base:.2f})' if n in median else '-'
+      for n in ('capacity', 'buckets', 'blocks', 'ragged', 'chosen')
+    ]
+    lines.append(
+      f'| {kind} | {num_experts} | {batch} | {mode} | {routing} | '
+      f'{load[0]} / {batch}, {load[1]} | {base:.0f} '
+      f'({fastest[7:-1]}) | {" | ".join(cells)} |'
+    )
+    print(lines[-1], flush=True)
+    panel = panels.setdefault((kind, mode, batch, routing), {})
+    for name, rate in (('fastest dense', base), *median.items()):
+      if not name.startswith('dense'):
+        panel.setdefault(name, []).append((num_experts, rate))
   if _OUT.value:
     with open(_OUT.value, 'w') as f:
       f.write('\n'.join(lines) + '\n')
@@ -347,14 +368,14 @@ def _draw(panels, path: str) -> None:
   fig, axes = plt.subplots(
     1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False
   )
-  for ax, ((kind, mode, batch), lines) in zip(axes[0], panels.items()):
+  for ax, ((kind, mode, batch, routing), lines) in zip(axes[0], panels.items()):
     for name, points in lines.items():
       e, rate = zip(*points)
       style = '--' if name == 'fastest dense' else '-'
       ax.plot(e, rate, style, marker='o', label=name)
     ax.set_xscale('log', base=2)
     ax.set_yscale('log')
-    ax.set_title(f'{kind} experts, {mode}, batch {batch}')
+    ax.set_title(f'{kind} experts, {mode}, batch {batch}, {routing} routing')
     ax.set_xlabel('experts E (k = 2, T = 2)')
     ax.set_ylabel('examples/s')
     ax.grid(True, which='both', alpha=0.3)

@@ -10,18 +10,23 @@ example's mixture, and (DSelect-k's smooth step being flat outside
 factor) exactly 0 to every gradient, so leaving it out changes nothing
 but the order of float sums.
 
-Shapes stay static under jit through bounds, in one of two layouts. A
+Shapes stay static under jit through bounds, in one of three layouts. A
 capacity C (``slots``): expert e gets the first C examples routed to it,
 in batch order (each example's rank from a running count of the routing
 mask), padded with example 0 and masked; any expert module runs on its
-(C, ...) inputs, but C must hold the busiest expert's examples. Blocks
+(C, ...) inputs, but C must hold the busiest expert's examples. A bucket
+per expert (``bucket_rows``): the same with C_e slots for expert e, 0 for
+an expert no example uses, so the rows follow each expert's load (the
+way for trained gates, which route most examples to a few experts);
+experts run one by one, each on its own rows (the loop bank). Blocks
 (``block_rows``): the routed pairs sorted by expert into N blocks of
 ``BLOCK`` rows, each block one expert's, so the rows follow the number
 of routed pairs however unevenly they load the experts; for experts that
-are matmuls (``MLPExpert.block_bank``). In both, a fanout R: each example
+are matmuls (``MLPExpert.block_bank``). In each, a fanout R: each example
 reads back the outputs of at most R experts (``combine``; T·k once
 DSelect-k saturates). The caller picks the bounds from the routing of
-recent batches (``capacity_for``, ``fanout``, ``block_counts``), and the
+recent batches (``capacity_for``, ``bucket_for``, ``fanout``,
+``block_counts``), and the
 model computes a batch that does not fit them densely
 (``MultiTaskMoE``), so nothing is ever dropped.
 
@@ -32,16 +37,17 @@ which the dense fallback computes too); in evaluation every expert
 computes what the dense bank does.
 
 Shape legend: B batch, T tasks, E experts, C capacity (examples per
-expert), N blocks of G = ``BLOCK`` rows, R fanout (experts per example),
+expert; C_e expert e's bucket), N blocks of G = ``BLOCK`` rows, R fanout (experts per example),
 M flattened rows, H expert output features.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -198,6 +204,37 @@ def slot_rows(mask: Array, capacity: int) -> tuple[Array, Array]:
   position = positions(mask)  # (B, E)
   row = jnp.arange(mask.shape[1])[None, :] * capacity + position
   return row, mask & (position < capacity)
+
+
+def bucket_for(needed: int, dense: int, minimum: int = 8) -> int:
+  """One expert's bucket (``bucket_rows``) for ``needed`` routed examples
+  of a batch of ``dense``: 0 for none, else the smallest of dense,
+  dense / 2, dense / 4, ... that holds them, not below ``minimum`` unless
+  dense is. Halves, as ``capacity_for``'s, so that few programs are
+  compiled."""
+  if needed < 0 or dense < 1 or needed > dense:
+    raise ValueError(
+      f'bucket_for: needed={needed} must be in [0, dense] and dense={dense} '
+      '>= 1.'
+    )
+  if needed == 0:
+    return 0
+  bucket = dense
+  while bucket // 2 >= max(needed, minimum):
+    bucket //= 2
+  return int(bucket)
+
+
+def bucket_rows(mask: Array, buckets: Sequence[int]) -> tuple[Array, Array]:
+  """The rows of a bucket per expert: expert e's first ``buckets[e]``
+  routed examples (``slots``), the experts' buckets one after another
+  (none for an expert whose bucket is 0), flattened. Each routed pair's
+  row there, (B, E) int32, and whether it has one, (B, E) bool (its rank
+  below its expert's bucket): for ``combine``."""
+  offsets = np.concatenate([[0], np.cumsum(buckets)[:-1]]).astype(np.int32)
+  position = positions(mask)  # (B, E)
+  row = jnp.asarray(offsets)[None, :] + position
+  return row, mask & (position < jnp.asarray(buckets, jnp.int32)[None, :])
 
 
 def block_counts(mask: Array, block: int) -> Array:

@@ -271,19 +271,50 @@ class ExpertBank(nn.Module):
   @nn.compact
   def __call__(
     self,
-    x: Array,
+    x: Array | Mapping[int, Array],
     *,
     train: bool,
     per_expert_inputs: bool = False,
-    mask: Optional[Array] = None,
-  ) -> Array:
+    mask: Optional[Array | Mapping[int, Array]] = None,
+  ) -> Array | dict[int, Array]:
     """``x`` (B, ...) shared by the experts, or with
     ``per_expert_inputs`` (E', C, ...), row e for the e-th computed expert
     (sparse dispatch, ``dispatch.gather``) -> (E', B or C, H). ``mask``
     (E', B or C) bool: in training, the examples each expert's batch
     statistics are over (experts with ``BATCH_STATISTICS``: the routed
-    ones, ``MultiTaskMoE.routed_statistics``)."""
+    ones, ``MultiTaskMoE.routed_statistics``).
+
+    Or ``x`` a mapping {e: (C_e, ...)}, each expert's own rows (a bucket
+    per expert, ``dispatch.bucket_rows``), ``mask`` likewise {e: (C_e,)}
+    -> {e: (C_e, H)}: only those experts computed (each one an ``active``
+    one). The batched ways (``fused_eval``, ``padded_bank``) run once per
+    group of experts with buckets of one size."""
     active = range(self.num_experts) if self.active is None else self.active
+    if isinstance(x, Mapping):
+      _check_buckets(self, x, mask, active)
+      batched = None  # Else the loop, which also creates the variables.
+      initializing = self.is_initializing()
+      if not initializing and hasattr(self.expert, 'padded_bank'):
+        batched = self.expert.padded_bank
+      elif not initializing and self.fused_eval and not train:
+        batched = functools.partial(
+          self.expert.evaluate_bank,
+          conv_relu_pool=self.eval_block,
+          per_expert_inputs=True,
+        )
+      outputs = {}
+      if batched is not None:
+        for size in sorted({rows.shape[0] for rows in x.values()}):
+          group = tuple(e for e in sorted(x) if x[e].shape[0] == size)
+          stacked = jnp.stack([x[e] for e in group])  # (E_g, C_e, ...)
+          outputs.update(zip(group, batched(self.variables, stacked, group)))
+        return outputs
+      for e in sorted(x):
+        masked = {} if mask is None or not train else {'mask': mask[e]}
+        outputs[e] = self.expert(**self.expert_kwargs, name=f'expert_{e}')(
+          x[e], train=train, **masked
+        )
+      return outputs
     _check_mask(self, mask, x, len(active), per_expert_inputs)
     # Each expert's row of the mask, where one is given and used.
     masked = lambda i: {} if mask is None or not train else {'mask': mask[i]}
@@ -334,6 +365,34 @@ def _check_mask(bank, mask, x, num_experts: int, per_expert_inputs: bool):
     )
 
 
+def _check_buckets(bank, x, mask, active):
+  """A clear error for a bucket per expert the bank cannot run: experts
+  it does not compute, or a mask not one entry per row of each."""
+  unknown = sorted(set(x) - set(active))
+  if not x or unknown:
+    raise ValueError(
+      f'{type(bank).__name__}: a bucket per expert needs at least one '
+      f'expert, each of them computed by the bank ({tuple(active)}); got '
+      f'{sorted(x)}.'
+    )
+  if mask is None:
+    return
+  if not getattr(bank.expert, 'BATCH_STATISTICS', False):
+    raise ValueError(
+      f'{type(bank).__name__}: a mask restricts batch statistics, and '
+      f'{getattr(bank.expert, "__name__", bank.expert)} has none; pass '
+      'mask=None.'
+    )
+  shapes = {e: jnp.shape(m) for e, m in dict(mask).items()}
+  if shapes != {e: (rows.shape[0],) for e, rows in x.items()}:
+    raise ValueError(
+      f'{type(bank).__name__}: with a bucket per expert the mask must map '
+      'the same experts to one entry per row of theirs; got shapes '
+      f'{shapes} for inputs of '
+      f'{ {e: rows.shape[0] for e, rows in x.items()} } rows.'
+    )
+
+
 class _OneExpert(nn.Module):
   """One expert with ``train`` fixed: what VmappedExpertBank maps."""
 
@@ -380,6 +439,11 @@ class VmappedExpertBank(ExpertBank):
     per_expert_inputs: bool = False,
     mask: Optional[Array] = None,
   ) -> Array:
+    if isinstance(x, Mapping):
+      raise ValueError(
+        'VmappedExpertBank: a bucket per expert runs the experts one by one; '
+        'use the loop bank (ExpertBank).'
+      )
     if (per_expert_inputs or mask is not None) and self.active is not None:
       raise ValueError(
         'VmappedExpertBank: per-expert inputs and masks are for all '

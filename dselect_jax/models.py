@@ -34,7 +34,12 @@ from dselect_jax.blocks import truncated_normal_fan_in
 Array = jax.Array
 ModuleFactory = Callable[..., nn.Module]
 # The fields that size a dispatched step, one per layout (at most one set).
-DISPATCH_SIZES = ('dispatch_capacity', 'dispatch_blocks', 'dispatch_pairs')
+DISPATCH_SIZES = (
+  'dispatch_capacity',
+  'dispatch_buckets',
+  'dispatch_blocks',
+  'dispatch_pairs',
+)
 
 
 class MLPTower(nn.Module):
@@ -105,15 +110,23 @@ class MultiTaskMoE(nn.Module):
       the dense ones always; ``aux['dispatch_load']`` holds the busiest
       expert's examples, the largest fanout and the blocks
       ``dispatch_blocks`` would need, (3,), from which the
-      caller picks the bounds (``steps.Dispatcher``), and
+      caller picks the bounds (``steps.Dispatcher``), each expert's
+      examples, (E,), in ``aux['dispatch_counts']``, and
       ``aux['dispatch_dense']`` whether the batch fell back. None computes
       every expert on every example, with no routing first.
+    dispatch_buckets: the same with a bucket per expert, (E,) ints >= 0:
+      expert e on at most ``dispatch_buckets[e]`` of its routed examples,
+      none for 0 (``dispatch.bucket_rows``), so the rows follow each
+      expert's load and the experts no example uses are skipped (trained
+      gates route most examples to a few experts, where a capacity must
+      hold the busiest). Experts in the loop bank (``ExpertBank``), each
+      on its own rows.
     dispatch_blocks: the same for ``MLPExpert``s in the loop bank, their
       routed examples in at most this many blocks of ``dispatch.BLOCK``
       rows, each block one expert's (``dispatch.block_rows``): the rows
       follow the routed pairs, however unevenly the gates load the
       experts, where a capacity follows the busiest expert.
-    dispatch_fanout: with either, each example reads back at most this
+    dispatch_fanout: with any of these, each example reads back at most this
       many experts' outputs (``dispatch.combine``, a gather; T·k once
       DSelect-k saturates). None: no bound, the outputs scatter-added to
       their examples instead (``dispatch.combine_pairs``).
@@ -153,6 +166,7 @@ class MultiTaskMoE(nn.Module):
   active_experts: Optional[tuple[int, ...]] = None
   bn_axis_name: Optional[str] = None
   dispatch_capacity: Optional[int] = None
+  dispatch_buckets: Optional[tuple[int, ...]] = None
   dispatch_blocks: Optional[int] = None
   dispatch_fanout: Optional[int] = None
   dispatch_axis_name: Optional[str] = None
@@ -162,7 +176,10 @@ class MultiTaskMoE(nn.Module):
   def __post_init__(self):
     layouts = self._dispatch_layouts
     for name in layouts:
-      check_int(self, name, 1)
+      if name != 'dispatch_buckets':
+        check_int(self, name, 1)
+    if self.dispatch_buckets is not None:
+      self._check_buckets()
     if len(layouts) > 1:
       raise ValueError(
         f'MultiTaskMoE: {" and ".join(layouts)} are different ways to '
@@ -170,10 +187,15 @@ class MultiTaskMoE(nn.Module):
       )
     if self.dispatch_fanout is not None:
       check_int(self, 'dispatch_fanout', 1)
-      if layouts not in (['dispatch_capacity'], ['dispatch_blocks']):
+      if not set(layouts) & {
+        'dispatch_capacity',
+        'dispatch_buckets',
+        'dispatch_blocks',
+      }:
         raise ValueError(
-          'MultiTaskMoE: dispatch_fanout bounds what dispatch_capacity or '
-          'dispatch_blocks dispatches; set one of them too.'
+          'MultiTaskMoE: dispatch_fanout bounds what dispatch_capacity, '
+          'dispatch_buckets or dispatch_blocks dispatches; set one of them '
+          'too.'
         )
     if set(layouts) & {'dispatch_blocks', 'dispatch_pairs'}:
       if not ragged_experts(self):
@@ -225,6 +247,25 @@ class MultiTaskMoE(nn.Module):
       self.gate, self.num_experts, **self.gate_kwargs, parent=None
     )
     super().__post_init__()
+
+  def _check_buckets(self):
+    buckets = self.dispatch_buckets
+    if (
+      not isinstance(buckets, tuple)
+      or len(buckets) != self.num_experts
+      or not all(type(b) is int and b >= 0 for b in buckets)
+      or not any(buckets)
+    ):
+      raise ValueError(
+        'MultiTaskMoE: dispatch_buckets must be a tuple of num_experts = '
+        f'{self.num_experts} ints >= 0 (examples per expert), not all 0; '
+        f'got {buckets!r}.'
+      )
+    if self.bank is not experts_lib.ExpertBank or self.active_experts:
+      raise ValueError(
+        'MultiTaskMoE: dispatch_buckets runs each expert on its own rows: '
+        'it needs the loop bank (ExpertBank) with every expert active.'
+      )
 
   @property
   def per_example(self) -> bool:
@@ -349,15 +390,19 @@ class MultiTaskMoE(nn.Module):
     rather than a select computing both)."""
     fanout = self.dispatch_fanout or self.num_experts
     mask = dispatch.routed(weights)  # (B, E)
+    counts = jnp.sum(mask, axis=0, dtype=jnp.int32)  # (E,)
     blocks = dispatch.block_counts(mask, dispatch.BLOCK)  # (E,)
-    load = jnp.stack(
-      [jnp.max(jnp.sum(mask, axis=0)), dispatch.fanout(mask), jnp.sum(blocks)]
-    )
+    load = jnp.stack([jnp.max(counts), dispatch.fanout(mask), jnp.sum(blocks)])
+    buckets = self.dispatch_buckets
     if self.dispatch_blocks is not None:
       bounds = [x.shape[0], fanout, self.dispatch_blocks]
+    elif buckets is not None:
+      bounds = [x.shape[0], fanout, jnp.inf]
     else:
       bounds = [min(self.dispatch_capacity, x.shape[0]), fanout, jnp.inf]
     fits = jnp.all(load <= jnp.array(bounds))
+    if buckets is not None:
+      fits &= jnp.all(counts <= jnp.asarray(buckets))
     if self.dispatch_axis_name is not None:
       fits = jax.lax.pmin(fits.astype(jnp.int32), self.dispatch_axis_name) > 0
 
@@ -371,6 +416,23 @@ class MultiTaskMoE(nn.Module):
           bank.variables, x[example], expert, self.num_experts
         )  # (N, G, H)
         expert = jnp.broadcast_to(expert[:, None], example.shape)  # (N, G)
+      elif buckets is not None:  # A bucket of slots per expert.
+        used = [e for e, size in enumerate(buckets) if size]
+        example, valid = dispatch.slots(mask, max(buckets))  # (E, C)
+        example = {e: example[e, : buckets[e]] for e in used}  # {e: (C_e,)}
+        valid = {e: valid[e, : buckets[e]] for e in used}
+        outputs = bank(
+          {e: dispatch.gather(x, example[e]) for e in used},
+          train=train,
+          **self._routed(valid, train),
+        )  # {e: (C_e, H)}
+        outputs = jnp.concatenate([outputs[e] for e in used])  # (M, H)
+        expert = jnp.concatenate(
+          [jnp.full(buckets[e], e, jnp.int32) for e in used]
+        )
+        example = jnp.concatenate([example[e] for e in used])
+        valid = jnp.concatenate([valid[e] for e in used])
+        row, kept = dispatch.bucket_rows(mask, buckets)
       else:  # Any experts, a capacity of slots each.
         capacity = bounds[0]
         example, valid = dispatch.slots(mask, capacity)  # (E, C)
@@ -404,7 +466,11 @@ class MultiTaskMoE(nn.Module):
       mixed = dense(self, x, weights, mask)
     else:
       mixed = nn.cond(fits, sparse, dense, self, x, weights, mask)
-    return mixed, {'dispatch_load': load, 'dispatch_dense': ~fits}
+    return mixed, {
+      'dispatch_load': load,
+      'dispatch_counts': counts,
+      'dispatch_dense': ~fits,
+    }
 
 
 class FeatureEmbedding(nn.Module):
@@ -540,6 +606,16 @@ def ragged_experts(model: nn.Module) -> bool:
     return model.active_experts is None
   return (
     model.expert is experts_lib.MLPExpert
+    and model.bank is experts_lib.ExpertBank
+    and model.active_experts is None
+  )
+
+
+def bucketed_experts(model: nn.Module) -> bool:
+  """Whether the experts can run on a bucket each: a MultiTaskMoE's loop
+  bank with every expert active (``MultiTaskMoE.dispatch_buckets``)."""
+  return (
+    isinstance(model, MultiTaskMoE)
     and model.bank is experts_lib.ExpertBank
     and model.active_experts is None
   )

@@ -21,6 +21,8 @@ from __future__ import annotations
 import collections
 from concurrent import futures
 import functools
+import itertools
+import math
 import time
 from typing import Optional
 
@@ -37,20 +39,25 @@ from dselect_jax import tasks
 
 AXIS = 'batch'
 # The Dispatcher's layouts of the routed examples (``Dispatcher``).
-LAYOUTS = ('capacity', 'blocks', 'ragged')
+LAYOUTS = ('capacity', 'buckets', 'blocks', 'ragged')
 # What a dispatched model reports of its routing (``dispatch_report``).
-DISPATCH_REPORT = ('dispatch_load', 'dispatch_dense')
+DISPATCH_REPORT = ('dispatch_load', 'dispatch_counts', 'dispatch_dense')
 # The Dispatcher compiles new bounds once the load stops falling: at
 # least this fraction of the largest of the last SETTLE_LOOKS looks' (in
 # the dense phase, gates-only looks 50 batches apart: a load falling a
 # few percent a look still falls).
 SETTLED = 0.9
 SETTLE_LOOKS = 3
-# Once its window is full, the Dispatcher's bounds hold all but this many
-# of the window's batches: a batch past them falls back inside the
-# dispatched program, and the looser bounds (a program compiling for tens
-# of seconds) come only at the SPIKES + 1-th such batch in the window.
+# The Dispatcher's bounds hold all but this many of the recent batches: a
+# batch past them falls back inside the dispatched program, and looser
+# bounds (a program compiling for tens of seconds) come only at the
+# SPIKES + 1-th such batch (``_needed_by``).
 SPIKES = 2
+# With a bucket per expert, a program compiled for bounds that hold new
+# ones runs them unless the new ones need at most this fraction of its
+# rows: the buckets change with any one expert's load, and a program
+# saving a few of them would not pay for its compilation.
+RECOMPILE_BELOW = 0.75
 
 
 # Aux terms with a loss weight; other aux entries are diagnostics.
@@ -339,17 +346,17 @@ def used_experts(model, state) -> Optional[tuple[int, ...]]:
 def routing_load(model, state, batch) -> jax.Array:
   """Per device: the examples of this shard routed to its busiest expert,
   the routed (example, expert) pairs, the most experts one example is
-  routed to, and the blocks of ``dispatch.BLOCK`` rows they fill, (4,)
-  (from the gates' weights, no expert computed)."""
+  routed to, the blocks of ``dispatch.BLOCK`` rows they fill, then each
+  expert's examples, (4 + E,) (from the gates' weights, no expert
+  computed)."""
   weights = models.per_example_weights(
     model, state.params, *model_inputs(batch)
   )
   mask = dispatch.routed(weights)
-  counts = jnp.sum(mask, axis=0)
+  counts = jnp.sum(mask, axis=0, dtype=jnp.int32)
   blocks = jnp.sum(dispatch.block_counts(mask, dispatch.BLOCK))
-  return jnp.stack(
-    [jnp.max(counts), jnp.sum(counts), dispatch.fanout(mask), blocks]
-  )
+  load = [jnp.max(counts), jnp.sum(counts), dispatch.fanout(mask), blocks]
+  return jnp.concatenate([jnp.stack(load).astype(jnp.int32), counts])
 
 
 class Dispatcher:
@@ -360,20 +367,29 @@ class Dispatcher:
   bounds only decide the speed, never the result. Its layout: ``blocks``
   for MLP experts in the loop bank (``dispatch_blocks``: rows that follow
   the routed pairs, however unevenly the experts are loaded), else
-  ``capacity`` (``dispatch_capacity``: slots for the busiest expert's
-  examples in every expert, any expert module). The bounds come from the
+  ``buckets`` for other experts in the loop bank (``dispatch_buckets``:
+  a bucket of slots per expert, none for the experts no example uses),
+  else ``capacity`` (``dispatch_capacity``: slots for the busiest
+  expert's examples in every expert, any bank). The bounds come from the
   routing the recent steps reported (``observe``: the busiest expert's
-  examples, the largest fanout and the blocks needed, the largest over
-  devices, read one step late so the host never waits for the step it
-  just started): the bucket (``dispatch.capacity_for``: a half, a
+  examples, the largest fanout, the blocks needed and each expert's
+  examples, the largest over devices, read one step late so the host
+  never waits for the step it just started): the bucket
+  (``dispatch.capacity_for``, ``dispatch.bucket_for``: a half, a
   quarter, ... of the dense rows) of the largest of the last ``window``
   batches, and the largest fanout of the last ``8 * window``
-  (``dispatch.fanout_bound``); once a window is full, the largest but its
-  ``SPIKES`` largest (``_needed_by``). So the bounds loosen at the
+  (``dispatch.fanout_bound``); but the largest past the ``SPIKES``
+  largest once a window is full, and before (the recent loads restart
+  at each gates-only look) the bounds in use while at most ``SPIKES``
+  batches were past them (``_needed_by``). So the bounds loosen at the
   ``SPIKES + 1``-th batch of a window past them (the ones before fall
   back inside the program) and tighten only once that many batches in a
   row fit tighter ones: fewer programs, and few batches that fall back.
-  One compiled step per pair of bounds, kept.
+  One compiled step per pair of bounds, kept. With a bucket per expert
+  (which changes with any one expert's load) a compiled program whose
+  bounds hold the new ones runs on unless the new ones save more than a
+  quarter of its rows (``RECOMPILE_BELOW``); a batch needs at most half
+  the dense rows to dispatch.
 
   Each program holds the dense fallback too, and an E = 64 train step's
   takes tens of seconds to compile here (40-60 s each beside the
@@ -439,11 +455,19 @@ class Dispatcher:
     self._load = parallel(functools.partial(routing_load, model))
     grouped = models.ragged_experts(model)
     if layout == 'auto':
-      layout = 'blocks' if grouped else 'capacity'
-    if layout not in LAYOUTS or (layout != 'capacity' and not grouped):
+      if grouped:
+        layout = 'blocks'
+      else:
+        layout = 'buckets' if models.bucketed_experts(model) else 'capacity'
+    if (
+      layout not in LAYOUTS
+      or (layout in ('blocks', 'ragged') and not grouped)
+      or (layout == 'buckets' and not models.bucketed_experts(model))
+    ):
       raise ValueError(
         f'Dispatcher: layout {layout!r} is not one of {LAYOUTS} or needs '
-        'MLP experts in the loop bank; use "auto".'
+        'experts in the loop bank (MLP experts for blocks and ragged); use '
+        '"auto".'
       )
     self.layout = layout
     self.probe_every = probe_every
@@ -479,7 +503,8 @@ class Dispatcher:
       # Every device holds the same (pmax) report: device 0's.
       report = jax.tree.map(lambda x: np.asarray(x)[0], self._pending.popleft())
       busiest, fanout, blocks = (int(v) for v in report['dispatch_load'])
-      self._look((busiest, 0, fanout, blocks))
+      counts = report.get('dispatch_counts', ())
+      self._look((busiest, 0, fanout, blocks, *(int(c) for c in counts)))
       self._reported += 1
       self.fallbacks += int(report['dispatch_dense'])
       self.dispatched += 1 - int(report['dispatch_dense'])
@@ -496,7 +521,7 @@ class Dispatcher:
       # fanouts stay: an unbounded one seen lately is likely seen again.
       self._recent.clear()
     self._reported = 0
-    load = np.max(np.asarray(self._load(state, batch)), axis=0)  # (4,)
+    load = np.max(np.asarray(self._load(state, batch)), axis=0)  # (4 + E,)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
@@ -504,8 +529,9 @@ class Dispatcher:
     self._look(tuple(int(v) for v in load))
     self._since_probe = 0
 
-  def _look(self, load: tuple[int, int, int, int]) -> None:
-    """A batch's (busiest, pairs, fanout, blocks) among the recent ones."""
+  def _look(self, load: tuple[int, ...]) -> None:
+    """A batch's (busiest, pairs, fanout, blocks, each expert's examples)
+    among the recent ones."""
     self._recent.append(load)
     self._fanouts.append(load[2])
     self._observed += 1
@@ -526,6 +552,12 @@ class Dispatcher:
       self._seen = (self._observed, per_device)
       self._decide(per_device)
     key = self._key
+    if self.layout == 'buckets' and key is not None and key not in self._steps:
+      stand_in = self._stand_in(key)
+      if stand_in is not None and (
+        _looseness(key)[0] > RECOMPILE_BELOW * _looseness(stand_in)[0]
+      ):
+        key = stand_in  # Too little saved to compile for.
     if key is not None and not self._ready(key, (state, batch, *rest)):
       key = self._stand_in(key)
     if key is not None and self.measure:
@@ -602,14 +634,20 @@ class Dispatcher:
   def _decide(self, per_device: int) -> None:
     """The bounds for the recent loads (only when they changed: the host's
     time per step is the steps' own when they are small)."""
-    busiest, _, _, blocks = (
-      _needed_by(column, self._recent.maxlen) for column in zip(*self._recent)
+    held = self.bounds if isinstance(self.bounds, dict) else {}
+    window = self._recent.maxlen
+    busiest, _, _, blocks = zip(*(load[:4] for load in self._recent))
+    busiest = _needed_by(busiest, window, held.get('dispatch_capacity'))
+    blocks = _needed_by(blocks, window, held.get('dispatch_blocks'))
+    fanout = _needed_by(  # An unbounded fanout holds any.
+      self._fanouts,
+      self._fanouts.maxlen,
+      (held.get('dispatch_fanout') or math.inf) if held else None,
     )
-    fanout = _needed_by(self._fanouts, self._fanouts.maxlen)
     rows = per_device * self.model.num_experts  # Of the dense step.
     # Examples read back their rows (a gather) while few experts serve
     # each; past that (examples not yet saturated), rows are scattered.
-    fanout = dispatch.fanout_bound(int(fanout))
+    fanout = None if fanout == math.inf else dispatch.fanout_bound(fanout)
     experts = f'{fanout} experts' if fanout else 'any experts'
     if self.layout == 'ragged':
       needed = int(self._recent[-1][1])
@@ -623,6 +661,24 @@ class Dispatcher:
       what = (
         f'{size} blocks of {dispatch.BLOCK} rows of {rows} expert rows per '
         f'device, {experts} per example'
+      )
+    elif self.layout == 'buckets':
+      buckets = held.get('dispatch_buckets') or itertools.repeat(None)
+      counts = [
+        _needed_by(column, window, bucket)
+        for column, bucket in zip(
+          zip(*(load[4:] for load in self._recent)), buckets
+        )
+      ]
+      sizes = tuple(dispatch.bucket_for(c, per_device) for c in counts)
+      needed = sum(counts)
+      bounds = {'dispatch_buckets': sizes} if sum(sizes) <= rows // 2 else None
+      used = len(sizes) - sizes.count(0)
+      what = (
+        f'{sum(sizes)} of {rows} expert rows per device, {used} of '
+        f'{len(sizes)} experts in buckets of '
+        f'{"/".join(str(b) for b in sorted(set(sizes) - {0}, reverse=True))}'
+        f' examples, {experts} per example'
       )
     else:
       needed = int(busiest)
@@ -697,13 +753,21 @@ class Dispatcher:
     return run
 
 
-def _needed_by(values, window: int) -> int:
+def _needed_by(values, window: int, held: Optional[float]):
   """What the bounds must hold of the recent batches' ``values`` (a
-  window of at most ``window``): the largest, or once the window is full,
-  the largest but its ``SPIKES`` largest."""
+  window of at most ``window``), where the bounds in use hold ``held``
+  (None: no bounds yet). Once the window is full, the largest but its
+  ``SPIKES`` largest; before (the recent looks restart at each gates-only
+  look), ``held`` while at most ``SPIKES`` of them are past it, else the
+  same; with no bounds yet, the largest."""
   values = sorted(values)
-  spikes = min(SPIKES, len(values) - 1) if len(values) == window else 0
-  return int(values[-1 - spikes])
+  but_spikes = values[-1 - min(SPIKES, len(values) - 1)]
+  if len(values) < window:
+    if held is None:
+      return values[-1]
+    if sum(v > held for v in values) <= SPIKES:
+      return held
+  return but_spikes
 
 
 def _shape_of(x):
@@ -726,7 +790,7 @@ def _looseness(key) -> tuple[int, bool]:
   per expert or pairs), then whether its fanout is unbounded."""
   bounds = dict(key)
   size = next(bounds[name] for name in models.DISPATCH_SIZES if name in bounds)
-  return size, bounds.get('dispatch_fanout') is None
+  return int(np.sum(size)), bounds.get('dispatch_fanout') is None
 
 
 def _covers(have: dict, need: dict) -> bool:
@@ -740,8 +804,8 @@ def _covers(have: dict, need: dict) -> bool:
       fits = have[name] == value
     elif have[name] is None or value is None:  # An unbounded fanout.
       fits = have[name] is None
-    else:
-      fits = have[name] >= value
+    else:  # A size, or a bucket per expert.
+      fits = bool(np.all(np.asarray(have[name]) >= np.asarray(value)))
     if not fits:
       return False
   return True

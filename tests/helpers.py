@@ -107,10 +107,10 @@ def assert_states_close(a, b, rtol: float):
 
 def dispatched_train_steps(model, state, sharded, task_kinds, capacities):
   """steps.train_step mapped over the 4 fake devices on ``sharded`` (4,
-  b, ...), from ``state``, once for each capacity: None the dense step,
-  else ``model`` dispatched at that capacity (devices agreeing on the
-  branch). Returns each step's (device 0's new params and batch_stats,
-  metrics)."""
+  b, ...), from ``state``, once for each of ``capacities``: None the
+  dense step, else ``model`` dispatched at that capacity (an int) or with
+  those bounds (a dict of its fields), devices agreeing on the branch.
+  Returns each step's (device 0's new params and batch_stats, metrics)."""
   import flax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
 
@@ -131,7 +131,9 @@ def dispatched_train_steps(model, state, sharded, task_kinds, capacities):
   results = []
   for capacity in capacities:
     bounds = {}
-    if capacity is not None:
+    if isinstance(capacity, dict):
+      bounds = {**capacity, 'dispatch_axis_name': steps.AXIS}
+    elif capacity is not None:
       bounds = {'dispatch_capacity': capacity, 'dispatch_axis_name': steps.AXIS}
     step = jax.pmap(
       functools.partial(
