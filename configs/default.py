@@ -82,8 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
   # examples on each device (models.MultiTaskMoE.routed_statistics), in
   # every step: the device's whole batch until the gates saturate. It needs
   # per-example gates, so it is off here and on in the per-example recipes
-  # where it pays (configs/movielens_experts64.py; results/benchmarks/
-  # dispatch_speed_*.md).
+  # (configs/movielens_experts64.py, configs/multimnist_experts16.py;
+  # results/benchmarks/dispatch_speed_*.md).
   config.model.sparse_dispatch = False
   # Evaluate the loop's experts as one computation (models.
   # multimnist_experts_eval: BatchNorm folded into the convolutions, the

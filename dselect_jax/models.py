@@ -126,10 +126,10 @@ class MultiTaskMoE(nn.Module):
       rows, each block one expert's (``dispatch.block_rows``): the rows
       follow the routed pairs, however unevenly the gates load the
       experts, where a capacity follows the busiest expert.
-    dispatch_fanout: with any of these, each example reads back at most this
-      many experts' outputs (``dispatch.combine``, a gather; T·k once
-      DSelect-k saturates). None: no bound, the outputs scatter-added to
-      their examples instead (``dispatch.combine_pairs``).
+    dispatch_fanout: with any of these, each example reads back at most
+      this many experts' outputs (``dispatch.combine``, a gather; T·k
+      once DSelect-k saturates). None: no bound, the outputs
+      scatter-added to their examples instead (``dispatch.combine_pairs``).
     dispatch_axis_name: the mapped axis over which the devices agree on
       the branch (``steps.AXIS`` in the mapped steps), or None.
     dispatch_pairs: the same for ``MLPExpert``s in the loop bank, as
@@ -261,7 +261,7 @@ class MultiTaskMoE(nn.Module):
         f'{self.num_experts} ints >= 0 (examples per expert), not all 0; '
         f'got {buckets!r}.'
       )
-    if self.bank is not experts_lib.ExpertBank or self.active_experts:
+    if not bucketed_experts(self):
       raise ValueError(
         'MultiTaskMoE: dispatch_buckets runs each expert on its own rows: '
         'it needs the loop bank (ExpertBank) with every expert active.'

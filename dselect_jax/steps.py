@@ -380,11 +380,13 @@ class Dispatcher:
   batches, and the largest fanout of the last ``8 * window``
   (``dispatch.fanout_bound``); but the largest past the ``SPIKES``
   largest once a window is full, and before (the recent loads restart
-  at each gates-only look) the bounds in use while at most ``SPIKES``
-  batches were past them (``_needed_by``). So the bounds loosen at the
-  ``SPIKES + 1``-th batch of a window past them (the ones before fall
-  back inside the program) and tighten only once that many batches in a
-  row fit tighter ones: fewer programs, and few batches that fall back.
+  at each gates-only look) the largest of those the bounds in use hold
+  while at most ``SPIKES`` were past them (``_needed_by``). So the
+  bounds loosen at the ``SPIKES + 1``-th batch of a window past them
+  (the ones before fall back inside the program) and tighten only once
+  that many batches in a row fit tighter ones (or, in the dense phase,
+  as the gates-only looks come): fewer programs, and few batches that
+  fall back.
   One compiled step per pair of bounds, kept. With a bucket per expert
   (which changes with any one expert's load) a compiled program whose
   bounds hold the new ones runs on unless the new ones save more than a
@@ -670,7 +672,9 @@ class Dispatcher:
           zip(*(load[4:] for load in self._recent)), buckets
         )
       ]
-      sizes = tuple(dispatch.bucket_for(c, per_device) for c in counts)
+      sizes = tuple(  # Held buckets may exceed a smaller (last) batch.
+        dispatch.bucket_for(min(c, per_device), per_device) for c in counts
+      )
       needed = sum(counts)
       bounds = {'dispatch_buckets': sizes} if sum(sizes) <= rows // 2 else None
       used = len(sizes) - sizes.count(0)
@@ -757,17 +761,19 @@ def _needed_by(values, window: int, held: Optional[float]):
   """What the bounds must hold of the recent batches' ``values`` (a
   window of at most ``window``), where the bounds in use hold ``held``
   (None: no bounds yet). Once the window is full, the largest but its
-  ``SPIKES`` largest; before (the recent looks restart at each gates-only
-  look), ``held`` while at most ``SPIKES`` of them are past it, else the
-  same; with no bounds yet, the largest."""
+  ``SPIKES`` largest. Before (the recent looks restart at each gates-only
+  look), the largest, except that while at most ``SPIKES`` of them are
+  past ``held``, those are left out (the largest of the others, else
+  ``held``): bounds loosen at the SPIKES + 1-th batch past them, and
+  follow a falling load as its looks come."""
   values = sorted(values)
-  but_spikes = values[-1 - min(SPIKES, len(values) - 1)]
-  if len(values) < window:
-    if held is None:
-      return values[-1]
-    if sum(v > held for v in values) <= SPIKES:
-      return held
-  return but_spikes
+  if len(values) == window:
+    return values[-1 - min(SPIKES, len(values) - 1)]
+  if held is not None:
+    within = [v for v in values if v <= held]
+    if len(values) - len(within) <= SPIKES:
+      return within[-1] if within else held
+  return values[-1]
 
 
 def _shape_of(x):

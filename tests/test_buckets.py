@@ -360,3 +360,6 @@ def test_the_dispatcher_sizes_a_bucket_per_expert_from_the_counts():
   run(3)
   tighter = (16, 0, 8, 0, 8, 0, 0, 0)
   assert made == [first, tighter] and ran[-1] == tighter
+  # A smaller (last) batch of 8 per device: buckets of at most 8.
+  dispatcher(None, {'image': jnp.zeros((4, 8, 6))})
+  assert dispatcher.bounds['dispatch_buckets'] == (8, 0, 8, 0, 8, 0, 0, 0)

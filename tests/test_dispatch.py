@@ -556,6 +556,54 @@ def test_the_dispatcher_loosens_at_the_third_batch_past_its_bounds():
   assert bounds_after(8, 3, 5) == [(8, 2)] * 4 + [(8, 4)]
 
 
+def test_in_the_dense_phase_the_bounds_follow_a_falling_load():
+  """While the dense step runs (here: standing in for programs that never
+  finish compiling), each gates-only look restarts the recent loads; the
+  bounds follow the looks down as the gates saturate further (64 blocks,
+  then 16 once three bits of each selector are fixed), not held at the
+  bounds in use."""
+  model, state, batch, (_, _, blocks) = _saturated_routing(1e5)
+  params = jax.tree.map(np.asarray, state.params)  # (4, ...) replicated.
+  fewer = flax.core.unfreeze(params)
+  for g in ('gate_0', 'gate_1'):
+    bias = fewer['moe'][g]['z_logits']['bias']  # (4, K * M), M = 4 bits.
+    fixed = np.arange(bias.shape[-1]) % 4 != 0  # Bits 1-3: 2 experts each.
+    fewer['moe'][g]['z_logits']['bias'] = np.where(fixed, 1e6, bias)
+  saturated = _State(steps.replicate(jax.tree.map(lambda x: x[0], fewer)))
+  load = steps.parallel(functools.partial(steps.routing_load, model))
+  fewer_blocks = int(np.max(np.asarray(load(saturated, batch))[:, 3]))
+  first = dispatch.capacity_for(blocks, _DENSE_BLOCKS, minimum=1)
+  tight = dispatch.capacity_for(fewer_blocks, _DENSE_BLOCKS, minimum=1)
+  assert (first, tight) == (64, 16)
+  go = threading.Event()
+
+  class Step:  # A dispatched program that compiles until the test ends.
+    def __init__(self, bound):
+      self.bound = bound
+
+    def __call__(self):
+      return {}
+
+    def lower(self, *shapes):
+      return self
+
+    def compile(self):
+      go.wait()
+
+  dispatcher = steps.Dispatcher(
+    model, lambda m: Step(m.dispatch_blocks), probe_every=1, measure=0
+  )
+  bounds = []
+  try:
+    for s in (state, state, saturated, saturated):
+      dispatcher(s, batch)()
+      bounds.append(dispatcher.bounds['dispatch_blocks'])
+  finally:
+    go.set()
+    dispatcher.close()
+  assert bounds == [first, first, tight, tight]
+
+
 def test_the_dispatcher_compiles_new_bounds_ahead_while_others_run():
   """Steps whose compilation waits for the test's go: while a pair of
   bounds compiles (in the Dispatcher's thread, for the shapes of the
