@@ -465,7 +465,13 @@ class MultiTaskMoE(nn.Module):
     if self.is_initializing():  # The dense way creates every expert.
       mixed = dense(self, x, weights, mask)
     else:
-      mixed = nn.cond(fits, sparse, dense, self, x, weights, mask)
+      # The dense way rematerialized: differentiating a conditional saves
+      # the residuals of both branches, the untaken one's as full-size
+      # placeholders (jax's _join_cond_outputs), and the dense branch's
+      # (every expert's activations on every example) cost a dispatched
+      # step more than its experts; rematerialized, its residuals are its
+      # inputs, and a batch that falls back recomputes its forward pass.
+      mixed = nn.cond(fits, sparse, nn.remat(dense), self, x, weights, mask)
     return mixed, {
       'dispatch_load': load,
       'dispatch_counts': counts,
