@@ -26,9 +26,8 @@ are matmuls (``MLPExpert.block_bank``). In each, a fanout R: each example
 reads back the outputs of at most R experts (``combine``; T·k once
 DSelect-k saturates). The caller picks the bounds from the routing of
 recent batches (``capacity_for``, ``bucket_for``, ``fanout``,
-``block_counts``), and the
-model computes a batch that does not fit them densely
-(``MultiTaskMoE``), so nothing is ever dropped.
+``block_counts``), and the model computes a batch that does not fit them
+densely (``MultiTaskMoE``), so nothing is ever dropped.
 
 Experts with batch statistics (BatchNorm in training) see only their
 routed examples and the padding: in training they normalize over their
@@ -37,8 +36,8 @@ which the dense fallback computes too); in evaluation every expert
 computes what the dense bank does.
 
 Shape legend: B batch, T tasks, E experts, C capacity (examples per
-expert; C_e expert e's bucket), N blocks of G = ``BLOCK`` rows, R fanout (experts per example),
-M flattened rows, H expert output features.
+expert; C_e expert e's bucket), N blocks of G = ``BLOCK`` rows, R fanout
+(experts per example), M flattened rows, H expert output features.
 """
 
 from __future__ import annotations
