@@ -345,17 +345,22 @@ class ExpertBank(nn.Module):
     return jnp.stack(outputs)  # (E', B or C, H)
 
 
-def _check_mask(bank, mask, x, num_experts: int, per_expert_inputs: bool):
-  """A clear error for a mask the bank cannot use: experts without batch
-  statistics, or not one row per computed expert and input example."""
-  if mask is None:
-    return
+def _check_statistics(bank):
+  """A clear error for a mask given to experts without batch statistics."""
   if not getattr(bank.expert, 'BATCH_STATISTICS', False):
     raise ValueError(
       f'{type(bank).__name__}: a mask restricts batch statistics, and '
       f'{getattr(bank.expert, "__name__", bank.expert)} has none; pass '
       'mask=None.'
     )
+
+
+def _check_mask(bank, mask, x, num_experts: int, per_expert_inputs: bool):
+  """A clear error for a mask the bank cannot use: experts without batch
+  statistics, or not one row per computed expert and input example."""
+  if mask is None:
+    return
+  _check_statistics(bank)
   rows = x.shape[1] if per_expert_inputs else x.shape[0]
   if jnp.shape(mask) != (num_experts, rows):
     raise ValueError(
@@ -377,12 +382,7 @@ def _check_buckets(bank, x, mask, active):
     )
   if mask is None:
     return
-  if not getattr(bank.expert, 'BATCH_STATISTICS', False):
-    raise ValueError(
-      f'{type(bank).__name__}: a mask restricts batch statistics, and '
-      f'{getattr(bank.expert, "__name__", bank.expert)} has none; pass '
-      'mask=None.'
-    )
+  _check_statistics(bank)
   shapes = {e: jnp.shape(m) for e, m in dict(mask).items()}
   if shapes != {e: (rows.shape[0],) for e, rows in x.items()}:
     raise ValueError(

@@ -9,6 +9,7 @@ import hashlib
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import multimnist_sample
@@ -103,6 +104,34 @@ def assert_states_close(a, b, rtol: float):
     )
 
   jax.tree_util.tree_map_with_path(close, a, b)
+
+
+def cnn_train_state_on_four_devices(model, variables, images):
+  """A CNN MoE's TrainState (SGD 0.1) from ``variables``, its 16
+  ``images`` with random classification targets for 2 tasks sharded over
+  the 4 fake devices (4, 4, ...), and the routing mask of each device's
+  examples, (4, 4, E), from the model's gates: for
+  ``dispatched_train_steps``."""
+  import optax  # pylint: disable=g-import-not-at-top
+
+  from dselect_jax import dispatch  # pylint: disable=g-import-not-at-top
+
+  state = factory.TrainState.create(
+    apply_fn=model.apply,
+    params=variables['params'],
+    tx=optax.sgd(0.1),
+    batch_stats=variables['batch_stats'],
+  )
+  rng = np.random.default_rng(6)
+  batch = {
+    'image': images,
+    'target': jnp.asarray(rng.integers(0, 10, (16, 2)), jnp.float32),
+    'weight': jnp.ones((16, 2)),
+  }
+  sharded = jax.tree.map(lambda x: x.reshape((4, 4) + x.shape[1:]), batch)
+  _, aux = model.clone(bn_axis_name=None).apply(variables, images, train=False)
+  mask = np.asarray(dispatch.routed(aux['expert_weights']))
+  return state, sharded, mask.reshape(4, 4, -1)
 
 
 def dispatched_train_steps(model, state, sharded, task_kinds, capacities):

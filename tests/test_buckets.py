@@ -205,10 +205,6 @@ def test_a_bucket_per_expert_on_four_devices_equals_the_dense_step():
   """steps.train_step on the 4 fake devices, buckets from the counts of
   the busiest device: dispatched, and with one device past a bucket (all
   fall back), the dense step's parameters and running averages."""
-  import optax  # pylint: disable=g-import-not-at-top
-
-  from dselect_jax import factory  # pylint: disable=g-import-not-at-top
-
   images = jax.random.uniform(jax.random.key(1), (16, 36, 36, 1))
   model, variables = _moe(
     experts.MultiMNISTExpert,
@@ -217,21 +213,9 @@ def test_a_bucket_per_expert_on_four_devices_equals_the_dense_step():
     routed_statistics=True,
     bn_axis_name=steps.AXIS,
   )
-  state = factory.TrainState.create(
-    apply_fn=model.apply,
-    params=variables['params'],
-    tx=optax.sgd(0.1),
-    batch_stats=variables['batch_stats'],
+  state, sharded, mask = helpers.cnn_train_state_on_four_devices(
+    model, variables, images
   )
-  rng = np.random.default_rng(6)
-  batch = {
-    'image': images,
-    'target': jnp.asarray(rng.integers(0, 10, (16, 2)), jnp.float32),
-    'weight': jnp.ones((16, 2)),
-  }
-  sharded = jax.tree.map(lambda x: x.reshape((4, 4) + x.shape[1:]), batch)
-  _, aux = model.clone(bn_axis_name=None).apply(variables, images, train=False)
-  mask = np.asarray(dispatch.routed(aux['expert_weights'])).reshape(4, 4, 8)
   counts = mask.sum(axis=1).max(axis=0)  # Each expert's, busiest device.
   assert counts.max() >= 2 and np.sum(counts == 0) >= 4
   short = counts.copy()

@@ -365,26 +365,10 @@ def test_the_dispatched_cnn_step_on_four_devices_equals_the_dense_step():
   device past its capacity (all fall back), the dense step's parameters
   and running averages; these, each expert's nn.BatchNorm statistics over
   each device's routed examples, averaged over the devices."""
-  import optax  # pylint: disable=g-import-not-at-top
-
-  from dselect_jax import factory  # pylint: disable=g-import-not-at-top
-
   model, variables, images = _cnn_moe(3000.0, bn_axis_name=steps.AXIS)
-  state = factory.TrainState.create(
-    apply_fn=model.apply,
-    params=variables['params'],
-    tx=optax.sgd(0.1),
-    batch_stats=variables['batch_stats'],
+  state, sharded, mask = helpers.cnn_train_state_on_four_devices(
+    model, variables, images
   )
-  rng = np.random.default_rng(6)
-  batch = {
-    'image': images,
-    'target': jnp.asarray(rng.integers(0, 10, (16, 2)), jnp.float32),
-    'weight': jnp.ones((16, 2)),
-  }
-  sharded = jax.tree.map(lambda x: x.reshape((4, 4) + x.shape[1:]), batch)
-  _, aux = model.clone(bn_axis_name=None).apply(variables, images, train=False)
-  mask = np.asarray(dispatch.routed(aux['expert_weights'])).reshape(4, 4, 4)
   busiest = int(mask.sum(axis=1).max())  # Over devices and experts.
   assert 2 <= busiest < 4  # Capacity 1 then falls back.
   # Dense; dispatched; one device past its capacity, so all fall back.
