@@ -11,12 +11,12 @@ each example routes to at most T·k experts), on one device. ``--routing``:
 unevenly over all experts), or ``few``, every selector's bits but its
 lowest fixed (a random value each), so that each of the T·k selectors
 picks one of 2 experts per example, at most 2·T·k experts used whatever
-E: what trained gates do, which send most examples to a few experts. ``mlp``: the recommender's MLP experts on 64 features;
-``cnn``: the MultiMNIST CNN experts on 36x36 images (trained dispatched
-with BatchNorm over each expert's routed examples,
-``MultiTaskMoE.routed_statistics``, as ``model.sparse_dispatch`` trains
-them). ``train``: forward and backward of the loss; ``eval``: the
-forward pass.
+E, as trained gates send most examples to a few experts. ``mlp``: the
+recommender's MLP experts on 64 features; ``cnn``: the MultiMNIST CNN
+experts on 36x36 images (trained dispatched with BatchNorm over each
+expert's routed examples, ``MultiTaskMoE.routed_statistics``, as
+``model.sparse_dispatch`` trains them). ``train``: forward and backward
+of the loss; ``eval``: the forward pass.
 
 The sparse contenders run through ``steps.Dispatcher``, as training and
 evaluation do, each with one layout and dispatching whenever a bucket is
@@ -27,12 +27,13 @@ experts (``dispatch_buckets``, experts in the loop bank); ``blocks``,
 the routed pairs in blocks of rows, one expert's each
 (``dispatch_blocks``, MLP experts); ``ragged``, the routed pairs as
 grouped matmuls (``jax.lax.ragged_dot``, ``dispatch_pairs``, MLP
-experts), sized by a gates-only pass before each batch. The first two
-route inside the step, their bounds from the steps' own reports. ``chosen``
-is what training and evaluation run: the Dispatcher's layout for the
-experts, kept only where its timing beat the dense step. Each (kind, E, batch, mode) times
-``--rounds`` alternating windows of ``--steps`` calls of each contender and
-prints the median rates, each sparse one against the fastest dense way:
+experts), sized by a gates-only pass before each batch. The first three
+route inside the step, their bounds from the steps' own reports.
+``chosen`` is what training and evaluation run: the Dispatcher's layout
+for the experts, kept only where its timing beat the dense step. Each
+(kind, E, batch, mode, routing) times ``--rounds`` alternating windows
+of ``--steps`` calls of each contender and prints the median rates,
+each sparse one against the fastest dense way:
 the loop bank, and the vmapped bank for MLP experts; for CNN experts the
 fused evaluation on XLA's convolutions and on the CPU kernels', and in
 training the CPU kernels' convolutions and BatchNorm blocks (direct and
