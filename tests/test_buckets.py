@@ -116,10 +116,22 @@ def _buckets_to_try(counts):
   ]
 
 
-def test_a_bucket_per_expert_equals_the_dense_mlp_experts_with_gradients():
+@pytest.mark.parametrize(
+  'case',
+  [
+    0,  # The default run: dispatched exactly, and one fallback.
+    pytest.param(1, marks=pytest.mark.slow),
+    pytest.param(2, marks=pytest.mark.slow),
+    3,
+    pytest.param(4, marks=pytest.mark.slow),
+  ],
+)
+def test_a_bucket_per_expert_equals_the_dense_mlp_experts_with_gradients(
+  case,
+):
   """MLP experts (each bucket size one batched matmul, ``padded_bank``):
-  the dense loss and gradients, dispatched and falling back, with the
-  experts no example uses skipped."""
+  the dense loss and gradients, dispatched and falling back
+  (``_buckets_to_try``), with the experts no example uses skipped."""
   x = jax.random.normal(jax.random.key(1), (32, 6))
   model, variables = _moe(
     experts.MLPExpert, {'hidden': (16,), 'features': 8}, x
@@ -127,7 +139,7 @@ def test_a_bucket_per_expert_equals_the_dense_mlp_experts_with_gradients():
   want, want_grads, _, want_aux = _trained(model, variables, x)
   counts = np.asarray(dispatch.counts(want_aux['expert_weights']))
   assert np.sum(counts == 0) >= 4 and counts.max() < 32
-  for bounds, fell_back in _buckets_to_try(counts):
+  for bounds, fell_back in _buckets_to_try(counts)[case : case + 1]:
     got, grads, _, aux = _trained(model.clone(**bounds), variables, x)
     assert bool(aux['dispatch_dense']) == fell_back, bounds
     np.testing.assert_array_equal(aux['dispatch_counts'], counts)
