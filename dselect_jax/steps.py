@@ -386,12 +386,11 @@ class Dispatcher:
   (the ones before fall back inside the program) and tighten only once
   that many batches in a row fit tighter ones (or, in the dense phase,
   as the gates-only looks come): fewer programs, and few batches that
-  fall back.
-  One compiled step per pair of bounds, kept. With a bucket per expert
-  (which changes with any one expert's load) a compiled program whose
-  bounds hold the new ones runs on unless the new ones save more than a
-  quarter of its rows (``RECOMPILE_BELOW``); a batch needs at most half
-  the dense rows to dispatch.
+  fall back. One compiled step per pair of bounds, kept. With a bucket
+  per expert (which changes with any one expert's load) a compiled
+  program whose bounds hold the new ones runs on unless the new ones
+  save more than a quarter of its rows (``RECOMPILE_BELOW``); a batch
+  needs at most half the dense rows to dispatch.
 
   Each program holds the dense fallback too, and an E = 64 train step's
   takes tens of seconds to compile here (32-37 s each beside the
@@ -456,15 +455,16 @@ class Dispatcher:
     self._steps = {}
     self._load = parallel(functools.partial(routing_load, model))
     grouped = models.ragged_experts(model)
+    bucketed = models.bucketed_experts(model)
     if layout == 'auto':
       if grouped:
         layout = 'blocks'
       else:
-        layout = 'buckets' if models.bucketed_experts(model) else 'capacity'
+        layout = 'buckets' if bucketed else 'capacity'
     if (
       layout not in LAYOUTS
       or (layout in ('blocks', 'ragged') and not grouped)
-      or (layout == 'buckets' and not models.bucketed_experts(model))
+      or (layout == 'buckets' and not bucketed)
     ):
       raise ValueError(
         f'Dispatcher: layout {layout!r} is not one of {LAYOUTS} or needs '
