@@ -480,34 +480,33 @@ def movielens() -> list[str]:
   return lines
 
 
-def movielens_dispatch() -> list[str]:
-  """Dense against dispatched per-example gates over 64 experts
-  (results/movielens_experts64/table.json)."""
-  path = os.path.join(RESULTS, 'movielens_experts64', 'table.json')
+def dispatch_comparison(folder: str, heading: str, recipe: str, columns):
+  """Dense against dispatched per-example gates, one row each
+  (results/<folder>/table.json): ``columns`` (header, cell key) pairs of
+  test metrics; empty when the run is not committed."""
+  path = os.path.join(RESULTS, folder, 'table.json')
   if not os.path.exists(path):
     return []
   cells = _json(path)['cells']
   lines = [
     '',
-    '### Per-example gates over 64 experts, dense and dispatched',
+    f'### {heading}',
     '',
-    '`configs/movielens_experts64.py` (the recipe above with E = 64 '
-    'experts and per-example DSelect-k gates, k = 2), with '
-    '`model.sparse_dispatch` off and on, seeds alternating on the same '
-    'otherwise idle 2-core CPU (`results/movielens_experts64/run.sh`): '
-    'test metrics of the checkpoint chosen on the validation loss, '
-    'mean ± std over seeds, and the wall time of each run (training, '
-    'validation after every epoch, the test pass); code at '
-    f'{_code("movielens_experts64")}.',
+    f'{recipe}, with `model.sparse_dispatch` off and on, the runs one '
+    'after another on the same otherwise idle 2-core CPU '
+    f'(`results/{folder}/run.sh`): test metrics of the checkpoint chosen '
+    'on the validation set (mean ± std over seeds where there are '
+    'several), and the wall time of each run (training, validation after '
+    'every epoch, the test pass); code at '
+    f'{_code(folder)}.',
     '',
     _row(
       'model.sparse_dispatch',
       'seeds',
-      'watch AUC',
-      'rating RMSE',
+      *(header for header, _ in columns),
       'minutes per run',
     ),
-    _row(*['---'] * 5),
+    _row(*['---'] * (len(columns) + 3)),
   ]
   for gate, dispatched in (
     ('dselect_k_per_example', 'off'),
@@ -521,8 +520,7 @@ def movielens_dispatch() -> list[str]:
         _row(
           dispatched,
           len(group),
-          _mean_std([c['auc_1'] for c in group]),
-          _mean_std([c['rmse_2'] for c in group]),
+          *(_mean_std([c[key] for c in group]) for _, key in columns),
           ', '.join(f'{c["wall_seconds"] / 60:.1f}' for c in group),
         )
       )
@@ -575,8 +573,22 @@ def results_page() -> str:
       '',
       '![accuracy per gate](../results/grid/accuracy.png)',
     ]
+  parts += dispatch_comparison(
+    'multimnist_experts16',
+    'Per-example gates over 16 experts, dense and dispatched',
+    '`configs/multimnist_experts16.py` (`configs/multimnist_entropy.py` '
+    'with E = 16 experts and per-example DSelect-k gates, k = 2, on the '
+    '`comet` MultiMNIST)',
+    [('task 1 accuracy', 'accuracy_1'), ('task 2 accuracy', 'accuracy_2')],
+  )
   parts += ['', '## Recommendation: MovieLens-100K', ''] + movielens()
-  parts += movielens_dispatch()
+  parts += dispatch_comparison(
+    'movielens_experts64',
+    'Per-example gates over 64 experts, dense and dispatched',
+    '`configs/movielens_experts64.py` (the recipe above with E = 64 '
+    'experts and per-example DSelect-k gates, k = 2)',
+    [('watch AUC', 'auc_1'), ('rating RMSE', 'rmse_2')],
+  )
   plots = sorted(
     glob.glob(
       os.path.join(RESULTS, 'movielens', 'expert_weights_*dselect_k*-seed0.png')
