@@ -53,10 +53,11 @@ SETTLE_LOOKS = 3
 # bounds (a program compiling for tens of seconds) come only at the
 # SPIKES + 1-th such batch (``_needed_by``).
 SPIKES = 2
-# With a bucket per expert, a program compiled for bounds that hold new
-# ones runs them unless the new ones need at most this fraction of its
-# rows: the buckets change with any one expert's load, and a program
-# saving a few of them would not pay for its compilation.
+# With a bucket per expert, held buckets grow to hold new ones, and a
+# program compiled for bounds that hold new ones runs them, unless the
+# new ones need at most this fraction of the rows: the buckets change
+# with any one expert's load, and a program saving a few of them would
+# not pay for its compilation.
 RECOMPILE_BELOW = 0.75
 
 
@@ -387,10 +388,13 @@ class Dispatcher:
   that many batches in a row fit tighter ones (or, in the dense phase,
   as the gates-only looks come): fewer programs, and few batches that
   fall back. One compiled step per pair of bounds, kept. With a bucket
-  per expert (which changes with any one expert's load) a compiled
-  program whose bounds hold the new ones runs on unless the new ones
-  save more than a quarter of its rows (``RECOMPILE_BELOW``); a batch
-  needs at most half the dense rows to dispatch.
+  per expert (which changes with any one expert's load) the buckets
+  grow: new ones keep the held ones unless the new ones save more than a
+  quarter of their rows (``_grown``: the stray examples of trained gates
+  move from expert to expert), and a compiled program whose bounds hold
+  the new ones runs on unless the new ones save that much of its rows
+  (``RECOMPILE_BELOW``); a batch needs at most half the dense rows to
+  dispatch.
 
   Each program holds the dense fallback too, and an E = 64 train step's
   takes tens of seconds to compile here (32-37 s each beside the
@@ -399,7 +403,8 @@ class Dispatcher:
   (``jit(...).lower(...).compile()`` on the step's argument shapes,
   which fills the jitted step's cache) while the steps
   already compiled go on: the tightest of them whose bounds hold the new
-  ones (and that was measured faster), else the dense step. While the
+  ones (and that was not measured slower: one not yet measured is timed
+  as it stands in), else the dense step. While the
   gates saturate, the load falls from one look to the next, and the
   bounds of a passing load would compile for nothing: new bounds compile
   once the load stops falling (bounds that hold the last look's, and a
@@ -485,7 +490,8 @@ class Dispatcher:
     self._ran = None  # The bounds of the last step handed out (None: dense).
     self._observed = 0  # Loads looked at so far (_look).
     self._seen = None  # The loads and batch the bounds were decided for.
-    self._key, self._what = None, ''
+    self._key = None
+    self._whats = {}  # Bounds -> their description, for the log.
     self._settled = False  # Whether the load stopped falling (_decide).
     # The rows, blocks or slots the last looks needed.
     self._needed = collections.deque(maxlen=SETTLE_LOOKS)
@@ -606,7 +612,7 @@ class Dispatcher:
       self._compiler = futures.ThreadPoolExecutor(
         1, thread_name_prefix='dispatch-compile'
       )
-    what, start = self._what, time.perf_counter()
+    what, start = self._whats[key], time.perf_counter()
 
     def compile_step():
       step.lower(*shapes).compile()
@@ -628,7 +634,7 @@ class Dispatcher:
       have
       for have in self._steps
       if have is not None
-      and self.faster.get(have, not self.measure)
+      and self.faster.get(have, True)  # Not yet measured: it will be.
       and _covers(dict(have), bounds)
     ]
     return min(covering, key=_looseness, default=None)
@@ -675,6 +681,7 @@ class Dispatcher:
       sizes = tuple(  # Held buckets may exceed a smaller (last) batch.
         dispatch.bucket_for(min(c, per_device), per_device) for c in counts
       )
+      sizes = _grown(sizes, held.get('dispatch_buckets'), per_device, rows // 2)
       needed = sum(counts)
       bounds = {'dispatch_buckets': sizes} if sum(sizes) <= rows // 2 else None
       used = len(sizes) - sizes.count(0)
@@ -701,8 +708,8 @@ class Dispatcher:
         self.fallbacks,
       )
       self.bounds = bounds
-      self._what = what
     key = None if bounds is None else tuple(sorted(bounds.items()))
+    self._whats.setdefault(key, what)
     previous, self._key = self._key, key
     falling = needed < SETTLED * max(self._needed, default=0)
     self._needed.append(needed)
@@ -737,7 +744,7 @@ class Dispatcher:
       logging.info(
         'sparse dispatch with %s: %.2fx the dense step (median of %d '
         'timed batches each): %s',
-        self._what,
+        self._whats[key],
         dense / sparse,
         self.measure,
         'dispatched' if self.faster[key] else 'dense',
@@ -774,6 +781,24 @@ def _needed_by(values, window: int, held: Optional[float]):
     if len(values) - len(within) <= SPIKES:
       return within[-1] if within else held
   return values[-1]
+
+
+def _grown(sizes, held, per_device: int, limit: int) -> tuple[int, ...]:
+  """A bucket per expert that keeps the held buckets (each expert's the
+  larger of the two) unless the new ``sizes`` need at most
+  ``RECOMPILE_BELOW`` of the rows that takes: trained gates send a few
+  stray examples to experts that come and go from batch to batch, and
+  bounds that followed each batch's strays would compile a program for
+  each; grown, they compile one that holds the strays of the recent ones
+  (a batch past it falls back inside it), and shrink when that saves more
+  than a quarter of the rows (or when the grown ones are past ``limit``
+  rows, where dispatch stops)."""
+  if not held or len(held) != len(sizes) or max(held) > per_device:
+    return sizes
+  grown = tuple(max(a, b) for a, b in zip(sizes, held))
+  if sum(sizes) <= RECOMPILE_BELOW * sum(grown) or sum(grown) > limit:
+    return sizes
+  return grown
 
 
 def _shape_of(x):

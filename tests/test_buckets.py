@@ -311,8 +311,8 @@ def _report(counts):
 
 def test_the_dispatcher_sizes_a_bucket_per_expert_from_the_counts():
   """Each expert's bucket from its examples in the recent batches (0 for
-  none); a program whose buckets hold new ones runs on unless the new
-  ones save more than a quarter of its rows."""
+  none); the held buckets stay unless the new ones save more than a
+  quarter of their rows."""
   model = models.MultiTaskMoE(
     num_experts=8,
     gate_kwargs=flax.core.FrozenDict({'k': 2, 'per_example': True}),
@@ -346,10 +346,10 @@ def test_the_dispatcher_sizes_a_bucket_per_expert_from_the_counts():
   first = (16, 0, 16, 0, 16, 0, 0, 0)  # Of 8 x 16 dense rows, 48.
   assert made == [first] and dispatcher.bounds['dispatch_buckets'] == first
   # Expert 4 down to 7 examples (bucket 8): 40 rows, more than 3/4 of
-  # the first program's 48, which runs on.
+  # the held buckets' 48, which stay.
   counts[4] = 7
   run(3)
-  assert dispatcher.bounds['dispatch_buckets'] == (16, 0, 16, 0, 8, 0, 0, 0)
+  assert dispatcher.bounds['dispatch_buckets'] == first
   assert made == [first] and ran[-1] == first
   # Expert 2 too: 32 rows, a quarter saved: compiled and run.
   counts[2] = 7
@@ -359,3 +359,82 @@ def test_the_dispatcher_sizes_a_bucket_per_expert_from_the_counts():
   # A smaller (last) batch of 8 per device: buckets of at most 8.
   dispatcher(None, {'image': jnp.zeros((4, 8, 6))})
   assert dispatcher.bounds['dispatch_buckets'] == (8, 0, 8, 0, 8, 0, 0, 0)
+
+
+def _bucket_dispatcher(counts, made, ran, measure=0):
+  """A Dispatcher over 8 MLP experts with a bucket each and a window of
+  one batch, whose steps report ``counts`` (read at each call); the
+  buckets of each program made and run are appended to ``made``, ``ran``."""
+  model = models.MultiTaskMoE(
+    num_experts=8,
+    gate_kwargs=flax.core.FrozenDict({'k': 2, 'per_example': True}),
+    expert=experts.MLPExpert,
+  )
+
+  def make_step(model):
+    made.append(model.dispatch_buckets)
+
+    def step():
+      ran.append(model.dispatch_buckets)
+      return {} if model.dispatch_buckets is None else _report(counts)
+
+    return step
+
+  dispatcher = steps.Dispatcher(
+    model, make_step, 'buckets', window=1, axis_name=None, measure=measure,
+    compile_ahead=False,
+  )  # fmt: skip
+  dispatcher.observe(_report(counts))  # A look, so no gates-only pass.
+  dispatcher.read_reports()
+  return dispatcher
+
+
+def test_the_buckets_grow_to_hold_strays_that_move_between_experts():
+  """Trained gates send a stray example now to one expert, now to another:
+  the buckets grow to hold both (one program more), and a batch whose
+  stray is back at the first runs that program, not the first one's."""
+  batch = {'image': jnp.zeros((4, 16, 6))}  # 4 devices' 16 examples.
+  counts = [16, 0, 16, 0, 0, 1, 0, 0]  # A stray at expert 5.
+  made, ran = [], []
+  dispatcher = _bucket_dispatcher(counts, made, ran)
+
+  def run(times):
+    for _ in range(times):
+      dispatcher.observe(dispatcher(None, batch)())
+
+  run(3)
+  at_5 = (16, 0, 16, 0, 0, 8, 0, 0)  # 40 rows of 128.
+  assert made == [at_5] and ran[-1] == at_5
+  counts[5], counts[6] = 0, 1  # The stray moves to expert 6: 40 rows
+  run(3)  # alone, more than 3/4 of the 48 that hold both.
+  both = (16, 0, 16, 0, 0, 8, 8, 0)
+  assert made == [at_5, both] and ran[-1] == both
+  counts[5], counts[6] = 1, 0  # Back at expert 5: nothing compiled.
+  run(3)
+  assert made == [at_5, both] and ran[-1] == both
+  assert dispatcher.bounds['dispatch_buckets'] == both
+  # The strays gone and experts 0 and 2 down to 7 examples: 16 rows, at
+  # most 3/4 of 48: the buckets shrink.
+  counts[:] = [7, 0, 7, 0, 0, 0, 0, 0]
+  run(3)
+  assert made[-1] == ran[-1] == (8, 0, 8, 0, 0, 0, 0, 0)
+
+
+def test_a_program_compiled_but_not_yet_measured_stands_in():
+  """While new bounds compile ahead, a compiled program that holds them
+  stands in even before its timing against the dense step is done (it
+  is timed as it runs); one measured slower does not, nor one that does
+  not hold them."""
+  made, ran = [], []
+  dispatcher = _bucket_dispatcher([16, 0, 16, 0, 16, 0, 0, 0], made, ran, 2)
+  key = lambda buckets: (
+    ('dispatch_axis_name', None),
+    ('dispatch_buckets', buckets),
+    ('dispatch_fanout', 2),
+  )
+  loose = key((16, 0, 16, 0, 16, 0, 0, 0))
+  dispatcher._step(loose)  # Compiled, not timed.
+  assert dispatcher._stand_in(key((8, 0, 16, 0, 8, 0, 0, 0))) == loose
+  assert dispatcher._stand_in(key((8, 8, 16, 0, 8, 0, 0, 0))) is None
+  dispatcher.faster[loose] = False
+  assert dispatcher._stand_in(key((8, 0, 16, 0, 8, 0, 0, 0))) is None
