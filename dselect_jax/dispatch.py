@@ -208,9 +208,11 @@ def slot_rows(mask: Array, capacity: int) -> tuple[Array, Array]:
 def bucket_for(needed: int, dense: int, minimum: int = 8) -> int:
   """One expert's bucket (``bucket_rows``) for ``needed`` routed examples
   of a batch of ``dense``: 0 for none, else the smallest of dense,
-  dense / 2, dense / 4, ... that holds them, not below ``minimum`` unless
-  dense is. Halves, as ``capacity_for``'s, so that few programs are
-  compiled."""
+  3/4 dense, dense / 2, 3/8 dense, dense / 4, ... (rounded down) that
+  holds them, not below ``minimum`` unless dense is. Halves and three
+  quarters between them: few sizes, so few programs compiled, and a
+  bucket's padding at most about a third of its rows (with halves alone,
+  half)."""
   if needed < 0 or dense < 1 or needed > dense:
     raise ValueError(
       f'bucket_for: needed={needed} must be in [0, dense] and dense={dense} '
@@ -218,9 +220,12 @@ def bucket_for(needed: int, dense: int, minimum: int = 8) -> int:
     )
   if needed == 0:
     return 0
-  bucket = dense
-  while bucket // 2 >= max(needed, minimum):
-    bucket //= 2
+  bucket, half = dense, dense
+  while half >= 1:
+    for size in (half, 3 * half // 4):
+      if size >= max(needed, minimum):
+        bucket = min(bucket, size)
+    half //= 2
   return int(bucket)
 
 

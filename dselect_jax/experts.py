@@ -181,7 +181,9 @@ class MultiMNISTExpert(nn.Module):
       as one convolution with E' * F0 output channels, then ReLU and pooling
       on all of them at once (per-expert inputs: the images of the experts
       as E' input channels, a grouped convolution, one group per expert);
-    - the rest (second convolution, pooling, the dense layers) per expert.
+    - the rest per expert: the second convolution and pooling, and the
+      dense layers as one batched matmul over the experts' stacked
+      kernels (fewer, larger operations than a matmul per expert).
     ``conv_relu_pool``: None (XLA's convolutions), or a function computing
     ``max_pool_2x2(relu(conv(x, kernel) + bias))`` per group, (B, H, W, G Cg),
     (G, kh, kw, Cg, Fg), (G, Fg) -> (B, H', W', G Fg), which then runs both
@@ -217,6 +219,7 @@ class MultiMNISTExpert(nn.Module):
       for i, (k, b) in enumerate(second):
         z = y[..., i * width : (i + 1) * width]  # (B, 16, 16, F0)
         pooled.append(max_pool_2x2(nn.relu(_conv_valid(z, k) + b)))
+      pooled = jnp.stack(pooled)  # (E', B, 6, 6, F1)
     else:
       y = conv_relu_pool(  # (B, 16, 16, E' F0)
         x,
@@ -226,16 +229,15 @@ class MultiMNISTExpert(nn.Module):
       z = conv_relu_pool(
         y, jnp.stack([k for k, _ in second]), jnp.stack([b for _, b in second])
       )  # (B, 6, 6, E' F1)
-      out = second[0][0].shape[-1]  # F1
-      pooled = [z[..., i * out : (i + 1) * out] for i in range(len(experts))]
-    outputs = []
-    for e, z in zip(experts, pooled):
-      z = z.reshape(z.shape[0], -1)  # (B, 720)
-      for layer in layers.DENSES:
-        dense = params[f'expert_{e}'][layer]
-        z = nn.relu(z @ dense['kernel'] + dense['bias'])
-      outputs.append(z)  # (B, H_out)
-    return jnp.stack(outputs)  # (E', B, H_out)
+      # (B, 6, 6, E' F1) -> (E', B, 6, 6, F1).
+      pooled = jnp.moveaxis(z.reshape(*z.shape[:3], len(experts), -1), 3, 0)
+    z = pooled.reshape(*pooled.shape[:2], -1)  # (E', B, 720)
+    for layer in layers.DENSES:  # One batched matmul over the experts.
+      dense = [params[f'expert_{e}'][layer] for e in experts]
+      kernel = jnp.stack([d['kernel'] for d in dense])  # (E', F, H)
+      bias = jnp.stack([d['bias'] for d in dense])  # (E', H)
+      z = nn.relu(jnp.einsum('ebf,efh->ebh', z, kernel) + bias[:, None])
+    return z  # (E', B, H_out)
 
 
 class ExpertBank(nn.Module):

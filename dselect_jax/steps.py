@@ -376,8 +376,9 @@ class Dispatcher:
   examples, the largest fanout, the blocks needed and each expert's
   examples, the largest over devices, read one step late so the host
   never waits for the step it just started): the bucket
-  (``dispatch.capacity_for``, ``dispatch.bucket_for``: a half, a
-  quarter, ... of the dense rows) of the largest of the last ``window``
+  (``dispatch.capacity_for``: a half, a quarter, ... of the dense rows;
+  ``dispatch.bucket_for``: those and three quarters of each) of the
+  largest of the last ``window``
   batches, and the largest fanout of the last ``8 * window``
   (``dispatch.fanout_bound``); but the largest past the ``SPIKES``
   largest once a window is full, and before (the recent loads restart

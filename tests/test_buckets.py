@@ -24,8 +24,10 @@ CLOSE = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5)
 
 @pytest.mark.parametrize(
   'needed, dense, want',
-  [(0, 256, 0), (1, 256, 8), (8, 256, 8), (9, 256, 16), (129, 256, 256),
-   (256, 256, 256), (3, 4, 4), (1, 1, 1)],
+  [(0, 256, 0), (1, 256, 8), (8, 256, 8), (9, 256, 12), (13, 256, 16),
+   (17, 256, 24), (25, 256, 32), (97, 256, 128), (129, 256, 192),
+   (193, 256, 256), (256, 256, 256), (7, 200, 9), (76, 200, 100),
+   (101, 200, 150), (3, 4, 4), (1, 1, 1), (2, 6, 6)],
 )  # fmt: skip
 def test_bucket_for_by_hand(needed, dense, want):
   assert dispatch.bucket_for(needed, dense) == want
@@ -90,7 +92,7 @@ def _trained(model, variables, x):
 
 def _buckets_to_try(counts):
   """Bounds that hold the batch (the counts themselves, with the fanout
-  gathered and scattered, and their powers of two) and bounds that do
+  gathered and scattered, and ``bucket_for``'s sizes) and bounds that do
   not (the busiest expert's bucket one short; an expert with examples
   given none): (bounds, whether the batch falls back)."""
   counts = [int(c) for c in counts]
