@@ -398,7 +398,7 @@ class Dispatcher:
   dispatch.
 
   Each program holds the dense fallback too, and an E = 64 train step's
-  takes tens of seconds to compile here (32-37 s each beside the
+  takes tens of seconds to compile here (37-49 s each beside the
   training, ``results/movielens_experts64/run.log``). With
   ``compile_ahead`` a new pair of bounds' program compiles in a thread
   (``jit(...).lower(...).compile()`` on the step's argument shapes,

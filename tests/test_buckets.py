@@ -311,58 +311,6 @@ def _report(counts):
   }
 
 
-def test_the_dispatcher_sizes_a_bucket_per_expert_from_the_counts():
-  """Each expert's bucket from its examples in the recent batches (0 for
-  none); the held buckets stay unless the new ones save more than a
-  quarter of their rows."""
-  model = models.MultiTaskMoE(
-    num_experts=8,
-    gate_kwargs=flax.core.FrozenDict({'k': 2, 'per_example': True}),
-    expert=experts.MLPExpert,
-  )
-  batch = {'image': jnp.zeros((4, 16, 6))}  # 4 devices' 16 examples.
-  counts = [16, 0, 16, 0, 16, 0, 0, 0]  # What the steps report.
-  made, ran = [], []
-
-  def make_step(model):
-    made.append(model.dispatch_buckets)
-
-    def step():
-      ran.append(model.dispatch_buckets)
-      return {} if model.dispatch_buckets is None else _report(counts)
-
-    return step
-
-  dispatcher = steps.Dispatcher(
-    model, make_step, 'buckets', window=1, axis_name=None, measure=0,
-    compile_ahead=False,
-  )  # fmt: skip
-  dispatcher.observe(_report(counts))  # A look, so no gates-only pass.
-  dispatcher.read_reports()
-
-  def run(times):
-    for _ in range(times):
-      dispatcher.observe(dispatcher(None, batch)())
-
-  run(3)
-  first = (16, 0, 16, 0, 16, 0, 0, 0)  # Of 8 x 16 dense rows, 48.
-  assert made == [first] and dispatcher.bounds['dispatch_buckets'] == first
-  # Expert 4 down to 7 examples (bucket 8): 40 rows, more than 3/4 of
-  # the held buckets' 48, which stay.
-  counts[4] = 7
-  run(3)
-  assert dispatcher.bounds['dispatch_buckets'] == first
-  assert made == [first] and ran[-1] == first
-  # Expert 2 too: 32 rows, a quarter saved: compiled and run.
-  counts[2] = 7
-  run(3)
-  tighter = (16, 0, 8, 0, 8, 0, 0, 0)
-  assert made == [first, tighter] and ran[-1] == tighter
-  # A smaller (last) batch of 8 per device: buckets of at most 8.
-  dispatcher(None, {'image': jnp.zeros((4, 8, 6))})
-  assert dispatcher.bounds['dispatch_buckets'] == (8, 0, 8, 0, 8, 0, 0, 0)
-
-
 def _bucket_dispatcher(counts, made, ran, measure=0):
   """A Dispatcher over 8 MLP experts with a bucket each and a window of
   one batch, whose steps report ``counts`` (read at each call); the
@@ -389,6 +337,38 @@ def _bucket_dispatcher(counts, made, ran, measure=0):
   dispatcher.observe(_report(counts))  # A look, so no gates-only pass.
   dispatcher.read_reports()
   return dispatcher
+
+
+def test_the_dispatcher_sizes_a_bucket_per_expert_from_the_counts():
+  """Each expert's bucket from its examples in the recent batches (0 for
+  none); the held buckets stay unless the new ones save more than a
+  quarter of their rows."""
+  batch = {'image': jnp.zeros((4, 16, 6))}  # 4 devices' 16 examples.
+  counts = [16, 0, 16, 0, 16, 0, 0, 0]  # What the steps report.
+  made, ran = [], []
+  dispatcher = _bucket_dispatcher(counts, made, ran)
+
+  def run(times):
+    for _ in range(times):
+      dispatcher.observe(dispatcher(None, batch)())
+
+  run(3)
+  first = (16, 0, 16, 0, 16, 0, 0, 0)  # Of 8 x 16 dense rows, 48.
+  assert made == [first] and dispatcher.bounds['dispatch_buckets'] == first
+  # Expert 4 down to 7 examples (bucket 8): 40 rows, more than 3/4 of
+  # the held buckets' 48, which stay.
+  counts[4] = 7
+  run(3)
+  assert dispatcher.bounds['dispatch_buckets'] == first
+  assert made == [first] and ran[-1] == first
+  # Expert 2 too: 32 rows, a quarter saved: compiled and run.
+  counts[2] = 7
+  run(3)
+  tighter = (16, 0, 8, 0, 8, 0, 0, 0)
+  assert made == [first, tighter] and ran[-1] == tighter
+  # A smaller (last) batch of 8 per device: buckets of at most 8.
+  dispatcher(None, {'image': jnp.zeros((4, 8, 6))})
+  assert dispatcher.bounds['dispatch_buckets'] == (8, 0, 8, 0, 8, 0, 0, 0)
 
 
 def test_the_buckets_grow_to_hold_strays_that_move_between_experts():
