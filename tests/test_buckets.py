@@ -339,19 +339,22 @@ def _bucket_dispatcher(counts, made, ran, measure=0):
   return dispatcher
 
 
+def _run(dispatcher, times):
+  """``times`` steps from ``dispatcher`` on 4 devices' 16 examples, each
+  one's report observed."""
+  batch = {'image': jnp.zeros((4, 16, 6))}
+  for _ in range(times):
+    dispatcher.observe(dispatcher(None, batch)())
+
+
 def test_the_dispatcher_sizes_a_bucket_per_expert_from_the_counts():
   """Each expert's bucket from its examples in the recent batches (0 for
   none); the held buckets stay unless the new ones save more than a
   quarter of their rows."""
-  batch = {'image': jnp.zeros((4, 16, 6))}  # 4 devices' 16 examples.
   counts = [16, 0, 16, 0, 16, 0, 0, 0]  # What the steps report.
   made, ran = [], []
   dispatcher = _bucket_dispatcher(counts, made, ran)
-
-  def run(times):
-    for _ in range(times):
-      dispatcher.observe(dispatcher(None, batch)())
-
+  run = functools.partial(_run, dispatcher)
   run(3)
   first = (16, 0, 16, 0, 16, 0, 0, 0)  # Of 8 x 16 dense rows, 48.
   assert made == [first] and dispatcher.bounds['dispatch_buckets'] == first
@@ -375,15 +378,10 @@ def test_the_buckets_grow_to_hold_strays_that_move_between_experts():
   """Trained gates send a stray example now to one expert, now to another:
   the buckets grow to hold both (one program more), and a batch whose
   stray is back at the first runs that program, not the first one's."""
-  batch = {'image': jnp.zeros((4, 16, 6))}  # 4 devices' 16 examples.
   counts = [16, 0, 16, 0, 0, 1, 0, 0]  # A stray at expert 5.
   made, ran = [], []
   dispatcher = _bucket_dispatcher(counts, made, ran)
-
-  def run(times):
-    for _ in range(times):
-      dispatcher.observe(dispatcher(None, batch)())
-
+  run = functools.partial(_run, dispatcher)
   run(3)
   at_5 = (16, 0, 16, 0, 0, 8, 0, 0)  # 40 rows of 128.
   assert made == [at_5] and ran[-1] == at_5
