@@ -211,8 +211,8 @@ def bucket_for(needed: int, dense: int, minimum: int = 8) -> int:
   3/4 dense, dense / 2, 3/8 dense, dense / 4, ... (rounded down) that
   holds them, not below ``minimum`` unless dense is. Halves and three
   quarters between them: few sizes, so few programs compiled, and a
-  bucket's padding at most about a third of its rows (with halves alone,
-  half)."""
+  bucket above ``minimum`` padded by at most about a third of its rows
+  (with halves alone, half)."""
   if needed < 0 or dense < 1 or needed > dense:
     raise ValueError(
       f'bucket_for: needed={needed} must be in [0, dense] and dense={dense} '
